@@ -1,0 +1,268 @@
+"""gRPC channels to REAPI servers: URLs, TLS, bearer tokens, RequestMetadata.
+
+URLs accepted (BuildStream's spellings included):
+
+- ``grpc://host:port`` and ``http://host:port``: plain text;
+- ``grpcs://host:port`` and ``https://host[:port]``: TLS (port 443 by default);
+- ``unix:/path/to.sock`` (also ``unix:///path``): a local socket, plain text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import grpc
+
+from pipeline import __version__
+from pipeline.errors import ConfigError
+from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+
+REQUEST_METADATA_KEY = "build.bazel.remote.execution.v2.requestmetadata-bin"
+TOOL_NAME = "remex"
+
+# Big enough for a batch of small blobs or a large Tree; gRPC's default
+# receive limit is 4 MiB.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    # Reconnect quickly after a server restart; the retry wrapper does the rest.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.enable_retries", 0),
+]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a REAPI service is and how to talk to it.
+
+    Args:
+        url: see the module docstring for the accepted forms.
+        instance_name: the REAPI instance name ("" for the default).
+        server_ca: PEM file of the CA that signed the server's certificate.
+        client_cert: PEM client certificate (mutual TLS), with ``client_key``.
+        client_key: PEM private key for ``client_cert``.
+        token_file: file holding a bearer token, re-read whenever it changes.
+    """
+
+    url: str
+    instance_name: str = ""
+    server_ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    token_file: Path | None = None
+
+
+class Target(NamedTuple):
+    """A parsed endpoint URL: the gRPC target string and whether TLS is used."""
+
+    address: str
+    secure: bool
+
+
+def parse_url(url: str) -> Target:
+    """Parse an endpoint URL into a gRPC target.
+
+    Raises:
+        ConfigError: the URL has an unknown scheme or lacks host or port.
+    """
+    if url.startswith("unix:"):
+        path = url[len("unix:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path.startswith("/"):
+            raise ConfigError(f"unix socket URL needs an absolute path: {url!r}")
+        return Target(f"unix:{path}", secure=False)
+    parts = urlsplit(url)
+    if parts.scheme not in ("grpc", "grpcs", "http", "https"):
+        raise ConfigError(
+            f"unsupported endpoint URL {url!r}: use grpc://, grpcs://, http://, https:// or unix:"
+        )
+    secure = parts.scheme in ("grpcs", "https")
+    if not parts.hostname:
+        raise ConfigError(f"endpoint URL has no host: {url!r}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"endpoint URL has a bad port: {url!r}") from exc
+    if port is None:
+        if not secure:
+            raise ConfigError(f"endpoint URL needs a port: {url!r}")
+        port = 443
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return Target(f"{host}:{port}", secure=secure)
+
+
+# --- per-call context: which action a request belongs to --------------------
+
+_action_id: contextvars.ContextVar[str] = contextvars.ContextVar("remex_action_id", default="")
+
+
+@contextlib.contextmanager
+def action_context(action_id: str) -> Iterator[None]:
+    """Tag every RPC made inside the block with ``action_id`` in RequestMetadata."""
+    token = _action_id.set(action_id)
+    try:
+        yield
+    finally:
+        _action_id.reset(token)
+
+
+class TokenFile:
+    """A bearer token read from a file and re-read when the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._token = ""
+
+    def token(self) -> str:
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {self.path}: {exc}") from exc
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._token = self.path.read_text().strip()
+            self._stamp = stamp
+        return self._token
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+@dataclass
+class _MetadataInterceptor(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc,type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc,type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc,type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc,type-arg]
+):
+    """Adds RequestMetadata and the bearer token to every call."""
+
+    invocation_id: str
+    token_file: TokenFile | None = None
+    correlated_id: str = ""
+    _cache: dict[str, bytes] = field(default_factory=dict)
+
+    def _metadata_bytes(self) -> bytes:
+        action_id = _action_id.get()
+        cached = self._cache.get(action_id)
+        if cached is None:
+            message = re_pb2.RequestMetadata(
+                tool_details=re_pb2.ToolDetails(tool_name=TOOL_NAME, tool_version=__version__),
+                action_id=action_id,
+                tool_invocation_id=self.invocation_id,
+                correlated_invocations_id=self.correlated_id,
+            )
+            cached = message.SerializeToString()
+            if len(self._cache) > 1024:
+                self._cache.clear()
+            self._cache[action_id] = cached
+        return cached
+
+    def _details(self, details: Any) -> _CallDetails:
+        metadata = list(details.metadata or ())
+        metadata.append((REQUEST_METADATA_KEY, self._metadata_bytes()))
+        if self.token_file is not None:
+            metadata.append(("authorization", f"Bearer {self.token_file.token()}"))
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def open_channel(
+    endpoint: Endpoint, *, invocation_id: str | None = None, correlated_id: str = ""
+) -> grpc.Channel:
+    """Open a channel to ``endpoint`` with RequestMetadata and auth on every call.
+
+    Args:
+        endpoint: where and how.
+        invocation_id: the ``tool_invocation_id`` sent with every request (a
+            fresh UUID when not given).
+        correlated_id: ``correlated_invocations_id`` (e.g. the remex build id).
+
+    Raises:
+        ConfigError: bad URL, unreadable TLS or token files, or TLS options
+            given for a plain-text URL.
+    """
+    target = parse_url(endpoint.url)
+    tls_files = (endpoint.server_ca, endpoint.client_cert, endpoint.client_key)
+    if not target.secure and any(tls_files):
+        raise ConfigError(
+            f"TLS files are configured for {endpoint.url!r}, which is not a TLS URL "
+            "(use grpcs:// or https://)"
+        )
+    if bool(endpoint.client_cert) != bool(endpoint.client_key):
+        raise ConfigError("client_cert and client_key must be given together")
+    if target.secure:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(endpoint.server_ca, "server CA"),
+            private_key=_read(endpoint.client_key, "client key"),
+            certificate_chain=_read(endpoint.client_cert, "client certificate"),
+        )
+        channel = grpc.secure_channel(target.address, credentials, options=_CHANNEL_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(target.address, options=_CHANNEL_OPTIONS)
+    token = TokenFile(Path(endpoint.token_file)) if endpoint.token_file else None
+    if token is not None:
+        token.token()  # fail now, not at the first call, if the file is unreadable
+    interceptor = _MetadataInterceptor(
+        invocation_id=invocation_id or str(uuid.uuid4()),
+        token_file=token,
+        correlated_id=correlated_id,
+    )
+    return grpc.intercept_channel(channel, interceptor)

@@ -1,0 +1,168 @@
+"""A connection to one REAPI server: channel, instance name, retries, capabilities.
+
+Every client in this package (CAS, ActionCache, Execution, Remote Asset) is
+built on a :class:`Remote` and makes each RPC through :meth:`Remote.call`, so
+the retry policy and the error translation live in one place.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from pipeline.errors import IncompatibleServerError
+from pipeline.reapi.channel import Endpoint, open_channel
+from pipeline.reapi.retry import Retrier
+from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from protos.build.bazel.semver import semver_pb2
+
+T = TypeVar("T")
+
+# The REAPI versions remex speaks. 2.1 brought output_paths, which remex uses.
+OUR_LOW_API = (2, 0)
+OUR_HIGH_API = (2, 3)
+
+# gRPC refuses messages above 4 MiB by default; a server that leaves
+# max_batch_total_size_bytes at 0 ("no limit") still has that one.
+GRPC_DEFAULT_MESSAGE_LIMIT = 4 * 1024 * 1024
+# Room for the request's own framing (digests, instance name) around the data.
+BATCH_OVERHEAD_MARGIN = 64 * 1024
+
+DEFAULT_RPC_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class ServerCapabilities:
+    """What a server said it can do, reduced to what remex needs."""
+
+    low_api: tuple[int, int]
+    high_api: tuple[int, int]
+    max_batch_total_size_bytes: int
+    """Effective limit for one BatchUpdate/BatchRead request, never 0."""
+    compressors: frozenset[int]
+    """``Compressor.Value`` numbers the CAS accepts (besides IDENTITY)."""
+    execution_enabled: bool
+    action_cache_update_enabled: bool
+    raw: re_pb2.ServerCapabilities
+
+    @property
+    def supports_zstd(self) -> bool:
+        return re_pb2.Compressor.ZSTD in self.compressors
+
+
+def _semver(v: semver_pb2.SemVer) -> tuple[int, int]:
+    return (v.major, v.minor)
+
+
+def parse_capabilities(raw: re_pb2.ServerCapabilities, *, where: str) -> ServerCapabilities:
+    """Check a server's capabilities against remex and reduce them.
+
+    Raises:
+        IncompatibleServerError: no overlap in API versions, or no SHA-256.
+    """
+    low = _semver(raw.low_api_version) if raw.HasField("low_api_version") else (2, 0)
+    high = _semver(raw.high_api_version) if raw.HasField("high_api_version") else low
+    if high < OUR_LOW_API or low > OUR_HIGH_API:
+        raise IncompatibleServerError(
+            f"{where} speaks REAPI {low[0]}.{low[1]}..{high[0]}.{high[1]}, "
+            f"remex speaks {OUR_LOW_API[0]}.{OUR_LOW_API[1]}..{OUR_HIGH_API[0]}.{OUR_HIGH_API[1]}"
+        )
+    cache = raw.cache_capabilities
+    functions = set(cache.digest_functions)
+    if raw.HasField("execution_capabilities"):
+        functions.add(raw.execution_capabilities.digest_function)
+        functions.update(raw.execution_capabilities.digest_functions)
+    functions.discard(re_pb2.DigestFunction.UNKNOWN)
+    if functions and re_pb2.DigestFunction.SHA256 not in functions:
+        names = sorted(re_pb2.DigestFunction.Value.Name(f) for f in functions)
+        raise IncompatibleServerError(f"{where} does not offer SHA256 digests (only {names})")
+    limit = cache.max_batch_total_size_bytes
+    if limit <= 0 or limit > GRPC_DEFAULT_MESSAGE_LIMIT:
+        limit = GRPC_DEFAULT_MESSAGE_LIMIT
+    compressors = frozenset(cache.supported_compressors) - {re_pb2.Compressor.IDENTITY}
+    return ServerCapabilities(
+        low_api=low,
+        high_api=high,
+        max_batch_total_size_bytes=limit - BATCH_OVERHEAD_MARGIN,
+        compressors=compressors,
+        execution_enabled=raw.execution_capabilities.exec_enabled,
+        action_cache_update_enabled=cache.action_cache_update_capabilities.update_enabled,
+        raw=raw,
+    )
+
+
+class Remote:
+    """One REAPI server (or instance of one).
+
+    Args:
+        endpoint: URL, instance name, TLS and token settings.
+        retrier: the retry policy for every call (a default one if not given).
+        invocation_id: sent as ``tool_invocation_id`` in RequestMetadata.
+        correlated_id: sent as ``correlated_invocations_id`` (a build id).
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        retrier: Retrier | None = None,
+        invocation_id: str | None = None,
+        correlated_id: str = "",
+    ) -> None:
+        self.endpoint = endpoint
+        self.instance_name = endpoint.instance_name
+        self.retrier = retrier or Retrier()
+        self.channel: grpc.Channel = open_channel(
+            endpoint, invocation_id=invocation_id, correlated_id=correlated_id
+        )
+        self._stubs: dict[type, Any] = {}
+        self._lock = threading.Lock()
+        self._capabilities: ServerCapabilities | None = None
+
+    def __enter__(self) -> Remote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Remote({self.endpoint.url!r}, instance={self.instance_name!r})"
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def stub(self, stub_class: type[T]) -> T:
+        """The (cached) stub of ``stub_class`` on this channel."""
+        with self._lock:
+            stub = self._stubs.get(stub_class)
+            if stub is None:
+                stub = self._stubs[stub_class] = stub_class(self.channel)  # type: ignore[call-arg]
+            return stub  # type: ignore[no-any-return]
+
+    def call(self, fn: Callable[[], T], *, what: str) -> T:
+        """Run ``fn`` (one or more RPCs) under the retry policy; see :class:`Retrier`."""
+        return self.retrier.call(fn, what=f"{what} on {self.endpoint.url}")
+
+    def capabilities(self) -> ServerCapabilities:
+        """The server's capabilities (asked once, then cached).
+
+        Raises:
+            IncompatibleServerError: the server cannot work with remex.
+            RemoteError: the server could not be asked.
+        """
+        if self._capabilities is None:
+            stub = self.stub(re_grpc.CapabilitiesStub)
+            request = re_pb2.GetCapabilitiesRequest(instance_name=self.instance_name)
+            raw = self.call(
+                lambda: stub.GetCapabilities(request, timeout=DEFAULT_RPC_TIMEOUT),
+                what="GetCapabilities",
+            )
+            self._capabilities = parse_capabilities(raw, where=self.endpoint.url)
+        return self._capabilities

@@ -1,0 +1,1 @@
+"""remex's REAPI / ByteStream / Remote Asset / Bots protobuf sources and generated modules."""

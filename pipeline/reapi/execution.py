@@ -133,6 +133,7 @@ class ExecutionClient:
         name, stage, lost = operation_name, "UNKNOWN", 0
         with action_context(action_digest.hash):
             while True:
+                finished = None
                 timeout = None if deadline is None else max(0.0, deadline - clock.monotonic())
                 try:
                     if name is None:
@@ -147,13 +148,15 @@ class ExecutionClient:
                         name = operation.name or name
                         stage = _stage_of(operation) or stage
                         if operation.done:
-                            return _final_response(operation, action_digest)
-                    # The server closed the stream before the operation was done.
-                    raise RemoteError(
-                        f"the server closed the operation stream of {name!r} early",
-                        code="UNAVAILABLE",
-                        transient=True,
-                    )
+                            finished = operation
+                            break
+                    else:
+                        # The server closed the stream before the operation was done.
+                        raise RemoteError(
+                            f"the server closed the operation stream of {name!r} early",
+                            code="UNAVAILABLE",
+                            transient=True,
+                        )
                 except grpc.RpcError as exc:
                     code = exc.code() if isinstance(exc, grpc.Call) else None
                     if (
@@ -174,6 +177,10 @@ class ExecutionClient:
                     attempts.failed(translate_rpc_error(exc, what="Execute"), retry_delay_hint(exc))
                 except RemexError as exc:
                     attempts.failed(exc)
+                if finished is not None:
+                    # Outside the try: a final failure is the caller's to judge
+                    # (a task may retry the stage), not something to retry here.
+                    return _final_response(finished, action_digest)
                 if deadline is not None and clock.monotonic() >= deadline and name is not None:
                     return Pending(name, stage)
 

@@ -1,0 +1,674 @@
+"""The local on-disk content-addressable store.
+
+A cache in front of the remote CAS (the source of truth): anything missing here
+can be fetched again, so the store favours speed and crash safety over
+durability (no fsync unless asked).
+
+Layout, like buildbox-casd's::
+
+    root/objects/ab/cdef...   the blob whose SHA-256 is "abcdef..."
+    root/tmp/                 files being written, on the same filesystem
+
+Every object is written to a fresh file in ``tmp/`` and renamed into place
+(``os.replace``), so readers never see a partial object and several processes
+on one host may put the same blob at once: the last rename wins and all the
+contenders wrote the same bytes.
+
+Sizes: an object is named by its hash alone and its size is its file size. A
+digest whose ``size_bytes`` differs from the stored file's size is treated as
+missing (``contains`` is False, ``get`` raises LocalBlobMissingError): either
+the caller holds a wrong digest, which the remote will refuse as well, or the
+object was damaged on disk, and a later put of the right content repairs it.
+
+LRU: an object's mtime is its last access time (atime is unreliable under
+``relatime``/``noatime``). Reads refresh it only when it is older than
+``touch_after_s`` seconds, so a hot object costs no extra syscall per read.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import itertools
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from pipeline.digest import EMPTY_DIGEST, Digest, digest_of, digest_to_str, new_hasher
+from pipeline.errors import DigestMismatchError, LocalBlobMissingError, LocalCasError
+
+__all__ = ["BlobWriter", "CasStats", "CleanupStats", "LocalCas"]
+
+M = TypeVar("M", bound=Message)
+
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
+
+# Chunk size for streaming copies: big enough that per-chunk Python overhead
+# vanishes, small enough to stay in L2/L3 while it is hashed and written.
+_CHUNK = 1 << 20
+
+# Files up to this size are read whole and put in one go: cheaper than the
+# streaming machinery, and we learn the hash before writing anything, so a
+# blob already in the store is not written again.
+_SMALL_FILE = 1 << 20
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@dataclass(frozen=True)
+class CasStats:
+    """What the store holds.
+
+    ``bytes`` counts object sizes (file sizes), not disk blocks.
+    """
+
+    objects: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class CleanupStats:
+    """What :meth:`LocalCas.cleanup` did and what is left."""
+
+    removed_objects: int
+    removed_bytes: int
+    remaining_objects: int
+    remaining_bytes: int
+    removed_temp_files: int = 0
+
+
+class LocalCas:
+    """A content-addressable store of SHA-256 blobs in a folder.
+
+    Safe for several threads and several processes on one host at once.
+
+    Args:
+        root: the store's folder; created if missing.
+        quota_bytes: default size limit for :meth:`cleanup`; None means no default.
+        fsync: fsync each object before it is renamed into place. Off by default:
+            the store is a cache and a torn object after a power cut is caught by
+            the size check or by the hash verification of readers that verify.
+        touch_after_s: a read refreshes an object's access time only when it is
+            older than this many seconds.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        quota_bytes: int | None = None,
+        *,
+        fsync: bool = False,
+        touch_after_s: float = 60.0,
+    ) -> None:
+        self.root = Path(root)
+        self.quota_bytes = quota_bytes
+        self.fsync = fsync
+        self.touch_after_s = touch_after_s
+        self._objects = os.path.join(self.root, "objects")
+        self._tmp = os.path.join(self.root, "tmp")
+        os.makedirs(self._objects, exist_ok=True)
+        os.makedirs(self._tmp, exist_ok=True)
+        self._token = secrets.token_hex(4)
+        self._counter = itertools.count()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_pid = 0
+        self._executor_lock = threading.Lock()
+        # The empty blob is always present, so that path() and open() work for it.
+        if not self.contains(EMPTY_DIGEST):
+            self.put(b"")
+
+    def __repr__(self) -> str:
+        return f"LocalCas({str(self.root)!r})"
+
+    # --- reading ---------------------------------------------------------
+
+    def contains(self, digest: Digest) -> bool:
+        """Whether the blob is stored (with the digest's size).
+
+        A hit refreshes the object's access time (see the module docstring).
+
+        Raises:
+            ValueError: the digest's hash is not 64 lowercase hex digits.
+        """
+        path = self._object_path(digest)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        if st.st_size != digest.size_bytes:
+            return False
+        self._touch_if_old(path, st.st_mtime)
+        return True
+
+    def missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The digests not stored, in input order, each once."""
+        seen: set[tuple[str, int]] = set()
+        result: list[Digest] = []
+        for digest in digests:
+            key = (digest.hash, digest.size_bytes)
+            if key in seen:
+                continue
+            seen.add(key)
+            if not self.contains(digest):
+                result.append(digest)
+        return result
+
+    def path(self, digest: Digest) -> Path:
+        """The file holding the blob; read it, never write it.
+
+        The file may be removed by a concurrent cleanup at any time; prefer
+        :meth:`open` or :meth:`get`, which hold it open.
+
+        Raises:
+            LocalBlobMissingError: the blob is not stored.
+        """
+        if not self.contains(digest):
+            raise self._missing_error(digest)
+        return Path(self._object_path(digest))
+
+    def open(self, digest: Digest) -> BinaryIO:
+        """Open the blob for reading. The caller closes it.
+
+        Raises:
+            LocalBlobMissingError: the blob is not stored.
+        """
+        fd = self._open_object(digest)
+        return os.fdopen(fd, "rb")
+
+    def get(self, digest: Digest, *, verify: bool = False) -> bytes:
+        """The blob's bytes.
+
+        Args:
+            digest: the blob to read.
+            verify: check the bytes' hash. A blob found damaged is removed from
+                the store and reported as missing, so that the caller fetches
+                it again from the remote.
+
+        Raises:
+            LocalBlobMissingError: the blob is not stored (or was damaged).
+        """
+        fd = self._open_object(digest)
+        try:
+            data = _read_exactly(fd, digest.size_bytes)
+        finally:
+            os.close(fd)
+        if data is None:
+            # The file changed size under us: it was replaced or damaged.
+            raise self._missing_error(digest)
+        if verify and digest_of(data).hash != digest.hash:
+            self.discard_damaged(digest)
+            raise LocalBlobMissingError(
+                f"blob {digest_to_str(digest)} was damaged in the local CAS at {self.root}; "
+                "removed it"
+            )
+        return data
+
+    def get_message(self, digest: Digest, cls: type[M]) -> M:
+        """Read and parse a protobuf message, verifying its hash.
+
+        Raises:
+            LocalBlobMissingError: the blob is not stored (or was damaged).
+            LocalCasError: the blob is not a valid ``cls`` message.
+        """
+        data = self.get(digest, verify=True)
+        message = cls()
+        try:
+            message.ParseFromString(data)
+        except DecodeError as exc:
+            raise LocalCasError(
+                f"blob {digest_to_str(digest)} is not a valid {cls.__name__} message"
+            ) from exc
+        return message
+
+    # --- writing ---------------------------------------------------------
+
+    def put(self, data: bytes) -> Digest:
+        """Store ``data``; return its digest. Storing an existing blob is cheap."""
+        digest = digest_of(data)
+        if not self.contains(digest):
+            self._write_object(digest.hash, data)
+        return digest
+
+    def put_verified(self, data: bytes, expected: Digest) -> Digest:
+        """Store ``data`` only if it hashes to ``expected``.
+
+        Raises:
+            DigestMismatchError: the data's digest differs; nothing is stored.
+        """
+        digest = digest_of(data)
+        if digest.hash != expected.hash or digest.size_bytes != expected.size_bytes:
+            raise DigestMismatchError(
+                f"data is {digest_to_str(digest)}, expected {digest_to_str(expected)}"
+            )
+        if not self.contains(digest):
+            self._write_object(digest.hash, data)
+        return digest
+
+    def put_message(self, message: Message) -> Digest:
+        """Store a protobuf message, serialized deterministically; return its digest."""
+        return self.put(message.SerializeToString(deterministic=True))
+
+    def put_file(self, path: Path) -> Digest:
+        """Store a file's content, streaming; the file is never read whole.
+
+        Symlinks are not followed: pass the path of a regular file.
+
+        Raises:
+            LocalCasError: the file cannot be read or the store cannot be written.
+        """
+        try:
+            src = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
+        except OSError as exc:
+            raise LocalCasError(f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            size = os.fstat(src).st_size
+            if size <= _SMALL_FILE:
+                data = _read_all(src, size)
+                return self.put(data)
+            return self._put_stream(src, path)
+        except OSError as exc:
+            raise LocalCasError(
+                f"cannot store {path}: {exc}", transient=_is_transient(exc)
+            ) from exc
+        finally:
+            os.close(src)
+
+    @contextlib.contextmanager
+    def blob_writer(self, expected: Digest | None = None) -> Iterator[BlobWriter]:
+        """Stream a blob into the store (for downloads).
+
+        ``with cas.blob_writer(expected) as w: w.write(chunk)``. On a normal exit
+        the content is verified against ``expected`` (size and hash) and
+        committed atomically; ``w.digest`` then holds its digest. On an
+        exception, or a mismatch, nothing is left behind.
+
+        Raises:
+            DigestMismatchError: the content does not match ``expected`` (also
+                raised by ``write`` as soon as more than ``expected.size_bytes``
+                bytes arrive).
+        """
+        writer = BlobWriter(self, expected)
+        try:
+            yield writer
+            writer._finish()
+        finally:
+            writer._discard()
+
+    # --- housekeeping ----------------------------------------------------
+
+    def stats(self) -> CasStats:
+        """Count the objects and their bytes (a scan of the store)."""
+        objects = 0
+        total = 0
+        for _, size, _, _ in self._scan_objects():
+            objects += 1
+            total += size
+        return CasStats(objects=objects, bytes=total)
+
+    def size_bytes(self) -> int:
+        """The total size of all objects (a scan of the store)."""
+        return self.stats().bytes
+
+    def cleanup(
+        self,
+        quota_bytes: int | None = None,
+        *,
+        protect: Iterable[Digest] = (),
+        temp_max_age_s: float = 3600.0,
+    ) -> CleanupStats:
+        """Remove least-recently-used objects until the store fits the quota.
+
+        Also removes temporary files older than ``temp_max_age_s`` (left by
+        crashed writers). Safe to run while other processes put and read: an
+        object touched after the scan is kept, and a reader that loses a blob
+        gets LocalBlobMissingError. Pass the digests of a build in progress as
+        ``protect`` to keep them regardless of age.
+
+        Args:
+            quota_bytes: the target total size; defaults to the store's quota.
+            protect: digests never removed.
+            temp_max_age_s: age beyond which a temporary file counts as abandoned.
+
+        Returns:
+            What was removed and what remains.
+
+        Raises:
+            ValueError: no quota given here nor to the constructor.
+        """
+        quota = self.quota_bytes if quota_bytes is None else quota_bytes
+        if quota is None:
+            raise ValueError("cleanup needs a quota: none given and the store has none")
+        protected = {d.hash for d in protect}
+        protected.add(EMPTY_DIGEST.hash)
+        removed_temp = self._remove_stale_temp_files(time.time() - temp_max_age_s)
+
+        entries = list(self._scan_objects())
+        total = sum(size for _, size, _, _ in entries)
+        count = len(entries)
+        removed_objects = removed_bytes = 0
+        entries.sort(key=lambda e: e[0])
+        for mtime, size, path, hash_ in entries:
+            if total <= quota:
+                break
+            if hash_ in protected:
+                continue
+            try:
+                if os.stat(path).st_mtime > mtime:
+                    continue  # used since the scan: it is no longer the least recent
+                os.unlink(path)
+                removed_objects += 1
+                removed_bytes += size
+            except FileNotFoundError:
+                pass  # another cleanup got there first
+            total -= size
+            count -= 1
+        return CleanupStats(
+            removed_objects=removed_objects,
+            removed_bytes=removed_bytes,
+            remaining_objects=count,
+            remaining_bytes=total,
+            removed_temp_files=removed_temp,
+        )
+
+    def discard_damaged(self, digest: Digest) -> None:
+        """Remove an object found not to match its hash (never raises)."""
+        with contextlib.suppress(OSError, ValueError):
+            os.unlink(self._object_path(digest))
+
+    # --- private ---------------------------------------------------------
+
+    def _object_path(self, digest: Digest) -> str:
+        hash_ = digest.hash
+        # The hash becomes a path: a hostile one ("../../x") must not get that far.
+        if not _HASH_RE.fullmatch(hash_) or digest.size_bytes < 0:
+            raise ValueError(f"not a SHA-256 digest: {hash_!r}/{digest.size_bytes}")
+        return f"{self._objects}/{hash_[:2]}/{hash_[2:]}"
+
+    def _missing_error(self, digest: Digest) -> LocalBlobMissingError:
+        return LocalBlobMissingError(
+            f"blob {digest_to_str(digest)} is not in the local CAS at {self.root}"
+        )
+
+    def _touch_if_old(self, path: str, mtime: float) -> None:
+        now = time.time()
+        if now - mtime > self.touch_after_s:
+            # A concurrent cleanup may have removed it; then it simply is gone.
+            with contextlib.suppress(OSError):
+                os.utime(path, (now, now))
+
+    def _open_object(self, digest: Digest) -> int:
+        path = self._object_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError:
+            raise self._missing_error(digest) from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != digest.size_bytes:
+                raise self._missing_error(digest)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._touch_if_old(path, st.st_mtime)
+        return fd
+
+    def _new_temp(self) -> tuple[str, int]:
+        """Create a fresh temporary file; return its path and a write descriptor."""
+        while True:
+            name = f"{self._tmp}/{os.getpid()}-{self._token}-{next(self._counter)}"
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o444)
+            except FileExistsError:
+                continue  # left by a crashed process that had our pid: pick another name
+            except FileNotFoundError:
+                os.makedirs(self._tmp, exist_ok=True)
+                continue
+            return name, fd
+
+    def _commit(self, temp: str, hash_: str) -> None:
+        """Rename a complete temporary file into place as object ``hash_``."""
+        dest = f"{self._objects}/{hash_[:2]}/{hash_[2:]}"
+        try:
+            os.replace(temp, dest)
+        except FileNotFoundError:
+            # The fan-out folder does not exist yet (it is created lazily and
+            # never removed, so a concurrent cleanup cannot pull it away).
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            try:
+                os.replace(temp, dest)
+            except FileNotFoundError as exc:
+                raise LocalCasError(
+                    f"temporary file {temp} vanished before commit (removed as stale?)",
+                    transient=True,
+                ) from exc
+
+    def _write_object(self, hash_: str, data: bytes) -> None:
+        temp, fd = self._new_temp()
+        try:
+            try:
+                _write_all(fd, memoryview(data))
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._commit(temp, hash_)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            if isinstance(exc, OSError):
+                raise LocalCasError(
+                    f"cannot write to the local CAS at {self.root}: {exc}",
+                    transient=_is_transient(exc),
+                ) from exc
+            raise
+
+    def _hasher_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        # Threads do not survive fork (Celery's prefork pool forks): a child
+        # process makes its own executor instead of waiting on dead threads.
+        pid = os.getpid()
+        with self._executor_lock:
+            if self._executor is None or self._executor_pid != pid:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="cas-hash"
+                )
+                self._executor_pid = pid
+            return self._executor
+
+    def _put_stream(self, src: int, path: Path) -> Digest:
+        # Hash and write each chunk at once, on two cores: hashlib releases the
+        # GIL, so a helper thread hashes chunk N while this thread writes it and
+        # reads chunk N+1 into the other buffer. The bytes written are exactly
+        # the bytes hashed, even if the source file changes meanwhile.
+        executor = self._hasher_executor()
+        hasher = new_hasher()
+        buffers = (bytearray(_CHUNK), bytearray(_CHUNK))
+        temp, fd = self._new_temp()
+        pending: concurrent.futures.Future[None] | None = None
+        size = 0
+        try:
+            try:
+                index = 0
+                while True:
+                    buffer = buffers[index]
+                    index ^= 1
+                    n = os.readv(src, [buffer])
+                    if pending is not None:
+                        pending.result()
+                        pending = None
+                    if n == 0:
+                        break
+                    view = memoryview(buffer)[:n]
+                    pending = executor.submit(hasher.update, view)
+                    _write_all(fd, view)
+                    size += n
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                if pending is not None:
+                    pending.result()
+                os.close(fd)
+            digest = Digest(hash=hasher.hexdigest(), size_bytes=size)
+            self._commit(temp, digest.hash)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        return digest
+
+    def _scan_objects(self) -> Iterator[tuple[float, int, str, str]]:
+        """(mtime, size, path, hash) of every object; tolerates concurrent removal."""
+        try:
+            fanouts = list(os.scandir(self._objects))
+        except FileNotFoundError:
+            return
+        for fanout in fanouts:
+            if len(fanout.name) != 2 or not fanout.is_dir(follow_symlinks=False):
+                continue
+            try:
+                entries = list(os.scandir(fanout.path))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield st.st_mtime, st.st_size, entry.path, fanout.name + entry.name
+
+    def _remove_stale_temp_files(self, older_than: float) -> int:
+        removed = 0
+        try:
+            entries = list(os.scandir(self._tmp))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < older_than:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+class BlobWriter:
+    """Receives one streamed blob; made by :meth:`LocalCas.blob_writer`.
+
+    ``digest`` is set once the blob is committed.
+    """
+
+    def __init__(self, cas: LocalCas, expected: Digest | None) -> None:
+        if expected is not None:
+            cas._object_path(expected)  # validates the digest early
+        self._cas = cas
+        self._expected = expected
+        self._hasher = new_hasher()
+        self._size = 0
+        self._temp, self._fd = cas._new_temp()
+        self._done = False
+        self.digest: Digest | None = None
+
+    @property
+    def bytes_written(self) -> int:
+        """How many bytes were written so far."""
+        return self._size
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append a chunk.
+
+        Raises:
+            DigestMismatchError: the blob grew beyond the expected size.
+            LocalCasError: the chunk could not be written.
+        """
+        if self._done:
+            raise LocalCasError("write to a finished blob writer")
+        size = self._size + len(data)
+        if self._expected is not None and size > self._expected.size_bytes:
+            raise DigestMismatchError(
+                f"blob {digest_to_str(self._expected)} is longer than its digest says "
+                f"({size} bytes so far)"
+            )
+        self._hasher.update(data)
+        try:
+            _write_all(self._fd, memoryview(data))
+        except OSError as exc:
+            raise LocalCasError(
+                f"cannot write to the local CAS: {exc}", transient=_is_transient(exc)
+            ) from exc
+        self._size = size
+
+    def _finish(self) -> None:
+        digest = Digest(hash=self._hasher.hexdigest(), size_bytes=self._size)
+        expected = self._expected
+        if expected is not None and (
+            digest.hash != expected.hash or digest.size_bytes != expected.size_bytes
+        ):
+            raise DigestMismatchError(
+                f"received blob is {digest_to_str(digest)}, expected {digest_to_str(expected)}"
+            )
+        try:
+            if self._cas.fsync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._done = True
+            self._cas._commit(self._temp, digest.hash)
+        except OSError as exc:
+            raise LocalCasError(
+                f"cannot commit blob {digest_to_str(digest)}: {exc}", transient=_is_transient(exc)
+            ) from exc
+        self.digest = digest
+
+    def _discard(self) -> None:
+        """Close and remove the temporary file unless it was committed."""
+        if self.digest is not None:
+            return
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self._temp)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_all(fd: int, size_hint: int) -> bytes:
+    """Read a descriptor to its end (the file may have grown or shrunk since fstat)."""
+    chunks = [os.read(fd, size_hint + 1)]
+    while chunk := os.read(fd, _CHUNK):
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """Read ``size`` bytes; None when the file turns out shorter or longer."""
+    chunks = []
+    remaining = size
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, 16 * _CHUNK))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    if os.read(fd, 1):
+        return None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _is_transient(exc: OSError) -> bool:
+    """Whether an OSError may go away by itself (a full disk may be cleaned up)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EINTR)

@@ -136,7 +136,11 @@ class TokenFile:
             raise ConfigError(f"cannot read token file {self.path}: {exc}") from exc
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
-            self._token = self.path.read_text().strip()
+            # stat() succeeds on a directory or an unreadable file: reading can still fail.
+            try:
+                self._token = self.path.read_text().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read token file {self.path}: {exc}") from exc
             self._stamp = stamp
         return self._token
 
@@ -248,6 +252,9 @@ def open_channel(
         )
     if bool(endpoint.client_cert) != bool(endpoint.client_key):
         raise ConfigError("client_cert and client_key must be given together")
+    token = TokenFile(Path(endpoint.token_file)) if endpoint.token_file else None
+    if token is not None:
+        token.token()  # fail now, not at the first call, and before a channel is opened
     if target.secure:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(endpoint.server_ca, "server CA"),
@@ -257,9 +264,6 @@ def open_channel(
         channel = grpc.secure_channel(target.address, credentials, options=_CHANNEL_OPTIONS)
     else:
         channel = grpc.insecure_channel(target.address, options=_CHANNEL_OPTIONS)
-    token = TokenFile(Path(endpoint.token_file)) if endpoint.token_file else None
-    if token is not None:
-        token.token()  # fail now, not at the first call, if the file is unreadable
     interceptor = _MetadataInterceptor(
         invocation_id=invocation_id or str(uuid.uuid4()),
         token_file=token,

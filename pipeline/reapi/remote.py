@@ -84,11 +84,13 @@ def parse_capabilities(raw: re_pb2.ServerCapabilities, *, where: str) -> ServerC
     limit = cache.max_batch_total_size_bytes
     if limit <= 0 or limit > GRPC_DEFAULT_MESSAGE_LIMIT:
         limit = GRPC_DEFAULT_MESSAGE_LIMIT
+    # A server limit at or below the margin would leave nothing (or less) for data.
+    margin = min(BATCH_OVERHEAD_MARGIN, limit // 2)
     compressors = frozenset(cache.supported_compressors) - {re_pb2.Compressor.IDENTITY}
     return ServerCapabilities(
         low_api=low,
         high_api=high,
-        max_batch_total_size_bytes=limit - BATCH_OVERHEAD_MARGIN,
+        max_batch_total_size_bytes=limit - margin,
         compressors=compressors,
         execution_enabled=raw.execution_capabilities.exec_enabled,
         action_cache_update_enabled=cache.action_cache_update_capabilities.update_enabled,

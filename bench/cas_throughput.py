@@ -28,11 +28,11 @@ from pathlib import Path
 # one would be; this measures hashing, copying and RPC cost.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.cas import LocalCas, import_directory, tree_digests  # noqa: E402
-from pipeline.reapi.cas import CasClient  # noqa: E402
-from pipeline.reapi.channel import Endpoint  # noqa: E402
-from pipeline.reapi.remote import Remote  # noqa: E402
-from tests.servers import BuildGridServer, CasdServer, PostgresServer  # noqa: E402
+from pipeline.cas import LocalCas, import_directory, tree_digests
+from pipeline.reapi.cas import CasClient
+from pipeline.reapi.channel import Endpoint
+from pipeline.reapi.remote import Remote
+from tests.servers import BuildGridServer, CasdServer, PostgresServer
 
 MiB = 1024 * 1024
 
@@ -86,7 +86,7 @@ def main() -> int:
         rows.append(("hashlib.sha256, 1 core, 10 MiB buffers", sha_mbs, None, "reference"))
 
         cas = LocalCas(work / "cas")
-        t_small, small_root = timed(lambda: import_directory(cas, src / "small"))
+        t_small, _small_root = timed(lambda: import_directory(cas, src / "small"))
         rows.append(
             (
                 f"import {args.small} small files",
@@ -95,7 +95,7 @@ def main() -> int:
                 f"target >= 5000 files/s: {'met' if args.small / t_small >= 5000 else 'NOT met'}",
             )
         )
-        t_large, large_root = timed(lambda: import_directory(cas, src / "large"))
+        t_large, _large_root = timed(lambda: import_directory(cas, src / "large"))
         large_mbs = large_bytes / MiB / t_large
         rows.append(
             (
@@ -123,7 +123,7 @@ def main() -> int:
             for name, url in targets:
                 with Remote(Endpoint(url)) as remote:
                     client = CasClient(remote)
-                    t, stats = timed(lambda: client.upload_tree(cas, root))  # noqa: B023
+                    t, _stats = timed(lambda: client.upload_tree(cas, root))  # noqa: B023
                     mbs = total_bytes / MiB / t
                     note = f"{n_blobs} blobs"
                     if name == "buildbox-casd":

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline.cas import LocalCas, checkout, import_directory, store_tree_message
-from pipeline.digest import digest_of, digest_of_message
+from pipeline.digest import digest_of
 from pipeline.errors import RemoteError
 from pipeline.reapi.action_cache import ActionCacheClient
 from pipeline.reapi.asset import AssetClient

@@ -131,7 +131,7 @@ class FakeCas:
             return pending.pop(0) if pending else None
 
 
-class _Capabilities(re_grpc.CapabilitiesServicer):  # type: ignore[misc]
+class _Capabilities(re_grpc.CapabilitiesServicer):
     def __init__(self, fake: FakeCas) -> None:
         self.fake = fake
 
@@ -147,7 +147,7 @@ class _Capabilities(re_grpc.CapabilitiesServicer):  # type: ignore[misc]
         )
 
 
-class _Cas(re_grpc.ContentAddressableStorageServicer):  # type: ignore[misc]
+class _Cas(re_grpc.ContentAddressableStorageServicer):
     def __init__(self, fake: FakeCas) -> None:
         self.fake = fake
 
@@ -233,7 +233,7 @@ class _Cas(re_grpc.ContentAddressableStorageServicer):  # type: ignore[misc]
         return result
 
 
-class _ByteStream(bs_grpc.ByteStreamServicer):  # type: ignore[misc]
+class _ByteStream(bs_grpc.ByteStreamServicer):
     def __init__(self, fake: FakeCas) -> None:
         self.fake = fake
 

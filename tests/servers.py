@@ -38,6 +38,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
@@ -105,14 +106,37 @@ def free_port(host: str = HOST) -> int:
     raise ServerError("could not find a free TCP port")
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgrp) of a process from /proc, or None if it is gone."""
+class _Stat:
+    """The fields of /proc/PID/stat this module uses."""
+
+    __slots__ = ("pgrp", "ppid", "starttime", "state")
+
+    def __init__(self, state: str, ppid: int, pgrp: int, starttime: int) -> None:
+        self.state, self.ppid, self.pgrp, self.starttime = state, ppid, pgrp, starttime
+
+    @property
+    def dead(self) -> bool:
+        return self.state in ("Z", "X")
+
+
+def _proc_stat(pid: int) -> _Stat | None:
+    """State, ppid, process group and start time of ``pid``, or None if it is gone."""
     try:
         data = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     fields = data[data.rindex(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[2])
+    return _Stat(fields[0], int(fields[1]), int(fields[2]), int(fields[19]))
+
+
+def _all_stats() -> dict[int, _Stat]:
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat is not None:
+                stats[int(entry)] = stat
+    return stats
 
 
 def pid_alive(pid: int) -> bool:
@@ -124,19 +148,42 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         pass
     stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
+    return stat is not None and not stat.dead
 
 
 def _group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    return [pid for pid, st in _all_stats().items() if st.pgrp == pgid and not st.dead]
+
+
+def _process_tree(pid: int, pgid: int | None) -> dict[int, int]:
+    """{pid: start time} of ``pid``, its live descendants and the members of
+    process group ``pgid`` (buildbox-run puts itself in a group of its own)."""
+    stats = _all_stats()
+    children: dict[int, list[int]] = {}
+    for child, child_stat in stats.items():
+        children.setdefault(child_stat.ppid, []).append(child)
+    found: dict[int, int] = {}
+    todo = [pid]
+    todo += [p for p, member in stats.items() if pgid is not None and member.pgrp == pgid]
+    while todo:
+        current = todo.pop()
+        st = stats.get(current)
+        if current in found or st is None or st.dead:
             continue
-        stat = _proc_stat(int(entry))
-        if stat is not None and stat[2] == pgid and stat[0] not in ("Z", "X"):
-            members.append(int(entry))
-    return members
+        found[current] = st.starttime
+        todo += children.get(current, [])
+    return found
+
+
+def _none_alive(processes: Mapping[int, int]) -> bool:
+    return not any(_same_process(pid, start) for pid, start in processes.items())
+
+
+def _same_process(pid: int, starttime: int) -> bool:
+    """True if ``pid`` is still the live process that started at ``starttime``."""
+    st = _proc_stat(pid)
+    return st is not None and not st.dead and st.starttime == starttime
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -560,55 +607,70 @@ class Server:
                     f"{self.name} did not answer on {HOST}:{port} within "
                     f"{self.start_timeout:.0f} s; log {self.log_path}:\n{self._log_tail()}"
                 )
+            if self.exclusive_port_check and not self._listens_alone(port):
+                time.sleep(0.05)
+                continue
             if _tcp_accepts(HOST, port) and self._probe(min(remaining, 5.0)):
                 break
             time.sleep(0.05)
-        if self.exclusive_port_check:
-            self._check_port_is_ours(port)
 
-    def _check_port_is_ours(self, port: int) -> None:
+    def _listens_alone(self, port: int) -> bool:
+        """False while the server does not listen on ``port`` yet; raises
+        _PortInUse if another process listens on it too.  gRPC C++ servers set
+        SO_REUSEPORT, so their bind of a taken port "succeeds", and the kernel
+        then hands the connections to the other listener."""
         listening = _listening_inodes(port)
-        ours = _socket_inodes(self._process_tree())
-        strangers = listening - ours
-        if strangers:
+        ours = listening & _socket_inodes(self._process_tree())
+        if not ours:
+            return False
+        if listening - ours:
             raise _PortInUse(f"another process also listens on port {port} (SO_REUSEPORT)")
+        return True
 
     def _process_tree(self) -> list[int]:
-        pids = [] if self._pid is None else [self._pid]
-        if self._pgid is not None:
-            pids += [p for p in _group_members(self._pgid) if p not in pids]
-        return pids
+        if self._pid is None:
+            return []
+        return list(_process_tree(self._pid, self._own_pgid()))
+
+    def _own_pgid(self) -> int | None:
+        """The server's process group, if it leads one of its own (never ours)."""
+        pgid = self._pgid
+        if pgid is not None and pgid == self._pid and pgid != os.getpgrp():
+            return pgid
+        return None
 
     def _terminate(self, grace: float) -> None:
-        """SIGTERM the main process, wait ``grace`` s, then SIGKILL the whole group."""
-        pid, pgid = self._pid, self._pgid
+        """SIGTERM the main process, wait ``grace`` s, then SIGKILL it and every
+        process of its tree (descendants and process group) that is left."""
+        pid = self._pid
         if pid is None:
             return
+        pgid = self._own_pgid()
+        # Snapshot the tree first: children re-parented after the server dies
+        # can no longer be found through it.
+        tree = _process_tree(pid, pgid) if self._alive() else {}
         if grace > 0 and self._alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             _wait_until(lambda: not self._alive(), grace)
-        # SIGKILL whatever is left: the leader and the members of its own group
-        # (only if it leads a group of its own, so we never signal our own group).
-        own_group = pgid is not None and pgid == pid and pgid != os.getpgrp()
-        if self._alive():
-            with contextlib.suppress(ProcessLookupError):
-                if own_group:
-                    assert pgid is not None
-                    os.killpg(pgid, signal.SIGKILL)
-                else:
-                    os.kill(pid, signal.SIGKILL)
+        for _ in range(3):
+            if self._alive():
+                tree.update(_process_tree(pid, pgid))
+            if pgid is not None:
+                tree.update(_process_tree(pgid, pgid))
+            left = {p: t for p, t in tree.items() if _same_process(p, t)}
+            if not left:
+                break
+            for member, starttime in left.items():
+                if _same_process(member, starttime):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(member, signal.SIGKILL)
+            _wait_until(partial(_none_alive, left), 10)
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=30)
         else:
             _wait_until(lambda: not pid_alive(pid), 30)
-        if own_group:
-            assert pgid is not None
-            for member in _group_members(pgid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(member, signal.SIGKILL)
-            _wait_until(lambda: not _group_members(pgid), 30)
 
 
 # --------------------------------------------------------------------------- Redis
@@ -831,15 +893,38 @@ class PostgresServer(Server):
     def url(self) -> str:
         return f"postgresql://{self.user}@{self.address}/{self.database}"
 
-    def create_database(self, database: str, *, recreate: bool = False) -> None:
-        """Create ``database`` (owned by ``bgd``); drop it first if ``recreate``."""
+    def create_database(
+        self, database: str, *, recreate: bool = False, template: str | None = None
+    ) -> None:
+        """Create ``database`` (owned by ``bgd``, copied from ``template`` if
+        given) unless it exists; with ``recreate``, drop it first."""
         port = str(self._require_port())
         common = ["-h", HOST, "-p", port, "-U", self.user]
         if recreate:
-            self._run([str(self._bin / "dropdb"), *common, "--if-exists", "--force", database])
-        elif self._database_exists(database):
+            self.drop_database(database)
+        elif self.database_exists(database):
             return
-        self._run([str(self._bin / "createdb"), *common, database])
+        extra = ["-T", template] if template else []
+        self._run([str(self._bin / "createdb"), *common, *extra, database])
+
+    def drop_database(self, database: str) -> None:
+        """Drop ``database`` if it exists (closing its connections)."""
+        port = str(self._require_port())
+        common = ["-h", HOST, "-p", port, "-U", self.user]
+        self._run([str(self._bin / "dropdb"), *common, "--if-exists", "--force", database])
+
+    def database_exists(self, database: str) -> bool:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
+            raise ValueError(f"unsupported database name {database!r}")
+        result = subprocess.run(
+            [
+                str(self._bin / "psql"), "-h", HOST, "-p", str(self._require_port()),
+                "-U", self.user, "-d", "postgres", "-tA",
+                "-c", f"SELECT 1 FROM pg_database WHERE datname = '{database}'",
+            ],
+            capture_output=True, text=True, env=self._env(), check=False,
+        )  # fmt: skip
+        return result.returncode == 0 and result.stdout.strip() == "1"
 
     def close(self) -> None:
         self.stop()
@@ -890,17 +975,6 @@ class PostgresServer(Server):
         env["LC_ALL"] = "C"
         env.pop("LANG", None)
         return env
-
-    def _database_exists(self, database: str) -> bool:
-        result = subprocess.run(
-            [
-                str(self._bin / "psql"), "-h", HOST, "-p", str(self._require_port()),
-                "-U", self.user, "-d", "postgres", "-tA", "-c",
-                f"SELECT 1 FROM pg_database WHERE datname = '{database}'",
-            ],
-            capture_output=True, text=True, env=self._env(), check=False,
-        )  # fmt: skip
-        return result.returncode == 0 and result.stdout.strip() == "1"
 
     def _owner_can_write(self, folder: Path) -> bool:
         assert self._run_as is not None
@@ -954,10 +1028,7 @@ class PostgresServer(Server):
 
     def _launch(self) -> None:
         self._mark_log(f"pg_ctl start on port {self.port}")
-        options = (
-            f"-c listen_addresses={HOST} -p {self.port} -k {self.socket_dir} "
-            "-c fsync=off"
-        )
+        options = f"-c listen_addresses={HOST} -p {self.port} -k {self.socket_dir} -c fsync=off"
         # No -l: the postmaster inherits pg_ctl's stdout, our log file (opened by
         # us, so the postgres user needs no write access to it).
         code = self._run(
@@ -970,7 +1041,7 @@ class PostgresServer(Server):
         self._pgid = None
         if self._pid is not None:
             stat = _proc_stat(self._pid)
-            self._pgid = stat[2] if stat else None
+            self._pgid = stat.pgrp if stat else None
         if code != 0:
             if _PORT_IN_USE.search(self._log_tail()):
                 raise _PortInUse(f"pg_ctl exit code {code}")
@@ -1083,6 +1154,11 @@ instances:
 """
 
 
+#: Database migrated once per cluster; each BuildGrid start copies it.
+MIGRATED_TEMPLATE = "bgd_migrated_template"
+_template_lock = threading.Lock()
+
+
 class BuildGridServer(Server):
     """BuildGrid 0.4.4 (``bgd server start``) on ``grpc://127.0.0.1:PORT``:
     CAS, ByteStream, ActionCache, Execution, Operations, Bots, Capabilities
@@ -1090,8 +1166,9 @@ class BuildGridServer(Server):
     (database ``database``, default ``bgd``).
 
     Every start() -- including restart() -- drops and recreates the database
-    and runs ``bgd migrate apply``: jobs kept in PostgreSQL would otherwise
-    outlive the in-memory CAS.  restart() keeps the port only.  The config is
+    (jobs kept in PostgreSQL would otherwise outlive the in-memory CAS), as a
+    copy of ``bgd_migrated_template``, a database on which ``bgd migrate
+    apply`` ran once per PostgreSQL cluster.  restart() keeps the port only.  The config is
     written to ``config_path`` (``workdir/buildgrid.yml``).
     """
 
@@ -1128,21 +1205,14 @@ class BuildGridServer(Server):
         if not self.postgres.running:
             raise ServerError("BuildGridServer needs its PostgresServer started first")
         bgd = self._bgd()
-        self.postgres.create_database(self.database, recreate=True)
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        self._mark_log(f"bgd migrate apply {self.dsn}")
-        with self.log_path.open("ab") as log:
-            result = subprocess.run(
-                [bgd, "migrate", "apply", self.dsn],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=self.workdir, check=False,
-            )  # fmt: skip
-        if result.returncode != 0:
-            raise ServerError(
-                f"bgd migrate apply failed (exit code {result.returncode}); "
-                f"log {self.log_path}:\n{self._log_tail()}"
-            )
+        # A fresh database each start, copied from a template migrated once per
+        # PostgreSQL cluster (`bgd migrate apply` alone takes 2-3 s).
+        with _template_lock:
+            if not self.postgres.database_exists(MIGRATED_TEMPLATE):
+                self._migrate(bgd, env, MIGRATED_TEMPLATE)
+        self.postgres.create_database(self.database, recreate=True, template=MIGRATED_TEMPLATE)
         self.config_path.write_text(
             _BUILDGRID_CONFIG.format(
                 address=self.address,
@@ -1155,3 +1225,21 @@ class BuildGridServer(Server):
 
     def _probe(self, timeout: float) -> bool:
         return _grpc_probe(self.address, timeout)
+
+    def _migrate(self, bgd: str, env: Mapping[str, str], database: str) -> None:
+        """Create ``database`` and run ``bgd migrate apply`` on it."""
+        self.postgres.create_database(database, recreate=True)
+        dsn = self.postgres.dsn_for(database)
+        self._mark_log(f"bgd migrate apply {dsn}")
+        with self.log_path.open("ab") as log:
+            result = subprocess.run(
+                [bgd, "migrate", "apply", dsn],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=dict(env), cwd=self.workdir, check=False,
+            )  # fmt: skip
+        if result.returncode != 0:
+            self.postgres.drop_database(database)
+            raise ServerError(
+                f"bgd migrate apply failed (exit code {result.returncode}); "
+                f"log {self.log_path}:\n{self._log_tail()}"
+            )

@@ -639,7 +639,7 @@ class BlobWriter:
         """How many bytes were written so far."""
         return self._size
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append a chunk.
 
         Raises:
@@ -648,15 +648,18 @@ class BlobWriter:
         """
         if self._done:
             raise LocalCasError("write to a finished blob writer")
-        size = self._size + len(data)
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        size = self._size + view.nbytes
         if self._expected is not None and size > self._expected.size_bytes:
             raise DigestMismatchError(
                 f"blob {digest_to_str(self._expected)} is longer than its digest says "
                 f"({size} bytes so far)"
             )
-        self._hasher.update(data)
+        self._hasher.update(view)
         try:
-            _write_all(self._fd, memoryview(data))
+            _write_all(self._fd, view)
         except OSError as exc:
             raise LocalCasError(
                 f"cannot write to the local CAS: {exc}", transient=_is_transient(exc)

@@ -17,6 +17,7 @@ separated, and ``""`` for the root.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import os
@@ -57,10 +58,12 @@ __all__ = [
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+# Checkout safety rests on these flags: taken from os directly, so that a
+# platform without them fails at import instead of checking out unsafely.
+_O_CLOEXEC = os.O_CLOEXEC
+_O_NOFOLLOW = os.O_NOFOLLOW
+_O_NONBLOCK = os.O_NONBLOCK
+_O_DIRECTORY = os.O_DIRECTORY
 
 _USER_X = stat.S_IXUSR
 
@@ -69,8 +72,8 @@ _USER_X = stat.S_IXUSR
 class MergeResult:
     """The outcome of :func:`merge_trees`.
 
-    ``overlaps`` lists, in tree order, the relative paths where a later tree
-    replaced an entry of an earlier one.
+    ``overlaps`` lists, sorted, the relative paths where a later tree replaced
+    an entry of an earlier one (a path replaced twice appears twice).
     """
 
     digest: Digest
@@ -163,7 +166,7 @@ class _DirectoryReader:
 # --- import --------------------------------------------------------------------
 
 
-def import_directory(cas: LocalCas, path: Path) -> Digest:
+def import_directory(cas: LocalCas, path: Path, *, threads: int = 4) -> Digest:
     """Import a folder into the CAS as a Merkle tree of Directory messages.
 
     Files keep only their user-x bit (``is_executable``); symlinks are stored
@@ -173,6 +176,8 @@ def import_directory(cas: LocalCas, path: Path) -> Digest:
     Args:
         cas: the store to write to.
         path: the folder to import.
+        threads: files are read, hashed and stored by this many threads (the
+            work is mostly syscalls, which release the GIL); 1 for none.
 
     Returns:
         The digest of the root Directory.
@@ -184,21 +189,37 @@ def import_directory(cas: LocalCas, path: Path) -> Digest:
     root = os.fspath(path)
     if not os.path.isdir(root):
         raise LocalCasError(f"cannot import {root}: not a directory")
-    try:
-        return _import_folder(cas, root)
-    except RecursionError as exc:
-        raise LocalCasError(f"cannot import {root}: folders nested too deep") from exc
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, threads), thread_name_prefix="cas-import"
+    ) as executor:
+        try:
+            folder = _scan_folder(cas, executor, root)
+            return _store_folder(cas, folder)
+        except RecursionError as exc:
+            raise LocalCasError(f"cannot import {root}: folders nested too deep") from exc
+        finally:
+            # On error, do not leave queued file imports running.
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _import_folder(cas: LocalCas, folder: str) -> Digest:
+@dataclass
+class _ScannedFolder:
+    """A folder listed, with its files being imported in the background."""
+
+    files: list[tuple[str, concurrent.futures.Future[tuple[Digest, bool]]]]
+    directories: list[tuple[str, _ScannedFolder]]
+    symlinks: list[SymlinkNode]
+
+
+def _scan_folder(
+    cas: LocalCas, executor: concurrent.futures.ThreadPoolExecutor, folder: str
+) -> _ScannedFolder:
     try:
         with os.scandir(folder) as it:
             entries = sorted(it, key=_entry_name)
     except OSError as exc:
         raise LocalCasError(f"cannot list {folder}: {exc.strerror}") from exc
-    files: list[FileNode] = []
-    directories: list[DirectoryNode] = []
-    symlinks: list[SymlinkNode] = []
+    scanned = _ScannedFolder(files=[], directories=[], symlinks=[])
     # Sorting by str sorts by code point, which is UTF-8 byte order; names
     # that are not valid UTF-8 are refused below.
     for entry in entries:
@@ -207,19 +228,31 @@ def _import_folder(cas: LocalCas, folder: str) -> Digest:
             _check_utf8(name, entry.path)
         try:
             if entry.is_symlink():
-                symlinks.append(SymlinkNode(name=name, target=os.readlink(entry.path)))
+                scanned.symlinks.append(SymlinkNode(name=name, target=os.readlink(entry.path)))
             elif entry.is_dir(follow_symlinks=False):
-                directories.append(DirectoryNode(name=name, digest=_import_folder(cas, entry.path)))
+                scanned.directories.append((name, _scan_folder(cas, executor, entry.path)))
             elif entry.is_file(follow_symlinks=False):
-                digest, executable = _import_file(cas, entry.path)
-                files.append(FileNode(name=name, digest=digest, is_executable=executable))
+                scanned.files.append((name, executor.submit(_import_file, cas, entry.path)))
             else:
                 raise LocalCasError(
                     f"cannot import special file (socket, fifo or device): {entry.path}"
                 )
         except OSError as exc:
             raise LocalCasError(f"cannot import {entry.path}: {exc.strerror}") from exc
-    return cas.put_message(Directory(files=files, directories=directories, symlinks=symlinks))
+    return scanned
+
+
+def _store_folder(cas: LocalCas, folder: _ScannedFolder) -> Digest:
+    files = []
+    for name, future in folder.files:
+        digest, executable = future.result()
+        files.append(FileNode(name=name, digest=digest, is_executable=executable))
+    directories = [
+        DirectoryNode(name=name, digest=_store_folder(cas, sub)) for name, sub in folder.directories
+    ]
+    return cas.put_message(
+        Directory(files=files, directories=directories, symlinks=folder.symlinks)
+    )
 
 
 def _entry_name(entry: os.DirEntry[str]) -> str:
@@ -234,16 +267,19 @@ def _check_utf8(name: str, path: str) -> None:
 
 
 def _import_file(cas: LocalCas, path: str) -> tuple[Digest, bool]:
-    # O_NOFOLLOW and O_NONBLOCK: if the entry was swapped for a symlink or a
-    # fifo since it was listed, fail (or refuse below) rather than follow or hang.
-    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise LocalCasError(f"cannot import {path}: no longer a regular file")
-        return cas.put_fd(fd, st.st_size), bool(st.st_mode & _USER_X)
-    finally:
-        os.close(fd)
+        # O_NOFOLLOW and O_NONBLOCK: if the entry was swapped for a symlink or a
+        # fifo since it was listed, fail (or refuse below) rather than follow or hang.
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise LocalCasError(f"cannot import {path}: no longer a regular file")
+            return cas.put_fd(fd, st.st_size), bool(st.st_mode & _USER_X)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise LocalCasError(f"cannot import {path}: {exc.strerror}") from exc
 
 
 # --- merge ---------------------------------------------------------------------
@@ -277,7 +313,7 @@ def merge_trees(cas: LocalCas, roots: Sequence[Digest]) -> MergeResult:
         return MergeResult(digest=roots[0])
     overlaps: list[str] = []
     digest = _merge(reader, roots, "", overlaps)
-    return MergeResult(digest=digest, overlaps=overlaps)
+    return MergeResult(digest=digest, overlaps=sorted(overlaps))
 
 
 def _merge(
@@ -465,6 +501,9 @@ def checkout(cas: LocalCas, root: Digest, dest: Path) -> None:
     or incomplete tree writes nothing. A failure while writing (an existing
     path, a damaged blob, a full disk) leaves what was written so far.
 
+    A Directory shared by several paths is written at each of them, so the
+    checkout may be far bigger than the tree's blobs.
+
     Files get mode 0o755 when executable, else 0o644; new folders 0o755
     (regardless of umask). Files are copied, not hard-linked, so a checkout
     cannot change the store; their hashes are verified while copying.
@@ -481,10 +520,10 @@ def checkout(cas: LocalCas, root: Digest, dest: Path) -> None:
         LocalCasError: an existing path is in the way, or writing failed.
     """
     reader = _DirectoryReader(cas)
-    file_digests: dict[str, Digest] = {}
+    file_digests: dict[tuple[str, int], Digest] = {}
     for _, directory in _unique_directories(reader, root):
         for fnode in directory.files:
-            file_digests.setdefault(fnode.digest.hash, fnode.digest)
+            file_digests.setdefault((fnode.digest.hash, fnode.digest.size_bytes), fnode.digest)
     missing = cas.missing(file_digests.values())
     if missing:
         shown = ", ".join(digest_to_str(d) for d in missing[:5])

@@ -10,13 +10,15 @@ never a poisoned local CAS. Directories are also checked for hostile names
 before anything of their tree is stored.
 
 Small blobs travel in BatchUpdateBlobs/BatchReadBlobs requests packed up to
-the server's batch limit; larger ones by ByteStream in chunks.
+the server's batch limit; larger ones by ByteStream in chunks. Blobs travel
+uncompressed: neither buildbox-casd 1.4.25 nor BuildGrid 0.4.4 offers zstd.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import io
 import threading
@@ -39,6 +41,7 @@ from pipeline.errors import (
     LocalCasError,
     ProtocolError,
     RemoteError,
+    UnsafePathError,
 )
 from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT, Remote
 from pipeline.reapi.retry import TRANSIENT_CODES
@@ -47,7 +50,7 @@ from protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as 
 from protos.google.bytestream import bytestream_pb2 as bs_pb2
 from protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 
-__all__ = ["CasClient", "DownloadStats", "UploadStats"]
+__all__ = ["BlobSource", "CasClient", "DownloadStats", "UploadStats"]
 
 M = TypeVar("M", bound=Message)
 _Key = tuple[str, int]
@@ -59,6 +62,10 @@ MAX_BATCH_ENTRIES = 10_000
 """Entries per BatchUpdate/BatchRead request, however small the blobs."""
 
 BYTESTREAM_CHUNK = 1024 * 1024
+# Requests in flight at once per upload/download call.
+DEFAULT_PARALLELISM = 4
+# Small batches spread over the parallel requests better than a few 4 MiB ones.
+PARALLEL_BATCH_BYTES = 1024 * 1024
 """Bytes per ByteStream WriteRequest."""
 
 ENTRY_FRAMING = 128
@@ -136,11 +143,21 @@ class CasClient:
     Args:
         remote: the server (and instance) to talk to.
         chunk_size: bytes per ByteStream write request.
+        parallelism: requests (batches, streams) in flight at once for one
+            upload or download; servers such as buildbox-casd write each blob
+            to disk, so several requests at once keep them busy.
     """
 
-    def __init__(self, remote: Remote, *, chunk_size: int = BYTESTREAM_CHUNK) -> None:
+    def __init__(
+        self,
+        remote: Remote,
+        *,
+        chunk_size: int = BYTESTREAM_CHUNK,
+        parallelism: int = DEFAULT_PARALLELISM,
+    ) -> None:
         self.remote = remote
         self.chunk_size = chunk_size
+        self.parallelism = max(1, parallelism)
         self._cas = remote.stub(re_grpc.ContentAddressableStorageStub)
         self._bytestream = remote.stub(bs_grpc.ByteStreamStub)
         prefix = remote.instance_name.strip("/")
@@ -200,6 +217,9 @@ class CasClient:
     def upload_missing(self, local_cas: BlobSource, digests: Iterable[Digest]) -> UploadStats:
         """Send those of the given blobs that the server lacks.
 
+        A blob that another thread of this process is sending at the same time
+        is waited for, not sent twice.
+
         Raises:
             LocalBlobMissingError: a missing blob is not in the local CAS either.
             RemoteError: the server refused a blob or failed (after retries).
@@ -249,23 +269,19 @@ class CasClient:
         """
         wanted = _unique(digests)
         missing = local_cas.missing(wanted)
-        fetched = 0
-        fetched_bytes = 0
 
         def store(digest: Digest, data: bytes) -> None:
-            nonlocal fetched, fetched_bytes
             local_cas.put_verified(data, digest)
-            fetched += 1
-            fetched_bytes += digest.size_bytes
 
         batches, large = self._plan_batches(missing)
-        for batch in batches:
-            self._batch_read(batch, store)
-        for digest in large:
-            self._stream_into(local_cas, digest)
-            fetched += 1
-            fetched_bytes += digest.size_bytes
-        return DownloadStats(fetched, fetched_bytes, len(wanted) - len(missing))
+        jobs: list[Callable[[], None]] = [
+            functools.partial(self._stream_into, local_cas, d) for d in large
+        ]
+        jobs += [functools.partial(self._batch_read, b, store) for b in batches]
+        self._run_parallel(jobs)
+        return DownloadStats(
+            len(missing), sum(d.size_bytes for d in missing), len(wanted) - len(missing)
+        )
 
     def read_blob(self, digest: Digest) -> bytes:
         """One blob's bytes, verified against ``digest``.
@@ -337,10 +353,11 @@ class CasClient:
     def _find_missing_batch(
         self, request: re_pb2.FindMissingBlobsRequest
     ) -> re_pb2.FindMissingBlobsResponse:
-        return self.remote.call(
+        response: re_pb2.FindMissingBlobsResponse = self.remote.call(
             lambda: self._cas.FindMissingBlobs(request, timeout=DEFAULT_RPC_TIMEOUT),
             what="FindMissingBlobs",
         )
+        return response
 
     @property
     def _where(self) -> str:
@@ -416,23 +433,51 @@ class CasClient:
         self, source: BlobSource, digests: list[Digest], sent: Callable[[Digest], None]
     ) -> UploadStats:
         """Upload ``digests`` unconditionally, calling ``sent`` for each one done."""
-        blobs = 0
-        total = 0
         batches, large = self._plan_batches(digests)
-        for batch in batches:
-            self._batch_update(source, batch, sent)
-            blobs += len(batch)
-            total += sum(d.size_bytes for d in batch)
-        for digest in large:
+
+        def write_stream(digest: Digest) -> None:
             self._write_stream(source, digest)
             sent(digest)
-            blobs += 1
-            total += digest.size_bytes
-        return UploadStats(blobs, total, 0)
+
+        # Large blobs first: they take longest, the small batches fill in around them.
+        jobs: list[Callable[[], None]] = [functools.partial(write_stream, d) for d in large]
+        jobs += [functools.partial(self._batch_update, source, b, sent) for b in batches]
+        self._run_parallel(jobs)
+        return UploadStats(len(digests), sum(d.size_bytes for d in digests), 0)
+
+    def _run_parallel(self, jobs: Sequence[Callable[[], None]]) -> None:
+        """Run ``jobs`` with up to ``parallelism`` at once; raise the first failure.
+
+        Each call gets its own short-lived pool, so a job never waits for a
+        thread that another caller's jobs hold.
+        """
+        if len(jobs) <= 1 or self.parallelism == 1:
+            for job in jobs:
+                job()
+            return
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(self.parallelism, len(jobs)), thread_name_prefix="remex-cas"
+        ) as pool:
+            futures = [pool.submit(job) for job in jobs]
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
 
     def _plan_batches(self, digests: Sequence[Digest]) -> tuple[list[list[Digest]], list[Digest]]:
         """Split digests into batches within the server's limit, and the too-large rest."""
+        if not digests:
+            return [], []
         limit = self.remote.capabilities().max_batch_total_size_bytes
+        total = sum(d.size_bytes for d in digests)
+        # Blobs above the server's limit go by ByteStream; below it, batches are
+        # kept small enough that there are several to send at once.
+        batch_limit = limit
+        if self.parallelism > 1 and total > limit:
+            batch_limit = min(limit, max(PARALLEL_BATCH_BYTES, total // (4 * self.parallelism)))
         batches: list[list[Digest]] = []
         large: list[Digest] = []
         batch: list[Digest] = []
@@ -442,7 +487,7 @@ class CasClient:
             if cost > limit:
                 large.append(digest)
                 continue
-            if batch and (batch_bytes + cost > limit or len(batch) >= MAX_BATCH_ENTRIES):
+            if batch and (batch_bytes + cost > batch_limit or len(batch) >= MAX_BATCH_ENTRIES):
                 batches.append(batch)
                 batch, batch_bytes = [], 0
             batch.append(digest)
@@ -672,12 +717,13 @@ class CasClient:
 
     def _tree_directories(self, root: Digest) -> list[_TreeDirectory]:
         """All directories under ``root``, breadth-first, verified and checked."""
-        try:
-            answered = self._get_tree_pages(root)
-        except RemoteError as exc:
-            if exc.code != "UNIMPLEMENTED":
-                raise self._not_found(exc, root) from exc
-            answered = []
+        answered: list[re_pb2.Directory] = []
+        if root.size_bytes != 0:  # the empty Directory needs no server
+            try:
+                answered = self._get_tree_pages(root)
+            except RemoteError as exc:
+                if exc.code != "UNIMPLEMENTED":
+                    raise self._not_found(exc, root) from exc
         known: dict[_Key, _TreeDirectory] = {}
         for directory in answered:
             digest, data = digest_of_message(directory)
@@ -699,7 +745,7 @@ class CasClient:
             next_level: list[Digest] = []
             for digest in level:
                 entry = known[_key(digest)]
-                check_directory(entry.directory)
+                self._check_directory(entry)
                 result.append(entry)
                 for node in entry.directory.directories:
                     key = _key(node.digest)
@@ -751,6 +797,19 @@ class CasClient:
         while not done:
             self.remote.call(attempt, what=f"GetTree of {digest_to_str(root)}")
         return directories
+
+    def _check_directory(self, entry: _TreeDirectory) -> None:
+        """Refuse a hostile or malformed Directory from the server, naming it."""
+        try:
+            check_directory(entry.directory)
+        except UnsafePathError as exc:
+            raise UnsafePathError(
+                f"{self._where} sent directory {digest_to_str(entry.digest)}: {exc}"
+            ) from exc
+        except LocalCasError as exc:
+            raise ProtocolError(
+                f"{self._where} sent a malformed directory {digest_to_str(entry.digest)}: {exc}"
+            ) from exc
 
     # --- private: errors ---------------------------------------------------
 

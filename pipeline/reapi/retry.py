@@ -63,13 +63,16 @@ class SystemClock:
 class RetryPolicy:
     """How often and how long to retry a transient failure.
 
-    Attempt ``n`` (counting from 0) waits a random time in
-    ``[0, min(max_backoff, initial_backoff * multiplier**n)]`` ("full jitter")
-    before trying again, or the server's RetryInfo delay when that is longer.
-    No wait may end past ``deadline`` seconds after the first attempt started.
+    After failed attempt ``n`` (counting from 0) the wait is a random time in
+    ``[c/2, c]`` with ``c = min(max_backoff, initial_backoff * multiplier**n)``
+    ("equal jitter": spread out, yet growing, so a handful of unlucky draws
+    cannot spend all attempts within a second of a server restart), or the
+    server's RetryInfo delay when that is longer. No wait may end past
+    ``deadline`` seconds after the first attempt started. The defaults ride
+    out about 10 s of a server being away.
     """
 
-    max_attempts: int = 8
+    max_attempts: int = 10
     initial_backoff: float = 0.1
     max_backoff: float = 5.0
     multiplier: float = 2.0
@@ -79,7 +82,7 @@ class RetryPolicy:
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
         ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier**attempt)
-        return rng.uniform(0, ceiling) if self.jitter else ceiling
+        return rng.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)

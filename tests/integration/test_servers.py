@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
+import pytest
 import redis
 
+from tests import servers
 from tests.servers import (
     BuildGridServer,
     CasdServer,
@@ -34,6 +38,35 @@ def _no_process_left(server_pid: int) -> None:
         fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] not in ("Z", "X"):
             assert int(fields[2]) != server_pid, f"pid {entry} left in group {server_pid}"
+
+
+@pytest.fixture
+def taken_port(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[int]:
+    """A port another socket listens on, handed out first by servers.free_port.
+
+    Parametrize with ``reuseport=True`` to set SO_REUSEPORT on it, as a gRPC
+    server would: then binding it again "succeeds" and only the ownership
+    check after start notices the port is shared.
+    """
+    reuseport = getattr(request, "param", False)
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if reuseport:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    real_free_port = servers.free_port
+    handed: list[int] = []
+
+    def free_port_taken_first(host: str = "127.0.0.1") -> int:
+        handed.append(port if not handed else real_free_port(host))
+        return handed[-1]
+
+    monkeypatch.setattr(servers, "free_port", free_port_taken_first)
+    try:
+        yield port
+    finally:
+        blocker.close()
 
 
 # ----------------------------------------------------------------------------- Redis
@@ -68,6 +101,12 @@ def test_redis_appendonly_restart_keeps_data_and_kill_leaves_nothing(tmp_path: P
         _no_process_left(pid)
 
 
+def test_redis_start_moves_to_another_port_when_taken(tmp_path: Path, taken_port: int) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        assert server.port != taken_port
+        assert redis.Redis.from_url(server.url).ping()
+
+
 # ----------------------------------------------------------------------------- casd
 
 
@@ -99,6 +138,13 @@ def test_casd_kill_leaves_no_process_and_no_mount(fresh_casd: CasdServer) -> Non
     fresh_casd.start()
     assert fresh_casd.port == port
     assert get_capabilities(fresh_casd.url)
+
+
+@pytest.mark.parametrize("taken_port", [False, True], ids=["plain", "reuseport"], indirect=True)
+def test_casd_start_moves_to_another_port_when_taken(tmp_path: Path, taken_port: int) -> None:
+    with CasdServer(tmp_path / "casd") as server:
+        assert server.port != taken_port
+        assert get_capabilities(server.url)
 
 
 # ----------------------------------------------------------------------------- PostgreSQL

@@ -8,12 +8,14 @@ retries. Time is a :class:`FakeClock`: retries do not sleep.
 from __future__ import annotations
 
 import contextlib
+import io
 import random
 import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 import pytest
@@ -24,6 +26,7 @@ from pipeline.digest import EMPTY_DIGEST, Digest, digest_of
 from pipeline.errors import (
     BlobNotFoundError,
     DigestMismatchError,
+    LocalBlobMissingError,
     ProtocolError,
     RemoteError,
     UnsafePathError,
@@ -539,3 +542,65 @@ def test_a_get_tree_answer_with_foreign_directories_ignores_them(env: Env) -> No
     real = env.client.get_tree(root)
     env.fake.tree_pages[root.hash] = [[*real, stray]]
     assert env.client.get_tree(root) == real
+
+
+def test_a_malformed_directory_from_the_server_is_a_protocol_error(env: Env) -> None:
+    # Nodes out of order break the canonical form REAPI requires
+    a, b = env.fake.put(b"a"), env.fake.put(b"b")
+    root = env.fake.put_message(
+        re_pb2.Directory(
+            files=[re_pb2.FileNode(name="b", digest=b), re_pb2.FileNode(name="a", digest=a)]
+        )
+    )
+    with pytest.raises(ProtocolError) as info:
+        env.client.fetch_tree(env.other_local(), root)
+    assert root.hash in str(info.value)
+    assert env.server.url in str(info.value)
+
+
+def test_the_empty_tree_needs_no_server(env: Env) -> None:
+    assert env.client.get_tree(EMPTY_DIGEST) == [re_pb2.Directory()]
+    assert env.client.fetch_tree(env.other_local(), EMPTY_DIGEST) == 0
+    assert sum(env.fake.calls.values()) == 0
+
+
+# ------------------------------------------------------------------ local failures
+
+
+@pytest.mark.parametrize("size", [100, 2 * MiB], ids=["batch", "bytestream"])
+def test_uploading_a_blob_the_local_cas_lacks_raises_local_blob_missing(
+    env: Env, size: int
+) -> None:
+    absent = digest_of(blob(70, size))
+    with pytest.raises(LocalBlobMissingError):
+        env.client.upload_from(env.local, [absent])
+    assert not env.fake.has(absent)
+
+
+class FailingReader(io.BytesIO):
+    """A file that fails after its first megabyte, like a disk error mid-read."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= MiB:
+            raise OSError(5, "Input/output error")
+        return super().read(size)
+
+
+class FailingSource:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def get(self, digest: Digest) -> bytes:
+        return self.data
+
+    def open(self, digest: Digest) -> BinaryIO:
+        return FailingReader(self.data)
+
+
+def test_a_local_read_error_mid_stream_is_raised_as_itself(env: Env) -> None:
+    # gRPC would turn it into CANCELLED; the caller must see the real cause
+    data = blob(71, 3 * MiB)
+    with pytest.raises(OSError, match="Input/output error"):
+        env.client.upload_from(FailingSource(data), [digest_of(data)])
+    assert env.fake.calls["Write"] == 1
+    assert not env.fake.has(digest_of(data))

@@ -409,6 +409,8 @@ class Server:
     scheme: ClassVar[str] = "tcp"
     #: Seconds allowed for a start (launch + health).
     start_timeout: float = 60.0
+    #: Seconds one health check may take.
+    probe_timeout: float = 5.0
     #: Seconds between SIGTERM and SIGKILL in stop().
     stop_grace: float = 10.0
     #: Check after start that no other process listens on the port too
@@ -610,7 +612,7 @@ class Server:
             if self.exclusive_port_check and not self._listens_alone(port):
                 time.sleep(0.05)
                 continue
-            if _tcp_accepts(HOST, port) and self._probe(min(remaining, 5.0)):
+            if _tcp_accepts(HOST, port) and self._probe(min(remaining, self.probe_timeout)):
                 break
             time.sleep(0.05)
 
@@ -687,6 +689,7 @@ class RedisServer(Server):
     name = "redis"
     scheme = "redis"
     start_timeout = 30.0
+    probe_timeout = 1.0  # PING answers at once; a stranger on the port does not
 
     def __init__(self, workdir: str | os.PathLike[str], appendonly: bool = False) -> None:
         super().__init__(workdir)
@@ -712,11 +715,16 @@ class RedisServer(Server):
 
     def _probe(self, timeout: float) -> bool:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         client = redis.Redis(
-            host=HOST, port=self._require_port(), socket_timeout=timeout,
+            host=HOST,
+            port=self._require_port(),
+            socket_timeout=timeout,
             socket_connect_timeout=timeout,
-        )  # fmt: skip
+            retry=Retry(NoBackoff(), 0),  # redis-py's default retries turn 2 s into 25 s
+        )
         try:
             return bool(client.ping())
         except redis.RedisError:

@@ -8,14 +8,16 @@ Plain Python (no pytest): ``bench/`` imports it too.  Every server
 * waits until the server really answers (not merely until the port is open);
 * writes its output to ``log_path`` inside its own folder; when a start fails,
   the exception (:class:`ServerError`) carries the tail of that log;
-* is stopped by PID: SIGTERM, wait, then SIGKILL (the server's whole process
-  group, so helpers such as buildbox-run / buildbox-fuse go too).
+* is stopped by PID: SIGTERM, wait, then SIGKILL for whatever is left of its
+  process tree (descendants and process group, so helpers such as
+  buildbox-run, bwrap and buildbox-fuse go too).
 
 Common API (see :class:`Server`): ``start()``, ``stop()``, ``kill()``,
 ``restart()``, ``close()``, context manager, attributes ``url``, ``port``,
 ``pid``, ``log_path``, ``workdir``.  ``restart()`` keeps the port and the data
-folder.  Servers still running when the interpreter exits are stopped by an
-``atexit`` hook.
+folder.  Servers not closed when the interpreter exits are closed by an
+``atexit`` hook (not when the process is SIGKILLed: servers run in sessions of
+their own, so they outlive it then).
 
 gRPC health checks use a raw channel and hand-encoded bytes, so this module does
 not import the project's generated protos (nor BuildGrid's or BuildStream's).
@@ -36,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -60,6 +61,7 @@ __all__ = [
 
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
+LOG_HEAD_LINES = 6
 # How many different ports start() tries when the chosen port turns out taken.
 PORT_ATTEMPTS = 5
 # How long start() keeps retrying a fixed port (restart()) that is still taken.
@@ -339,16 +341,23 @@ def unmount_under(root: str | os.PathLike[str], attempts: int = 5) -> None:
 
 
 def _tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
+    """The log since ``offset``: its first lines (errors about the command line
+    come before a usage text) and its last ``lines`` lines."""
     try:
         with path.open("rb") as f:
             size = f.seek(0, os.SEEK_END)
-            start = max(offset if offset <= size else 0, size - 64 * 1024)
-            f.seek(start)
-            text = f.read().decode(errors="replace")
+            offset = offset if offset <= size else 0
+            f.seek(offset)
+            head = f.read(4096).decode(errors="replace").splitlines()[:LOG_HEAD_LINES]
+            f.seek(max(offset, size - 64 * 1024))
+            all_lines = f.read().decode(errors="replace").splitlines()
     except FileNotFoundError:
         return "(no log file)"
-    tail = text.splitlines()[-lines:]
-    return "\n".join(tail) if tail else "(log is empty)"
+    if not all_lines:
+        return "(log is empty)"
+    if size - offset <= 64 * 1024 and len(all_lines) <= LOG_HEAD_LINES + lines:
+        return "\n".join(all_lines)
+    return "\n".join([*head, "[...]", *all_lines[-lines:]])
 
 
 def _require_program(name: str, hint: str, extra_dirs: Sequence[Path] = ()) -> str:
@@ -386,18 +395,19 @@ def _venv_program(name: str, hint: str) -> str:
 
 # --------------------------------------------------------------------------- base class
 
-_live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
+# Servers started and not closed yet: closed (stopped, cleaned up) at exit.
+_open_servers: set[Server] = set()
 
 
 @atexit.register
-def _stop_leftover_servers() -> None:
-    for server in list(_live_servers):
+def _close_leftover_servers() -> None:
+    for server in list(_open_servers):
         with contextlib.suppress(Exception):
-            server.stop()
+            server.close()
 
 
 class Server:
-    """Base class: one server process (group) bound to 127.0.0.1:``port``.
+    """Base class: one server process (tree) bound to 127.0.0.1:``port``.
 
     Subclasses implement :meth:`_launch` (start the process on a port) and
     :meth:`_probe` (one health check), and may override :meth:`_prepare`
@@ -460,6 +470,7 @@ class Server:
         """
         if self._alive():
             return self
+        _open_servers.add(self)
         if not self._prepared:
             self._prepare()
             self._prepared = True
@@ -487,6 +498,7 @@ class Server:
             except BaseException as exc:
                 with contextlib.suppress(Exception):
                     self._terminate(grace=0)
+                    self._after_stop()
                 self.port = fixed_port
                 if isinstance(exc, ServerError):
                     raise
@@ -496,20 +508,17 @@ class Server:
                         f"log {self.log_path}:\n{self._log_tail()}"
                     ) from exc
                 raise
-            _live_servers.add(self)
             return self
 
     def stop(self) -> None:
         """SIGTERM, wait up to ``stop_grace`` s, then SIGKILL; then clean up."""
         self._terminate(grace=self.stop_grace)
         self._after_stop()
-        _live_servers.discard(self)
 
     def kill(self) -> None:
-        """SIGKILL the server (and its process group) at once; then clean up."""
+        """SIGKILL the server and its process tree at once; then clean up."""
         self._terminate(grace=0)
         self._after_stop()
-        _live_servers.discard(self)
 
     def restart(self) -> Self:
         """stop() then start() on the same port with the same data folder."""
@@ -517,8 +526,10 @@ class Server:
         return self.start()
 
     def close(self) -> None:
-        """stop(); subclasses also remove what they keep outside ``workdir``."""
+        """stop(); subclasses also remove what they keep outside ``workdir``.
+        Called at interpreter exit for servers not closed by then."""
         self.stop()
+        _open_servers.discard(self)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -935,7 +946,7 @@ class PostgresServer(Server):
         return result.returncode == 0 and result.stdout.strip() == "1"
 
     def close(self) -> None:
-        self.stop()
+        super().close()
         if self._private_base is not None:
             shutil.rmtree(self._private_base, ignore_errors=True)
             link = self.workdir / "pgdata"

@@ -182,6 +182,13 @@ def test_postgres_restart_keeps_data_and_kill_leaves_nothing(tmp_path: Path) -> 
         _no_process_left(pid)
 
 
+def test_postgres_start_moves_to_another_port_when_taken(tmp_path: Path, taken_port: int) -> None:
+    with PostgresServer(tmp_path / "pg") as server:
+        assert server.port != taken_port
+        conn = psycopg2.connect(host="127.0.0.1", port=server.port, user="bgd", dbname="bgd")
+        conn.close()
+
+
 # ----------------------------------------------------------------------------- BuildGrid
 
 

@@ -11,7 +11,11 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-DEBIAN_PACKAGES=(redis-server bubblewrap busybox-static postgresql fuse3 python3-venv)
+# redis-server: broker and result backend; bubblewrap: the sandbox buildbox-run
+# uses; busybox-static: the static busybox of the action sysroot; postgresql:
+# BuildGrid's scheduler database; fuse3: fusermount3, as buildbox-casd (root)
+# stages inputs through FUSE; python3-venv: `python3 -m venv` on Debian.
+DEBIAN_PACKAGES=(redis-server bubblewrap busybox-static postgresql fuse3 python3-venv ca-certificates)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -20,6 +24,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "==> apt-get install ${missing[*]}"
   $SUDO apt-get update -q
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  # Installing may start system-wide servers; remex and its tests start their
+  # own on ports they pick, so stop these to save memory (harmless if absent).
+  if command -v service >/dev/null 2>&1; then
+    $SUDO service redis-server stop >/dev/null 2>&1 || true
+    $SUDO service postgresql stop >/dev/null 2>&1 || true
+  fi
 fi
 
 PYTHON=${PYTHON:-python3}

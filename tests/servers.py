@@ -153,11 +153,6 @@ def pid_alive(pid: int) -> bool:
     return stat is not None and not stat.dead
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is ``pgid``."""
-    return [pid for pid, st in _all_stats().items() if st.pgrp == pgid and not st.dead]
-
-
 def _process_tree(pid: int, pgid: int | None) -> dict[int, int]:
     """{pid: start time} of ``pid``, its live descendants and the members of
     process group ``pgid`` (buildbox-run puts itself in a group of its own)."""
@@ -360,11 +355,7 @@ def _tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join([*head, "[...]", *all_lines[-lines:]])
 
 
-def _require_program(name: str, hint: str, extra_dirs: Sequence[Path] = ()) -> str:
-    for directory in extra_dirs:
-        candidate = directory / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
+def _require_program(name: str, hint: str) -> str:
     found = shutil.which(name)
     if found:
         return found

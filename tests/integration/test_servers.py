@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
+import psycopg2  # type: ignore[import-untyped]
 import pytest
 import redis
 

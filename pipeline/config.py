@@ -1,0 +1,265 @@
+"""remex configuration: one frozen dataclass from ``remex.toml`` and ``REMEX_*``.
+
+Where settings come from, later ones winning:
+
+1. built-in defaults (a local stack: Redis and buildbox-casd on loopback);
+2. the user's ``$XDG_CONFIG_HOME/remex/remex.toml`` (``~/.config/remex/remex.toml``);
+3. ``remex.toml`` in the project folder;
+4. ``REMEX_*`` environment variables.
+
+``remex.toml``::
+
+    [broker]
+    url = "redis://:password@127.0.0.1:6379/0"   # Celery broker and result backend
+    result-backend = ""                          # default: the broker URL
+
+    [remote.execution]          # CAS + ActionCache + Execution
+    url = "grpc://127.0.0.1:50051"
+    instance-name = ""
+    server-ca = ""              # PEM files, for grpcs:// / https://
+    client-cert = ""
+    client-key = ""
+    token-file = ""             # bearer token, re-read when it changes
+
+    [remote.artifacts]          # CAS + Remote Asset; default: the execution server
+    url = "grpc://127.0.0.1:50052"
+
+    [cas]
+    dir = "~/.cache/remex/cas"  # this host's local CAS
+    quota = "10G"
+
+    [worker]
+    concurrency = 4
+
+Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
+``REMEX_{EXECUTION,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,CLIENT_KEY,TOKEN_FILE}``,
+``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_WORKER_CONCURRENCY``,
+``REMEX_CONFIG`` (an explicit config file, read instead of the user's).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.reapi.channel import Endpoint
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_EXECUTION_URL = "grpc://127.0.0.1:50051"
+CONFIG_FILE_NAME = "remex.toml"
+
+_REMOTE_KEYS = {
+    "url": "url",
+    "instance-name": "instance_name",
+    "server-ca": "server_ca",
+    "client-cert": "client_cert",
+    "client-key": "client_key",
+    "token-file": "token_file",
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RemexConfig:
+    """Everything remex needs to know about where things are."""
+
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: str = ""
+    execution: Endpoint = field(default_factory=lambda: Endpoint(DEFAULT_EXECUTION_URL))
+    artifacts: Endpoint | None = None
+    cas_dir: Path = field(default_factory=lambda: _cache_home() / "remex" / "cas")
+    cas_quota_bytes: int | None = None
+    worker_concurrency: int = 4
+    sources: tuple[str, ...] = ()
+    """The files and variables this config was read from, for ``remex config``."""
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def artifact_endpoint(self) -> Endpoint:
+        return self.artifacts or self.execution
+
+
+def load_config(
+    project_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> RemexConfig:
+    """Read the configuration (see the module docstring for the order).
+
+    Raises:
+        ConfigError: a file is not valid TOML, or a key or value is wrong
+            (the message names the file and the key).
+    """
+    env = os.environ if environ is None else environ
+    config = RemexConfig()
+    files: list[Path] = []
+    if env.get("REMEX_CONFIG"):
+        files.append(Path(env["REMEX_CONFIG"]).expanduser())
+    else:
+        user_file = _config_home(env) / "remex" / CONFIG_FILE_NAME
+        if user_file.is_file():
+            files.append(user_file)
+    if project_dir is not None and (project_dir / CONFIG_FILE_NAME).is_file():
+        files.append(project_dir / CONFIG_FILE_NAME)
+    for path in files:
+        config = _apply_file(config, path)
+    return _apply_env(config, env)
+
+
+def parse_size(text: str | int, *, where: str) -> int:
+    """``"10G"``, ``"512M"``, ``"1.5GiB"`` or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"{where}: not a size: {text!r} (use e.g. 512M, 10G)")
+    number, unit = match.groups()
+    scale = 1024 ** ("KMGT".index(unit.upper()) + 1) if unit else 1
+    return int(float(number) * scale)
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def _config_home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+
+
+def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
+    where = str(path)
+    _known(data, {"broker", "remote", "cas", "worker"}, where, "")
+    changes: dict[str, Any] = {}
+    broker = _table(data, "broker", where)
+    _known(broker, {"url", "result-backend"}, where, "broker.")
+    if "url" in broker:
+        changes["broker_url"] = _str(broker["url"], where, "broker.url")
+    if "result-backend" in broker:
+        changes["result_backend"] = _str(broker["result-backend"], where, "broker.result-backend")
+    remote = _table(data, "remote", where)
+    _known(remote, {"execution", "artifacts"}, where, "remote.")
+    base = path.parent
+    if "execution" in remote:
+        changes["execution"] = _endpoint(
+            config.execution, _table(remote, "execution", where), where, "remote.execution", base
+        )
+    if "artifacts" in remote:
+        start = config.artifacts or Endpoint("")
+        changes["artifacts"] = _endpoint(
+            start, _table(remote, "artifacts", where), where, "remote.artifacts", base
+        )
+    cas = _table(data, "cas", where)
+    _known(cas, {"dir", "quota"}, where, "cas.")
+    if "dir" in cas:
+        changes["cas_dir"] = _path(cas["dir"], base, where, "cas.dir")
+    if "quota" in cas:
+        changes["cas_quota_bytes"] = parse_size(cas["quota"], where=f"{where}: cas.quota")
+    worker = _table(data, "worker", where)
+    _known(worker, {"concurrency"}, where, "worker.")
+    if "concurrency" in worker:
+        changes["worker_concurrency"] = _positive(
+            worker["concurrency"], f"{where}: worker.concurrency"
+        )
+    changes["sources"] = (*config.sources, where)
+    return replace(config, **changes)
+
+
+def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
+    changes: dict[str, Any] = {}
+    used: list[str] = []
+    if env.get("REMEX_BROKER_URL"):
+        changes["broker_url"] = env["REMEX_BROKER_URL"]
+        used.append("REMEX_BROKER_URL")
+    if env.get("REMEX_RESULT_BACKEND"):
+        changes["result_backend"] = env["REMEX_RESULT_BACKEND"]
+        used.append("REMEX_RESULT_BACKEND")
+    for name, attr in (("EXECUTION", "execution"), ("ARTIFACTS", "artifacts")):
+        values = {
+            key: env[f"REMEX_{name}_{field_.upper()}"]
+            for key, field_ in _REMOTE_KEYS.items()
+            if env.get(f"REMEX_{name}_{field_.upper()}")
+        }
+        if values:
+            start = getattr(config, attr) or Endpoint("")
+            changes[attr] = _endpoint(start, values, "environment", f"REMEX_{name}_*", Path.cwd())
+            used.extend(f"REMEX_{name}_{_REMOTE_KEYS[k].upper()}" for k in values)
+    if env.get("REMEX_CAS_DIR"):
+        changes["cas_dir"] = Path(env["REMEX_CAS_DIR"]).expanduser()
+        used.append("REMEX_CAS_DIR")
+    if env.get("REMEX_CAS_QUOTA"):
+        changes["cas_quota_bytes"] = parse_size(env["REMEX_CAS_QUOTA"], where="REMEX_CAS_QUOTA")
+        used.append("REMEX_CAS_QUOTA")
+    if env.get("REMEX_WORKER_CONCURRENCY"):
+        changes["worker_concurrency"] = _positive(
+            env["REMEX_WORKER_CONCURRENCY"], "REMEX_WORKER_CONCURRENCY"
+        )
+        used.append("REMEX_WORKER_CONCURRENCY")
+    if used:
+        changes["sources"] = (*config.sources, "environment: " + ", ".join(used))
+    return replace(config, **changes)
+
+
+def _endpoint(
+    start: Endpoint, values: Mapping[str, Any], where: str, prefix: str, base: Path
+) -> Endpoint:
+    _known(values, set(_REMOTE_KEYS), where, prefix + ".")
+    changes: dict[str, Any] = {}
+    for key, attr in _REMOTE_KEYS.items():
+        if key not in values:
+            continue
+        value = _str(values[key], where, f"{prefix}.{key}")
+        if attr in ("url", "instance_name"):
+            changes[attr] = value
+        else:
+            changes[attr] = _path(value, base, where, f"{prefix}.{key}") if value else None
+    endpoint = replace(start, **changes)
+    if not endpoint.url:
+        raise ConfigError(f"{where}: {prefix}.url is required")
+    return endpoint
+
+
+def _table(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be a table")
+    return value
+
+
+def _known(data: Mapping[str, Any], keys: set[str], where: str, prefix: str) -> None:
+    unknown = sorted(set(data) - keys)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(keys))})"
+        )
+
+
+def _str(value: Any, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} must be a string")
+    return value
+
+
+def _path(value: Any, base: Path, where: str, key: str) -> Path:
+    path = Path(_str(value, where, key)).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _positive(value: Any, where: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ConfigError(f"{where}: must be a positive whole number, not {value!r}")
+    return number

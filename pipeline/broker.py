@@ -1,0 +1,124 @@
+"""The Celery side of the scheduler: the app's settings and sending element chains.
+
+``pipeline`` never imports ``tasks``: it names the stage tasks by string and
+sends them with a Celery app configured here, which the worker's app
+(:mod:`tasks.app`) is built from as well, so both sides agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Celery, chain
+
+from pipeline.config import RemexConfig
+from pipeline.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE = "remex"
+STAGES = ("stage_to_cas", "upload", "execute", "fetch_outputs", "push_artifact")
+TASK_NAMES = {stage: f"remex.{stage}" for stage in STAGES}
+
+# Longer than any task's run time or retry countdown (kombu re-delivers an
+# unacknowledged message after this long): a dead worker's element is
+# re-sent by the reconciler long before, and the late copy finds itself stale.
+VISIBILITY_TIMEOUT = 6 * 3600
+RESULT_EXPIRES = 7 * 24 * 3600
+RECONCILE_LOCK = "remex:reconciler"
+
+
+def host_queue(worker_name: str) -> str:
+    """The queue only the worker named ``worker_name`` consumes (data locality)."""
+    return f"{DEFAULT_QUEUE}.host.{worker_name}"
+
+
+def celery_settings(config: RemexConfig) -> dict[str, Any]:
+    """The Celery settings remex runs with (worker and client alike)."""
+    transport = {"visibility_timeout": VISIBILITY_TIMEOUT}
+    return {
+        "broker_url": config.broker_url,
+        "result_backend": config.backend_url,
+        # JSON only: a pickle payload from the broker could run code.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        # A task is acknowledged when it ends, so a worker lost mid-task does
+        # not lose the task; remex caps redeliveries itself (Redis keeps no count).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "visibility_timeout": VISIBILITY_TIMEOUT,
+        "broker_connection_retry_on_startup": True,
+        # Events for Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_expires": RESULT_EXPIRES,
+        "result_extended": True,
+        "task_default_queue": DEFAULT_QUEUE,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_celery(config: RemexConfig) -> Celery:
+    """A Celery app with remex's settings (no tasks registered)."""
+    app = Celery("remex")
+    app.conf.update(celery_settings(config))
+    return app
+
+
+def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str) -> str:
+    """Send an element's five-stage chain, unless another build is already
+    building the same cache key (then this element waits on it).
+
+    Returns "sent" or "waiting".
+    """
+    spec = scheduler.spec(build_id, element)
+    owner = scheduler.claim(build_id, element, spec["cache_key"])
+    if owner:
+        scheduler.mark_waiting_on(build_id, element, owner)
+        return "waiting"
+    attempt = int(scheduler.info(build_id, element).get("attempt", 0)) + 1
+    payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
+    label = f"{element} [build {build_id}, attempt {attempt}]"
+    signatures = [
+        app.signature(TASK_NAMES["stage_to_cas"], args=(payload,)).set(argsrepr=label),
+        *(app.signature(TASK_NAMES[stage]).set(argsrepr=label) for stage in STAGES[1:]),
+    ]
+    canvas = chain(*signatures)
+    canvas.freeze()
+    task_ids = [str(sig.id) for sig in signatures]
+    # Recorded before sending: a task that starts at once finds its attempt.
+    scheduler.mark_queued(build_id, element, attempt=attempt, task_ids=task_ids)
+    canvas.apply_async()
+    return "sent"
+
+
+def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) -> None:
+    """Send every (build, element) that became ready."""
+    for build_id, element in ready:
+        send_element(app, scheduler, build_id, element)
+
+
+def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -> int:
+    """Re-send elements that are ready but were never sent, and running ones
+    whose heartbeat expired (their worker died). One process at a time does it
+    (a Redis lock). Returns how many elements were re-sent."""
+    if not scheduler.redis.set(RECONCILE_LOCK, "1", nx=True, px=int(lock_seconds * 1000)):
+        return 0
+    resent = 0
+    now = time.time()
+    for build_id in scheduler.active_builds():
+        for element, reason in scheduler.stalled(build_id, now):
+            log.warning("re-sending %s of build %s: %s", element, build_id, reason)
+            scheduler.note(build_id, element, {"resent_because": reason})
+            send_element(app, scheduler, build_id, element)
+            resent += 1
+    return resent

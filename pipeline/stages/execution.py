@@ -1,0 +1,322 @@
+"""Stages 3 and 4: run the action remotely, bring its outputs home.
+
+``execute`` may return before the action is done (``max_wait``): the state
+then names the operation, and calling ``execute`` again with that state
+follows the same operation instead of starting another. A MissingBlobsError
+is left to the caller, who runs ``upload`` again and then ``execute``.
+
+``fetch_outputs`` trusts nothing the execution server sends: every blob is
+verified against its digest and every Directory checked for hostile names by
+the CAS client, and nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from typing import Any
+
+from pipeline.cas import store_tree_message, tree_digests
+from pipeline.digest import EMPTY_DIGEST, Digest
+from pipeline.errors import ExecutionError, RemexError
+from pipeline.reapi.execution import Pending
+from pipeline.spec import BuildSpec
+from pipeline.stages.artifacts import push_failure_record
+from pipeline.stages.context import StageContext
+from pipeline.stages.errors import BuildFailedError, SpecError
+from pipeline.stages.state import (
+    State,
+    decode_action_result,
+    digest_in,
+    dj,
+    encode_action_result,
+    timestamp_iso,
+    with_timing,
+)
+from pipeline.stages.trees import empty_tree, split_path
+from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+    ActionResult,
+    ExecutedActionMetadata,
+    Tree,
+)
+
+__all__ = ["LOG_TAIL_LINES", "download_outputs", "execute", "fetch_outputs", "log_tail"]
+
+LOG_TAIL_LINES = 40
+# A tail is also cut to this many characters: one line may be megabytes.
+LOG_TAIL_CHARS = 8000
+
+
+# --- stage 3 -------------------------------------------------------------------
+
+
+def execute(
+    ctx: StageContext, spec: BuildSpec, state: State, *, max_wait: float | None = None
+) -> State:
+    """Stage 3: run the action on the execution server (or resume following it).
+
+    A no-op for ``import``, ``stack``, a cached action, or a state that already
+    holds ``action_result``.
+
+    Args:
+        max_wait: seconds to follow the operation before returning it as
+            pending; None waits until it is done.
+
+    Returns:
+        Done: the state with ``action_result`` and ``remote_cache_hit`` (the
+        server answered from its cache), without ``operation``/``stage``. Not done yet:
+        the state with ``operation`` (its name) and ``stage``; pass it back.
+
+    Raises:
+        MissingBlobsError: the execution CAS lacks inputs: run ``upload`` again.
+        BuildFailedError: the action ran past its timeout.
+        ExecutionError, OperationLostError, RemoteError: as ExecutionClient.run.
+    """
+    started = time.monotonic()
+    new = dict(state)
+    if spec["kind"] != "manual" or state.get("cached") or "action_result" in state:
+        return with_timing(new, "execute", time.monotonic() - started)
+    action = digest_in(spec["element"], state, "action")
+    skip = bool(state.get("skip_cache_lookup"))
+    operation = state.get("operation") or None
+    if skip and operation is None:
+        # Run twice, do the work once: a result cached since stage_to_cas
+        # looked (by this stage's first run, say) is reused.
+        cached = ctx.action_cache.get_action_result(action)
+        if cached is not None and cached.exit_code == 0:
+            return with_timing(
+                _done(new, cached, cached=True), "execute", time.monotonic() - started
+            )
+    try:
+        outcome = ctx.executor.run(
+            action, skip_cache_lookup=skip, operation_name=operation, max_wait=max_wait
+        )
+        if (
+            not isinstance(outcome, Pending)
+            and outcome.cached_result
+            and outcome.result.exit_code != 0
+        ):
+            # A failure cached after stage_to_cas looked: not an answer either.
+            new["skip_cache_lookup"] = True
+            outcome = ctx.executor.run(action, skip_cache_lookup=True, max_wait=max_wait)
+    except ExecutionError as exc:
+        if exc.code == "DEADLINE_EXCEEDED" and not exc.transient:
+            _fail_timeout(ctx, spec, state, exc)
+        raise
+    if isinstance(outcome, Pending):
+        new["operation"] = outcome.operation_name
+        new["stage"] = outcome.stage
+        return with_timing(new, "execute", time.monotonic() - started)
+    return with_timing(
+        _done(new, outcome.result, cached=outcome.cached_result),
+        "execute",
+        time.monotonic() - started,
+    )
+
+
+def _done(state: State, result: ActionResult, *, cached: bool) -> State:
+    state.pop("operation", None)
+    state.pop("stage", None)
+    state["action_result"] = encode_action_result(result)
+    # An observation, not a result: running execute twice gives a cache hit the
+    # second time, and the state must otherwise stay the same.
+    state["remote_cache_hit"] = bool(cached)
+    return state
+
+
+# --- stage 4 -------------------------------------------------------------------
+
+
+def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
+    """Stage 4: download the output tree and the logs into the local CAS.
+
+    For ``import`` and ``stack`` the files are already there and the logs empty.
+    A command that produced no output folder gives an empty ``files`` tree.
+    A non-zero exit code pushes a failure record to the artifact server and
+    fails the element.
+
+    Returns:
+        The state with ``files``, ``stdout``, ``stderr``, ``exit_code`` and
+        ``execution`` (worker, ISO timestamps, seconds).
+
+    Raises:
+        BuildFailedError: the command exited non-zero (with the tail of its logs).
+        DigestMismatchError, UnsafePathError, ProtocolError: the server sent
+            something wrong or hostile.
+        RemoteError: a server failed (after retries).
+    """
+    started = time.monotonic()
+    new = dict(state)
+    element = spec["element"]
+    if spec["kind"] != "manual":
+        digest_in(element, state, "files")  # set by stage_to_cas
+        new.update(stdout=dj(EMPTY_DIGEST), stderr=dj(EMPTY_DIGEST), exit_code=None)
+        new["execution"] = None
+        return with_timing(new, "fetch_outputs", time.monotonic() - started)
+    text = state.get("action_result")
+    if not isinstance(text, str):
+        raise SpecError(element, "fetch_outputs needs 'action_result' (did execute finish?)")
+    result = decode_action_result(element, text)
+    stdout, stderr = _download_logs(ctx, result)
+    if result.exit_code != 0:
+        _fail(ctx, spec, state, result, stdout, stderr)
+    files = _download_output_tree(ctx, spec, result)
+    new.update(
+        files=dj(files),
+        stdout=dj(stdout),
+        stderr=dj(stderr),
+        exit_code=result.exit_code,
+        execution=_execution_metadata(result.execution_metadata),
+    )
+    return with_timing(new, "fetch_outputs", time.monotonic() - started)
+
+
+def download_outputs(ctx: StageContext, spec: BuildSpec, result: ActionResult) -> Digest:
+    """Download the logs and the output tree of ``result`` into the local CAS;
+    return the output tree's digest (for a host that lacks them)."""
+    _download_logs(ctx, result)
+    return _download_output_tree(ctx, spec, result)
+
+
+def log_tail(data: bytes, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log, decoded leniently, at most a few KB."""
+    text = data.decode("utf-8", errors="replace")
+    tail = "\n".join(text.splitlines()[-lines:])
+    if len(tail) > LOG_TAIL_CHARS:
+        tail = "[...]" + tail[-LOG_TAIL_CHARS:]
+    return tail
+
+
+# --- private -------------------------------------------------------------------
+
+
+def _download_logs(ctx: StageContext, result: ActionResult) -> tuple[Digest, Digest]:
+    cas = ctx.local_cas
+    found: list[Digest] = []
+    for raw_field, digest_field in (
+        ("stdout_raw", "stdout_digest"),
+        ("stderr_raw", "stderr_digest"),
+    ):
+        if result.HasField(digest_field):
+            digest: Digest = getattr(result, digest_field)
+            ctx.execution_cas.download_into(cas, [digest])
+        else:
+            digest = cas.put(getattr(result, raw_field))
+        found.append(digest)
+    return found[0], found[1]
+
+
+def _download_output_tree(ctx: StageContext, spec: BuildSpec, result: ActionResult) -> Digest:
+    command_spec = spec["command"]
+    if command_spec is None:
+        raise SpecError(spec["element"], "a 'manual' element needs a command")
+    cas = ctx.local_cas
+    wanted = posixpath.normpath("/".join(split_path(command_spec["output_path"])))
+    workdir = "/".join(split_path(command_spec["working_directory"]))
+
+    def is_output(path: str) -> bool:
+        # The server echoes the path as the Command gave it (relative to the
+        # working directory); compare it resolved against the input root.
+        return posixpath.normpath(posixpath.join(workdir, path)) == wanted
+
+    for output in result.output_directories:
+        if not is_output(output.path):
+            continue
+        if output.HasField("tree_digest") and output.tree_digest.size_bytes:
+            tree = ctx.execution_cas.read_message(output.tree_digest, Tree)
+            root = store_tree_message(cas, tree)
+            # Directories are all local now (checked); fetch the files, verified.
+            ctx.execution_cas.download_into(cas, tree_digests(cas, root))
+            return root
+        if output.HasField("root_directory_digest"):
+            ctx.execution_cas.fetch_tree(cas, output.root_directory_digest)
+            return output.root_directory_digest
+    if any(is_output(f.path) for f in result.output_files) or any(
+        is_output(s.path) for s in result.output_symlinks
+    ):
+        raise BuildFailedError(
+            spec["element"], f"the install root {command_spec['output_path']!r} is not a folder"
+        )
+    return empty_tree(cas)
+
+
+def _fail(
+    ctx: StageContext,
+    spec: BuildSpec,
+    state: State,
+    result: ActionResult,
+    stdout: Digest,
+    stderr: Digest,
+) -> None:
+    reason = f"the command exited with code {result.exit_code}"
+    uri = push_failure_record(
+        ctx,
+        spec,
+        action=digest_in(spec["element"], state, "action"),
+        exit_code=result.exit_code,
+        reason=reason,
+        stdout=stdout,
+        stderr=stderr,
+    )
+    raise BuildFailedError(
+        spec["element"],
+        reason,
+        exit_code=result.exit_code,
+        stdout_tail=log_tail(ctx.local_cas.get(stdout)),
+        stderr_tail=log_tail(ctx.local_cas.get(stderr)),
+        failure_uri=uri,
+    )
+
+
+def _fail_timeout(ctx: StageContext, spec: BuildSpec, state: State, exc: ExecutionError) -> None:
+    """The action ran past its timeout: keep what it printed, fail the element."""
+    command_spec = spec["command"]
+    reason = (
+        f"the command ran past its timeout ({command_spec and command_spec['timeout_seconds']} s)"
+    )
+    response = getattr(exc, "response", None)
+    result = response.result if response is not None else ActionResult()
+    try:
+        stdout, stderr = _download_logs(ctx, result)
+    except RemexError:
+        # Partial logs are a courtesy; the timeout is the news.
+        stdout = stderr = ctx.local_cas.put(b"")
+    uri = push_failure_record(
+        ctx,
+        spec,
+        action=digest_in(spec["element"], state, "action"),
+        exit_code=None,
+        reason=reason,
+        stdout=stdout,
+        stderr=stderr,
+    )
+    raise BuildFailedError(
+        spec["element"],
+        reason,
+        stdout_tail=log_tail(ctx.local_cas.get(stdout)),
+        stderr_tail=log_tail(ctx.local_cas.get(stderr)),
+        failure_uri=uri,
+    ) from exc
+
+
+def _execution_metadata(metadata: ExecutedActionMetadata) -> dict[str, Any]:
+    times = {
+        "queued": timestamp_iso(metadata.queued_timestamp),
+        "worker_start": timestamp_iso(metadata.worker_start_timestamp),
+        "worker_completed": timestamp_iso(metadata.worker_completed_timestamp),
+        "execution_start": timestamp_iso(metadata.execution_start_timestamp),
+        "execution_completed": timestamp_iso(metadata.execution_completed_timestamp),
+    }
+    info: dict[str, Any] = {"worker": metadata.worker or None}
+    info.update({k: v for k, v in times.items() if v is not None})
+    start, end = metadata.execution_start_timestamp, metadata.execution_completed_timestamp
+    if start.seconds and end.seconds:
+        info["execution_seconds"] = round(
+            (end.seconds - start.seconds) + (end.nanos - start.nanos) / 1e9, 4
+        )
+    start, end = metadata.worker_start_timestamp, metadata.worker_completed_timestamp
+    if start.seconds and end.seconds:
+        info["worker_seconds"] = round(
+            (end.seconds - start.seconds) + (end.nanos - start.nanos) / 1e9, 4
+        )
+    return info

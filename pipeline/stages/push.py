@@ -1,0 +1,112 @@
+"""Stage 5: make the artifact and push it to the artifact server."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pipeline import __version__
+from pipeline.digest import EMPTY_DIGEST, Digest, digest_to_str
+from pipeline.spec import BuildSpec
+from pipeline.stages.artifacts import build_artifact_tree
+from pipeline.stages.context import StageContext
+from pipeline.stages.errors import SpecError
+from pipeline.stages.execution import download_outputs
+from pipeline.stages.staging import stage_files
+from pipeline.stages.state import (
+    State,
+    decode_action_result,
+    digest_in,
+    dj,
+    with_timing,
+)
+from pipeline.stages.trees import tree_complete
+
+__all__ = ["artifact_meta", "push_artifact"]
+
+
+def push_artifact(ctx: StageContext, spec: BuildSpec, state: State) -> State:
+    """Stage 5: build the artifact (``files/``, ``logs/``, ``meta/``), upload its
+    blobs to the artifact CAS, then name it by the artifact URI (PushDirectory).
+
+    Done already when the URI resolves (another run, another host): that
+    artifact is kept and returned. On a host that lacks the outputs, they are
+    fetched (or, for ``import``/``stack``, derived) again first.
+
+    Returns:
+        The state with ``artifact`` (the root digest).
+
+    Raises:
+        RemoteError: a server failed (after retries).
+    """
+    started = time.monotonic()
+    new = dict(state)
+    existing = ctx.assets.fetch_directory([spec["artifact_uri"]])
+    if existing is not None:
+        new["artifact"] = dj(existing.digest)
+        return with_timing(new, "push_artifact", time.monotonic() - started)
+    element = spec["element"]
+    files = digest_in(element, state, "files")
+    stdout = digest_in(element, state, "stdout") if state.get("stdout") else EMPTY_DIGEST
+    stderr = digest_in(element, state, "stderr") if state.get("stderr") else EMPTY_DIGEST
+    _ensure_local_outputs(ctx, spec, state, files, [stdout, stderr])
+    # The meta records this stage's time so far (a copy: the state's is added at the end).
+    meta = artifact_meta(spec, with_timing(dict(new), "push_artifact", time.monotonic() - started))
+    root = build_artifact_tree(ctx.local_cas, files, stdout, stderr, meta)
+    ctx.artifact_cas.upload_tree(ctx.local_cas, root)
+    # Named only once every blob is there: a fetched artifact is complete.
+    ctx.assets.push_directory([spec["artifact_uri"]], root)
+    new["artifact"] = dj(root)
+    return with_timing(new, "push_artifact", time.monotonic() - started)
+
+
+def artifact_meta(spec: BuildSpec, state: State) -> dict[str, Any]:
+    """The content of ``meta/artifact.json``."""
+    execution = state.get("execution") or {}
+    action = state.get("action")
+    return {
+        "remex_version": __version__,
+        "project": spec["project"],
+        "element": spec["element"],
+        "kind": spec["kind"],
+        "cache_key": spec["cache_key"],
+        "artifact_uri": spec["artifact_uri"],
+        "dependencies": {d["element"]: d["cache_key"] for d in spec["dependencies"]},
+        "runtime_dependencies": list(spec["runtime_dependencies"]),
+        "action": None
+        if not action
+        else digest_to_str(digest_in(spec["element"], state, "action")),
+        "action_cached": bool(state.get("cached")),
+        "exit_code": state.get("exit_code"),
+        "overlaps": (state.get("overlaps") or {}).get("count", 0),
+        "timings": {
+            "queued": execution.get("queued"),
+            "worker_start": execution.get("worker_start"),
+            "worker_completed": execution.get("worker_completed"),
+            "execution_seconds": execution.get("execution_seconds"),
+            "stages": dict(state.get("timings") or {}),
+        },
+    }
+
+
+def _ensure_local_outputs(
+    ctx: StageContext, spec: BuildSpec, state: State, files: Digest, logs: list[Digest]
+) -> None:
+    """Fetch or derive the files and logs again when this host's local CAS lacks them."""
+    cas = ctx.local_cas
+    if tree_complete(cas, files) and not cas.missing(logs):
+        return
+    element = spec["element"]
+    if spec["kind"] == "manual":
+        text = state.get("action_result")
+        if not isinstance(text, str):
+            raise SpecError(element, "push_artifact needs 'action_result' (did execute run?)")
+        got = download_outputs(ctx, spec, decode_action_result(element, text))
+    else:
+        got = stage_files(ctx, spec)
+    if got != files:
+        raise SpecError(
+            element,
+            f"the files derived again ({digest_to_str(got)}) differ from the state's "
+            f"({digest_to_str(files)})",
+        )

@@ -1,0 +1,367 @@
+"""Stages 1 and 2: build the input root and the Action locally, upload them.
+
+``stage_to_cas`` works from the spec alone: dependency artifacts and source
+trees come from the artifact server (by URI and by digest), so any host can
+run it, and running it again gives the same digests. ``upload`` relies on
+that: on a host whose local CAS lacks the action, it derives it again.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+
+from pipeline.cas import merge_trees
+from pipeline.digest import Digest, digest_from_json, digest_to_str
+from pipeline.errors import BlobNotFoundError, LocalBlobMissingError
+from pipeline.reapi.cas import UploadStats
+from pipeline.spec import BuildSpec, CommandSpec
+from pipeline.stages.artifacts import artifact_files
+from pipeline.stages.context import StageContext
+from pipeline.stages.errors import (
+    BuildFailedError,
+    DependencyArtifactMissingError,
+    SourceMissingError,
+    SpecError,
+)
+from pipeline.stages.state import (
+    STAGE_KEYS,
+    State,
+    digest_in,
+    dj,
+    encode_action_result,
+    with_timing,
+)
+from pipeline.stages.trees import empty_tree, place_at, split_path, subtree, tree_complete
+from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+    Action,
+    ActionResult,
+    Command,
+    Platform,
+)
+
+__all__ = [
+    "MAX_OVERLAPS_SHOWN",
+    "StagedAction",
+    "ensure_local_action",
+    "output_path_in_command",
+    "stage_action",
+    "stage_files",
+    "stage_to_cas",
+    "upload",
+]
+
+MAX_OVERLAPS_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class StagedAction:
+    """A ``manual`` element's action, stored in the local CAS."""
+
+    action: Digest
+    command: Digest
+    input_root: Digest
+    overlaps: list[str] = field(default_factory=list)
+
+
+# --- stage 1 -------------------------------------------------------------------
+
+
+def stage_to_cas(ctx: StageContext, spec: BuildSpec, state: State) -> State:
+    """Stage 1: build what the element needs in the local CAS; check the ActionCache.
+
+    ``manual``: fetch the dependencies' artifact files and the sources from the
+    artifact server, merge them into the input root (dependencies at ``/`` in
+    order, sources at ``source_root``), store the Command and Action, and look
+    the action up in the execution server's ActionCache. ``import``: the
+    sources' ``source_root`` folder, placed at ``import_target``, are the
+    files. ``stack``: the files are empty.
+
+    Returns:
+        The state with ``action`` (None unless ``manual``); for ``manual``
+        ``command``, ``input_root``, ``overlaps``, ``cached``,
+        ``skip_cache_lookup`` and, when ``cached``, ``action_result``; for
+        ``import`` and ``stack``, ``files``.
+
+    Raises:
+        DependencyArtifactMissingError: a dependency's artifact is not on the artifact server.
+        SourceMissingError: a source tree is not in the artifact server's CAS.
+        BuildFailedError: an ``import`` element's ``source_root`` is not in its sources.
+        SpecError: the spec is malformed.
+        RemoteError: a server failed (after retries).
+    """
+    started = time.monotonic()
+    new = {k: v for k, v in state.items() if k not in STAGE_KEYS}
+    new["timings"] = dict(state.get("timings") or {})
+    kind = spec["kind"]
+    if kind == "manual":
+        staged = stage_action(ctx, spec)
+        new.update(_action_keys(staged))
+        new.update(_cache_lookup(ctx, staged.action))
+    elif kind in ("import", "stack"):
+        new["action"] = None
+        new["files"] = dj(stage_files(ctx, spec))
+    else:
+        raise SpecError(spec["element"], f"unknown kind {kind!r}")
+    return with_timing(new, "stage_to_cas", time.monotonic() - started)
+
+
+def stage_action(ctx: StageContext, spec: BuildSpec) -> StagedAction:
+    """Build and store the input root, Command and Action of a ``manual`` element.
+
+    Deterministic: the same spec and the same artifacts give the same digests.
+    """
+    element = spec["element"]
+    command_spec = spec["command"]
+    if spec["kind"] != "manual" or command_spec is None:
+        raise SpecError(element, "only a 'manual' element with a command has an action")
+    cas = ctx.local_cas
+    source_parts = _parts(spec, spec["source_root"], "source_root")
+    workdir_parts = _parts(spec, command_spec["working_directory"], "command.working_directory")
+    output_parts = _parts(spec, command_spec["output_path"], "command.output_path")
+    if not output_parts:
+        raise SpecError(element, "command.output_path must not be the input root")
+
+    layers = [_dependency_files(ctx, spec, i) for i in range(len(spec["dependencies"]))]
+    layers.append(place_at(cas, _merged_sources(ctx, spec), source_parts))
+    # The working directory and the install root exist even when nothing is
+    # staged there, as in a BuildStream sandbox.
+    empty = empty_tree(cas)
+    layers.append(place_at(cas, empty, workdir_parts))
+    layers.append(place_at(cas, empty, output_parts))
+    merged = merge_trees(cas, layers)
+
+    platform = _platform(command_spec)
+    command = cas.put_message(
+        Command(
+            arguments=list(command_spec["arguments"]),
+            environment_variables=[
+                Command.EnvironmentVariable(name=name, value=value)
+                for name, value in sorted(command_spec["environment"].items())
+            ],
+            working_directory="/".join(workdir_parts),
+            output_paths=[output_path_in_command(command_spec)],
+            platform=platform,
+        )
+    )
+    action = Action(command_digest=command, input_root_digest=merged.digest, platform=platform)
+    timeout = command_spec.get("timeout_seconds")
+    if timeout:
+        action.timeout.CopyFrom(Duration(seconds=int(timeout)))
+    return StagedAction(
+        action=cas.put_message(action),
+        command=command,
+        input_root=merged.digest,
+        overlaps=merged.overlaps,
+    )
+
+
+def stage_files(ctx: StageContext, spec: BuildSpec) -> Digest:
+    """The files of an ``import`` (its sources, re-rooted) or ``stack`` (empty) element.
+
+    Raises:
+        BuildFailedError: the ``import`` element's ``source_root`` is not a folder
+            of its sources.
+    """
+    cas = ctx.local_cas
+    if spec["kind"] == "stack":
+        return empty_tree(cas)
+    if spec["kind"] != "import":
+        raise SpecError(spec["element"], f"a {spec['kind']!r} element has no staged files")
+    sources = _merged_sources(ctx, spec)
+    source_root = spec["source_root"]
+    taken = subtree(cas, sources, _parts(spec, source_root, "source_root"))
+    if taken is None:
+        raise BuildFailedError(
+            spec["element"], f"the import source folder {source_root!r} is not in its sources"
+        )
+    return place_at(cas, taken, _parts(spec, spec["import_target"], "import_target"))
+
+
+def output_path_in_command(command_spec: CommandSpec) -> str:
+    """The output path as REAPI wants it: relative to the working directory.
+
+    The spec gives it relative to the input root; ``../`` climbs out of the
+    working directory (as BuildStream's remote sandbox does).
+    """
+    output = "/".join(split_path(command_spec["output_path"]))
+    workdir = "/".join(split_path(command_spec["working_directory"]))
+    return posixpath.relpath(output, workdir or ".")
+
+
+# --- stage 2 -------------------------------------------------------------------
+
+
+def upload(ctx: StageContext, spec: BuildSpec, state: State) -> State:
+    """Stage 2: upload the action, its command and its input root to the execution CAS.
+
+    Only what the server lacks is sent. A no-op for ``import``, ``stack`` and a
+    cached action. On a host that did not run :func:`stage_to_cas` the action
+    is derived again first (see :func:`ensure_local_action`).
+
+    Returns:
+        The state (with ``action`` etc. updated if deriving gave a new action)
+        and ``uploaded`` ``{"blobs", "bytes"}``.
+
+    Raises:
+        As :func:`stage_to_cas` (when deriving again), and RemoteError.
+    """
+    started = time.monotonic()
+    new = dict(state)
+    if spec["kind"] != "manual" or state.get("cached"):
+        return with_timing(new, "upload", time.monotonic() - started)
+    new = ensure_local_action(ctx, spec, new)
+    try:
+        stats = _upload_action(ctx, spec, new)
+    except LocalBlobMissingError:
+        # Evicted from the local CAS meanwhile (a cleanup): derive it again, once.
+        new = ensure_local_action(ctx, spec, new, force=True)
+        stats = _upload_action(ctx, spec, new)
+    new["uploaded"] = {"blobs": stats.blobs_sent, "bytes": stats.bytes_sent}
+    return with_timing(new, "upload", time.monotonic() - started)
+
+
+def ensure_local_action(
+    ctx: StageContext, spec: BuildSpec, state: State, *, force: bool = False
+) -> State:
+    """Make sure the local CAS holds the state's action, command and whole input root.
+
+    When it does not (another host ran :func:`stage_to_cas`, or a cleanup
+    evicted them), they are derived again from the spec. Should that give a
+    different action (a dependency's artifact was pushed again with other
+    content meanwhile), the state is updated to the new action.
+
+    Returns:
+        The state, updated when the action changed.
+    """
+    element = spec["element"]
+    action = digest_in(element, state, "action")
+    if not force and _action_complete_locally(ctx, action):
+        return state
+    staged = stage_action(ctx, spec)
+    new = dict(state)
+    if staged.action != action:
+        new.update(_action_keys(staged))
+        new["cached"] = False
+        new["skip_cache_lookup"] = False
+        new["rederived_from"] = digest_to_str(action)
+    return new
+
+
+# --- private -------------------------------------------------------------------
+
+
+def _action_keys(staged: StagedAction) -> dict[str, Any]:
+    return {
+        "action": dj(staged.action),
+        "command": dj(staged.command),
+        "input_root": dj(staged.input_root),
+        "overlaps": {
+            "count": len(staged.overlaps),
+            "paths": staged.overlaps[:MAX_OVERLAPS_SHOWN],
+        },
+    }
+
+
+def _cache_lookup(ctx: StageContext, action: Digest) -> dict[str, Any]:
+    """``cached``/``action_result`` for a usable cached success; else ``skip_cache_lookup``
+    when the cache holds something that must not be reused."""
+    result = ctx.action_cache.get_action_result(action)
+    if result is None:
+        return {"cached": False, "skip_cache_lookup": False}
+    # A cached failure (buildbox-casd caches them by default) is not an answer:
+    # the build may have failed for a reason that is gone. A success whose
+    # outputs the server has lost is not one either.
+    if result.exit_code != 0 or not _outputs_present(ctx, result):
+        return {"cached": False, "skip_cache_lookup": True}
+    return {
+        "cached": True,
+        "skip_cache_lookup": False,
+        "action_result": encode_action_result(result),
+    }
+
+
+def _outputs_present(ctx: StageContext, result: ActionResult) -> bool:
+    digests = [d.tree_digest for d in result.output_directories if d.HasField("tree_digest")]
+    digests += [
+        d.root_directory_digest
+        for d in result.output_directories
+        if d.HasField("root_directory_digest")
+    ]
+    digests += [f.digest for f in result.output_files]
+    for name in ("stdout_digest", "stderr_digest"):
+        if result.HasField(name):
+            digests.append(getattr(result, name))
+    return not ctx.execution_cas.find_missing(digests)
+
+
+def _action_complete_locally(ctx: StageContext, action: Digest) -> bool:
+    cas = ctx.local_cas
+    if not cas.contains(action):
+        return False
+    try:
+        message = cas.get_message(action, Action)
+    except LocalBlobMissingError:
+        return False
+    return cas.contains(message.command_digest) and tree_complete(cas, message.input_root_digest)
+
+
+def _upload_action(ctx: StageContext, spec: BuildSpec, state: State) -> UploadStats:
+    element = spec["element"]
+    action = digest_in(element, state, "action")
+    cas = ctx.local_cas
+    message = cas.get_message(action, Action)
+    stats = ctx.execution_cas.upload_tree(cas, message.input_root_digest)
+    # The action last: a server that has it has everything it needs.
+    stats += ctx.execution_cas.upload_missing(cas, [message.command_digest])
+    return stats + ctx.execution_cas.upload_missing(cas, [action])
+
+
+def _dependency_files(ctx: StageContext, spec: BuildSpec, index: int) -> Digest:
+    dependency = spec["dependencies"][index]
+    uri = dependency["artifact_uri"]
+    fetched = ctx.assets.fetch_directory([uri])
+    if fetched is None:
+        raise DependencyArtifactMissingError(spec["element"], dependency["element"], uri)
+    return artifact_files(ctx, fetched.digest, uri)
+
+
+def _merged_sources(ctx: StageContext, spec: BuildSpec) -> Digest:
+    """The element's sources fetched and merged, each in its ``directory``."""
+    cas = ctx.local_cas
+    placed = []
+    for index, source in enumerate(spec["sources"]):
+        try:
+            digest = digest_from_json(source["digest"])
+        except ValueError as exc:
+            raise SpecError(spec["element"], f"source #{index + 1}: {exc}") from exc
+        try:
+            ctx.artifact_cas.fetch_tree(cas, digest)
+        except BlobNotFoundError as exc:
+            raise SourceMissingError(
+                spec["element"], index, source["kind"], digest_to_str(digest)
+            ) from exc
+        placed.append(
+            place_at(cas, digest, _parts(spec, source["directory"], f"sources[{index}].directory"))
+        )
+    return merge_trees(cas, placed).digest
+
+
+def _parts(spec: BuildSpec, path: str, what: str) -> list[str]:
+    try:
+        return split_path(path)
+    except ValueError as exc:
+        raise SpecError(spec["element"], f"{what}: {exc}") from exc
+
+
+def _platform(command_spec: CommandSpec) -> Platform:
+    return Platform(
+        properties=[
+            Platform.Property(name=name, value=value)
+            for name, value in sorted(command_spec["platform"].items())
+        ]
+    )

@@ -1,13 +1,322 @@
-"""The ``remex`` command line."""
+"""The ``remex`` command line: a thin layer over :mod:`pipeline.api`."""
 
 from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import click
 
 from pipeline import __version__
+from pipeline.errors import ConfigError, RemexError
+
+STATE_STYLE = {
+    "waiting": "dim",
+    "ready": "cyan",
+    "queued": "cyan",
+    "running": "yellow",
+    "cached": "green",
+    "built": "bold green",
+    "failed": "bold red",
+    "skipped": "red",
+    "cancelled": "magenta",
+}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"remex: {message}", err=True)
+    sys.exit(code)
 
 
 @click.group()
 @click.version_option(__version__, prog_name="remex")
 def main() -> None:
-    """remex: build BuildStream-style elements on a REAPI service with Celery."""
+    """remex: build BuildStream-style elements on a REAPI service with Celery workers."""
+
+
+project_option = click.option(
+    "-C",
+    "--directory",
+    "project_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="The project folder (holding project.conf).",
+)
+
+
+@main.command()
+@project_option
+@click.argument("elements", nargs=-1, required=True)
+@click.option("--no-follow", is_flag=True, help="Print the build id and return at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@click.option("--timeout", type=float, default=None, help="Give up following after N seconds.")
+def build(
+    project_dir: Path,
+    elements: Sequence[str],
+    no_follow: bool,
+    as_json: bool,
+    timeout: float | None,
+) -> None:
+    """Build ELEMENTS and follow the build. Exit 0 only when every target is built."""
+    from pipeline import api
+
+    try:
+        build_id = api.submit(project_dir, list(elements))
+    except (ConfigError, RemexError) as exc:
+        _fail(str(exc))
+        return
+    if no_follow:
+        click.echo(json.dumps({"build": build_id}) if as_json else build_id)
+        return
+    try:
+        final = api.wait(build_id, timeout=timeout) if as_json else _follow_live(build_id, timeout)
+    except TimeoutError as exc:
+        _fail(str(exc), code=3)
+        return
+    if as_json:
+        click.echo(json.dumps(_status_json(final), indent=2))
+    else:
+        _print_summary(final)
+    sys.exit(0 if final.status == "succeeded" else 1)
+
+
+def _follow_live(build_id: str, timeout: float | None) -> Any:
+    from rich.console import Console
+    from rich.live import Live
+
+    from pipeline import api
+
+    console = Console(stderr=True)
+    started = time.monotonic()
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+
+        def update(status: Any) -> None:
+            live.update(_table(status, time.monotonic() - started))
+
+        return api.wait(build_id, timeout=timeout, on_update=update)
+
+
+def _element_line(element: Any) -> tuple[str, str, str, str]:
+    info = element.info
+    state = element.state
+    stage = info.get("stage", "") if state == "running" else ""
+    if state == "running" and info.get("remote_stage"):
+        stage += f" ({info['remote_stage'].lower()})"
+    detail = ""
+    if state == "built":
+        detail = "action cache hit" if info.get("action_cached") else "built"
+        if info.get("built_by"):
+            detail = "built by another build"
+    elif state == "cached":
+        detail = "artifact cache hit"
+    elif state in ("failed", "skipped"):
+        detail = str(info.get("error", "")).splitlines()[0][:80] if info.get("error") else ""
+    seconds = ""
+    if info.get("started"):
+        end = info.get("finished") or time.time()
+        seconds = f"{end - info['started']:.1f}s"
+    return state, stage, detail, seconds
+
+
+def _table(status: Any, elapsed: float) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"build {status.build_id}  {status.status}  {elapsed:.1f}s", expand=False)
+    for column in ("element", "state", "stage", "result", "time", "host"):
+        table.add_column(column)
+    for element in status.elements:
+        state, stage, detail, seconds = _element_line(element)
+        style = STATE_STYLE.get(state, "")
+        table.add_row(
+            element.element,
+            f"[{style}]{state}[/]" if style else state,
+            stage,
+            detail,
+            seconds,
+            str(element.info.get("host", "")),
+        )
+    return table
+
+
+def _print_summary(status: Any) -> None:
+    counts = status.counts()
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    click.echo(f"build {status.build_id}: {status.status} ({parts})")
+    for element in status.elements:
+        if element.state == "failed":
+            click.echo(f"\n--- {element.element} failed: {element.info.get('error', '')}")
+            tail = element.info.get("log_tail")
+            if tail:
+                click.echo(tail)
+
+
+def _status_json(status: Any) -> dict[str, Any]:
+    return {
+        "build": status.build_id,
+        "status": status.status,
+        "elements": [
+            {"element": e.element, "state": e.state, **{k: v for k, v in e.info.items()}}
+            for e in status.elements
+        ],
+    }
+
+
+@main.command()
+@click.argument("build_id")
+@click.option("--json", "as_json", is_flag=True)
+def status(build_id: str, as_json: bool) -> None:
+    """Show the state of build BUILD_ID."""
+    from pipeline import api
+
+    try:
+        current = api.status(build_id)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+        return
+    if as_json:
+        click.echo(json.dumps(_status_json(current), indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(_table(current, time.time() - float(current.meta.get("created", time.time()))))
+
+
+@main.command()
+@click.argument("build_id")
+def cancel(build_id: str) -> None:
+    """Cancel build BUILD_ID: queued work stops, remote operations are cancelled."""
+    from pipeline import api
+
+    try:
+        stopped = api.cancel(build_id)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+        return
+    click.echo(f"cancelled {len(stopped)} element(s) of build {build_id}")
+
+
+@main.command()
+@project_option
+@click.argument("elements", nargs=-1, required=True)
+def show(project_dir: Path, elements: Sequence[str]) -> None:
+    """Show ELEMENTS and their dependencies: cache keys and whether built."""
+    from pipeline import api
+    from pipeline.config import load_config
+
+    config = load_config(project_dir)
+    try:
+        with api.open_context(config) as ctx:
+            plan = api.plan(project_dir, list(elements), cas=ctx.local_cas)
+            for element in plan:
+                cached = ctx.assets.fetch_directory([element.artifact_uri]) is not None
+                state = "cached" if cached else "buildable"
+                click.echo(f"{state:<10} {element.cache_key[:16]}  {element.name}")
+    except (ConfigError, RemexError) as exc:
+        _fail(str(exc))
+
+
+def _placeholder_digests(element: Any) -> list[Any]:
+    # Reading logs needs the element's names and cache key only, not its
+    # sources: stand in empty trees rather than staging them.
+    from pipeline.digest import EMPTY_DIGEST
+
+    return [EMPTY_DIGEST for _ in element.sources]
+
+
+@main.command()
+@project_option
+@click.argument("element")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option(
+    "--deps",
+    type=click.Choice(["none", "run"]),
+    default="none",
+    show_default=True,
+    help="Also check out the element's runtime dependencies.",
+)
+def checkout(project_dir: Path, element: str, dest: Path, deps: str) -> None:
+    """Write ELEMENT's built files into DEST (refusing anything unsafe)."""
+    from pipeline import api
+    from pipeline.config import load_config
+    from pipeline.stages import checkout_artifact
+
+    config = load_config(project_dir)
+    try:
+        with api.open_context(config) as ctx:
+            plan = api.plan(project_dir, [element], cas=ctx.local_cas)
+            target = plan[-1]
+            runtime = (
+                [e.artifact_uri for e in target.runtime_closure()[:-1]] if deps == "run" else []
+            )
+            checkout_artifact(ctx, target.artifact_uri, dest, runtime_deps=runtime)
+    except (ConfigError, RemexError) as exc:
+        _fail(str(exc))
+    click.echo(f"checked out {element} into {dest}")
+
+
+@main.command()
+@project_option
+@click.argument("element")
+def log(project_dir: Path, element: str) -> None:
+    """Print ELEMENT's build log (stdout, then stderr), built or failed."""
+    from pipeline import api
+    from pipeline.config import load_config
+    from pipeline.stages import read_logs
+
+    config = load_config(project_dir)
+    try:
+        with api.open_context(config) as ctx:
+            plan = api.plan(project_dir, [element], cas=ctx.local_cas)
+            spec = plan[-1].build_spec(_placeholder_digests(plan[-1]))
+            stdout, stderr = read_logs(ctx, spec)
+    except (ConfigError, RemexError) as exc:
+        _fail(str(exc))
+        return
+    sys.stdout.write(stdout.decode(errors="replace"))
+    if stderr:
+        sys.stdout.write(stderr.decode(errors="replace"))
+
+
+@main.command()
+@click.option("--concurrency", "-c", type=int, default=None, help="Tasks at once (threads).")
+@click.option(
+    "--queues",
+    "-Q",
+    default=None,
+    help="Extra queues, comma-separated (besides remex and its own).",
+)
+@click.option("--name", default=None, help="Worker name; its own queue is remex.host.NAME.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(concurrency: int | None, queues: str | None, name: str | None, loglevel: str) -> None:
+    """Start a Celery worker for the stage tasks, with its own local CAS."""
+    from pipeline.broker import DEFAULT_QUEUE, host_queue
+    from pipeline.config import load_config
+
+    config = load_config(
+        Path(os.environ["REMEX_PROJECT_DIR"]) if "REMEX_PROJECT_DIR" in os.environ else None
+    )
+    name = name or os.environ.get("REMEX_WORKER_NAME") or socket.gethostname()
+    os.environ["REMEX_WORKER_NAME"] = name
+    all_queues = [DEFAULT_QUEUE, host_queue(name), *(q for q in (queues or "").split(",") if q)]
+    from tasks.app import app
+
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency or config.worker_concurrency}",
+            f"--queues={','.join(all_queues)}",
+            f"--hostname=remex-{name}@%h",
+            "--task-events",
+            "--without-gossip",
+            "--without-mingle",
+            f"--loglevel={loglevel}",
+        ]
+    )

@@ -32,7 +32,6 @@ def _project_dir() -> Path | None:
 
 
 app: Celery = make_celery(load_config(_project_dir()))
-app.autodiscover_tasks(["tasks"], related_name="stages", force=True)
 
 
 @dataclass
@@ -93,3 +92,7 @@ def _start_reconciler(**_: object) -> None:
 @signals.worker_shutdown.connect
 def _stop(**_: object) -> None:
     _stop_reconciler.set()
+
+
+# Register the stage tasks (last: they import this module's names).
+import tasks.stages  # noqa: E402, F401

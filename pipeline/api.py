@@ -1,0 +1,167 @@
+"""The scripting API: submit a build, follow it, read it, cancel it.
+
+    import pipeline
+    build_id = pipeline.submit("examples/hello", ["app.bst"])
+    status = pipeline.wait(build_id)
+    assert status.status == "succeeded"
+
+The CLI (``remex build``) is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.broker import make_celery, send_element
+from pipeline.cas import LocalCas
+from pipeline.config import RemexConfig, load_config
+from pipeline.elements import load_project
+from pipeline.elements.element import Element
+from pipeline.errors import RemexError
+from pipeline.scheduler import BuildStatus, Scheduler
+from pipeline.spec import BuildSpec
+from pipeline.stages import StageContext, lookup_artifact, snapshot_sources
+
+
+def _config(project_dir: Path | None, config: RemexConfig | None) -> RemexConfig:
+    return config if config is not None else load_config(project_dir)
+
+
+def open_context(config: RemexConfig, *, correlated_id: str = "") -> StageContext:
+    """A stage context on this host: its local CAS and both remote servers."""
+    cas = LocalCas(config.cas_dir, quota_bytes=config.cas_quota_bytes)
+    return StageContext.connect(
+        cas, config.execution, config.artifact_endpoint, correlated_id=correlated_id
+    )
+
+
+def plan(project_dir: Path | str, targets: Sequence[str], *, cas: LocalCas) -> list[Element]:
+    """Load the project and the targets' elements (dependencies first), with keys.
+
+    Raises:
+        ElementError: bad input; the message names the file, the line and the field.
+    """
+    project = load_project(Path(project_dir), cas=cas)
+    return project.load_targets(list(targets))
+
+
+def submit(
+    project_dir: Path | str,
+    targets: Sequence[str],
+    *,
+    config: RemexConfig | None = None,
+) -> str:
+    """Load, key, look up, snapshot and enqueue a build; return its id.
+
+    Everything that can be wrong with the input is found before anything is
+    enqueued. Elements whose artifact exists are done at once (``cached``);
+    the others' sources are snapshotted into the artifact server's CAS, so an
+    edit after this returns does not change the build.
+
+    Raises:
+        ElementError: bad input (names the file, line and field).
+        RemexError: a server could not be reached.
+    """
+    project_dir = Path(project_dir).resolve()
+    config = _config(project_dir, config)
+    with open_context(config) as ctx:
+        elements = plan(project_dir, targets, cas=ctx.local_cas)
+        specs: list[BuildSpec] = []
+        cached: list[str] = []
+        with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
+            for element in elements:
+                digests = [
+                    source.stage(ctx.local_cas, Path(workdir) / f"{len(specs)}-{i}")
+                    for i, source in enumerate(element.sources)
+                ]
+                spec = element.build_spec(digests)
+                if lookup_artifact(ctx, spec) is not None:
+                    cached.append(element.name)
+                else:
+                    snapshot_sources(ctx, digests)
+                specs.append(spec)
+    scheduler = Scheduler.from_url(config.broker_url)
+    names = {e.name for e in elements}
+    # An element waits for everything staged into its build: its build
+    # dependencies and their runtime closure.
+    build_deps = {
+        e.name: [d.name for d in e.staged_dependencies() if d.name in names] for e in elements
+    }
+    build_id, ready = scheduler.create_build(
+        specs,
+        build_deps,
+        cached,
+        {
+            "project": elements[0].project if elements else "",
+            "project_dir": str(project_dir),
+            "targets": list(targets),
+            "remex_version": __version__,
+        },
+    )
+    app = make_celery(config)
+    for element_name in ready:
+        send_element(app, scheduler, build_id, element_name)
+    return build_id
+
+
+def status(build_id: str, *, config: RemexConfig | None = None) -> BuildStatus:
+    """The build's state now.
+
+    Raises:
+        KeyError: no such build (or it expired).
+    """
+    return Scheduler.from_url(_config(None, config).broker_url).status(build_id)
+
+
+def wait(
+    build_id: str,
+    *,
+    config: RemexConfig | None = None,
+    timeout: float | None = None,
+    poll: float = 0.25,
+    on_update: Callable[[BuildStatus], Any] | None = None,
+) -> BuildStatus:
+    """Follow a build until it is done; return its final status.
+
+    Args:
+        on_update: called with each status read (for a progress display).
+
+    Raises:
+        TimeoutError: ``timeout`` seconds passed first.
+    """
+    scheduler = Scheduler.from_url(_config(None, config).broker_url)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        current = scheduler.status(build_id)
+        if on_update is not None:
+            on_update(current)
+        if current.done:
+            return current
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"build {build_id} not done after {timeout} s")
+        time.sleep(poll)
+
+
+def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:
+    """Stop a build: unfinished elements are cancelled, queued tasks revoked,
+    remote operations cancelled. Returns the cancelled elements."""
+    config = _config(None, config)
+    scheduler = Scheduler.from_url(config.broker_url)
+    stopped = scheduler.cancel(build_id)
+    task_ids = [t for info in stopped for t in info.get("task_ids", [])]
+    if task_ids:
+        make_celery(config).control.revoke(task_ids)
+    operations = [info["operation"] for info in stopped if info.get("operation")]
+    if operations:
+        with open_context(config, correlated_id=build_id) as ctx:
+            for name in operations:
+                # Best effort: the operation may have finished meanwhile.
+                with contextlib.suppress(RemexError):
+                    ctx.executor.cancel(name)
+    return [info["element"] for info in stopped]

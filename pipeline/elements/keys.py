@@ -1,0 +1,59 @@
+"""Cache keys: the SHA-256 of a canonical JSON description of what makes an artifact.
+
+The description holds the key format version, the kind, the expanded
+configuration (commands with build-root, install-root and their options; or
+the import's source and target), for elements that run commands the
+environment (less ``environment-nocache`` names) and the sandbox's
+``build-os``/``build-arch``, each source's kind, directory and content key,
+and the names and cache keys of the staged dependencies (the build
+dependencies and their runtime closure, in staging order; BuildStream keys
+every kind on this same list). Mapping order and YAML layout never enter it:
+the JSON is written with sorted keys and no spaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.elements.element import Element
+
+__all__ = ["KEY_FORMAT_VERSION", "cache_key", "canonical_json", "key_description"]
+
+KEY_FORMAT_VERSION = 1
+"""Bump when the description changes, so that old artifacts are not reused."""
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def key_description(element: Element) -> dict[str, Any]:
+    """Everything the element's cache key covers, as a JSON-able dict.
+
+    Raises:
+        ValueError: a staged dependency has no cache key yet.
+    """
+    description: dict[str, Any] = {
+        "remex-key-format": KEY_FORMAT_VERSION,
+        "kind": element.kind,
+        "config": element.key_config(),
+        "sources": [source.key_description() for source in element.sources],
+        "dependencies": [
+            {"element": dep.name, "cache_key": dep.cache_key}
+            for dep in element.staged_dependencies()
+        ],
+    }
+    if element.runs_commands:
+        description["environment"] = element.cache_environment()
+        description["sandbox"] = {"build-os": element.build_os, "build-arch": element.build_arch}
+    return description
+
+
+def cache_key(element: Element) -> str:
+    """The element's cache key: 64 hex digits."""
+    text = canonical_json(key_description(element))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

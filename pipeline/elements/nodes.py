@@ -1,0 +1,302 @@
+"""YAML files as trees of nodes that remember their file, line and field path.
+
+Plain YAML only, read as BuildStream reads it: every scalar is kept as the
+text written (``1321009871`` and ``yes`` stay strings; BuildStream converts on
+use), a null is ``None``. Refused, each with the file and line: anchors and
+aliases (BuildStream refuses them too), tags outside the YAML core schema,
+``<<`` merge keys, duplicate keys, non-scalar keys, and BuildStream's
+composition directives (``(@)`` includes, ``(?)`` conditionals, ``(>)``,
+``(<)``, ``(=)`` list composition), which remex does not implement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.elements.errors import LoadError
+
+__all__ = ["MappingNode", "Mark", "Node", "ScalarNode", "SequenceNode", "load_yaml"]
+
+_CORE = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {f"{_CORE}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
+_DIRECTIVES = {"(@)": "includes", "(?)": "conditionals", "(>)": "list appends",
+               "(<)": "list prepends", "(=)": "list overwrites"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A place in a file: the file relative to the project folder and a 1-based line."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class Node:
+    """A YAML value with where it was written and its field path (``""`` = the document)."""
+
+    mark: Mark
+    path: str
+
+    def error(self, message: str, *, field: str | None = None) -> LoadError:
+        """A :class:`LoadError` at this node (or at ``field`` if given)."""
+        return LoadError(
+            message,
+            file=self.mark.file,
+            line=self.mark.line,
+            field=self.path if field is None else field,
+        )
+
+    def describe(self) -> str:
+        """What kind of value this is, for messages."""
+        raise NotImplementedError
+
+
+@dataclass
+class ScalarNode(Node):
+    """A string (or a number or boolean, kept as its text); ``None`` for null."""
+
+    value: str | None
+
+    def describe(self) -> str:
+        return "null" if self.value is None else "a string"
+
+    def as_str(self) -> str:
+        """The string, or a LoadError when it is null."""
+        if self.value is None:
+            raise self.error("expected a string, got null")
+        return self.value
+
+
+@dataclass
+class SequenceNode(Node):
+    """A list."""
+
+    items: list[Node] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return "a list"
+
+
+@dataclass
+class MappingNode(Node):
+    """A mapping with string keys; ``key_marks`` holds where each key was written."""
+
+    entries: dict[str, Node] = field(default_factory=dict)
+    key_marks: dict[str, Mark] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return "a mapping"
+
+    def child_path(self, key: str) -> str:
+        """The field path of ``key`` in this mapping."""
+        return f"{self.path}.{key}" if self.path else key
+
+    def key_error(self, key: str, message: str) -> LoadError:
+        """A LoadError at the line where ``key`` was written."""
+        mark = self.key_marks.get(key, self.mark)
+        return LoadError(message, file=mark.file, line=mark.line, field=self.child_path(key))
+
+    def validate_keys(self, allowed: Collection[str], *, unsupported: Collection[str] = ()) -> None:
+        """Refuse keys outside ``allowed``; ``unsupported`` keys get a kinder message.
+
+        Raises:
+            LoadError: at the first offending key, in file order.
+        """
+        for key in self.entries:
+            if key in allowed:
+                continue
+            if key in unsupported:
+                raise self.key_error(key, "not supported by remex")
+            where = f" in {self.path}" if self.path else ""
+            raise self.key_error(
+                key, f"unknown key{where} (expected one of: {', '.join(sorted(allowed))})"
+            )
+
+    def get(self, key: str) -> Node | None:
+        """The node under ``key``, or None."""
+        return self.entries.get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
+    def get_scalar(self, key: str) -> ScalarNode | None:
+        """The scalar under ``key``; None when absent. A null is returned as is."""
+        node = self.entries.get(key)
+        if node is None:
+            return None
+        if not isinstance(node, ScalarNode):
+            raise node.error(f"expected a string, got {node.describe()}")
+        return node
+
+    def get_str(self, key: str, default: str | None = None) -> str | None:
+        """The string under ``key``; ``default`` when absent or null."""
+        node = self.get_scalar(key)
+        if node is None or node.value is None:
+            return default
+        return node.value
+
+    def require_str(self, key: str) -> ScalarNode:
+        """The non-null scalar under ``key``; a LoadError naming the key when missing."""
+        node = self.get_scalar(key)
+        if node is None:
+            raise self.error(f"missing required key {key!r}", field=self.child_path(key))
+        node.as_str()
+        return node
+
+    def get_mapping(self, key: str) -> MappingNode | None:
+        """The mapping under ``key``; None when absent or null."""
+        node = self.entries.get(key)
+        if node is None or (isinstance(node, ScalarNode) and node.value is None):
+            return None
+        if not isinstance(node, MappingNode):
+            raise node.error(f"expected a mapping, got {node.describe()}")
+        return node
+
+    def get_sequence(self, key: str) -> SequenceNode | None:
+        """The list under ``key``; None when absent or null."""
+        node = self.entries.get(key)
+        if node is None or (isinstance(node, ScalarNode) and node.value is None):
+            return None
+        if not isinstance(node, SequenceNode):
+            raise node.error(f"expected a list, got {node.describe()}")
+        return node
+
+    def get_str_list(self, key: str) -> list[ScalarNode] | None:
+        """The list of strings under ``key``; None when absent or null."""
+        node = self.entries.get(key)
+        if node is None or (isinstance(node, ScalarNode) and node.value is None):
+            return None
+        if not isinstance(node, SequenceNode) or not all(
+            isinstance(item, ScalarNode) and item.value is not None for item in node.items
+        ):
+            raise node.error("expected a list of strings")
+        return [item for item in node.items if isinstance(item, ScalarNode)]
+
+    def get_str_mapping(self, key: str) -> dict[str, ScalarNode]:
+        """A mapping of string values (variables, environment); empty when absent."""
+        mapping = self.get_mapping(key)
+        if mapping is None:
+            return {}
+        result: dict[str, ScalarNode] = {}
+        for name, node in mapping.entries.items():
+            if not isinstance(node, ScalarNode) or node.value is None:
+                raise node.error(f"expected a string, got {node.describe()}")
+            result[name] = node
+        return result
+
+
+def load_yaml(path: Path, display: str) -> MappingNode:
+    """Read a YAML file whose document is a mapping (an empty file is an empty mapping).
+
+    Args:
+        path: the file to read.
+        display: its name in messages (relative to the project folder).
+
+    Raises:
+        LoadError: the file cannot be read, is not UTF-8, is malformed YAML, uses
+            a refused construct, or is not a mapping; the message names the line.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LoadError(f"cannot read file: {exc.strerror}", file=display) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = data[: exc.start].count(b"\n") + 1
+        raise LoadError("not valid UTF-8", file=display, line=bad_line) from None
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except _RefusedError as exc:
+        raise LoadError(exc.message, file=display, line=exc.line) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        what = exc.problem or "parse error"
+        if exc.context:
+            what = f"{what} ({exc.context})"
+        raise LoadError(f"malformed YAML: {what}", file=display, line=line) from None
+    except yaml.YAMLError as exc:
+        raise LoadError(f"malformed YAML: {exc}", file=display) from None
+    if root is None:
+        return MappingNode(mark=Mark(display, 1), path="")
+    node = _convert(root, display, "")
+    if not isinstance(node, MappingNode):
+        raise node.error(f"expected a mapping at the top of the file, got {node.describe()}")
+    return node
+
+
+class _RefusedError(Exception):
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+
+
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]
+    """SafeLoader refusing anchors and aliases while composing (where we see them)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _RefusedError(
+                "YAML anchors and aliases are not supported", event.start_mark.line + 1
+            )
+        return super().compose_node(parent, index)
+
+
+def _convert(node: Any, file: str, path: str, mark: Mark | None = None) -> Node:
+    # A mapping's value is marked at its key's line: "field: expected ..." then
+    # points at the field as written, even when the value starts a line later.
+    if mark is None:
+        mark = Mark(file, node.start_mark.line + 1)
+    if isinstance(node, yaml.ScalarNode):
+        if node.tag not in _SCALAR_TAGS:
+            raise _refused(f"unsupported YAML tag {node.tag!r}", mark, path)
+        value = None if node.tag == f"{_CORE}null" else str(node.value)
+        return ScalarNode(mark=mark, path=path, value=value)
+    if isinstance(node, yaml.SequenceNode):
+        if node.tag != f"{_CORE}seq":
+            raise _refused(f"unsupported YAML tag {node.tag!r}", mark, path)
+        items = [_convert(item, file, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        return SequenceNode(mark=mark, path=path, items=items)
+    if isinstance(node, yaml.MappingNode):
+        if node.tag != f"{_CORE}map":
+            raise _refused(f"unsupported YAML tag {node.tag!r}", mark, path)
+        result = MappingNode(mark=mark, path=path)
+        for key_node, value_node in node.value:
+            key_mark = Mark(file, key_node.start_mark.line + 1)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == f"{_CORE}null":
+                raise _refused("mapping keys must be strings", key_mark, path)
+            if key_node.tag == f"{_CORE}merge":
+                raise _refused("YAML merge keys (<<) are not supported", key_mark, path)
+            key = str(key_node.value)
+            child = result.child_path(key)
+            if key in _DIRECTIVES:
+                raise _refused(
+                    f"BuildStream {_DIRECTIVES[key]} ({key}) are not supported by remex",
+                    key_mark,
+                    child,
+                )
+            if key in result.entries:
+                raise _refused(f"duplicate key {key!r}", key_mark, child)
+            result.entries[key] = _convert(value_node, file, child, key_mark)
+            result.key_marks[key] = key_mark
+        return result
+    raise _refused(f"unsupported YAML node {type(node).__name__}", mark, path)
+
+
+def _refused(message: str, mark: Mark, path: str) -> LoadError:
+    return LoadError(message, file=mark.file, line=mark.line, field=path or None)

@@ -1,0 +1,679 @@
+"""Projects: ``project.conf``, element files, the dependency graph, cache keys.
+
+:func:`load_project` reads ``project.conf``; :meth:`Project.load_targets`
+reads the target elements and everything they depend on, and checks it all
+before anything is built: YAML, keys, kinds, dependency files, cycles,
+variables, sources against the disk. It returns the build plan, every
+element after its dependencies, with cache keys.
+
+Dependency order follows BuildStream, so that files staged from several
+dependencies overlap the same way: an element's dependencies are read from
+``build-depends``, ``runtime-depends`` then ``depends`` (duplicates merged),
+then sorted as BuildStream sorts them: a dependency that needs another
+direct dependency comes after it, otherwise runtime-only ones last, then by
+name.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+from pipeline.cas import LocalCas
+from pipeline.elements.defaults import (
+    DEFAULT_ENVIRONMENT,
+    DEFAULT_MAX_JOBS,
+    DEFAULT_VARIABLES,
+    IMPORT_DEFAULT_CONFIG,
+    KINDS,
+    MANUAL_COMMAND_STEPS,
+    MANUAL_DEFAULT_COMMANDS,
+    PROTECTED_VARIABLES,
+    canonical_arch,
+    host_arch,
+    host_os,
+)
+from pipeline.elements.element import Dependency, Element, ElementKind
+from pipeline.elements.errors import LoadError
+from pipeline.elements.keys import cache_key
+from pipeline.elements.nodes import MappingNode, Mark, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.sources import Source, load_source, project_path
+from pipeline.elements.variables import Definition, Variables
+
+__all__ = ["Project", "load_project"]
+
+_PROJECT_KEYS = (
+    "name",
+    "min-version",
+    "element-path",
+    "variables",
+    "environment",
+    "aliases",
+    "environment-nocache",
+)
+# BuildStream project.conf keys remex knows but does not implement.
+_PROJECT_UNSUPPORTED = (
+    "ref-storage",
+    "options",
+    "plugins",
+    "elements",
+    "sources",
+    "mirrors",
+    "artifacts",
+    "source-caches",
+    "split-rules",
+    "shell",
+    "fatal-warnings",
+    "defaults",
+    "sandbox",
+    "junctions",
+    "remote-execution",
+    "source-provenance-attributes",
+    "default-mirror",
+)
+_ELEMENT_KEYS = (
+    "kind",
+    "description",
+    "depends",
+    "build-depends",
+    "runtime-depends",
+    "sources",
+    "variables",
+    "environment",
+    "environment-nocache",
+    "config",
+    "sandbox",
+    "public",
+)
+_DEPENDENCY_LISTS = (("build-depends", True, False), ("runtime-depends", False, True),
+                     ("depends", True, True))  # fmt: skip
+_SANDBOX_KEYS = ("build-os", "build-arch")
+_SANDBOX_UNSUPPORTED = ("build-uid", "build-gid", "remote-apis-socket")
+# BuildStream's rule for project names.
+_PROJECT_NAME_RE = re.compile(r"[a-zA-Z_-][a-zA-Z0-9_-]*")
+
+
+def load_project(directory: Path, *, cas: LocalCas, max_jobs: int = DEFAULT_MAX_JOBS) -> Project:
+    """Read ``directory/project.conf``.
+
+    Args:
+        directory: the project folder.
+        cas: the local CAS; local sources are imported into it to key them.
+        max_jobs: the value of ``%{max-jobs}`` (it enters cache keys through
+            the commands that use it).
+
+    Raises:
+        LoadError: the file is missing or wrong; the message names the line and field.
+    """
+    directory = Path(directory).resolve()
+    conf_path = directory / "project.conf"
+    if not conf_path.is_file():
+        raise LoadError(f"no project.conf in {directory}", file="project.conf")
+    node = load_yaml(conf_path, "project.conf")
+    node.validate_keys(_PROJECT_KEYS, unsupported=_PROJECT_UNSUPPORTED)
+    name_node = node.require_str("name")
+    name = name_node.as_str()
+    if not _PROJECT_NAME_RE.fullmatch(name):
+        raise name_node.error(
+            f"invalid project name {name!r}: use letters, digits, '_' and '-', "
+            "not starting with a digit"
+        )
+    node.get_scalar("min-version")  # accepted, not checked: remex is its own version
+    element_path_node = node.get_scalar("element-path")
+    if element_path_node is None or element_path_node.value is None:
+        element_path = directory
+    else:
+        element_path = project_path(directory, element_path_node.value, element_path_node)
+        if not element_path.is_dir():
+            raise element_path_node.error(
+                f"element-path {element_path_node.value!r} is not a folder"
+            )
+    variables = node.get_str_mapping("variables")
+    for protected in PROTECTED_VARIABLES:
+        if protected in variables:
+            raise variables[protected].error(
+                f"variable {protected!r} is set by remex; it cannot be redefined"
+            )
+    aliases = {alias: value.as_str() for alias, value in node.get_str_mapping("aliases").items()}
+    nocache = node.get_str_list("environment-nocache") or []
+    return Project(
+        name=name,
+        directory=directory,
+        element_path=element_path,
+        cas=cas,
+        variables=variables,
+        environment=node.get_str_mapping("environment"),
+        aliases=aliases,
+        environment_nocache=frozenset(n.as_str() for n in nocache),
+        max_jobs=max_jobs,
+    )
+
+
+@dataclass
+class _DepRef:
+    name: str
+    build: bool
+    runtime: bool
+    mark: Mark
+    field: str
+
+
+@dataclass
+class _ElementFile:
+    name: str
+    display: str
+    node: MappingNode
+    kind: str
+    deps: list[_DepRef]
+    closure: set[str] = field(default_factory=set)
+    """Names of everything it depends on, directly or not."""
+    deps_sorted: bool = False
+
+
+class Project:
+    """A loaded ``project.conf``; elements are read on demand by :meth:`load_targets`.
+
+    Attributes:
+        name: the project name.
+        directory: the project folder (absolute).
+        element_path: the folder element names are relative to (absolute).
+        aliases: URL aliases (``alias`` -> URL prefix).
+        cas: the local CAS local sources are imported into.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        directory: Path,
+        element_path: Path,
+        cas: LocalCas,
+        variables: dict[str, ScalarNode],
+        environment: dict[str, ScalarNode],
+        aliases: dict[str, str],
+        environment_nocache: frozenset[str],
+        max_jobs: int,
+    ) -> None:
+        self.name = name
+        self.directory = directory
+        self.element_path = element_path
+        self.cas = cas
+        self.aliases = aliases
+        self.max_jobs = max_jobs
+        self._variables = variables
+        self._environment = environment
+        self._environment_nocache = environment_nocache
+        self._files: dict[str, _ElementFile] = {}
+        self._elements: dict[str, Element] = {}
+
+    def __repr__(self) -> str:
+        return f"<Project {self.name} at {self.directory}>"
+
+    def element_names(self) -> list[str]:
+        """Every ``.bst`` file under element-path, as element names, sorted."""
+        names = []
+        for folder, dirs, files in os.walk(self.element_path):
+            dirs.sort()
+            for file in files:
+                if file.endswith(".bst"):
+                    path = Path(folder, file).relative_to(self.element_path)
+                    names.append(path.as_posix())
+        return sorted(names)
+
+    def element(self, name: str) -> Element:
+        """An element already loaded by :meth:`load_targets`.
+
+        Raises:
+            KeyError: it was not loaded.
+        """
+        return self._elements[name]
+
+    def load_targets(self, targets: list[str]) -> list[Element]:
+        """Load the targets and everything they depend on; check it all; key it all.
+
+        Args:
+            targets: element names (``app.bst``, ``libs/foo.bst``).
+
+        Returns:
+            The plan: the targets and all their dependencies (build and runtime,
+            recursively), each once, every element after its dependencies.
+
+        Raises:
+            LoadError: anything wrong in any of those files or their sources;
+                the message names the file, the line and the field.
+        """
+        roots = [self._read_target(target) for target in targets]
+        self._check_cycles(roots)
+        for file in roots:
+            self._sort_dependencies(file)
+        plan: list[Element] = []
+        seen: set[str] = set()
+        for file in roots:
+            for name in self._plan_order(file, seen):
+                element = self._elements.get(name)
+                if element is None:
+                    element = self._make_element(self._files[name])
+                    self._elements[name] = element
+                plan.append(element)
+        return plan
+
+    def staged_dependencies(self, element: Element) -> list[Element]:
+        """What is staged at ``/`` to build ``element``: its build dependencies and
+        their runtime closure, dependencies first, each once."""
+        return element.staged_dependencies()
+
+    # --- reading files -------------------------------------------------------
+
+    def _read_target(self, target: str) -> _ElementFile:
+        name = _normal_element_name(target)
+        if name is None:
+            raise LoadError(f"invalid element name {target!r}: use a path relative to element-path")
+        file = self._files.get(name)
+        if file is not None:
+            return file
+        path = self.element_path / name
+        if not path.is_file():
+            raise LoadError(f"element {target!r} not found", file=self._display(path))
+        return self._read(name, path)
+
+    def _read_dependency(self, ref: _DepRef) -> _ElementFile:
+        file = self._files.get(ref.name)
+        if file is not None:
+            return file
+        path = self.element_path / ref.name
+        if not path.is_file():
+            raise LoadError(
+                f"dependency {ref.name!r} not found (no file {self._display(path)})",
+                file=ref.mark.file,
+                line=ref.mark.line,
+                field=ref.field,
+            )
+        return self._read(ref.name, path)
+
+    def _display(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.directory).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _read(self, name: str, path: Path) -> _ElementFile:
+        display = self._display(path)
+        node = load_yaml(path, display)
+        node.validate_keys(_ELEMENT_KEYS)
+        kind_node = node.require_str("kind")
+        kind = kind_node.as_str()
+        if kind not in KINDS:
+            raise kind_node.error(
+                f"unknown element kind {kind!r} (remex supports {', '.join(KINDS)})"
+            )
+        node.get_scalar("description")  # a string (or null) if given
+        file = _ElementFile(name=name, display=display, node=node, kind=kind,
+                            deps=_read_dependencies(node))  # fmt: skip
+        self._files[name] = file
+        return file
+
+    # --- the graph -----------------------------------------------------------
+
+    def _check_cycles(self, roots: list[_ElementFile]) -> None:
+        """Read every dependency file, depth first, refusing cycles; fill closures."""
+        done: set[str] = set()
+        for root in roots:
+            if root.name in done:
+                continue
+            # Frames: (file, index of the next dependency, the reference that led here).
+            path: list[tuple[_ElementFile, int, _DepRef | None]] = [(root, 0, None)]
+            on_path = {root.name}
+            while path:
+                file, index, via = path[-1]
+                if index < len(file.deps):
+                    path[-1] = (file, index + 1, via)
+                    ref = file.deps[index]
+                    if ref.name in done:
+                        continue
+                    if ref.name in on_path:
+                        raise _cycle_error(
+                            [frame[0] for frame in path], [frame[2] for frame in path], ref
+                        )
+                    child = self._read_dependency(ref)
+                    path.append((child, 0, ref))
+                    on_path.add(child.name)
+                    continue
+                path.pop()
+                on_path.discard(file.name)
+                done.add(file.name)
+                for ref in file.deps:
+                    file.closure.add(ref.name)
+                    file.closure |= self._files[ref.name].closure
+
+    def _sort_dependencies(self, root: _ElementFile) -> None:
+        """Sort each reachable element's dependencies as BuildStream does."""
+        stack = [root]
+        visited = {root.name}
+        while stack:
+            file = stack.pop()
+            for ref in file.deps:
+                if ref.name not in visited:
+                    visited.add(ref.name)
+                    stack.append(self._files[ref.name])
+            # Python's sort is the algorithm BuildStream pins (CPython 3.12's
+            # listsort), so this comparison, which is not a total order, gives
+            # BuildStream's order for the same input order. Sorted once only:
+            # sorting again with such a comparison could move things.
+            if not file.deps_sorted:
+                file.deps.sort(key=functools.cmp_to_key(self._compare_dependencies))
+                file.deps_sorted = True
+
+    def _compare_dependencies(self, a: _DepRef, b: _DepRef) -> int:
+        if b.name in self._files[a.name].closure:
+            return 1
+        if a.name in self._files[b.name].closure:
+            return -1
+        a_runtime_only = a.runtime and not a.build
+        b_runtime_only = b.runtime and not b.build
+        if a_runtime_only != b_runtime_only:
+            return 1 if a_runtime_only else -1
+        return (a.name > b.name) - (a.name < b.name)
+
+    def _plan_order(self, root: _ElementFile, seen: set[str]) -> list[str]:
+        """Post-order over all dependencies (build ones first, then runtime ones)."""
+        order: list[str] = []
+        if root.name in seen:
+            return order
+        seen.add(root.name)
+        stack = [(root, iter(_all_deps(root)))]
+        while stack:
+            file, pending = stack[-1]
+            for name in pending:
+                if name not in seen:
+                    seen.add(name)
+                    child = self._files[name]
+                    stack.append((child, iter(_all_deps(child))))
+                    break
+            else:
+                stack.pop()
+                order.append(file.name)
+        return order
+
+    # --- resolving one element ----------------------------------------------
+
+    def _make_element(self, file: _ElementFile) -> Element:
+        node = file.node
+        variables = self._element_variables(file)
+        environment = self._element_environment(node, variables)
+        nocache = node.get_str_list("environment-nocache") or []
+        dependencies = [
+            Dependency(
+                element=self._elements[ref.name],
+                build=ref.build,
+                runtime=ref.runtime,
+                mark=ref.mark,
+                field=ref.field,
+            )
+            for ref in file.deps
+        ]
+        commands: dict[str, list[str]] = {}
+        import_source = import_target = ""
+        config = node.get_mapping("config")
+        if file.kind == "manual":
+            commands = _manual_commands(config, variables, node)
+            _check_sandbox_path(variables, "build-root")
+            _check_sandbox_path(variables, "install-root")
+        elif file.kind == "import":
+            import_source, import_target = _import_config(config, variables)
+        elif config is not None and config.entries:
+            raise config.error("stack elements take no config")
+        if file.kind == "stack":
+            for dep in dependencies:
+                if not (dep.build and dep.runtime):
+                    raise LoadError(
+                        "all dependencies of a stack element must be both build and "
+                        "runtime dependencies (list them in 'depends' without a type)",
+                        file=dep.mark.file,
+                        line=dep.mark.line,
+                        field=dep.field,
+                    )
+        build_os, build_arch = _sandbox(node.get_mapping("sandbox"), variables)
+        sources = self._sources(file, variables)
+        element = Element(
+            project=self.name,
+            name=file.name,
+            file=file.display,
+            kind=cast(ElementKind, file.kind),
+            description=node.get_str("description") or "",
+            dependencies=dependencies,
+            variables=variables,
+            environment=environment,
+            environment_nocache=self._environment_nocache | {n.as_str() for n in nocache},
+            commands=commands,
+            import_source=import_source,
+            import_target=import_target,
+            build_os=build_os,
+            build_arch=build_arch,
+            sources=sources,
+        )
+        element.set_cache_key(cache_key(element))
+        return element
+
+    def _element_variables(self, file: _ElementFile) -> Variables:
+        definitions = {
+            name: Definition(value, None, f"variables.{name}")
+            for name, value in DEFAULT_VARIABLES.items()
+        }
+        element_variables = file.node.get_str_mapping("variables")
+        for protected in PROTECTED_VARIABLES:
+            if protected in element_variables:
+                raise element_variables[protected].error(
+                    f"variable {protected!r} is set by remex; it cannot be redefined"
+                )
+        for layer in (self._variables, element_variables):
+            for name, value in layer.items():
+                definitions[name] = Definition(value.as_str(), value.mark, value.path)
+        max_jobs = self.max_jobs
+        notparallel = definitions.get("notparallel")
+        if notparallel is not None:
+            if notparallel.value not in ("true", "True", "false", "False"):
+                raise LoadError(
+                    f"expected true or false, got {notparallel.value!r}",
+                    file=notparallel.mark.file if notparallel.mark else None,
+                    line=notparallel.mark.line if notparallel.mark else None,
+                    field=notparallel.field,
+                )
+            if notparallel.value in ("true", "True"):
+                max_jobs = 1  # as BuildStream: notparallel forces max-jobs to 1
+        definitions["project-name"] = Definition(self.name, None, "project-name")
+        definitions["element-name"] = Definition(file.name, None, "element-name")
+        definitions["max-jobs"] = Definition(str(max_jobs), None, "max-jobs")
+        variables = Variables(definitions)
+        variables.check()
+        return variables
+
+    def _element_environment(self, node: MappingNode, variables: Variables) -> dict[str, str]:
+        environment = dict(DEFAULT_ENVIRONMENT)
+        for layer in (self._environment, node.get_str_mapping("environment")):
+            for name, value in layer.items():
+                environment[name] = variables.expand_node(value)
+        return environment
+
+    def _sources(self, file: _ElementFile, variables: Variables) -> list[Source]:
+        sequence = file.node.get_sequence("sources")
+        if sequence is None or not sequence.items:
+            return []
+        if file.kind == "stack":
+            raise sequence.error("stack elements take no sources")
+        sources = []
+        for item in sequence.items:
+            if not isinstance(item, MappingNode):
+                raise item.error(f"expected a mapping describing a source, got {item.describe()}")
+            sources.append(
+                load_source(
+                    item,
+                    project_dir=self.directory,
+                    aliases=self.aliases,
+                    variables=variables,
+                    cas=self.cas,
+                )
+            )
+        return sources
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+def _normal_element_name(raw: str) -> str | None:
+    """``./libs//foo.bst`` -> ``libs/foo.bst``; None when absolute or escaping."""
+    if not raw or raw.startswith("/") or "\0" in raw:
+        return None
+    name = posixpath.normpath(raw)
+    if name == "." or name == ".." or name.startswith("../"):
+        return None
+    return name
+
+
+def _read_dependencies(node: MappingNode) -> list[_DepRef]:
+    """The dependencies in BuildStream's reading order, duplicates merged."""
+    found: dict[str, _DepRef] = {}
+    for key, build, runtime in _DEPENDENCY_LISTS:
+        sequence = node.get_sequence(key)
+        if sequence is None:
+            continue
+        for item in sequence.items:
+            for name_node, dep_build, dep_runtime in _dependency_entry(item, key, build, runtime):
+                raw = name_node.as_str()
+                if ":" in raw:
+                    raise name_node.error(
+                        f"dependency {raw!r}: junctions (project:element) are not "
+                        "supported by remex"
+                    )
+                name = _normal_element_name(raw)
+                if name is None:
+                    raise name_node.error(
+                        f"invalid dependency name {raw!r}: use a path relative to element-path"
+                    )
+                existing = found.get(name)
+                if existing is None:
+                    found[name] = _DepRef(name, dep_build, dep_runtime, item.mark, item.path)
+                else:
+                    existing.build |= dep_build
+                    existing.runtime |= dep_runtime
+    return list(found.values())
+
+
+def _dependency_entry(
+    item: object, key: str, build: bool, runtime: bool
+) -> list[tuple[ScalarNode, bool, bool]]:
+    if isinstance(item, ScalarNode):
+        return [(item, build, runtime)]
+    if not isinstance(item, MappingNode):
+        assert isinstance(item, SequenceNode)
+        raise item.error("a dependency is a string or a mapping with 'filename'")
+    if key == "depends":
+        item.validate_keys(("filename", "type"), unsupported=("junction", "strict", "config"))
+        type_node = item.get_scalar("type")
+        dep_type = "all" if type_node is None or type_node.value is None else type_node.value
+        if dep_type not in ("build", "runtime", "all"):
+            assert type_node is not None
+            raise type_node.error(f"dependency type {dep_type!r} is not build, runtime or all")
+        build, runtime = dep_type in ("build", "all"), dep_type in ("runtime", "all")
+    else:
+        if "type" in item:
+            raise item.key_error("type", f"'type' is only allowed in 'depends', not in {key!r}")
+        item.validate_keys(("filename",), unsupported=("junction", "strict", "config"))
+    filename = item.get("filename")
+    if filename is None:
+        raise item.error("missing required key 'filename'", field=item.child_path("filename"))
+    if isinstance(filename, ScalarNode):
+        return [(filename, build, runtime)]
+    if isinstance(filename, SequenceNode) and all(
+        isinstance(i, ScalarNode) for i in filename.items
+    ):
+        return [(cast(ScalarNode, i), build, runtime) for i in filename.items]
+    raise filename.error("expected a string or a list of strings")
+
+
+def _all_deps(file: _ElementFile) -> list[str]:
+    """Build dependencies then runtime ones, as BuildStream walks 'all' dependencies."""
+    return [d.name for d in file.deps if d.build] + [d.name for d in file.deps if d.runtime]
+
+
+def _cycle_error(
+    files: list[_ElementFile], refs: list[_DepRef | None], closing: _DepRef
+) -> LoadError:
+    names = [f.name for f in files]
+    start = names.index(closing.name)
+    cycle = [*names[start:], closing.name]
+    # The reference from the cycle's first element to the next one.
+    first = refs[start + 1] if start + 1 < len(refs) else closing
+    assert first is not None
+    return LoadError(
+        f"dependency cycle: {' -> '.join(cycle)}",
+        file=first.mark.file,
+        line=first.mark.line,
+        field=first.field,
+    )
+
+
+def _manual_commands(
+    config: MappingNode | None, variables: Variables, node: MappingNode
+) -> dict[str, list[str]]:
+    if config is not None:
+        config.validate_keys(MANUAL_COMMAND_STEPS)
+    commands: dict[str, list[str]] = {}
+    for step in MANUAL_COMMAND_STEPS:
+        given = config.get_str_list(step) if config is not None else None
+        if given is None:
+            where = config if config is not None else node
+            commands[step] = [
+                variables.expand(cmd, mark=where.mark, field=f"config.{step}")
+                for cmd in MANUAL_DEFAULT_COMMANDS[step]
+            ]
+        else:
+            commands[step] = [variables.expand_node(cmd) for cmd in given]
+    return commands
+
+
+def _import_config(config: MappingNode | None, variables: Variables) -> tuple[str, str]:
+    """``config.source`` and ``config.target`` as paths relative to '/' ("" = the top)."""
+    if config is not None:
+        config.validate_keys(IMPORT_DEFAULT_CONFIG)
+    paths = []
+    for key, default in IMPORT_DEFAULT_CONFIG.items():
+        node = config.get_scalar(key) if config is not None else None
+        value = default if node is None or node.value is None else variables.expand_node(node)
+        normal = posixpath.normpath("/" + value)
+        if node is not None and ("\0" in value or ".." in value.split("/")):
+            raise node.error(f"{key} {value!r} must be a path inside the sandbox")
+        paths.append(normal.strip("/"))
+    return paths[0], paths[1]
+
+
+def _check_sandbox_path(variables: Variables, name: str) -> None:
+    value = variables[name]
+    normal = posixpath.normpath(value) if value else ""
+    if not value.startswith("/") or normal == "/" or ".." in value.split("/"):
+        raise variables.error(
+            name, f"%{{{name}}} is {value!r}; it must be an absolute folder below '/'"
+        )
+
+
+def _sandbox(node: MappingNode | None, variables: Variables) -> tuple[str, str]:
+    if node is None:
+        return host_os(), host_arch()
+    node.validate_keys(_SANDBOX_KEYS, unsupported=_SANDBOX_UNSUPPORTED)
+    os_node = node.get_scalar("build-os")
+    arch_node = node.get_scalar("build-arch")
+    build_os = host_os()
+    if os_node is not None and os_node.value:
+        build_os = variables.expand_node(os_node).lower()
+    build_arch = host_arch() if arch_node is None or not arch_node.value else ""
+    if arch_node is not None and arch_node.value:
+        given = variables.expand_node(arch_node)
+        arch = canonical_arch(given)
+        if arch is None:
+            raise arch_node.error(f"unknown architecture {given!r}")
+        build_arch = arch
+    return build_os, build_arch

@@ -2,7 +2,7 @@
 
 Generates a tree (by default 5,000 files of 1-4 KiB and 20 files of 10 MiB),
 imports it into a fresh local CAS, uploads it to a fresh buildbox-casd and a
-fresh BuildGrid (on PostgreSQL), and prints MiB/s and files/s per step next to
+fresh BuildGrid (on PostgreSQL), and prints MB/s (10^6 bytes) and files/s per step next to
 single-core ``hashlib.sha256`` speed measured in the same run.
 
 Targets (issue "Foundation"): large-file import >= 50% of hashlib's speed;
@@ -35,6 +35,8 @@ from pipeline.reapi.remote import Remote
 from tests.servers import BuildGridServer, CasdServer, PostgresServer
 
 MiB = 1024 * 1024
+# Rates are reported in MB/s (10^6 bytes), the unit the targets are stated in.
+MB = 1_000_000
 
 
 def make_tree(root: Path, small: int, large: int, large_mib: int) -> tuple[int, int]:
@@ -66,7 +68,7 @@ def hashlib_speed(total_mib: int = 200) -> float:
     start = time.perf_counter()
     for _ in range(total_mib // 10):
         hashlib.sha256(buffer).digest()
-    return total_mib / (time.perf_counter() - start)
+    return total_mib * MiB / MB / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -90,13 +92,13 @@ def main() -> int:
         rows.append(
             (
                 f"import {args.small} small files",
-                small_bytes / MiB / t_small,
+                small_bytes / MB / t_small,
                 args.small / t_small,
                 f"target >= 5000 files/s: {'met' if args.small / t_small >= 5000 else 'NOT met'}",
             )
         )
         t_large, _large_root = timed(lambda: import_directory(cas, src / "large"))
-        large_mbs = large_bytes / MiB / t_large
+        large_mbs = large_bytes / MB / t_large
         rows.append(
             (
                 f"import {args.large} x {args.large_mib} MiB files",
@@ -124,7 +126,7 @@ def main() -> int:
                 with Remote(Endpoint(url)) as remote:
                     client = CasClient(remote)
                     t, _stats = timed(lambda: client.upload_tree(cas, root))  # noqa: B023
-                    mbs = total_bytes / MiB / t
+                    mbs = total_bytes / MB / t
                     note = f"{n_blobs} blobs"
                     if name == "buildbox-casd":
                         note += f"; target >= 100 MB/s: {'met' if mbs >= 100 else 'NOT met'}"
@@ -133,7 +135,7 @@ def main() -> int:
                     rows.append(
                         (
                             f"re-upload (all present) to {name}",
-                            total_bytes / MiB / t2,
+                            total_bytes / MB / t2,
                             n_blobs / t2,
                             "FindMissingBlobs only",
                         )
@@ -143,7 +145,7 @@ def main() -> int:
                     rows.append(
                         (
                             f"download whole tree from {name}",
-                            total_bytes / MiB / t3,
+                            total_bytes / MB / t3,
                             n_blobs / t3,
                             "every blob verified",
                         )
@@ -158,7 +160,7 @@ def main() -> int:
         f"\nCAS throughput ({os.cpu_count()} cores; tree: {args.small} x 1-4 KiB + "
         f"{args.large} x {args.large_mib} MiB)\n"
     )
-    print(f"| {'step':<44} | {'MiB/s':>8} | {'files/s':>9} | note")
+    print(f"| {'step':<44} | {'MB/s':>8} | {'files/s':>9} | note")
     print(f"|{'-' * 46}|{'-' * 10}|{'-' * 11}|------")
     for step, mbs, fps, note in rows:
         fps_text = f"{fps:9.0f}" if fps is not None else f"{'':>9}"

@@ -75,6 +75,8 @@ def build(
     if no_follow:
         click.echo(json.dumps({"build": build_id}) if as_json else build_id)
         return
+    # First, so that the build can be cancelled (remex cancel ID) from elsewhere.
+    click.echo(f"remex: build {build_id} submitted", err=True)
     try:
         final = api.wait(build_id, timeout=timeout) if as_json else _follow_live(build_id, timeout)
     except TimeoutError as exc:
@@ -320,3 +322,58 @@ def worker(concurrency: int | None, queues: str | None, name: str | None, loglev
             f"--loglevel={loglevel}",
         ]
     )
+
+
+@main.command()
+@click.option("--workers", type=int, default=2, show_default=True, help="remex worker processes.")
+@click.option(
+    "--jobs", type=int, default=4, show_default=True, help="Actions buildbox-casd runs at once."
+)
+@click.option("--concurrency", type=int, default=4, show_default=True, help="Tasks per worker.")
+@click.option("--detach", is_flag=True, help="Return once everything is healthy.")
+def up(workers: int, jobs: int, concurrency: int, detach: bool) -> None:
+    """Start the embedded stack on loopback: redis-server, buildbox-casd, workers."""
+    import signal
+
+    from pipeline import stack as embedded
+    from pipeline.servers import ServerError
+
+    folder = embedded.stack_dir()
+    try:
+        running = embedded.up(folder, workers=workers, jobs=jobs, concurrency=concurrency)
+    except (ConfigError, ServerError) as exc:
+        _fail(str(exc))
+        return
+    click.echo(f"remex stack up ({folder}):")
+    click.echo(f"  broker     {running.broker_url}")
+    click.echo(f"  execution  {running.execution_url} (buildbox-casd, also the artifact server)")
+    click.echo(f"  workers    {workers} x {concurrency} tasks")
+    if detach:
+        click.echo("stop it with: remex down")
+        return
+    click.echo("Ctrl-C stops it.")
+    stop = {"now": False}
+
+    def request_stop(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    for line in embedded.down(folder):
+        click.echo(f"stopped {line}")
+
+
+@main.command()
+def down() -> None:
+    """Stop the embedded stack that `remex up` started (exactly its processes)."""
+    from pipeline import stack as embedded
+
+    stopped = embedded.down(embedded.stack_dir())
+    if not stopped:
+        click.echo("no remex stack is up")
+    for line in stopped:
+        click.echo(f"stopped {line}")

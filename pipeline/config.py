@@ -3,6 +3,7 @@
 Where settings come from, later ones winning:
 
 1. built-in defaults (a local stack: Redis and buildbox-casd on loopback);
+   when ``remex up`` is running, the embedded stack it recorded;
 2. the user's ``$XDG_CONFIG_HOME/remex/remex.toml`` (``~/.config/remex/remex.toml``);
 3. ``remex.toml`` in the project folder;
 4. ``REMEX_*`` environment variables.
@@ -98,7 +99,7 @@ def load_config(
             (the message names the file and the key).
     """
     env = os.environ if environ is None else environ
-    config = RemexConfig()
+    config = _apply_stack(RemexConfig(), env)
     files: list[Path] = []
     if env.get("REMEX_CONFIG"):
         files.append(Path(env["REMEX_CONFIG"]).expanduser())
@@ -131,6 +132,22 @@ def _cache_home() -> Path:
 
 def _config_home(env: Mapping[str, str]) -> Path:
     return Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+
+
+def _apply_stack(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
+    """Defaults from the embedded stack ``remex up`` recorded, if one is up."""
+    from pipeline.stack import read_stack, stack_dir
+
+    folder = stack_dir(dict(env))
+    state = read_stack(folder)
+    if state is None:
+        return config
+    return replace(
+        config,
+        broker_url=state["redis"]["url"],
+        execution=Endpoint(state["casd"]["url"]),
+        sources=(*config.sources, f"embedded stack {folder}"),
+    )
 
 
 def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up remex on a fresh Debian/Ubuntu machine (as root, or with sudo) and
 # prove it works: installs the Debian packages and a virtualenv in .venv, then
-# runs one real action remotely on a throwaway buildbox-casd.
+# starts the embedded stack (remex up), builds examples/hello on it, checks
+# the result out into out/hello/ and stops the stack (remex down).
 #
 #   bash scripts/setup.sh            # install + demo
 #   REMEX_SKIP_DEMO=1 bash scripts/setup.sh
@@ -42,6 +43,15 @@ echo "==> pip install -e '.[local,test,dev]'"
 .venv/bin/python -m pip install -q -e '.[local,test,dev]'
 
 if [ "${REMEX_SKIP_DEMO:-0}" != 1 ]; then
-  echo "==> running one action remotely on buildbox-casd"
-  .venv/bin/python -m examples.remote_action out/remote-action
+  echo "==> building examples/hello on the embedded stack"
+  bash examples/hello/make-sysroot.sh
+  # A private stack folder, so the demo never touches a stack the user runs.
+  export REMEX_STACK_DIR="$PWD/out/demo-stack"
+  .venv/bin/remex down >/dev/null
+  .venv/bin/remex up --detach
+  trap '.venv/bin/remex down >/dev/null' EXIT
+  .venv/bin/remex build -C examples/hello app.bst
+  rm -rf out/hello
+  .venv/bin/remex checkout -C examples/hello --deps run app.bst out/hello
+  echo "==> the result is checked out in $PWD/out/hello; try: chroot out/hello /usr/bin/hello"
 fi

@@ -1,0 +1,106 @@
+"""Configuration: defaults, files, environment, precedence and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config, parse_size
+from pipeline.errors import ConfigError
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    # No user config and no embedded stack leak in from the machine.
+    return {
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "REMEX_STACK_DIR": str(tmp_path / "no-stack"),
+        **extra,
+    }
+
+
+def test_defaults_point_at_a_local_stack(tmp_path: Path) -> None:
+    config = load_config(None, env_for(tmp_path))
+    assert config.broker_url == "redis://127.0.0.1:6379/0"
+    assert config.backend_url == config.broker_url
+    assert config.execution.url == "grpc://127.0.0.1:50051"
+    assert config.artifact_endpoint == config.execution
+
+
+def test_user_file_then_project_file_then_environment(tmp_path: Path) -> None:
+    # Given a user file, a project file and environment variables
+    user = tmp_path / "config" / "remex"
+    user.mkdir(parents=True)
+    (user / "remex.toml").write_text(
+        '[broker]\nurl = "redis://:secret@user:1/0"\n'
+        '[remote.execution]\nurl = "grpc://user:1"\ninstance-name = "main"\n'
+        '[cas]\nquota = "2G"\n'
+    )
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "remex.toml").write_text(
+        '[remote.execution]\nurl = "grpcs://project:443"\nserver-ca = "ca.pem"\n'
+        '[remote.artifacts]\nurl = "grpc://artifacts:2"\n[worker]\nconcurrency = 8\n'
+    )
+    env = env_for(tmp_path, REMEX_CAS_DIR=str(tmp_path / "cas"), REMEX_ARTIFACTS_URL="unix:/a.sock")
+    # When loaded
+    config = load_config(project, env)
+    # Then later sources win, key by key
+    assert config.broker_url == "redis://:secret@user:1/0"
+    assert config.execution.url == "grpcs://project:443"
+    assert config.execution.instance_name == "main"
+    assert config.execution.server_ca == project / "ca.pem"
+    assert config.artifact_endpoint.url == "unix:/a.sock"
+    assert config.cas_quota_bytes == 2 * 1024**3
+    assert config.cas_dir == tmp_path / "cas"
+    assert config.worker_concurrency == 8
+    assert len(config.sources) == 3
+
+
+def test_unknown_key_names_the_file_and_key(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "remex.toml").write_text('[remote.execution]\nurl = "grpc://x:1"\nurll = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(project, env_for(tmp_path))
+    assert str(project / "remex.toml") in str(info.value)
+    assert "remote.execution.urll" in str(info.value)
+
+
+def test_bad_toml_and_bad_values_are_errors(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "remex.toml").write_text("[broker\n")
+    with pytest.raises(ConfigError, match=r"remex\.toml"):
+        load_config(project, env_for(tmp_path))
+    with pytest.raises(ConfigError, match="REMEX_WORKER_CONCURRENCY"):
+        load_config(None, env_for(tmp_path, REMEX_WORKER_CONCURRENCY="zero"))
+    with pytest.raises(ConfigError, match="REMEX_CAS_QUOTA"):
+        load_config(None, env_for(tmp_path, REMEX_CAS_QUOTA="lots"))
+
+
+def test_a_running_embedded_stack_gives_the_defaults(tmp_path: Path) -> None:
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    (stack / "stack.json").write_text(
+        json.dumps(
+            {"redis": {"url": "redis://127.0.0.1:7/0"}, "casd": {"url": "grpc://127.0.0.1:8"}}
+        )
+    )
+    config = load_config(None, env_for(tmp_path, REMEX_STACK_DIR=str(stack)))
+    assert config.broker_url == "redis://127.0.0.1:7/0"
+    assert config.execution.url == "grpc://127.0.0.1:8"
+    # and the environment still wins over it
+    config = load_config(
+        None, env_for(tmp_path, REMEX_STACK_DIR=str(stack), REMEX_BROKER_URL="redis://other:1/0")
+    )
+    assert config.broker_url == "redis://other:1/0"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("10G", 10 * 1024**3), ("512M", 512 * 1024**2), ("1.5GiB", int(1.5 * 1024**3)), ("100", 100)],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text, where="x") == size

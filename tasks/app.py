@@ -6,10 +6,13 @@ the right options (thread pool, queues, events, its own local CAS).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +21,8 @@ from celery import Celery, signals
 from pipeline.broker import make_celery, reconcile
 from pipeline.cas import LocalCas
 from pipeline.config import RemexConfig, load_config
-from pipeline.scheduler import Scheduler
+from pipeline.errors import ConfigError
+from pipeline.scheduler import HEARTBEAT_TIMEOUT, Scheduler
 from pipeline.stages import StageContext
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,13 @@ class WorkerRuntime:
     name: str
     context: StageContext
     scheduler: Scheduler
+    instance: str
+    """This process, as its liveness key names it: ``NAME/PID/RANDOM``."""
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often a stage refreshes its element's heartbeat (a third of the timeout)."""
+        return min(5.0, self.scheduler.heartbeat_timeout / 3)
 
 
 _runtime: WorkerRuntime | None = None
@@ -51,6 +62,31 @@ _runtime_lock = threading.Lock()
 def worker_name() -> str:
     """This worker's name: ``REMEX_WORKER_NAME`` (set by ``remex worker``) or the host name."""
     return os.environ.get("REMEX_WORKER_NAME") or socket.gethostname()
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    # TODO: move to RemexConfig ([worker] heartbeat-timeout, reconcile-interval)
+    # once config.py has the keys; tests set them short through the environment.
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{name}: not a number of seconds: {value!r}") from None
+    if seconds <= 0:
+        raise ConfigError(f"{name}: must be positive, not {value!r}")
+    return seconds
+
+
+def heartbeat_timeout() -> float:
+    """``REMEX_HEARTBEAT_TIMEOUT`` or the scheduler's default (30 s)."""
+    return _seconds_from_env("REMEX_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT)
+
+
+def reconcile_interval() -> float:
+    """``REMEX_RECONCILE_INTERVAL`` or 5 s."""
+    return _seconds_from_env("REMEX_RECONCILE_INTERVAL", RECONCILE_INTERVAL)
 
 
 def runtime() -> WorkerRuntime:
@@ -63,35 +99,57 @@ def runtime() -> WorkerRuntime:
             context = StageContext.connect(
                 cas, config.execution, config.artifact_endpoint, correlated_id=worker_name()
             )
-            _runtime = WorkerRuntime(
-                config, worker_name(), context, Scheduler.from_url(config.broker_url)
-            )
+            scheduler = Scheduler.from_url(config.broker_url, heartbeat_timeout=heartbeat_timeout())
+            instance = f"{worker_name()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+            _runtime = WorkerRuntime(config, worker_name(), context, scheduler, instance)
         return _runtime
 
 
-def _reconcile_forever(stop: threading.Event) -> None:
-    while not stop.wait(RECONCILE_INTERVAL):
+def _every(interval: float, stop: threading.Event, what: str, fn: Callable[[], object]) -> None:
+    while True:
         try:
-            rt = runtime()
-            reconcile(app, rt.scheduler)
+            fn()
         except Exception:  # a Redis hiccup must not kill the loop
-            log.exception("reconciler pass failed")
+            log.exception("%s failed", what)
+        if stop.wait(interval):
+            return
 
 
-_stop_reconciler = threading.Event()
+def _keep_alive() -> None:
+    rt = runtime()
+    rt.scheduler.worker_alive(rt.instance)
+
+
+def _reconcile() -> None:
+    rt = runtime()
+    reconcile(app, rt.scheduler, lock_seconds=reconcile_interval())
+
+
+_stop_threads = threading.Event()
 
 
 @signals.worker_ready.connect
-def _start_reconciler(**_: object) -> None:
-    thread = threading.Thread(
-        target=_reconcile_forever, args=(_stop_reconciler,), name="remex-reconciler", daemon=True
-    )
-    thread.start()
+def _start_threads(**_: object) -> None:
+    """The liveness key (its elements are not re-sent while it lives) and the reconciler."""
+    _stop_threads.clear()
+    for what, interval, fn in (
+        ("liveness", heartbeat_timeout() / 3, _keep_alive),
+        ("reconciler", reconcile_interval(), _reconcile),
+    ):
+        threading.Thread(
+            target=_every,
+            args=(interval, _stop_threads, what, fn),
+            name=f"remex-{what}",
+            daemon=True,
+        ).start()
 
 
 @signals.worker_shutdown.connect
 def _stop(**_: object) -> None:
-    _stop_reconciler.set()
+    _stop_threads.set()
+    if _runtime is not None:
+        with contextlib.suppress(Exception):
+            _runtime.scheduler.worker_gone(_runtime.instance)
 
 
 # Register the stage tasks (last: they import this module's names).

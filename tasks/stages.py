@@ -42,7 +42,9 @@ MAX_DELIVERIES = 3
 MAX_TRANSIENT_RETRIES = 5
 # The execute task follows an operation this long, then re-queues itself.
 EXECUTE_WAIT = 10.0
-HEARTBEAT_INTERVAL = 5.0
+# ... but its first call returns sooner, so that the operation's name is
+# recorded early (status shows it, cancel can cancel it).
+FIRST_EXECUTE_WAIT = 2.0
 MAX_REUPLOADS = 2
 
 Payload = dict[str, Any]
@@ -66,7 +68,12 @@ class StageTask(Task):  # type: ignore[misc]
         deliveries = rt.scheduler.redis.incr(delivery_key)
         rt.scheduler.redis.expire(delivery_key, 24 * 3600)
         if not rt.scheduler.start_stage(
-            build, element, attempt=payload["attempt"], stage=self.stage, host=rt.name
+            build,
+            element,
+            attempt=payload["attempt"],
+            stage=self.stage,
+            host=rt.name,
+            worker=rt.instance,
         ):
             log.info("%s of %s (build %s) is stale; ignored", self.stage, element, build)
             raise Ignore()
@@ -89,13 +96,24 @@ class StageTask(Task):  # type: ignore[misc]
         send_ready(self.app, rt.scheduler, ready)
         raise Ignore()
 
-    def retry_transient(self, rt: WorkerRuntime, payload: Payload, exc: RemexError) -> Retry:
-        """Retry after a transient error with backoff and jitter, or fail when spent."""
+    def fail_build_failed(self, rt: WorkerRuntime, payload: Payload, exc: BuildFailedError) -> None:
+        """The element's build failed (its command, say): keep the reason and the log tail."""
+        self.fail_element(
+            rt, payload, exc.reason, log_tail=exc_log_tail(exc), exit_code=exc.exit_code
+        )
+
+    def retry_transient(self, rt: WorkerRuntime, payload: Payload, exc: Exception) -> Retry:
+        """Retry after a transient error with backoff and jitter, or fail when spent.
+
+        The retry goes to this worker's own queue: once a chain runs on a
+        worker its next message stays with it, so the element is only taken
+        as lost when this worker is (see :mod:`pipeline.scheduler`).
+        """
         if self.request.retries >= MAX_TRANSIENT_RETRIES:
             self.fail_element(
                 rt, payload, f"{self.stage} failed {self.request.retries + 1} times: {exc}"
             )
-        countdown = min(60.0, 2.0**self.request.retries) * random.uniform(0.5, 1.0)
+        countdown = backoff(self.request.retries + 1)
         log.warning(
             "%s of %s: transient error, retrying in %.1f s: %s",
             self.stage,
@@ -103,7 +121,12 @@ class StageTask(Task):  # type: ignore[misc]
             countdown,
             exc,
         )
-        return self.retry(exc=exc, countdown=countdown, max_retries=MAX_TRANSIENT_RETRIES)
+        return self.retry(
+            exc=exc,
+            countdown=countdown,
+            max_retries=MAX_TRANSIENT_RETRIES,
+            queue=host_queue(rt.name),
+        )
 
     def run_stage(self, payload: Payload, fn: StageFn) -> Payload:
         rt, spec = self.begin(payload)
@@ -111,16 +134,31 @@ class StageTask(Task):  # type: ignore[misc]
             try:
                 state = fn(rt.context, spec, dict(payload["state"]))
             except BuildFailedError as exc:
-                self.fail_element(rt, payload, str(exc), log_tail=exc_log_tail(exc))
+                self.fail_build_failed(rt, payload, exc)
             except RemexError as exc:
                 if exc.transient:
                     raise self.retry_transient(rt, payload, exc) from exc
                 self.fail_element(rt, payload, f"{self.stage}: {exc}")
+            except Exception as exc:
+                # Not one of remex's errors: a bug or the host's trouble (disk
+                # full ...). Retried like a transient error, then the element
+                # fails with it, rather than stalling the build.
+                log.exception("%s of %s: unexpected error", self.stage, payload["element"])
+                raise self.retry_transient(rt, payload, exc) from exc
         return {**payload, "state": state}
 
 
+def backoff(failures: int) -> float:
+    """Seconds to wait after ``failures`` failures in a row: exponential, capped, jittered."""
+    return min(60.0, 2.0 ** (failures - 1)) * random.uniform(0.5, 1.0)
+
+
 def exc_log_tail(exc: BuildFailedError) -> str:
-    return str(getattr(exc, "log_tail", "") or "")
+    """The last lines the failed command printed (stdout, then stderr)."""
+    parts = [
+        tail.rstrip("\n") for tail in (exc.stdout_tail, exc.stderr_tail) if tail and tail.strip()
+    ]
+    return "\n".join(parts)
 
 
 @contextlib.contextmanager
@@ -129,7 +167,7 @@ def heartbeat(rt: WorkerRuntime, payload: Payload) -> Iterator[None]:
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(HEARTBEAT_INTERVAL):
+        while not stop.wait(rt.heartbeat_interval):
             with contextlib.suppress(Exception):
                 rt.scheduler.heartbeat(payload["build"], payload["element"])
 
@@ -161,36 +199,64 @@ def upload_task(self: StageTask, payload: Payload) -> Payload:
 
 @app.task(bind=True, base=StageTask, name="remex.execute", stage="execute", max_retries=None)
 def execute_task(self: StageTask, payload: Payload) -> Payload:
-    """Stage 3: execute remotely; re-queue itself while the operation runs."""
+    """Stage 3: execute remotely; re-queue itself while the operation runs.
+
+    Every re-queue goes to this worker's own queue, with the state (operation
+    name, re-upload flag, failures in a row) in its arguments.
+    """
     rt, spec = self.begin(payload)
     state = dict(payload["state"])
+    own_queue = host_queue(rt.name)
+
+    def again(countdown: float, exc: Exception | None = None) -> Retry:
+        return self.retry(
+            args=[{**payload, "state": state}], countdown=countdown, queue=own_queue, exc=exc
+        )
+
     with heartbeat(rt, payload):
         try:
-            state = execute(rt.context, spec, state, max_wait=EXECUTE_WAIT)
+            if state.get("reupload"):
+                state = upload(rt.context, spec, state)
+                state.pop("reupload", None)
+            wait = EXECUTE_WAIT if state.get("operation") else FIRST_EXECUTE_WAIT
+            state = execute(rt.context, spec, state, max_wait=wait)
+            state.pop("transient_failures", None)
         except MissingBlobsError as exc:
             # The execution CAS lost inputs: back through upload, then again.
             reuploads = int(state.get("reuploads", 0)) + 1
             if reuploads > MAX_REUPLOADS:
                 self.fail_element(rt, payload, f"execute: {exc} (after {MAX_REUPLOADS} re-uploads)")
-            state = upload(rt.context, spec, {**state, "reuploads": reuploads})
+            log.warning("execute of %s: %s; uploading again", payload["element"], exc)
+            state.update(reuploads=reuploads, reupload=True)
             state.pop("operation", None)
-            raise self.retry(args=[{**payload, "state": state}], countdown=0) from exc
+            raise again(0) from exc
         except BuildFailedError as exc:
-            self.fail_element(rt, payload, str(exc), log_tail=exc_log_tail(exc))
-        except RemexError as exc:
+            self.fail_build_failed(rt, payload, exc)
+        except Exception as exc:
+            # Transient RemexErrors, and errors that are not remex's (a bug, the
+            # host's trouble): retried with backoff, a bounded number of times in a row.
+            transient = exc.transient if isinstance(exc, RemexError) else True
             failures = int(state.get("transient_failures", 0)) + 1
-            if not exc.transient or failures > MAX_TRANSIENT_RETRIES:
+            if not transient or failures > MAX_TRANSIENT_RETRIES:
                 self.fail_element(rt, payload, f"execute: {exc}")
-            countdown = min(60.0, 2.0**failures) * random.uniform(0.5, 1.0)
+            if not isinstance(exc, RemexError):
+                log.exception("execute of %s: unexpected error", payload["element"])
+            countdown = backoff(failures)
+            log.warning(
+                "execute of %s: transient error, retrying in %.1f s: %s",
+                payload["element"],
+                countdown,
+                exc,
+            )
             state["transient_failures"] = failures
-            raise self.retry(args=[{**payload, "state": state}], countdown=countdown) from exc
+            raise again(countdown, exc) from exc
     if is_pending(state):
         rt.scheduler.note(
             payload["build"],
             payload["element"],
             {"operation": state.get("operation"), "remote_stage": state.get("stage")},
         )
-        raise self.retry(args=[{**payload, "state": state}], countdown=0)
+        raise again(0)
     return {**payload, "state": state}
 
 

@@ -13,6 +13,8 @@ The retry model lives here, in :meth:`ExecutionClient.run`, and only here:
 4. ``FAILED_PRECONDITION`` with ``MISSING`` violations (on the RPC or in the
    ExecuteResponse) means the server's CAS lacks inputs: raised as
    :class:`MissingBlobsError` listing them, since only the caller can upload.
+   So is a finished execution with status ``NOT_FOUND`` (buildbox-casd's way
+   of saying it, not naming the blobs).
 5. A non-OK status inside a finished ExecuteResponse is the action's failure
    (timeout, sandbox error ...): raised as :class:`ExecutionError` with the
    response attached, never swallowed. A non-zero exit code is NOT an
@@ -213,6 +215,7 @@ def _final_response(
     what = f"execution of action {digest_to_str(action_digest)}"
     if operation.HasField("error"):
         _raise_if_missing(operation.error)
+        _raise_if_not_found(operation.error)
         raise _status_error(operation.error, what, None)
     response = re_pb2.ExecuteResponse()
     if not operation.response.Unpack(response):
@@ -222,6 +225,7 @@ def _final_response(
         )
     if response.status.code != code_pb2.OK:
         _raise_if_missing(response.status)
+        _raise_if_not_found(response.status)
         raise _status_error(response.status, what, response)
     return response
 
@@ -262,3 +266,15 @@ def _raise_if_missing(status: status_pb2.Status | None) -> None:
     digests = missing_digests(status)
     if digests:
         raise MissingBlobsError(digests)
+
+
+def _raise_if_not_found(status: status_pb2.Status) -> None:
+    """A finished execution whose status is NOT_FOUND lacked an input.
+
+    buildbox-casd answers so ("Blob not found in the local CAS") where the
+    REAPI asks for FAILED_PRECONDITION with MISSING violations, e.g. after it
+    restarted with an empty store. NOT_FOUND is no other documented Execute
+    outcome, so it is taken as missing inputs (not naming them): the caller
+    uploads again (a bounded number of times)."""
+    if status.code == code_pb2.NOT_FOUND:
+        raise MissingBlobsError([], detail=status.message, code="NOT_FOUND")

@@ -222,6 +222,22 @@ def test_missing_inputs_inside_the_response_list_the_digests(server: Any) -> Non
     assert MISSING.hash in str(info.value)
 
 
+def test_not_found_inside_the_response_is_missing_inputs(server: Any) -> None:
+    # buildbox-casd, restarted with an empty store, answers NOT_FOUND
+    servicer, client, _ = server
+    response = re_pb2.ExecuteResponse(
+        status=status_pb2.Status(
+            code=code_pb2.NOT_FOUND, message="Blob not found in the local CAS."
+        )
+    )
+    servicer.execute_script = [yields(operation("op1", done=True, response=response))]
+    with pytest.raises(MissingBlobsError) as info:
+        client.execute(ACTION)
+    assert info.value.digests == []
+    assert "Blob not found in the local CAS" in str(info.value)
+    assert info.value.code == "NOT_FOUND" and not info.value.transient
+
+
 def test_a_failure_status_in_the_response_is_reported(server: Any) -> None:
     # Given an action that timed out on the server, with partial output
     servicer, client, _ = server

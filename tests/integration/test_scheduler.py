@@ -1,0 +1,512 @@
+"""pipeline.scheduler (and pipeline.broker's sending and reconciling) against a
+real Redis: the DAG state's atomic moves.
+
+No workers here: the tests call the Scheduler as the tasks, the API and the
+reconciler do, and read the state back; messages sent go to a queue nobody
+consumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from pipeline.broker import (
+    DEFAULT_QUEUE,
+    MAX_ATTEMPTS,
+    RECONCILE_LOCK,
+    make_celery,
+    reconcile,
+    send_element,
+)
+from pipeline.config import RemexConfig
+from pipeline.scheduler import (
+    LOST_AFTER_HEARTBEATS,
+    READY_GRACE,
+    Scheduler,
+)
+from pipeline.spec import BuildSpec
+from tests.servers import RedisServer
+
+# A Redis database of its own, emptied before each test.
+DB = 7
+
+
+@pytest.fixture
+def scheduler(redis_server: RedisServer) -> Iterator[Scheduler]:
+    client = redis.Redis(
+        host=redis_server.host, port=redis_server.port, db=DB, decode_responses=True
+    )
+    client.flushdb()
+    yield Scheduler(client, heartbeat_timeout=5.0)
+    client.flushdb()
+    client.close()
+
+
+def spec(name: str, key: str | None = None, kind: str = "manual") -> BuildSpec:
+    """A spec with what the scheduler reads (the stages need more)."""
+    key = key or f"key-{name}"
+    return {  # type: ignore[typeddict-item]
+        "element": name,
+        "cache_key": key,
+        "kind": kind,
+        "artifact_uri": f"urn:test:{name}/{key}",
+    }
+
+
+def create(
+    scheduler: Scheduler,
+    deps: Mapping[str, Sequence[str]],
+    *,
+    cached: Sequence[str] = (),
+    keys: Mapping[str, str] | None = None,
+) -> tuple[str, list[str]]:
+    """A build of the elements of ``deps`` (element -> its build dependencies,
+    dependencies first)."""
+    keys = keys or {}
+    specs = [spec(name, keys.get(name)) for name in deps]
+    return scheduler.create_build(specs, deps, cached, {"targets": [list(deps)[-1]]})
+
+
+def send(scheduler: Scheduler, build: str, element: str) -> int:
+    """What broker.send_element does, minus Celery: claim, then queue."""
+    owner = scheduler.claim(build, element, scheduler.spec(build, element)["artifact_uri"])
+    if owner:
+        scheduler.mark_waiting_on(build, element, owner)
+        return 0
+    return scheduler.mark_queued(build, element, task_ids=[f"{element}-task"])
+
+
+def start(scheduler: Scheduler, build: str, element: str, worker: str = "w1/1/x") -> bool:
+    attempt = int(scheduler.info(build, element)["attempt"])
+    return scheduler.start_stage(
+        build, element, attempt=attempt, stage="stage_to_cas", host="w1", worker=worker
+    )
+
+
+def states(scheduler: Scheduler, build: str) -> dict[str, str]:
+    return {e.element: e.state for e in scheduler.status(build).elements}
+
+
+DIAMOND = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
+
+
+# --- creating -----------------------------------------------------------------
+
+
+def test_a_new_build_has_ready_waiting_and_cached_elements(scheduler: Scheduler) -> None:
+    # Given a diamond whose root is cached
+    build, ready = create(scheduler, DIAMOND, cached=["a"])
+    # Then the elements that only needed it are ready, the top waits
+    assert sorted(ready) == ["b", "c"]
+    assert states(scheduler, build) == {"a": "cached", "b": "ready", "c": "ready", "d": "waiting"}
+    status = scheduler.status(build)
+    assert status.status == "running" and not status.done
+    assert build in scheduler.active_builds()
+    # And the ready ones know since when (the reconciler's grace period counts from it)
+    assert scheduler.info(build, "b")["ready_at"] > 0
+
+
+def test_a_build_of_cached_elements_succeeds_at_once(scheduler: Scheduler) -> None:
+    build, ready = create(scheduler, DIAMOND, cached=list(DIAMOND))
+    assert ready == []
+    assert scheduler.status(build).status == "succeeded"
+    assert build not in scheduler.active_builds()
+
+
+def test_an_unknown_build_is_a_key_error(scheduler: Scheduler) -> None:
+    with pytest.raises(KeyError):
+        scheduler.status("nope")
+    with pytest.raises(KeyError):
+        scheduler.cancel("nope")
+
+
+# --- finishing ------------------------------------------------------------------
+
+
+def test_finish_decrements_dependents_exactly_once_even_when_called_twice(
+    scheduler: Scheduler,
+) -> None:
+    # Given a diamond a -> (b, c) -> d
+    build, _ = create(scheduler, DIAMOND)
+    # When a finishes twice (a redelivered last stage, say)
+    first = scheduler.finish(build, "a", "built", {})
+    second = scheduler.finish(build, "a", "built", {})
+    # Then b and c became ready once
+    assert sorted(first) == [(build, "b"), (build, "c")]
+    assert second == []
+    # And b finishing twice does not make d ready: it still waits for c
+    assert scheduler.finish(build, "b", "built", {}) == []
+    assert scheduler.finish(build, "b", "built", {}) == []
+    assert scheduler.state(build, "d") == "waiting"
+    assert int(scheduler.redis.hget(f"remex:build:{build}:pending", "d") or -1) == 1
+    # Until c finishes
+    assert scheduler.finish(build, "c", "built", {}) == [(build, "d")]
+    assert scheduler.state(build, "d") == "ready"
+    assert scheduler.finish(build, "d", "built", {"artifact": {"hash": "h", "size_bytes": 1}}) == []
+    status = scheduler.status(build)
+    assert status.status == "succeeded"
+    assert status.elements[-1].info["artifact"] == {"hash": "h", "size_bytes": 1}
+
+
+def test_a_failure_skips_transitive_dependents_only(scheduler: Scheduler) -> None:
+    # Given a -> b -> c, a -> d, and x on its own
+    deps = {"a": [], "x": [], "b": ["a"], "d": ["a"], "c": ["b"]}
+    build, ready = create(scheduler, deps)
+    assert sorted(ready) == ["a", "x"]
+    scheduler.finish(build, "a", "built", {})
+    # When b fails
+    assert scheduler.finish(build, "b", "failed", {"error": "exit 1", "log_tail": "oops"}) == []
+    # Then c is skipped (naming b), d and x are not touched
+    current = states(scheduler, build)
+    assert current == {"a": "built", "x": "ready", "b": "failed", "d": "ready", "c": "skipped"}
+    assert "b.bst" not in scheduler.info(build, "c")["error"]
+    assert "dependency b failed" in scheduler.info(build, "c")["error"]
+    assert scheduler.info(build, "b")["log_tail"] == "oops"
+    # And the build runs on until the independent elements are done, then fails
+    assert scheduler.status(build).status == "running"
+    scheduler.finish(build, "x", "built", {})
+    scheduler.finish(build, "d", "built", {})
+    assert scheduler.status(build).status == "failed"
+    # And a late "built" for the failed element changes nothing
+    assert scheduler.finish(build, "b", "built", {}) == []
+    assert scheduler.state(build, "b") == "failed"
+
+
+def test_finish_rejects_unknown_outcomes(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, {"a": []})
+    with pytest.raises(ValueError):
+        scheduler.finish(build, "a", "cached", {})
+
+
+# --- sending and starting -------------------------------------------------------
+
+
+def test_each_send_is_a_new_attempt_and_older_attempts_are_stale(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, {"a": []})
+    assert send(scheduler, build, "a") == 1
+    assert scheduler.state(build, "a") == "queued"
+    assert scheduler.info(build, "a")["task_ids"] == ["a-task"]
+    # A stage of attempt 1 starts: running, on w1, with a heartbeat
+    assert scheduler.start_stage(build, "a", attempt=1, stage="upload", host="w1", worker="w1/1")
+    info = scheduler.info(build, "a")
+    assert scheduler.state(build, "a") == "running"
+    assert (info["stage"], info["host"], info["hosts"], info["worker"]) == (
+        "upload",
+        "w1",
+        ["w1"],
+        "w1/1",
+    )
+    assert scheduler.redis.zscore(f"remex:build:{build}:heartbeat", "a") is not None
+    # When it is sent again (the reconciler), attempt 1's tasks are stale
+    assert send(scheduler, build, "a") == 2
+    assert not scheduler.start_stage(build, "a", attempt=1, stage="execute", host="w1")
+    assert scheduler.start_stage(build, "a", attempt=2, stage="stage_to_cas", host="w2")
+    assert scheduler.info(build, "a")["hosts"] == ["w1", "w2"]
+    # And once built, nothing starts or sends it again
+    scheduler.finish(build, "a", "built", {})
+    assert not scheduler.start_stage(build, "a", attempt=2, stage="push_artifact", host="w2")
+    assert scheduler.mark_queued(build, "a", task_ids=["t"]) == 0
+    assert scheduler.state(build, "a") == "built"
+
+
+def test_an_element_waiting_for_dependencies_is_not_sent(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, DIAMOND)
+    assert scheduler.mark_queued(build, "d", task_ids=["t"]) == 0
+    assert scheduler.state(build, "d") == "waiting"
+
+
+def test_heartbeat_of_a_finished_element_does_not_come_back(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    assert start(scheduler, build, "a")
+    scheduler.finish(build, "a", "built", {})
+    scheduler.heartbeat(build, "a")  # a stage's heartbeat thread, late
+    assert scheduler.redis.zscore(f"remex:build:{build}:heartbeat", "a") is None
+
+
+def test_info_lists_survive_the_lua_scripts(scheduler: Scheduler) -> None:
+    # cjson writes an empty table as {}: lists must still read as lists
+    build, _ = create(scheduler, {"a": []})
+    scheduler.note(build, "a", {"hosts": [], "note": {"x": 1}})
+    send(scheduler, build, "a")
+    info = scheduler.info(build, "a")
+    assert info["hosts"] == [] and info["note"] == {"x": 1}
+    assert start(scheduler, build, "a")
+    assert scheduler.info(build, "a")["hosts"] == ["w1"]
+
+
+# --- two builds, one artifact ------------------------------------------------------
+
+
+def test_two_builds_of_one_artifact_build_it_once(scheduler: Scheduler) -> None:
+    # Given two builds of the same element (same artifact URI), each with a dependent
+    first, _ = create(scheduler, {"lib": [], "app1": ["lib"]})
+    second, _ = create(scheduler, {"lib": [], "app2": ["lib"]})
+    # When both send it, the first claims it and the second waits on it
+    assert send(scheduler, first, "lib") == 1
+    assert send(scheduler, second, "lib") == 0
+    assert scheduler.state(second, "lib") == "queued"
+    assert scheduler.info(second, "lib")["waiting_on"] == f"{first}\tlib"
+    # And the waiting one's tasks could not start (it has none, and is not its own builder)
+    assert not scheduler.start_stage(second, "lib", attempt=0, stage="stage_to_cas", host="w")
+    # When the first build finishes it, both builds have it, and both dependents are ready
+    ready = scheduler.finish(first, "lib", "built", {"artifact": {"hash": "h", "size_bytes": 1}})
+    assert sorted(ready) == sorted([(first, "app1"), (second, "app2")])
+    assert scheduler.state(second, "lib") == "built"
+    assert scheduler.info(second, "lib")["built_by"] == f"{first}\tlib"
+    assert "built_by" not in scheduler.info(first, "lib")
+    # And the claim is gone: a third build would build (or find) it itself
+    third, _ = create(scheduler, {"lib": []})
+    assert send(scheduler, third, "lib") == 1
+
+
+def test_a_failure_fails_the_waiting_builds_too(scheduler: Scheduler) -> None:
+    first, _ = create(scheduler, {"lib": [], "app1": ["lib"]})
+    second, _ = create(scheduler, {"lib": [], "app2": ["lib"]})
+    send(scheduler, first, "lib")
+    send(scheduler, second, "lib")
+    scheduler.finish(first, "lib", "failed", {"error": "exit 2"})
+    assert states(scheduler, second) == {"lib": "failed", "app2": "skipped"}
+    assert scheduler.status(second).status == "failed"
+
+
+def test_elements_with_one_cache_key_but_different_artifacts_both_build(
+    scheduler: Scheduler,
+) -> None:
+    # Two elements whose descriptions are equal (two identical stacks, say)
+    # share a cache key, yet each has its own artifact: neither may wait on
+    # the other, or one artifact is never pushed.
+    build, _ = create(scheduler, {"s1": [], "s2": []}, keys={"s1": "same", "s2": "same"})
+    assert send(scheduler, build, "s1") == 1
+    assert send(scheduler, build, "s2") == 1
+
+
+def test_a_claim_of_a_stopped_owner_is_taken_over(scheduler: Scheduler) -> None:
+    first, _ = create(scheduler, {"lib": []})
+    second, _ = create(scheduler, {"lib": []})
+    send(scheduler, first, "lib")
+    scheduler.cancel(first)
+    # The first build's element is cancelled: the second builds it itself
+    assert send(scheduler, second, "lib") == 1
+
+
+def test_cancel_releases_the_waiters_of_its_claims(scheduler: Scheduler) -> None:
+    first, _ = create(scheduler, {"lib": []})
+    second, _ = create(scheduler, {"lib": []})
+    send(scheduler, first, "lib")
+    send(scheduler, second, "lib")
+    stopped, released = scheduler.cancel(first)
+    assert [info["element"] for info in stopped] == ["lib"]
+    assert stopped[0]["task_ids"] == ["lib-task"]
+    assert released == [(second, "lib")]
+    # The released waiter is sent again: it claims the artifact now
+    assert send(scheduler, second, "lib") == 1
+    assert "waiting_on" not in scheduler.info(second, "lib")
+
+
+def test_a_cancelled_waiter_leaves_the_waiters(scheduler: Scheduler) -> None:
+    first, _ = create(scheduler, {"lib": []})
+    second, _ = create(scheduler, {"lib": [], "app": ["lib"]})
+    send(scheduler, first, "lib")
+    send(scheduler, second, "lib")
+    scheduler.cancel(second)
+    scheduler.finish(first, "lib", "built", {})
+    assert states(scheduler, second) == {"lib": "cancelled", "app": "cancelled"}
+    assert scheduler.status(second).status == "cancelled"
+
+
+# --- build status -------------------------------------------------------------------
+
+
+def test_build_status_moves_from_running_to_cancelled_and_stays(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, DIAMOND)
+    send(scheduler, build, "a")
+    start(scheduler, build, "a")
+    stopped, _ = scheduler.cancel(build)
+    assert sorted(info["element"] for info in stopped) == ["a", "b", "c", "d"]
+    assert set(states(scheduler, build).values()) == {"cancelled"}
+    status = scheduler.status(build)
+    assert status.status == "cancelled" and status.done
+    assert build not in scheduler.active_builds()
+    # A running stage finds out at its next start; its finish changes nothing
+    assert not start(scheduler, build, "a")
+    assert scheduler.finish(build, "a", "built", {}) == []
+    assert scheduler.status(build).status == "cancelled"
+    assert scheduler.mark_queued(build, "a", task_ids=[]) == 0
+    # And its keys expire (a week)
+    assert 0 < scheduler.redis.ttl(f"remex:build:{build}:state") <= 7 * 24 * 3600
+
+
+def test_cancelling_a_finished_build_changes_nothing(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, {"a": []})
+    scheduler.finish(build, "a", "built", {})
+    assert scheduler.cancel(build) == ([], [])
+    assert scheduler.status(build).status == "succeeded"
+
+
+def test_a_finished_build_expires(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, {"a": []})
+    assert scheduler.redis.ttl(f"remex:build:{build}:info") == -1
+    scheduler.finish(build, "a", "failed", {})
+    assert scheduler.status(build).status == "failed"
+    assert scheduler.redis.ttl(f"remex:build:{build}:info") > 0
+
+
+# --- the reconciler's view -------------------------------------------------------------
+
+
+def test_stalled_finds_ready_elements_nobody_sent(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, {"a": [], "b": ["a"]})
+    now = time.time()
+    # Within the grace period, the sender is still at it
+    assert scheduler.stalled(build, now) == []
+    # After it, the element is sent again
+    assert scheduler.stalled(build, now + READY_GRACE + 1) == [("a", "ready but never sent")]
+    # A queued or waiting element is not stalled
+    send(scheduler, build, "a")
+    assert scheduler.stalled(build, now + READY_GRACE + 1) == []
+
+
+def test_stalled_finds_running_elements_whose_worker_is_gone(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, {"a": [], "b": []})
+    for element in ("a", "b"):
+        send(scheduler, build, element)
+    scheduler.worker_alive("alive/1/x")
+    assert start(scheduler, build, "a", worker="dead/1/x")
+    assert start(scheduler, build, "b", worker="alive/1/x")
+    now = time.time()
+    # While the heartbeats are fresh nothing is stalled
+    assert scheduler.stalled(build, now) == []
+    # After the timeout, the element of the dead worker is (the live one's
+    # element waits in its queue, say)
+    later = now + scheduler.heartbeat_timeout + 1
+    stalled = dict(scheduler.stalled(build, later))
+    assert list(stalled) == ["a"]
+    assert "heartbeat expired" in stalled["a"] and "gone" in stalled["a"]
+    # And after many timeouts without a heartbeat, the other one too
+    much_later = now + (LOST_AFTER_HEARTBEATS + 2) * scheduler.heartbeat_timeout
+    assert sorted(dict(scheduler.stalled(build, much_later))) == ["a", "b"]
+    # A heartbeat brings it back
+    scheduler.heartbeat(build, "a")
+    assert "a" not in dict(scheduler.stalled(build, time.time()))
+
+
+def test_a_worker_liveness_key_expires(scheduler: Scheduler) -> None:
+    short = Scheduler(scheduler.redis, heartbeat_timeout=0.2)
+    short.worker_alive("w/1/x")
+    assert scheduler.redis.exists("remex:worker:w/1/x")
+    time.sleep(0.4)
+    assert not scheduler.redis.exists("remex:worker:w/1/x")
+    short.worker_alive("w/1/x")
+    short.worker_gone("w/1/x")
+    assert not scheduler.redis.exists("remex:worker:w/1/x")
+
+
+def test_stalled_finds_waiters_of_a_stopped_build(scheduler: Scheduler) -> None:
+    first, _ = create(scheduler, {"lib": []})
+    second, _ = create(scheduler, {"lib": []})
+    send(scheduler, first, "lib")
+    send(scheduler, second, "lib")
+    assert scheduler.stalled(second) == []
+    # The first build's state vanishes without a cancel (expired, flushed ...)
+    for key in scheduler.redis.keys(f"remex:build:{first}:*"):
+        scheduler.redis.delete(key)
+    stalled = scheduler.stalled(second)
+    assert [element for element, _ in stalled] == ["lib"]
+    assert first in stalled[0][1]
+
+
+def test_stalled_ignores_finished_builds_elements(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    start(scheduler, build, "a", worker="dead/1/x")
+    scheduler.finish(build, "a", "built", {})
+    late: dict[str, Any] = dict(scheduler.stalled(build, time.time() + 3600))
+    assert late == {}
+
+
+# --- sending through the broker, and the reconciler ---------------------------------------
+
+
+@pytest.fixture
+def celery_app(redis_server: RedisServer, scheduler: Scheduler) -> Iterator[Celery]:
+    """A Celery app on the test's Redis database (no worker consumes its queue)."""
+    app = make_celery(RemexConfig(broker_url=f"redis://{redis_server.address}/{DB}"))
+    yield app
+    app.close()
+
+
+def queued_messages(scheduler: Scheduler) -> list[dict[str, Any]]:
+    """The messages waiting in the default queue (kombu's Redis list), oldest first."""
+    raw = scheduler.redis.lrange(DEFAULT_QUEUE, 0, -1)
+    return [json.loads(message) for message in reversed(raw)]
+
+
+def test_send_element_sends_a_five_stage_chain_with_known_task_ids(
+    scheduler: Scheduler, celery_app: Celery
+) -> None:
+    build, _ = create(scheduler, {"a": [], "b": ["a"]})
+    assert send_element(celery_app, scheduler, build, "a") == "sent"
+    # The first task is in the queue, named for Flower, with the id recorded
+    (message,) = queued_messages(scheduler)
+    headers = message["headers"]
+    info = scheduler.info(build, "a")
+    assert headers["task"] == "remex.stage_to_cas"
+    assert headers["id"] == info["task_ids"][0]
+    assert "a [build " in headers["argsrepr"]
+    assert len(info["task_ids"]) == 5 and all(info["task_ids"])
+    assert info["attempt"] == 1
+    # A waiting element is not sent; a finished one neither
+    assert send_element(celery_app, scheduler, build, "b") == "not sent"
+    scheduler.finish(build, "a", "built", {})
+    assert send_element(celery_app, scheduler, build, "a") == "not sent"
+    assert len(queued_messages(scheduler)) == 1
+
+
+def test_send_element_waits_on_another_build(scheduler: Scheduler, celery_app: Celery) -> None:
+    first, _ = create(scheduler, {"lib": []})
+    second, _ = create(scheduler, {"lib": []})
+    assert send_element(celery_app, scheduler, first, "lib") == "sent"
+    assert send_element(celery_app, scheduler, second, "lib") == "waiting"
+    assert len(queued_messages(scheduler)) == 1
+
+
+def test_reconcile_resends_stalled_elements_then_gives_up(
+    scheduler: Scheduler, celery_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an element that runs on a worker that is gone, with a dependent
+    build, _ = create(scheduler, {"a": [], "b": ["a"]})
+    send_element(celery_app, scheduler, build, "a")
+    assert start(scheduler, build, "a", worker="dead/1/x")
+    later = time.time() + scheduler.heartbeat_timeout + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    # When the reconciler passes, it is sent again (a new attempt) with the reason
+    assert reconcile(celery_app, scheduler, lock_seconds=0.001) == 1
+    info = scheduler.info(build, "a")
+    assert info["attempt"] == 2 and "gone" in info["resent_because"]
+    assert len(queued_messages(scheduler)) == 2
+    scheduler.redis.delete(RECONCILE_LOCK)
+    # When it keeps dying, the element fails after MAX_ATTEMPTS sends, its dependent is skipped
+    for _ in range(MAX_ATTEMPTS):
+        start(scheduler, build, "a", worker="dead/1/x")
+        later += 2 * scheduler.heartbeat_timeout
+        reconcile(celery_app, scheduler, lock_seconds=0.001)
+        scheduler.redis.delete(RECONCILE_LOCK)
+    assert states(scheduler, build) == {"a": "failed", "b": "skipped"}
+    assert f"sent {MAX_ATTEMPTS} times" in scheduler.info(build, "a")["error"]
+    assert scheduler.status(build).status == "failed"
+
+
+def test_only_one_reconciler_passes_at_a_time(scheduler: Scheduler, celery_app: Celery) -> None:
+    build, _ = create(scheduler, {"a": []})
+    scheduler.redis.hset(f"remex:build:{build}:info", "a", json.dumps({"attempt": 0}))
+    # (ready since forever: stalled)
+    assert reconcile(celery_app, scheduler, lock_seconds=60) == 1
+    assert reconcile(celery_app, scheduler, lock_seconds=60) == 0

@@ -31,10 +31,13 @@ Where settings come from, later ones winning:
 
     [worker]
     concurrency = 4
+    heartbeat-timeout = 30      # seconds; a silent running element is then checked
+    reconcile-interval = 5      # seconds between reconciler passes
 
 Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
 ``REMEX_{EXECUTION,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,CLIENT_KEY,TOKEN_FILE}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_WORKER_CONCURRENCY``,
+``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
 ``REMEX_CONFIG`` (an explicit config file, read instead of the user's).
 """
 
@@ -77,6 +80,8 @@ class RemexConfig:
     cas_dir: Path = field(default_factory=lambda: _cache_home() / "remex" / "cas")
     cas_quota_bytes: int | None = None
     worker_concurrency: int = 4
+    heartbeat_timeout: float = 30.0
+    reconcile_interval: float = 5.0
     sources: tuple[str, ...] = ()
     """The files and variables this config was read from, for ``remex config``."""
 
@@ -183,11 +188,17 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     if "quota" in cas:
         changes["cas_quota_bytes"] = parse_size(cas["quota"], where=f"{where}: cas.quota")
     worker = _table(data, "worker", where)
-    _known(worker, {"concurrency"}, where, "worker.")
+    _known(worker, {"concurrency", "heartbeat-timeout", "reconcile-interval"}, where, "worker.")
     if "concurrency" in worker:
         changes["worker_concurrency"] = _positive(
             worker["concurrency"], f"{where}: worker.concurrency"
         )
+    for key, attr in (
+        ("heartbeat-timeout", "heartbeat_timeout"),
+        ("reconcile-interval", "reconcile_interval"),
+    ):
+        if key in worker:
+            changes[attr] = _seconds(worker[key], f"{where}: worker.{key}")
     changes["sources"] = (*config.sources, where)
     return replace(config, **changes)
 
@@ -222,6 +233,13 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
             env["REMEX_WORKER_CONCURRENCY"], "REMEX_WORKER_CONCURRENCY"
         )
         used.append("REMEX_WORKER_CONCURRENCY")
+    for name, attr in (
+        ("REMEX_HEARTBEAT_TIMEOUT", "heartbeat_timeout"),
+        ("REMEX_RECONCILE_INTERVAL", "reconcile_interval"),
+    ):
+        if env.get(name):
+            changes[attr] = _seconds(env[name], name)
+            used.append(name)
     if used:
         changes["sources"] = (*config.sources, "environment: " + ", ".join(used))
     return replace(config, **changes)
@@ -270,6 +288,16 @@ def _str(value: Any, where: str, key: str) -> str:
 def _path(value: Any, base: Path, where: str, key: str) -> Path:
     path = Path(_str(value, where, key)).expanduser()
     return path if path.is_absolute() else base / path
+
+
+def _seconds(value: Any, where: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = 0.0
+    if seconds <= 0:
+        raise ConfigError(f"{where}: must be a positive number of seconds, not {value!r}")
+    return seconds
 
 
 def _positive(value: Any, where: str) -> int:

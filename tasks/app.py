@@ -21,14 +21,10 @@ from celery import Celery, signals
 from pipeline.broker import make_celery, reconcile
 from pipeline.cas import LocalCas
 from pipeline.config import RemexConfig, load_config
-from pipeline.errors import ConfigError
-from pipeline.scheduler import HEARTBEAT_TIMEOUT, Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.stages import StageContext
 
 log = logging.getLogger(__name__)
-
-RECONCILE_INTERVAL = 5.0
-
 
 def _project_dir() -> Path | None:
     value = os.environ.get("REMEX_PROJECT_DIR")
@@ -64,31 +60,6 @@ def worker_name() -> str:
     return os.environ.get("REMEX_WORKER_NAME") or socket.gethostname()
 
 
-def _seconds_from_env(name: str, default: float) -> float:
-    # TODO: move to RemexConfig ([worker] heartbeat-timeout, reconcile-interval)
-    # once config.py has the keys; tests set them short through the environment.
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ConfigError(f"{name}: not a number of seconds: {value!r}") from None
-    if seconds <= 0:
-        raise ConfigError(f"{name}: must be positive, not {value!r}")
-    return seconds
-
-
-def heartbeat_timeout() -> float:
-    """``REMEX_HEARTBEAT_TIMEOUT`` or the scheduler's default (30 s)."""
-    return _seconds_from_env("REMEX_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT)
-
-
-def reconcile_interval() -> float:
-    """``REMEX_RECONCILE_INTERVAL`` or 5 s."""
-    return _seconds_from_env("REMEX_RECONCILE_INTERVAL", RECONCILE_INTERVAL)
-
-
 def runtime() -> WorkerRuntime:
     """The worker's shared runtime, built on first use."""
     global _runtime
@@ -99,7 +70,9 @@ def runtime() -> WorkerRuntime:
             context = StageContext.connect(
                 cas, config.execution, config.artifact_endpoint, correlated_id=worker_name()
             )
-            scheduler = Scheduler.from_url(config.broker_url, heartbeat_timeout=heartbeat_timeout())
+            scheduler = Scheduler.from_url(
+                config.broker_url, heartbeat_timeout=config.heartbeat_timeout
+            )
             instance = f"{worker_name()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
             _runtime = WorkerRuntime(config, worker_name(), context, scheduler, instance)
         return _runtime
@@ -122,7 +95,7 @@ def _keep_alive() -> None:
 
 def _reconcile() -> None:
     rt = runtime()
-    reconcile(app, rt.scheduler, lock_seconds=reconcile_interval())
+    reconcile(app, rt.scheduler, lock_seconds=rt.config.reconcile_interval)
 
 
 _stop_threads = threading.Event()
@@ -132,9 +105,10 @@ _stop_threads = threading.Event()
 def _start_threads(**_: object) -> None:
     """The liveness key (its elements are not re-sent while it lives) and the reconciler."""
     _stop_threads.clear()
+    config = runtime().config
     for what, interval, fn in (
-        ("liveness", heartbeat_timeout() / 3, _keep_alive),
-        ("reconciler", reconcile_interval(), _reconcile),
+        ("liveness", config.heartbeat_timeout / 3, _keep_alive),
+        ("reconciler", config.reconcile_interval, _reconcile),
     ):
         threading.Thread(
             target=_every,

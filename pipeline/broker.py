@@ -33,6 +33,11 @@ RECONCILE_LOCK = "remex:reconciler"
 MAX_ATTEMPTS = 5
 
 
+def task_label(build_id: str, element: str, attempt: int) -> str:
+    """How a stage task's arguments read in Flower and in worker logs."""
+    return f"{element} [build {build_id}, attempt {attempt}]"
+
+
 def host_queue(worker_name: str) -> str:
     """The queue only the worker named ``worker_name`` consumes (data locality)."""
     return f"{DEFAULT_QUEUE}.host.{worker_name}"
@@ -97,7 +102,7 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     if not attempt:
         return "not sent"
     payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
-    label = f"{element} [build {build_id}, attempt {attempt}]"
+    label = task_label(build_id, element, attempt)
     signatures = [
         app.signature(TASK_NAMES["stage_to_cas"], args=(payload,)),
         *(app.signature(TASK_NAMES[stage]) for stage in STAGES[1:]),

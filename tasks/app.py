@@ -26,6 +26,7 @@ from pipeline.stages import StageContext
 
 log = logging.getLogger(__name__)
 
+
 def _project_dir() -> Path | None:
     value = os.environ.get("REMEX_PROJECT_DIR")
     return Path(value) if value else None

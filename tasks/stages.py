@@ -17,7 +17,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore, Retry
 
-from pipeline.broker import host_queue, send_ready
+from pipeline.broker import host_queue, send_ready, task_label
 from pipeline.errors import MissingBlobsError, RemexError
 from pipeline.spec import BuildSpec
 from pipeline.stages import (
@@ -51,10 +51,20 @@ Payload = dict[str, Any]
 StageFn = Callable[[StageContext, BuildSpec, State], State]
 
 
+class ElementFailed(RemexError):
+    """The element failed for good (recorded in the scheduler); ends its chain.
+
+    Raised so that Celery records the task as FAILURE with the reason (and
+    Flower shows it); listed in the tasks' ``throws``, so it is logged
+    without a traceback.
+    """
+
+
 class StageTask(Task):  # type: ignore[misc]
     """Common behaviour of the stage tasks."""
 
     abstract = True
+    throws = (ElementFailed,)
     acks_late = True
     reject_on_worker_lost = True
     max_retries = MAX_TRANSIENT_RETRIES
@@ -94,7 +104,18 @@ class StageTask(Task):  # type: ignore[misc]
             {"error": reason, "failed_stage": self.stage, **extra},
         )
         send_ready(self.app, rt.scheduler, ready)
-        raise Ignore()
+        raise ElementFailed(f"{payload['element']}: {reason}")
+
+    def progress(self, payload: Payload, **fields: Any) -> None:
+        """A ``task-progress`` event (Flower's event stream shows it live)."""
+        with contextlib.suppress(Exception):  # monitoring must never fail a build
+            self.send_event(
+                "task-progress",
+                build=payload["build"],
+                element=payload["element"],
+                stage=self.stage,
+                **fields,
+            )
 
     def fail_build_failed(self, rt: WorkerRuntime, payload: Payload, exc: BuildFailedError) -> None:
         """The element's build failed (its command, say): keep the reason and the log tail."""
@@ -126,6 +147,7 @@ class StageTask(Task):  # type: ignore[misc]
             countdown=countdown,
             max_retries=MAX_TRANSIENT_RETRIES,
             queue=host_queue(rt.name),
+            argsrepr=task_label(payload["build"], payload["element"], payload["attempt"]),
         )
 
     def run_stage(self, payload: Payload, fn: StageFn) -> Payload:
@@ -194,7 +216,10 @@ def stage_to_cas_task(self: StageTask, payload: Payload) -> Payload:
 @app.task(bind=True, base=StageTask, name="remex.upload", stage="upload")
 def upload_task(self: StageTask, payload: Payload) -> Payload:
     """Stage 2: upload what the execution CAS lacks."""
-    return self.run_stage(payload, upload)
+    result = self.run_stage(payload, upload)
+    uploaded = result["state"].get("uploaded") or {}
+    self.progress(payload, blobs_done=uploaded.get("blobs", 0), bytes_done=uploaded.get("bytes", 0))
+    return result
 
 
 @app.task(bind=True, base=StageTask, name="remex.execute", stage="execute", max_retries=None)
@@ -210,7 +235,11 @@ def execute_task(self: StageTask, payload: Payload) -> Payload:
 
     def again(countdown: float, exc: Exception | None = None) -> Retry:
         return self.retry(
-            args=[{**payload, "state": state}], countdown=countdown, queue=own_queue, exc=exc
+            args=[{**payload, "state": state}],
+            countdown=countdown,
+            queue=own_queue,
+            exc=exc,
+            argsrepr=task_label(payload["build"], payload["element"], payload["attempt"]),
         )
 
     with heartbeat(rt, payload):
@@ -251,6 +280,12 @@ def execute_task(self: StageTask, payload: Payload) -> Payload:
             state["transient_failures"] = failures
             raise again(countdown, exc) from exc
     if is_pending(state):
+        self.progress(
+            payload,
+            operation=state.get("operation"),
+            remote_stage=state.get("stage"),
+            waited_seconds=round(float(state.get("timings", {}).get("execute", 0.0)), 1),
+        )
         rt.scheduler.note(
             payload["build"],
             payload["element"],

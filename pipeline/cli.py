@@ -331,8 +331,14 @@ def worker(concurrency: int | None, queues: str | None, name: str | None, loglev
 )
 @click.option("--concurrency", type=int, default=4, show_default=True, help="Tasks per worker.")
 @click.option("--detach", is_flag=True, help="Return once everything is healthy.")
-def up(workers: int, jobs: int, concurrency: int, detach: bool) -> None:
-    """Start the embedded stack on loopback: redis-server, buildbox-casd, workers."""
+@click.option(
+    "--flower",
+    is_flag=True,
+    help="Also start Flower (task monitor, basic auth) on a free loopback port.",
+)
+def up(workers: int, jobs: int, concurrency: int, detach: bool, flower: bool) -> None:
+    """Start the embedded stack on loopback: redis-server, buildbox-casd, workers
+    (and Flower)."""
     import signal
 
     from pipeline import stack as embedded
@@ -340,7 +346,9 @@ def up(workers: int, jobs: int, concurrency: int, detach: bool) -> None:
 
     folder = embedded.stack_dir()
     try:
-        running = embedded.up(folder, workers=workers, jobs=jobs, concurrency=concurrency)
+        running = embedded.up(
+            folder, workers=workers, jobs=jobs, concurrency=concurrency, flower=flower
+        )
     except (ConfigError, ServerError) as exc:
         _fail(str(exc))
         return
@@ -348,6 +356,11 @@ def up(workers: int, jobs: int, concurrency: int, detach: bool) -> None:
     click.echo(f"  broker     {running.broker_url}")
     click.echo(f"  execution  {running.execution_url} (buildbox-casd, also the artifact server)")
     click.echo(f"  workers    {workers} x {concurrency} tasks")
+    if running.flower is not None:
+        password = Path(running.flower["password_file"]).read_text().strip()
+        click.echo(f"  flower     {running.flower['url']}/tasks")
+        click.echo(f"             user {running.flower['user']}, password {password}")
+        click.echo(f"             (the password is kept in {running.flower['password_file']})")
     if detach:
         click.echo("stop it with: remex down")
         return
@@ -377,3 +390,78 @@ def down() -> None:
         click.echo("no remex stack is up")
     for line in stopped:
         click.echo(f"stopped {line}")
+
+
+@main.command()
+@click.option(
+    "--remote",
+    default=None,
+    help="The Bots/CAS server URL (default: the configured execution server).",
+)
+@click.option("--instance", default=None, help="REAPI instance name (default: the configured one).")
+@click.option("--capacity", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--platform",
+    "platform_items",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A platform property (repeatable); OSFamily and ISA default to this host's.",
+)
+@click.option(
+    "--runner",
+    type=click.Choice(["buildbox-run", "host"]),
+    default="buildbox-run",
+    show_default=True,
+    help="buildbox-run: bubblewrap sandbox. host: NO sandbox, trusted actions only.",
+)
+@click.option("--name", "bot_id", default=None, help="Bot id (default: HOST-PID).")
+@click.option(
+    "--grace",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds running actions may take to finish after SIGTERM before they are given back.",
+)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--loglevel", default="INFO", show_default=True)
+def bot(
+    remote: str | None,
+    instance: str | None,
+    capacity: int,
+    platform_items: Sequence[str],
+    runner: str,
+    bot_id: str | None,
+    grace: float,
+    workdir: Path | None,
+    loglevel: str,
+) -> None:
+    """Run a Bots-API execution worker for BuildGrid: lease actions and run them."""
+    import dataclasses
+    import logging
+
+    from bot.main import BotOptions, default_bot_id, merge_properties, run_bot
+    from pipeline.config import load_config
+    from pipeline.reapi.channel import Endpoint
+
+    logging.basicConfig(
+        level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if remote is not None:
+            endpoint = Endpoint(remote, instance_name=instance or "")
+        else:
+            endpoint = load_config().execution
+            if instance is not None:
+                endpoint = dataclasses.replace(endpoint, instance_name=instance)
+        options = BotOptions(
+            endpoint=endpoint,
+            bot_id=bot_id or default_bot_id(),
+            capacity=capacity,
+            properties=merge_properties(platform_items),
+            runner=runner,
+            workdir=workdir,
+            grace=grace,
+        )
+        run_bot(options)
+    except RemexError as exc:
+        _fail(str(exc))

@@ -1,0 +1,170 @@
+"""``remex bot`` as a managed subprocess, for stacks, tests and benchmarks.
+
+:class:`BotProcess` runs ``remex bot`` (the console script next to the running
+interpreter) in a session of its own, its output in ``workdir/bot.log``;
+``start()`` returns once the bot has a session with the server (it logs
+``session``). ``stop()`` is SIGTERM (the bot gives back or finishes its
+leases within ``--grace``, then tells the server it is terminating), then
+SIGKILL; ``kill()`` is SIGKILL at once, of the bot and every process it
+started, like a host that died. Both go by PID, through the base class of
+:mod:`pipeline.servers`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Self
+
+from pipeline.servers import Server, ServerError, _open_servers, _tail
+
+__all__ = ["BotProcess"]
+
+_READY_MARK = ": session "
+
+
+def _remex_program() -> str:
+    candidate = Path(sys.executable).parent / "remex"  # not resolved: keep the venv path
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    raise ServerError(f"{candidate} not found: pip install -e . in this venv")
+
+
+class BotProcess(Server):
+    """One ``remex bot`` process.
+
+    Args:
+        workdir: its folder (``bot.log``, ``work/`` as ``--workdir``).
+        remote: the Bots server URL.
+        bot_id: ``--name``.
+        capacity: ``--capacity``.
+        runner: ``--runner``.
+        grace: ``--grace``.
+        platform: ``--platform`` items (``KEY=VALUE``).
+        env: the environment (default: this process's).
+        ready_timeout: seconds ``start()`` waits for the session.
+    """
+
+    name = "bot"
+    scheme = "bot"
+    stop_grace = 30.0
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        remote: str,
+        bot_id: str,
+        capacity: int = 1,
+        runner: str = "buildbox-run",
+        grace: float = 10.0,
+        platform: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        ready_timeout: float = 30.0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(workdir)
+        self.remote = remote
+        self.bot_id = bot_id
+        self.capacity = capacity
+        self.runner = runner
+        self.grace = grace
+        self.platform = list(platform)
+        self.env = dict(env) if env is not None else dict(os.environ)
+        self.start_timeout = ready_timeout
+        self.extra_args = list(extra_args)
+
+    @property
+    def url(self) -> str:
+        return f"bot://{self.bot_id}"
+
+    @property
+    def address(self) -> str:
+        return self.bot_id
+
+    def command_line(self) -> list[str]:
+        args = [
+            _remex_program(),
+            "bot",
+            "--remote",
+            self.remote,
+            "--name",
+            self.bot_id,
+            "--capacity",
+            str(self.capacity),
+            "--runner",
+            self.runner,
+            "--grace",
+            f"{self.grace:g}",
+            "--workdir",
+            str(self.workdir / "work"),
+        ]
+        for item in self.platform:
+            args += ["--platform", item]
+        return args + self.extra_args
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the bot's log (since its last start)."""
+        return _tail(self.log_path, self._log_offset, lines)
+
+    def log_text(self) -> str:
+        """The bot's log since its last start."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self) -> Self:
+        """Start the bot; return once it has a session.
+
+        Raises:
+            ServerError: it exited or got no session in time (with its log tail).
+        """
+        if self._alive():
+            return self
+        _open_servers.add(self)
+        try:
+            self._popen(self.command_line(), {**self.env, "PYTHONUNBUFFERED": "1"})
+            deadline = time.monotonic() + self.start_timeout
+            while _READY_MARK not in self.log_text():
+                if not self._alive():
+                    code = self._proc.returncode if self._proc is not None else None
+                    raise ServerError(
+                        f"bot {self.bot_id} exited during start (exit code {code}); "
+                        f"log {self.log_path}:\n{self.log_tail()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise ServerError(
+                        f"bot {self.bot_id} got no session within {self.start_timeout:.0f} s; "
+                        f"log {self.log_path}:\n{self.log_tail()}"
+                    )
+                time.sleep(0.05)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._terminate(grace=0)
+            raise
+        return self
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send ``signum`` to the bot process alone (not its runs)."""
+        if self._pid is not None and self._alive():
+            os.kill(self._pid, signum)
+
+    def wait(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` s for the bot to exit; its exit code, or None."""
+        deadline = time.monotonic() + timeout
+        while self._alive():
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+        return self._proc.returncode if self._proc is not None else None
+
+    def __repr__(self) -> str:
+        return f"<BotProcess {self.bot_id} pid={self._pid} workdir={self.workdir}>"

@@ -1156,6 +1156,15 @@ schedulers:
         interval: 0.25
         # The default jitter (1.0) adds up to a second to every action.
         jitter-factor: 0.0
+        # The assigner locks the chosen bot's row with SKIP LOCKED; a bot busy
+        # updating its session at that instant (every assignment wakes it)
+        # makes the job wait this long before the next try (default 5 s).
+        failure-backoff: {failure_backoff}
+
+# BuildGrid serves at most 5 x cores RPCs at once by default (10 on 2 cores)
+# and answers RESOURCE_EXHAUSTED beyond; every bot long poll and every
+# Execute/WaitExecution stream holds one.
+thread-pool-size: {thread_pool_size}
 
 instances:
   - name: ""
@@ -1205,8 +1214,12 @@ class BuildGridServer(Server):
         database: str = "bgd",
         cas_size: str = "1G",
         bot_session_keepalive_timeout: int = 10,
+        thread_pool_size: int = 128,
+        failure_backoff: float = 0.25,
     ) -> None:
         super().__init__(workdir)
+        self.thread_pool_size = thread_pool_size
+        self.failure_backoff = failure_backoff
         self.postgres = postgres
         self.database = database
         self.cas_size = cas_size
@@ -1238,6 +1251,8 @@ class BuildGridServer(Server):
                 dsn=self.dsn,
                 cas_size=self.cas_size,
                 keepalive=self.bot_session_keepalive_timeout,
+                thread_pool_size=self.thread_pool_size,
+                failure_backoff=self.failure_backoff,
             )
         )
         self._popen([bgd, "server", "start", str(self.config_path)], env)

@@ -11,7 +11,7 @@ fail with a message naming what to install.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,36 +81,6 @@ def remex_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemexStack
 # --- BuildGrid for bots (remex bot, issue 5) ---------------------------------
 
 
-class BotsBuildGridServer(BuildGridServer):
-    """BuildGrid tuned for bots: room for many waiting calls, and no 5 s stalls.
-
-    * BuildGrid 0.4.4 serves at most ``5 x cores`` RPCs at once (10 on a
-      2-core machine) and answers RESOURCE_EXHAUSTED beyond that; every bot
-      long poll and every client's Execute/WaitExecution stream holds one.
-      ``thread-pool-size`` raises the limit.
-    * Its assigner locks the chosen bot's row with SKIP LOCKED; when the bot
-      is busy updating its session at that instant (it is: every assignment
-      wakes the bot's long poll), the job is "unmatched" and waits
-      ``failure-backoff`` (default 5 s) before the next try. 0.25 s instead.
-    """
-
-    thread_pool_size = 128
-    failure_backoff = 0.25
-
-    def _popen(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
-        if args and args[-1] == str(self.config_path):  # `bgd server start CONFIG`
-            config = self.config_path.read_text()
-            anchor = "        jitter-factor: 0.0\n"
-            if anchor not in config:
-                raise RuntimeError(f"{self.config_path}: no assigner to tune (no {anchor!r})")
-            config = config.replace(
-                anchor, f"{anchor}        failure-backoff: {self.failure_backoff}\n"
-            )
-            config += f"\nthread-pool-size: {self.thread_pool_size}\n"
-            self.config_path.write_text(config)
-        super()._popen(args, env)
-
-
 @pytest.fixture(scope="module")
 def bots_buildgrid(
     request: pytest.FixtureRequest,
@@ -121,7 +91,7 @@ def bots_buildgrid(
     for tests that run ``remex bot`` processes against it."""
     module = request.module.__name__.rsplit(".", 1)[-1]
     database = "bgd_" + "".join(c if c.isalnum() else "_" for c in module).lower()
-    with BotsBuildGridServer(
+    with BuildGridServer(
         tmp_path_factory.mktemp("bots-buildgrid"),
         postgres,
         database=database,

@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 DEFAULT_QUEUE = "remex"
 STAGES = ("stage_to_cas", "upload", "execute", "fetch_outputs", "push_artifact")
 TASK_NAMES = {stage: f"remex.{stage}" for stage in STAGES}
+# Message priority per stage (kombu's Redis transport serves lower numbers
+# first): the short stages that finish an element go before those that start
+# one, so a worker whose threads wait on executions does not leave finished
+# actions queued behind new ones.
+STAGE_PRIORITY = {
+    "stage_to_cas": 6,
+    "upload": 3,
+    "execute": 6,
+    "fetch_outputs": 0,
+    "push_artifact": 0,
+}
 
 # Longer than any task's run time or retry countdown (kombu re-delivers an
 # unacknowledged message after this long): a dead worker's element is
@@ -45,7 +56,11 @@ def host_queue(worker_name: str) -> str:
 
 def celery_settings(config: RemexConfig) -> dict[str, Any]:
     """The Celery settings remex runs with (worker and client alike)."""
-    transport = {"visibility_timeout": VISIBILITY_TIMEOUT}
+    transport = {
+        "visibility_timeout": VISIBILITY_TIMEOUT,
+        # One Redis list per priority, served in this order.
+        "priority_steps": sorted(set(STAGE_PRIORITY.values())),
+    }
     return {
         "broker_url": config.broker_url,
         "result_backend": config.backend_url,
@@ -61,7 +76,7 @@ def celery_settings(config: RemexConfig) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": transport,
-        "result_backend_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
         "visibility_timeout": VISIBILITY_TIMEOUT,
         "broker_connection_retry_on_startup": True,
         # Events for Flower.
@@ -107,8 +122,8 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
         app.signature(TASK_NAMES["stage_to_cas"], args=(payload,)),
         *(app.signature(TASK_NAMES[stage]) for stage in STAGES[1:]),
     ]
-    for signature, task_id in zip(signatures, task_ids, strict=True):
-        signature.set(task_id=task_id, argsrepr=label)
+    for stage, signature, task_id in zip(STAGES, signatures, task_ids, strict=True):
+        signature.set(task_id=task_id, argsrepr=label, priority=STAGE_PRIORITY[stage])
     chain(*signatures).apply_async()
     return "sent"
 

@@ -42,9 +42,6 @@ MAX_DELIVERIES = 3
 MAX_TRANSIENT_RETRIES = 5
 # The execute task follows an operation this long, then re-queues itself.
 EXECUTE_WAIT = 10.0
-# ... but its first call returns sooner, so that the operation's name is
-# recorded early (status shows it, cancel can cancel it).
-FIRST_EXECUTE_WAIT = 2.0
 MAX_REUPLOADS = 2
 
 Payload = dict[str, Any]
@@ -247,8 +244,17 @@ def execute_task(self: StageTask, payload: Payload) -> Payload:
             if state.get("reupload"):
                 state = upload(rt.context, spec, state)
                 state.pop("reupload", None)
-            wait = EXECUTE_WAIT if state.get("operation") else FIRST_EXECUTE_WAIT
-            state = execute(rt.context, spec, state, max_wait=wait)
+            state = execute(
+                rt.context,
+                spec,
+                state,
+                max_wait=EXECUTE_WAIT,
+                # Recorded as soon as the server names it: status shows it and
+                # cancel can cancel it while this task still follows it.
+                on_operation=lambda name: rt.scheduler.note(
+                    payload["build"], payload["element"], {"operation": name}
+                ),
+            )
             state.pop("transient_failures", None)
         except MissingBlobsError as exc:
             # The execution CAS lost inputs: back through upload, then again.

@@ -26,7 +26,7 @@ task can hand the operation name to a later task instead of holding a worker.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -109,6 +109,7 @@ class ExecutionClient:
         operation_name: str | None = None,
         max_wait: float | None = None,
         max_lost: int = DEFAULT_MAX_LOST,
+        on_operation: Callable[[str], None] | None = None,
     ) -> re_pb2.ExecuteResponse | Pending:
         """Start (or resume) an execution and follow it.
 
@@ -117,6 +118,8 @@ class ExecutionClient:
                 starting a new one (it is executed again if lost).
             max_wait: stop following after this many seconds and return
                 :class:`Pending`; None follows to the end.
+            on_operation: called with each new operation name as soon as the
+                server gives it (so a caller can record it, e.g. for cancel).
             (others as in :meth:`execute`)
 
         Returns:
@@ -147,6 +150,8 @@ class ExecutionClient:
                             re_pb2.WaitExecutionRequest(name=name), timeout=timeout
                         )
                     for operation in stream:
+                        if operation.name and operation.name != name and on_operation:
+                            on_operation(operation.name)
                         name = operation.name or name
                         stage = _stage_of(operation) or stage
                         if operation.done:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import posixpath
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.cas import store_tree_message, tree_digests
@@ -51,7 +52,12 @@ LOG_TAIL_CHARS = 8000
 
 
 def execute(
-    ctx: StageContext, spec: BuildSpec, state: State, *, max_wait: float | None = None
+    ctx: StageContext,
+    spec: BuildSpec,
+    state: State,
+    *,
+    max_wait: float | None = None,
+    on_operation: Callable[[str], None] | None = None,
 ) -> State:
     """Stage 3: run the action on the execution server (or resume following it).
 
@@ -61,6 +67,7 @@ def execute(
     Args:
         max_wait: seconds to follow the operation before returning it as
             pending; None waits until it is done.
+        on_operation: called with the operation's name as soon as it is known.
 
     Returns:
         Done: the state with ``action_result`` and ``remote_cache_hit`` (the
@@ -89,7 +96,11 @@ def execute(
             )
     try:
         outcome = ctx.executor.run(
-            action, skip_cache_lookup=skip, operation_name=operation, max_wait=max_wait
+            action,
+            skip_cache_lookup=skip,
+            operation_name=operation,
+            max_wait=max_wait,
+            on_operation=on_operation,
         )
         if (
             not isinstance(outcome, Pending)

@@ -21,6 +21,7 @@ from pipeline.broker import (
     DEFAULT_QUEUE,
     MAX_ATTEMPTS,
     RECONCILE_LOCK,
+    STAGE_PRIORITY,
     make_celery,
     reconcile,
     send_element,
@@ -444,9 +445,19 @@ def celery_app(redis_server: RedisServer, scheduler: Scheduler) -> Iterator[Cele
 
 
 def queued_messages(scheduler: Scheduler) -> list[dict[str, Any]]:
-    """The messages waiting in the default queue (kombu's Redis list), oldest first."""
-    raw = scheduler.redis.lrange(DEFAULT_QUEUE, 0, -1)
-    return [json.loads(message) for message in reversed(raw)]
+    """The messages waiting in the default queue, oldest first per priority.
+
+    kombu's Redis transport keeps one list per priority: the queue's name for
+    priority 0, ``name + "\\x06\\x16" + str(priority)`` for the others.
+    """
+    lists = [DEFAULT_QUEUE] + [
+        f"{DEFAULT_QUEUE}\x06\x16{priority}" for priority in sorted(set(STAGE_PRIORITY.values()))
+    ]
+    messages: list[dict[str, Any]] = []
+    for name in lists:
+        raw = scheduler.redis.lrange(name, 0, -1)
+        messages += [json.loads(message) for message in reversed(raw)]
+    return messages
 
 
 def test_send_element_sends_a_five_stage_chain_with_known_task_ids(

@@ -1,0 +1,87 @@
+"""`remex up` / `remex down`: the embedded stack, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.hello import copy_hello_project
+
+REMEX = str(Path(sys.executable).with_name("remex"))
+
+
+def run(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [REMEX, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def user_env(tmp_path: Path) -> dict[str, str]:
+    """A user's environment with no remex configuration at all, and a private stack folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMEX_")}
+    env.update(
+        REMEX_STACK_DIR=str(tmp_path / "stack"),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+    )
+    return env
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_up_build_checkout_down(user_env: dict[str, str], tmp_path: Path) -> None:
+    # Given the embedded stack started in the background
+    up = run(user_env, "up", "--detach", "--workers", "2")
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads((tmp_path / "stack" / "stack.json").read_text())
+        pids = [state["redis"]["pid"], state["casd"]["pid"]] + [w["pid"] for w in state["workers"]]
+        assert all(alive(pid) for pid in pids)
+        assert state["redis"]["url"].startswith("redis://127.0.0.1:")
+        assert state["casd"]["url"].startswith("grpc://127.0.0.1:")
+        # A second `up` refuses while this one runs
+        again = run(user_env, "up", "--detach")
+        assert again.returncode == 2 and "already up" in again.stderr
+        # When a project builds with no configuration but the running stack
+        project = copy_hello_project(tmp_path / "hello")
+        build = run(user_env, "build", "--json", "-C", str(project), "app.bst")
+        assert build.returncode == 0, build.stderr
+        states = {e["element"]: e["state"] for e in json.loads(build.stdout)["elements"]}
+        assert set(states.values()) == {"built"}
+        checkout = run(user_env, "checkout", "-C", str(project), "hello.bst", str(tmp_path / "out"))
+        assert checkout.returncode == 0, checkout.stderr
+        assert (tmp_path / "out" / "usr" / "share" / "hello" / "message").read_text() == (
+            "Hello, world!\n"
+        )
+    finally:
+        down = run(user_env, "down")
+    # Then `down` stopped exactly the recorded processes and forgot the stack
+    assert down.returncode == 0, down.stderr
+    assert not any(alive(pid) for pid in pids)
+    assert not (tmp_path / "stack" / "stack.json").exists()
+    assert "no remex stack is up" in run(user_env, "down").stdout
+
+
+def test_a_missing_system_tool_is_one_clear_sentence(user_env: dict[str, str]) -> None:
+    # Given a PATH without redis-server and bwrap
+    env = dict(user_env, PATH=str(Path(sys.executable).parent))
+    # When the stack is started
+    result = run(env, "up", "--detach")
+    # Then it says which Debian package to install, and starts nothing
+    assert result.returncode == 2
+    assert "install the Debian package redis-server" in result.stderr
+    assert "install the Debian package bubblewrap" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (Path(user_env["REMEX_STACK_DIR"]) / "stack.json").exists()

@@ -22,6 +22,15 @@ no-op rebuild):
 3. no-op rebuild of 100 elements (base, 98 elements in a DAG, a stack on
    top; built once first, then submitted again with everything cached).
    Target: < 5 s.
+4. wide-buildgrid: the wide build of case 1 on the BuildGrid stack of its
+   own: BuildGrid 0.4.4 on PostgreSQL (execution, CAS, ActionCache), a
+   buildbox-casd as the artifact server (Remote Asset + its CAS), redis, two
+   ``remex bot`` processes (``--capacity 4``, buildbox-run) and two ``remex
+   worker`` processes. Limit: 32 / (2 bots x 4) x 1 s = 4 s; target within
+   25 % (<= 5 s). The same 32 actions sent straight to BuildGrid at once are
+   shown as the stack's own floor; the notes give the bots' timeline
+   (ExecutedActionMetadata: queued, worker start/completed, the command) and
+   how many actions each bot ran.
 
 Every build uses a fresh salt (an environment variable of every command), so
 runs never hit each other's caches. Wall time is submit start to the build's
@@ -30,8 +39,9 @@ runs never hit each other's caches. Wall time is submit start to the build's
 salts); the table shows the median run, the notes every run's wall time.
 Other processes on the machine skew the figures: the header shows the load.
 
-Run: ``.venv/bin/python -m bench.pipeline [--repeat 3] [--cases wide,chain,noop]
-[--workers 2] [--concurrency 8] [--jobs 8] [--wide 32] [--chain 20] [--noop 100] [--keep]``
+Run: ``.venv/bin/python -m bench.pipeline [--repeat 3]
+[--cases wide,chain,noop,wide-buildgrid] [--workers 2] [--concurrency 8] [--jobs 8]
+[--bots 2] [--capacity 4] [--wide 32] [--chain 20] [--noop 100] [--keep]``
 """
 
 from __future__ import annotations
@@ -56,9 +66,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bot.process import BotProcess
 from pipeline import api
 from pipeline.config import RemexConfig, load_config
 from pipeline.scheduler import BuildStatus
+from pipeline.servers import BuildGridServer, CasdServer, PostgresServer, RedisServer
 from pipeline.spec import BuildSpec
 from pipeline.stages import (
     StageContext,
@@ -72,11 +84,16 @@ from pipeline.stages import (
 from pipeline.stages.state import decode_action_result
 from tests.dag import DagProject, make_dag_project
 from tests.sysroot import make_busybox_sysroot
-from tests.workers import RemexStack, remex_program
+from tests.workers import RemexStack, RemexWorker, remex_program
 
 WAIT_POLL = 0.02
 BUILD_TIMEOUT = 600.0
 STAGES = ("stage_to_cas", "upload", "execute", "fetch_outputs", "push_artifact")
+CASD_CASES = ("wide", "chain", "noop")
+GRID_CASES = ("wide-buildgrid",)
+# Production settings for the workers (the tests use shorter ones).
+HEARTBEAT_TIMEOUT = 30.0
+RECONCILE_INTERVAL = 5.0
 
 
 # --------------------------------------------------------------------------- measuring
@@ -158,11 +175,14 @@ def artifact_metas(
     return out
 
 
-def casd_timeline(spans: Sequence[tuple[float, float, float]], t0: float, jobs: int) -> str:
-    """A note on casd's timeline: ``spans`` holds (worker_start, worker_completed,
-    command seconds) of each action, from its ExecutedActionMetadata."""
+def casd_timeline(
+    spans: Sequence[tuple[float, float, float]], t0: float, jobs: int, label: str = "casd"
+) -> str:
+    """A note on the executor's timeline: ``spans`` holds (worker_start,
+    worker_completed, command seconds) of each action, from its
+    ExecutedActionMetadata; ``jobs`` is how many can run at once."""
     if not spans:
-        return "casd: no ExecutedActionMetadata"
+        return f"{label}: no ExecutedActionMetadata"
     events = sorted([(s, 1) for s, _, _ in spans] + [(e, -1) for _, e, _ in spans])
     running = peak = 0
     full = 0.0
@@ -175,7 +195,7 @@ def casd_timeline(spans: Sequence[tuple[float, float, float]], t0: float, jobs: 
         last = when
     first, final = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
     return (
-        f"casd: first action started +{first - t0:.2f} s, last done +{final - t0:.2f} s; "
+        f"{label}: first action started +{first - t0:.2f} s, last done +{final - t0:.2f} s; "
         f"runner (worker_start..completed) median "
         f"{statistics.median(e - s for s, e, _ in spans):.2f} s, command median "
         f"{statistics.median(x for *_, x in spans):.2f} s; {jobs} running at once for "
@@ -220,8 +240,15 @@ class Bench:
     sysroot: Path
     config: RemexConfig
     env: dict[str, str]
-    jobs: int
+    jobs: int  # actions the execution side runs at once
+    executor: str = ""  # how the table names it ("casd --jobs=8")
+    label: str = "casd"  # how the notes name it
+    bots: list[BotProcess] = field(default_factory=list)
     counter: int = 0
+
+    def leases_started(self) -> dict[str, int]:
+        """Leases each bot has started since its start (from its log)."""
+        return {b.bot_id: b.log_text().count(": started (") for b in self.bots}
 
     def project(self, n: int, shape: str, sleep: float = 0.0) -> DagProject:
         self.counter += 1
@@ -235,12 +262,14 @@ class Bench:
         )
 
 
-def case_wide(bench: Bench, n: int) -> list[Row]:
+def case_wide(bench: Bench, n: int, case: str = "wide") -> list[Row]:
     project = bench.project(n, "wide", sleep=1.0)
     base = api_build(project.path, ["base.bst"], bench.config)
-    rows = [Row("wide: base.bst (setup; cached after run 1)", 1, base.wall, "-", "-", "info")]
+    rows = [Row(f"{case}: base.bst (setup; cached after run 1)", 1, base.wall, "-", "-", "info")]
     targets = project.elements
+    leases_before = bench.leases_started()
     run = api_build(project.path, targets, bench.config)
+    leases_after = bench.leases_started()
     jobs = bench.jobs
     limit = (n + jobs - 1) // jobs * 1.0
     infos = [run.info(t) for t in targets]
@@ -248,79 +277,95 @@ def case_wide(bench: Bench, n: int) -> list[Row]:
     queued = [float(i["queued_at"]) for i in infos]
     execute_s = [float(i["timings"].get("execute", 0)) for i in infos]
     metas = artifact_metas(project.path, targets, bench.config)
-    spans, gaps = [], []
+    spans, gaps, waits = [], [], []
     for name, info in zip(targets, infos, strict=True):
         timings = metas.get(name, {}).get("timings") or {}
         start, end = _iso(timings.get("worker_start")), _iso(timings.get("worker_completed"))
         if start and end:
             spans.append((start, end, float(timings.get("execution_seconds") or 0)))
             gaps.append(float(info["finished"]) - end)
+            queued_at = _iso(timings.get("queued"))
+            if queued_at:
+                waits.append(start - queued_at)
     t0 = run.start
+    label = bench.label
+    notes = [
+        f"submit {run.submit_seconds:.2f} s; chains started +{min(started) - t0:.2f}"
+        f"..+{max(started) - t0:.2f} s (queued->started median "
+        f"{fmt_ms(statistics.median(s - q for s, q in zip(started, queued, strict=True)))}"
+        f"); hosts {_hosts(infos)}",
+        f"execute stage median {statistics.median(execute_s):.2f} s (max "
+        f"{max(execute_s):.2f} s; the task re-queued itself for "
+        f"{sum(1 for i in infos if i.get('operation'))} of {n} elements); "
+        f"{label} done -> element finished "
+        f"(fetch_outputs, push_artifact, 2 hops): median "
+        f"{fmt_ms(statistics.median(gaps)) if gaps else 'n/a'}, max "
+        f"{fmt_ms(max(gaps)) if gaps else 'n/a'}",
+        casd_timeline(spans, t0, jobs, label),
+    ]
+    if spans:
+        slot = statistics.mean(e - s for s, e, _ in spans)
+        notes.append(
+            f"{label}: a slot is held {slot:.2f} s per action on average (worker_start.."
+            f"completed), so {len(spans)} x {slot:.2f} s / {jobs} slots = "
+            f"{len(spans) * slot / jobs:.2f} s even with every slot always busy"
+        )
+    if waits:
+        notes.append(
+            f"{label}: action queued (ExecutedActionMetadata.queued) -> started on a worker: "
+            f"median {fmt_ms(statistics.median(waits))}, max {fmt_ms(max(waits))}"
+        )
+    if bench.bots:
+        ran = {b: leases_after[b] - leases_before.get(b, 0) for b in leases_after}
+        notes.append(
+            "leases started per bot: " + ", ".join(f"{b} x{c}" for b, c in sorted(ran.items()))
+        )
     rows.append(
         Row(
-            f"wide: {n} x sleep 1, casd --jobs={jobs}",
+            f"{case}: {n} x sleep 1, {bench.executor}",
             n,
             run.wall,
             f"limit {limit:.1f} s; target <= {1.25 * limit:.1f} s",
             fmt_ms(run.wall / n),
             "met" if run.wall <= 1.25 * limit else "NOT met",
-            [
-                f"submit {run.submit_seconds:.2f} s; chains started +{min(started) - t0:.2f}"
-                f"..+{max(started) - t0:.2f} s (queued->started median "
-                f"{fmt_ms(statistics.median(s - q for s, q in zip(started, queued, strict=True)))}"
-                f"); hosts {_hosts(infos)}",
-                f"execute stage median {statistics.median(execute_s):.2f} s (max "
-                f"{max(execute_s):.2f} s; the task re-queued itself for "
-                f"{sum(1 for i in infos if i.get('operation'))} of {n} elements); "
-                f"casd done -> element finished "
-                f"(fetch_outputs, push_artifact, 2 hops): median "
-                f"{fmt_ms(statistics.median(gaps)) if gaps else 'n/a'}, max "
-                f"{fmt_ms(max(gaps)) if gaps else 'n/a'}",
-                casd_timeline(spans, t0, jobs),
-            ],
+            notes,
         )
     )
-    # casd's own floor: the same actions (new salt), Execute all at once, no Celery.
+    # The executor's own floor: the same actions (new salt), Execute all at once, no Celery.
     floor_project = bench.project(n, "wide", sleep=1.0)
-    seconds, notes = direct_execute(floor_project, bench.config, jobs)
+    seconds, floor_notes = direct_execute(floor_project, bench.config, jobs, label)
     rows.append(
         Row(
-            f"wide floor: {n} Execute calls at once, no Celery",
+            f"{case} floor: {n} Execute calls at once, no Celery",
             n,
             seconds,
             f"limit {limit:.1f} s",
             fmt_ms(seconds / n),
             "info",
-            notes,
+            floor_notes,
         )
     )
     return rows
 
 
-def direct_execute(project: DagProject, config: RemexConfig, jobs: int) -> tuple[float, list[str]]:
+def direct_execute(
+    project: DagProject, config: RemexConfig, jobs: int, label: str = "casd"
+) -> tuple[float, list[str]]:
     """Stage and upload every element in this process, then send all their
-    Execute calls to casd at once; return the seconds until the last is done."""
+    Execute calls to the execution server at once; return the seconds until
+    the last is done."""
     with api.open_context(config) as ctx:
         specs = prepared_specs(ctx, project.path, project.elements)
         build_plan(ctx, specs[:1])  # base.bst
         states = [(spec, upload(ctx, spec, stage_to_cas(ctx, spec, {}))) for spec in specs[1:]]
 
-        def one(item: tuple[BuildSpec, dict[str, Any]]) -> tuple[float, tuple[float, float, float]]:
+        def one(item: tuple[BuildSpec, dict[str, Any]]) -> tuple[float, Any]:
             spec, state = item
             started = time.perf_counter()
             state = execute(ctx, spec, state)
             seconds = time.perf_counter() - started
             meta = decode_action_result(spec["element"], state["action_result"]).execution_metadata
-            span = (
-                meta.worker_start_timestamp.ToNanoseconds() / 1e9,
-                meta.worker_completed_timestamp.ToNanoseconds() / 1e9,
-                (
-                    meta.execution_completed_timestamp.ToNanoseconds()
-                    - meta.execution_start_timestamp.ToNanoseconds()
-                )
-                / 1e9,
-            )
-            return seconds, span
+            return seconds, meta
 
         wall0 = time.time()
         t0 = time.perf_counter()
@@ -328,10 +373,74 @@ def direct_execute(project: DagProject, config: RemexConfig, jobs: int) -> tuple
             results = list(pool.map(one, states))
         seconds = time.perf_counter() - t0
     each = [r[0] for r in results]
-    return seconds, [
-        f"Execute RPC per action: median {statistics.median(each):.2f} s, max {max(each):.2f} s",
-        casd_timeline([r[1] for r in results], wall0, jobs),
+    metas = [r[1] for r in results]
+    workers: dict[str, int] = {}
+    for meta in metas:
+        workers[meta.worker or "?"] = workers.get(meta.worker or "?", 0) + 1
+    spans = [
+        (
+            _seconds(meta.worker_start_timestamp),
+            _seconds(meta.worker_completed_timestamp),
+            _seconds(meta.execution_completed_timestamp) - _seconds(meta.execution_start_timestamp),
+        )
+        for meta in metas
     ]
+    phases = {
+        phase: [
+            _seconds(getattr(meta, f"{phase}_completed_timestamp"))
+            - _seconds(getattr(meta, f"{phase}_start_timestamp"))
+            for meta in metas
+            if getattr(meta, f"{phase}_start_timestamp").seconds
+        ]
+        for phase in ("input_fetch", "execution", "output_upload")
+    }
+    waits = [
+        _seconds(meta.worker_start_timestamp) - _seconds(meta.queued_timestamp)
+        for meta in metas
+        if meta.queued_timestamp.seconds
+    ]
+    per_worker = (
+        ""
+        if set(workers) == {"?"}  # casd names no worker
+        else "; actions per worker: " + ", ".join(f"{w} x{c}" for w, c in sorted(workers.items()))
+    )
+    notes = [
+        f"Execute RPC per action: median {statistics.median(each):.2f} s, max "
+        f"{max(each):.2f} s{per_worker}",
+        casd_timeline(spans, wall0, jobs, label),
+    ]
+    rest = (
+        [
+            (end - start) - fetch - command - push
+            for (start, end, _), fetch, command, push in zip(
+                spans,
+                phases["input_fetch"],
+                phases["execution"],
+                phases["output_upload"],
+                strict=True,
+            )
+        ]
+        if all(len(v) == len(metas) for v in phases.values())
+        else []
+    )
+    parts = [
+        f"{name} {statistics.median(values):.2f} s (max {max(values):.2f})"
+        for name, values in (
+            ("queued -> worker start", waits),
+            ("input fetch", phases["input_fetch"]),
+            ("command", phases["execution"]),
+            ("output upload", phases["output_upload"]),
+            ("rest of worker start..completed", rest),
+        )
+        if values
+    ]
+    if parts:
+        notes.append(f"{label}: per action (ExecutedActionMetadata), median: " + "; ".join(parts))
+    return seconds, notes
+
+
+def _seconds(timestamp: Any) -> float:
+    return float(timestamp.ToNanoseconds()) / 1e9
 
 
 def case_chain(bench: Bench, n: int) -> list[Row]:
@@ -488,40 +597,130 @@ def remex_stack(
         concurrency=concurrency,
         jobs=jobs,
         separate_artifacts=False,
-        heartbeat_timeout=30.0,
-        reconcile_interval=5.0,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        reconcile_interval=RECONCILE_INTERVAL,
     ) as stack:
         yield load_config(environ=stack.env), dict(stack.env)
+
+
+@contextlib.contextmanager
+def grid_stack(
+    work: Path, workers: int, concurrency: int, bots: int, capacity: int
+) -> Iterator[tuple[RemexConfig, dict[str, str], list[BotProcess]]]:
+    """PostgreSQL + BuildGrid 0.4.4 (execution, CAS, ActionCache), a casd as
+    the artifact server, redis, ``bots`` x ``remex bot --capacity CAPACITY``
+    (buildbox-run) and ``workers`` x ``remex worker`` (production settings).
+
+    :class:`tests.workers.RemexStack` always starts a casd as its execution
+    server, so the pieces are put together here, as in
+    tests/integration/test_pipeline_buildgrid.py. Everything is stopped by
+    PID (SIGTERM, then SIGKILL), the last started first."""
+    root = work / "grid-stack"
+    with contextlib.ExitStack() as cleanup:
+        postgres = cleanup.enter_context(PostgresServer(root / "postgres"))
+        grid = cleanup.enter_context(BuildGridServer(root / "buildgrid", postgres))
+        artifacts = cleanup.enter_context(CasdServer(root / "casd-artifacts", jobs=1))
+        redis = cleanup.enter_context(RedisServer(root / "redis"))
+        config_file = root / "remex.toml"
+        config_file.write_text("")
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("REMEX_") and key != "CELERY_CONFIG_MODULE"
+        }
+        env.update(
+            REMEX_CONFIG=str(config_file),
+            REMEX_STACK_DIR=str(root / "no-embedded-stack"),
+            REMEX_BROKER_URL=redis.url,
+            REMEX_EXECUTION_URL=grid.url,
+            REMEX_ARTIFACTS_URL=artifacts.url,
+            REMEX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT),
+            REMEX_RECONCILE_INTERVAL=str(RECONCILE_INTERVAL),
+            PYTHONUNBUFFERED="1",
+        )
+        started_bots = []
+        for k in range(1, bots + 1):
+            bot = BotProcess(
+                root / f"bot{k}", remote=grid.url, bot_id=f"bot{k}", capacity=capacity, env=env
+            )
+            cleanup.callback(bot.close)
+            started_bots.append(bot.start())
+        for k in range(1, workers + 1):
+            worker = RemexWorker(
+                root / f"worker-w{k}", name=f"w{k}", env=env, concurrency=concurrency
+            )
+            cleanup.callback(worker.close)
+            worker.start()
+        cli_env = env | {"REMEX_CAS_DIR": str(root / "cli-cas")}
+        yield load_config(environ=cli_env), cli_env, started_bots
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=8, help="casd --jobs")
+    parser.add_argument("--bots", type=int, default=2, help="remex bot processes (BuildGrid)")
+    parser.add_argument("--capacity", type=int, default=4, help="remex bot --capacity")
     parser.add_argument("--wide", type=int, default=32)
     parser.add_argument("--chain", type=int, default=20)
     parser.add_argument("--noop", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--cases", default="wide,chain,noop")
+    parser.add_argument("--cases", default=",".join(CASD_CASES + GRID_CASES))
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args()
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(cases) - set(CASD_CASES + GRID_CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {', '.join(CASD_CASES + GRID_CASES)}")
 
     busy_before = system_busy()
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="remex-bench-pipeline-"))
     rows: list[Row] = []
+    stacks: list[str] = []
     try:
         sysroot = make_busybox_sysroot(work / "sysroot")
-        with remex_stack(work, args.workers, args.concurrency, args.jobs) as (config, env):
-            bench = Bench(work, sysroot, config, env, args.jobs)
-            cases = args.cases.split(",")
-            if "wide" in cases:
-                rows += repeated(lambda: case_wide(bench, args.wide), args.repeat, key=1)
-            if "chain" in cases:
-                rows += repeated(lambda: case_chain(bench, args.chain), args.repeat, key=0)
-            if "noop" in cases:
-                rows += repeated(lambda: case_noop(bench, args.noop), args.repeat, key=1)
+        if set(cases) & set(CASD_CASES):
+            stacks.append(
+                f"casd stack: redis, buildbox-casd --jobs={args.jobs} (execution + artifacts), "
+                f"{args.workers} workers x {args.concurrency} threads"
+            )
+            with remex_stack(work, args.workers, args.concurrency, args.jobs) as (config, env):
+                bench = Bench(
+                    work, sysroot, config, env, args.jobs, executor=f"casd --jobs={args.jobs}"
+                )
+                if "wide" in cases:
+                    rows += repeated(lambda: case_wide(bench, args.wide), args.repeat, key=1)
+                if "chain" in cases:
+                    rows += repeated(lambda: case_chain(bench, args.chain), args.repeat, key=0)
+                if "noop" in cases:
+                    rows += repeated(lambda: case_noop(bench, args.noop), args.repeat, key=1)
+        if "wide-buildgrid" in cases:
+            stacks.append(
+                f"BuildGrid stack: BuildGrid 0.4.4 on PostgreSQL, casd (artifacts), redis, "
+                f"{args.bots} remex bots x capacity {args.capacity} (buildbox-run), "
+                f"{args.workers} workers x {args.concurrency} threads"
+            )
+            with grid_stack(work, args.workers, args.concurrency, args.bots, args.capacity) as (
+                config,
+                env,
+                bots,
+            ):
+                slots = args.bots * args.capacity
+                bench = Bench(
+                    work / "grid",
+                    sysroot,
+                    config,
+                    env,
+                    slots,
+                    executor=f"BuildGrid, {args.bots} bots x {args.capacity}",
+                    label="bots",
+                    bots=bots,
+                )
+                rows += repeated(
+                    lambda: case_wide(bench, args.wide, "wide-buildgrid"), args.repeat, key=1
+                )
     finally:
         if args.keep:
             print(f"work folder kept: {work}", file=sys.stderr)
@@ -529,12 +728,12 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print(
-        f"\nremex pipeline: {os.cpu_count()} cores; redis, buildbox-casd --jobs={args.jobs}, "
-        f"{args.workers} workers x {args.concurrency} threads; API in-process.\n"
-        f"Machine before start: {100 * busy_before:.0f}% CPU busy, load {load_before:.2f}; "
+        f"\nremex pipeline: {os.cpu_count()} cores; API in-process.\n"
+        + "".join(f"{line}.\n" for line in stacks)
+        + f"Machine before start: {100 * busy_before:.0f}% CPU busy, load {load_before:.2f}; "
         f"load at the end {os.getloadavg()[0]:.2f}.\n"
     )
-    widths = (46, 8, 8, 38, 28)
+    widths = (58, 8, 8, 38, 28)
     head = ("case", "elements", "wall", "limit / target", "per element")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " | result")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|--------")

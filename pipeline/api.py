@@ -37,7 +37,12 @@ def open_context(config: RemexConfig, *, correlated_id: str = "") -> StageContex
     """A stage context on this host: its local CAS and both remote servers."""
     cas = LocalCas(config.cas_dir, quota_bytes=config.cas_quota_bytes)
     return StageContext.connect(
-        cas, config.execution, config.artifact_endpoint, correlated_id=correlated_id
+        cas,
+        config.execution,
+        config.artifact_endpoint,
+        storage=config.storage,
+        action_cache=config.action_cache,
+        correlated_id=correlated_id,
     )
 
 

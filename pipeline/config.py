@@ -22,6 +22,9 @@ Where settings come from, later ones winning:
     client-key = ""
     token-file = ""             # bearer token, re-read when it changes
 
+    [remote.storage]            # the execution side's CAS; default: the execution server
+    [remote.action-cache]       # its ActionCache; default: the execution server
+
     [remote.artifacts]          # CAS + Remote Asset; default: the execution server
     url = "grpc://127.0.0.1:50052"
 
@@ -35,7 +38,8 @@ Where settings come from, later ones winning:
     reconcile-interval = 5      # seconds between reconciler passes
 
 Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
-``REMEX_{EXECUTION,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,CLIENT_KEY,TOKEN_FILE}``,
+``REMEX_{EXECUTION,STORAGE,ACTION_CACHE,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,
+CLIENT_KEY,TOKEN_FILE}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_WORKER_CONCURRENCY``,
 ``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
 ``REMEX_CONFIG`` (an explicit config file, read instead of the user's).
@@ -66,6 +70,13 @@ _REMOTE_KEYS = {
     "client-key": "client_key",
     "token-file": "token_file",
 }
+# [remote.KEY] tables and the RemexConfig attribute each sets.
+_REMOTES = {
+    "execution": "execution",
+    "storage": "storage",
+    "action-cache": "action_cache",
+    "artifacts": "artifacts",
+}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
@@ -76,6 +87,8 @@ class RemexConfig:
     broker_url: str = DEFAULT_BROKER_URL
     result_backend: str = ""
     execution: Endpoint = field(default_factory=lambda: Endpoint(DEFAULT_EXECUTION_URL))
+    storage: Endpoint | None = None
+    action_cache: Endpoint | None = None
     artifacts: Endpoint | None = None
     cas_dir: Path = field(default_factory=lambda: _cache_home() / "remex" / "cas")
     cas_quota_bytes: int | None = None
@@ -170,17 +183,14 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     if "result-backend" in broker:
         changes["result_backend"] = _str(broker["result-backend"], where, "broker.result-backend")
     remote = _table(data, "remote", where)
-    _known(remote, {"execution", "artifacts"}, where, "remote.")
+    _known(remote, set(_REMOTES), where, "remote.")
     base = path.parent
-    if "execution" in remote:
-        changes["execution"] = _endpoint(
-            config.execution, _table(remote, "execution", where), where, "remote.execution", base
-        )
-    if "artifacts" in remote:
-        start = config.artifacts or Endpoint("")
-        changes["artifacts"] = _endpoint(
-            start, _table(remote, "artifacts", where), where, "remote.artifacts", base
-        )
+    for key, attr in _REMOTES.items():
+        if key in remote:
+            start = getattr(config, attr) or Endpoint("")
+            changes[attr] = _endpoint(
+                start, _table(remote, key, where), where, f"remote.{key}", base
+            )
     cas = _table(data, "cas", where)
     _known(cas, {"dir", "quota"}, where, "cas.")
     if "dir" in cas:
@@ -212,7 +222,8 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
     if env.get("REMEX_RESULT_BACKEND"):
         changes["result_backend"] = env["REMEX_RESULT_BACKEND"]
         used.append("REMEX_RESULT_BACKEND")
-    for name, attr in (("EXECUTION", "execution"), ("ARTIFACTS", "artifacts")):
+    for remote_key, attr in _REMOTES.items():
+        name = remote_key.upper().replace("-", "_")
         values = {
             key: env[f"REMEX_{name}_{field_.upper()}"]
             for key, field_ in _REMOTE_KEYS.items()

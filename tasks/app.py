@@ -69,7 +69,12 @@ def runtime() -> WorkerRuntime:
             config = load_config(_project_dir())
             cas = LocalCas(config.cas_dir, quota_bytes=config.cas_quota_bytes)
             context = StageContext.connect(
-                cas, config.execution, config.artifact_endpoint, correlated_id=worker_name()
+                cas,
+                config.execution,
+                config.artifact_endpoint,
+                storage=config.storage,
+                action_cache=config.action_cache,
+                correlated_id=worker_name(),
             )
             scheduler = Scheduler.from_url(
                 config.broker_url, heartbeat_timeout=config.heartbeat_timeout

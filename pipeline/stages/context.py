@@ -1,8 +1,11 @@
-"""What a stage works with: the local CAS and the two remote servers.
+"""What a stage works with: the local CAS and the remote servers.
 
-The execution server (CAS, ActionCache, Execution) and the artifact server
-(CAS, Remote Asset) may be one server or two. The stages never assume they
-share a CAS: blobs move from one to the other through the local CAS.
+The execution server (Execution; by default also the CAS and ActionCache
+that go with it) and the artifact server (CAS, Remote Asset) may be one server
+or two. As in BuildStream's remote-execution settings, the execution side's
+CAS ("storage") and ActionCache may be separate endpoints. The stages never
+assume the execution and artifact CAS are one: blobs move from one to the
+other through the local CAS.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ class StageContext:
         local_cas: this host's CAS (a cache; the remote CAS is the truth).
         execution: the server that runs actions (CAS + ActionCache + Execution).
         artifacts: the server that stores artifacts and sources (CAS + Remote Asset).
-        owns_remotes: :meth:`close` closes the two remotes (as :meth:`connect` sets).
+        storage: the CAS the execution server reads inputs from and writes
+            outputs to, when it is not the execution server's own.
+        action_cache_remote: the ActionCache, when not the execution server's.
+        owns_remotes: :meth:`close` closes the remotes (as :meth:`connect` sets).
 
     Use as a context manager, or call :meth:`close`.
     """
@@ -44,11 +50,15 @@ class StageContext:
         execution: Remote,
         artifacts: Remote,
         *,
+        storage: Remote | None = None,
+        action_cache_remote: Remote | None = None,
         owns_remotes: bool = False,
     ) -> None:
         self.local_cas = local_cas
         self.execution = execution
         self.artifacts = artifacts
+        self.storage = storage or execution
+        self.action_cache_remote = action_cache_remote or execution
         self.owns_remotes = owns_remotes
         self._lock = threading.Lock()
         self._clients: dict[str, object] = {}
@@ -60,16 +70,31 @@ class StageContext:
         execution: Endpoint,
         artifacts: Endpoint,
         *,
+        storage: Endpoint | None = None,
+        action_cache: Endpoint | None = None,
         correlated_id: str = "",
     ) -> StageContext:
-        """Open both remotes (two channels even when the endpoints are equal)."""
-        execution_remote = Remote(execution, correlated_id=correlated_id)
+        """Open the remotes (one channel per endpoint given, even when equal)."""
+        opened: list[Remote] = []
         try:
-            artifact_remote = Remote(artifacts, correlated_id=correlated_id)
+
+            def open_remote(endpoint: Endpoint) -> Remote:
+                remote = Remote(endpoint, correlated_id=correlated_id)
+                opened.append(remote)
+                return remote
+
+            return cls(
+                local_cas,
+                open_remote(execution),
+                open_remote(artifacts),
+                storage=open_remote(storage) if storage is not None else None,
+                action_cache_remote=open_remote(action_cache) if action_cache is not None else None,
+                owns_remotes=True,
+            )
         except BaseException:
-            execution_remote.close()
+            for remote in opened:
+                remote.close()
             raise
-        return cls(local_cas, execution_remote, artifact_remote, owns_remotes=True)
 
     def __enter__(self) -> StageContext:
         return self
@@ -83,16 +108,16 @@ class StageContext:
     def close(self) -> None:
         """Close the remotes if this context opened them."""
         if self.owns_remotes:
-            self.execution.close()
-            if self.artifacts is not self.execution:
-                self.artifacts.close()
+            remotes = (self.execution, self.artifacts, self.storage, self.action_cache_remote)
+            for remote in {id(r): r for r in remotes}.values():
+                remote.close()
 
     # --- clients, built on first use ------------------------------------------
 
     @property
     def execution_cas(self) -> CasClient:
-        """The execution server's CAS: action inputs go up, outputs come down."""
-        return self._client("execution_cas", lambda: CasClient(self.execution))
+        """The execution side's CAS ("storage"): action inputs go up, outputs come down."""
+        return self._client("execution_cas", lambda: CasClient(self.storage))
 
     @property
     def artifact_cas(self) -> CasClient:
@@ -105,7 +130,7 @@ class StageContext:
 
     @property
     def action_cache(self) -> ActionCacheClient:
-        return self._client("action_cache", lambda: ActionCacheClient(self.execution))
+        return self._client("action_cache", lambda: ActionCacheClient(self.action_cache_remote))
 
     @property
     def assets(self) -> AssetClient:

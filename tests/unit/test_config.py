@@ -104,3 +104,46 @@ def test_a_running_embedded_stack_gives_the_defaults(tmp_path: Path) -> None:
 )
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text, where="x") == size
+
+
+def test_storage_and_action_cache_endpoints_are_separate_keys(tmp_path: Path) -> None:
+    # Given a split REAPI deployment: execution, its CAS and its ActionCache apart
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "remex.toml").write_text(
+        '[remote.execution]\nurl = "grpc://exec:1"\n'
+        '[remote.storage]\nurl = "grpc://cas:2"\ninstance-name = "cas"\n'
+    )
+    env = env_for(tmp_path, REMEX_ACTION_CACHE_URL="grpc://ac:3")
+    # When loaded
+    config = load_config(project, env)
+    # Then each is where it was said to be, and artifacts default to execution
+    assert config.execution.url == "grpc://exec:1"
+    assert config.storage is not None and config.storage.url == "grpc://cas:2"
+    assert config.storage.instance_name == "cas"
+    assert config.action_cache is not None and config.action_cache.url == "grpc://ac:3"
+    assert config.artifact_endpoint.url == "grpc://exec:1"
+
+
+def test_the_stage_context_routes_cas_and_action_cache_to_their_endpoints(
+    tmp_path: Path,
+) -> None:
+    from pipeline.cas import LocalCas
+    from pipeline.reapi.channel import Endpoint
+    from pipeline.stages import StageContext
+
+    # Given four endpoints (channels open lazily: nothing listens there)
+    ctx = StageContext.connect(
+        LocalCas(tmp_path / "cas"),
+        Endpoint("grpc://127.0.0.1:1"),
+        Endpoint("grpc://127.0.0.1:2"),
+        storage=Endpoint("grpc://127.0.0.1:3"),
+        action_cache=Endpoint("grpc://127.0.0.1:4"),
+    )
+    with ctx:
+        # Then each client talks to its own server
+        assert ctx.executor.remote.endpoint.url.endswith(":1")
+        assert ctx.assets.remote.endpoint.url.endswith(":2")
+        assert ctx.artifact_cas.remote.endpoint.url.endswith(":2")
+        assert ctx.execution_cas.remote.endpoint.url.endswith(":3")
+        assert ctx.action_cache.remote.endpoint.url.endswith(":4")

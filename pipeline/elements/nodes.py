@@ -11,6 +11,7 @@ composition directives (``(@)`` includes, ``(?)`` conditionals, ``(>)``,
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ class Mark:
 
 
 @dataclass
-class Node:
+class Node(ABC):
     """A YAML value with where it was written and its field path (``""`` = the document)."""
 
     mark: Mark
@@ -55,9 +56,9 @@ class Node:
             field=self.path if field is None else field,
         )
 
+    @abstractmethod
     def describe(self) -> str:
         """What kind of value this is, for messages."""
-        raise NotImplementedError
 
 
 @dataclass

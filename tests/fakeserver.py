@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -340,3 +341,16 @@ class FakeCasServer:
         tb: TracebackType | None,
     ) -> None:
         self._server.stop(grace=None)
+
+
+@contextmanager
+def serve_capabilities(servicer: re_grpc.CapabilitiesServicer) -> Iterator[int]:
+    """Serve ``servicer`` alone on 127.0.0.1; yield its port; stop it after."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    re_grpc.add_CapabilitiesServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(grace=None)

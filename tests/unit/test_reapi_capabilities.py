@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import pytest
@@ -21,6 +20,7 @@ from pipeline.reapi.retry import Retrier, RetryPolicy
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from protos.build.bazel.semver import semver_pb2
+from tests.fakeserver import serve_capabilities
 
 MiB = 1024 * 1024
 WHERE = "grpc://cas.example.com:8980"
@@ -312,14 +312,8 @@ class FixedCapabilities(re_grpc.CapabilitiesServicer):
 @pytest.fixture
 def capabilities_server() -> Iterator[tuple[FixedCapabilities, int]]:
     servicer = FixedCapabilities(server_caps())
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    re_grpc.add_CapabilitiesServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with serve_capabilities(servicer) as port:
         yield servicer, port
-    finally:
-        server.stop(grace=None)
 
 
 def test_remote_asks_once_for_its_instance_and_parses_the_answer(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -37,6 +36,7 @@ from pipeline.reapi.retry import (
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from protos.build.bazel.semver import semver_pb2
+from tests.fakeserver import serve_capabilities
 
 TRANSIENT = [
     grpc.StatusCode.UNAVAILABLE,
@@ -574,14 +574,8 @@ class FlakyCapabilities(re_grpc.CapabilitiesServicer):
 @pytest.fixture
 def flaky_server() -> Iterator[tuple[FlakyCapabilities, int]]:
     servicer = FlakyCapabilities(failures=2)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    re_grpc.add_CapabilitiesServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with serve_capabilities(servicer) as port:
         yield servicer, port
-    finally:
-        server.stop(grace=None)
 
 
 def test_remote_retries_a_real_server_that_is_unavailable_twice(

@@ -12,16 +12,14 @@ started, like a host that died. Both go by PID, through the base class of
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Self
 
-from pipeline.servers import Server, ServerError, _open_servers, _tail
+from pipeline.servers import Server, ServerError, _tail
 
 __all__ = ["BotProcess"]
 
@@ -52,6 +50,7 @@ class BotProcess(Server):
 
     name = "bot"
     scheme = "bot"
+    listens = False
     stop_grace = 30.0
 
     def __init__(
@@ -121,36 +120,12 @@ class BotProcess(Server):
         except FileNotFoundError:
             return ""
 
-    def start(self) -> Self:
-        """Start the bot; return once it has a session.
+    def _launch(self) -> None:
+        self._popen(self.command_line(), {**self.env, "PYTHONUNBUFFERED": "1"})
 
-        Raises:
-            ServerError: it exited or got no session in time (with its log tail).
-        """
-        if self._alive():
-            return self
-        _open_servers.add(self)
-        try:
-            self._popen(self.command_line(), {**self.env, "PYTHONUNBUFFERED": "1"})
-            deadline = time.monotonic() + self.start_timeout
-            while _READY_MARK not in self.log_text():
-                if not self._alive():
-                    code = self._proc.returncode if self._proc is not None else None
-                    raise ServerError(
-                        f"bot {self.bot_id} exited during start (exit code {code}); "
-                        f"log {self.log_path}:\n{self.log_tail()}"
-                    )
-                if time.monotonic() > deadline:
-                    raise ServerError(
-                        f"bot {self.bot_id} got no session within {self.start_timeout:.0f} s; "
-                        f"log {self.log_path}:\n{self.log_tail()}"
-                    )
-                time.sleep(0.05)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self._terminate(grace=0)
-            raise
-        return self
+    def _probe(self, timeout: float) -> bool:
+        """Ready once it logged that it has a session."""
+        return _READY_MARK in self.log_text()
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         """Send ``signum`` to the bot process alone (not its runs)."""

@@ -40,6 +40,7 @@ from pipeline.digest import Digest, digest_to_str
 from pipeline.errors import BlobNotFoundError, LocalCasError, RemexError
 from pipeline.reapi.cas import CasClient
 from pipeline.reapi.channel import Endpoint
+from pipeline.servers import kill_process_tree
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 __all__ = [
@@ -145,9 +146,9 @@ def _now() -> Timestamp:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process group ``proc`` leads (its sandbox helpers too), then reap it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL ``proc``, its process group and every descendant (bwrap puts the
+    sandboxed command in a session of its own), wait until they are gone, reap."""
+    kill_process_tree(proc.pid, proc.pid)
     proc.wait()
 
 

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -55,6 +56,7 @@ __all__ = [
     "buildbox_dir",
     "free_port",
     "get_capabilities",
+    "kill_process_tree",
     "mounts_under",
     "pid_alive",
     "unmount_under",
@@ -172,6 +174,28 @@ def _process_tree(pid: int, pgid: int | None) -> dict[int, int]:
         found[current] = st.starttime
         todo += children.get(current, [])
     return found
+
+
+def kill_process_tree(
+    pid: int, pgid: int | None = None, *, known: Mapping[int, int] | None = None
+) -> None:
+    """SIGKILL ``pid``, its descendants, the members of process group ``pgid``
+    and the ``known`` processes ({pid: start time}, found earlier), and wait
+    until they are gone. A PID reused by another process is never signalled."""
+    tree = dict(known or {})
+    for _ in range(3):
+        if pid_alive(pid):
+            tree.update(_process_tree(pid, pgid))
+        if pgid is not None:
+            tree.update(_process_tree(pgid, pgid))
+        left = {p: t for p, t in tree.items() if _same_process(p, t)}
+        if not left:
+            return
+        for member, starttime in left.items():
+            if _same_process(member, starttime):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(member, signal.SIGKILL)
+        _wait_until(partial(_none_alive, left), 10)
 
 
 def _none_alive(processes: Mapping[int, int]) -> bool:
@@ -398,17 +422,22 @@ def _close_leftover_servers() -> None:
             server.close()
 
 
-class Server:
-    """Base class: one server process (tree) bound to 127.0.0.1:``port``.
+class Server(ABC):
+    """Base class: one server process (tree) bound to 127.0.0.1:``port``, or a
+    process that listens on no port of its own (``listens = False``: a worker,
+    a bot) and is ready when :meth:`_probe` says so.
 
-    Subclasses implement :meth:`_launch` (start the process on a port) and
-    :meth:`_probe` (one health check), and may override :meth:`_prepare`
-    (one-time set-up), :meth:`_after_stop` (clean-up after the process is gone)
-    and :meth:`_terminate`.
+    Subclasses implement :meth:`_launch` (start the process, on ``port`` when
+    it listens) and :meth:`_probe` (one health check), and may override
+    :meth:`_prepare` (one-time set-up), :meth:`_after_stop` (clean-up after
+    the process is gone) and :meth:`_terminate`.
     """
 
     name: ClassVar[str] = "server"
     scheme: ClassVar[str] = "tcp"
+    #: False for a process that binds no port: start() picks none and waits
+    #: for _probe() alone.
+    listens: ClassVar[bool] = True
     #: Seconds allowed for a start (launch + health).
     start_timeout: float = 60.0
     #: Seconds one health check may take.
@@ -471,7 +500,8 @@ class Server:
         attempts = 0
         while True:
             attempts += 1
-            self.port = fixed_port if fixed_port is not None else free_port()
+            if self.listens:
+                self.port = fixed_port if fixed_port is not None else free_port()
             try:
                 self._start_once()
             except _PortInUse as exc:
@@ -547,18 +577,18 @@ class Server:
 
     # ----------------------------------------------------------------- hooks
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> None:  # noqa: B027 (an optional hook, empty by default)
         """One-time set-up before the first start (folders, initdb, ...)."""
 
+    @abstractmethod
     def _launch(self) -> None:
-        """Start the server process on ``self.port`` (self._popen or own logic)."""
-        raise NotImplementedError
+        """Start the server process (on ``self.port`` when it listens)."""
 
+    @abstractmethod
     def _probe(self, timeout: float) -> bool:
-        """One health check: True if the server answers."""
-        raise NotImplementedError
+        """One health check: True if the server answers (is ready)."""
 
-    def _after_stop(self) -> None:
+    def _after_stop(self) -> None:  # noqa: B027 (an optional hook, empty by default)
         """Clean-up once the processes are gone."""
 
     # ----------------------------------------------------------------- machinery
@@ -603,7 +633,7 @@ class Server:
     def _start_once(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         self._launch()
-        port = self._require_port()
+        port = self._require_port() if self.listens else None
         while True:
             if not self._alive():
                 code = self._proc.returncode if self._proc is not None else None
@@ -616,15 +646,20 @@ class Server:
                 )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                where = f" on {HOST}:{port}" if port is not None else ""
                 raise ServerError(
-                    f"{self.name} did not answer on {HOST}:{port} within "
+                    f"{self.name} did not answer{where} within "
                     f"{self.start_timeout:.0f} s; log {self.log_path}:\n{self._log_tail()}"
                 )
-            if self.exclusive_port_check and not self._listens_alone(port):
-                time.sleep(0.05)
-                continue
-            if _tcp_accepts(HOST, port) and self._probe(min(remaining, self.probe_timeout)):
-                break
+            if port is None:
+                if self._probe(min(remaining, self.probe_timeout)):
+                    break
+            else:
+                if self.exclusive_port_check and not self._listens_alone(port):
+                    time.sleep(0.05)
+                    continue
+                if _tcp_accepts(HOST, port) and self._probe(min(remaining, self.probe_timeout)):
+                    break
             time.sleep(0.05)
 
     def _listens_alone(self, port: int) -> bool:
@@ -666,19 +701,7 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             _wait_until(lambda: not self._alive(), grace)
-        for _ in range(3):
-            if self._alive():
-                tree.update(_process_tree(pid, pgid))
-            if pgid is not None:
-                tree.update(_process_tree(pgid, pgid))
-            left = {p: t for p, t in tree.items() if _same_process(p, t)}
-            if not left:
-                break
-            for member, starttime in left.items():
-                if _same_process(member, starttime):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(member, signal.SIGKILL)
-            _wait_until(partial(_none_alive, left), 10)
+        kill_process_tree(pid, pgid, known=tree)
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=30)

@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -40,7 +39,6 @@ from pipeline.servers import (
     RedisServer,
     Server,
     ServerError,
-    _open_servers,
     _tail,
 )
 
@@ -76,6 +74,7 @@ class RemexWorker(Server):
 
     name = "worker"
     scheme = "celery"
+    listens = False
     stop_grace = 15.0
 
     def __init__(
@@ -114,23 +113,6 @@ class RemexWorker(Server):
         """The last lines of the worker's log (since its last start)."""
         return _tail(self.log_path, self._log_offset, lines)
 
-    def start(self) -> Self:
-        """Start the worker; return once it answers a Celery control ping.
-
-        Raises:
-            ServerError: it exited or did not answer in time (with its log tail).
-        """
-        if self._alive():
-            return self
-        _open_servers.add(self)
-        try:
-            self._start_and_wait()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self._terminate(grace=0)
-            raise
-        return self
-
     def ping(self, timeout: float = 0.5) -> bool:
         """True if the worker answers a Celery control ping within ``timeout`` s."""
         from celery import Celery
@@ -148,9 +130,9 @@ class RemexWorker(Server):
     def __repr__(self) -> str:
         return f"<RemexWorker {self.worker_name} pid={self._pid} workdir={self.workdir}>"
 
-    # ----------------------------------------------------------------- private
+    # ----------------------------------------------------------------- hooks
 
-    def _start_and_wait(self) -> None:
+    def _launch(self) -> None:
         args = [
             remex_program(),
             "worker",
@@ -161,22 +143,10 @@ class RemexWorker(Server):
             *self.extra_args,
         ]
         self._popen(args, self.env)
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            if not self._alive():
-                code = self._proc.returncode if self._proc is not None else None
-                raise ServerError(
-                    f"worker {self.worker_name} exited during start (exit code {code}); "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            if self.ping():
-                return
-            if time.monotonic() > deadline:
-                raise ServerError(
-                    f"worker {self.worker_name} did not answer a ping within "
-                    f"{self.start_timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(0.1)
+
+    def _probe(self, timeout: float) -> bool:
+        """Ready when it answers a Celery control ping."""
+        return self.ping(timeout=min(timeout, 0.5))
 
 
 def _close_quietly(server: Server) -> None:

@@ -408,7 +408,15 @@ def test_a_cancelled_buildbox_run_is_killed_with_its_children(setup: Setup, tmp_
     pid_file = tmp_path / "child.pid"
     runner = _buildbox(setup, tmp_path, f"sleep 60 &\necho $! > {pid_file}\nwait\n")
     cancel = threading.Event()
-    threading.Timer(0.5, cancel.set).start()
+
+    def cancel_once_running() -> None:
+        # Cancel once the child runs (a fixed delay raced a loaded machine).
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cancel.set()
+
+    threading.Thread(target=cancel_once_running, daemon=True).start()
     # When the lease is cancelled, then the run stops, and the child is gone too
     with pytest.raises(LeaseCancelled):
         _run(runner, setup, setup.action("true"), cancel)

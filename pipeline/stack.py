@@ -12,6 +12,7 @@ the processes recorded there, checking each PID still runs what was started.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -33,6 +34,7 @@ from pipeline.servers import (
     Server,
     ServerError,
     buildbox_dir,
+    kill_process_tree,
     unmount_under,
 )
 
@@ -356,19 +358,17 @@ def _runs(pid: int, program: str) -> bool:
 
 
 def _stop_pid(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process group ``pid`` leads, wait, then SIGKILL it."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not _alive(pid) or _zombie(pid):
-                return
-            time.sleep(0.05)
+    """SIGTERM the process group ``pid`` leads, wait up to ``grace`` s, then
+    SIGKILL what is left of its tree (buildbox-run puts itself in a group of
+    its own, so the group alone is not enough)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _alive(pid) or _zombie(pid):
+            break
+        time.sleep(0.05)
+    kill_process_tree(pid, pid)
 
 
 def _zombie(pid: int) -> bool:

@@ -11,7 +11,7 @@ so the Celery tasks pass specs and stage results through Redis unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, TypedDict
 
 DigestJson = dict[str, Any]
 """``{"hash": "<64 hex>", "size_bytes": N}``; see :mod:`pipeline.digest`."""
@@ -35,19 +35,39 @@ def normal_name(element: str) -> str:
     return element.removesuffix(".bst").replace("/", "-")
 
 
+class SelectSpec(TypedDict):
+    """Which files of a dependency's artifact are taken (BuildStream's split rules).
+
+    A file is taken when it is in an ``include`` domain (every domain when
+    ``include`` is empty) and in no ``exclude`` domain, or, when it is in no
+    domain at all, when ``orphans`` is true. Domains are lists of anchored
+    regular expressions over paths relative to the artifact's files (from
+    BuildStream globs, with variables expanded).
+    """
+
+    domains: dict[str, list[str]]
+    include: list[str]
+    exclude: list[str]
+    orphans: bool
+
+
 class DependencySpec(TypedDict):
-    """A dependency staged into the build: its artifact's ``files/`` go to ``/``."""
+    """A dependency staged into the build: its artifact's ``files/`` go to ``path``."""
 
     element: str
     cache_key: str
     artifact_uri: str
+    path: str
+    """Where in the input root its files go ("" = ``/``)."""
+    select: SelectSpec | None
+    """None: all its files."""
 
 
 class SourceSpec(TypedDict):
     """One source, snapshotted as a Directory tree in the artifact server's CAS."""
 
     kind: str
-    """``local``, ``tar`` or ``git`` (for people; the tree is what counts)."""
+    """The source's kind (for people; the tree is what counts)."""
     digest: DigestJson
     """Root Directory of the source's content."""
     directory: str
@@ -55,34 +75,50 @@ class SourceSpec(TypedDict):
 
 
 class CommandSpec(TypedDict):
-    """The one action of a ``manual`` element. Paths are relative to the input root."""
+    """The one action of an element that runs commands. Paths are relative to the input root."""
 
     arguments: list[str]
     environment: dict[str, str]
     working_directory: str
     output_path: str
+    """The folder whose content becomes the artifact's files; "" = every
+    top-level entry of the input root (the whole sandbox after the commands)."""
     platform: dict[str, str]
     timeout_seconds: int | None
 
 
 class BuildSpec(TypedDict):
-    """Everything needed to build one element."""
+    """Everything needed to build one element, whatever its kind.
+
+    The element's kind (:mod:`pipeline.elements.kinds`) compiles to this
+    recipe, so the stages never ask which kind they build:
+
+    1. the input tree is the ``dependencies`` (each at its ``path``; each
+       filtered by its ``select`` unless there is a ``command``) merged in
+       order, then the sources at ``source_root``;
+    2. with a ``command``, the action runs on that tree and the artifact's
+       files are its output (``select_outputs``: only the outputs selected from
+       the dependencies or new to the tree); without one, the files are the
+       tree's ``files_root`` folder placed at ``files_target``.
+    """
 
     project: str
     element: str
-    kind: Literal["import", "manual", "stack"]
+    kind: str
     cache_key: str
     artifact_uri: str
     dependencies: list[DependencySpec]
-    """What is staged at ``/`` for a build, in order: build dependencies and
-    their runtime closure (empty for ``import`` and ``stack``)."""
+    """What is staged, in order."""
     runtime_dependencies: list[str]
     """The element's own runtime dependencies (recorded in the artifact's meta)."""
     sources: list[SourceSpec]
     source_root: str
-    """Where the sources go: ``%{build-root}`` for ``manual`` (relative to the
-    input root); for ``import``, the ``config.source`` sub-folder to take."""
-    import_target: str
-    """``import`` only: where in the artifact's files the sources land ("" = top)."""
+    """Where the sources go in the input tree ("" = top)."""
     command: CommandSpec | None
-    """``manual`` only."""
+    files_root: str
+    """No command: the folder of the input tree that becomes the files."""
+    files_target: str
+    """No command: where that folder lands in the artifact's files ("" = top)."""
+    select_outputs: bool
+    """With a command: keep only the outputs that the dependencies' ``select``
+    takes or that the command created."""

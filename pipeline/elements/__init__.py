@@ -16,19 +16,21 @@ line and the field.
 
 from __future__ import annotations
 
-from pipeline.elements.element import Dependency, Element, ElementKind
+from pipeline.elements.element import Dependency, Element
 from pipeline.elements.errors import ElementError, LoadError, SourceError
 from pipeline.elements.keys import KEY_FORMAT_VERSION, canonical_json, key_description
+from pipeline.elements.kinds import CORE_KINDS, Kind
 from pipeline.elements.project import Project, load_project
 from pipeline.elements.sources import GitSource, LocalSource, Source, TarSource
 
 __all__ = [
+    "CORE_KINDS",
     "KEY_FORMAT_VERSION",
     "Dependency",
     "Element",
     "ElementError",
-    "ElementKind",
     "GitSource",
+    "Kind",
     "LoadError",
     "LocalSource",
     "Project",

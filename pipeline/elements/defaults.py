@@ -1,4 +1,4 @@
-"""BuildStream 2's defaults that remex follows: variables, environment, kinds, ISAs.
+"""BuildStream 2's project defaults that remex follows: variables, environment, ISAs.
 
 These are facts of the format (BuildStream's ``projectconfig.yaml``, the
 element plugins' defaults and its platform naming), so that an element means
@@ -15,15 +15,11 @@ __all__ = [
     "DEFAULT_ENVIRONMENT",
     "DEFAULT_MAX_JOBS",
     "DEFAULT_VARIABLES",
-    "KINDS",
-    "MANUAL_COMMAND_STEPS",
     "PROTECTED_VARIABLES",
     "canonical_arch",
     "host_arch",
     "host_os",
 ]
-
-KINDS = ("import", "manual", "stack")
 
 DEFAULT_VARIABLES: dict[str, str] = {
     "prefix": "/usr",
@@ -72,24 +68,6 @@ DEFAULT_ENVIRONMENT: dict[str, str] = {
     "SOURCE_DATE_EPOCH": "1321009871",
 }
 """BuildStream's build environment, before project.conf ``environment``."""
-
-MANUAL_COMMAND_STEPS = (
-    "configure-commands",
-    "build-commands",
-    "install-commands",
-    "strip-commands",
-)
-"""The manual element's command lists, in the order they run."""
-
-MANUAL_DEFAULT_COMMANDS: dict[str, list[str]] = {
-    "configure-commands": [],
-    "build-commands": [],
-    "install-commands": [],
-    # As in BuildStream's manual.yaml, a block scalar: note the newline.
-    "strip-commands": ["%{strip-binaries}\n"],
-}
-
-IMPORT_DEFAULT_CONFIG: dict[str, str] = {"source": "/", "target": "/"}
 
 # BuildStream's canonical architecture names (Platform.canonicalize_arch).
 _ARCH_ALIASES = {

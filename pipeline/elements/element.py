@@ -5,33 +5,27 @@ checks everything first; an :class:`Element` is therefore always complete
 and consistent. Its dependencies are in BuildStream's order (see
 ``project.py``), and :meth:`Element.staged_dependencies` and
 :meth:`Element.runtime_closure` walk them as BuildStream does, each element
-once and every dependency before its dependents.
-
-A ``manual`` element runs as one action. BuildStream runs each command as
-``sh -c -e '<command>\\n'`` in ``%{build-root}``, one after another, stopping
-at the first failure; remex runs one ``sh -c -e`` whose script runs each
-command in exactly that way, so a ``cd`` or a variable set by one command
-does not leak into the next, and a command whose last line fails fails the
-build, as under BuildStream.
+once and every dependency before its dependents. What the element's kind
+means (its config, its key, how it builds) is its :attr:`Element.plugin`, a
+:class:`~pipeline.elements.kinds.Kind`.
 """
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any
 
 from pipeline import spec
 from pipeline.digest import Digest, digest_to_json
-from pipeline.elements.defaults import MANUAL_COMMAND_STEPS
 from pipeline.elements.nodes import Mark
 from pipeline.elements.sources import Source
 from pipeline.elements.variables import Variables
 
-__all__ = ["Dependency", "Element", "ElementKind"]
+if TYPE_CHECKING:
+    from pipeline.elements.kinds import Kind
 
-ElementKind = Literal["import", "manual", "stack"]
+__all__ = ["Dependency", "Element"]
 
 
 @dataclass(frozen=True)
@@ -53,14 +47,14 @@ class Element:
         name: the element's path relative to element-path (``libs/foo.bst``).
         normal_name: ``libs-foo`` (BuildStream's normal name).
         file: the element file relative to the project folder (``elements/libs/foo.bst``).
-        kind: ``import``, ``manual`` or ``stack``.
+        kind: the kind's name (``manual``, ``autotools`` ...).
+        plugin: the kind, configured for this element.
         dependencies: direct dependencies, in BuildStream's order.
         variables: the element's variables, expanded on access.
         environment: the build environment, expanded (all names, sorted).
         environment_nocache: names left out of the cache key.
-        commands: ``manual`` only: each step's expanded commands.
-        import_source, import_target: ``import`` only: ``config.source`` and
-            ``config.target`` without the leading ``/`` ("" = the top).
+        public: the public data, variables expanded (``bst`` holds
+            ``integration-commands``, ``split-rules`` ...).
         build_os, build_arch: the sandbox's platform (BuildStream's names).
         sources: in declaration order.
     """
@@ -71,15 +65,13 @@ class Element:
         project: str,
         name: str,
         file: str,
-        kind: ElementKind,
+        plugin: Kind,
         description: str,
         dependencies: list[Dependency],
         variables: Variables,
         environment: dict[str, str],
         environment_nocache: frozenset[str],
-        commands: dict[str, list[str]],
-        import_source: str,
-        import_target: str,
+        public: dict[str, Any],
         build_os: str,
         build_arch: str,
         sources: list[Source],
@@ -88,15 +80,14 @@ class Element:
         self.name = name
         self.normal_name = spec.normal_name(name)
         self.file = file
-        self.kind = kind
+        self.kind = plugin.name
+        self.plugin = plugin
         self.description = description
         self.dependencies = dependencies
         self.variables = variables
         self.environment = dict(sorted(environment.items()))
         self.environment_nocache = environment_nocache
-        self.commands = commands
-        self.import_source = import_source
-        self.import_target = import_target
+        self.public = public
         self.build_os = build_os
         self.build_arch = build_arch
         self.sources = sources
@@ -125,9 +116,23 @@ class Element:
         return _post_order([self], lambda e: e.runtime_dependencies)
 
     def staged_dependencies(self) -> list[Element]:
-        """What is staged at ``/`` to build this element: each build dependency's
-        runtime closure, in order, each element once (BuildStream's build scope)."""
+        """Each build dependency's runtime closure, in order, each element once
+        (BuildStream's build scope: what a build stages at ``/``)."""
         return _post_order(self.build_dependencies, lambda e: e.runtime_dependencies)
+
+    # --- public data ---------------------------------------------------------
+
+    @property
+    def integration_commands(self) -> list[str]:
+        """``public.bst.integration-commands``, expanded."""
+        bst = self.public.get("bst") or {}
+        return list(bst.get("integration-commands") or [])
+
+    @property
+    def split_rules(self) -> dict[str, list[str]]:
+        """``public.bst.split-rules``: domain -> BuildStream globs, expanded."""
+        bst = self.public.get("bst") or {}
+        return {k: list(v or []) for k, v in (bst.get("split-rules") or {}).items()}
 
     # --- keys ----------------------------------------------------------------
 
@@ -150,7 +155,7 @@ class Element:
     @property
     def runs_commands(self) -> bool:
         """Whether building runs commands (so the environment and sandbox matter)."""
-        return self.kind == "manual"
+        return self.plugin.runs_commands
 
     def cache_environment(self) -> dict[str, str]:
         """The environment as it enters the cache key: without the nocache names."""
@@ -158,53 +163,14 @@ class Element:
 
     def key_config(self) -> dict[str, object]:
         """The kind's configuration as it enters the cache key."""
-        if self.kind == "manual":
-            config: dict[str, object] = {
-                "commands": self.commands,
-                "build-root": self.build_root,
-                "install-root": self.install_root,
-                "working-directory": self.working_directory,
-            }
-            if self.variables.get("notparallel") in ("true", "True"):
-                config["notparallel"] = True
-            return config
-        if self.kind == "import":
-            return {"source": self.import_source, "target": self.import_target}
-        return {}
-
-    # --- the action ----------------------------------------------------------
+        return self.plugin.key_config()
 
     @property
-    def build_root(self) -> str:
-        """``%{build-root}``: an absolute path in the sandbox."""
-        return self.variables["build-root"]
+    def platform(self) -> dict[str, str]:
+        """The action's platform properties."""
+        return {"OSFamily": self.build_os, "ISA": self.build_arch}
 
-    @property
-    def install_root(self) -> str:
-        """``%{install-root}``: an absolute path in the sandbox."""
-        return self.variables["install-root"]
-
-    @property
-    def working_directory(self) -> str:
-        """Where commands run, relative to the input root: build-root (plus
-        ``%{command-subdir}`` when set, as in BuildStream)."""
-        root = self.build_root.strip("/")
-        subdir = (self.variables.get("command-subdir") or "").strip("/")
-        return f"{root}/{subdir}" if root and subdir else root or subdir
-
-    def script(self) -> str:
-        """The shell script of a ``manual`` element: each command run as BuildStream runs it.
-
-        Commands that are only whitespace (the default strip command, when
-        ``%{strip-binaries}`` is empty) are left out: they would do nothing.
-        """
-        lines = [
-            f"sh -c -e {shlex.quote(command + chr(10))}"
-            for step in MANUAL_COMMAND_STEPS
-            for command in self.commands.get(step, [])
-            if command.strip()
-        ]
-        return "".join(line + "\n" for line in lines)
+    # --- the build -----------------------------------------------------------
 
     def build_spec(self, source_digests: list[Digest]) -> spec.BuildSpec:
         """The JSON spec the stages build this element from.
@@ -225,37 +191,30 @@ class Element:
             {"kind": source.kind, "digest": digest_to_json(digest), "directory": source.directory}
             for source, digest in zip(self.sources, source_digests, strict=True)
         ]
-        command: spec.CommandSpec | None = None
-        dependencies: list[spec.DependencySpec] = []
-        source_root = ""
-        if self.kind == "manual":
-            source_root = self.build_root.strip("/")
-            dependencies = [
-                {"element": dep.name, "cache_key": dep.cache_key, "artifact_uri": dep.artifact_uri}
-                for dep in self.staged_dependencies()
-            ]
-            command = {
-                "arguments": ["sh", "-c", "-e", self.script()],
-                "environment": dict(self.environment),
-                "working_directory": self.working_directory,
-                "output_path": self.install_root.strip("/"),
-                "platform": {"OSFamily": self.build_os, "ISA": self.build_arch},
-                "timeout_seconds": None,
-            }
-        elif self.kind == "import":
-            source_root = self.import_source
+        recipe = self.plugin.recipe(self)
         return {
             "project": self.project,
             "element": self.name,
             "kind": self.kind,
             "cache_key": self.cache_key,
             "artifact_uri": self.artifact_uri,
-            "dependencies": dependencies,
+            "dependencies": [
+                {
+                    "element": staged.element.name,
+                    "cache_key": staged.element.cache_key,
+                    "artifact_uri": staged.element.artifact_uri,
+                    "path": staged.path,
+                    "select": staged.select,
+                }
+                for staged in recipe.dependencies
+            ],
             "runtime_dependencies": [dep.name for dep in self.runtime_dependencies],
             "sources": sources,
-            "source_root": source_root,
-            "import_target": self.import_target if self.kind == "import" else "",
-            "command": command,
+            "source_root": recipe.source_root,
+            "command": recipe.command,
+            "files_root": recipe.files_root,
+            "files_target": recipe.files_target,
+            "select_outputs": recipe.select_outputs,
         }
 
 

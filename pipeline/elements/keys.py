@@ -1,8 +1,9 @@
 """Cache keys: the SHA-256 of a canonical JSON description of what makes an artifact.
 
 The description holds the key format version, the kind, the expanded
-configuration (commands with build-root, install-root and their options; or
-the import's source and target), for elements that run commands the
+configuration as the kind gives it (:meth:`Kind.key_config`), the public data
+(integration commands and split rules change what dependents build), for
+elements that run commands the
 environment (less ``environment-nocache`` names) and the sandbox's
 ``build-os``/``build-arch``, each source's kind, directory and content key,
 and the names and cache keys of the staged dependencies (the build
@@ -47,6 +48,9 @@ def key_description(element: Element) -> dict[str, Any]:
             for dep in element.staged_dependencies()
         ],
     }
+    if element.public:
+        # Integration commands and split rules change what dependents build.
+        description["public"] = element.public
     if element.runs_commands:
         description["environment"] = element.cache_environment()
         description["sandbox"] = {"build-os": element.build_os, "build-arch": element.build_arch}

@@ -29,18 +29,16 @@ from pipeline.elements.defaults import (
     DEFAULT_ENVIRONMENT,
     DEFAULT_MAX_JOBS,
     DEFAULT_VARIABLES,
-    IMPORT_DEFAULT_CONFIG,
-    KINDS,
-    MANUAL_COMMAND_STEPS,
-    MANUAL_DEFAULT_COMMANDS,
     PROTECTED_VARIABLES,
     canonical_arch,
     host_arch,
     host_os,
 )
-from pipeline.elements.element import Dependency, Element, ElementKind
+from pipeline.elements.element import Dependency, Element
 from pipeline.elements.errors import LoadError
 from pipeline.elements.keys import cache_key
+from pipeline.elements.kinds import CORE_KINDS, Kind, KindContext
+from pipeline.elements.kinds.base import expand_data
 from pipeline.elements.nodes import MappingNode, Mark, ScalarNode, SequenceNode, load_yaml
 from pipeline.elements.sources import Source, load_source, project_path
 from pipeline.elements.variables import Definition, Variables
@@ -210,6 +208,7 @@ class Project:
         self._environment_nocache = environment_nocache
         self._files: dict[str, _ElementFile] = {}
         self._elements: dict[str, Element] = {}
+        self._kinds: dict[str, type[Kind]] = dict(CORE_KINDS)
 
     def __repr__(self) -> str:
         return f"<Project {self.name} at {self.directory}>"
@@ -307,9 +306,10 @@ class Project:
         node.validate_keys(_ELEMENT_KEYS)
         kind_node = node.require_str("kind")
         kind = kind_node.as_str()
-        if kind not in KINDS:
+        if kind not in self._kinds:
             raise kind_node.error(
-                f"unknown element kind {kind!r} (remex supports {', '.join(KINDS)})"
+                f"unknown element kind {kind!r} (remex supports {', '.join(sorted(self._kinds))}; "
+                "a plugin kind must be declared in project.conf 'plugins')"
             )
         node.get_scalar("description")  # a string (or null) if given
         file = _ElementFile(name=name, display=display, node=node, kind=kind,
@@ -403,9 +403,14 @@ class Project:
 
     def _make_element(self, file: _ElementFile) -> Element:
         node = file.node
-        variables = self._element_variables(file)
-        environment = self._element_environment(node, variables)
-        nocache = node.get_str_list("environment-nocache") or []
+        plugin = self._kinds[file.kind]()
+        defaults = self._kind_defaults(file.kind)
+        variables = self._element_variables(file, defaults)
+        environment = self._element_environment(node, defaults, variables)
+        nocache = [
+            *(defaults.get_str_list("environment-nocache") or []),
+            *(node.get_str_list("environment-nocache") or []),
+        ]
         dependencies = [
             Dependency(
                 element=self._elements[ref.name],
@@ -416,42 +421,33 @@ class Project:
             )
             for ref in file.deps
         ]
-        commands: dict[str, list[str]] = {}
-        import_source = import_target = ""
-        config = node.get_mapping("config")
-        if file.kind == "manual":
-            commands = _manual_commands(config, variables, node)
-            _check_sandbox_path(variables, "build-root")
-            _check_sandbox_path(variables, "install-root")
-        elif file.kind == "import":
-            import_source, import_target = _import_config(config, variables)
-        elif config is not None and config.entries:
-            raise config.error("stack elements take no config")
-        if file.kind == "stack":
-            for dep in dependencies:
-                if not (dep.build and dep.runtime):
-                    raise LoadError(
-                        "all dependencies of a stack element must be both build and "
-                        "runtime dependencies (list them in 'depends' without a type)",
-                        file=dep.mark.file,
-                        line=dep.mark.line,
-                        field=dep.field,
-                    )
+        config = _compose_mappings(defaults.get_mapping("config"), node.get_mapping("config"))
+        if config is None:
+            config = MappingNode(mark=node.mark, path="config")
+        plugin.configure(
+            KindContext(
+                element=file.name,
+                node=node,
+                config=config,
+                variables=variables,
+                dependencies=dependencies,
+            )
+        )
+        public_node = _compose_mappings(defaults.get_mapping("public"), node.get_mapping("public"))
+        public = expand_data(public_node, variables) if public_node is not None else {}
         build_os, build_arch = _sandbox(node.get_mapping("sandbox"), variables)
-        sources = self._sources(file, variables)
+        sources = self._sources(file, plugin, variables)
         element = Element(
             project=self.name,
             name=file.name,
             file=file.display,
-            kind=cast(ElementKind, file.kind),
+            plugin=plugin,
             description=node.get_str("description") or "",
             dependencies=dependencies,
             variables=variables,
             environment=environment,
             environment_nocache=self._environment_nocache | {n.as_str() for n in nocache},
-            commands=commands,
-            import_source=import_source,
-            import_target=import_target,
+            public=public,
             build_os=build_os,
             build_arch=build_arch,
             sources=sources,
@@ -459,7 +455,12 @@ class Project:
         element.set_cache_key(cache_key(element))
         return element
 
-    def _element_variables(self, file: _ElementFile) -> Variables:
+    def _kind_defaults(self, kind: str) -> MappingNode:
+        """The kind's defaults (empty when it has none)."""
+        defaults = self._kinds[kind].defaults()
+        return defaults if defaults is not None else MappingNode(mark=Mark("<remex>", 0), path="")
+
+    def _element_variables(self, file: _ElementFile, defaults: MappingNode) -> Variables:
         definitions = {
             name: Definition(value, None, f"variables.{name}")
             for name, value in DEFAULT_VARIABLES.items()
@@ -470,7 +471,9 @@ class Project:
                 raise element_variables[protected].error(
                     f"variable {protected!r} is set by remex; it cannot be redefined"
                 )
-        for layer in (self._variables, element_variables):
+        # BuildStream's layering: the project's, then the kind's defaults, then the element's.
+        layers = (self._variables, defaults.get_str_mapping("variables"), element_variables)
+        for layer in layers:
             for name, value in layer.items():
                 definitions[name] = Definition(value.as_str(), value.mark, value.path)
         max_jobs = self.max_jobs
@@ -492,19 +495,26 @@ class Project:
         variables.check()
         return variables
 
-    def _element_environment(self, node: MappingNode, variables: Variables) -> dict[str, str]:
+    def _element_environment(
+        self, node: MappingNode, defaults: MappingNode, variables: Variables
+    ) -> dict[str, str]:
         environment = dict(DEFAULT_ENVIRONMENT)
-        for layer in (self._environment, node.get_str_mapping("environment")):
+        layers = (
+            self._environment,
+            defaults.get_str_mapping("environment"),
+            node.get_str_mapping("environment"),
+        )
+        for layer in layers:
             for name, value in layer.items():
                 environment[name] = variables.expand_node(value)
         return environment
 
-    def _sources(self, file: _ElementFile, variables: Variables) -> list[Source]:
+    def _sources(self, file: _ElementFile, plugin: Kind, variables: Variables) -> list[Source]:
         sequence = file.node.get_sequence("sources")
         if sequence is None or not sequence.items:
             return []
-        if file.kind == "stack":
-            raise sequence.error("stack elements take no sources")
+        if not plugin.takes_sources:
+            raise sequence.error(f"{plugin.name} elements take no sources")
         sources = []
         for item in sequence.items:
             if not isinstance(item, MappingNode):
@@ -617,49 +627,6 @@ def _cycle_error(
     )
 
 
-def _manual_commands(
-    config: MappingNode | None, variables: Variables, node: MappingNode
-) -> dict[str, list[str]]:
-    if config is not None:
-        config.validate_keys(MANUAL_COMMAND_STEPS)
-    commands: dict[str, list[str]] = {}
-    for step in MANUAL_COMMAND_STEPS:
-        given = config.get_str_list(step) if config is not None else None
-        if given is None:
-            where = config if config is not None else node
-            commands[step] = [
-                variables.expand(cmd, mark=where.mark, field=f"config.{step}")
-                for cmd in MANUAL_DEFAULT_COMMANDS[step]
-            ]
-        else:
-            commands[step] = [variables.expand_node(cmd) for cmd in given]
-    return commands
-
-
-def _import_config(config: MappingNode | None, variables: Variables) -> tuple[str, str]:
-    """``config.source`` and ``config.target`` as paths relative to '/' ("" = the top)."""
-    if config is not None:
-        config.validate_keys(IMPORT_DEFAULT_CONFIG)
-    paths = []
-    for key, default in IMPORT_DEFAULT_CONFIG.items():
-        node = config.get_scalar(key) if config is not None else None
-        value = default if node is None or node.value is None else variables.expand_node(node)
-        normal = posixpath.normpath("/" + value)
-        if node is not None and ("\0" in value or ".." in value.split("/")):
-            raise node.error(f"{key} {value!r} must be a path inside the sandbox")
-        paths.append(normal.strip("/"))
-    return paths[0], paths[1]
-
-
-def _check_sandbox_path(variables: Variables, name: str) -> None:
-    value = variables[name]
-    normal = posixpath.normpath(value) if value else ""
-    if not value.startswith("/") or normal == "/" or ".." in value.split("/"):
-        raise variables.error(
-            name, f"%{{{name}}} is {value!r}; it must be an absolute folder below '/'"
-        )
-
-
 def _sandbox(node: MappingNode | None, variables: Variables) -> tuple[str, str]:
     if node is None:
         return host_os(), host_arch()
@@ -677,3 +644,21 @@ def _sandbox(node: MappingNode | None, variables: Variables) -> tuple[str, str]:
             raise arch_node.error(f"unknown architecture {given!r}")
         build_arch = arch
     return build_os, build_arch
+
+
+def _compose_mappings(base: MappingNode | None, overlay: MappingNode | None) -> MappingNode | None:
+    """``overlay`` over ``base``: mappings merge, anything else is replaced."""
+    if base is None or overlay is None:
+        return overlay if base is None else base
+    result = MappingNode(mark=overlay.mark, path=overlay.path)
+    result.entries = dict(base.entries)
+    result.key_marks = dict(base.key_marks)
+    for key, value in overlay.entries.items():
+        below = result.entries.get(key)
+        if isinstance(below, MappingNode) and isinstance(value, MappingNode):
+            merged = _compose_mappings(below, value)
+            assert merged is not None
+            value = merged
+        result.entries[key] = value
+        result.key_marks[key] = overlay.key_marks.get(key, overlay.mark)
+    return result

@@ -17,14 +17,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.cas import store_tree_message, tree_digests
+from pipeline.cas import check_directory, store_tree_message, tree_digests
 from pipeline.digest import EMPTY_DIGEST, Digest
-from pipeline.errors import ExecutionError, RemexError
+from pipeline.errors import ExecutionError, ProtocolError, RemexError
 from pipeline.reapi.execution import Pending
 from pipeline.spec import BuildSpec
 from pipeline.stages.artifacts import push_failure_record
 from pipeline.stages.context import StageContext
 from pipeline.stages.errors import BuildFailedError, SpecError
+from pipeline.stages.select import filter_tree, path_selector
+from pipeline.stages.staging import dependency_files
 from pipeline.stages.state import (
     State,
     decode_action_result,
@@ -34,14 +36,26 @@ from pipeline.stages.state import (
     timestamp_iso,
     with_timing,
 )
-from pipeline.stages.trees import empty_tree, split_path
+from pipeline.stages.trees import empty_tree, split_path, tree_paths
 from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
     ActionResult,
+    Directory,
+    DirectoryNode,
     ExecutedActionMetadata,
+    FileNode,
+    OutputDirectory,
+    SymlinkNode,
     Tree,
 )
 
-__all__ = ["LOG_TAIL_LINES", "download_outputs", "execute", "fetch_outputs", "log_tail"]
+__all__ = [
+    "LOG_TAIL_LINES",
+    "download_outputs",
+    "execute",
+    "fetch_outputs",
+    "log_tail",
+    "select_outputs",
+]
 
 LOG_TAIL_LINES = 40
 # A tail is also cut to this many characters: one line may be megabytes.
@@ -61,8 +75,8 @@ def execute(
 ) -> State:
     """Stage 3: run the action on the execution server (or resume following it).
 
-    A no-op for ``import``, ``stack``, a cached action, or a state that already
-    holds ``action_result``.
+    A no-op without a command, for a cached action, or for a state that
+    already holds ``action_result``.
 
     Args:
         max_wait: seconds to follow the operation before returning it as
@@ -81,7 +95,7 @@ def execute(
     """
     started = time.monotonic()
     new = dict(state)
-    if spec["kind"] != "manual" or state.get("cached") or "action_result" in state:
+    if spec["command"] is None or state.get("cached") or "action_result" in state:
         return with_timing(new, "execute", time.monotonic() - started)
     action = digest_in(spec["element"], state, "action")
     skip = bool(state.get("skip_cache_lookup"))
@@ -141,7 +155,7 @@ def _done(state: State, result: ActionResult, *, cached: bool) -> State:
 def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     """Stage 4: download the output tree and the logs into the local CAS.
 
-    For ``import`` and ``stack`` the files are already there and the logs empty.
+    Without a command the files are already there and the logs empty.
     A command that produced no output folder gives an empty ``files`` tree.
     A non-zero exit code pushes a failure record to the artifact server and
     fails the element.
@@ -159,7 +173,7 @@ def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     started = time.monotonic()
     new = dict(state)
     element = spec["element"]
-    if spec["kind"] != "manual":
+    if spec["command"] is None:
         digest_in(element, state, "files")  # set by stage_to_cas
         new.update(stdout=dj(EMPTY_DIGEST), stderr=dj(EMPTY_DIGEST), exit_code=None)
         new["execution"] = None
@@ -172,6 +186,8 @@ def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     if result.exit_code != 0:
         _fail(ctx, spec, state, result, stdout, stderr)
     files = _download_output_tree(ctx, spec, result)
+    if spec["select_outputs"]:
+        files = select_outputs(ctx, spec, digest_in(element, state, "input_root"), files)
     new.update(
         files=dj(files),
         stdout=dj(stdout),
@@ -182,11 +198,16 @@ def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     return with_timing(new, "fetch_outputs", time.monotonic() - started)
 
 
-def download_outputs(ctx: StageContext, spec: BuildSpec, result: ActionResult) -> Digest:
+def download_outputs(
+    ctx: StageContext, spec: BuildSpec, result: ActionResult, input_root: Digest
+) -> Digest:
     """Download the logs and the output tree of ``result`` into the local CAS;
-    return the output tree's digest (for a host that lacks them)."""
+    return the artifact's files (for a host that lacks them)."""
     _download_logs(ctx, result)
-    return _download_output_tree(ctx, spec, result)
+    files = _download_output_tree(ctx, spec, result)
+    if spec["select_outputs"]:
+        files = select_outputs(ctx, spec, input_root, files)
+    return files
 
 
 def log_tail(data: bytes, lines: int = LOG_TAIL_LINES) -> str:
@@ -220,35 +241,92 @@ def _download_logs(ctx: StageContext, result: ActionResult) -> tuple[Digest, Dig
 def _download_output_tree(ctx: StageContext, spec: BuildSpec, result: ActionResult) -> Digest:
     command_spec = spec["command"]
     if command_spec is None:
-        raise SpecError(spec["element"], "a 'manual' element needs a command")
+        raise SpecError(spec["element"], "only an element with a command has outputs")
     cas = ctx.local_cas
     wanted = posixpath.normpath("/".join(split_path(command_spec["output_path"])))
     workdir = "/".join(split_path(command_spec["working_directory"]))
 
-    def is_output(path: str) -> bool:
+    def resolved(path: str) -> str:
         # The server echoes the path as the Command gave it (relative to the
         # working directory); compare it resolved against the input root.
-        return posixpath.normpath(posixpath.join(workdir, path)) == wanted
+        return posixpath.normpath(posixpath.join(workdir, path))
 
+    if wanted == ".":
+        return _whole_root(ctx, spec, result, resolved)
     for output in result.output_directories:
-        if not is_output(output.path):
-            continue
-        if output.HasField("tree_digest") and output.tree_digest.size_bytes:
-            tree = ctx.execution_cas.read_message(output.tree_digest, Tree)
-            root = store_tree_message(cas, tree)
-            # Directories are all local now (checked); fetch the files, verified.
-            ctx.execution_cas.download_into(cas, tree_digests(cas, root))
-            return root
-        if output.HasField("root_directory_digest"):
-            ctx.execution_cas.fetch_tree(cas, output.root_directory_digest)
-            return output.root_directory_digest
-    if any(is_output(f.path) for f in result.output_files) or any(
-        is_output(s.path) for s in result.output_symlinks
+        if resolved(output.path) == wanted:
+            return _download_directory(ctx, output)
+    if any(resolved(f.path) == wanted for f in result.output_files) or any(
+        resolved(s.path) == wanted for s in result.output_symlinks
     ):
         raise BuildFailedError(
             spec["element"], f"the install root {command_spec['output_path']!r} is not a folder"
         )
     return empty_tree(cas)
+
+
+def _download_directory(ctx: StageContext, output: OutputDirectory) -> Digest:
+    cas = ctx.local_cas
+    if output.HasField("tree_digest") and output.tree_digest.size_bytes:
+        tree = ctx.execution_cas.read_message(output.tree_digest, Tree)
+        root = store_tree_message(cas, tree)
+        # Directories are all local now (checked); fetch the files, verified.
+        ctx.execution_cas.download_into(cas, tree_digests(cas, root))
+        return root
+    if output.HasField("root_directory_digest"):
+        ctx.execution_cas.fetch_tree(cas, output.root_directory_digest)
+        return output.root_directory_digest
+    return empty_tree(cas)
+
+
+def _whole_root(
+    ctx: StageContext, spec: BuildSpec, result: ActionResult, resolved: Callable[[str], str]
+) -> Digest:
+    """The outputs of a command whose output is the whole sandbox: each top-level
+    entry, put back together as one root folder."""
+    cas = ctx.local_cas
+    root = Directory()
+    for output in result.output_directories:
+        name = _top_level_name(spec, resolved(output.path))
+        root.directories.append(DirectoryNode(name=name, digest=_download_directory(ctx, output)))
+    for file in result.output_files:
+        name = _top_level_name(spec, resolved(file.path))
+        ctx.execution_cas.download_into(cas, [file.digest])
+        root.files.append(FileNode(name=name, digest=file.digest, is_executable=file.is_executable))
+    for link in result.output_symlinks:
+        root.symlinks.append(
+            SymlinkNode(name=_top_level_name(spec, resolved(link.path)), target=link.target)
+        )
+    root.directories.sort(key=lambda d: d.name)
+    root.files.sort(key=lambda f: f.name)
+    root.symlinks.sort(key=lambda s: s.name)
+    check_directory(root)
+    return cas.put_message(root)
+
+
+def _top_level_name(spec: BuildSpec, path: str) -> str:
+    if "/" in path or path in ("", ".", ".."):
+        raise ProtocolError(
+            f"{spec['element']}: the server returned output {path!r}, not asked for"
+        )
+    return path
+
+
+def select_outputs(ctx: StageContext, spec: BuildSpec, input_root: Digest, files: Digest) -> Digest:
+    """The outputs the element keeps: those its dependencies' ``select`` takes from
+    their own files, and those the command created (BuildStream's compose
+    with integration: the manifest plus the files integration added)."""
+    cas = ctx.local_cas
+    manifest: set[str] = set()
+    for index, dependency in enumerate(spec["dependencies"]):
+        dep_files = dependency_files(ctx, spec, index)
+        prefix = "/".join(split_path(dependency["path"]))
+        keep = path_selector(dependency["select"]) if dependency["select"] else None
+        for path in tree_paths(cas, dep_files):
+            if keep is None or keep(path):
+                manifest.add(f"{prefix}/{path}" if prefix else path)
+    before = set(tree_paths(cas, input_root))
+    return filter_tree(cas, files, lambda path: path in manifest or path not in before)
 
 
 def _fail(

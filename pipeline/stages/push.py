@@ -31,7 +31,7 @@ def push_artifact(ctx: StageContext, spec: BuildSpec, state: State) -> State:
 
     Done already when the URI resolves (another run, another host): that
     artifact is kept and returned. On a host that lacks the outputs, they are
-    fetched (or, for ``import``/``stack``, derived) again first.
+    fetched (or, without a command, derived) again first.
 
     Returns:
         The state with ``artifact`` (the root digest).
@@ -97,11 +97,12 @@ def _ensure_local_outputs(
     if tree_complete(cas, files) and not cas.missing(logs):
         return
     element = spec["element"]
-    if spec["kind"] == "manual":
+    if spec["command"] is not None:
         text = state.get("action_result")
         if not isinstance(text, str):
             raise SpecError(element, "push_artifact needs 'action_result' (did execute run?)")
-        got = download_outputs(ctx, spec, decode_action_result(element, text))
+        result = decode_action_result(element, text)
+        got = download_outputs(ctx, spec, result, digest_in(element, state, "input_root"))
     else:
         got = stage_files(ctx, spec)
     if got != files:

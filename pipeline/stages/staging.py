@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 
-from pipeline.cas import merge_trees
+from pipeline.cas import LocalCas, merge_trees
 from pipeline.digest import Digest, digest_from_json, digest_to_str
 from pipeline.errors import BlobNotFoundError, LocalBlobMissingError
 from pipeline.reapi.cas import UploadStats
@@ -28,6 +28,7 @@ from pipeline.stages.errors import (
     SourceMissingError,
     SpecError,
 )
+from pipeline.stages.select import select_tree
 from pipeline.stages.state import (
     STAGE_KEYS,
     State,
@@ -36,7 +37,14 @@ from pipeline.stages.state import (
     encode_action_result,
     with_timing,
 )
-from pipeline.stages.trees import empty_tree, place_at, split_path, subtree, tree_complete
+from pipeline.stages.trees import (
+    empty_tree,
+    place_at,
+    read_directory,
+    split_path,
+    subtree,
+    tree_complete,
+)
 from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
     Action,
     ActionResult,
@@ -47,8 +55,9 @@ from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
 __all__ = [
     "MAX_OVERLAPS_SHOWN",
     "StagedAction",
+    "dependency_files",
     "ensure_local_action",
-    "output_path_in_command",
+    "output_paths_in_command",
     "stage_action",
     "stage_files",
     "stage_to_cas",
@@ -60,7 +69,7 @@ MAX_OVERLAPS_SHOWN = 20
 
 @dataclass(frozen=True)
 class StagedAction:
-    """A ``manual`` element's action, stored in the local CAS."""
+    """An element's action, stored in the local CAS."""
 
     action: Digest
     command: Digest
@@ -74,65 +83,66 @@ class StagedAction:
 def stage_to_cas(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     """Stage 1: build what the element needs in the local CAS; check the ActionCache.
 
-    ``manual``: fetch the dependencies' artifact files and the sources from the
-    artifact server, merge them into the input root (dependencies at ``/`` in
-    order, sources at ``source_root``), store the Command and Action, and look
-    the action up in the execution server's ActionCache. ``import``: the
-    sources' ``source_root`` folder, placed at ``import_target``, are the
-    files. ``stack``: the files are empty.
+    With a command: fetch the dependencies' artifact files and the sources
+    from the artifact server, merge them into the input root (dependencies at
+    their paths in order, sources at ``source_root``), store the Command and
+    Action, and look the action up in the execution server's ActionCache.
+    Without one: the same tree (each dependency filtered by its ``select``)
+    is built, and its ``files_root`` folder, placed at ``files_target``, is
+    the artifact's files.
 
     Returns:
-        The state with ``action`` (None unless ``manual``); for ``manual``
+        The state with ``action`` (None without a command); with one
         ``command``, ``input_root``, ``overlaps``, ``cached``,
-        ``skip_cache_lookup`` and, when ``cached``, ``action_result``; for
-        ``import`` and ``stack``, ``files``.
+        ``skip_cache_lookup`` and, when ``cached``, ``action_result``;
+        without one, ``files`` and ``overlaps``.
 
     Raises:
         DependencyArtifactMissingError: a dependency's artifact is not on the artifact server.
         SourceMissingError: a source tree is not in the artifact server's CAS.
-        BuildFailedError: an ``import`` element's ``source_root`` is not in its sources.
+        BuildFailedError: ``files_root`` is not a folder of the tree.
         SpecError: the spec is malformed.
         RemoteError: a server failed (after retries).
     """
     started = time.monotonic()
     new = {k: v for k, v in state.items() if k not in STAGE_KEYS}
     new["timings"] = dict(state.get("timings") or {})
-    kind = spec["kind"]
-    if kind == "manual":
+    if spec["command"] is not None:
         staged = stage_action(ctx, spec)
         new.update(_action_keys(staged))
         new.update(_cache_lookup(ctx, staged.action))
-    elif kind in ("import", "stack"):
-        new["action"] = None
-        new["files"] = dj(stage_files(ctx, spec))
     else:
-        raise SpecError(spec["element"], f"unknown kind {kind!r}")
+        files, overlaps = _staged_files(ctx, spec)
+        new["action"] = None
+        new["files"] = dj(files)
+        new["overlaps"] = _overlaps(overlaps)
     return with_timing(new, "stage_to_cas", time.monotonic() - started)
 
 
 def stage_action(ctx: StageContext, spec: BuildSpec) -> StagedAction:
-    """Build and store the input root, Command and Action of a ``manual`` element.
+    """Build and store the input root, Command and Action of an element with a command.
 
     Deterministic: the same spec and the same artifacts give the same digests.
     """
     element = spec["element"]
     command_spec = spec["command"]
-    if spec["kind"] != "manual" or command_spec is None:
-        raise SpecError(element, "only a 'manual' element with a command has an action")
+    if command_spec is None:
+        raise SpecError(element, "only an element with a command has an action")
     cas = ctx.local_cas
-    source_parts = _parts(spec, spec["source_root"], "source_root")
     workdir_parts = _parts(spec, command_spec["working_directory"], "command.working_directory")
     output_parts = _parts(spec, command_spec["output_path"], "command.output_path")
-    if not output_parts:
-        raise SpecError(element, "command.output_path must not be the input root")
 
-    layers = [_dependency_files(ctx, spec, i) for i in range(len(spec["dependencies"]))]
-    layers.append(place_at(cas, _merged_sources(ctx, spec), source_parts))
+    layers = [
+        place_at(cas, dependency_files(ctx, spec, i), _dependency_path(spec, i))
+        for i in range(len(spec["dependencies"]))
+    ]
+    layers.append(_placed_sources(ctx, spec))
     # The working directory and the install root exist even when nothing is
     # staged there, as in a BuildStream sandbox.
     empty = empty_tree(cas)
     layers.append(place_at(cas, empty, workdir_parts))
-    layers.append(place_at(cas, empty, output_parts))
+    if output_parts:
+        layers.append(place_at(cas, empty, output_parts))
     merged = merge_trees(cas, layers)
 
     platform = _platform(command_spec)
@@ -144,7 +154,7 @@ def stage_action(ctx: StageContext, spec: BuildSpec) -> StagedAction:
                 for name, value in sorted(command_spec["environment"].items())
             ],
             working_directory="/".join(workdir_parts),
-            output_paths=[output_path_in_command(command_spec)],
+            output_paths=output_paths_in_command(cas, command_spec, merged.digest),
             platform=platform,
         )
     )
@@ -161,36 +171,57 @@ def stage_action(ctx: StageContext, spec: BuildSpec) -> StagedAction:
 
 
 def stage_files(ctx: StageContext, spec: BuildSpec) -> Digest:
-    """The files of an ``import`` (its sources, re-rooted) or ``stack`` (empty) element.
+    """The files of an element without a command (see :func:`stage_to_cas`).
 
     Raises:
-        BuildFailedError: the ``import`` element's ``source_root`` is not a folder
-            of its sources.
+        BuildFailedError: ``files_root`` is not a folder of the staged tree.
     """
+    return _staged_files(ctx, spec)[0]
+
+
+def _staged_files(ctx: StageContext, spec: BuildSpec) -> tuple[Digest, list[str]]:
+    if spec["command"] is not None:
+        raise SpecError(spec["element"], "an element with a command gets its files by running it")
     cas = ctx.local_cas
-    if spec["kind"] == "stack":
-        return empty_tree(cas)
-    if spec["kind"] != "import":
-        raise SpecError(spec["element"], f"a {spec['kind']!r} element has no staged files")
-    sources = _merged_sources(ctx, spec)
-    source_root = spec["source_root"]
-    taken = subtree(cas, sources, _parts(spec, source_root, "source_root"))
+    layers = []
+    for index, dependency in enumerate(spec["dependencies"]):
+        files = dependency_files(ctx, spec, index)
+        if dependency["select"] is not None:
+            files = select_tree(cas, files, dependency["select"])
+        layers.append(place_at(cas, files, _dependency_path(spec, index)))
+    layers.append(_placed_sources(ctx, spec))
+    merged = merge_trees(cas, layers)
+    files_root = spec["files_root"]
+    taken = subtree(cas, merged.digest, _parts(spec, files_root, "files_root"))
     if taken is None:
         raise BuildFailedError(
-            spec["element"], f"the import source folder {source_root!r} is not in its sources"
+            spec["element"], f"the folder {files_root!r} is not in what the element stages"
         )
-    return place_at(cas, taken, _parts(spec, spec["import_target"], "import_target"))
+    return place_at(cas, taken, _parts(spec, spec["files_target"], "files_target")), merged.overlaps
 
 
-def output_path_in_command(command_spec: CommandSpec) -> str:
-    """The output path as REAPI wants it: relative to the working directory.
+def output_paths_in_command(
+    cas: LocalCas, command_spec: CommandSpec, input_root: Digest
+) -> list[str]:
+    """The output paths as REAPI wants them: relative to the working directory.
 
-    The spec gives it relative to the input root; ``../`` climbs out of the
-    working directory (as BuildStream's remote sandbox does).
+    The spec gives the output folder relative to the input root; ``../``
+    climbs out of the working directory (as BuildStream's remote sandbox
+    does). An output folder of "" (the whole sandbox) is every top-level
+    entry of the input root.
     """
-    output = "/".join(split_path(command_spec["output_path"]))
     workdir = "/".join(split_path(command_spec["working_directory"]))
-    return posixpath.relpath(output, workdir or ".")
+    output = "/".join(split_path(command_spec["output_path"]))
+    if output:
+        outputs = [output]
+    else:
+        top = read_directory(cas, input_root)
+        outputs = sorted(
+            [d.name for d in top.directories]
+            + [f.name for f in top.files]
+            + [s.name for s in top.symlinks]
+        )
+    return [posixpath.relpath(path, workdir or ".") for path in outputs]
 
 
 # --- stage 2 -------------------------------------------------------------------
@@ -199,7 +230,7 @@ def output_path_in_command(command_spec: CommandSpec) -> str:
 def upload(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     """Stage 2: upload the action, its command and its input root to the execution CAS.
 
-    Only what the server lacks is sent. A no-op for ``import``, ``stack`` and a
+    Only what the server lacks is sent. A no-op without a command and for a
     cached action. On a host that did not run :func:`stage_to_cas` the action
     is derived again first (see :func:`ensure_local_action`).
 
@@ -212,7 +243,7 @@ def upload(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     """
     started = time.monotonic()
     new = dict(state)
-    if spec["kind"] != "manual" or state.get("cached"):
+    if spec["command"] is None or state.get("cached"):
         return with_timing(new, "upload", time.monotonic() - started)
     new = ensure_local_action(ctx, spec, new)
     try:
@@ -260,11 +291,12 @@ def _action_keys(staged: StagedAction) -> dict[str, Any]:
         "action": dj(staged.action),
         "command": dj(staged.command),
         "input_root": dj(staged.input_root),
-        "overlaps": {
-            "count": len(staged.overlaps),
-            "paths": staged.overlaps[:MAX_OVERLAPS_SHOWN],
-        },
+        "overlaps": _overlaps(staged.overlaps),
     }
+
+
+def _overlaps(paths: list[str]) -> dict[str, Any]:
+    return {"count": len(paths), "paths": paths[:MAX_OVERLAPS_SHOWN]}
 
 
 def _cache_lookup(ctx: StageContext, action: Digest) -> dict[str, Any]:
@@ -321,7 +353,7 @@ def _upload_action(ctx: StageContext, spec: BuildSpec, state: State) -> UploadSt
     return stats + ctx.execution_cas.upload_missing(cas, [action])
 
 
-def _dependency_files(ctx: StageContext, spec: BuildSpec, index: int) -> Digest:
+def dependency_files(ctx: StageContext, spec: BuildSpec, index: int) -> Digest:
     dependency = spec["dependencies"][index]
     uri = dependency["artifact_uri"]
     fetched = ctx.assets.fetch_directory([uri])
@@ -330,8 +362,12 @@ def _dependency_files(ctx: StageContext, spec: BuildSpec, index: int) -> Digest:
     return artifact_files(ctx, fetched.digest, uri)
 
 
-def _merged_sources(ctx: StageContext, spec: BuildSpec) -> Digest:
-    """The element's sources fetched and merged, each in its ``directory``."""
+def _dependency_path(spec: BuildSpec, index: int) -> list[str]:
+    return _parts(spec, spec["dependencies"][index]["path"], f"dependencies[{index}].path")
+
+
+def _placed_sources(ctx: StageContext, spec: BuildSpec) -> Digest:
+    """The element's sources fetched and merged, each in its ``directory``, at ``source_root``."""
     cas = ctx.local_cas
     placed = []
     for index, source in enumerate(spec["sources"]):
@@ -348,7 +384,8 @@ def _merged_sources(ctx: StageContext, spec: BuildSpec) -> Digest:
         placed.append(
             place_at(cas, digest, _parts(spec, source["directory"], f"sources[{index}].directory"))
         )
-    return merge_trees(cas, placed).digest
+    merged = merge_trees(cas, placed).digest
+    return place_at(cas, merged, _parts(spec, spec["source_root"], "source_root"))
 
 
 def _parts(spec: BuildSpec, path: str, what: str) -> list[str]:

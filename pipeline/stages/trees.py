@@ -16,6 +16,7 @@ __all__ = [
     "split_path",
     "subtree",
     "tree_complete",
+    "tree_paths",
 ]
 
 
@@ -88,3 +89,23 @@ def tree_complete(cas: LocalCas, root: Digest) -> bool:
         return not cas.missing(tree_digests(cas, root))
     except LocalCasError:
         return False
+
+
+def tree_paths(cas: LocalCas, root: Digest) -> list[str]:
+    """Every path of the tree (folders, files, symlinks), relative to its root, sorted.
+
+    Raises:
+        LocalBlobMissingError: a Directory is not in the local CAS.
+    """
+    paths: list[str] = []
+    pending = [("", root)]
+    while pending:
+        path, digest = pending.pop()
+        directory = read_directory(cas, digest, path)
+        for folder in directory.directories:
+            child = f"{path}/{folder.name}" if path else folder.name
+            paths.append(child)
+            pending.append((child, folder.digest))
+        names = [f.name for f in directory.files] + [s.name for s in directory.symlinks]
+        paths.extend(f"{path}/{name}" if path else name for name in names)
+    return sorted(paths)

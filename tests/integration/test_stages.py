@@ -92,7 +92,11 @@ def source(tree: Digest, directory: str = "") -> SourceSpec:
 
 def dependency(spec: BuildSpec) -> DependencySpec:
     return DependencySpec(
-        element=spec["element"], cache_key=spec["cache_key"], artifact_uri=spec["artifact_uri"]
+        element=spec["element"],
+        cache_key=spec["cache_key"],
+        artifact_uri=spec["artifact_uri"],
+        path="",
+        select=None,
     )
 
 
@@ -107,9 +111,11 @@ def import_spec(project: str, element: str, tree: Digest, *, source_root: str = 
         dependencies=[],
         runtime_dependencies=[],
         sources=[source(tree)],
-        source_root=source_root,
-        import_target="",
+        source_root="",
         command=None,
+        files_root=source_root,
+        files_target="",
+        select_outputs=False,
     )
 
 
@@ -148,8 +154,10 @@ def manual_spec(
         runtime_dependencies=[d["element"] for d in depends],
         sources=[source(s) for s in sources],
         source_root=build_root,
-        import_target="",
         command=command,
+        files_root="",
+        files_target="",
+        select_outputs=False,
     )
 
 
@@ -165,8 +173,10 @@ def stack_spec(project: str, element: str, depends: list[BuildSpec]) -> BuildSpe
         runtime_dependencies=[d["element"] for d in depends],
         sources=[],
         source_root="",
-        import_target="",
         command=None,
+        files_root="",
+        files_target="",
+        select_outputs=False,
     )
 
 

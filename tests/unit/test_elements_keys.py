@@ -105,8 +105,7 @@ def test_reformatting_and_reordering_yaml_does_not_change_keys(
         sources: [{path: files/app, kind: local}]
         depends: [base.bst, lib.bst]
         kind: manual
-        description: descriptions and public data do not matter
-        public: {bst: {split-rules: {}}}
+        description: descriptions do not matter
         """
     )
 
@@ -143,6 +142,19 @@ def test_nocache_environment_does_not_change_the_key(
 ) -> None:
     changed = keys(tmp_path, app=APP.replace("NOCACHE_ME: x", "NOCACHE_ME: y"))
     assert changed == reference
+
+
+def test_public_data_changes_the_key_and_its_dependents(
+    tmp_path: Path, reference: dict[str, str]
+) -> None:
+    # Given lib.bst gains an integration command (BuildStream keys public data too)
+    lib = "kind: manual\ndepends: [base.bst]\npublic: {bst: {integration-commands: [ldconfig]}}\n"
+    changed = keys(tmp_path, lib=lib)
+    plain = keys(tmp_path, lib="kind: manual\ndepends: [base.bst]\n")
+
+    # Then its key changes, and so does that of app.bst, which runs the command
+    assert changed["lib.bst"] != plain["lib.bst"]
+    assert changed["app.bst"] != plain["app.bst"]
 
 
 def test_the_kind_changes_the_key(tmp_path: Path) -> None:

@@ -171,7 +171,7 @@ def test_manual_element_with_every_key(tmp_path: Path) -> None:
     assert names(app.runtime_dependencies) == ["base.bst"]
     assert app.environment["FLAVOUR"] == "sweet"
     assert "FLAVOUR" in app.environment_nocache
-    assert app.commands == {
+    assert app.plugin.commands == {
         "configure-commands": ["./configure"],
         "build-commands": ["make"],
         "install-commands": ["make DESTDIR=/buildstream-install install"],
@@ -195,7 +195,8 @@ def test_unknown_kind_names_file_line_and_field(tmp_path: Path) -> None:
     error = load_error(tmp_path, {"app.bst": "# app\nkind: autotools\n"}, "app.bst")
     assert str(error) == (
         "elements/app.bst:2: kind: unknown element kind 'autotools' "
-        "(remex supports import, manual, stack)"
+        "(remex supports import, manual, stack; a plugin kind must be declared in "
+        "project.conf 'plugins')"
     )
 
 
@@ -235,14 +236,14 @@ def test_manual_default_commands_are_buildstreams(tmp_path: Path) -> None:
     app = project(tmp_path, {"app.bst": "kind: manual\n"}).load_targets(["app.bst"])[0]
 
     # Then the commands are BuildStream's manual defaults (strip runs %{strip-binaries})
-    assert app.commands == {
+    assert app.plugin.commands == {
         "configure-commands": [],
         "build-commands": [],
         "install-commands": [],
         "strip-commands": ["\n"],
     }
     # And whitespace-only commands are left out of the script
-    assert app.script() == ""
+    assert app.plugin.script(app, app.staged_dependencies()) == ""
 
 
 def test_import_config_defaults_and_values(tmp_path: Path) -> None:
@@ -254,8 +255,8 @@ def test_import_config_defaults_and_values(tmp_path: Path) -> None:
         },
     )
     a, b = proj.load_targets(["a.bst", "b.bst"])
-    assert (a.import_source, a.import_target) == ("", "")
-    assert (b.import_source, b.import_target) == ("files", "usr")
+    assert (a.plugin.source, a.plugin.target) == ("", "")
+    assert (b.plugin.source, b.plugin.target) == ("files", "usr")
 
 
 def test_import_config_may_not_climb_out(tmp_path: Path) -> None:
@@ -573,6 +574,8 @@ def test_manual_build_spec(tmp_path: Path) -> None:
             "element": "base.bst",
             "cache_key": base.cache_key,
             "artifact_uri": spec.artifact_uri("test", "base", base.cache_key),
+            "path": "",
+            "select": None,
         }
     ]
     assert build["runtime_dependencies"] == ["base.bst"]
@@ -580,7 +583,8 @@ def test_manual_build_spec(tmp_path: Path) -> None:
         {"kind": "local", "digest": digest_to_json(digest), "directory": "src"}
     ]
     assert build["source_root"] == "buildstream/test/libs/foo.bst"
-    assert build["import_target"] == ""
+    assert (build["files_root"], build["files_target"]) == ("", "")
+    assert build["select_outputs"] is False
     command = build["command"]
     assert command is not None
     assert command["arguments"] == [
@@ -619,7 +623,8 @@ def test_import_and_stack_build_specs(tmp_path: Path) -> None:
     digest = digest_of(b"tree")
 
     imported = base.build_spec([digest])
-    assert (imported["source_root"], imported["import_target"]) == ("", "opt/base")
+    assert (imported["source_root"], imported["files_root"]) == ("", "")
+    assert imported["files_target"] == "opt/base"
     assert imported["command"] is None
     assert imported["dependencies"] == []
 

@@ -95,7 +95,7 @@ def test_variables_expand_in_commands_environment_and_import_config(tmp_path: Pa
         },
         conf,
     )
-    assert manual.commands["install-commands"] == [
+    assert manual.plugin.commands["install-commands"] == [
         "install -D tool /buildstream-install/usr/bin/tool"
     ]
     assert manual.environment["PREFIX"] == "/usr"
@@ -108,7 +108,7 @@ def test_a_lone_percent_is_literal(tmp_path: Path) -> None:
         tmp_path,
         {"a.bst": "kind: manual\nconfig:\n  build-commands:\n  - printf '100%% %s %{x' %%{lib}\n"},
     )
-    assert element.commands["build-commands"] == ["printf '100%% %s %{x' %lib"]
+    assert element.plugin.commands["build-commands"] == ["printf '100%% %s %{x' %lib"]
 
 
 def test_undefined_variable_in_a_command_names_file_line_field_and_variable(

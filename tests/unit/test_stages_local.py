@@ -21,7 +21,7 @@ from pipeline.spec import BuildSpec, CommandSpec, SourceSpec, artifact_uri
 from pipeline.stages import BuildFailedError, SpecError, StageContext, is_pending, stable
 from pipeline.stages.artifacts import ARTIFACT_META_FILE, build_artifact_tree
 from pipeline.stages.push import artifact_meta
-from pipeline.stages.staging import output_path_in_command, stage_action, stage_files
+from pipeline.stages.staging import output_paths_in_command, stage_action, stage_files
 from pipeline.stages.state import decode_action_result, encode_action_result
 from pipeline.stages.trees import place_at, split_path, subtree
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -53,10 +53,12 @@ def spec(
     import_target: str = "",
     command: CommandSpec | None = None,
 ) -> BuildSpec:
+    """With a command, the sources go to ``source_root``; without one (an
+    import), ``source_root`` is the folder of the sources taken as files."""
     return BuildSpec(
         project="proj",
         element="hello/app.bst",
-        kind=kind,  # type: ignore[typeddict-item]
+        kind=kind,
         cache_key=KEY,
         artifact_uri=artifact_uri("proj", "hello-app", KEY),
         dependencies=[],
@@ -64,9 +66,11 @@ def spec(
         sources=[
             SourceSpec(kind="local", digest=digest_to_json(d), directory=sub) for d, sub in trees
         ],
-        source_root=source_root,
-        import_target=import_target,
+        source_root=source_root if command is not None else "",
         command=command,
+        files_root="" if command is not None else source_root,
+        files_target=import_target,
+        select_outputs=False,
     )
 
 
@@ -117,10 +121,13 @@ def test_place_at_nests_and_subtree_finds_it_again(ctx: StageContext, tmp_path: 
     assert place_at(ctx.local_cas, tree, []) == tree
 
 
-def test_output_path_is_relative_to_the_working_directory() -> None:
-    assert output_path_in_command(command()) == "../../../../buildstream-install"
-    assert output_path_in_command(command(working_directory="")) == "buildstream-install"
-    assert output_path_in_command(command(working_directory="/a", output_path="/a/b")) == "b"
+def test_output_path_is_relative_to_the_working_directory(ctx: StageContext) -> None:
+    def output(cmd: CommandSpec) -> list[str]:
+        return output_paths_in_command(ctx.local_cas, cmd, EMPTY_DIGEST)
+
+    assert output(command()) == ["../../../../buildstream-install"]
+    assert output(command(working_directory="")) == ["buildstream-install"]
+    assert output(command(working_directory="/a", output_path="/a/b")) == ["b"]
 
 
 # --- stage_to_cas, locally ------------------------------------------------------------
@@ -188,7 +195,7 @@ def test_hostile_paths_in_a_spec_are_refused(ctx: StageContext) -> None:
     with pytest.raises(SpecError, match="working_directory"):
         stage_action(ctx, spec("manual", [], command=command(working_directory="../x")))
     with pytest.raises(SpecError, match="output_path"):
-        stage_action(ctx, spec("manual", [], command=command(output_path="/")))
+        stage_action(ctx, spec("manual", [], command=command(output_path="../x")))
     with pytest.raises(SpecError, match="command"):
         stage_action(ctx, spec("manual", []))
 

@@ -1,0 +1,193 @@
+"""The base class of element kinds, and the recipe a kind compiles an element to.
+
+A kind is everything remex knows about one BuildStream element kind: its
+defaults (variables, environment, config, public data), how its ``config`` is
+checked and read, what of it enters the cache key, and how an element of the
+kind is built, expressed as a :class:`Recipe` that the element turns into a
+:class:`~pipeline.spec.BuildSpec`. The stages only ever see that spec, so
+they never ask which kind they build.
+
+One instance is made per element (it holds that element's config).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pipeline import spec
+from pipeline.elements.errors import LoadError
+from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode
+from pipeline.elements.variables import Variables
+
+if TYPE_CHECKING:
+    from pipeline.elements.element import Dependency, Element
+
+__all__ = [
+    "Kind",
+    "KindContext",
+    "Recipe",
+    "StagedDependency",
+    "data_to_node",
+    "expand_data",
+    "node_to_data",
+    "require_dependency_types",
+]
+
+
+@dataclass(frozen=True)
+class StagedDependency:
+    """One dependency put into the input tree: its element, where, and which files."""
+
+    element: Element
+    path: str = ""
+    select: spec.SelectSpec | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How an element is built; see :class:`~pipeline.spec.BuildSpec` for the meaning."""
+
+    dependencies: list[StagedDependency] = field(default_factory=list)
+    source_root: str = ""
+    command: spec.CommandSpec | None = None
+    files_root: str = ""
+    files_target: str = ""
+    select_outputs: bool = False
+
+
+@dataclass(frozen=True)
+class KindContext:
+    """What a kind reads its element from.
+
+    Attributes:
+        element: the element's name (``libs/foo.bst``).
+        node: the whole element file (for marks in messages).
+        config: ``config``, the kind's defaults composed with the element's.
+        variables: the element's variables.
+        dependencies: the element's direct dependencies, resolved, in order.
+    """
+
+    element: str
+    node: MappingNode
+    config: MappingNode
+    variables: Variables
+    dependencies: list[Dependency]
+
+
+class Kind(ABC):
+    """One element kind. Subclasses live one per file in :mod:`pipeline.elements.kinds`.
+
+    Class attributes:
+        name: the ``kind:`` value.
+        takes_sources: whether ``sources`` are allowed.
+        runs_commands: whether building runs commands in a sandbox (then the
+            environment and the sandbox's platform enter the cache key).
+        builds: False for kinds that make no artifact (``junction``, ``link``).
+    """
+
+    name: ClassVar[str]
+    takes_sources: ClassVar[bool] = True
+    runs_commands: ClassVar[bool] = False
+    builds: ClassVar[bool] = True
+
+    @classmethod
+    def defaults(cls) -> MappingNode | None:
+        """The kind's defaults (``variables``, ``environment``, ``config``,
+        ``public``, ...) as a YAML tree, or None when it has none."""
+        return None
+
+    @abstractmethod
+    def configure(self, ctx: KindContext) -> None:
+        """Read and check the element's config and dependencies.
+
+        Raises:
+            LoadError: naming the file, line and field.
+        """
+
+    @abstractmethod
+    def key_config(self) -> dict[str, Any]:
+        """The configuration as it enters the cache key (expanded)."""
+
+    def show_config(self) -> dict[str, Any]:
+        """The configuration as ``show --format %{config}`` prints it."""
+        return self.key_config()
+
+    @abstractmethod
+    def recipe(self, element: Element) -> Recipe:
+        """How to build ``element`` (whose dependencies all have cache keys)."""
+
+
+def node_to_data(node: Node) -> Any:
+    """A node as plain JSON-like data (strings, lists, dicts; None for null)."""
+    if isinstance(node, ScalarNode):
+        return node.value
+    if isinstance(node, SequenceNode):
+        return [node_to_data(item) for item in node.items]
+    assert isinstance(node, MappingNode)
+    return {key: node_to_data(value) for key, value in node.entries.items()}
+
+
+def expand_data(node: Node, variables: Variables) -> Any:
+    """Like :func:`node_to_data`, with ``%{variables}`` expanded in every string.
+
+    Raises:
+        LoadError: an undefined variable, at the string using it.
+    """
+    if isinstance(node, ScalarNode):
+        return None if node.value is None else variables.expand_node(node)
+    if isinstance(node, SequenceNode):
+        return [expand_data(item, variables) for item in node.items]
+    assert isinstance(node, MappingNode)
+    return {key: expand_data(value, variables) for key, value in node.entries.items()}
+
+
+def require_dependency_types(
+    kind: str, dependencies: list[Dependency], *, build: bool | None, runtime: bool | None
+) -> None:
+    """Refuse dependencies whose types the kind does not allow.
+
+    Args:
+        build, runtime: True: every dependency must have the type; False: none
+            may have it; None: either.
+    """
+    for dep in dependencies:
+        wrong = (build is not None and dep.build != build) or (
+            runtime is not None and dep.runtime != runtime
+        )
+        if wrong:
+            wanted = {
+                (True, True): "both build and runtime dependencies (in 'depends' without a type)",
+                (True, False): "build dependencies only",
+                (True, None): "build dependencies",
+                (None, False): "not runtime dependencies",
+                (False, None): "not build dependencies",
+            }.get((build, runtime), "of another type")
+            raise LoadError(
+                f"all dependencies of a {kind} element must be {wanted}",
+                file=dep.mark.file,
+                line=dep.mark.line,
+                field=dep.field,
+            )
+
+
+def data_to_node(data: Any, file: str, path: str = "") -> Node:
+    """Plain data (strings, lists, dicts) as nodes marked at line 0 of ``file``.
+
+    For remex's own defaults, so that they compose with the user's YAML.
+    """
+    mark = Mark(file, 0)
+    if isinstance(data, dict):
+        result = MappingNode(mark=mark, path=path)
+        for key, value in data.items():
+            result.entries[key] = data_to_node(value, file, result.child_path(key))
+            result.key_marks[key] = mark
+        return result
+    if isinstance(data, list):
+        return SequenceNode(
+            mark=mark,
+            path=path,
+            items=[data_to_node(item, file, f"{path}[{i}]") for i, item in enumerate(data)],
+        )
+    return ScalarNode(mark=mark, path=path, value=None if data is None else str(data))

@@ -1,0 +1,179 @@
+"""``manual`` and every BuildElement kind: commands run in ``%{build-root}``.
+
+A BuildElement stages its build dependencies (and their runtime closure) at
+``/``, runs their integration commands, stages its sources at
+``%{build-root}``, then runs its ``configure-``, ``build-``, ``install-`` and
+``strip-commands`` in ``%{build-root}/%{command-subdir}``; its artifact is
+``%{install-root}``. Plugin kinds (``autotools``, ``cmake`` ... from a pip
+package) are this same class with the package's YAML as their defaults.
+
+remex runs the whole build as one action: a ``sh -c -e`` script that runs
+each command as BuildStream does (``sh -c -e '<command>'``, integration
+commands with ``sh -e -c`` in ``/``), stopping at the first failure; a ``cd``
+or a variable set by one command does not leak into the next.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pipeline import spec
+from pipeline.elements.kinds.base import (
+    Kind,
+    KindContext,
+    Recipe,
+    StagedDependency,
+    data_to_node,
+)
+from pipeline.elements.nodes import MappingNode
+from pipeline.elements.variables import Variables
+
+if TYPE_CHECKING:
+    from pipeline.elements.element import Element
+
+__all__ = ["COMMAND_STEPS", "BuildElementKind", "ManualKind", "build_element_kind"]
+
+COMMAND_STEPS = ("configure-commands", "build-commands", "install-commands", "strip-commands")
+"""The command lists, in the order they run."""
+
+_MANUAL_DEFAULTS: dict[str, Any] = {
+    "config": {
+        "configure-commands": [],
+        "build-commands": [],
+        "install-commands": [],
+        # As BuildStream's manual defaults, a block scalar: note the newline.
+        "strip-commands": ["%{strip-binaries}\n"],
+    },
+}
+
+
+class BuildElementKind(Kind):
+    """A kind that builds by running command lists (BuildStream's BuildElement)."""
+
+    name: ClassVar[str] = "manual"
+    runs_commands: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.commands: dict[str, list[str]] = {}
+        self.build_root = ""
+        self.install_root = ""
+        self.working_directory = ""
+        self.notparallel = False
+
+    @classmethod
+    def defaults(cls) -> MappingNode | None:
+        node = data_to_node(_MANUAL_DEFAULTS, f"<remex defaults of kind {cls.name}>")
+        assert isinstance(node, MappingNode)
+        return node
+
+    def configure(self, ctx: KindContext) -> None:
+        ctx.config.validate_keys(COMMAND_STEPS)
+        for step in COMMAND_STEPS:
+            self.commands[step] = [
+                ctx.variables.expand_node(command)
+                for command in ctx.config.get_str_list(step) or []
+            ]
+        self.build_root = sandbox_folder(ctx.variables, "build-root")
+        self.install_root = sandbox_folder(ctx.variables, "install-root")
+        root = self.build_root.strip("/")
+        subdir = (ctx.variables.get("command-subdir") or "").strip("/")
+        self.working_directory = f"{root}/{subdir}" if root and subdir else root or subdir
+        self.notparallel = ctx.variables.get("notparallel") in ("true", "True")
+
+    def key_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "commands": self.commands,
+            "build-root": self.build_root,
+            "install-root": self.install_root,
+            "working-directory": self.working_directory,
+        }
+        if self.notparallel:
+            config["notparallel"] = True
+        return config
+
+    def show_config(self) -> dict[str, Any]:
+        return {step: list(self.commands[step]) for step in COMMAND_STEPS}
+
+    def script(self, element: Element, staged: list[Element]) -> str:
+        """The action's shell script: integration commands, then each command.
+
+        Commands that are only whitespace (the default strip command, when
+        ``%{strip-binaries}`` is empty) are left out: they would do nothing.
+        """
+        lines = integration_lines(element, staged)
+        lines += [
+            f"sh -c -e {shlex.quote(command + chr(10))}"
+            for step in COMMAND_STEPS
+            for command in self.commands.get(step, [])
+            if command.strip()
+        ]
+        return "".join(line + "\n" for line in lines)
+
+    def recipe(self, element: Element) -> Recipe:
+        staged = element.staged_dependencies()
+        command: spec.CommandSpec = {
+            "arguments": ["sh", "-c", "-e", self.script(element, staged)],
+            "environment": dict(element.environment),
+            "working_directory": self.working_directory,
+            "output_path": self.install_root.strip("/"),
+            "platform": element.platform,
+            "timeout_seconds": None,
+        }
+        return Recipe(
+            dependencies=[StagedDependency(dep) for dep in staged],
+            source_root=self.build_root.strip("/"),
+            command=command,
+        )
+
+
+class ManualKind(BuildElementKind):
+    """``kind: manual``: the commands are all written in the element."""
+
+    name = "manual"
+
+
+def build_element_kind(kind: str, defaults: MappingNode) -> type[BuildElementKind]:
+    """A BuildElement kind whose defaults are a plugin package's YAML (read as data)."""
+
+    class PluginBuildElementKind(BuildElementKind):
+        name: ClassVar[str] = kind
+
+        @classmethod
+        def defaults(cls) -> MappingNode | None:
+            return defaults
+
+    PluginBuildElementKind.__name__ = f"BuildElementKind[{kind}]"
+    return PluginBuildElementKind
+
+
+def integration_lines(element: Element, staged: list[Element]) -> list[str]:
+    """Shell lines running each staged element's integration commands, in order,
+    in ``/`` with that element's own environment (as BuildStream integrates)."""
+    lines = []
+    for dep in staged:
+        for command in dep.integration_commands:
+            run = f"sh -e -c {shlex.quote(command)}"
+            if dep.environment != element.environment:
+                assignments = " ".join(
+                    shlex.quote(f"{k}={v}") for k, v in sorted(dep.environment.items())
+                )
+                run = f"env -i {assignments} {run}"
+            lines.append(f"(cd / && {run})")
+    return lines
+
+
+def sandbox_folder(variables: Variables, name: str) -> str:
+    """A variable holding an absolute folder below ``/`` (build-root, install-root).
+
+    Raises:
+        LoadError: at the variable's definition.
+    """
+    value = variables[name]
+    normal = posixpath.normpath(value) if value else ""
+    if not value.startswith("/") or normal == "/" or ".." in value.split("/"):
+        raise variables.error(
+            name, f"%{{{name}}} is {value!r}; it must be an absolute folder below '/'"
+        )
+    return value

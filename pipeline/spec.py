@@ -38,11 +38,10 @@ def normal_name(element: str) -> str:
 class SelectSpec(TypedDict):
     """Which files of a dependency's artifact are taken (BuildStream's split rules).
 
-    A file is taken when it is in an ``include`` domain (every domain when
-    ``include`` is empty) and in no ``exclude`` domain, or, when it is in no
-    domain at all, when ``orphans`` is true. Domains are lists of anchored
-    regular expressions over paths relative to the artifact's files (from
-    BuildStream globs, with variables expanded).
+    A path is taken when it is in an ``include`` domain and in no ``exclude``
+    domain, or, when it is in no domain at all, when ``orphans`` is true.
+    Domains are lists of BuildStream globs (variables expanded) over absolute
+    paths (``/usr/bin/*``) of the artifact's files.
     """
 
     domains: dict[str, list[str]]

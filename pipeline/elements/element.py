@@ -18,25 +18,28 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import spec
 from pipeline.digest import Digest, digest_to_json
-from pipeline.elements.nodes import Mark
+from pipeline.elements.nodes import MappingNode, Mark
 from pipeline.elements.sources import Source
 from pipeline.elements.variables import Variables
 
 if TYPE_CHECKING:
     from pipeline.elements.kinds import Kind
 
-__all__ = ["Dependency", "Element"]
+__all__ = ["Dependency", "Element", "runtime_closure_of"]
 
 
 @dataclass(frozen=True)
 class Dependency:
-    """A direct dependency as declared: its element, its types, where it is written."""
+    """A direct dependency as declared: its element, its types, where it is written,
+    and each ``config`` it was declared with (a kind may read them, as ``script``
+    reads ``location``; None for a declaration without one)."""
 
     element: Element
     build: bool
     runtime: bool
     mark: Mark
     field: str
+    configs: tuple[MappingNode | None, ...] = (None,)
 
 
 class Element:
@@ -216,6 +219,11 @@ class Element:
             "files_target": recipe.files_target,
             "select_outputs": recipe.select_outputs,
         }
+
+
+def runtime_closure_of(elements: Iterable[Element]) -> list[Element]:
+    """The elements and everything they need at run time, dependencies first, each once."""
+    return _post_order(elements, lambda e: e.runtime_dependencies)
 
 
 def _post_order(

@@ -16,6 +16,7 @@ name.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import posixpath
@@ -38,15 +39,18 @@ from pipeline.elements.element import Dependency, Element
 from pipeline.elements.errors import LoadError
 from pipeline.elements.keys import cache_key
 from pipeline.elements.kinds import CORE_KINDS, Kind, KindContext
-from pipeline.elements.kinds.base import expand_data
+from pipeline.elements.kinds.base import data_to_node, expand_data
 from pipeline.elements.nodes import MappingNode, Mark, ScalarNode, SequenceNode, load_yaml
 from pipeline.elements.sources import Source, load_source, project_path
+from pipeline.elements.split_rules import DEFAULT_SPLIT_RULES
 from pipeline.elements.variables import Definition, Variables
 
 __all__ = ["Project", "load_project"]
 
 _PROJECT_KEYS = (
     "name",
+    "split-rules",
+    "elements",
     "min-version",
     "element-path",
     "variables",
@@ -59,12 +63,10 @@ _PROJECT_UNSUPPORTED = (
     "ref-storage",
     "options",
     "plugins",
-    "elements",
     "sources",
     "mirrors",
     "artifacts",
     "source-caches",
-    "split-rules",
     "shell",
     "fatal-warnings",
     "defaults",
@@ -73,6 +75,15 @@ _PROJECT_UNSUPPORTED = (
     "remote-execution",
     "source-provenance-attributes",
     "default-mirror",
+)
+# What project.conf `elements: KIND:` may override.
+_KIND_OVERRIDE_KEYS = (
+    "variables",
+    "environment",
+    "environment-nocache",
+    "config",
+    "public",
+    "sandbox",
 )
 _ELEMENT_KEYS = (
     "kind",
@@ -140,6 +151,7 @@ def load_project(directory: Path, *, cas: LocalCas, max_jobs: int = DEFAULT_MAX_
     aliases = {alias: value.as_str() for alias, value in node.get_str_mapping("aliases").items()}
     nocache = node.get_str_list("environment-nocache") or []
     return Project(
+        conf=node,
         name=name,
         directory=directory,
         element_path=element_path,
@@ -159,6 +171,7 @@ class _DepRef:
     runtime: bool
     mark: Mark
     field: str
+    configs: list[MappingNode | None] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -187,6 +200,7 @@ class Project:
     def __init__(
         self,
         *,
+        conf: MappingNode,
         name: str,
         directory: Path,
         element_path: Path,
@@ -209,6 +223,12 @@ class Project:
         self._files: dict[str, _ElementFile] = {}
         self._elements: dict[str, Element] = {}
         self._kinds: dict[str, type[Kind]] = dict(CORE_KINDS)
+        default_splits = data_to_node(DEFAULT_SPLIT_RULES, "<BuildStream's default split-rules>")
+        assert isinstance(default_splits, MappingNode)
+        splits = _compose_mappings(default_splits, conf.get_mapping("split-rules"))
+        assert splits is not None
+        self._split_rules = splits
+        self._element_overrides = conf.get_mapping("elements")
 
     def __repr__(self) -> str:
         return f"<Project {self.name} at {self.directory}>"
@@ -418,23 +438,24 @@ class Project:
                 runtime=ref.runtime,
                 mark=ref.mark,
                 field=ref.field,
+                configs=tuple(ref.configs) or (None,),
             )
             for ref in file.deps
         ]
         config = _compose_mappings(defaults.get_mapping("config"), node.get_mapping("config"))
         if config is None:
             config = MappingNode(mark=node.mark, path="config")
-        plugin.configure(
-            KindContext(
-                element=file.name,
-                node=node,
-                config=config,
-                variables=variables,
-                dependencies=dependencies,
-            )
+        kind_context = KindContext(
+            element=file.name,
+            node=node,
+            config=config,
+            variables=variables,
+            dependencies=dependencies,
         )
+        plugin.configure(kind_context)
         public_node = _compose_mappings(defaults.get_mapping("public"), node.get_mapping("public"))
         public = expand_data(public_node, variables) if public_node is not None else {}
+        public = plugin.finish_public(public, kind_context)
         build_os, build_arch = _sandbox(node.get_mapping("sandbox"), variables)
         sources = self._sources(file, plugin, variables)
         element = Element(
@@ -456,9 +477,30 @@ class Project:
         return element
 
     def _kind_defaults(self, kind: str) -> MappingNode:
-        """The kind's defaults (empty when it has none)."""
-        defaults = self._kinds[kind].defaults()
-        return defaults if defaults is not None else MappingNode(mark=Mark("<remex>", 0), path="")
+        """The kind's defaults, with the project's split rules under its own and
+        project.conf ``elements.KIND`` over them (BuildStream's order)."""
+        defaults = self._kinds[kind].defaults() or MappingNode(mark=Mark("<remex>", 0), path="")
+        public = defaults.get_mapping("public")
+        bst = public.get_mapping("bst") if public is not None else None
+        splits = _compose_mappings(
+            self._split_rules, bst.get_mapping("split-rules") if bst is not None else None
+        )
+        assert splits is not None
+        split_overlay = data_to_node({"public": {"bst": {}}}, "<remex>")
+        assert isinstance(split_overlay, MappingNode)
+        overlay_bst = split_overlay.get_mapping("public")
+        assert overlay_bst is not None
+        bst_node = overlay_bst.get_mapping("bst")
+        assert bst_node is not None
+        bst_node.entries["split-rules"] = splits
+        composed = _compose_mappings(defaults, split_overlay)
+        assert composed is not None
+        overrides = self._element_overrides.get_mapping(kind) if self._element_overrides else None
+        if overrides is not None:
+            overrides.validate_keys(_KIND_OVERRIDE_KEYS)
+            composed = _compose_mappings(composed, overrides)
+            assert composed is not None
+        return composed
 
     def _element_variables(self, file: _ElementFile, defaults: MappingNode) -> Variables:
         definitions = {
@@ -552,6 +594,7 @@ def _read_dependencies(node: MappingNode) -> list[_DepRef]:
         if sequence is None:
             continue
         for item in sequence.items:
+            config = item.get_mapping("config") if isinstance(item, MappingNode) else None
             for name_node, dep_build, dep_runtime in _dependency_entry(item, key, build, runtime):
                 raw = name_node.as_str()
                 if ":" in raw:
@@ -566,10 +609,14 @@ def _read_dependencies(node: MappingNode) -> list[_DepRef]:
                     )
                 existing = found.get(name)
                 if existing is None:
-                    found[name] = _DepRef(name, dep_build, dep_runtime, item.mark, item.path)
+                    existing = found[name] = _DepRef(
+                        name, dep_build, dep_runtime, item.mark, item.path
+                    )
                 else:
                     existing.build |= dep_build
                     existing.runtime |= dep_runtime
+                if dep_build:
+                    existing.configs.append(config)
     return list(found.values())
 
 
@@ -582,7 +629,7 @@ def _dependency_entry(
         assert isinstance(item, SequenceNode)
         raise item.error("a dependency is a string or a mapping with 'filename'")
     if key == "depends":
-        item.validate_keys(("filename", "type"), unsupported=("junction", "strict", "config"))
+        item.validate_keys(("filename", "type", "config", "strict"), unsupported=("junction",))
         type_node = item.get_scalar("type")
         dep_type = "all" if type_node is None or type_node.value is None else type_node.value
         if dep_type not in ("build", "runtime", "all"):
@@ -592,7 +639,7 @@ def _dependency_entry(
     else:
         if "type" in item:
             raise item.key_error("type", f"'type' is only allowed in 'depends', not in {key!r}")
-        item.validate_keys(("filename",), unsupported=("junction", "strict", "config"))
+        item.validate_keys(("filename", "config", "strict"), unsupported=("junction",))
     filename = item.get("filename")
     if filename is None:
         raise item.error("missing required key 'filename'", field=item.child_path("filename"))

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.cas import check_directory, store_tree_message, tree_digests
+from pipeline.cas import store_tree_message, tree_digests
 from pipeline.digest import EMPTY_DIGEST, Digest
-from pipeline.errors import ExecutionError, ProtocolError, RemexError
+from pipeline.errors import ExecutionError, RemexError
 from pipeline.reapi.execution import Pending
 from pipeline.spec import BuildSpec
 from pipeline.stages.artifacts import push_failure_record
@@ -39,12 +39,8 @@ from pipeline.stages.state import (
 from pipeline.stages.trees import empty_tree, split_path, tree_paths
 from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
     ActionResult,
-    Directory,
-    DirectoryNode,
     ExecutedActionMetadata,
-    FileNode,
     OutputDirectory,
-    SymlinkNode,
     Tree,
 )
 
@@ -251,8 +247,6 @@ def _download_output_tree(ctx: StageContext, spec: BuildSpec, result: ActionResu
         # working directory); compare it resolved against the input root.
         return posixpath.normpath(posixpath.join(workdir, path))
 
-    if wanted == ".":
-        return _whole_root(ctx, spec, result, resolved)
     for output in result.output_directories:
         if resolved(output.path) == wanted:
             return _download_directory(ctx, output)
@@ -277,39 +271,6 @@ def _download_directory(ctx: StageContext, output: OutputDirectory) -> Digest:
         ctx.execution_cas.fetch_tree(cas, output.root_directory_digest)
         return output.root_directory_digest
     return empty_tree(cas)
-
-
-def _whole_root(
-    ctx: StageContext, spec: BuildSpec, result: ActionResult, resolved: Callable[[str], str]
-) -> Digest:
-    """The outputs of a command whose output is the whole sandbox: each top-level
-    entry, put back together as one root folder."""
-    cas = ctx.local_cas
-    root = Directory()
-    for output in result.output_directories:
-        name = _top_level_name(spec, resolved(output.path))
-        root.directories.append(DirectoryNode(name=name, digest=_download_directory(ctx, output)))
-    for file in result.output_files:
-        name = _top_level_name(spec, resolved(file.path))
-        ctx.execution_cas.download_into(cas, [file.digest])
-        root.files.append(FileNode(name=name, digest=file.digest, is_executable=file.is_executable))
-    for link in result.output_symlinks:
-        root.symlinks.append(
-            SymlinkNode(name=_top_level_name(spec, resolved(link.path)), target=link.target)
-        )
-    root.directories.sort(key=lambda d: d.name)
-    root.files.sort(key=lambda f: f.name)
-    root.symlinks.sort(key=lambda s: s.name)
-    check_directory(root)
-    return cas.put_message(root)
-
-
-def _top_level_name(spec: BuildSpec, path: str) -> str:
-    if "/" in path or path in ("", ".", ".."):
-        raise ProtocolError(
-            f"{spec['element']}: the server returned output {path!r}, not asked for"
-        )
-    return path
 
 
 def select_outputs(ctx: StageContext, spec: BuildSpec, input_root: Digest, files: Digest) -> Digest:

@@ -56,18 +56,19 @@ def _filter(cas: LocalCas, digest: Digest, path: str, keep: Callable[[str], bool
 
 def path_selector(select: SelectSpec) -> Callable[[str], bool]:
     """The predicate of ``select``: is this path taken?"""
+    # Rules are absolute (``/usr/bin/*``), matched against "/" + the path, as
+    # BuildStream matches them.
     domains = {
-        name: [glob_to_regex(pattern.lstrip("/")) for pattern in patterns]
+        name: [glob_to_regex(pattern.strip()) for pattern in patterns]
         for name, patterns in select["domains"].items()
     }
     include, exclude = set(select["include"]), set(select["exclude"])
 
     def keep(path: str) -> bool:
-        found = {name for name, regexes in domains.items() if any(r.match(path) for r in regexes)}
+        absolute = "/" + path
+        found = {n for n, regexes in domains.items() if any(r.match(absolute) for r in regexes)}
         if not found:
             return select["orphans"]
-        if found & exclude:
-            return False
-        return not include or bool(found & include)
+        return bool(found & include) and not found & exclude
 
     return keep

@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 
-from pipeline.cas import LocalCas, merge_trees
+from pipeline.cas import merge_trees
 from pipeline.digest import Digest, digest_from_json, digest_to_str
 from pipeline.errors import BlobNotFoundError, LocalBlobMissingError
 from pipeline.reapi.cas import UploadStats
@@ -40,7 +40,6 @@ from pipeline.stages.state import (
 from pipeline.stages.trees import (
     empty_tree,
     place_at,
-    read_directory,
     split_path,
     subtree,
     tree_complete,
@@ -154,7 +153,7 @@ def stage_action(ctx: StageContext, spec: BuildSpec) -> StagedAction:
                 for name, value in sorted(command_spec["environment"].items())
             ],
             working_directory="/".join(workdir_parts),
-            output_paths=output_paths_in_command(cas, command_spec, merged.digest),
+            output_paths=output_paths_in_command(command_spec),
             platform=platform,
         )
     )
@@ -200,28 +199,17 @@ def _staged_files(ctx: StageContext, spec: BuildSpec) -> tuple[Digest, list[str]
     return place_at(cas, taken, _parts(spec, spec["files_target"], "files_target")), merged.overlaps
 
 
-def output_paths_in_command(
-    cas: LocalCas, command_spec: CommandSpec, input_root: Digest
-) -> list[str]:
+def output_paths_in_command(command_spec: CommandSpec) -> list[str]:
     """The output paths as REAPI wants them: relative to the working directory.
 
     The spec gives the output folder relative to the input root; ``../``
     climbs out of the working directory (as BuildStream's remote sandbox
-    does). An output folder of "" (the whole sandbox) is every top-level
-    entry of the input root.
+    does). An output folder of "" (the whole sandbox) is ``.`` from the root,
+    or the climb to it.
     """
     workdir = "/".join(split_path(command_spec["working_directory"]))
-    output = "/".join(split_path(command_spec["output_path"]))
-    if output:
-        outputs = [output]
-    else:
-        top = read_directory(cas, input_root)
-        outputs = sorted(
-            [d.name for d in top.directories]
-            + [f.name for f in top.files]
-            + [s.name for s in top.symlinks]
-        )
-    return [posixpath.relpath(path, workdir or ".") for path in outputs]
+    output = "/".join(split_path(command_spec["output_path"])) or "."
+    return [posixpath.relpath(output, workdir or ".")]
 
 
 # --- stage 2 -------------------------------------------------------------------

@@ -12,15 +12,13 @@ modules would collide with remex's in one process (TEST-STACK.md).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pipeline.stages import checkout_artifact
+from tests.bst import Bst
 from tests.hello import (
     EXPECTED_HELLO_FILES,
     RemexBuild,
@@ -30,64 +28,6 @@ from tests.hello import (
     stage_context,
 )
 from tests.servers import CasdServer
-
-BST = Path(sys.executable).with_name("bst")
-
-# A local build: no remote execution, no artifact or source caches.
-BST_USER_CONFIG = """\
-scheduler:
-  builders: 2
-  fetchers: 2
-  on-error: quit
-"""
-
-
-@dataclass
-class Bst:
-    """``bst`` on one project, with its own cache, config and home folders."""
-
-    project: Path
-    home: Path
-
-    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("BST_", "XDG_")) and key != "HOME"
-        }
-        env.update(
-            HOME=str(self.home / "home"),
-            XDG_CACHE_HOME=str(self.home / "cache"),
-            XDG_CONFIG_HOME=str(self.home / "config"),
-            TMPDIR=str(self.home / "tmp"),
-        )
-        for name in ("home", "cache", "config", "tmp"):
-            (self.home / name).mkdir(parents=True, exist_ok=True)
-        config = self.home / "buildstream.conf"
-        config.write_text(BST_USER_CONFIG)
-        command = [
-            str(BST),
-            "--no-interactive",
-            "--no-colors",
-            "--config",
-            str(config),
-            "--directory",
-            str(self.project),
-            *args,
-        ]
-        result = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if result.returncode != 0:
-            raise AssertionError(
-                f"{' '.join(command[1:])} exited {result.returncode}\n"
-                f"--- stderr ---\n{result.stderr[-6000:]}\n--- stdout ---\n{result.stdout[-2000:]}"
-            )
-        return result
-
-    def checkout(self, element: str, deps: str, dest: Path) -> Path:
-        self.run("artifact", "checkout", "--deps", deps, element, "--directory", str(dest))
-        return dest
 
 
 @dataclass

@@ -195,8 +195,8 @@ def test_unknown_kind_names_file_line_and_field(tmp_path: Path) -> None:
     error = load_error(tmp_path, {"app.bst": "# app\nkind: autotools\n"}, "app.bst")
     assert str(error) == (
         "elements/app.bst:2: kind: unknown element kind 'autotools' "
-        "(remex supports import, manual, stack; a plugin kind must be declared in "
-        "project.conf 'plugins')"
+        "(remex supports compose, filter, import, manual, script, stack; a plugin kind must be "
+        "declared in project.conf 'plugins')"
     )
 
 

@@ -121,13 +121,15 @@ def test_place_at_nests_and_subtree_finds_it_again(ctx: StageContext, tmp_path: 
     assert place_at(ctx.local_cas, tree, []) == tree
 
 
-def test_output_path_is_relative_to_the_working_directory(ctx: StageContext) -> None:
+def test_output_path_is_relative_to_the_working_directory() -> None:
     def output(cmd: CommandSpec) -> list[str]:
-        return output_paths_in_command(ctx.local_cas, cmd, EMPTY_DIGEST)
+        return output_paths_in_command(cmd)
 
     assert output(command()) == ["../../../../buildstream-install"]
     assert output(command(working_directory="")) == ["buildstream-install"]
     assert output(command(working_directory="/a", output_path="/a/b")) == ["b"]
+    assert output(command(working_directory="", output_path="")) == ["."]
+    assert output(command(working_directory="a/b", output_path="")) == ["../.."]
 
 
 # --- stage_to_cas, locally ------------------------------------------------------------

@@ -11,8 +11,11 @@ package's YAML defaults.
 from __future__ import annotations
 
 from pipeline.elements.kinds.base import Kind, KindContext, Recipe, StagedDependency
+from pipeline.elements.kinds.compose import ComposeKind
+from pipeline.elements.kinds.filter import FilterKind
 from pipeline.elements.kinds.import_ import ImportKind
 from pipeline.elements.kinds.manual import BuildElementKind, ManualKind, build_element_kind
+from pipeline.elements.kinds.script import ScriptKind
 from pipeline.elements.kinds.stack import StackKind
 
 __all__ = [
@@ -25,7 +28,14 @@ __all__ = [
     "build_element_kind",
 ]
 
-_CORE: tuple[type[Kind], ...] = (ImportKind, ManualKind, StackKind)
+_CORE: tuple[type[Kind], ...] = (
+    ComposeKind,
+    FilterKind,
+    ImportKind,
+    ManualKind,
+    ScriptKind,
+    StackKind,
+)
 
 CORE_KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in _CORE}
 """BuildStream's core element kinds that remex builds, by name."""

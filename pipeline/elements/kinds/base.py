@@ -29,10 +29,14 @@ __all__ = [
     "KindContext",
     "Recipe",
     "StagedDependency",
+    "check_domains",
     "data_to_node",
     "expand_data",
+    "get_bool",
+    "get_str_list",
     "node_to_data",
     "require_dependency_types",
+    "split_select",
 ]
 
 
@@ -89,7 +93,7 @@ class Kind(ABC):
 
     name: ClassVar[str]
     takes_sources: ClassVar[bool] = True
-    runs_commands: ClassVar[bool] = False
+    runs_commands: bool = False
     builds: ClassVar[bool] = True
 
     @classmethod
@@ -113,6 +117,11 @@ class Kind(ABC):
     def show_config(self) -> dict[str, Any]:
         """The configuration as ``show --format %{config}`` prints it."""
         return self.key_config()
+
+    def finish_public(self, public: dict[str, Any], ctx: KindContext) -> dict[str, Any]:
+        """The element's public data (expanded) once the kind has had its say;
+        ``filter`` passes its dependency's integration commands on."""
+        return public
 
     @abstractmethod
     def recipe(self, element: Element) -> Recipe:
@@ -191,3 +200,59 @@ def data_to_node(data: Any, file: str, path: str = "") -> Node:
             items=[data_to_node(item, file, f"{path}[{i}]") for i, item in enumerate(data)],
         )
     return ScalarNode(mark=mark, path=path, value=None if data is None else str(data))
+
+
+def get_bool(config: MappingNode, key: str) -> bool:
+    """A boolean as BuildStream reads one (``true``/``True``/``false``/``False``)."""
+    node = config.require_str(key)
+    value = node.as_str()
+    if value in ("true", "True"):
+        return True
+    if value in ("false", "False"):
+        return False
+    raise node.error(f"expected true or false, got {value!r}")
+
+
+def get_str_list(config: MappingNode, key: str) -> list[str]:
+    """A list of plain strings (no variables), empty when absent."""
+    return [node.as_str() for node in config.get_str_list(key) or []]
+
+
+def split_select(
+    kind: str,
+    node: MappingNode,
+    element: Element,
+    include: list[str],
+    exclude: list[str],
+    orphans: bool,
+) -> spec.SelectSpec | None:
+    """What of ``element``'s files a split selection takes; None when it takes all
+    (as BuildStream: orphans and neither include nor exclude)."""
+    del kind, node
+    if orphans and not include and not exclude:
+        return None
+    domains = element.split_rules
+    return {
+        "domains": domains,
+        "include": [d for d in include if d in domains] if include else sorted(domains),
+        "exclude": [d for d in exclude if d in domains],
+        "orphans": orphans,
+    }
+
+
+def check_domains(
+    config: MappingNode, key: str, domains: list[str], known: set[str], what: str
+) -> None:
+    """Refuse a split domain that none of ``what`` defines.
+
+    Raises:
+        LoadError: at the list, naming the domain and the known ones.
+    """
+    for domain in domains:
+        if domain not in known:
+            sequence = config.get(key)
+            assert sequence is not None
+            raise sequence.error(
+                f"split domain {domain!r} is not defined by {what} "
+                f"(known domains: {', '.join(sorted(known)) or 'none'})"
+            )

@@ -53,7 +53,7 @@ class BuildElementKind(Kind):
     """A kind that builds by running command lists (BuildStream's BuildElement)."""
 
     name: ClassVar[str] = "manual"
-    runs_commands: ClassVar[bool] = True
+    runs_commands = True
 
     def __init__(self) -> None:
         self.commands: dict[str, list[str]] = {}

@@ -392,7 +392,10 @@ class OptionPool:
                           f"got {branch.describe()}")  # fmt: skip
             for key in restricted:
                 if key in branch.entries:
-                    raise branch.key_error(key, f"{key!r} cannot be set conditionally")
+                    key_mark = branch.key_marks.get(key, branch.mark)
+                    raise _at(
+                        key_mark, node.child_path(key), f"{key!r} cannot be set conditionally"
+                    )
             if applies:
                 compose_onto(node, branch)
         return True

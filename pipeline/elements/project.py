@@ -187,11 +187,13 @@ def load_project(
             raise variables[protected].error(
                 f"variable {protected!r} is set by remex; it cannot be redefined"
             )
-    for variable, value in pool.exported_variables().items():
-        if variable in PROTECTED_VARIABLES:
-            raise value.error(f"option variable {variable!r} is set by remex; choose another name")
-        # As BuildStream: an exported option wins over project.conf's variables.
-        variables[variable] = value
+    for option in pool.options.values():
+        if option.variable in PROTECTED_VARIABLES and option.variable_node is not None:
+            raise option.variable_node.error(
+                f"option variable {option.variable!r} is set by remex; choose another name"
+            )
+    # As BuildStream: an exported option wins over project.conf's variables.
+    variables.update(pool.exported_variables())
     aliases = {alias: value.as_str() for alias, value in node.get_str_mapping("aliases").items()}
     nocache = node.get_str_list("environment-nocache") or []
     return Project(

@@ -397,7 +397,11 @@ class OptionPool:
                         key_mark, node.child_path(key), f"{key!r} cannot be set conditionally"
                     )
             if applies:
+                # The mapping keeps its own place (BuildStream moves it to the
+                # branch's): "missing key" errors then point at the mapping.
+                mark = node.mark
                 compose_onto(node, branch)
+                node.mark = mark
         return True
 
     def _declared(self) -> str:

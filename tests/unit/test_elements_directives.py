@@ -615,6 +615,15 @@ def test_bad_conditionals_and_assertions_name_file_line_field(
     assert words in error.reason
 
 
+def test_a_mapping_keeps_its_place_after_a_conditional(tmp_path: Path) -> None:
+    # Given an element whose kind is missing, with a conditional at the top
+    error = _error(
+        tmp_path, {**STACK, "elements/a.bst": "(?):\n- debug:\n    kind: stack\n"}, OPTIONS_CONF
+    )
+    # Then the missing key is reported at the element's mapping, line 1
+    assert (error.file, error.line, error.field) == ("elements/a.bst", 1, "kind")
+
+
 def test_project_conf_restricted_keys_cannot_be_conditional(tmp_path: Path) -> None:
     conf = OPTIONS_CONF + "(?):\n- debug:\n    name: other\n"
     error = _error(tmp_path, STACK, conf)

@@ -92,17 +92,20 @@ def remex_load(tmp_path: Path, project: Path, options: dict[str, str], targets: 
 @pytest.mark.parametrize("options", OPTION_CASES, ids=lambda o: ",".join(o) or "defaults")
 def test_variables_match_buildstream(tmp_path: Path, options: dict[str, str]) -> None:
     # Given the options project (every option type, exported; conditionals in
-    # project.conf, an included file and elements; includes at two levels)
+    # project.conf, included files and elements; includes at two levels, one
+    # inside an element's variables)
     project = PROJECTS / "options"
     targets = ["a.bst", "sub/b.bst"]
 
     # When bst and remex load it with the same option values
     shown = bst_show(tmp_path, project, options, "%{vars}", *targets)
+    shown_env = bst_show(tmp_path, project, options, "%{env}", *targets)
     elements = remex_load(tmp_path, project, options, targets)
 
-    # Then every element has the same variables
+    # Then every element has the same variables and environment
     for name in targets:
         assert elements[name].variables.as_dict() == shown[name], name
+        assert elements[name].environment == shown_env[name], name
 
 
 @pytest.mark.parametrize("options", OPTION_CASES[:2], ids=["defaults", "debug"])

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pipeline.cas import LocalCas
-from pipeline.elements import LoadError, load_project
+from pipeline.elements import Element, LoadError, load_project
 from pipeline.elements.defaults import DEFAULT_MAX_JOBS
 
 BST = Path(sys.executable).with_name("bst")
@@ -83,7 +83,10 @@ def bst_show(
     return shown
 
 
-def remex_load(tmp_path: Path, project: Path, options: dict[str, str], targets: list[str]):  # type: ignore[no-untyped-def]
+def remex_load(
+    tmp_path: Path, project: Path, options: dict[str, str], targets: list[str]
+) -> dict[str, Element]:
+    """remex's loader on the same project and options: element name -> Element."""
     loaded = load_project(project, cas=LocalCas(tmp_path / "cas"), options=options)
     plan = loaded.load_targets(targets)
     return {element.name: element for element in plan}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,22 @@ def open_context(config: RemexConfig, *, correlated_id: str = "") -> StageContex
     )
 
 
-def plan(project_dir: Path | str, targets: Sequence[str], *, cas: LocalCas) -> list[Element]:
+def plan(
+    project_dir: Path | str,
+    targets: Sequence[str],
+    *,
+    cas: LocalCas,
+    options: Mapping[str, str] | None = None,
+) -> list[Element]:
     """Load the project and the targets' elements (dependencies first), with keys.
+
+    ``options`` are the project's option values as strings (BuildStream's
+    ``-o NAME VALUE``).
 
     Raises:
         ElementError: bad input; the message names the file, the line and the field.
     """
-    project = load_project(Path(project_dir), cas=cas)
+    project = load_project(Path(project_dir), cas=cas, options=options)
     return project.load_targets(list(targets))
 
 
@@ -61,8 +70,12 @@ def submit(
     targets: Sequence[str],
     *,
     config: RemexConfig | None = None,
+    options: Mapping[str, str] | None = None,
 ) -> str:
     """Load, key, look up, snapshot and enqueue a build; return its id.
+
+    ``options`` are the project's option values as strings (BuildStream's
+    ``-o NAME VALUE``); they are checked against the project's declarations.
 
     Everything that can be wrong with the input is found before anything is
     enqueued. Elements whose artifact exists are done at once (``cached``);
@@ -76,7 +89,7 @@ def submit(
     project_dir = Path(project_dir).resolve()
     config = _config(project_dir, config)
     with open_context(config) as ctx:
-        elements = plan(project_dir, targets, cas=ctx.local_cas)
+        elements = plan(project_dir, targets, cas=ctx.local_cas, options=options)
         specs: list[BuildSpec] = []
         cached: list[str] = []
         with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:

@@ -4,9 +4,11 @@ Plain YAML only, read as BuildStream reads it: every scalar is kept as the
 text written (``1321009871`` and ``yes`` stay strings; BuildStream converts on
 use), a null is ``None``. Refused, each with the file and line: anchors and
 aliases (BuildStream refuses them too), tags outside the YAML core schema,
-``<<`` merge keys, duplicate keys, non-scalar keys, and BuildStream's
-composition directives (``(@)`` includes, ``(?)`` conditionals, ``(>)``,
-``(<)``, ``(=)`` list composition), which remex does not implement.
+``<<`` merge keys, duplicate keys and non-scalar keys. BuildStream's
+composition directives (``(@)`` includes, ``(?)`` conditionals, ``(!)``
+assertions, ``(>)``, ``(<)``, ``(=)`` list composition) are read as ordinary
+keys; :mod:`pipeline.elements.composition` and
+:mod:`pipeline.elements.options` apply them.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ __all__ = ["MappingNode", "Mark", "Node", "ScalarNode", "SequenceNode", "load_ya
 
 _CORE = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {f"{_CORE}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
-_DIRECTIVES = {"(@)": "includes", "(?)": "conditionals", "(>)": "list appends",
-               "(<)": "list prepends", "(=)": "list overwrites"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -285,12 +285,6 @@ def _convert(node: Any, file: str, path: str, mark: Mark | None = None) -> Node:
                 raise _refused("YAML merge keys (<<) are not supported", key_mark, path)
             key = str(key_node.value)
             child = result.child_path(key)
-            if key in _DIRECTIVES:
-                raise _refused(
-                    f"BuildStream {_DIRECTIVES[key]} ({key}) are not supported by remex",
-                    key_mark,
-                    child,
-                )
             if key in result.entries:
                 raise _refused(f"duplicate key {key!r}", key_mark, child)
             result.entries[key] = _convert(value_node, file, child, key_mark)

@@ -21,11 +21,20 @@ import functools
 import os
 import posixpath
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
 from pipeline.cas import LocalCas
+from pipeline.elements.composition import (
+    IncludeLoader,
+    JunctionIncludeResolver,
+    assert_fully_composited,
+    clone_mapping,
+    compose,
+    refuse_junction_includes,
+)
 from pipeline.elements.defaults import (
     DEFAULT_ENVIRONMENT,
     DEFAULT_MAX_JOBS,
@@ -41,6 +50,7 @@ from pipeline.elements.keys import cache_key
 from pipeline.elements.kinds import CORE_KINDS, Kind, KindContext
 from pipeline.elements.kinds.base import data_to_node, expand_data
 from pipeline.elements.nodes import MappingNode, Mark, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.options import PROJECT_RESTRICTED_KEYS, OptionPool
 from pipeline.elements.sources import Source, load_source, project_path
 from pipeline.elements.split_rules import DEFAULT_SPLIT_RULES
 from pipeline.elements.variables import Definition, Variables
@@ -57,11 +67,13 @@ _PROJECT_KEYS = (
     "environment",
     "aliases",
     "environment-nocache",
+    "options",
 )
+# Directives allowed at the top of project.conf as written (before composition).
+_DIRECTIVE_KEYS = ("(@)", "(?)", "(!)")
 # BuildStream project.conf keys remex knows but does not implement.
 _PROJECT_UNSUPPORTED = (
     "ref-storage",
-    "options",
     "plugins",
     "sources",
     "mirrors",
@@ -107,33 +119,55 @@ _SANDBOX_UNSUPPORTED = ("build-uid", "build-gid", "remote-apis-socket")
 _PROJECT_NAME_RE = re.compile(r"[a-zA-Z_-][a-zA-Z0-9_-]*")
 
 
-def load_project(directory: Path, *, cas: LocalCas, max_jobs: int = DEFAULT_MAX_JOBS) -> Project:
-    """Read ``directory/project.conf``.
+def load_project(
+    directory: Path,
+    *,
+    cas: LocalCas,
+    max_jobs: int = DEFAULT_MAX_JOBS,
+    options: Mapping[str, str] | None = None,
+    option_values: MappingNode | None = None,
+    junction_includes: JunctionIncludeResolver = refuse_junction_includes,
+) -> Project:
+    """Read ``directory/project.conf``, with its includes, options and conditionals.
+
+    In BuildStream's order: ``name`` and ``element-path`` are read from
+    project.conf as written; then its ``(@)`` includes are composed in (the
+    included files may declare options); then the options are declared, given
+    their values (``option_values``, then ``options``) and checked; then the
+    ``(?)`` conditionals and ``(!)`` assertions are resolved; finally option
+    variables are exported over the project's ``variables``.
 
     Args:
         directory: the project folder.
         cas: the local CAS; local sources are imported into it to key them.
         max_jobs: the value of ``%{max-jobs}`` (it enters cache keys through
             the commands that use it).
+        options: option values as strings, as on BuildStream's command line
+            (``-o NAME VALUE``): ``{"debug": "true", "flags": "a,b"}``.
+        option_values: option values as YAML (a user configuration's
+            ``projects: NAME: options:`` mapping); ``options`` win over these.
+        junction_includes: resolves ``junction.bst:file`` includes.
 
     Raises:
-        LoadError: the file is missing or wrong; the message names the line and field.
+        LoadError: the file is missing or wrong, an include is missing or
+            cyclic, an option or its value is wrong, an assertion fails; the
+            message names the file, the line and the field.
     """
     directory = Path(directory).resolve()
     conf_path = directory / "project.conf"
     if not conf_path.is_file():
         raise LoadError(f"no project.conf in {directory}", file="project.conf")
-    node = load_yaml(conf_path, "project.conf")
-    node.validate_keys(_PROJECT_KEYS, unsupported=_PROJECT_UNSUPPORTED)
-    name_node = node.require_str("name")
+    raw = load_yaml(conf_path, "project.conf")
+    raw.validate_keys(_PROJECT_KEYS + _DIRECTIVE_KEYS, unsupported=_PROJECT_UNSUPPORTED)
+    name_node = raw.require_str("name")
     name = name_node.as_str()
     if not _PROJECT_NAME_RE.fullmatch(name):
         raise name_node.error(
             f"invalid project name {name!r}: use letters, digits, '_' and '-', "
             "not starting with a digit"
         )
-    node.get_scalar("min-version")  # accepted, not checked: remex is its own version
-    element_path_node = node.get_scalar("element-path")
+    raw.get_scalar("min-version")  # accepted, not checked: remex is its own version
+    element_path_node = raw.get_scalar("element-path")
     if element_path_node is None or element_path_node.value is None:
         element_path = directory
     else:
@@ -142,12 +176,33 @@ def load_project(directory: Path, *, cas: LocalCas, max_jobs: int = DEFAULT_MAX_
             raise element_path_node.error(
                 f"element-path {element_path_node.value!r} is not a folder"
             )
+    includes = IncludeLoader(directory, junction_resolver=junction_includes)
+    node = clone_mapping(raw)
+    # As BuildStream: conditionals in project.conf's included files wait for
+    # the options, which the included files may declare.
+    includes.process(node, ("project.conf",))
+    node = compose(_project_defaults(raw.mark), node)
+    pool = OptionPool(element_path)
+    pool.declare(node.get_mapping("options"))
+    pool.set_yaml_values(option_values)
+    pool.set_string_values(options or {})
+    pool.resolve()
+    pool.process_node(node, restricted=PROJECT_RESTRICTED_KEYS)
+    assert_fully_composited(node)
+    node.validate_keys(_PROJECT_KEYS, unsupported=_PROJECT_UNSUPPORTED)
     variables = node.get_str_mapping("variables")
     for protected in PROTECTED_VARIABLES:
         if protected in variables:
             raise variables[protected].error(
                 f"variable {protected!r} is set by remex; it cannot be redefined"
             )
+    for option in pool.options.values():
+        if option.variable in PROTECTED_VARIABLES and option.variable_node is not None:
+            raise option.variable_node.error(
+                f"option variable {option.variable!r} is set by remex; choose another name"
+            )
+    # As BuildStream: an exported option wins over project.conf's variables.
+    variables.update(pool.exported_variables())
     aliases = {alias: value.as_str() for alias, value in node.get_str_mapping("aliases").items()}
     nocache = node.get_str_list("environment-nocache") or []
     return Project(
@@ -161,7 +216,17 @@ def load_project(directory: Path, *, cas: LocalCas, max_jobs: int = DEFAULT_MAX_
         aliases=aliases,
         environment_nocache=frozenset(n.as_str() for n in nocache),
         max_jobs=max_jobs,
+        options=pool,
+        includes=includes,
     )
+
+
+def _project_defaults(mark: Mark) -> MappingNode:
+    """The part of BuildStream's project defaults list directives can extend."""
+    defaults = MappingNode(mark=mark, path="")
+    defaults.entries["environment-nocache"] = SequenceNode(mark=mark, path="environment-nocache")
+    defaults.key_marks["environment-nocache"] = mark
+    return defaults
 
 
 @dataclass
@@ -195,6 +260,9 @@ class Project:
         element_path: the folder element names are relative to (absolute).
         aliases: URL aliases (``alias`` -> URL prefix).
         cas: the local CAS local sources are imported into.
+        options: the project's options with their resolved values; element
+            files' ``(?)`` conditionals are evaluated with them.
+        includes: reads ``(@)`` includes (each included file read once).
     """
 
     def __init__(
@@ -210,6 +278,8 @@ class Project:
         aliases: dict[str, str],
         environment_nocache: frozenset[str],
         max_jobs: int,
+        options: OptionPool | None = None,
+        includes: IncludeLoader | None = None,
     ) -> None:
         self.name = name
         self.directory = directory
@@ -229,6 +299,10 @@ class Project:
         assert splits is not None
         self._split_rules = splits
         self._element_overrides = conf.get_mapping("elements")
+        self.options = options if options is not None else OptionPool(element_path)
+        self.includes = includes if includes is not None else IncludeLoader(directory)
+        # BuildStream resolves an included file's conditionals before its own includes.
+        self.includes.on_included = self.options.process_node
 
     def __repr__(self) -> str:
         return f"<Project {self.name} at {self.directory}>"
@@ -323,6 +397,10 @@ class Project:
     def _read(self, name: str, path: Path) -> _ElementFile:
         display = self._display(path)
         node = load_yaml(path, display)
+        # As BuildStream: conditionals first (with the project's options),
+        # then includes (each included file through its conditionals first).
+        self.options.process_node(node)
+        self.includes.process(node, (display,))
         node.validate_keys(_ELEMENT_KEYS)
         kind_node = node.require_str("kind")
         kind = kind_node.as_str()
@@ -694,18 +772,12 @@ def _sandbox(node: MappingNode | None, variables: Variables) -> tuple[str, str]:
 
 
 def _compose_mappings(base: MappingNode | None, overlay: MappingNode | None) -> MappingNode | None:
-    """``overlay`` over ``base``: mappings merge, anything else is replaced."""
-    if base is None or overlay is None:
-        return overlay if base is None else base
-    result = MappingNode(mark=overlay.mark, path=overlay.path)
-    result.entries = dict(base.entries)
-    result.key_marks = dict(base.key_marks)
-    for key, value in overlay.entries.items():
-        below = result.entries.get(key)
-        if isinstance(below, MappingNode) and isinstance(value, MappingNode):
-            merged = _compose_mappings(below, value)
-            assert merged is not None
-            value = merged
-        result.entries[key] = value
-        result.key_marks[key] = overlay.key_marks.get(key, overlay.mark)
-    return result
+    """``overlay`` composed onto ``base`` as BuildStream composes (list directives
+    applied), then checked for leftover directives; None when both are absent."""
+    if overlay is None:
+        return base
+    if base is None:
+        base = MappingNode(mark=overlay.mark, path=overlay.path)
+    composed = compose(base, overlay)
+    assert_fully_composited(composed)
+    return composed

@@ -102,26 +102,19 @@ def test_not_utf8_names_the_line(tmp_path: Path) -> None:
     assert str(info.value) == "x.bst:2: not valid UTF-8"
 
 
-@pytest.mark.parametrize(
-    ("text", "line", "field", "words"),
-    [
-        ("a: 1\n(@): include.yml\n", 2, "(@)", "includes"),
-        ("variables:\n  (?):\n  - arch == 'x': {}\n", 2, "variables.(?)", "conditionals"),
-        ("config:\n  build-commands:\n    (>):\n    - x\n", 3, "config.build-commands.(>)", "(>)"),
-        ("config:\n  build-commands:\n    (<): [x]\n", 3, "config.build-commands.(<)", "(<)"),
-        ("list:\n  (=): [x]\n", 2, "list.(=)", "(=)"),
-    ],
-)
-def test_buildstream_directives_are_refused(
-    tmp_path: Path, text: str, line: int, field: str, words: str
-) -> None:
-    # Given BuildStream composition directives, which remex does not implement
-    error = _load_error(tmp_path, text)
+def test_buildstream_directives_are_read_as_keys(tmp_path: Path) -> None:
+    # Given BuildStream composition directives (applied later, by the loader)
+    path = tmp_path / "x.bst"
+    path.write_text("(@): inc.yml\nlist:\n  (>): [x]\n  (<): [y]\n  (=): [z]\n(?):\n- a: {}\n")
 
-    # Then each is refused at its file, line and field
-    assert (error.file, error.line, error.field) == ("elements/x.bst", line, field)
-    assert "not supported" in error.reason
-    assert words in error.reason
+    # When the file is read
+    node = load_yaml(path, "x.bst")
+
+    # Then each is an ordinary key, with its line
+    assert list(node.entries) == ["(@)", "list", "(?)"]
+    listing = node.get_mapping("list")
+    assert listing is not None and list(listing.entries) == ["(>)", "(<)", "(=)"]
+    assert node.key_marks["(?)"].line == 6
 
 
 @pytest.mark.parametrize(

@@ -118,9 +118,7 @@ def format_element(element: Showable, fmt: str, *, state: str) -> str:
     return _ANSI.sub("", _styled_line(element, fmt, state))
 
 
-def format_report(
-    elements: Iterable[Showable], fmt: str, state: Callable[[Showable], str]
-) -> str:
+def format_report(elements: Iterable[Showable], fmt: str, state: Callable[[Showable], str]) -> str:
     """The whole ``show --format`` report: one formatted line per element.
 
     bst joins the lines with newlines and strips the report's trailing
@@ -401,9 +399,8 @@ class _Emitter(Emitter):  # type: ignore[misc]
             block = False
         if break_space:
             flow_plain = block_plain = single = False
-        if special:
-            flow_plain = block_plain = single = block = False
-        elif space_break:
+        # ruamel allows a block scalar after a space-break only on request; never here.
+        if special or space_break:
             flow_plain = block_plain = single = block = False
         if line_breaks:
             flow_plain = block_plain = False
@@ -424,20 +421,19 @@ class _Emitter(Emitter):  # type: ignore[misc]
 
     def choose_scalar_style(self) -> str:
         if self.analysis is None:
-            self.analysis = self.analyze_scalar(self.event.value)
+            self.analysis = self.analyze_scalar(getattr(self.event, "value", ""))
         analysis = self.analysis
         if not (self.simple_key_context and (analysis.empty or analysis.multiline)) and (
             (self.flow_level and analysis.allow_flow_plain)
             or (not self.flow_level and analysis.allow_block_plain)
         ):
             return ""
-        value = self.event.value
+        value: str = getattr(self.event, "value", "")
         if "'" in value or "\n" in value:
             return '"'
         if analysis.allow_single_quoted and not (self.simple_key_context and analysis.multiline):
             return "'"
         return '"'
-
 
     def write_plain(self, text: str, split: bool = True) -> None:
         # ruamel writes a sequence item's indicator with its space ("- "), so

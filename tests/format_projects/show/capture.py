@@ -19,10 +19,16 @@ BST = str(Path(sys.executable).with_name("bst"))
 
 # (format, --deps, targets)
 RUNS: list[tuple[str, str, tuple[str, ...]]] = [
-    *[(f, "none", (e,)) for f in ("%{vars}", "%{env}", "%{config}", "%{public}")
-      for e in ("base.bst", "lib.bst", "extra.bst", "app.bst")],
-    ("[%{name:^12}|%{name:>10}|%{key:.4}] deps=%{deps} b=%{build-deps} r=%{runtime-deps}",
-     "all", ("app.bst",)),
+    *[
+        (f, "none", (e,))
+        for f in ("%{vars}", "%{env}", "%{config}", "%{public}")
+        for e in ("base.bst", "lib.bst", "extra.bst", "app.bst")
+    ],
+    (
+        "[%{name:^12}|%{name:>10}|%{key:.4}] deps=%{deps} b=%{build-deps} r=%{runtime-deps}",
+        "all",
+        ("app.bst",),
+    ),
     ("%{name}|%{key}|%{full-key}|%{kind}", "all", ("app.bst",)),
     *[("%{name}", deps, ("app.bst",)) for deps in ("none", "run", "build", "all")],
     ("%{name}", "all", ("extra.bst", "lib.bst")),
@@ -38,9 +44,22 @@ def main() -> None:
         env = dict(os.environ, XDG_CACHE_HOME=cache)
         for fmt, deps, targets in RUNS:
             out = subprocess.run(
-                [BST, "--no-colors", "-C", str(HERE), "show", "--deps", deps, "--format", fmt,
-                 *targets],
-                env=env, check=True, capture_output=True, text=True,
+                [
+                    BST,
+                    "--no-colors",
+                    "-C",
+                    str(HERE),
+                    "show",
+                    "--deps",
+                    deps,
+                    "--format",
+                    fmt,
+                    *targets,
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
             # click.echo adds one newline after bst's report.
             captured[(fmt, deps, targets)] = out.removesuffix("\n")

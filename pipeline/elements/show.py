@@ -30,7 +30,8 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from functools import cmp_to_key
+from typing import Any, Literal, Protocol, TypeVar
 
 from yaml.emitter import Emitter, ScalarAnalysis
 from yaml.representer import SafeRepresenter
@@ -41,6 +42,7 @@ __all__ = [
     "BRIEF_KEY_LENGTH",
     "DepsSelection",
     "Showable",
+    "bst_dependency_order",
     "dump_yaml",
     "format_element",
     "format_report",
@@ -66,6 +68,9 @@ class _Dependency(Protocol):
 
     @property
     def runtime(self) -> bool: ...
+
+
+_DependencyT = TypeVar("_DependencyT", bound=_Dependency)
 
 
 class Showable(Protocol):
@@ -190,6 +195,67 @@ def select_elements(targets: Sequence[Showable], deps: DepsSelection) -> list[Sh
             continue
         result.extend(_walk(target, deps, visited))
     return result
+
+
+def bst_dependency_order(declared: Sequence[_DependencyT]) -> list[_DependencyT]:
+    """An element's direct dependencies in the order BuildStream 2.8 keeps them.
+
+    bst sorts them with a comparison that is not a total order (``a`` after
+    ``b`` when ``a`` needs ``b``, directly or not; else runtime-only ones last;
+    else by name; else non-junction first, then by junction name), so the
+    result depends on the input order and on the sort algorithm: bst uses
+    CPython's list sort, as this does. Two direct dependencies that bst's sort
+    never compares stay unsorted between them (``alpha`` needing ``zlib`` may
+    come first).
+
+    Args:
+        declared: the dependencies as the element file lists them: its
+            ``build-depends`` entries, then ``runtime-depends``, then
+            ``depends``; an element named twice appears once, at its first
+            place, with both flags merged. ``dep.element.dependencies`` must
+            already be set (they decide who needs whom).
+    """
+    closure: dict[int, set[int]] = {}
+
+    def needs(element: Showable) -> set[int]:
+        # Every element reachable through any kind of dependency.
+        key = id(element)
+        if key not in closure:
+            found: set[int] = set()
+            stack = [element]
+            while stack:
+                for dep in stack.pop().dependencies:
+                    if id(dep.element) not in found:
+                        found.add(id(dep.element))
+                        stack.append(dep.element)
+            closure[key] = found
+        return closure[key]
+
+    def compare(a: _DependencyT, b: _DependencyT) -> int:
+        if id(b.element) in needs(a.element):
+            return 1
+        if id(a.element) in needs(b.element):
+            return -1
+        a_runtime_only = a.runtime and not a.build
+        b_runtime_only = b.runtime and not b.build
+        if (a.build, a.runtime) != (b.build, b.runtime):
+            if a_runtime_only:
+                return 1
+            if b_runtime_only:
+                return -1
+        if a.element.name != b.element.name:
+            return 1 if a.element.name > b.element.name else -1
+        a_junction = getattr(a.element, "junction", None)
+        b_junction = getattr(b.element, "junction", None)
+        if a_junction and b_junction:
+            return (a_junction > b_junction) - (a_junction < b_junction)
+        if a_junction:
+            return -1
+        if b_junction:
+            return 1
+        return 0
+
+    return sorted(declared, key=cmp_to_key(compare))
 
 
 def dump_yaml(value: Any) -> str:
@@ -435,6 +501,19 @@ class _Emitter(Emitter):  # type: ignore[misc]
             return "'"
         return '"'
 
+    def write_double_quoted(self, text: str, split: bool = True) -> None:
+        # ruamel writes characters beyond U+FFFF as they are; PyYAML escapes
+        # them. Both fold only past the line width (9999), so a scalar that
+        # fits is written here whole; a longer one keeps PyYAML's folding.
+        escaped = "".join(_escape_double_quoted(ch) for ch in text)
+        if self.column + len(escaped) + 2 > self.best_width:
+            super().write_double_quoted(text, split)
+            return
+        self.write_indicator('"', True)
+        self.column += len(escaped)
+        self.stream.write(escaped)
+        self.write_indicator('"', False)
+
     def write_plain(self, text: str, split: bool = True) -> None:
         # ruamel writes a sequence item's indicator with its space ("- "), so
         # an empty item leaves "- " where PyYAML would leave "-".
@@ -444,6 +523,30 @@ class _Emitter(Emitter):  # type: ignore[misc]
             self.whitespace = True
             return
         super().write_plain(text, split)
+
+
+# YAML's short escapes in double-quoted scalars (the YAML 1.1/1.2 spec).
+_SHORT_ESCAPES = {
+    "\0": "0", "\x07": "a", "\x08": "b", "\t": "t", "\n": "n", "\x0b": "v", "\x0c": "f",
+    "\r": "r", "\x1b": "e", '"': '"', "\\": "\\", "\x85": "N", "\xa0": "_", "\u2028": "L",
+    "\u2029": "P",
+}  # fmt: skip
+
+
+def _escape_double_quoted(ch: str) -> str:
+    """``ch`` inside a double-quoted scalar, as ruamel (with unicode allowed) writes it."""
+    printable = ("\x20" <= ch <= "\x7e" or "\xa0" <= ch <= "\ud7ff" or "\ue000" <= ch <= "\ufffd"
+                 or "\U00010000" <= ch <= "\U0010ffff")  # fmt: skip
+    if printable and ch not in '"\\\x85\u2028\u2029\ufeff':
+        return ch
+    if ch in _SHORT_ESCAPES:
+        return "\\" + _SHORT_ESCAPES[ch]
+    code = ord(ch)
+    if code <= 0xFF:
+        return f"\\x{code:02X}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04X}"
+    return f"\\U{code:08X}"
 
 
 class _Resolver(BaseResolver):  # type: ignore[misc]

@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.elements.show import dump_yaml, format_element, format_report, select_elements
+from pipeline.elements.show import (
+    bst_dependency_order,
+    dump_yaml,
+    format_element,
+    format_report,
+    select_elements,
+)
 
 # fmt: off
 CAPTURED: dict[tuple[str, str, tuple[str, ...]], str] = {
@@ -150,6 +156,16 @@ CAPTURED: dict[tuple[str, str, tuple[str, ...]], str] = {
         'base.bst\n'
         'extra.bst\n'
         'app.bst'
+    ),
+    ('%{name}: %{deps}', 'all', ('order.bst',)): (
+        'zlib.bst: []\n'
+        'alpha.bst: - zlib.bst\n'
+        'mmm.bst: []\n'
+        'aaa-run.bst: []\n'
+        'order.bst: - alpha.bst\n'
+        '- mmm.bst\n'
+        '- zlib.bst\n'
+        '- aaa-run.bst'
     ),
     ('%{name}|%{key}|%{full-key}|%{kind}', 'all', ('app.bst',)): (
         'base.bst|c9334b4e|c9334b4e13c7189bdddb39c3b3933aa9d20bd15dee2691b7'
@@ -523,7 +539,7 @@ def _bst_yaml(fmt: str, name: str) -> Any:
 
 
 def _project() -> dict[str, FakeElement]:
-    """The show project as fake elements, dependencies in bst's sorted order."""
+    """The show project as fake elements, dependencies sorted as bst sorts them."""
     elements = {
         name: FakeElement(
             name=name,
@@ -536,15 +552,39 @@ def _project() -> dict[str, FakeElement]:
         )
         for name in KEYS
     }
-    base, lib, extra, app = (elements[n] for n in ("base.bst", "lib.bst", "extra.bst", "app.bst"))
-    lib.dependencies = [FakeDependency(base, build=True, runtime=False)]
-    extra.dependencies = [FakeDependency(base, build=True, runtime=True)]
-    app.dependencies = [
-        FakeDependency(base, build=True, runtime=False),
-        FakeDependency(lib, build=True, runtime=True),
-        FakeDependency(extra, build=False, runtime=True),
-    ]
+    for name in ("zlib.bst", "alpha.bst", "aaa-run.bst", "mmm.bst", "order.bst"):
+        elements[name] = FakeElement(name=name)
+
+    def declare(name: str, deps: list[tuple[str, bool, bool]]) -> None:
+        # deps as the file lists them: build-depends, runtime-depends, depends
+        declared = [FakeDependency(elements[d], build=b, runtime=r) for d, b, r in deps]
+        elements[name].dependencies = bst_dependency_order(declared)
+
+    declare("lib.bst", [("base.bst", True, False)])
+    declare("extra.bst", [("base.bst", True, True)])
+    declare(
+        "app.bst", [("base.bst", True, False), ("extra.bst", False, True), ("lib.bst", True, True)]
+    )
+    declare("alpha.bst", [("zlib.bst", True, True)])
+    declare(
+        "order.bst",
+        [
+            ("mmm.bst", True, False),
+            ("aaa-run.bst", False, True),
+            ("alpha.bst", True, True),
+            ("zlib.bst", True, True),
+        ],
+    )
     return elements
+
+
+def test_dependency_order_is_bsts_not_a_topological_sort() -> None:
+    # Given order.bst, whose alpha.bst needs zlib.bst, When sorted as bst sorts,
+    # Then alpha comes first: bst's sort never compares those two
+    order = _project()["order.bst"]
+    assert [d.element.name for d in order.dependencies] == [
+        "alpha.bst", "mmm.bst", "zlib.bst", "aaa-run.bst"
+    ]  # fmt: skip
 
 
 def _state(element: Any) -> str:
@@ -623,3 +663,43 @@ def test_select_elements_survives_a_deep_chain() -> None:
 def test_select_elements_refuses_unknown_selection() -> None:
     with pytest.raises(ValueError, match="dependency selection"):
         select_elements([], "most")  # type: ignore[arg-type]
+
+
+def test_dump_yaml_agrees_with_ruamel_as_bst_configures_it() -> None:
+    # Given ruamel.yaml (installed with buildstream, the local extra) set up as
+    # bst's roundtrip_dump sets it up: every scalar a plain string, width 9999
+    import io
+    import random
+
+    from ruamel import yaml as ruamel_yaml
+
+    def bst_dump(value: Any) -> str:
+        dumper = ruamel_yaml.YAML()
+        dumper.width = 9999
+        for version in [(1, 1), (1, 2), None]:
+            dumper.resolver.add_version_implicit_resolver(
+                version, "tag:yaml.org,2002:str", ruamel_yaml.util.RegExp(r".*"), None
+            )
+        out = io.StringIO()
+        dumper.dump(value, out)
+        return out.getvalue()
+
+    pieces = [*"ab -:#'\"\n\t?{}[],&*!|>%@`\\$~=", "é", "😀", "\u2028", "\x85", "\x01", "---"]
+    pieces += ["...", "\ufeff", "\xa0", "yes", "1.0", "null", "~"]
+    rng = random.Random(15)
+
+    def text() -> str:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+
+    def value(depth: int) -> Any:
+        roll = rng.random()
+        if depth < 3 and roll < 0.2:
+            return {text() or "k": value(depth + 1) for _ in range(rng.randint(0, 3))}
+        if depth < 3 and roll < 0.4:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return text()
+
+    # When random documents are dumped by both, Then the bytes agree
+    for _ in range(3000):
+        document = {text() or "k": value(0)} if rng.random() < 0.7 else [value(0)]
+        assert dump_yaml(document) == bst_dump(document), repr(document)

@@ -34,6 +34,7 @@ RUNS: list[tuple[str, str, tuple[str, ...]]] = [
     ("%{name}", "all", ("extra.bst", "lib.bst")),
     ("%{name}", "run", ("app.bst", "lib.bst")),
     ("%{name}", "build", ("app.bst", "extra.bst")),
+    ("%{name}: %{deps}", "all", ("order.bst",)),
 ]
 
 

@@ -266,7 +266,8 @@ def _convert(node: Any, file: str, path: str, mark: Mark | None = None) -> Node:
     if isinstance(node, yaml.ScalarNode):
         if node.tag not in _SCALAR_TAGS:
             raise _refused(f"unsupported YAML tag {node.tag!r}", mark, path)
-        value = None if node.tag == f"{_CORE}null" else str(node.value)
+        # BuildStream strips every string it loads (a `|` block loses its newline).
+        value = None if node.tag == f"{_CORE}null" else str(node.value).strip()
         return ScalarNode(mark=mark, path=path, value=value)
     if isinstance(node, yaml.SequenceNode):
         if node.tag != f"{_CORE}seq":

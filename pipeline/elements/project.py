@@ -293,7 +293,10 @@ class Project:
         self._files: dict[str, _ElementFile] = {}
         self._elements: dict[str, Element] = {}
         self._kinds: dict[str, type[Kind]] = dict(CORE_KINDS)
-        default_splits = data_to_node(DEFAULT_SPLIT_RULES, "<BuildStream's default split-rules>")
+        default_splits = data_to_node(
+            {domain: list(rules) for domain, rules in DEFAULT_SPLIT_RULES.items()},
+            "<BuildStream's default split-rules>",
+        )
         assert isinstance(default_splits, MappingNode)
         splits = _compose_mappings(default_splits, conf.get_mapping("split-rules"))
         assert splits is not None

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from pipeline.cas import LocalCas
 from pipeline.digest import Digest
-from pipeline.elements.staging import glob_to_regex
+from pipeline.elements.split_rules import compile_domains
 from pipeline.spec import SelectSpec
 from pipeline.stages.trees import read_directory
 from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory, DirectoryNode
@@ -55,20 +55,20 @@ def _filter(cas: LocalCas, digest: Digest, path: str, keep: Callable[[str], bool
 
 
 def path_selector(select: SelectSpec) -> Callable[[str], bool]:
-    """The predicate of ``select``: is this path taken?"""
-    # Rules are absolute (``/usr/bin/*``), matched against "/" + the path, as
-    # BuildStream matches them.
-    domains = {
-        name: [glob_to_regex(pattern.strip()) for pattern in patterns]
-        for name, patterns in select["domains"].items()
-    }
+    """The predicate of ``select``: is this path (relative, ``usr/bin/sh``) taken?
+
+    As BuildStream's split filter: rules match the absolute path; a path in an
+    excluded domain is dropped; one in an included domain, or in no domain
+    when orphans are wanted, is kept.
+    """
+    domains = compile_domains({k: [r.strip() for r in v] for k, v in select["domains"].items()})
     include, exclude = set(select["include"]), set(select["exclude"])
 
     def keep(path: str) -> bool:
         absolute = "/" + path
-        found = {n for n, regexes in domains.items() if any(r.match(absolute) for r in regexes)}
-        if not found:
-            return select["orphans"]
-        return bool(found & include) and not found & exclude
+        found = {name for name, regex in domains.items() if regex.match(absolute)}
+        if found & exclude:
+            return False
+        return bool(found & include) or (select["orphans"] and not found)
 
     return keep

@@ -219,7 +219,10 @@ def test_commands_must_be_a_list_of_strings(tmp_path: Path) -> None:
     error = load_error(
         tmp_path, {"app.bst": "kind: manual\nconfig:\n  build-commands: make\n"}, "app.bst"
     )
-    assert str(error) == "elements/app.bst:3: config.build-commands: expected a list of strings"
+    assert str(error) == (
+        "elements/app.bst:3: config.build-commands: cannot replace a list "
+        "(written at <core kind manual>/manual.yaml:6) with a string"
+    )
 
 
 def test_unknown_sandbox_key_and_arch_are_errors(tmp_path: Path) -> None:
@@ -240,7 +243,7 @@ def test_manual_default_commands_are_buildstreams(tmp_path: Path) -> None:
         "configure-commands": [],
         "build-commands": [],
         "install-commands": [],
-        "strip-commands": ["\n"],
+        "strip-commands": [""],
     }
     # And whitespace-only commands are left out of the script
     assert app.plugin.script(app, app.staged_dependencies()) == ""

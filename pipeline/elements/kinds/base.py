@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline import spec
 from pipeline.elements.errors import LoadError
 from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode
+from pipeline.elements.plugins import CORE_KIND_NAMES, core_kind_defaults
 from pipeline.elements.variables import Variables
 
 if TYPE_CHECKING:
@@ -99,7 +100,10 @@ class Kind(ABC):
     @classmethod
     def defaults(cls) -> MappingNode | None:
         """The kind's defaults (``variables``, ``environment``, ``config``,
-        ``public``, ...) as a YAML tree, or None when it has none."""
+        ``public``, ...) as a YAML tree, or None when it has none. A core
+        kind's are in ``pipeline/elements/kinds_data/KIND.yaml``."""
+        if cls.name in CORE_KIND_NAMES:
+            return core_kind_defaults(cls.name)
         return None
 
     @abstractmethod

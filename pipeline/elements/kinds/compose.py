@@ -19,7 +19,6 @@ from pipeline.elements.kinds.base import (
     Recipe,
     StagedDependency,
     check_domains,
-    data_to_node,
     get_bool,
     get_str_list,
     require_dependency_types,
@@ -32,10 +31,6 @@ if TYPE_CHECKING:
     from pipeline.elements.element import Element
 
 __all__ = ["ComposeKind"]
-
-_DEFAULTS: dict[str, Any] = {
-    "config": {"integrate": "True", "include": [], "exclude": [], "include-orphans": "True"}
-}
 
 
 class ComposeKind(Kind):
@@ -50,12 +45,6 @@ class ComposeKind(Kind):
         self.exclude: list[str] = []
         self.orphans = True
         self._config: MappingNode | None = None
-
-    @classmethod
-    def defaults(cls) -> MappingNode | None:
-        node = data_to_node(_DEFAULTS, "<remex defaults of kind compose>")
-        assert isinstance(node, MappingNode)
-        return node
 
     def configure(self, ctx: KindContext) -> None:
         config = ctx.config

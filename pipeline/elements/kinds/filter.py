@@ -19,7 +19,6 @@ from pipeline.elements.kinds.base import (
     Recipe,
     StagedDependency,
     check_domains,
-    data_to_node,
     get_bool,
     get_str_list,
     split_select,
@@ -30,15 +29,6 @@ if TYPE_CHECKING:
     from pipeline.elements.element import Element
 
 __all__ = ["FilterKind"]
-
-_DEFAULTS: dict[str, Any] = {
-    "config": {
-        "include": [],
-        "exclude": [],
-        "include-orphans": "False",
-        "pass-integration": "False",
-    }
-}
 
 
 class FilterKind(Kind):
@@ -53,12 +43,6 @@ class FilterKind(Kind):
         self.orphans = False
         self.pass_integration = False
         self._config: MappingNode | None = None
-
-    @classmethod
-    def defaults(cls) -> MappingNode | None:
-        node = data_to_node(_DEFAULTS, "<remex defaults of kind filter>")
-        assert isinstance(node, MappingNode)
-        return node
 
     def configure(self, ctx: KindContext) -> None:
         config = ctx.config

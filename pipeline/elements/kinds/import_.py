@@ -9,15 +9,12 @@ from __future__ import annotations
 import posixpath
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipeline.elements.kinds.base import Kind, KindContext, Recipe, data_to_node
-from pipeline.elements.nodes import MappingNode
+from pipeline.elements.kinds.base import Kind, KindContext, Recipe
 
 if TYPE_CHECKING:
     from pipeline.elements.element import Element
 
 __all__ = ["ImportKind"]
-
-_DEFAULTS: dict[str, Any] = {"config": {"source": "/", "target": "/"}}
 
 
 class ImportKind(Kind):
@@ -28,12 +25,6 @@ class ImportKind(Kind):
     def __init__(self) -> None:
         self.source = ""
         self.target = ""
-
-    @classmethod
-    def defaults(cls) -> MappingNode | None:
-        node = data_to_node(_DEFAULTS, "<remex defaults of kind import>")
-        assert isinstance(node, MappingNode)
-        return node
 
     def configure(self, ctx: KindContext) -> None:
         ctx.config.validate_keys(("source", "target"))

@@ -25,7 +25,6 @@ from pipeline.elements.kinds.base import (
     KindContext,
     Recipe,
     StagedDependency,
-    data_to_node,
 )
 from pipeline.elements.nodes import MappingNode
 from pipeline.elements.variables import Variables
@@ -37,16 +36,6 @@ __all__ = ["COMMAND_STEPS", "BuildElementKind", "ManualKind", "build_element_kin
 
 COMMAND_STEPS = ("configure-commands", "build-commands", "install-commands", "strip-commands")
 """The command lists, in the order they run."""
-
-_MANUAL_DEFAULTS: dict[str, Any] = {
-    "config": {
-        "configure-commands": [],
-        "build-commands": [],
-        "install-commands": [],
-        # As BuildStream's manual defaults, a block scalar: note the newline.
-        "strip-commands": ["%{strip-binaries}\n"],
-    },
-}
 
 
 class BuildElementKind(Kind):
@@ -61,12 +50,6 @@ class BuildElementKind(Kind):
         self.install_root = ""
         self.working_directory = ""
         self.notparallel = False
-
-    @classmethod
-    def defaults(cls) -> MappingNode | None:
-        node = data_to_node(_MANUAL_DEFAULTS, f"<remex defaults of kind {cls.name}>")
-        assert isinstance(node, MappingNode)
-        return node
 
     def configure(self, ctx: KindContext) -> None:
         ctx.config.validate_keys(COMMAND_STEPS)

@@ -22,22 +22,15 @@ from pipeline.elements.kinds.base import (
     KindContext,
     Recipe,
     StagedDependency,
-    data_to_node,
     get_bool,
     require_dependency_types,
 )
 from pipeline.elements.kinds.manual import integration_lines, sandbox_folder
-from pipeline.elements.nodes import MappingNode
 
 if TYPE_CHECKING:
     from pipeline.elements.element import Element
 
 __all__ = ["ScriptKind"]
-
-_DEFAULTS: dict[str, Any] = {
-    "variables": {"cwd": "/"},
-    "config": {"root-read-only": "False", "commands": []},
-}
 
 
 class ScriptKind(Kind):
@@ -54,12 +47,6 @@ class ScriptKind(Kind):
         self.root_read_only = False
         # location -> the elements staged there, in declaration order.
         self.layout: dict[str, list[str]] = {}
-
-    @classmethod
-    def defaults(cls) -> MappingNode | None:
-        node = data_to_node(_DEFAULTS, "<remex defaults of kind script>")
-        assert isinstance(node, MappingNode)
-        return node
 
     def configure(self, ctx: KindContext) -> None:
         config = ctx.config

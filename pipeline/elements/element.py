@@ -57,7 +57,9 @@ class Element:
         environment: the build environment, expanded (all names, sorted).
         environment_nocache: names left out of the cache key.
         public: the public data, variables expanded (``bst`` holds
-            ``integration-commands``, ``split-rules`` ...).
+            ``integration-commands``, ``split-rules`` ...), as written.
+        config: the kind's configuration as composed and expanded (what
+            ``show --format %{config}`` prints).
         build_os, build_arch: the sandbox's platform (BuildStream's names).
         sources: in declaration order.
     """
@@ -75,6 +77,7 @@ class Element:
         environment: dict[str, str],
         environment_nocache: frozenset[str],
         public: dict[str, Any],
+        config: dict[str, Any],
         build_os: str,
         build_arch: str,
         sources: list[Source],
@@ -88,9 +91,10 @@ class Element:
         self.description = description
         self.dependencies = dependencies
         self.variables = variables
-        self.environment = dict(sorted(environment.items()))
+        self.environment = dict(environment)
         self.environment_nocache = environment_nocache
         self.public = public
+        self.config = config
         self.build_os = build_os
         self.build_arch = build_arch
         self.sources = sources
@@ -127,9 +131,9 @@ class Element:
 
     @property
     def integration_commands(self) -> list[str]:
-        """``public.bst.integration-commands``, expanded."""
-        bst = self.public.get("bst") or {}
-        return list(bst.get("integration-commands") or [])
+        """The commands that integrate this element where it is staged at ``/``:
+        ``public.bst.integration-commands``, expanded, as its kind passes them on."""
+        return self.plugin.integration_commands(self)
 
     @property
     def split_rules(self) -> dict[str, list[str]]:

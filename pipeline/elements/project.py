@@ -47,10 +47,11 @@ from pipeline.elements.defaults import (
 from pipeline.elements.element import Dependency, Element
 from pipeline.elements.errors import LoadError
 from pipeline.elements.keys import cache_key
-from pipeline.elements.kinds import CORE_KINDS, Kind, KindContext
+from pipeline.elements.kinds import CORE_KINDS, Kind, KindContext, build_element_kind
 from pipeline.elements.kinds.base import data_to_node, expand_data
 from pipeline.elements.nodes import MappingNode, Mark, ScalarNode, SequenceNode, load_yaml
 from pipeline.elements.options import PROJECT_RESTRICTED_KEYS, OptionPool
+from pipeline.elements.plugins import declare_plugins
 from pipeline.elements.sources import Source, load_source, project_path
 from pipeline.elements.split_rules import DEFAULT_SPLIT_RULES
 from pipeline.elements.variables import Definition, Variables
@@ -59,6 +60,7 @@ __all__ = ["Project", "load_project"]
 
 _PROJECT_KEYS = (
     "name",
+    "plugins",
     "split-rules",
     "elements",
     "min-version",
@@ -74,7 +76,6 @@ _DIRECTIVE_KEYS = ("(@)", "(?)", "(!)")
 # BuildStream project.conf keys remex knows but does not implement.
 _PROJECT_UNSUPPORTED = (
     "ref-storage",
-    "plugins",
     "sources",
     "mirrors",
     "artifacts",
@@ -302,6 +303,8 @@ class Project:
         assert splits is not None
         self._split_rules = splits
         self._element_overrides = conf.get_mapping("elements")
+        # Looked up when an element uses the kind, as bst does.
+        self._plugins = declare_plugins(conf.get("plugins"), directory)
         self.options = options if options is not None else OptionPool(element_path)
         self.includes = includes if includes is not None else IncludeLoader(directory)
         # BuildStream resolves an included file's conditionals before its own includes.
@@ -407,6 +410,9 @@ class Project:
         node.validate_keys(_ELEMENT_KEYS)
         kind_node = node.require_str("kind")
         kind = kind_node.as_str()
+        if kind not in self._kinds and kind in self._plugins:
+            plugin = self._plugins[kind].resolve()
+            self._kinds[kind] = build_element_kind(kind, plugin.defaults)
         if kind not in self._kinds:
             raise kind_node.error(
                 f"unknown element kind {kind!r} (remex supports {', '.join(sorted(self._kinds))}; "
@@ -534,9 +540,7 @@ class Project:
             dependencies=dependencies,
         )
         plugin.configure(kind_context)
-        public_node = _compose_mappings(defaults.get_mapping("public"), node.get_mapping("public"))
-        public = expand_data(public_node, variables) if public_node is not None else {}
-        public = plugin.finish_public(public, kind_context)
+        public = expand_data(_public(defaults, node), variables)
         build_os, build_arch = _sandbox(node.get_mapping("sandbox"), variables)
         sources = self._sources(file, plugin, variables)
         element = Element(
@@ -550,6 +554,7 @@ class Project:
             environment=environment,
             environment_nocache=self._environment_nocache | {n.as_str() for n in nocache},
             public=public,
+            config=expand_data(config, variables),
             build_os=build_os,
             build_arch=build_arch,
             sources=sources,
@@ -594,12 +599,15 @@ class Project:
                 raise element_variables[protected].error(
                     f"variable {protected!r} is set by remex; it cannot be redefined"
                 )
-        # BuildStream's layering: the project's, then the kind's defaults, then the element's.
-        layers = (self._variables, defaults.get_str_mapping("variables"), element_variables)
-        for layer in layers:
+        # BuildStream's layering: the project's, then the kind's defaults, then
+        # the element's; the names it sets itself sit where bst prints them.
+        for name, value in self._variables.items():
+            definitions[name] = Definition(value.as_str(), value.mark, value.path)
+        definitions["project-name"] = Definition(self.name, None, "project-name")
+        definitions["max-jobs"] = Definition(str(self.max_jobs), None, "max-jobs")
+        for layer in (defaults.get_str_mapping("variables"), element_variables):
             for name, value in layer.items():
                 definitions[name] = Definition(value.as_str(), value.mark, value.path)
-        max_jobs = self.max_jobs
         notparallel = definitions.get("notparallel")
         if notparallel is not None:
             if notparallel.value not in ("true", "True", "false", "False"):
@@ -610,10 +618,9 @@ class Project:
                     field=notparallel.field,
                 )
             if notparallel.value in ("true", "True"):
-                max_jobs = 1  # as BuildStream: notparallel forces max-jobs to 1
-        definitions["project-name"] = Definition(self.name, None, "project-name")
+                # As BuildStream: notparallel forces max-jobs to 1.
+                definitions["max-jobs"] = Definition("1", None, "max-jobs")
         definitions["element-name"] = Definition(file.name, None, "element-name")
-        definitions["max-jobs"] = Definition(str(max_jobs), None, "max-jobs")
         variables = Variables(definitions)
         variables.check()
         return variables
@@ -772,6 +779,26 @@ def _sandbox(node: MappingNode | None, variables: Variables) -> tuple[str, str]:
             raise arch_node.error(f"unknown architecture {given!r}")
         build_arch = arch
     return build_os, build_arch
+
+
+def _public(defaults: MappingNode, node: MappingNode) -> MappingNode:
+    """The element's public data as BuildStream makes it: the element's own, whose
+    ``bst.split-rules`` extend the project's and the kind's (other public data
+    of the kind's defaults is not inherited, as in bst)."""
+    mark = node.mark
+    default_public = defaults.get_mapping("public")
+    default_bst = default_public.get_mapping("bst") if default_public is not None else None
+    base_splits = default_bst.get_mapping("split-rules") if default_bst is not None else None
+    public = node.get_mapping("public")
+    public = clone_mapping(public) if public is not None else MappingNode(mark=mark, path="public")
+    bst = public.get_mapping("bst")
+    bst = clone_mapping(bst) if bst is not None else MappingNode(mark=mark, path="public.bst")
+    splits = _compose_mappings(base_splits, bst.get_mapping("split-rules"))
+    bst.entries["split-rules"] = splits or MappingNode(mark=mark, path="public.bst.split-rules")
+    bst.key_marks.setdefault("split-rules", mark)
+    public.entries["bst"] = bst
+    public.key_marks.setdefault("bst", mark)
+    return public
 
 
 def _compose_mappings(base: MappingNode | None, overlay: MappingNode | None) -> MappingNode | None:

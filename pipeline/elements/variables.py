@@ -59,8 +59,8 @@ class Variables:
         return self[name] if name in self._definitions else None
 
     def as_dict(self) -> dict[str, str]:
-        """Every variable, expanded."""
-        return {name: self[name] for name in sorted(self._definitions)}
+        """Every variable, expanded, in definition order (as ``bst show`` prints them)."""
+        return {name: self[name] for name in self._definitions}
 
     def expand(self, text: str, *, mark: Mark, field: str) -> str:
         """Expand the references in ``text``, written at ``mark`` in ``field``.

@@ -118,14 +118,11 @@ class Kind(ABC):
     def key_config(self) -> dict[str, Any]:
         """The configuration as it enters the cache key (expanded)."""
 
-    def show_config(self) -> dict[str, Any]:
-        """The configuration as ``show --format %{config}`` prints it."""
-        return self.key_config()
-
-    def finish_public(self, public: dict[str, Any], ctx: KindContext) -> dict[str, Any]:
-        """The element's public data (expanded) once the kind has had its say;
-        ``filter`` passes its dependency's integration commands on."""
-        return public
+    def integration_commands(self, element: Element) -> list[str]:
+        """The element's integration commands: its public ``bst.integration-commands``
+        (``filter`` passes its dependency's on too)."""
+        bst = element.public.get("bst") or {}
+        return list(bst.get("integration-commands") or [])
 
     @abstractmethod
     def recipe(self, element: Element) -> Recipe:

@@ -73,14 +73,6 @@ class ComposeKind(Kind):
             key["exclude"] = sorted(self.exclude)
         return key
 
-    def show_config(self) -> dict[str, Any]:
-        return {
-            "integrate": self.integrate,
-            "include": list(self.include),
-            "exclude": list(self.exclude),
-            "include-orphans": self.orphans,
-        }
-
     def recipe(self, element: Element) -> Recipe:
         assert self._config is not None
         staged = element.staged_dependencies()
@@ -99,7 +91,7 @@ class ComposeKind(Kind):
         script = "".join(line + "\n" for line in lines)
         command: spec.CommandSpec = {
             "arguments": ["sh", "-c", "-e", script],
-            "environment": dict(element.environment),
+            "environment": dict(sorted(element.environment.items())),
             "working_directory": "",
             "output_path": "",
             "platform": element.platform,

@@ -78,24 +78,11 @@ class FilterKind(Kind):
             "orphans": self.orphans,
         }
 
-    def show_config(self) -> dict[str, Any]:
-        return {
-            "include": list(self.include),
-            "exclude": list(self.exclude),
-            "include-orphans": self.orphans,
-            "pass-integration": self.pass_integration,
-        }
-
-    def finish_public(self, public: dict[str, Any], ctx: KindContext) -> dict[str, Any]:
+    def integration_commands(self, element: Element) -> list[str]:
+        own = super().integration_commands(element)
         if not self.pass_integration:
-            return public
-        source = next(dep.element for dep in ctx.dependencies if dep.build)
-        bst = dict(public.get("bst") or {})
-        bst["integration-commands"] = [
-            *source.integration_commands,
-            *(bst.get("integration-commands") or []),
-        ]
-        return {**public, "bst": bst}
+            return own
+        return [*element.build_dependencies[0].integration_commands, *own]
 
     def recipe(self, element: Element) -> Recipe:
         assert self._config is not None

@@ -40,8 +40,5 @@ class ImportKind(Kind):
     def key_config(self) -> dict[str, Any]:
         return {"source": self.source, "target": self.target}
 
-    def show_config(self) -> dict[str, Any]:
-        return {"source": "/" + self.source, "target": "/" + self.target}
-
     def recipe(self, element: Element) -> Recipe:
         return Recipe(files_root=self.source, files_target=self.target)

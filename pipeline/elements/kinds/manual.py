@@ -76,9 +76,6 @@ class BuildElementKind(Kind):
             config["notparallel"] = True
         return config
 
-    def show_config(self) -> dict[str, Any]:
-        return {step: list(self.commands[step]) for step in COMMAND_STEPS}
-
     def script(self, element: Element, staged: list[Element]) -> str:
         """The action's shell script: integration commands, then each command.
 
@@ -98,7 +95,7 @@ class BuildElementKind(Kind):
         staged = element.staged_dependencies()
         command: spec.CommandSpec = {
             "arguments": ["sh", "-c", "-e", self.script(element, staged)],
-            "environment": dict(element.environment),
+            "environment": dict(sorted(element.environment.items())),
             "working_directory": self.working_directory,
             "output_path": self.install_root.strip("/"),
             "platform": element.platform,

@@ -81,9 +81,6 @@ class ScriptKind(Kind):
             "root-read-only": self.root_read_only,
         }
 
-    def show_config(self) -> dict[str, Any]:
-        return {"commands": list(self.commands), "root-read-only": self.root_read_only}
-
     def recipe(self, element: Element) -> Recipe:
         by_name = {dep.name: dep for dep in element.build_dependencies}
         staged: list[StagedDependency] = []
@@ -101,7 +98,7 @@ class ScriptKind(Kind):
         ]
         command: spec.CommandSpec = {
             "arguments": ["sh", "-c", "-e", "".join(line + "\n" for line in lines)],
-            "environment": dict(element.environment),
+            "environment": dict(sorted(element.environment.items())),
             "working_directory": self.cwd.strip("/"),
             "output_path": self.install_root.strip("/"),
             "platform": element.platform,

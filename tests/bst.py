@@ -12,12 +12,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.elements.defaults import DEFAULT_MAX_JOBS
+
 __all__ = ["BST", "Bst"]
 
 BST = Path(sys.executable).with_name("bst")
 
-# A local build: no remote execution, no artifact or source caches.
-BST_USER_CONFIG = """\
+# A local build: no remote execution, no artifact or source caches; remex's
+# %{max-jobs} does not depend on the host, so bst gets the same.
+BST_USER_CONFIG = f"""\
+build:
+  max-jobs: {DEFAULT_MAX_JOBS}
 scheduler:
   builders: 2
   fetchers: 2

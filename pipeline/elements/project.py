@@ -189,7 +189,10 @@ def load_project(
     pool.set_string_values(options or {})
     pool.resolve()
     pool.process_node(node, restricted=PROJECT_RESTRICTED_KEYS)
-    assert_fully_composited(node)
+    for key, value in node.entries.items():
+        # Per-kind overrides and split rules compose onto defaults later.
+        if key not in ("elements", "sources", "split-rules"):
+            assert_fully_composited(value)
     node.validate_keys(_PROJECT_KEYS, unsupported=_PROJECT_UNSUPPORTED)
     variables = node.get_str_mapping("variables")
     for protected in PROTECTED_VARIABLES:

@@ -71,8 +71,8 @@ def execute(
 
     Returns:
         Done: the state with ``action_result`` and ``remote_cache_hit`` (the
-        server answered from its cache), without ``operation``/``stage``. Not done yet:
-        the state with ``operation`` (its name) and ``stage``; pass it back.
+        server answered from its cache), without ``operation``/``remote_stage``. Not done yet:
+        the state with ``operation`` (its name) and ``remote_stage``; pass it back.
 
     Raises:
         MissingBlobsError: the execution CAS lacks inputs: run ``upload`` again.
@@ -80,7 +80,7 @@ def execute(
         ExecutionError, OperationLostError, RemoteError: as ExecutionClient.run.
     """
     started = time.monotonic()
-    new = dict(state)
+    new = state.copy()
     if spec["kind"] != "manual" or state.get("cached") or "action_result" in state:
         return with_timing(new, "execute", time.monotonic() - started)
     action = digest_in(spec["element"], state, "action")
@@ -116,7 +116,7 @@ def execute(
         raise
     if isinstance(outcome, Pending):
         new["operation"] = outcome.operation_name
-        new["stage"] = outcome.stage
+        new["remote_stage"] = outcome.stage
         return with_timing(new, "execute", time.monotonic() - started)
     return with_timing(
         _done(new, outcome.result, cached=outcome.cached_result),
@@ -127,7 +127,7 @@ def execute(
 
 def _done(state: State, result: ActionResult, *, cached: bool) -> State:
     state.pop("operation", None)
-    state.pop("stage", None)
+    state.pop("remote_stage", None)
     state["action_result"] = encode_action_result(result)
     # An observation, not a result: running execute twice gives a cache hit the
     # second time, and the state must otherwise stay the same.
@@ -157,11 +157,11 @@ def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
         RemoteError: a server failed (after retries).
     """
     started = time.monotonic()
-    new = dict(state)
+    new = state.copy()
     element = spec["element"]
     if spec["kind"] != "manual":
         digest_in(element, state, "files")  # set by stage_to_cas
-        new.update(stdout=dj(EMPTY_DIGEST), stderr=dj(EMPTY_DIGEST), exit_code=None)
+        new.update({"stdout": dj(EMPTY_DIGEST), "stderr": dj(EMPTY_DIGEST), "exit_code": None})
         new["execution"] = None
         return with_timing(new, "fetch_outputs", time.monotonic() - started)
     text = state.get("action_result")
@@ -173,11 +173,13 @@ def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
         _fail(ctx, spec, state, result, stdout, stderr)
     files = _download_output_tree(ctx, spec, result)
     new.update(
-        files=dj(files),
-        stdout=dj(stdout),
-        stderr=dj(stderr),
-        exit_code=result.exit_code,
-        execution=_execution_metadata(result.execution_metadata),
+        {
+            "files": dj(files),
+            "stdout": dj(stdout),
+            "stderr": dj(stderr),
+            "exit_code": result.exit_code,
+            "execution": _execution_metadata(result.execution_metadata),
+        }
     )
     return with_timing(new, "fetch_outputs", time.monotonic() - started)
 

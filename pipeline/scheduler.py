@@ -34,13 +34,18 @@ Two builds needing the same artifact (same element, same cache key: the same
 artifact URI) build it once: the first to claim the URI builds it, the others
 wait on it and are finished by the same :meth:`finish` call.
 
-Keys (``B`` = ``remex:build:<build id>``): ``B:meta`` (hash), ``B:spec``,
+Keys (all named by :class:`Keys`, under a prefix, ``remex`` by default;
+``B`` = ``remex:build:<build id>``): ``B:meta`` (hash), ``B:spec``,
 ``B:state``, ``B:pending``, ``B:dependents``, ``B:info`` (hashes by element),
 ``B:order`` (list), ``B:heartbeat`` (sorted set: element -> deadline);
 ``remex:builds`` (sorted set of build ids by time), ``remex:active`` (set),
 ``remex:claim:<artifact URI>`` (string: owner ``build\\telement``),
 ``remex:waiters:<artifact URI>`` (set of waiting ``build\\telement``) and
-``remex:worker:<instance>`` (a live worker).
+``remex:worker:<instance>`` (a live worker), ``remex:delivery:<task id>:<retry>``
+(how often a task message was delivered) and ``remex:reconciler`` (a lock).
+
+The moves' Lua scripts are files in ``pipeline/lua/``, read when a
+:class:`Scheduler` is made; the key prefix is passed to them as ``KEYS[1]``.
 """
 
 from __future__ import annotations
@@ -50,15 +55,44 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
+from importlib import resources
 from typing import Any, cast
 
 import redis
 
 from pipeline.spec import BuildSpec
 
-PREFIX = "remex"
-TERMINAL = frozenset({"cached", "built", "failed", "skipped", "cancelled"})
-ACTIVE = frozenset({"waiting", "ready", "queued", "running"})
+DEFAULT_PREFIX = "remex"
+"""The namespace of every key remex writes (see :class:`Keys`)."""
+
+
+class ElementState(StrEnum):
+    """The states of an element in a build (see the module docstring)."""
+
+    WAITING = "waiting"
+    READY = "ready"
+    QUEUED = "queued"
+    RUNNING = "running"
+    CACHED = "cached"
+    BUILT = "built"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset(
+    {
+        ElementState.CACHED,
+        ElementState.BUILT,
+        ElementState.FAILED,
+        ElementState.SKIPPED,
+        ElementState.CANCELLED,
+    }
+)
+ACTIVE = frozenset(
+    {ElementState.WAITING, ElementState.READY, ElementState.QUEUED, ElementState.RUNNING}
+)
 # How long a finished build's state is kept in Redis.
 BUILD_TTL_SECONDS = 7 * 24 * 3600
 # A running element without a heartbeat for this long, on a worker that is
@@ -69,295 +103,72 @@ HEARTBEAT_TIMEOUT = 30.0
 LOST_AFTER_HEARTBEATS = 10
 # An element ``ready`` this long was not sent (its sender died): send it again.
 READY_GRACE = 10.0
+# How long a task delivery's counter is kept (longer than any redelivery).
+DELIVERY_TTL_SECONDS = 24 * 3600
 
 
-def _key(build_id: str, name: str) -> str:
-    return f"{PREFIX}:build:{build_id}:{name}"
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis key name remex uses, under one prefix.
+
+    The Lua scripts derive the same names from the prefix they are given
+    (``KEYS[1]``; see ``pipeline/lua/prelude.lua``).
+    """
+
+    prefix: str = DEFAULT_PREFIX
+
+    def build(self, build_id: str, name: str) -> str:
+        """One of a build's keys: ``meta``, ``spec``, ``state`` ..."""
+        return f"{self.prefix}:build:{build_id}:{name}"
+
+    @property
+    def builds(self) -> str:
+        """Sorted set of build ids by creation time."""
+        return f"{self.prefix}:builds"
+
+    @property
+    def active(self) -> str:
+        """Set of the builds still running."""
+        return f"{self.prefix}:active"
+
+    def claim(self, artifact_uri: str) -> str:
+        """Who builds ``artifact_uri`` (``build\\telement``)."""
+        return f"{self.prefix}:claim:{artifact_uri}"
+
+    def waiters(self, artifact_uri: str) -> str:
+        """Set of the elements waiting on ``artifact_uri``'s builder."""
+        return f"{self.prefix}:waiters:{artifact_uri}"
+
+    def worker(self, instance: str) -> str:
+        """The liveness key of one worker process."""
+        return f"{self.prefix}:worker:{instance}"
+
+    def delivery(self, task_id: str, retries: int) -> str:
+        """How often one task message (id, retry number) was delivered."""
+        return f"{self.prefix}:delivery:{task_id}:{retries}"
+
+    @property
+    def reconciler(self) -> str:
+        """The lock that lets one reconciler pass run at a time."""
+        return f"{self.prefix}:reconciler"
+
+
+DEFAULT_KEYS = Keys()
 
 
 def worker_key(instance: str) -> str:
-    """The liveness key of one worker process."""
-    return f"{PREFIX}:worker:{instance}"
+    """The liveness key of one worker process (default prefix)."""
+    return DEFAULT_KEYS.worker(instance)
 
 
-# Shared by every script. Keys are derived from ARGV (one Redis, not a cluster).
-# Note: cjson encodes an empty Lua table as {}; the Python side reads lists
-# with _as_list.
-_LUA_PRELUDE = """
-local function bkey(b, name) return 'remex:build:' .. b .. ':' .. name end
-local TERMINAL = {cached=true, built=true, failed=true, skipped=true, cancelled=true}
-local function get_info(b, e)
-  local cur = redis.call('HGET', bkey(b, 'info'), e)
-  if cur then return cjson.decode(cur) end
-  return {}
-end
-local function put_info(b, e, info)
-  redis.call('HSET', bkey(b, 'info'), e, cjson.encode(info))
-end
-local function split(t)
-  local tab = string.find(t, '\\t', 1, true)
-  return string.sub(t, 1, tab - 1), string.sub(t, tab + 1)
-end
-local function expire_build(b, ttl)
-  for _, name in ipairs({'meta', 'spec', 'state', 'pending', 'dependents', 'info', 'order',
-                         'heartbeat'}) do
-    redis.call('EXPIRE', bkey(b, name), ttl)
-  end
-end
--- A build is done when no element is active: succeeded iff all built or cached.
-local function update_build_status(b, now, ttl)
-  if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return end
-  local states = redis.call('HVALS', bkey(b, 'state'))
-  if #states == 0 then return end
-  local ok = true
-  for _, s in ipairs(states) do
-    if not TERMINAL[s] then return end
-    if s ~= 'built' and s ~= 'cached' then ok = false end
-  end
-  redis.call('HSET', bkey(b, 'meta'), 'status', ok and 'succeeded' or 'failed', 'finished', now)
-  redis.call('SREM', 'remex:active', b)
-  expire_build(b, ttl)
-end
-"""
+def load_script(name: str) -> str:
+    """The Lua script ``pipeline/lua/NAME.lua``, after the shared prelude."""
+    folder = resources.files("pipeline") / "lua"
+    return (folder / "prelude.lua").read_text() + (folder / f"{name}.lua").read_text()
 
-# Finish one element in every build that waits on its artifact URI.
-# ARGV[1] owner "build\telement", ARGV[2] artifact URI, ARGV[3] outcome
-# (built|failed), ARGV[4] info JSON to merge, ARGV[5] now, ARGV[6] TTL.
-# Returns a flat list: build, element, build, element ... that became ready.
-_FINISH = (
-    _LUA_PRELUDE
-    + """
-local owner, uri, outcome, info_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local now, ttl = ARGV[5], ARGV[6]
-local targets = {owner}
-local waiters = redis.call('SMEMBERS', 'remex:waiters:' .. uri)
-for _, w in ipairs(waiters) do if w ~= owner then table.insert(targets, w) end end
-redis.call('DEL', 'remex:waiters:' .. uri)
-if redis.call('GET', 'remex:claim:' .. uri) == owner then
-  redis.call('DEL', 'remex:claim:' .. uri)
-end
-local ready = {}
-local touched = {}
-local function mark(b, element, state, extra)
-  redis.call('HSET', bkey(b, 'state'), element, state)
-  redis.call('ZREM', bkey(b, 'heartbeat'), element)
-  local info = get_info(b, element)
-  for k, v in pairs(extra) do info[k] = v end
-  info['finished'] = tonumber(now)
-  put_info(b, element, info)
-end
-local function skip_dependents(b, element, why)
-  local stack = {element}
-  while #stack > 0 do
-    local e = table.remove(stack)
-    local deps = redis.call('HGET', bkey(b, 'dependents'), e)
-    if deps then
-      for _, d in ipairs(cjson.decode(deps)) do
-        local st = redis.call('HGET', bkey(b, 'state'), d)
-        if st == 'waiting' or st == 'ready' then
-          mark(b, d, 'skipped', {error = why})
-          table.insert(stack, d)
-        end
-      end
-    end
-  end
-end
-local info = cjson.decode(info_json)
-for _, t in ipairs(targets) do
-  local b, element = split(t)
-  local st = redis.call('HGET', bkey(b, 'state'), element)
-  if st and not TERMINAL[st] then
-    touched[b] = true
-    local extra = {}
-    for k, v in pairs(info) do extra[k] = v end
-    if t ~= owner then extra['built_by'] = owner end
-    mark(b, element, outcome, extra)
-    if outcome == 'built' then
-      local deps = redis.call('HGET', bkey(b, 'dependents'), element)
-      if deps then
-        for _, d in ipairs(cjson.decode(deps)) do
-          local left = redis.call('HINCRBY', bkey(b, 'pending'), d, -1)
-          if left <= 0 and redis.call('HGET', bkey(b, 'state'), d) == 'waiting' then
-            redis.call('HSET', bkey(b, 'state'), d, 'ready')
-            local dinfo = get_info(b, d)
-            dinfo['ready_at'] = tonumber(now)
-            put_info(b, d, dinfo)
-            table.insert(ready, b)
-            table.insert(ready, d)
-          end
-        end
-      end
-    else
-      skip_dependents(b, element, 'dependency ' .. element .. ' failed')
-    end
-  end
-end
-for b, _ in pairs(touched) do update_build_status(b, now, ttl) end
-return ready
-"""
-)
 
-# Claim an artifact URI for building, or wait on its current builder.
-# ARGV[1] claimant "build\telement", ARGV[2] artifact URI, ARGV[3] claim TTL seconds.
-# Returns the owner ("" when the claimant now owns it).
-_CLAIM = (
-    _LUA_PRELUDE
-    + """
-local me, uri, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local owner = redis.call('GET', 'remex:claim:' .. uri)
-if owner and owner ~= me then
-  local b, element = split(owner)
-  local st = redis.call('HGET', bkey(b, 'state'), element)
-  if st == 'queued' or st == 'running' or st == 'ready' then
-    redis.call('SADD', 'remex:waiters:' .. uri, me)
-    redis.call('EXPIRE', 'remex:waiters:' .. uri, ttl)
-    return owner
-  end
-end
-redis.call('SET', 'remex:claim:' .. uri, me, 'EX', ttl)
-return ''
-"""
-)
-
-# Record a send: the next attempt number, the task ids; state -> queued.
-# ARGV[1] build, ARGV[2] element, ARGV[3] task ids JSON, ARGV[4] now.
-# Returns the new attempt, or 0 when the element must not be sent (finished,
-# cancelled, still waiting for dependencies).
-_QUEUE = (
-    _LUA_PRELUDE
-    + """
-local b, e, task_ids, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return 0 end
-local st = redis.call('HGET', bkey(b, 'state'), e)
-if st ~= 'ready' and st ~= 'queued' and st ~= 'running' then return 0 end
-local info = get_info(b, e)
-local attempt = (tonumber(info['attempt']) or 0) + 1
-info['attempt'] = attempt
-info['task_ids'] = cjson.decode(task_ids)
-info['queued_at'] = now
-info['waiting_on'] = nil
-info['stage'] = nil
-put_info(b, e, info)
-redis.call('HSET', bkey(b, 'state'), e, 'queued')
-redis.call('ZREM', bkey(b, 'heartbeat'), e)
-return attempt
-"""
-)
-
-# Wait on another build's element: state -> queued, info.waiting_on = owner.
-# ARGV[1] build, ARGV[2] element, ARGV[3] owner. Returns 1, or 0 if not active.
-_WAIT_ON = (
-    _LUA_PRELUDE
-    + """
-local b, e, owner = ARGV[1], ARGV[2], ARGV[3]
-local st = redis.call('HGET', bkey(b, 'state'), e)
-if st ~= 'ready' and st ~= 'queued' and st ~= 'running' then return 0 end
-local info = get_info(b, e)
-info['waiting_on'] = owner
-put_info(b, e, info)
-redis.call('HSET', bkey(b, 'state'), e, 'queued')
-return 1
-"""
-)
-
-# A stage task begins: only for the current attempt of an unfinished element
-# of a running build. ARGV[1] build, ARGV[2] element, ARGV[3] attempt,
-# ARGV[4] stage, ARGV[5] host, ARGV[6] worker instance, ARGV[7] now,
-# ARGV[8] heartbeat deadline. Returns 1, or 0 when the task is stale.
-_START = (
-    _LUA_PRELUDE
-    + """
-local b, e, attempt, stage, host, worker, now, deadline =
-  ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
-if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return 0 end
-local st = redis.call('HGET', bkey(b, 'state'), e)
-if st ~= 'queued' and st ~= 'running' then return 0 end
-local info = get_info(b, e)
-if (tonumber(info['attempt']) or 0) ~= attempt or info['waiting_on'] then return 0 end
-info['stage'] = stage
-info['host'] = host
-info['worker'] = worker
-local hosts = info['hosts']
-if type(hosts) ~= 'table' then hosts = {} end
-local seen = false
-for _, h in ipairs(hosts) do if h == host then seen = true end end
-if not seen then table.insert(hosts, host) end
-info['hosts'] = hosts
-if not info['started'] then info['started'] = now end
-put_info(b, e, info)
-redis.call('HSET', bkey(b, 'state'), e, 'running')
-redis.call('ZADD', bkey(b, 'heartbeat'), deadline, e)
-return 1
-"""
-)
-
-# Merge changes into an element's info. ARGV[1] build, ARGV[2] element,
-# ARGV[3] changes JSON. Returns 1, or 0 if the element does not exist.
-_NOTE = (
-    _LUA_PRELUDE
-    + """
-local b, e, changes = ARGV[1], ARGV[2], cjson.decode(ARGV[3])
-if not redis.call('HGET', bkey(b, 'state'), e) then return 0 end
-local info = get_info(b, e)
-for k, v in pairs(changes) do info[k] = v end
-put_info(b, e, info)
-return 1
-"""
-)
-
-# Cancel a running build: active elements -> cancelled; give up the URIs they
-# claimed and leave the waiter sets they were in. A finished build stays as it
-# is. ARGV[1] build, ARGV[2] now, ARGV[3] TTL.
-# Returns JSON {"stopped": [info + element ...], "released": ["build\telement" ...]}.
-_CANCEL = (
-    _LUA_PRELUDE
-    + """
-local b, now, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local stopped, released = {}, {}
-if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then
-  return cjson.encode({stopped = stopped, released = released})
-end
-local states = redis.call('HGETALL', bkey(b, 'state'))
-for i = 1, #states, 2 do
-  local e, st = states[i], states[i + 1]
-  if not TERMINAL[st] then
-    redis.call('HSET', bkey(b, 'state'), e, 'cancelled')
-    redis.call('ZREM', bkey(b, 'heartbeat'), e)
-    local info = get_info(b, e)
-    info['finished'] = now
-    put_info(b, e, info)
-    local me = b .. '\\t' .. e
-    local spec = redis.call('HGET', bkey(b, 'spec'), e)
-    if spec then
-      local uri = cjson.decode(spec)['artifact_uri']
-      redis.call('SREM', 'remex:waiters:' .. uri, me)
-      if redis.call('GET', 'remex:claim:' .. uri) == me then
-        redis.call('DEL', 'remex:claim:' .. uri)
-        for _, w in ipairs(redis.call('SMEMBERS', 'remex:waiters:' .. uri)) do
-          table.insert(released, w)
-        end
-        redis.call('DEL', 'remex:waiters:' .. uri)
-      end
-    end
-    info['element'] = e
-    table.insert(stopped, info)
-  end
-end
-redis.call('HSET', bkey(b, 'meta'), 'status', 'cancelled', 'finished', now)
-redis.call('SREM', 'remex:active', b)
-expire_build(b, ttl)
-return cjson.encode({stopped = stopped, released = released})
-"""
-)
-
-# Recompute a build's status. ARGV[1] build, ARGV[2] now, ARGV[3] TTL.
-_STATUS = (
-    _LUA_PRELUDE
-    + """
-update_build_status(ARGV[1], tonumber(ARGV[2]), ARGV[3])
-return redis.call('HGET', bkey(ARGV[1], 'meta'), 'status')
-"""
-)
+SCRIPTS = ("finish", "claim", "queue", "wait_on", "start", "note", "cancel", "status")
+"""The scripts of the moves (``pipeline/lua/NAME.lua``)."""
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -371,6 +182,7 @@ class ElementStatus:
 
     element: str
     state: str
+    """An :class:`ElementState` value (``unknown`` if Redis lost it)."""
     info: dict[str, Any]
 
 
@@ -405,23 +217,35 @@ class Scheduler:
     """
 
     def __init__(
-        self, client: redis.Redis, *, heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+        self,
+        client: redis.Redis,
+        *,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        prefix: str = DEFAULT_PREFIX,
     ) -> None:
         self.redis = client
         self.heartbeat_timeout = heartbeat_timeout
-        self._finish = client.register_script(_FINISH)
-        self._claim = client.register_script(_CLAIM)
-        self._queue = client.register_script(_QUEUE)
-        self._wait_on = client.register_script(_WAIT_ON)
-        self._start = client.register_script(_START)
-        self._note = client.register_script(_NOTE)
-        self._cancel = client.register_script(_CANCEL)
-        self._status = client.register_script(_STATUS)
+        self.keys = Keys(prefix)
+        # Read once, when the scheduler starts; redis-py runs them by SHA.
+        scripts = {name: client.register_script(load_script(name)) for name in SCRIPTS}
+        self._finish = scripts["finish"]
+        self._claim = scripts["claim"]
+        self._queue = scripts["queue"]
+        self._wait_on = scripts["wait_on"]
+        self._start = scripts["start"]
+        self._note = scripts["note"]
+        self._cancel = scripts["cancel"]
+        self._status = scripts["status"]
 
     @classmethod
-    def from_url(cls, url: str, *, heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> Scheduler:
+    def from_url(
+        cls, url: str, *, heartbeat_timeout: float = HEARTBEAT_TIMEOUT, prefix: str = DEFAULT_PREFIX
+    ) -> Scheduler:
+        """A scheduler on the Redis at ``url``."""
         return cls(
-            redis.Redis.from_url(url, decode_responses=True), heartbeat_timeout=heartbeat_timeout
+            redis.Redis.from_url(url, decode_responses=True),
+            heartbeat_timeout=heartbeat_timeout,
+            prefix=prefix,
         )
 
     # --- creating a build ----------------------------------------------------
@@ -456,21 +280,21 @@ class Scheduler:
                 dependents[dep].append(name)
             pending[name] = len(deps)
             if name in cached:
-                states[name] = "cached"
+                states[name] = ElementState.CACHED
             else:
-                states[name] = "ready" if not deps else "waiting"
+                states[name] = ElementState.READY if not deps else ElementState.WAITING
         info: dict[Any, Any] = {}
         for s in specs:
             name = s["element"]
             entry: dict[str, Any] = {"cache_key": s["cache_key"], "kind": s["kind"], "attempt": 0}
-            if states[name] == "cached":
+            if states[name] == ElementState.CACHED:
                 entry["finished"] = now
-            elif states[name] == "ready":
+            elif states[name] == ElementState.READY:
                 entry["ready_at"] = now
             info[name] = json.dumps(entry)
         pipe = self.redis.pipeline()
         pipe.hset(
-            _key(build_id, "meta"),
+            self.keys.build(build_id, "meta"),
             mapping={
                 "created": now,
                 "status": "running",
@@ -478,39 +302,42 @@ class Scheduler:
             },
         )
         if specs:
-            pipe.hset(_key(build_id, "spec"), mapping={s["element"]: json.dumps(s) for s in specs})
-            pipe.hset(_key(build_id, "state"), mapping=states)
-            pipe.hset(_key(build_id, "pending"), mapping=pending)
             pipe.hset(
-                _key(build_id, "dependents"),
+                self.keys.build(build_id, "spec"),
+                mapping={s["element"]: json.dumps(s) for s in specs},
+            )
+            pipe.hset(self.keys.build(build_id, "state"), mapping=states)
+            pipe.hset(self.keys.build(build_id, "pending"), mapping=pending)
+            pipe.hset(
+                self.keys.build(build_id, "dependents"),
                 mapping={k: json.dumps(v) for k, v in dependents.items()},
             )
-            pipe.hset(_key(build_id, "info"), mapping=info)
-            pipe.rpush(_key(build_id, "order"), *[s["element"] for s in specs])
-        pipe.zadd(f"{PREFIX}:builds", {build_id: now})
-        pipe.sadd(f"{PREFIX}:active", build_id)
+            pipe.hset(self.keys.build(build_id, "info"), mapping=info)
+            pipe.rpush(self.keys.build(build_id, "order"), *[s["element"] for s in specs])
+        pipe.zadd(self.keys.builds, {build_id: now})
+        pipe.sadd(self.keys.active, build_id)
         pipe.execute()
-        ready = [str(name) for name, state in states.items() if state == "ready"]
+        ready = [str(name) for name, state in states.items() if state == ElementState.READY]
         self._update_build_status(build_id)
         return build_id, ready
 
     # --- reading -------------------------------------------------------------
 
     def spec(self, build_id: str, element: str) -> BuildSpec:
-        raw = self.redis.hget(_key(build_id, "spec"), element)
+        raw = self.redis.hget(self.keys.build(build_id, "spec"), element)
         if raw is None:
             raise KeyError(f"build {build_id} has no element {element!r}")
         return cast(BuildSpec, json.loads(cast(str, raw)))
 
     def state(self, build_id: str, element: str) -> str | None:
-        return cast("str | None", self.redis.hget(_key(build_id, "state"), element))
+        return cast("str | None", self.redis.hget(self.keys.build(build_id, "state"), element))
 
     def info(self, build_id: str, element: str) -> dict[str, Any]:
-        raw = self.redis.hget(_key(build_id, "info"), element)
+        raw = self.redis.hget(self.keys.build(build_id, "info"), element)
         return _decode_info(cast("str | None", raw))
 
     def build_exists(self, build_id: str) -> bool:
-        return bool(self.redis.exists(_key(build_id, "meta")))
+        return bool(self.redis.exists(self.keys.build(build_id, "meta")))
 
     def status(self, build_id: str) -> BuildStatus:
         """Everything about a build, elements in plan order.
@@ -519,10 +346,10 @@ class Scheduler:
             KeyError: no such build (or it expired).
         """
         pipe = self.redis.pipeline()
-        pipe.hgetall(_key(build_id, "meta"))
-        pipe.lrange(_key(build_id, "order"), 0, -1)
-        pipe.hgetall(_key(build_id, "state"))
-        pipe.hgetall(_key(build_id, "info"))
+        pipe.hgetall(self.keys.build(build_id, "meta"))
+        pipe.lrange(self.keys.build(build_id, "order"), 0, -1)
+        pipe.hgetall(self.keys.build(build_id, "state"))
+        pipe.hgetall(self.keys.build(build_id, "info"))
         meta_raw, order, states, infos = pipe.execute()
         if not meta_raw:
             raise KeyError(f"no build {build_id!r}")
@@ -539,29 +366,34 @@ class Scheduler:
         return BuildStatus(build_id, str(meta.get("status", "running")), meta, elements)
 
     def active_builds(self) -> list[str]:
-        return sorted(cast(set[str], self.redis.smembers(f"{PREFIX}:active")))
+        return sorted(cast(set[str], self.redis.smembers(self.keys.active)))
 
     def build_status_value(self, build_id: str) -> str:
-        return cast(str, self.redis.hget(_key(build_id, "meta"), "status") or "")
+        return cast(str, self.redis.hget(self.keys.build(build_id, "meta"), "status") or "")
 
     # --- moving ----------------------------------------------------------------
 
     def claim(self, build_id: str, element: str, artifact_uri: str) -> str:
         """Claim building ``artifact_uri`` for this element; return "" (claimed)
         or the ``build\\telement`` it now waits on."""
-        owner = self._claim(args=[f"{build_id}\t{element}", artifact_uri, BUILD_TTL_SECONDS])
+        owner = self._claim(
+            keys=[self.keys.prefix],
+            args=[f"{build_id}\t{element}", artifact_uri, BUILD_TTL_SECONDS],
+        )
         return cast(str, owner)
 
     def mark_queued(self, build_id: str, element: str, *, task_ids: list[str]) -> int:
         """Record that the element's chain is about to be sent; return its new
         attempt number, or 0 when it must not be sent (finished, cancelled, or
         not ready)."""
-        attempt = self._queue(args=[build_id, element, json.dumps(task_ids), time.time()])
+        attempt = self._queue(
+            keys=[self.keys.prefix], args=[build_id, element, json.dumps(task_ids), time.time()]
+        )
         return int(attempt)
 
     def mark_waiting_on(self, build_id: str, element: str, owner: str) -> bool:
         """The element waits on ``owner`` (``build\\telement``) building the same artifact."""
-        return bool(self._wait_on(args=[build_id, element, owner]))
+        return bool(self._wait_on(keys=[self.keys.prefix], args=[build_id, element, owner]))
 
     def start_stage(
         self, build_id: str, element: str, *, attempt: int, stage: str, host: str, worker: str = ""
@@ -571,6 +403,7 @@ class Scheduler:
         process's instance (see :meth:`worker_alive`)."""
         now = time.time()
         started = self._start(
+            keys=[self.keys.prefix],
             args=[
                 build_id,
                 element,
@@ -580,29 +413,45 @@ class Scheduler:
                 worker,
                 now,
                 now + self.heartbeat_timeout,
-            ]
+            ],
         )
         return bool(started)
 
     def heartbeat(self, build_id: str, element: str) -> None:
         """The element's stage is still working."""
         self.redis.zadd(
-            _key(build_id, "heartbeat"),
+            self.keys.build(build_id, "heartbeat"),
             {element: time.time() + self.heartbeat_timeout},
             xx=True,
         )
 
     def worker_alive(self, instance: str) -> None:
         """Worker process ``instance`` is alive (for ``heartbeat_timeout`` seconds)."""
-        self.redis.set(worker_key(instance), "1", px=int(self.heartbeat_timeout * 1000))
+        self.redis.set(self.keys.worker(instance), "1", px=int(self.heartbeat_timeout * 1000))
 
     def worker_gone(self, instance: str) -> None:
         """Worker process ``instance`` stops (its elements may be re-sent at once)."""
-        self.redis.delete(worker_key(instance))
+        self.redis.delete(self.keys.worker(instance))
+
+    def count_delivery(self, task_id: str, retries: int) -> int:
+        """Count one delivery of a task message (``task_id``, retry number
+        ``retries``); return how often it was delivered. Redis keeps no
+        delivery count of its own, and a message is delivered again when the
+        worker that held it died."""
+        key = self.keys.delivery(task_id, retries)
+        pipe = self.redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, DELIVERY_TTL_SECONDS)
+        count, _ = pipe.execute()
+        return int(count)
+
+    def try_reconciler_lock(self, seconds: float) -> bool:
+        """Take the reconciler's lock for ``seconds`` (False: another pass holds it)."""
+        return bool(self.redis.set(self.keys.reconciler, "1", nx=True, px=int(seconds * 1000)))
 
     def note(self, build_id: str, element: str, changes: Mapping[str, Any]) -> None:
         """Merge ``changes`` into an element's info (operation name, progress ...)."""
-        self._note(args=[build_id, element, json.dumps(dict(changes))])
+        self._note(keys=[self.keys.prefix], args=[build_id, element, json.dumps(dict(changes))])
 
     def finish(
         self, build_id: str, element: str, outcome: str, info: Mapping[str, Any]
@@ -610,10 +459,11 @@ class Scheduler:
         """Mark an element ``built`` or ``failed`` (once), in this build and in
         every build waiting on the same artifact; return the (build, element)
         pairs that became ready to send. A failure skips the dependents."""
-        if outcome not in ("built", "failed"):
+        if outcome not in (ElementState.BUILT, ElementState.FAILED):
             raise ValueError(f"outcome must be 'built' or 'failed', not {outcome!r}")
         uri = self.spec(build_id, element)["artifact_uri"]
         flat = self._finish(
+            keys=[self.keys.prefix],
             args=[
                 f"{build_id}\t{element}",
                 uri,
@@ -621,7 +471,7 @@ class Scheduler:
                 json.dumps(dict(info)),
                 time.time(),
                 BUILD_TTL_SECONDS,
-            ]
+            ],
         )
         return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
@@ -639,7 +489,7 @@ class Scheduler:
         """
         if not self.build_exists(build_id):
             raise KeyError(f"no build {build_id!r}")
-        raw = self._cancel(args=[build_id, time.time(), BUILD_TTL_SECONDS])
+        raw = self._cancel(keys=[self.keys.prefix], args=[build_id, time.time(), BUILD_TTL_SECONDS])
         data = json.loads(cast(str, raw))
         stopped = [dict(info) for info in _as_list(data.get("stopped"))]
         released = []
@@ -661,32 +511,35 @@ class Scheduler:
         """
         now = time.time() if now is None else now
         pipe = self.redis.pipeline()
-        pipe.hgetall(_key(build_id, "state"))
-        pipe.zrangebyscore(_key(build_id, "heartbeat"), 0, now, withscores=True)
+        pipe.hgetall(self.keys.build(build_id, "state"))
+        pipe.zrangebyscore(self.keys.build(build_id, "heartbeat"), 0, now, withscores=True)
         states, expired_pairs = pipe.execute()
         states = cast(dict[str, str], states)
         expired = {str(e): float(deadline) for e, deadline in expired_pairs}
         candidates = [
             e
             for e, s in states.items()
-            if s in ("ready", "queued") or (s == "running" and e in expired)
+            if s in (ElementState.READY, ElementState.QUEUED)
+            or (s == ElementState.RUNNING and e in expired)
         ]
         if not candidates:
             return []
-        raw_infos = cast(list["str | None"], self.redis.hmget(_key(build_id, "info"), candidates))
+        raw_infos = cast(
+            list["str | None"], self.redis.hmget(self.keys.build(build_id, "info"), candidates)
+        )
         infos = dict(zip(candidates, raw_infos, strict=True))
         out: list[tuple[str, str]] = []
         for element in candidates:
             state = states[element]
             info = _decode_info(infos[element])
-            if state == "ready":
+            if state == ElementState.READY:
                 since = float(info.get("ready_at") or info.get("queued_at") or 0)
                 if now - since > READY_GRACE:
                     out.append((element, "ready but never sent"))
-            elif state == "running":
+            elif state == ElementState.RUNNING:
                 silent = now - expired[element] + self.heartbeat_timeout
                 worker = str(info.get("worker") or "")
-                if not worker or not self.redis.exists(worker_key(worker)):
+                if not worker or not self.redis.exists(self.keys.worker(worker)):
                     out.append(
                         (element, f"heartbeat expired and worker {info.get('host', '?')} is gone")
                     )
@@ -695,14 +548,18 @@ class Scheduler:
             elif info.get("waiting_on"):
                 owner = str(info["waiting_on"])
                 b, _, e = owner.partition("\t")
-                if self.state(b, e) not in ("ready", "queued", "running"):
+                if self.state(b, e) not in (
+                    ElementState.READY,
+                    ElementState.QUEUED,
+                    ElementState.RUNNING,
+                ):
                     out.append((element, f"the build it waited on ({b}) stopped"))
         return out
 
     # --- private -----------------------------------------------------------------
 
     def _update_build_status(self, build_id: str) -> None:
-        self._status(args=[build_id, time.time(), BUILD_TTL_SECONDS])
+        self._status(keys=[self.keys.prefix], args=[build_id, time.time(), BUILD_TTL_SECONDS])
 
 
 def _decode_info(raw: str | None) -> dict[str, Any]:

@@ -1,24 +1,26 @@
 """The five stage tasks: each decodes its payload, calls one function of
-:mod:`pipeline.stages`, and maps errors to a retry or to the element's failure.
+:mod:`pipeline.stages`, and lets :mod:`pipeline.stages.policy` decide what a
+failure means (retry here, re-upload, fail the element, give up).
 
 A payload is ``{"build", "element", "attempt", "state"}``; each task returns
 the same with the new state, which Celery's chain hands to the next task.
+The tasks are registered on an app by :func:`register_stage_tasks` (called by
+:func:`tasks.app.create_app`); this module never imports the app.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import Ignore, Retry
 
 from pipeline.broker import host_queue, send_ready, task_label
-from pipeline.errors import MissingBlobsError, RemexError
+from pipeline.errors import RemexError
 from pipeline.spec import BuildSpec
 from pipeline.stages import (
     BuildFailedError,
@@ -31,21 +33,20 @@ from pipeline.stages import (
     stage_to_cas,
     upload,
 )
-from tasks.app import WorkerRuntime, app, runtime
+from pipeline.stages.policy import DEFAULT_POLICY, Decision, FailurePolicy
+from pipeline.stages.state import without_operation
+from tasks.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
-# How often a message may be delivered again after its worker died, before
-# the element fails (Redis keeps no delivery count, so remex does).
-MAX_DELIVERIES = 3
-# Transient failures of one stage retried before the element fails.
-MAX_TRANSIENT_RETRIES = 5
+__all__ = ["EXECUTE_WAIT", "ElementFailed", "StageTask", "register_stage_tasks"]
+
 # The execute task follows an operation this long, then re-queues itself.
 EXECUTE_WAIT = 10.0
-MAX_REUPLOADS = 2
 
 Payload = dict[str, Any]
 StageFn = Callable[[StageContext, BuildSpec, State], State]
+StillRunning = Callable[[WorkerRuntime, Payload, State], None]
 
 
 class ElementFailed(RemexError):
@@ -58,22 +59,29 @@ class ElementFailed(RemexError):
 
 
 class StageTask(Task):  # type: ignore[misc]
-    """Common behaviour of the stage tasks."""
+    """Common behaviour of the stage tasks: one path from payload to result,
+    with every failure decided by :attr:`policy`."""
 
     abstract = True
     throws = (ElementFailed,)
     acks_late = True
     reject_on_worker_lost = True
-    max_retries = MAX_TRANSIENT_RETRIES
+    # Retries are counted in the state (``transient_failures``), not by
+    # Celery: ``execute`` also re-queues itself while an operation runs.
+    max_retries = None
     stage = ""
+    policy: FailurePolicy = DEFAULT_POLICY
+
+    def runtime(self) -> WorkerRuntime:
+        """This worker's shared runtime (see :func:`tasks.app.create_app`)."""
+        runtime: WorkerRuntime = self.app.remex_runtime.get()
+        return runtime
 
     def begin(self, payload: Payload) -> tuple[WorkerRuntime, BuildSpec]:
         """Check the delivery is current; mark the element running at this stage."""
-        rt = runtime()
+        rt = self.runtime()
         build, element = payload["build"], payload["element"]
-        delivery_key = f"remex:delivery:{self.request.id}:{self.request.retries}"
-        deliveries = rt.scheduler.redis.incr(delivery_key)
-        rt.scheduler.redis.expire(delivery_key, 24 * 3600)
+        deliveries = rt.scheduler.count_delivery(self.request.id, self.request.retries)
         if not rt.scheduler.start_stage(
             build,
             element,
@@ -84,13 +92,103 @@ class StageTask(Task):  # type: ignore[misc]
         ):
             log.info("%s of %s (build %s) is stale; ignored", self.stage, element, build)
             raise Ignore()
-        if int(deliveries) > MAX_DELIVERIES:
+        if deliveries > self.policy.max_deliveries:
             self.fail_element(
                 rt,
                 payload,
                 f"{self.stage} was delivered {deliveries} times: the workers running it keep dying",
             )
         return rt, rt.scheduler.spec(build, element)
+
+    def run_stage(
+        self, payload: Payload, fn: StageFn, *, still_running: StillRunning | None = None
+    ) -> Payload:
+        """Run ``fn`` on the payload's state; on failure, do what the policy says.
+
+        Args:
+            payload: the task's argument.
+            fn: the stage function.
+            still_running: called when ``fn`` returned with its remote
+                operation still running (see :func:`pipeline.stages.is_pending`);
+                the task then re-queues itself to follow it later.
+        """
+        rt, spec = self.begin(payload)
+        state = cast(State, dict(payload["state"]))
+        with heartbeat(rt, payload):
+            try:
+                if state.get("reupload"):
+                    # The policy sent the element back through upload.
+                    state = upload(rt.context, spec, state)
+                    state.pop("reupload", None)
+                state = fn(rt.context, spec, state)
+            except Exception as exc:
+                raise self.handle_failure(rt, payload, state, exc) from exc
+        state.pop("transient_failures", None)
+        if still_running is not None and is_pending(state):
+            still_running(rt, payload, state)
+            raise self.requeue(rt, payload, state, 0.0)
+        return {**payload, "state": state}
+
+    def handle_failure(
+        self, rt: WorkerRuntime, payload: Payload, state: State, exc: Exception
+    ) -> Retry:
+        """Act on the policy's verdict: fail the element (raises
+        :class:`ElementFailed`) or return the re-queue to raise."""
+        failures = int(state.get("transient_failures", 0)) + 1
+        verdict = self.policy.decide(
+            self.stage, exc, failures=failures, reuploads=int(state.get("reuploads", 0))
+        )
+        if verdict.fails_element:
+            if isinstance(exc, BuildFailedError):
+                self.fail_element(
+                    rt, payload, exc.reason, log_tail=exc_log_tail(exc), exit_code=exc.exit_code
+                )
+            self.fail_element(rt, payload, verdict.reason)
+        if not isinstance(exc, RemexError):
+            # Not one of remex's errors: a bug or the host's trouble (disk
+            # full ...). Retried like a transient error, then the element
+            # fails with it, rather than stalling the build.
+            log.exception("%s of %s: unexpected error", self.stage, payload["element"])
+        new = state.copy()
+        if verdict.decision is Decision.REUPLOAD:
+            log.warning("%s of %s: %s; uploading again", self.stage, payload["element"], exc)
+            new = without_operation(new)
+            new["reuploads"] = int(state.get("reuploads", 0)) + 1
+            new["reupload"] = True
+        else:
+            log.warning(
+                "%s of %s: transient error, retrying in %.1f s: %s",
+                self.stage,
+                payload["element"],
+                verdict.delay,
+                exc,
+            )
+            new["transient_failures"] = failures
+        return self.requeue(rt, payload, new, verdict.delay, exc)
+
+    def requeue(
+        self,
+        rt: WorkerRuntime,
+        payload: Payload,
+        state: State,
+        countdown: float,
+        exc: Exception | None = None,
+    ) -> Retry:
+        """Send this task again with ``state``, after ``countdown`` seconds.
+
+        The message goes to this worker's own queue: once a chain runs on a
+        worker its next message stays with it, so the element is only taken
+        as lost when this worker is (see :mod:`pipeline.scheduler`).
+        """
+        return self.retry(
+            args=[{**payload, "state": state}],
+            kwargs={},
+            countdown=countdown,
+            queue=host_queue(rt.name),
+            exc=exc,
+            max_retries=None,
+            argsrepr=task_label(payload["build"], payload["element"], payload["attempt"]),
+        )
 
     def fail_element(self, rt: WorkerRuntime, payload: Payload, reason: str, **extra: Any) -> None:
         """Mark the element failed (and its dependents skipped); stop the chain."""
@@ -113,63 +211,6 @@ class StageTask(Task):  # type: ignore[misc]
                 stage=self.stage,
                 **fields,
             )
-
-    def fail_build_failed(self, rt: WorkerRuntime, payload: Payload, exc: BuildFailedError) -> None:
-        """The element's build failed (its command, say): keep the reason and the log tail."""
-        self.fail_element(
-            rt, payload, exc.reason, log_tail=exc_log_tail(exc), exit_code=exc.exit_code
-        )
-
-    def retry_transient(self, rt: WorkerRuntime, payload: Payload, exc: Exception) -> Retry:
-        """Retry after a transient error with backoff and jitter, or fail when spent.
-
-        The retry goes to this worker's own queue: once a chain runs on a
-        worker its next message stays with it, so the element is only taken
-        as lost when this worker is (see :mod:`pipeline.scheduler`).
-        """
-        if self.request.retries >= MAX_TRANSIENT_RETRIES:
-            self.fail_element(
-                rt, payload, f"{self.stage} failed {self.request.retries + 1} times: {exc}"
-            )
-        countdown = backoff(self.request.retries + 1)
-        log.warning(
-            "%s of %s: transient error, retrying in %.1f s: %s",
-            self.stage,
-            payload["element"],
-            countdown,
-            exc,
-        )
-        return self.retry(
-            exc=exc,
-            countdown=countdown,
-            max_retries=MAX_TRANSIENT_RETRIES,
-            queue=host_queue(rt.name),
-            argsrepr=task_label(payload["build"], payload["element"], payload["attempt"]),
-        )
-
-    def run_stage(self, payload: Payload, fn: StageFn) -> Payload:
-        rt, spec = self.begin(payload)
-        with heartbeat(rt, payload):
-            try:
-                state = fn(rt.context, spec, dict(payload["state"]))
-            except BuildFailedError as exc:
-                self.fail_build_failed(rt, payload, exc)
-            except RemexError as exc:
-                if exc.transient:
-                    raise self.retry_transient(rt, payload, exc) from exc
-                self.fail_element(rt, payload, f"{self.stage}: {exc}")
-            except Exception as exc:
-                # Not one of remex's errors: a bug or the host's trouble (disk
-                # full ...). Retried like a transient error, then the element
-                # fails with it, rather than stalling the build.
-                log.exception("%s of %s: unexpected error", self.stage, payload["element"])
-                raise self.retry_transient(rt, payload, exc) from exc
-        return {**payload, "state": state}
-
-
-def backoff(failures: int) -> float:
-    """Seconds to wait after ``failures`` failures in a row: exponential, capped, jittered."""
-    return min(60.0, 2.0 ** (failures - 1)) * random.uniform(0.5, 1.0)
 
 
 def exc_log_tail(exc: BuildFailedError) -> str:
@@ -198,19 +239,20 @@ def heartbeat(rt: WorkerRuntime, payload: Payload) -> Iterator[None]:
         stop.set()
 
 
-@app.task(bind=True, base=StageTask, name="remex.stage_to_cas", stage="stage_to_cas")
+# --- the tasks ---------------------------------------------------------------------
+
+
 def stage_to_cas_task(self: StageTask, payload: Payload) -> Payload:
     """Stage 1: input root and Action in the local CAS; ActionCache lookup."""
     result = self.run_stage(payload, stage_to_cas)
     # Data locality: the rest of the chain prefers this worker, which now
     # holds the input root in its local CAS.
-    queue = host_queue(runtime().name)
+    queue = host_queue(self.runtime().name)
     for signature in self.request.chain or ():
         signature.setdefault("options", {})["queue"] = queue
     return result
 
 
-@app.task(bind=True, base=StageTask, name="remex.upload", stage="upload")
 def upload_task(self: StageTask, payload: Payload) -> Payload:
     """Stage 2: upload what the execution CAS lacks."""
     result = self.run_stage(payload, upload)
@@ -219,99 +261,52 @@ def upload_task(self: StageTask, payload: Payload) -> Payload:
     return result
 
 
-@app.task(bind=True, base=StageTask, name="remex.execute", stage="execute", max_retries=None)
 def execute_task(self: StageTask, payload: Payload) -> Payload:
     """Stage 3: execute remotely; re-queue itself while the operation runs.
 
     Every re-queue goes to this worker's own queue, with the state (operation
     name, re-upload flag, failures in a row) in its arguments.
     """
-    rt, spec = self.begin(payload)
-    state = dict(payload["state"])
-    own_queue = host_queue(rt.name)
+    rt = self.runtime()
 
-    def again(countdown: float, exc: Exception | None = None) -> Retry:
-        return self.retry(
-            args=[{**payload, "state": state}],
-            countdown=countdown,
-            queue=own_queue,
-            exc=exc,
-            argsrepr=task_label(payload["build"], payload["element"], payload["attempt"]),
+    def run(ctx: StageContext, spec: BuildSpec, state: State) -> State:
+        return execute(
+            ctx,
+            spec,
+            state,
+            max_wait=EXECUTE_WAIT,
+            # Recorded as soon as the server names it: status shows it and
+            # cancel can cancel it while this task still follows it.
+            on_operation=lambda name: rt.scheduler.note(
+                payload["build"], payload["element"], {"operation": name}
+            ),
         )
 
-    with heartbeat(rt, payload):
-        try:
-            if state.get("reupload"):
-                state = upload(rt.context, spec, state)
-                state.pop("reupload", None)
-            state = execute(
-                rt.context,
-                spec,
-                state,
-                max_wait=EXECUTE_WAIT,
-                # Recorded as soon as the server names it: status shows it and
-                # cancel can cancel it while this task still follows it.
-                on_operation=lambda name: rt.scheduler.note(
-                    payload["build"], payload["element"], {"operation": name}
-                ),
-            )
-            state.pop("transient_failures", None)
-        except MissingBlobsError as exc:
-            # The execution CAS lost inputs: back through upload, then again.
-            reuploads = int(state.get("reuploads", 0)) + 1
-            if reuploads > MAX_REUPLOADS:
-                self.fail_element(rt, payload, f"execute: {exc} (after {MAX_REUPLOADS} re-uploads)")
-            log.warning("execute of %s: %s; uploading again", payload["element"], exc)
-            state.update(reuploads=reuploads, reupload=True)
-            state.pop("operation", None)
-            raise again(0) from exc
-        except BuildFailedError as exc:
-            self.fail_build_failed(rt, payload, exc)
-        except Exception as exc:
-            # Transient RemexErrors, and errors that are not remex's (a bug, the
-            # host's trouble): retried with backoff, a bounded number of times in a row.
-            transient = exc.transient if isinstance(exc, RemexError) else True
-            failures = int(state.get("transient_failures", 0)) + 1
-            if not transient or failures > MAX_TRANSIENT_RETRIES:
-                self.fail_element(rt, payload, f"execute: {exc}")
-            if not isinstance(exc, RemexError):
-                log.exception("execute of %s: unexpected error", payload["element"])
-            countdown = backoff(failures)
-            log.warning(
-                "execute of %s: transient error, retrying in %.1f s: %s",
-                payload["element"],
-                countdown,
-                exc,
-            )
-            state["transient_failures"] = failures
-            raise again(countdown, exc) from exc
-    if is_pending(state):
+    def still_running(rt: WorkerRuntime, payload: Payload, state: State) -> None:
         self.progress(
             payload,
             operation=state.get("operation"),
-            remote_stage=state.get("stage"),
+            remote_stage=state.get("remote_stage"),
             waited_seconds=round(float(state.get("timings", {}).get("execute", 0.0)), 1),
         )
         rt.scheduler.note(
             payload["build"],
             payload["element"],
-            {"operation": state.get("operation"), "remote_stage": state.get("stage")},
+            {"operation": state.get("operation"), "remote_stage": state.get("remote_stage")},
         )
-        raise again(0)
-    return {**payload, "state": state}
+
+    return self.run_stage(payload, run, still_running=still_running)
 
 
-@app.task(bind=True, base=StageTask, name="remex.fetch_outputs", stage="fetch_outputs")
 def fetch_outputs_task(self: StageTask, payload: Payload) -> Payload:
     """Stage 4: download outputs and logs, verified; a non-zero exit fails the element."""
     return self.run_stage(payload, fetch_outputs)
 
 
-@app.task(bind=True, base=StageTask, name="remex.push_artifact", stage="push_artifact")
 def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
     """Stage 5: push the artifact; mark the element built; send what became ready."""
     result = self.run_stage(payload, push_artifact)
-    rt = runtime()
+    rt = self.runtime()
     state = result["state"]
     info = {
         "artifact": state.get("artifact"),
@@ -322,3 +317,26 @@ def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
     ready = rt.scheduler.finish(payload["build"], payload["element"], "built", info)
     send_ready(self.app, rt.scheduler, ready)
     return result
+
+
+STAGE_TASKS: dict[str, Callable[[StageTask, Payload], Payload]] = {
+    "stage_to_cas": stage_to_cas_task,
+    "upload": upload_task,
+    "execute": execute_task,
+    "fetch_outputs": fetch_outputs_task,
+    "push_artifact": push_artifact_task,
+}
+
+
+def register_stage_tasks(app: Celery) -> dict[str, StageTask]:
+    """Register the five stage tasks on ``app`` (named ``remex.<stage>``).
+
+    Returns:
+        The registered tasks by stage.
+    """
+    registered: dict[str, StageTask] = {}
+    for stage, fn in STAGE_TASKS.items():
+        registered[stage] = app.task(bind=True, base=StageTask, name=f"remex.{stage}", stage=stage)(
+            fn
+        )
+    return registered

@@ -1,6 +1,12 @@
 #!/bin/sh
-# Create sysroot/ next to this script: the root folder every build of this
-# project runs in (elements/base.bst imports it).
+# Create DEST (default: sysroot/ next to this script, where
+# elements/base.bst imports it from): the root folder every build of this
+# project runs in.
+#
+#   make-sysroot.sh [DEST]
+#
+# BUSYBOX names the static busybox to copy (default /bin/busybox, from
+# Debian's busybox-static).
 #
 #   usr/bin/busybox          copy of Debian's static busybox (busybox-static)
 #   usr/bin/<applet> -> busybox   one symlink per `busybox --list` entry
@@ -9,12 +15,16 @@
 #
 # Idempotent: a complete sysroot is left as it is. The sysroot is made in a
 # temporary sibling folder and renamed into place, so an interrupted run never
-# leaves a half-made sysroot/. Usage: ./make-sysroot.sh [BUSYBOX]
+# leaves a half-made sysroot.
 set -eu
 
+if [ $# -gt 1 ]; then
+    echo "usage: make-sysroot.sh [DEST]" >&2
+    exit 2
+fi
 here=$(cd "$(dirname "$0")" && pwd)
-dest="$here/sysroot"
-busybox=${1:-/bin/busybox}
+dest=${1:-$here/sysroot}
+busybox=${BUSYBOX:-/bin/busybox}
 marker=usr/share/hello-sysroot/busybox-version   # written last
 
 if [ -f "$dest/$marker" ] && [ -f "$dest/usr/bin/busybox" ] \
@@ -31,7 +41,10 @@ if ! "$busybox" --list >/dev/null 2>&1; then
     exit 1
 fi
 
-work=$(mktemp -d "$here/.sysroot.XXXXXX")
+# The work folder is a sibling of DEST, so the final rename stays on one filesystem.
+parent=$(dirname "$dest")
+mkdir -p "$parent"
+work=$(mktemp -d "$parent/.sysroot.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 mkdir -p "$work/usr/bin" "$work/etc" "$work/tmp" "$work/$(dirname "$marker")"

@@ -58,7 +58,8 @@ class Pending:
     """An operation still running when ``max_wait`` ran out."""
 
     operation_name: str
-    stage: str
+    remote_stage: str
+    """The REAPI execution stage: QUEUED, EXECUTING ... (UNKNOWN from buildbox-casd)."""
 
 
 class ExecutionClient:
@@ -135,7 +136,7 @@ class ExecutionClient:
         clock = self.remote.retrier.clock
         deadline = None if max_wait is None else clock.monotonic() + max_wait
         attempts = self.remote.retrier.attempts()
-        name, stage, lost = operation_name, "UNKNOWN", 0
+        name, remote_stage, lost = operation_name, "UNKNOWN", 0
         with action_context(action_digest.hash):
             while True:
                 finished = None
@@ -153,7 +154,7 @@ class ExecutionClient:
                         if operation.name and operation.name != name and on_operation:
                             on_operation(operation.name)
                         name = operation.name or name
-                        stage = _stage_of(operation) or stage
+                        remote_stage = _stage_of(operation) or remote_stage
                         if operation.done:
                             finished = operation
                             break
@@ -172,7 +173,7 @@ class ExecutionClient:
                         and name is not None
                         and clock.monotonic() >= deadline
                     ):
-                        return Pending(name, stage)
+                        return Pending(name, remote_stage)
                     if code == grpc.StatusCode.NOT_FOUND and name is not None:
                         # Lost operation: execute again (bounded).
                         lost += 1
@@ -189,7 +190,7 @@ class ExecutionClient:
                     # (a task may retry the stage), not something to retry here.
                     return _final_response(finished, action_digest)
                 if deadline is not None and clock.monotonic() >= deadline and name is not None:
-                    return Pending(name, stage)
+                    return Pending(name, remote_stage)
 
     def cancel(self, operation_name: str) -> None:
         """Ask the server to cancel an operation (best effort: an unknown one is ignored)."""

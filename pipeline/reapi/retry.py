@@ -1,6 +1,6 @@
 """The one retry policy for every RPC remex makes.
 
-Transient gRPC codes are retried with exponential backoff and full jitter,
+Transient gRPC codes are retried with exponential backoff and equal jitter,
 bounded by a number of attempts and by an overall deadline; a server's
 ``google.rpc.RetryInfo`` delay is honoured (never shortened). Time comes from
 an injectable :class:`Clock`, so tests drive the backoff without sleeping.

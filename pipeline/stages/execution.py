@@ -81,8 +81,8 @@ def execute(
 
     Returns:
         Done: the state with ``action_result`` and ``remote_cache_hit`` (the
-        server answered from its cache), without ``operation``/``stage``. Not done yet:
-        the state with ``operation`` (its name) and ``stage``; pass it back.
+        server answered from its cache), without ``operation``/``remote_stage``. Not done yet:
+        the state with ``operation`` (its name) and ``remote_stage``; pass it back.
 
     Raises:
         MissingBlobsError: the execution CAS lacks inputs: run ``upload`` again.
@@ -90,7 +90,7 @@ def execute(
         ExecutionError, OperationLostError, RemoteError: as ExecutionClient.run.
     """
     started = time.monotonic()
-    new = dict(state)
+    new = state.copy()
     if spec["command"] is None or state.get("cached") or "action_result" in state:
         return with_timing(new, "execute", time.monotonic() - started)
     action = digest_in(spec["element"], state, "action")
@@ -126,7 +126,7 @@ def execute(
         raise
     if isinstance(outcome, Pending):
         new["operation"] = outcome.operation_name
-        new["stage"] = outcome.stage
+        new["remote_stage"] = outcome.remote_stage
         return with_timing(new, "execute", time.monotonic() - started)
     return with_timing(
         _done(new, outcome.result, cached=outcome.cached_result),
@@ -137,7 +137,7 @@ def execute(
 
 def _done(state: State, result: ActionResult, *, cached: bool) -> State:
     state.pop("operation", None)
-    state.pop("stage", None)
+    state.pop("remote_stage", None)
     state["action_result"] = encode_action_result(result)
     # An observation, not a result: running execute twice gives a cache hit the
     # second time, and the state must otherwise stay the same.
@@ -167,11 +167,11 @@ def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
         RemoteError: a server failed (after retries).
     """
     started = time.monotonic()
-    new = dict(state)
+    new = state.copy()
     element = spec["element"]
     if spec["command"] is None:
         digest_in(element, state, "files")  # set by stage_to_cas
-        new.update(stdout=dj(EMPTY_DIGEST), stderr=dj(EMPTY_DIGEST), exit_code=None)
+        new.update({"stdout": dj(EMPTY_DIGEST), "stderr": dj(EMPTY_DIGEST), "exit_code": None})
         new["execution"] = None
         return with_timing(new, "fetch_outputs", time.monotonic() - started)
     text = state.get("action_result")
@@ -185,11 +185,13 @@ def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     if spec["select_outputs"]:
         files = select_outputs(ctx, spec, digest_in(element, state, "input_root"), files)
     new.update(
-        files=dj(files),
-        stdout=dj(stdout),
-        stderr=dj(stderr),
-        exit_code=result.exit_code,
-        execution=_execution_metadata(result.execution_metadata),
+        {
+            "files": dj(files),
+            "stdout": dj(stdout),
+            "stderr": dj(stderr),
+            "exit_code": result.exit_code,
+            "execution": _execution_metadata(result.execution_metadata),
+        }
     )
     return with_timing(new, "fetch_outputs", time.monotonic() - started)
 

@@ -40,7 +40,7 @@ def push_artifact(ctx: StageContext, spec: BuildSpec, state: State) -> State:
         RemoteError: a server failed (after retries).
     """
     started = time.monotonic()
-    new = dict(state)
+    new = state.copy()
     existing = ctx.assets.fetch_directory([spec["artifact_uri"]])
     if existing is not None:
         new["artifact"] = dj(existing.digest)

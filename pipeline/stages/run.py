@@ -11,19 +11,17 @@ from collections.abc import Sequence
 from typing import Literal, TypedDict
 
 from pipeline.digest import Digest, digest_to_json
-from pipeline.errors import ExecutionError, MissingBlobsError, RemexError
+from pipeline.errors import RemexError
 from pipeline.spec import BuildSpec, DigestJson
 from pipeline.stages.artifacts import lookup_artifact
 from pipeline.stages.context import StageContext
 from pipeline.stages.execution import execute, fetch_outputs
+from pipeline.stages.policy import DEFAULT_POLICY, Decision, FailurePolicy
 from pipeline.stages.push import push_artifact
 from pipeline.stages.staging import stage_to_cas, upload
-from pipeline.stages.state import State
+from pipeline.stages.state import State, without_operation
 
-__all__ = ["MAX_REUPLOADS", "ElementResult", "build_plan", "run_stages", "snapshot_sources"]
-
-MAX_REUPLOADS = 2
-"""How many times a MISSING precondition sends the element back through upload."""
+__all__ = ["ElementResult", "build_plan", "run_stages", "snapshot_sources"]
 
 
 Outcome = Literal["cached", "built", "failed", "skipped"]
@@ -40,29 +38,37 @@ class ElementResult(TypedDict):
     seconds: float
 
 
-def run_stages(ctx: StageContext, spec: BuildSpec, state: State | None = None) -> State:
+def run_stages(
+    ctx: StageContext,
+    spec: BuildSpec,
+    state: State | None = None,
+    *,
+    policy: FailurePolicy = DEFAULT_POLICY,
+) -> State:
     """Run the five stages of one element in order; return the final state.
 
-    A MissingBlobsError from ``execute`` (the execution CAS lost inputs) runs
-    ``upload`` and ``execute`` again, at most :data:`MAX_REUPLOADS` times; so
-    does a transient ExecutionError (buildbox-casd reports inputs it cannot
-    stage as INTERNAL).
+    When ``execute`` fails, ``policy`` decides (see :mod:`pipeline.stages.policy`):
+    a re-upload runs ``upload`` and ``execute`` again (a MISSING precondition,
+    or a transient ExecutionError: buildbox-casd reports inputs it cannot
+    stage as INTERNAL); anything else is raised, as in-process there is no
+    queue to retry on later.
 
     Raises:
         BuildFailedError and the other errors of the stages.
     """
-    state = stage_to_cas(ctx, spec, dict(state or {}))
+    state = stage_to_cas(ctx, spec, state.copy() if state else State())
     state = upload(ctx, spec, state)
-    for attempt in range(MAX_REUPLOADS + 1):
+    reuploads = 0
+    while True:
         try:
             state = execute(ctx, spec, state)
             break
-        except (MissingBlobsError, ExecutionError) as exc:
-            if attempt == MAX_REUPLOADS or not (
-                isinstance(exc, MissingBlobsError) or exc.transient
-            ):
+        except Exception as exc:
+            verdict = policy.decide("execute", exc, failures=1, reuploads=reuploads)
+            if verdict.decision is not Decision.REUPLOAD:
                 raise
-            state = upload(ctx, spec, {k: v for k, v in state.items() if k != "operation"})
+            reuploads += 1
+            state = upload(ctx, spec, without_operation(state))
     state = fetch_outputs(ctx, spec, state)
     return push_artifact(ctx, spec, state)
 

@@ -230,7 +230,7 @@ def upload(ctx: StageContext, spec: BuildSpec, state: State) -> State:
         As :func:`stage_to_cas` (when deriving again), and RemoteError.
     """
     started = time.monotonic()
-    new = dict(state)
+    new = state.copy()
     if spec["command"] is None or state.get("cached"):
         return with_timing(new, "upload", time.monotonic() - started)
     new = ensure_local_action(ctx, spec, new)
@@ -262,7 +262,7 @@ def ensure_local_action(
     if not force and _action_complete_locally(ctx, action):
         return state
     staged = stage_action(ctx, spec)
-    new = dict(state)
+    new = state.copy()
     if staged.action != action:
         new.update(_action_keys(staged))
         new["cached"] = False
@@ -274,7 +274,7 @@ def ensure_local_action(
 # --- private -------------------------------------------------------------------
 
 
-def _action_keys(staged: StagedAction) -> dict[str, Any]:
+def _action_keys(staged: StagedAction) -> State:
     return {
         "action": dj(staged.action),
         "command": dj(staged.command),

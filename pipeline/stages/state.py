@@ -17,9 +17,9 @@ Keys (see the stage functions for when each is set):
     True when the ActionCache already held a successful result (no execution).
 ``skip_cache_lookup``
     True when the ActionCache held a result that must not be reused (a failure).
-``operation``, ``stage``
-    the pending operation's name and its REAPI execution stage, while
-    ``execute`` waits for it (gone once it is done).
+``operation``, ``remote_stage``
+    the pending operation's name and its REAPI execution stage (QUEUED,
+    EXECUTING ...), while ``execute`` waits for it (gone once it is done).
 ``action_result``
     base64 of the serialized ActionResult.
 ``files``, ``stdout``, ``stderr``
@@ -34,6 +34,8 @@ Keys (see the stage functions for when each is set):
     observations (wall seconds per stage; blobs and bytes sent; whether
     Execute was answered from the server's ActionCache): the only keys whose
     values may differ when a stage runs twice.
+``reupload``, ``reuploads``, ``transient_failures``
+    kept by the task runner across re-queues (see :mod:`pipeline.stages.policy`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import base64
 import binascii
 import datetime
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -58,9 +60,39 @@ __all__ = [
     "encode_action_result",
     "is_pending",
     "stable",
+    "without_operation",
 ]
 
-State = dict[str, Any]
+DigestDict = dict[str, Any]
+"""A digest as JSON: ``{"hash", "size_bytes"}``."""
+
+
+class State(TypedDict, total=False):
+    """The state a stage hands to the next (see the module docstring for each key)."""
+
+    action: DigestDict | None
+    command: DigestDict
+    input_root: DigestDict
+    overlaps: dict[str, Any]
+    rederived_from: str
+    cached: bool
+    skip_cache_lookup: bool
+    operation: str
+    remote_stage: str
+    action_result: str
+    files: DigestDict
+    stdout: DigestDict
+    stderr: DigestDict
+    exit_code: int | None
+    execution: dict[str, Any] | None
+    artifact: DigestDict
+    timings: dict[str, float]
+    uploaded: dict[str, int]
+    remote_cache_hit: bool
+    reupload: bool
+    reuploads: int
+    transient_failures: int
+
 
 VOLATILE_KEYS = frozenset({"timings", "uploaded", "remote_cache_hit"})
 """State keys that record observations, not results."""
@@ -77,7 +109,7 @@ STAGE_KEYS = frozenset(
         "cached",
         "skip_cache_lookup",
         "operation",
-        "stage",
+        "remote_stage",
         "action_result",
         "files",
         "stdout",
@@ -94,7 +126,15 @@ STAGE_KEYS = frozenset(
 
 def stable(state: Mapping[str, Any]) -> State:
     """The state without its observations (:data:`VOLATILE_KEYS`), for comparisons."""
-    return {k: v for k, v in state.items() if k not in VOLATILE_KEYS}
+    return cast(State, {k: v for k, v in state.items() if k not in VOLATILE_KEYS})
+
+
+def without_operation(state: State) -> State:
+    """A copy of ``state`` without the pending operation (to Execute afresh)."""
+    new = state.copy()
+    new.pop("operation", None)
+    new.pop("remote_stage", None)
+    return new
 
 
 def is_pending(state: Mapping[str, Any]) -> bool:
@@ -135,12 +175,12 @@ def digest_in(element: str, state: Mapping[str, Any], key: str) -> Digest:
         raise SpecError(element, f"state[{key!r}] is not a digest: {value!r}") from exc
 
 
-def with_timing(state: State, stage: str, seconds: float) -> State:
-    """``state`` with ``seconds`` added to ``timings[stage]``."""
+def with_timing(state: State | dict[str, Any], stage: str, seconds: float) -> State:
+    """``state`` (changed in place) with ``seconds`` added to ``timings[stage]``."""
     timings = dict(state.get("timings") or {})
     timings[stage] = round(float(timings.get(stage, 0.0)) + seconds, 4)
     state["timings"] = timings
-    return state
+    return cast(State, state)
 
 
 def timestamp_iso(ts: Timestamp) -> str | None:

@@ -78,6 +78,11 @@ def test_hello_builds_and_checks_out(remex_stack: RemexStack, tmp_path: Path) ->
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{remex_stack.logs()}"
     assert "remex: build " in result.stderr
     assert "succeeded" in result.stdout
+    # Without a terminal: a plain line per state change (the app's own, for
+    # one), then the summary on a line of its own
+    assert "remex: app.bst: built (built)" in result.stderr.splitlines()
+    assert all(line.startswith("remex: ") for line in result.stderr.splitlines())
+    assert result.stdout.splitlines()[0].startswith("build ")
     # And hello.bst's artifact holds exactly the expected files
     checkout = remex_stack.cli("checkout", "-C", project, "hello.bst", tmp_path / "out")
     assert checkout.returncode == 0, checkout.stderr

@@ -85,3 +85,27 @@ def test_a_missing_system_tool_is_one_clear_sentence(user_env: dict[str, str]) -
     assert "install the Debian package bubblewrap" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (Path(user_env["REMEX_STACK_DIR"]) / "stack.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("build", "-C", "{project}", "app.bst"),
+        ("show", "-C", "{project}", "app.bst"),
+        ("status", "0123abcd"),
+        ("cancel", "0123abcd"),
+        ("worker",),
+    ],
+    ids=["build", "show", "status", "cancel", "worker"],
+)
+def test_without_a_stack_every_command_needing_one_refuses_in_one_sentence(
+    user_env: dict[str, str], tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    # Given no stack up and no configuration at all
+    project = copy_hello_project(tmp_path / "hello")
+    # When a command that needs a broker or a server runs
+    result = run(user_env, *(a.format(project=project) for a in args), timeout=60)
+    # Then it refuses at once, saying what to do, instead of using a well-known port
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("remex: no remex stack is up here; run 'remex up' or set ")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -28,7 +28,7 @@ import click
 import pytest
 import yaml
 
-from pipeline.cli import main as remex_cli
+from cli import main as remex_cli
 from pipeline.config import load_config
 from pipeline.servers import buildbox_dir
 

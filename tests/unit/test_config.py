@@ -20,12 +20,29 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def test_defaults_point_at_a_local_stack(tmp_path: Path) -> None:
+def test_without_a_stack_or_settings_there_is_no_broker_nor_server(tmp_path: Path) -> None:
+    # Given no configuration and no stack up
     config = load_config(None, env_for(tmp_path))
-    assert config.broker_url == "redis://127.0.0.1:6379/0"
-    assert config.backend_url == config.broker_url
-    assert config.execution.url == "grpc://127.0.0.1:50051"
+    # Then nothing points at a well-known port (it may be somebody else's Redis)
+    assert config.broker_url == "" and config.execution.url == ""
     assert config.artifact_endpoint == config.execution
+    # And asking for them is one sentence saying what to do
+    with pytest.raises(ConfigError) as broker:
+        config.require_broker()
+    assert str(broker.value) == "no remex stack is up here; run 'remex up' or set broker.url"
+    with pytest.raises(ConfigError) as execution:
+        config.require_execution()
+    assert "run 'remex up' or set remote.execution.url" in str(execution.value)
+
+
+def test_a_configured_broker_and_server_are_used(tmp_path: Path) -> None:
+    env = env_for(
+        tmp_path, REMEX_BROKER_URL="redis://127.0.0.1:7/0", REMEX_EXECUTION_URL="grpc://h:1"
+    )
+    config = load_config(None, env)
+    assert config.require_broker() == "redis://127.0.0.1:7/0"
+    assert config.backend_url == config.broker_url
+    assert config.require_execution().url == "grpc://h:1"
 
 
 def test_user_file_then_project_file_then_environment(tmp_path: Path) -> None:

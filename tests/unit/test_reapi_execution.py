@@ -320,7 +320,7 @@ def test_max_wait_returns_pending_then_resumes_by_name() -> None:
         outcome = client.run(ACTION, max_wait=0.3)
         # Then we get the operation's name back in about that time
         assert isinstance(outcome, Pending)
-        assert outcome.operation_name == "op1" and outcome.stage == "EXECUTING"
+        assert outcome.operation_name == "op1" and outcome.remote_stage == "EXECUTING"
         assert time.monotonic() - started < 3
         # And a later call resumes it by name without executing again
         servicer.wait_script = [yields(operation("op1", done=True, response=ok_response()))]

@@ -1,37 +1,22 @@
-"""The ``remex`` command line: a thin layer over :mod:`pipeline.api`."""
+"""The ``remex`` commands: each a thin layer over :mod:`pipeline.api`, the
+worker's app (:mod:`tasks.app`) or the bot (:mod:`bot.main`); errors become
+messages and exit codes in one place (:func:`cli.errors.handles_errors`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
+from cli.errors import handles_errors
+from cli.progress import follow, print_summary, status_json, table
 from pipeline import __version__
-from pipeline.errors import ConfigError, RemexError
-
-STATE_STYLE = {
-    "waiting": "dim",
-    "ready": "cyan",
-    "queued": "cyan",
-    "running": "yellow",
-    "cached": "green",
-    "built": "bold green",
-    "failed": "bold red",
-    "skipped": "red",
-    "cancelled": "magenta",
-}
-
-
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"remex: {message}", err=True)
-    sys.exit(code)
+from pipeline.scheduler import BuildStatus
 
 
 @click.group()
@@ -57,6 +42,7 @@ project_option = click.option(
 @click.option("--no-follow", is_flag=True, help="Print the build id and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
 @click.option("--timeout", type=float, default=None, help="Give up following after N seconds.")
+@handles_errors
 def build(
     project_dir: Path,
     elements: Sequence[str],
@@ -64,164 +50,76 @@ def build(
     as_json: bool,
     timeout: float | None,
 ) -> None:
-    """Build ELEMENTS and follow the build. Exit 0 only when every target is built."""
+    """Build ELEMENTS and follow the build. Exit 0 only when every target is built.
+
+    On a terminal the progress is a live table; elsewhere (CI logs, a pipe)
+    one line per element state change. Then the summary.
+    """
     from pipeline import api
 
-    try:
-        build_id = api.submit(project_dir, list(elements))
-    except (ConfigError, RemexError) as exc:
-        _fail(str(exc))
-        return
+    build_id = api.submit(project_dir, list(elements))
     if no_follow:
         click.echo(json.dumps({"build": build_id}) if as_json else build_id)
         return
     # First, so that the build can be cancelled (remex cancel ID) from elsewhere.
     click.echo(f"remex: build {build_id} submitted", err=True)
-    try:
-        final = api.wait(build_id, timeout=timeout) if as_json else _follow_live(build_id, timeout)
-    except TimeoutError as exc:
-        _fail(str(exc), code=3)
-        return
     if as_json:
-        click.echo(json.dumps(_status_json(final), indent=2))
+        final = api.wait(build_id, timeout=timeout)
+        click.echo(json.dumps(status_json(final), indent=2))
     else:
-        _print_summary(final)
+
+        def wait(on_update: Callable[[BuildStatus], object]) -> BuildStatus:
+            return api.wait(build_id, timeout=timeout, on_update=on_update)
+
+        final = follow(wait, sys.stderr)
+        print_summary(final)
     sys.exit(0 if final.status == "succeeded" else 1)
-
-
-def _follow_live(build_id: str, timeout: float | None) -> Any:
-    from rich.console import Console
-    from rich.live import Live
-
-    from pipeline import api
-
-    console = Console(stderr=True)
-    started = time.monotonic()
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
-
-        def update(status: Any) -> None:
-            live.update(_table(status, time.monotonic() - started))
-
-        return api.wait(build_id, timeout=timeout, on_update=update)
-
-
-def _element_line(element: Any) -> tuple[str, str, str, str]:
-    info = element.info
-    state = element.state
-    stage = info.get("stage", "") if state == "running" else ""
-    if state == "running" and info.get("remote_stage"):
-        stage += f" ({info['remote_stage'].lower()})"
-    detail = ""
-    if state == "built":
-        detail = "action cache hit" if info.get("action_cached") else "built"
-        if info.get("built_by"):
-            detail = "built by another build"
-    elif state == "cached":
-        detail = "artifact cache hit"
-    elif state in ("failed", "skipped"):
-        detail = str(info.get("error", "")).splitlines()[0][:80] if info.get("error") else ""
-    seconds = ""
-    if info.get("started"):
-        end = info.get("finished") or time.time()
-        seconds = f"{end - info['started']:.1f}s"
-    return state, stage, detail, seconds
-
-
-def _table(status: Any, elapsed: float) -> Any:
-    from rich.table import Table
-
-    table = Table(title=f"build {status.build_id}  {status.status}  {elapsed:.1f}s", expand=False)
-    for column in ("element", "state", "stage", "result", "time", "host"):
-        table.add_column(column)
-    for element in status.elements:
-        state, stage, detail, seconds = _element_line(element)
-        style = STATE_STYLE.get(state, "")
-        table.add_row(
-            element.element,
-            f"[{style}]{state}[/]" if style else state,
-            stage,
-            detail,
-            seconds,
-            str(element.info.get("host", "")),
-        )
-    return table
-
-
-def _print_summary(status: Any) -> None:
-    counts = status.counts()
-    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    click.echo(f"build {status.build_id}: {status.status} ({parts})")
-    for element in status.elements:
-        if element.state == "failed":
-            click.echo(f"\n--- {element.element} failed: {element.info.get('error', '')}")
-            tail = element.info.get("log_tail")
-            if tail:
-                click.echo(tail)
-
-
-def _status_json(status: Any) -> dict[str, Any]:
-    return {
-        "build": status.build_id,
-        "status": status.status,
-        "elements": [
-            {"element": e.element, "state": e.state, **{k: v for k, v in e.info.items()}}
-            for e in status.elements
-        ],
-    }
 
 
 @main.command()
 @click.argument("build_id")
 @click.option("--json", "as_json", is_flag=True)
+@handles_errors
 def status(build_id: str, as_json: bool) -> None:
     """Show the state of build BUILD_ID."""
     from pipeline import api
 
-    try:
-        current = api.status(build_id)
-    except KeyError as exc:
-        _fail(str(exc.args[0]))
-        return
+    current = api.status(build_id)
     if as_json:
-        click.echo(json.dumps(_status_json(current), indent=2))
+        click.echo(json.dumps(status_json(current), indent=2))
         return
     from rich.console import Console
 
-    Console().print(_table(current, time.time() - float(current.meta.get("created", time.time()))))
+    Console().print(table(current, time.time() - float(current.meta.get("created", time.time()))))
 
 
 @main.command()
 @click.argument("build_id")
+@handles_errors
 def cancel(build_id: str) -> None:
     """Cancel build BUILD_ID: queued work stops, remote operations are cancelled."""
     from pipeline import api
 
-    try:
-        stopped = api.cancel(build_id)
-    except KeyError as exc:
-        _fail(str(exc.args[0]))
-        return
+    stopped = api.cancel(build_id)
     click.echo(f"cancelled {len(stopped)} element(s) of build {build_id}")
 
 
 @main.command()
 @project_option
 @click.argument("elements", nargs=-1, required=True)
+@handles_errors
 def show(project_dir: Path, elements: Sequence[str]) -> None:
     """Show ELEMENTS and their dependencies: cache keys and whether built."""
     from pipeline import api
     from pipeline.config import load_config
 
     config = load_config(project_dir)
-    try:
-        with api.open_context(config) as ctx:
-            plan = api.plan(project_dir, list(elements), cas=ctx.local_cas)
-            for element in plan:
-                cached = ctx.assets.fetch_directory([element.artifact_uri]) is not None
-                state = "cached" if cached else "buildable"
-                click.echo(f"{state:<10} {element.cache_key[:16]}  {element.name}")
-    except (ConfigError, RemexError) as exc:
-        _fail(str(exc))
+    with api.open_context(config) as ctx:
+        plan = api.plan(project_dir, list(elements), cas=ctx.local_cas)
+        for element in plan:
+            cached = ctx.assets.fetch_directory([element.artifact_uri]) is not None
+            state = "cached" if cached else "buildable"
+            click.echo(f"{state:<10} {element.cache_key[:16]}  {element.name}")
 
 
 def _placeholder_digests(element: Any) -> list[Any]:
@@ -243,6 +141,7 @@ def _placeholder_digests(element: Any) -> list[Any]:
     show_default=True,
     help="Also check out the element's runtime dependencies.",
 )
+@handles_errors
 def checkout(project_dir: Path, element: str, dest: Path, deps: str) -> None:
     """Write ELEMENT's built files into DEST (refusing anything unsafe)."""
     from pipeline import api
@@ -250,22 +149,18 @@ def checkout(project_dir: Path, element: str, dest: Path, deps: str) -> None:
     from pipeline.stages import checkout_artifact
 
     config = load_config(project_dir)
-    try:
-        with api.open_context(config) as ctx:
-            plan = api.plan(project_dir, [element], cas=ctx.local_cas)
-            target = plan[-1]
-            runtime = (
-                [e.artifact_uri for e in target.runtime_closure()[:-1]] if deps == "run" else []
-            )
-            checkout_artifact(ctx, target.artifact_uri, dest, runtime_deps=runtime)
-    except (ConfigError, RemexError) as exc:
-        _fail(str(exc))
+    with api.open_context(config) as ctx:
+        plan = api.plan(project_dir, [element], cas=ctx.local_cas)
+        target = plan[-1]
+        runtime = [e.artifact_uri for e in target.runtime_closure()[:-1]] if deps == "run" else []
+        checkout_artifact(ctx, target.artifact_uri, dest, runtime_deps=runtime)
     click.echo(f"checked out {element} into {dest}")
 
 
 @main.command()
 @project_option
 @click.argument("element")
+@handles_errors
 def log(project_dir: Path, element: str) -> None:
     """Print ELEMENT's build log (stdout, then stderr), built or failed."""
     from pipeline import api
@@ -273,14 +168,10 @@ def log(project_dir: Path, element: str) -> None:
     from pipeline.stages import read_logs
 
     config = load_config(project_dir)
-    try:
-        with api.open_context(config) as ctx:
-            plan = api.plan(project_dir, [element], cas=ctx.local_cas)
-            spec = plan[-1].build_spec(_placeholder_digests(plan[-1]))
-            stdout, stderr = read_logs(ctx, spec)
-    except (ConfigError, RemexError) as exc:
-        _fail(str(exc))
-        return
+    with api.open_context(config) as ctx:
+        plan = api.plan(project_dir, [element], cas=ctx.local_cas)
+        spec = plan[-1].build_spec(_placeholder_digests(plan[-1]))
+        stdout, stderr = read_logs(ctx, spec)
     sys.stdout.write(stdout.decode(errors="replace"))
     if stderr:
         sys.stdout.write(stderr.decode(errors="replace"))
@@ -294,21 +185,40 @@ def log(project_dir: Path, element: str) -> None:
     default=None,
     help="Extra queues, comma-separated (besides remex and its own).",
 )
-@click.option("--name", default=None, help="Worker name; its own queue is remex.host.NAME.")
+@click.option(
+    "--name",
+    envvar="REMEX_WORKER_NAME",
+    default=None,
+    help="Worker name; its own queue is remex.host.NAME (default: the host name).",
+)
+@click.option(
+    "-C",
+    "--directory",
+    "project_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also read this folder's remex.toml.",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(concurrency: int | None, queues: str | None, name: str | None, loglevel: str) -> None:
+@handles_errors
+def worker(
+    concurrency: int | None,
+    queues: str | None,
+    name: str | None,
+    project_dir: Path | None,
+    loglevel: str,
+) -> None:
     """Start a Celery worker for the stage tasks, with its own local CAS."""
+    import socket
+
     from pipeline.broker import DEFAULT_QUEUE, host_queue
     from pipeline.config import load_config
+    from tasks.app import create_app
 
-    config = load_config(
-        Path(os.environ["REMEX_PROJECT_DIR"]) if "REMEX_PROJECT_DIR" in os.environ else None
-    )
-    name = name or os.environ.get("REMEX_WORKER_NAME") or socket.gethostname()
-    os.environ["REMEX_WORKER_NAME"] = name
+    config = load_config(project_dir)
+    name = name or socket.gethostname()
     all_queues = [DEFAULT_QUEUE, host_queue(name), *(q for q in (queues or "").split(",") if q)]
-    from tasks.app import app
-
+    app = create_app(config, worker_name=name)
     app.worker_main(
         [
             "worker",
@@ -336,22 +246,18 @@ def worker(concurrency: int | None, queues: str | None, name: str | None, loglev
     is_flag=True,
     help="Also start Flower (task monitor, basic auth) on a free loopback port.",
 )
+@handles_errors
 def up(workers: int, jobs: int, concurrency: int, detach: bool, flower: bool) -> None:
     """Start the embedded stack on loopback: redis-server, buildbox-casd, workers
     (and Flower)."""
     import signal
 
     from pipeline import stack as embedded
-    from pipeline.servers import ServerError
 
     folder = embedded.stack_dir()
-    try:
-        running = embedded.up(
-            folder, workers=workers, jobs=jobs, concurrency=concurrency, flower=flower
-        )
-    except (ConfigError, ServerError) as exc:
-        _fail(str(exc))
-        return
+    running = embedded.up(
+        folder, workers=workers, jobs=jobs, concurrency=concurrency, flower=flower
+    )
     click.echo(f"remex stack up ({folder}):")
     click.echo(f"  broker     {running.broker_url}")
     click.echo(f"  execution  {running.execution_url} (buildbox-casd, also the artifact server)")
@@ -424,6 +330,7 @@ def down() -> None:
 )
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--loglevel", default="INFO", show_default=True)
+@handles_errors
 def bot(
     remote: str | None,
     instance: str | None,
@@ -446,22 +353,19 @@ def bot(
     logging.basicConfig(
         level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        if remote is not None:
-            endpoint = Endpoint(remote, instance_name=instance or "")
-        else:
-            endpoint = load_config().execution
-            if instance is not None:
-                endpoint = dataclasses.replace(endpoint, instance_name=instance)
-        options = BotOptions(
-            endpoint=endpoint,
-            bot_id=bot_id or default_bot_id(),
-            capacity=capacity,
-            properties=merge_properties(platform_items),
-            runner=runner,
-            workdir=workdir,
-            grace=grace,
-        )
-        run_bot(options)
-    except RemexError as exc:
-        _fail(str(exc))
+    if remote is not None:
+        endpoint = Endpoint(remote, instance_name=instance or "")
+    else:
+        endpoint = load_config().require_execution()
+        if instance is not None:
+            endpoint = dataclasses.replace(endpoint, instance_name=instance)
+    options = BotOptions(
+        endpoint=endpoint,
+        bot_id=bot_id or default_bot_id(),
+        capacity=capacity,
+        properties=merge_properties(platform_items),
+        runner=runner,
+        workdir=workdir,
+        grace=grace,
+    )
+    run_bot(options)

@@ -1,0 +1,144 @@
+"""Following a build: a live table on a terminal, plain lines anywhere else.
+
+On a terminal the table redraws in place. Without one (CI logs, ``| tee``)
+each element's state change is one line a log reader can grep::
+
+    remex: lib.bst: running (execute)
+    remex: lib.bst: built (action cache hit)
+
+then the summary, on its own line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import click
+
+from pipeline.scheduler import BuildStatus, ElementState, ElementStatus
+
+STATE_STYLE = {
+    ElementState.WAITING: "dim",
+    ElementState.READY: "cyan",
+    ElementState.QUEUED: "cyan",
+    ElementState.RUNNING: "yellow",
+    ElementState.CACHED: "green",
+    ElementState.BUILT: "bold green",
+    ElementState.FAILED: "bold red",
+    ElementState.SKIPPED: "red",
+    ElementState.CANCELLED: "magenta",
+}
+
+Wait = Callable[[Callable[[BuildStatus], Any]], BuildStatus]
+"""Follows the build, calling its argument with each status read."""
+
+
+def follow(wait: Wait, stream: TextIO) -> BuildStatus:
+    """Follow a build until ``wait`` returns, showing its progress on ``stream``:
+    the live table when ``stream`` is a terminal, else one line per change."""
+    if stream.isatty():
+        return _follow_live(wait)
+    return wait(PlainLines(stream))
+
+
+class PlainLines:
+    """Prints one line per element whose (state, stage) changed since the last status."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._seen: dict[str, tuple[str, str]] = {}
+
+    def __call__(self, status: BuildStatus) -> None:
+        for element in status.elements:
+            state, stage, detail, _ = element_line(element)
+            if self._seen.get(element.element) == (state, stage):
+                continue
+            self._seen[element.element] = (state, stage)
+            what = f"{state} ({stage or detail})" if stage or detail else state
+            click.echo(f"remex: {element.element}: {what}", file=self._stream)
+
+
+def _follow_live(wait: Wait) -> BuildStatus:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(stderr=True)
+    started = time.monotonic()
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+
+        def update(status: BuildStatus) -> None:
+            live.update(table(status, time.monotonic() - started))
+
+        return wait(update)
+
+
+def element_line(element: ElementStatus) -> tuple[str, str, str, str]:
+    """An element's state, stage (with the REAPI stage), result and time, as text."""
+    info = element.info
+    state = element.state
+    running = state == ElementState.RUNNING
+    stage = info.get("stage", "") if running else ""
+    if running and info.get("remote_stage"):
+        stage += f" ({info['remote_stage'].lower()})"
+    detail = ""
+    if state == ElementState.BUILT:
+        detail = "action cache hit" if info.get("action_cached") else "built"
+        if info.get("built_by"):
+            detail = "built by another build"
+    elif state == ElementState.CACHED:
+        detail = "artifact cache hit"
+    elif state in (ElementState.FAILED, ElementState.SKIPPED):
+        detail = str(info.get("error", "")).splitlines()[0][:80] if info.get("error") else ""
+    seconds = ""
+    if info.get("started"):
+        end = info.get("finished") or time.time()
+        seconds = f"{end - info['started']:.1f}s"
+    return state, stage, detail, seconds
+
+
+def table(status: BuildStatus, elapsed: float) -> Any:
+    """The build as a rich Table."""
+    from rich.table import Table
+
+    out = Table(title=f"build {status.build_id}  {status.status}  {elapsed:.1f}s", expand=False)
+    for column in ("element", "state", "stage", "result", "time", "host"):
+        out.add_column(column)
+    for element in status.elements:
+        state, stage, detail, seconds = element_line(element)
+        style = STATE_STYLE.get(ElementState(state), "") if state in STATE_STYLE else ""
+        out.add_row(
+            element.element,
+            f"[{style}]{state}[/]" if style else state,
+            stage,
+            detail,
+            seconds,
+            str(element.info.get("host", "")),
+        )
+    return out
+
+
+def print_summary(status: BuildStatus) -> None:
+    """The build's outcome and counts, then each failed element's error and log tail."""
+    counts = status.counts()
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    click.echo(f"build {status.build_id}: {status.status} ({parts})")
+    for element in status.elements:
+        if element.state == ElementState.FAILED:
+            click.echo(f"\n--- {element.element} failed: {element.info.get('error', '')}")
+            tail = element.info.get("log_tail")
+            if tail:
+                click.echo(tail)
+
+
+def status_json(status: BuildStatus) -> dict[str, Any]:
+    """The build as JSON (``--json``)."""
+    return {
+        "build": status.build_id,
+        "status": status.status,
+        "elements": [
+            {"element": e.element, "state": e.state, **dict(e.info.items())}
+            for e in status.elements
+        ],
+    }

@@ -1,0 +1,71 @@
+-- Finish one element in every build that waits on its artifact URI.
+-- ARGV[1] owner "build\telement", ARGV[2] artifact URI, ARGV[3] outcome
+-- (built|failed), ARGV[4] info JSON to merge, ARGV[5] now, ARGV[6] TTL.
+-- Returns a flat list: build, element, build, element ... that became ready.
+local owner, uri, outcome, info_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now, ttl = ARGV[5], ARGV[6]
+local targets = {owner}
+local waiters = redis.call('SMEMBERS', PREFIX .. ':waiters:' .. uri)
+for _, w in ipairs(waiters) do if w ~= owner then table.insert(targets, w) end end
+redis.call('DEL', PREFIX .. ':waiters:' .. uri)
+if redis.call('GET', PREFIX .. ':claim:' .. uri) == owner then
+  redis.call('DEL', PREFIX .. ':claim:' .. uri)
+end
+local ready = {}
+local touched = {}
+local function mark(b, element, state, extra)
+  redis.call('HSET', bkey(b, 'state'), element, state)
+  redis.call('ZREM', bkey(b, 'heartbeat'), element)
+  local info = get_info(b, element)
+  for k, v in pairs(extra) do info[k] = v end
+  info['finished'] = tonumber(now)
+  put_info(b, element, info)
+end
+local function skip_dependents(b, element, why)
+  local stack = {element}
+  while #stack > 0 do
+    local e = table.remove(stack)
+    local deps = redis.call('HGET', bkey(b, 'dependents'), e)
+    if deps then
+      for _, d in ipairs(cjson.decode(deps)) do
+        local st = redis.call('HGET', bkey(b, 'state'), d)
+        if st == 'waiting' or st == 'ready' then
+          mark(b, d, 'skipped', {error = why})
+          table.insert(stack, d)
+        end
+      end
+    end
+  end
+end
+local info = cjson.decode(info_json)
+for _, t in ipairs(targets) do
+  local b, element = split(t)
+  local st = redis.call('HGET', bkey(b, 'state'), element)
+  if st and not TERMINAL[st] then
+    touched[b] = true
+    local extra = {}
+    for k, v in pairs(info) do extra[k] = v end
+    if t ~= owner then extra['built_by'] = owner end
+    mark(b, element, outcome, extra)
+    if outcome == 'built' then
+      local deps = redis.call('HGET', bkey(b, 'dependents'), element)
+      if deps then
+        for _, d in ipairs(cjson.decode(deps)) do
+          local left = redis.call('HINCRBY', bkey(b, 'pending'), d, -1)
+          if left <= 0 and redis.call('HGET', bkey(b, 'state'), d) == 'waiting' then
+            redis.call('HSET', bkey(b, 'state'), d, 'ready')
+            local dinfo = get_info(b, d)
+            dinfo['ready_at'] = tonumber(now)
+            put_info(b, d, dinfo)
+            table.insert(ready, b)
+            table.insert(ready, d)
+          end
+        end
+      end
+    else
+      skip_dependents(b, element, 'dependency ' .. element .. ' failed')
+    end
+  end
+end
+for b, _ in pairs(touched) do update_build_status(b, now, ttl) end
+return ready

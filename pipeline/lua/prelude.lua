@@ -1,0 +1,40 @@
+-- Shared by every script (prepended when the scheduler loads them).
+-- KEYS[1] is the key prefix (the namespace, "remex" by default); the other
+-- keys are derived from it and ARGV (one Redis, not a cluster).
+-- Note: cjson encodes an empty Lua table as {}; the Python side reads lists
+-- with _as_list.
+local PREFIX = KEYS[1]
+local function bkey(b, name) return PREFIX .. ':build:' .. b .. ':' .. name end
+local TERMINAL = {cached=true, built=true, failed=true, skipped=true, cancelled=true}
+local function get_info(b, e)
+  local cur = redis.call('HGET', bkey(b, 'info'), e)
+  if cur then return cjson.decode(cur) end
+  return {}
+end
+local function put_info(b, e, info)
+  redis.call('HSET', bkey(b, 'info'), e, cjson.encode(info))
+end
+local function split(t)
+  local tab = string.find(t, '\t', 1, true)
+  return string.sub(t, 1, tab - 1), string.sub(t, tab + 1)
+end
+local function expire_build(b, ttl)
+  for _, name in ipairs({'meta', 'spec', 'state', 'pending', 'dependents', 'info', 'order',
+                         'heartbeat'}) do
+    redis.call('EXPIRE', bkey(b, name), ttl)
+  end
+end
+-- A build is done when no element is active: succeeded iff all built or cached.
+local function update_build_status(b, now, ttl)
+  if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return end
+  local states = redis.call('HVALS', bkey(b, 'state'))
+  if #states == 0 then return end
+  local ok = true
+  for _, s in ipairs(states) do
+    if not TERMINAL[s] then return end
+    if s ~= 'built' and s ~= 'cached' then ok = false end
+  end
+  redis.call('HSET', bkey(b, 'meta'), 'status', ok and 'succeeded' or 'failed', 'finished', now)
+  redis.call('SREM', PREFIX .. ':active', b)
+  expire_build(b, ttl)
+end

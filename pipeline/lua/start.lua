@@ -1,0 +1,25 @@
+-- A stage task begins: only for the current attempt of an unfinished element
+-- of a running build. ARGV[1] build, ARGV[2] element, ARGV[3] attempt,
+-- ARGV[4] stage, ARGV[5] host, ARGV[6] worker instance, ARGV[7] now,
+-- ARGV[8] heartbeat deadline. Returns 1, or 0 when the task is stale.
+local b, e, attempt, stage, host, worker, now, deadline =
+  ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return 0 end
+local st = redis.call('HGET', bkey(b, 'state'), e)
+if st ~= 'queued' and st ~= 'running' then return 0 end
+local info = get_info(b, e)
+if (tonumber(info['attempt']) or 0) ~= attempt or info['waiting_on'] then return 0 end
+info['stage'] = stage
+info['host'] = host
+info['worker'] = worker
+local hosts = info['hosts']
+if type(hosts) ~= 'table' then hosts = {} end
+local seen = false
+for _, h in ipairs(hosts) do if h == host then seen = true end end
+if not seen then table.insert(hosts, host) end
+info['hosts'] = hosts
+if not info['started'] then info['started'] = now end
+put_info(b, e, info)
+redis.call('HSET', bkey(b, 'state'), e, 'running')
+redis.call('ZADD', bkey(b, 'heartbeat'), deadline, e)
+return 1

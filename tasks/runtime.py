@@ -1,0 +1,142 @@
+"""What the tasks of one worker process share: its stage context, its
+scheduler, its name; and the two background loops a worker runs.
+
+Built once per process, on first use (a worker that never runs a task never
+connects), from what :func:`tasks.app.create_app` was given: the config and
+the worker's name are passed in, never read from the environment here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.broker import reconcile
+from pipeline.cas import LocalCas
+from pipeline.config import RemexConfig
+from pipeline.scheduler import Scheduler
+from pipeline.stages import StageContext
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BackgroundLoops", "RuntimeHolder", "WorkerRuntime"]
+
+
+@dataclass
+class WorkerRuntime:
+    """What every task of this worker process shares (all thread-safe)."""
+
+    config: RemexConfig
+    name: str
+    context: StageContext
+    scheduler: Scheduler
+    instance: str
+    """This process, as its liveness key names it: ``NAME/PID/RANDOM``."""
+
+    @classmethod
+    def connect(cls, config: RemexConfig, name: str) -> WorkerRuntime:
+        """Open this host's local CAS, the REAPI clients and the scheduler.
+
+        Raises:
+            ConfigError: no broker or execution server is configured.
+        """
+        execution = config.require_execution()
+        cas = LocalCas(config.cas_dir, quota_bytes=config.cas_quota_bytes)
+        context = StageContext.connect(
+            cas,
+            execution,
+            config.artifact_endpoint,
+            storage=config.storage,
+            action_cache=config.action_cache,
+            correlated_id=name,
+        )
+        scheduler = Scheduler.from_url(
+            config.require_broker(), heartbeat_timeout=config.heartbeat_timeout
+        )
+        instance = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        return cls(config, name, context, scheduler, instance)
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often a stage refreshes its element's heartbeat (a third of the timeout)."""
+        return min(5.0, self.scheduler.heartbeat_timeout / 3)
+
+
+class RuntimeHolder:
+    """Builds the runtime on first use, once, whichever thread asks first."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._runtime: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> WorkerRuntime:
+        """The runtime, built now if it was not yet."""
+        with self._lock:
+            if self._runtime is None:
+                self._runtime = self._factory()
+            runtime: WorkerRuntime = self._runtime
+            return runtime
+
+    @property
+    def built(self) -> WorkerRuntime | None:
+        """The runtime if it was built, else None (never builds it)."""
+        runtime: WorkerRuntime | None = self._runtime
+        return runtime
+
+
+class BackgroundLoops:
+    """A worker's liveness key (its elements are not re-sent while it lives)
+    and the reconciler (re-sends stalled elements), each on its own thread."""
+
+    def __init__(self, app: Any, holder: RuntimeHolder) -> None:
+        self._app = app
+        self._holder = holder
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Start both loops (when the worker is ready)."""
+        self._stop.clear()
+        rt = self._holder.get()
+        for what, interval, fn in (
+            ("liveness", rt.config.heartbeat_timeout / 3, self._keep_alive),
+            ("reconciler", rt.config.reconcile_interval, self._reconcile),
+        ):
+            threading.Thread(
+                target=_every,
+                args=(interval, self._stop, what, fn),
+                name=f"remex-{what}",
+                daemon=True,
+            ).start()
+
+    def stop(self) -> None:
+        """Stop the loops and drop the liveness key (its elements may be re-sent at once)."""
+        self._stop.set()
+        rt = self._holder.built
+        if rt is not None:
+            with contextlib.suppress(Exception):
+                rt.scheduler.worker_gone(rt.instance)
+
+    def _keep_alive(self) -> None:
+        rt = self._holder.get()
+        rt.scheduler.worker_alive(rt.instance)
+
+    def _reconcile(self) -> None:
+        rt = self._holder.get()
+        reconcile(self._app, rt.scheduler, lock_seconds=rt.config.reconcile_interval)
+
+
+def _every(interval: float, stop: threading.Event, what: str, fn: Callable[[], object]) -> None:
+    while True:
+        try:
+            fn()
+        except Exception:  # a Redis hiccup must not kill the loop
+            log.exception("%s failed", what)
+        if stop.wait(interval):
+            return

@@ -1,0 +1,264 @@
+"""StageTask (tasks/stages.py) with a fake runtime: what a stage task does
+with each outcome of its stage function.
+
+No Redis, no server, no worker: the app is built by ``create_app`` on an
+in-memory broker, its runtime is a fake whose scheduler records the moves,
+and each test calls one registered task's ``run_stage`` under a request
+context, as a worker would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from celery.exceptions import Ignore, Retry
+
+import tasks.stages as task_module
+from pipeline.config import RemexConfig
+from pipeline.errors import MissingBlobsError, RemexError, RemoteError
+from pipeline.stages import BuildFailedError, State
+from tasks.app import create_app
+from tasks.runtime import RuntimeHolder
+from tasks.stages import ElementFailed, StageTask
+
+PAYLOAD = {"build": "b1", "element": "a.bst", "attempt": 1, "state": {}}
+
+
+@dataclass
+class FakeScheduler:
+    """Records what the task tells the scheduler."""
+
+    current: bool = True
+    deliveries: int = 0
+    finished: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    notes: list[dict[str, Any]] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)
+    heartbeat_timeout: float = 30.0
+
+    def count_delivery(self, task_id: str, retries: int) -> int:
+        self.deliveries += 1
+        return self.deliveries
+
+    def start_stage(self, build: str, element: str, **kw: Any) -> bool:
+        self.started.append(kw["stage"])
+        return self.current
+
+    def spec(self, build: str, element: str) -> dict[str, Any]:
+        return {"element": element, "kind": "manual"}
+
+    def finish(
+        self, build: str, element: str, outcome: str, info: dict[str, Any]
+    ) -> list[tuple[str, str]]:
+        self.finished.append((outcome, dict(info)))
+        return []
+
+    def note(self, build: str, element: str, changes: dict[str, Any]) -> None:
+        self.notes.append(dict(changes))
+
+    def heartbeat(self, build: str, element: str) -> None:
+        pass
+
+
+@dataclass
+class FakeRuntime:
+    scheduler: FakeScheduler
+    name: str = "w1"
+    instance: str = "w1/1/x"
+    context: Any = None
+    heartbeat_interval: float = 60.0
+
+
+@pytest.fixture
+def runtime() -> FakeRuntime:
+    return FakeRuntime(FakeScheduler())
+
+
+@pytest.fixture
+def stage_tasks(runtime: FakeRuntime) -> Iterator[dict[str, StageTask]]:
+    app = create_app(
+        RemexConfig(broker_url="memory://", result_backend="cache+memory://"), worker_name="w1"
+    )
+    app.remex_runtime = RuntimeHolder(lambda: runtime)
+    yield {stage: app.tasks[f"remex.{stage}"] for stage in task_module.STAGE_TASKS}
+    app.close()
+
+
+def run(task: StageTask, fn: Any, state: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    """Run the task's stage as a worker would (a delivered message, not a direct call)."""
+    task.push_request(id="task-1", retries=0, called_directly=False, delivery_info={})
+    try:
+        result: dict[str, Any] = task.run_stage({**PAYLOAD, "state": state or {}}, fn, **kw)
+        return result
+    finally:
+        task.pop_request()
+
+
+def returning(**changes: Any) -> Any:
+    def fn(ctx: Any, spec: Any, state: State) -> State:
+        return {**state, **changes}  # type: ignore[typeddict-item]
+
+    return fn
+
+
+def raising(exc: Exception) -> Any:
+    def fn(ctx: Any, spec: Any, state: State) -> State:
+        raise exc
+
+    return fn
+
+
+def test_the_app_registers_five_stage_tasks_without_reading_config_at_import(
+    stage_tasks: dict[str, StageTask],
+) -> None:
+    stages = ("stage_to_cas", "upload", "execute", "fetch_outputs", "push_artifact")
+    assert sorted(t.name for t in stage_tasks.values()) == sorted(f"remex.{s}" for s in stages)
+    assert all(isinstance(t, StageTask) for t in stage_tasks.values())
+
+
+def test_a_stage_that_succeeds_passes_its_state_on(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
+) -> None:
+    # Given a stage that adds a key, after an earlier transient failure
+    result = run(stage_tasks["upload"], returning(uploaded={"blobs": 1}), {"transient_failures": 2})
+    # Then the new state goes on without the failure count, and the element ran at this stage
+    assert result == {**PAYLOAD, "state": {"uploaded": {"blobs": 1}}}
+    assert runtime.scheduler.started == ["upload"]
+    assert runtime.scheduler.finished == []
+
+
+def test_a_transient_error_requeues_on_the_own_queue_with_backoff(
+    stage_tasks: dict[str, StageTask],
+) -> None:
+    # When the stage fails transiently
+    with pytest.raises(Retry) as info:
+        run(stage_tasks["upload"], raising(RemoteError("away", transient=True)))
+    # Then the task is sent again to this worker's queue, after 0.5-1 s,
+    # counting the failure in its state
+    retry = info.value
+    assert 0.5 <= float(retry.when) <= 1.0
+    assert retry.sig.options["queue"] == "remex.host.w1"
+    assert retry.sig.args[0]["state"] == {"transient_failures": 1}
+
+
+def test_transient_errors_fail_the_element_when_the_retries_are_spent(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
+) -> None:
+    spent = {"transient_failures": task_module.StageTask.policy.max_transient_retries}
+    with pytest.raises(ElementFailed):
+        run(stage_tasks["fetch_outputs"], raising(RemoteError("away", transient=True)), spent)
+    [(outcome, info)] = runtime.scheduler.finished
+    assert outcome == "failed" and info["failed_stage"] == "fetch_outputs"
+    assert info["error"].startswith("fetch_outputs failed 6 times: ")
+
+
+def test_a_permanent_error_fails_the_element_without_retry(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
+) -> None:
+    with pytest.raises(ElementFailed):
+        run(stage_tasks["stage_to_cas"], raising(RemexError("bad input", transient=False)))
+    assert runtime.scheduler.finished == [
+        ("failed", {"error": "stage_to_cas: bad input", "failed_stage": "stage_to_cas"})
+    ]
+
+
+def test_a_failed_command_fails_the_element_with_its_log_tail(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
+) -> None:
+    exc = BuildFailedError("a.bst", "exit code 3", exit_code=3, stderr_tail="boom\n")
+    with pytest.raises(ElementFailed):
+        run(stage_tasks["fetch_outputs"], raising(exc))
+    [(_, info)] = runtime.scheduler.finished
+    assert (info["error"], info["exit_code"], info["log_tail"]) == ("exit code 3", 3, "boom")
+
+
+def test_missing_inputs_send_execute_back_through_upload(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given execute reports missing inputs while following an operation
+    with pytest.raises(Retry) as info:
+        run(stage_tasks["execute"], raising(MissingBlobsError(["x/1"])), {"operation": "op-1"})
+    # Then it is re-queued at once with the re-upload flag, without the operation
+    assert float(info.value.when) == 0
+    requeued = info.value.sig.args[0]["state"]
+    assert requeued == {"reupload": True, "reuploads": 1}
+    # When the re-queued task runs, it uploads first, then runs the stage
+    uploads: list[State] = []
+
+    def fake_upload(ctx: Any, spec: Any, state: State) -> State:
+        uploads.append(state)
+        return {**state, "uploaded": {"blobs": 1}}  # type: ignore[typeddict-item]
+
+    monkeypatch.setattr(task_module, "upload", fake_upload)
+    result = run(stage_tasks["execute"], returning(action_result="x"), requeued)
+    assert len(uploads) == 1
+    assert result["state"] == {"reuploads": 1, "uploaded": {"blobs": 1}, "action_result": "x"}
+    # And when the inputs are still missing after the last re-upload, the element fails
+    with pytest.raises(ElementFailed):
+        run(stage_tasks["execute"], raising(MissingBlobsError(["x/1"])), {"reuploads": 2})
+    assert "(after 2 re-uploads)" in runtime.scheduler.finished[-1][1]["error"]
+
+
+def test_a_still_running_operation_calls_the_hook_and_requeues(
+    stage_tasks: dict[str, StageTask],
+) -> None:
+    # Given a stage that returns with its operation still running
+    seen: list[State] = []
+    with pytest.raises(Retry) as info:
+        run(
+            stage_tasks["execute"],
+            returning(operation="op-1", remote_stage="EXECUTING"),
+            still_running=lambda rt, payload, state: seen.append(state),
+        )
+    # Then the hook saw it, and the task follows it again at once
+    assert seen == [{"operation": "op-1", "remote_stage": "EXECUTING"}]
+    assert float(info.value.when) == 0
+    assert info.value.sig.args[0]["state"] == seen[0]
+
+
+def test_a_stale_delivery_is_ignored(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
+) -> None:
+    runtime.scheduler.current = False
+    with pytest.raises(Ignore):
+        run(stage_tasks["upload"], returning())
+    assert runtime.scheduler.finished == []
+
+
+def test_a_message_delivered_too_often_fails_the_element(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
+) -> None:
+    runtime.scheduler.deliveries = StageTask.policy.max_deliveries
+    with pytest.raises(ElementFailed):
+        run(stage_tasks["upload"], returning())
+    assert "delivered 4 times" in runtime.scheduler.finished[0][1]["error"]
+
+
+def test_importing_the_task_modules_reads_no_configuration(tmp_path: Any) -> None:
+    # Given a configuration file that cannot be read
+    bad = tmp_path / "remex.toml"
+    bad.write_text("this is [not toml")
+    code = (
+        "import tasks.app, tasks.stages, tasks.runtime\n"
+        "try:\n"
+        "    tasks.app.app\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__)\n"
+    )
+    # When the modules are imported, then the app attribute is read
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "REMEX_CONFIG": str(bad)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    # Then the import itself succeeds; only building the app reads the config
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ConfigError"

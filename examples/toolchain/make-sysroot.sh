@@ -48,7 +48,7 @@ libgmp10 libmpfr6 libmpc3 libisl23 zlib1g libzstd1 libstdc++6 libgcc-s1
 AMHELLO_SOURCE=automake-1.16   # the source package holding amhello-1.0.tar.gz
 
 complete() {
-    [ -f "$dest/$marker" ] && [ -x "$dest/usr/bin/gcc-12" ] \
+    [ -f "$dest/$marker" ] && [ -x "$dest/usr/bin/gcc-12" ] && [ -d "$dest/proc" ] \
         && [ "$(readlink "$dest/bin" 2>/dev/null)" = usr/bin ]
 }
 if complete && [ -f "$amhello/configure" ]; then
@@ -131,7 +131,8 @@ if ! complete; then
         "$root/usr/share/gcc" "$root/usr/share/gdb" "$root/usr/lib/x86_64-linux-gnu/gconv" \
         "$root/usr/lib/x86_64-linux-gnu/ldscripts" "$root/usr/share/busybox" \
         "$root/usr/libexec/getconf" "$root/usr/lib/x86_64-linux-gnu/bfd-plugins" \
-        "$root/usr/share/initramfs-tools" "$root/etc/gprofng.rc" "$root/etc/default"
+        "$root/usr/share/initramfs-tools" "$root/etc/gprofng.rc" "$root/etc/default" \
+        "$root/usr/lib/gold-ld"
     gcclib="$root/usr/lib/gcc/x86_64-linux-gnu/12"
     # lto1 (31 MB) only runs for -flto; the sanitizer, OpenMP, TM and
     # quadmath archives only for their -f options.
@@ -153,6 +154,10 @@ if ! complete; then
     done
     rm -f "$root/usr/sbin/iconvconfig" "$root/usr/sbin/zic" "$root/usr/bin/sprof"
 
+    # Links to what was left out (gold, lto-dump, the sanitizer runtimes)
+    # would dangle; links to links go in later rounds.
+    while [ -n "$(find "$root" -type l ! -lname '/*' -xtype l -print -delete)" ]; do :; done
+
     # Busybox applets where no real program is installed (make, gcc ... win).
     "$root/usr/bin/busybox" --list | LC_ALL=C sort -u | while read -r applet; do
         case "$applet" in
@@ -165,7 +170,10 @@ if ! complete; then
     [ -e "$root/usr/bin/cc" ] || ln -s gcc "$root/usr/bin/cc"
     [ -e "$root/usr/bin/c99" ] || ln -s c99-gcc "$root/usr/bin/c99"
     [ -e "$root/usr/bin/awk" ] || ln -s busybox "$root/usr/bin/awk"
-    mkdir -p "$root/etc" "$root/tmp" "$root/var/tmp"
+    # dev/ and proc/: a sandbox mounts over them. Without them here,
+    # BuildStream's bubblewrap sandbox creates them during integration and a
+    # compose then counts them as files the integration added.
+    mkdir -p "$root/etc" "$root/tmp" "$root/var/tmp" "$root/dev" "$root/proc"
     chmod 1777 "$root/tmp" "$root/var/tmp"
     printf 'include /etc/ld.so.conf.d/*.conf\n' > "$root/etc/ld.so.conf"
     # No passwd/group: BuildStream and remex run builds as uid/gid 0.

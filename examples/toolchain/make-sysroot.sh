@@ -36,7 +36,8 @@ amhello="$parent/amhello"
 marker=usr/share/toolchain-sysroot/packages   # written last: "complete"
 cache=${REMEX_DEB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/remex/debs}
 
-# The toolchain and what its programs load at run time (checked with ldd).
+# The toolchain and what its programs load at run time (checked with
+# `ld.so --list` on every ELF file in usr/bin, usr/sbin and the gcc folder).
 PACKAGES="
 busybox-static
 make
@@ -78,17 +79,14 @@ uris=$(cd "$empty" && apt-get download --print-uris $PACKAGES) || {
     exit 1
 }
 rmdir "$empty"
-echo "$uris" | {
-    while read -r _uri file _size hash; do
-        [ -n "$file" ] || continue
-        if [ ! -f "$cache/$file" ] \
-            || [ "$(sha256sum "$cache/$file" | cut -d' ' -f1)" != "${hash#SHA256:}" ]; then
-            printf '%s\n' "${file%%_*}"
-        fi
-    done
-} > "$cache/.missing.$$"
-missing=$(cat "$cache/.missing.$$")
-rm -f "$cache/.missing.$$"
+missing=$(echo "$uris" | while read -r _uri file _size hash; do
+    [ -n "$file" ] || continue
+    if [ ! -f "$cache/$file" ] \
+        || [ "$(sha256sum "$cache/$file" | cut -d' ' -f1)" != "${hash#SHA256:}" ]; then
+        rm -f "$cache/$file"   # a partial or corrupt earlier download
+        printf '%s\n' "${file%%_*}"
+    fi
+done)
 if [ -n "$missing" ]; then
     # apt-get download writes into the current folder; as root it warns that
     # the _apt user cannot write there, which is harmless.

@@ -191,11 +191,26 @@ if [ ! -f "$amhello/configure" ]; then
         # A private apt state: the deb-src index goes to the cache, the
         # machine's own apt configuration is not touched.
         apt_src="$cache/apt-src"
-        mkdir -p "$apt_src/lists/partial" "$apt_src/cache/archives/partial" "$work/src"
-        echo "deb-src http://deb.debian.org/debian bookworm main" > "$apt_src/sources.list"
+        rm -rf "$apt_src/sources.list.d"
+        mkdir -p "$apt_src/lists/partial" "$apt_src/cache/archives/partial" "$work/src" \
+            "$apt_src/sources.list.d"
+        # deb-src entries for the archives this machine's apt already uses:
+        # its own sources, one-line and deb822 forms, with the type changed.
+        : > "$apt_src/sources.list"
+        for list in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+            if [ -f "$list" ]; then
+                sed -n 's/^[[:space:]]*deb[[:space:]]/deb-src /p' "$list" >> "$apt_src/sources.list"
+            fi
+        done
+        for list in /etc/apt/sources.list.d/*.sources; do
+            if [ -f "$list" ]; then
+                sed 's/^Types:.*/Types: deb-src/' "$list" \
+                    > "$apt_src/sources.list.d/$(basename "$list")"
+            fi
+        done
         set -- -q -o Dir::Etc::SourceList="$apt_src/sources.list" \
-            -o Dir::Etc::SourceParts=/nonexistent -o Dir::State::Lists="$apt_src/lists" \
-            -o Dir::Cache="$apt_src/cache"
+            -o Dir::Etc::SourceParts="$apt_src/sources.list.d" \
+            -o Dir::State::Lists="$apt_src/lists" -o Dir::Cache="$apt_src/cache"
         apt-get "$@" update 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 \
             || true
         # Verified against the signed index; no unpacking (no dpkg-source).

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.servers import CasdServer
 from pipeline.stages import checkout_artifact
 from tests.hello import (
     EXPECTED_HELLO_FILES,
@@ -29,7 +30,6 @@ from tests.hello import (
     load_and_build,
     stage_context,
 )
-from tests.servers import CasdServer
 
 BST = Path(sys.executable).with_name("bst")
 

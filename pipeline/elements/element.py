@@ -47,8 +47,10 @@ class Element:
 
     Attributes:
         project: the project's name.
-        name: the element's path relative to element-path (``libs/foo.bst``).
-        normal_name: ``libs-foo`` (BuildStream's normal name).
+        name: the element's path relative to element-path (``libs/foo.bst``);
+            a subproject's element is qualified by its junction
+            (``junction.bst:libs/foo.bst``).
+        normal_name: ``libs-foo`` (BuildStream's normal name, within its own project).
         file: the element file relative to the project folder (``elements/libs/foo.bst``).
         kind: the kind's name (``manual``, ``autotools`` ...).
         plugin: the kind, configured for this element.
@@ -69,6 +71,7 @@ class Element:
         *,
         project: str,
         name: str,
+        normal_name: str | None = None,
         file: str,
         plugin: Kind,
         description: str,
@@ -84,7 +87,7 @@ class Element:
     ) -> None:
         self.project = project
         self.name = name
-        self.normal_name = spec.normal_name(name)
+        self.normal_name = normal_name if normal_name is not None else spec.normal_name(name)
         self.file = file
         self.kind = plugin.name
         self.plugin = plugin

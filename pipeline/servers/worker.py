@@ -15,6 +15,10 @@ import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+# Imported here, not in ping(): workers start in parallel threads, and two
+# threads importing celery at once can see it half initialized.
+from celery import Celery
+
 from pipeline.servers.base import Server, remex_program
 
 __all__ = ["RemexWorker"]
@@ -72,8 +76,6 @@ class RemexWorker(Server):
 
     def ping(self, timeout: float = 0.5) -> bool:
         """True if the worker answers a Celery control ping within ``timeout`` s."""
-        from celery import Celery
-
         app = Celery("remex-test-ping", broker=self.env["REMEX_BROKER_URL"])
         app.conf.update(broker_connection_retry_on_startup=True, accept_content=["json"])
         try:

@@ -12,6 +12,7 @@ blobs reach BuildGrid's CAS through the upload stage.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -110,3 +111,26 @@ def test_a_generated_dag_builds_on_both_bots_and_checks_out(
     }
     expected = {path: content for e in dag.elements for path, content in dag.expected[e].items()}
     assert files == expected
+
+
+def test_compose_filter_and_script_build_on_buildgrid(
+    stack: RemexStack, tmp_path: Path, busybox_sysroot: Path
+) -> None:
+    # Given tests/projects/kinds (compose with integration, whose action's output
+    # is the whole sandbox; filter; script with a layout) on a busybox sysroot
+    project = tmp_path / "kinds"
+    shutil.copytree(Path(__file__).parents[1] / "projects" / "kinds", project)
+    shutil.copytree(busybox_sysroot, project / "sysroot", symlinks=True)
+    # When all.bst is built with the bots doing the execution
+    code, output = stack.build_json(project, "all.bst", timeout=240)
+    # Then everything builds, and the integrated compose kept what integration added
+    assert code == 0, json.dumps(output, indent=1)[-3000:] + stack.logs()
+    assert set(states(output).values()) == {"built"}, states(output)
+    result = stack.cli("checkout", "-C", project, "runtime.bst", tmp_path / "runtime")
+    assert result.returncode == 0, result.stderr
+    tree = file_tree(tmp_path / "runtime")
+    assert tree["etc/foo.conf"] == ("file", b"integrated by lib.bst\n", False)
+    assert "usr/bin/app" in tree and "usr/include/foo.h" not in tree
+    result = stack.cli("checkout", "-C", project, "script.bst", tmp_path / "script")
+    assert result.returncode == 0, result.stderr
+    assert file_tree(tmp_path / "script")["cwd"] == ("file", b"/\n", False)

@@ -32,6 +32,8 @@ FATAL = {"clash.bst", "composed.bst", "layout.bst"}
 WARNING = (
     "[overlaps]: Non-whitelisted overlaps detected\n"
     "Staged files overwrite existing files in staging area: /\n"
+    "/usr/share/overlaps/same: two.bst is not permitted to overlap other elements, "
+    "order two.bst above one.bst\n"
     "/usr/share/overlaps/tool: two.bst is not permitted to overlap other elements, "
     "order two.bst above one.bst"
 )
@@ -118,12 +120,17 @@ def test_staging_warns_as_bst_without_fatal_warnings(
 
         # And the state names the elements of each overlap, bottom-most first
         clash = states["clash.bst"]
-        assert clash["count"] == 2 and clash["not_whitelisted"] == 1
+        assert clash["count"] == 3 and clash["not_whitelisted"] == 2
         assert clash["details"] == [
             {
                 "path": "/usr/share/overlaps/data",
                 "elements": ["one.bst", "two.bst"],
                 "whitelisted": True,
+            },
+            {
+                "path": "/usr/share/overlaps/same",
+                "elements": ["one.bst", "two.bst"],
+                "whitelisted": False,
             },
             {
                 "path": "/usr/share/overlaps/tool",

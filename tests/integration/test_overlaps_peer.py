@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.stages import checkout_artifact
+from pipeline.stages.artifacts import read_artifact_meta
 from pipeline.stages.staging import stage_to_cas
 from pipeline.stages.state import State
 from tests.bst import Bst
@@ -116,6 +117,9 @@ def test_staging_warns_as_bst_without_fatal_warnings(
             remex = [normal(w) for w in states[element]["warnings"]]
             assert remex == bst_warnings(home, element), element
         assert states["clash.bst"]["warnings"] == [WARNING]
+        # (kept in the artifact's meta too)
+        meta = read_artifact_meta(ctx, build.specs["clash.bst"]["artifact_uri"])
+        assert meta["overlaps"] == 3 and meta["warnings"] == [WARNING]
         assert states["listed.bst"]["warnings"] == [] and states["listed.bst"]["count"] == 2
 
         # And the state names the elements of each overlap, bottom-most first

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.elements.defaults import DEFAULT_MAX_JOBS
@@ -36,6 +37,9 @@ class Bst:
 
     project: Path
     home: Path
+    # bst puts buildbox-casd's socket under TMPDIR, and a unix socket path has
+    # at most 107 bytes: pytest's nested folders grow past that.
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bst", dir="/tmp")))
 
     def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         env = {
@@ -47,9 +51,9 @@ class Bst:
             HOME=str(self.home / "home"),
             XDG_CACHE_HOME=str(self.home / "cache"),
             XDG_CONFIG_HOME=str(self.home / "config"),
-            TMPDIR=str(self.home / "tmp"),
+            TMPDIR=str(self.tmp),
         )
-        for name in ("home", "cache", "config", "tmp"):
+        for name in ("home", "cache", "config"):
             (self.home / name).mkdir(parents=True, exist_ok=True)
         config = self.home / "buildstream.conf"
         config.write_text(BST_USER_CONFIG)

@@ -81,7 +81,6 @@ def bst_warnings(home: Path, element: str) -> list[str]:
 def test_staging_warns_as_bst_without_fatal_warnings(
     tmp_path_factory: pytest.TempPathFactory, casd: CasdServer, busybox_sysroot: Path
 ) -> None:
-    # A short folder: bst's casd socket path must fit in 108 bytes
     work = tmp_path_factory.mktemp("ovw")
     home = work / "h"
     # Given the project without fatal warnings, built by bst

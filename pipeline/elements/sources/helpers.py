@@ -31,7 +31,8 @@ __all__ = [
 COMMON_KEYS = ("kind", "directory", "provenance")
 #: BuildStream 2.8.1's core source kinds (``workspace`` is internal to bst).
 BST_CORE_SOURCE_KINDS = ("local", "remote", "tar")
-#: The source kinds buildstream-plugins 2.8.0 declares (its entry points).
+#: The source kinds buildstream-plugins 2.8.0 declares (its entry points; the
+#: 2.8.0 wheel names a ``zip`` module it does not ship).
 BST_PLUGINS_SOURCE_KINDS = ("bzr", "cargo", "docker", "git", "patch", "pip", "zip")
 
 

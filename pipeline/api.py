@@ -61,13 +61,15 @@ def plan(
     """Load the project and the targets' elements (dependencies first), with keys.
 
     ``options`` are the project's option values as strings (BuildStream's
-    ``-o NAME VALUE``).
+    ``-o NAME VALUE``). No ``targets``: project.conf ``defaults: targets:``,
+    or else every element of the project, as bst does.
 
     Raises:
         ElementError: bad input; the message names the file, the line and the field.
     """
     project = load_project(Path(project_dir), cas=cas, options=options)
-    return project.load_targets(list(targets))
+    # No targets: as bst, project.conf `defaults: targets:` or every element.
+    return project.load_targets(list(targets) or project.default_targets())
 
 
 def submit(

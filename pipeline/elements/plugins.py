@@ -46,9 +46,12 @@ __all__ = [
     "CORE_KIND_NAMES",
     "PluginDeclaration",
     "PluginKind",
+    "SourcePluginDeclaration",
     "core_kind_defaults",
     "declare_plugins",
+    "declare_source_plugins",
     "load_plugins",
+    "normalise_package",
     "source_plugin_kinds",
 ]
 
@@ -219,15 +222,51 @@ def declare_plugins(node: Node | None, project_dir: Path) -> dict[str, PluginDec
     return declared
 
 
-def source_plugin_kinds(node: Node | None, project_dir: Path) -> dict[str, str]:
-    """The source kinds project.conf ``plugins:`` declares: kind -> origin description.
+@dataclass(frozen=True)
+class SourcePluginDeclaration:
+    """One source kind named under project.conf ``plugins:``.
 
-    remex does not load source plugins; this records which were asked for, so
-    that an element using one can be refused with where it was declared.
+    Attributes:
+        kind: the source kind's name.
+        origin: ``pip`` or ``local``.
+        source: the package requirement (pip) or the folder in the project (local).
+        package: the normalised distribution name (pip; ``""`` for local).
+        mark: where the kind is named in project.conf.
+        field: the field path of that entry (``plugins[0].sources[1]``).
     """
-    kinds: dict[str, str] = {}
+
+    kind: str
+    origin: Literal["pip", "local"]
+    source: str
+    package: str
+    mark: Mark
+    field: str
+
+    def describe(self) -> str:
+        """Where the kind comes from, for messages."""
+        if self.origin == "pip":
+            return f"pip package {self.package}"
+        return f"local plugins folder {self.source}"
+
+
+def declare_source_plugins(
+    node: Node | None, project_dir: Path
+) -> dict[str, SourcePluginDeclaration]:
+    """The source kinds project.conf ``plugins:`` declares, by kind.
+
+    remex runs no source plugin; a source kind a plugin declares is used only
+    when remex implements it with the same configuration (see
+    :mod:`pipeline.elements.sources`).
+
+    Raises:
+        LoadError: as :func:`declare_plugins`, or a source kind declared twice.
+    """
+    kinds: dict[str, SourcePluginDeclaration] = {}
     for origin_node in _origin_nodes(node):
         origin, source = _origin_of(origin_node, project_dir)
+        package = ""
+        if origin == "pip":
+            package = normalise_package(_parse_requirement(source, origin_node.error)[0])
         for kind, mark, field in _kinds(origin_node, "sources"):
             if kind in kinds:
                 raise LoadError(
@@ -236,8 +275,21 @@ def source_plugin_kinds(node: Node | None, project_dir: Path) -> dict[str, str]:
                     line=mark.line,
                     field=field,
                 )
-            kinds[kind] = f"{origin} {source}"
+            kinds[kind] = SourcePluginDeclaration(kind, origin, source, package, mark, field)
     return kinds
+
+
+def source_plugin_kinds(node: Node | None, project_dir: Path) -> dict[str, str]:
+    """The source kinds project.conf ``plugins:`` declares: kind -> origin description."""
+    return {
+        kind: f"{decl.origin} {decl.source}"
+        for kind, decl in declare_source_plugins(node, project_dir).items()
+    }
+
+
+def normalise_package(name: str) -> str:
+    """A distribution name as PEP 503 compares them (``Foo_Bar`` -> ``foo-bar``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def core_kind_defaults(kind: str) -> MappingNode:

@@ -61,7 +61,20 @@ from pipeline.elements.kinds.base import data_to_node, expand_data
 from pipeline.elements.nodes import MappingNode, Mark, ScalarNode, SequenceNode, load_yaml
 from pipeline.elements.options import PROJECT_RESTRICTED_KEYS, OptionPool
 from pipeline.elements.plugins import declare_plugins
-from pipeline.elements.sources import LocalSource, Source, load_source, project_path
+from pipeline.elements.project_keys import (
+    IGNORED_PROJECT_KEYS,
+    check_project_keys,
+    default_targets,
+    refuse_project_keys,
+)
+from pipeline.elements.sources import (
+    LocalSource,
+    ProjectSources,
+    Source,
+    SourceContext,
+    load_source,
+    project_path,
+)
 from pipeline.elements.split_rules import DEFAULT_SPLIT_RULES
 from pipeline.elements.variables import Definition, Variables
 
@@ -81,23 +94,14 @@ _PROJECT_KEYS = (
     "options",
     "fatal-warnings",
     "sandbox",
+    "sources",
+    *IGNORED_PROJECT_KEYS,
 )
 # Directives allowed at the top of project.conf as written (before composition).
 _DIRECTIVE_KEYS = ("(@)", "(?)", "(!)")
 # BuildStream project.conf keys remex knows but does not implement.
-_PROJECT_UNSUPPORTED = (
-    "ref-storage",
-    "sources",
-    "mirrors",
-    "artifacts",
-    "source-caches",
-    "shell",
-    "defaults",
-    "junctions",
-    "remote-execution",
-    "source-provenance-attributes",
-    "default-mirror",
-)
+# (mirrors, default-mirror, remote-execution: refused with a reason by check_project_keys.)
+_PROJECT_UNSUPPORTED = ("junctions",)
 # What project.conf `elements: KIND:` may override.
 _KIND_OVERRIDE_KEYS = (
     "variables",
@@ -170,6 +174,7 @@ def load_project(
     if not conf_path.is_file():
         raise LoadError(f"no project.conf in {directory}", file="project.conf")
     raw = load_yaml(conf_path, "project.conf")
+    refuse_project_keys(raw)
     raw.validate_keys(_PROJECT_KEYS + _DIRECTIVE_KEYS, unsupported=_PROJECT_UNSUPPORTED)
     name_node = raw.require_str("name")
     name = name_node.as_str()
@@ -204,6 +209,7 @@ def load_project(
         # Per-kind overrides and split rules compose onto defaults later.
         if key not in ("elements", "sources", "split-rules"):
             assert_fully_composited(value)
+    check_project_keys(node)
     node.validate_keys(_PROJECT_KEYS, unsupported=_PROJECT_UNSUPPORTED)
     variables = node.get_str_mapping("variables")
     for protected in PROTECTED_VARIABLES:
@@ -325,6 +331,8 @@ class Project:
         self.fatal_warnings = tuple(n.as_str() for n in conf.get_str_list("fatal-warnings") or [])
         # Looked up when an element uses the kind, as bst does.
         self._plugins = declare_plugins(conf.get("plugins"), directory)
+        self._source_settings = ProjectSources.from_conf(conf, directory)
+        self._default_targets = default_targets(conf)
         self.options = options if options is not None else OptionPool(element_path)
         self.includes = includes if includes is not None else IncludeLoader(directory)
         # BuildStream resolves an included file's conditionals before its own includes.
@@ -351,6 +359,11 @@ class Project:
                     path = Path(folder, file).relative_to(self.element_path)
                     names.append(path.as_posix())
         return sorted(names)
+
+    def default_targets(self) -> list[str]:
+        """What to build when no target is named, as bst: project.conf
+        ``defaults: targets:``, or else every element of the project."""
+        return list(self._default_targets) or self.element_names()
 
     def element(self, name: str) -> Element:
         """An element already loaded by :meth:`load_targets`.
@@ -830,19 +843,18 @@ class Project:
             return []
         if not plugin.takes_sources:
             raise sequence.error(f"{plugin.name} elements take no sources")
+        ctx = SourceContext(
+            project_dir=self.directory,
+            aliases=self.aliases,
+            variables=variables,
+            cas=self.cas,
+            settings=self._source_settings,
+        )
         sources = []
         for item in sequence.items:
             if not isinstance(item, MappingNode):
                 raise item.error(f"expected a mapping describing a source, got {item.describe()}")
-            sources.append(
-                load_source(
-                    item,
-                    project_dir=self.directory,
-                    aliases=self.aliases,
-                    variables=variables,
-                    cas=self.cas,
-                )
-            )
+            sources.append(load_source(item, ctx))
         return sources
 
 

@@ -89,8 +89,8 @@ def test_project_conf_unknown_key_names_file_line_and_key(tmp_path: Path) -> Non
 
 def test_project_conf_buildstream_key_remex_lacks_says_not_supported(tmp_path: Path) -> None:
     with pytest.raises(LoadError) as info:
-        project(tmp_path, {}, "name: p\nelement-path: elements\nmirrors: []\n")
-    assert str(info.value) == "project.conf:3: mirrors: not supported by remex"
+        project(tmp_path, {}, "name: p\nelement-path: elements\njunctions: {}\n")
+    assert str(info.value) == "project.conf:3: junctions: not supported by remex"
 
 
 def test_project_conf_needs_a_name(tmp_path: Path) -> None:

@@ -222,8 +222,6 @@ def load_project(
             raise option.variable_node.error(
                 f"option variable {option.variable!r} is set by remex; choose another name"
             )
-    # As BuildStream: an exported option wins over project.conf's variables.
-    variables.update(pool.exported_variables())
     aliases = {alias: value.as_str() for alias, value in node.get_str_mapping("aliases").items()}
     nocache = node.get_str_list("environment-nocache") or []
     return Project(
@@ -239,6 +237,7 @@ def load_project(
         max_jobs=max_jobs,
         options=pool,
         includes=includes,
+        option_variables=pool.exported_variables(),
     )
 
 
@@ -305,6 +304,7 @@ class Project:
         max_jobs: int,
         options: OptionPool | None = None,
         includes: IncludeLoader | None = None,
+        option_variables: dict[str, ScalarNode] | None = None,
     ) -> None:
         self.name = name
         self.directory = directory
@@ -313,6 +313,7 @@ class Project:
         self.aliases = aliases
         self.max_jobs = max_jobs
         self._variables = variables
+        self._option_variables = option_variables or {}
         self._environment = environment
         self._environment_nocache = environment_nocache
         self._files: dict[str, _ElementFile] = {}
@@ -803,6 +804,9 @@ class Project:
             definitions[name] = Definition(value.as_str(), value.mark, value.path)
         definitions["project-name"] = Definition(self.name, None, "project-name")
         definitions["max-jobs"] = Definition(str(self.max_jobs), None, "max-jobs")
+        # As BuildStream: exported options after those (winning over project.conf's).
+        for name, value in self._option_variables.items():
+            definitions[name] = Definition(value.as_str(), value.mark, value.path)
         for layer in (defaults.get_str_mapping("variables"), element_variables):
             for name, value in layer.items():
                 definitions[name] = Definition(value.as_str(), value.mark, value.path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import tarfile
@@ -285,11 +286,26 @@ def test_tar_sha256_mismatch_names_file_line_field_and_both_hashes(
     assert "sha256 mismatch" in str(error)
 
 
-def test_tar_only_file_urls(tmp_path: Path, cas: LocalCas) -> None:
-    root = write_project(tmp_path / "p", tar_element("https://example.com/x.tar.gz", "0" * 64))
+def test_tar_other_schemes_are_refused(tmp_path: Path, cas: LocalCas) -> None:
+    root = write_project(tmp_path / "p", tar_element("gopher://example.com/x.tar.gz", "0" * 64))
     error = load_error(root, cas)
     assert (error.line, error.field) == (4, "sources[0].url")
-    assert "only file:// URLs (directly or through a project alias)" in error.reason
+    assert "only file:// and network URLs (directly or through a project alias)" in error.reason
+
+
+def test_a_network_tar_loads_keyed_by_its_ref_and_refuses_to_stage(
+    tmp_path: Path, cas: LocalCas
+) -> None:
+    # Given a tarball by https URL (as real projects have)
+    root = write_project(tmp_path / "p", tar_element("https://example.com/x.tar.gz", "a" * 64))
+    # When the project loads, then its key comes from the ref, as in bst
+    [element] = load_project(root, cas=cas).load_targets(["e.bst"])
+    assert json.loads(element.sources[0].content_key())[0] == "a" * 64
+    # And staging it (a build) is one clear error at the source, not a download
+    with pytest.raises(SourceError) as info:
+        element.sources[0].stage(cas, tmp_path / "work")
+    assert "cannot fetch https://example.com/x.tar.gz" in str(info.value)
+    assert info.value.line == 3
 
 
 def test_tar_missing_file_and_missing_ref(tmp_path: Path, cas: LocalCas) -> None:

@@ -280,7 +280,7 @@ def test_project_sources_default_errors_point_at_project_conf(
     tmp_path: Path, cas: LocalCas
 ) -> None:
     # Given a bad default url
-    conf = CONF + "sources:\n  tar:\n    config:\n      url: https://example.com/x.tar\n"
+    conf = CONF + "sources:\n  tar:\n    config:\n      url: gopher://example.com/x.tar\n"
     root = write(
         tmp_path / "p",
         {"project.conf": conf, "elements/e.bst": "kind: import\nsources:\n- kind: tar\n"},
@@ -288,7 +288,7 @@ def test_project_sources_default_errors_point_at_project_conf(
     # Then the error is at the line of project.conf that set it
     error = load_error(root, cas)
     assert (error.file, error.line) == ("project.conf", 6)
-    assert "only file:// URLs" in error.reason
+    assert "only file:// and network URLs" in error.reason
 
 
 @pytest.mark.parametrize(

@@ -144,16 +144,20 @@ def integration_lines(element: Element, staged: list[Element]) -> list[str]:
     return lines
 
 
-def sandbox_folder(variables: Variables, name: str) -> str:
-    """A variable holding an absolute folder below ``/`` (build-root, install-root).
+def sandbox_folder(variables: Variables, name: str, *, root_allowed: bool = False) -> str:
+    """A variable holding an absolute folder below ``/`` (build-root, install-root);
+    with ``root_allowed``, ``/`` itself (a script collecting the whole sandbox).
 
     Raises:
         LoadError: at the variable's definition.
     """
     value = variables[name]
     normal = posixpath.normpath(value) if value else ""
-    if not value.startswith("/") or normal == "/" or ".." in value.split("/"):
-        raise variables.error(
-            name, f"%{{{name}}} is {value!r}; it must be an absolute folder below '/'"
-        )
+    if (
+        not value.startswith("/")
+        or (normal == "/" and not root_allowed)
+        or ".." in value.split("/")
+    ):
+        below = "'/' or a folder below it" if root_allowed else "an absolute folder below '/'"
+        raise variables.error(name, f"%{{{name}}} is {value!r}; it must be {below}")
     return value

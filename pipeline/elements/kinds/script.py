@@ -56,7 +56,7 @@ class ScriptKind(Kind):
         ]
         self.root_read_only = get_bool(config, "root-read-only")
         self.cwd = ctx.variables.get("cwd") or "/"
-        self.install_root = sandbox_folder(ctx.variables, "install-root")
+        self.install_root = sandbox_folder(ctx.variables, "install-root", root_allowed=True)
         require_dependency_types(self.name, ctx.dependencies, build=None, runtime=False)
         for dep in ctx.dependencies:
             for config_node in dep.configs:

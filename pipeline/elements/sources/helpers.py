@@ -19,6 +19,7 @@ __all__ = [
     "BST_CORE_SOURCE_KINDS",
     "BST_PLUGINS_SOURCE_KINDS",
     "COMMON_KEYS",
+    "NETWORK_SCHEMES",
     "file_url_path",
     "project_path",
     "require_ref",
@@ -106,6 +107,10 @@ def require_ref(node: MappingNode) -> ScalarNode:
             field=node.child_path("ref"),
         )
     return ref_node
+
+
+NETWORK_SCHEMES = frozenset({"http", "https", "ftp"})
+"""URL schemes of sources remex keys by their ref but cannot stage yet."""
 
 
 def file_url_path(url: str, node: ScalarNode, refusal: str) -> Path:

@@ -1,10 +1,17 @@
-"""``tar``: a tarball by ``file://`` URL (directly or through an alias); ``ref`` is its sha256."""
+"""``tar``: a tarball by URL (directly or through an alias); ``ref`` is its sha256.
+
+A ``file://`` tarball is checked against its ref when the project loads and
+staged from the disk. A network URL (http, https, ftp) loads, keyed by its
+ref as BuildStream keys it, so the project shows and keys; staging it is
+refused with a clear error, as remex does not download sources yet.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import tarfile
+import urllib.parse
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,6 +21,7 @@ from pipeline.elements.nodes import MappingNode, Mark
 from pipeline.elements.sources.base import Source, SourceContext
 from pipeline.elements.sources.helpers import (
     COMMON_KEYS,
+    NETWORK_SCHEMES,
     file_url_path,
     require_ref,
     resolve_alias,
@@ -39,7 +47,7 @@ class TarSource(Source):
         self,
         *,
         url: str,
-        path: Path,
+        path: Path | None,
         ref: str,
         base_dir: str,
         directory: str,
@@ -61,8 +69,11 @@ class TarSource(Source):
             node.get_scalar(key)  # a string if given
         url_node = node.require_str("url")
         url = resolve_alias(ctx.variables.expand_node(url_node), ctx.aliases)
-        path = file_url_path(url, url_node, "only file:// URLs (directly or through a project "
-                             "alias) are supported for tar sources")  # fmt: skip
+        remote = urllib.parse.urlsplit(url).scheme in NETWORK_SCHEMES
+        path = None if remote else file_url_path(
+            url, url_node, "only file:// and network URLs (directly or through a project alias) "
+            "are supported for tar sources"
+        )  # fmt: skip
         ref_node = require_ref(node)
         ref = ctx.variables.expand_node(ref_node).lower()
         if not _SHA256_RE.fullmatch(ref):
@@ -73,6 +84,11 @@ class TarSource(Source):
             base_dir = ctx.variables.expand(
                 base_node.value or "", mark=base_node.mark, field=base_node.path
             )
+        if path is None:
+            # A network tarball: its ref is its key, as in BuildStream, so the
+            # project loads and shows; fetching it is refused when it is staged.
+            return cls(url=url, path=None, ref=ref, base_dir=base_dir, directory=directory,
+                       mark=node.mark, field=node.path)  # fmt: skip
         if not path.is_file():
             raise url_node.error(f"tarball not found: {path}")
         try:
@@ -98,6 +114,11 @@ class TarSource(Source):
         return json.dumps([self.ref, self.base_dir])
 
     def stage(self, cas: LocalCas, workdir: Path) -> Digest:
+        if self.path is None:
+            raise self._error(
+                f"cannot fetch {self.url}: remex stages tar sources from file:// URLs only "
+                "(download the tarball and point the project's alias at a file:// folder)"
+            )
         try:
             with open(self.path, "rb") as f:
                 # Hash then read the same open file, so what is staged is what was checked.

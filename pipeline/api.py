@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.broker import make_celery, send_element, send_ready
 from pipeline.cas import LocalCas
 from pipeline.config import OptionSetting, RemexConfig, load_config
 from pipeline.elements import load_project
@@ -189,6 +188,8 @@ def submit(
             "remex_version": __version__,
         },
     )
+    from pipeline.broker import make_celery, send_element
+
     app = make_celery(config)
     for element_name in ready:
         send_element(app, scheduler, build_id, element_name)
@@ -245,6 +246,8 @@ def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:
     config = _config(None, config)
     scheduler = Scheduler.from_url(config.require_broker())
     stopped, released = scheduler.cancel(build_id)
+    from pipeline.broker import make_celery, send_ready
+
     app = make_celery(config)
     send_ready(app, scheduler, released)
     task_ids = [t for info in stopped for t in info.get("task_ids", []) if t]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cli.errors import handles_errors
+from cli.errors import fail, handles_errors
 from cli.progress import follow, print_summary, status_json, table
 from pipeline import __version__
 from pipeline.scheduler import BuildStatus
@@ -204,7 +204,10 @@ def show(
         for element in selected:
             click.echo(f"{states[element.name]:<10} {element.cache_key[:16]}  {element.name}")
         return
-    report = format_report(selected, fmt, lambda e: states.get(e.name, ""))
+    try:
+        report = format_report(selected, fmt, lambda e: states.get(e.name, ""))
+    except ValueError as exc:  # a format spec that does not fit its value (%{name:d})
+        fail(f"--format {fmt!r}: {exc}")
     click.echo(report)
 
 

@@ -185,6 +185,7 @@ def submit(
             "project": elements[0].project if elements else "",
             "project_dir": str(project_dir),
             "targets": list(targets),
+            "options": dict(options or {}),
             "remex_version": __version__,
         },
     )

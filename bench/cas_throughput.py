@@ -32,7 +32,8 @@ from pipeline.cas import LocalCas, import_directory, tree_digests
 from pipeline.reapi.cas import CasClient
 from pipeline.reapi.channel import Endpoint
 from pipeline.reapi.remote import Remote
-from tests.servers import BuildGridServer, CasdServer, PostgresServer
+from pipeline.servers import CasdServer
+from pipeline.servers.testing import BuildGridServer, PostgresServer
 
 MiB = 1024 * 1024
 # Rates are reported in MB/s (10^6 bytes), the unit the targets are stated in.

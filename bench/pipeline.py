@@ -2,9 +2,9 @@
 
 Starts redis-server, one buildbox-casd (``--jobs=8``; execution and
 artifacts) and two ``remex worker`` processes (``-c 8`` each, their own local
-CAS) with :class:`tests.workers.RemexStack` (production heartbeat and
+CAS) with :class:`pipeline.servers.RemexStack` (production heartbeat and
 reconciler settings), and builds projects made by
-:func:`tests.dag.make_dag_project` through the scripting API
+:func:`pipeline.testing.dag.make_dag_project` through the scripting API
 (``pipeline.api.submit`` + ``pipeline.api.wait`` in this process: what a
 script sees; the CLI adds Python start-up, shown in an extra row for the
 no-op rebuild):
@@ -66,11 +66,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bot.process import BotProcess
 from pipeline import api
 from pipeline.config import RemexConfig, load_config
 from pipeline.scheduler import BuildStatus
-from pipeline.servers import BuildGridServer, CasdServer, PostgresServer, RedisServer
+from pipeline.servers import BotProcess, RemexStack, remex_program
+from pipeline.servers.testing import BuildGridServer, PostgresServer
 from pipeline.spec import BuildSpec
 from pipeline.stages import (
     StageContext,
@@ -82,9 +82,8 @@ from pipeline.stages import (
     upload,
 )
 from pipeline.stages.state import decode_action_result
-from tests.dag import DagProject, make_dag_project
-from tests.sysroot import make_busybox_sysroot
-from tests.workers import RemexStack, RemexWorker, remex_program
+from pipeline.testing.dag import DagProject, make_dag_project
+from pipeline.testing.sysroot import make_busybox_sysroot
 
 WAIT_POLL = 0.02
 BUILD_TIMEOUT = 600.0
@@ -610,49 +609,23 @@ def grid_stack(
     """PostgreSQL + BuildGrid 0.4.4 (execution, CAS, ActionCache), a casd as
     the artifact server, redis, ``bots`` x ``remex bot --capacity CAPACITY``
     (buildbox-run) and ``workers`` x ``remex worker`` (production settings).
-
-    :class:`tests.workers.RemexStack` always starts a casd as its execution
-    server, so the pieces are put together here, as in
-    tests/integration/test_pipeline_buildgrid.py. Everything is stopped by
-    PID (SIGTERM, then SIGKILL), the last started first."""
+    Everything is stopped by PID (SIGTERM, then SIGKILL), the last started first."""
     root = work / "grid-stack"
-    with contextlib.ExitStack() as cleanup:
-        postgres = cleanup.enter_context(PostgresServer(root / "postgres"))
-        grid = cleanup.enter_context(BuildGridServer(root / "buildgrid", postgres))
-        artifacts = cleanup.enter_context(CasdServer(root / "casd-artifacts", jobs=1))
-        redis = cleanup.enter_context(RedisServer(root / "redis"))
-        config_file = root / "remex.toml"
-        config_file.write_text("")
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith("REMEX_") and key != "CELERY_CONFIG_MODULE"
-        }
-        env.update(
-            REMEX_CONFIG=str(config_file),
-            REMEX_STACK_DIR=str(root / "no-embedded-stack"),
-            REMEX_BROKER_URL=redis.url,
-            REMEX_EXECUTION_URL=grid.url,
-            REMEX_ARTIFACTS_URL=artifacts.url,
-            REMEX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT),
-            REMEX_RECONCILE_INTERVAL=str(RECONCILE_INTERVAL),
-            PYTHONUNBUFFERED="1",
-        )
-        started_bots = []
-        for k in range(1, bots + 1):
-            bot = BotProcess(
-                root / f"bot{k}", remote=grid.url, bot_id=f"bot{k}", capacity=capacity, env=env
-            )
-            cleanup.callback(bot.close)
-            started_bots.append(bot.start())
-        for k in range(1, workers + 1):
-            worker = RemexWorker(
-                root / f"worker-w{k}", name=f"w{k}", env=env, concurrency=concurrency
-            )
-            cleanup.callback(worker.close)
-            worker.start()
-        cli_env = env | {"REMEX_CAS_DIR": str(root / "cli-cas")}
-        yield load_config(environ=cli_env), cli_env, started_bots
+    with (
+        PostgresServer(root / "postgres") as postgres,
+        BuildGridServer(root / "buildgrid", postgres) as grid,
+        RemexStack(
+            root,
+            execution=grid,
+            bots=bots,
+            bot_capacity=capacity,
+            workers=workers,
+            concurrency=concurrency,
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            reconcile_interval=RECONCILE_INTERVAL,
+        ) as stack,
+    ):
+        yield load_config(environ=stack.env), dict(stack.env), stack.bots
 
 
 def main() -> int:

@@ -22,8 +22,8 @@ Modules:
               (NO sandbox: trusted actions only)
 ``main``      options, wiring, signals (SIGTERM: finish within ``--grace`` or
               give back, then BOT_TERMINATING)
-``process``   ``remex bot`` as a managed subprocess (tests, benchmarks)
 
 The Bots client itself is :mod:`pipeline.reapi.bots` (only ``pipeline.reapi``
-speaks gRPC).
+speaks gRPC); ``remex bot`` as a managed process (stacks, tests, benchmarks)
+is :class:`pipeline.servers.bot.BotProcess`.
 """

@@ -104,7 +104,8 @@ def find_buildbox_run() -> str:
     found = shutil.which("buildbox-run")
     if found:
         return found
-    from pipeline.servers import ServerError, buildbox_dir
+    from pipeline.servers.casd import buildbox_dir
+    from pipeline.servers.errors import ServerError
 
     try:
         return str(buildbox_dir() / "buildbox-run")

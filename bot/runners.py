@@ -40,7 +40,7 @@ from pipeline.digest import Digest, digest_to_str
 from pipeline.errors import BlobNotFoundError, LocalCasError, RemexError
 from pipeline.reapi.cas import CasClient
 from pipeline.reapi.channel import Endpoint
-from pipeline.servers import kill_process_tree
+from pipeline.servers.process import kill_process_tree
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 __all__ = [

@@ -259,6 +259,13 @@ def _placeholder_digests(element: Any) -> list[Any]:
     show_default=True,
     help="Also check out the element's runtime dependencies.",
 )
+@click.option(
+    "--integrate/--no-integrate",
+    default=True,
+    show_default=True,
+    help="Run the checked out elements' integration commands on the tree first "
+    "(as a remote action on the execution service; as bst artifact checkout).",
+)
 @handles_errors
 def checkout(
     project_dir: Path,
@@ -266,11 +273,14 @@ def checkout(
     dest: Path,
     option_pairs: Sequence[tuple[str, str]],
     deps: str,
+    integrate: bool,
 ) -> None:
     """Write ELEMENT's built files into DEST (refusing anything unsafe)."""
     from pipeline import api
     from pipeline.config import load_config
-    from pipeline.stages import checkout_artifact
+    from pipeline.elements.element import integration_spec
+    from pipeline.errors import RemexError
+    from pipeline.stages import build_plan, checkout_artifact
 
     config = load_config(project_dir)
     with api.open_context(config) as ctx:
@@ -282,8 +292,16 @@ def checkout(
             config=config,
         )
         target = plan[-1]
-        runtime = [e.artifact_uri for e in target.runtime_closure()[:-1]] if deps == "run" else []
-        checkout_artifact(ctx, target.artifact_uri, dest, runtime_deps=runtime)
+        elements = target.runtime_closure() if deps == "run" else [target]
+        spec = integration_spec(elements, target) if integrate else None
+        if spec is None:
+            runtime = [e.artifact_uri for e in elements[:-1]]
+            checkout_artifact(ctx, target.artifact_uri, dest, runtime_deps=runtime)
+        else:
+            [result] = build_plan(ctx, [spec])
+            if result["error"] is not None:
+                raise RemexError(f"integrating {element} failed: {result['error']}")
+            checkout_artifact(ctx, spec, dest)
     click.echo(f"checked out {element} into {dest}")
 
 

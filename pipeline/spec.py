@@ -18,11 +18,17 @@ DigestJson = dict[str, Any]
 
 ARTIFACT_URI_PREFIX = "urn:fdc:remex:2026:artifact:"
 FAILURE_URI_PREFIX = "urn:fdc:remex:2026:failure:"
+INTEGRATED_URI_PREFIX = "urn:fdc:remex:2026:integrated:"
 
 
 def artifact_uri(project: str, normal_name: str, cache_key: str) -> str:
     """The Remote Asset URI of an element's artifact."""
     return f"{ARTIFACT_URI_PREFIX}{project}/{normal_name}/{cache_key}"
+
+
+def integrated_uri(project: str, normal_name: str, key: str) -> str:
+    """The Remote Asset URI of an integrated checkout (a tree with integration run)."""
+    return f"{INTEGRATED_URI_PREFIX}{project}/{normal_name}/{key}"
 
 
 def failure_uri(project: str, normal_name: str, cache_key: str) -> str:

@@ -8,44 +8,45 @@ records them in a state folder (``stack.json``), which
 :func:`pipeline.config.load_config` reads, so ``remex build`` and the other
 commands find the stack with no configuration. ``remex down`` stops exactly
 the processes recorded there, checking each PID still runs what was started.
+
+The processes are started by :class:`pipeline.servers.RemexStack` (the one
+stack builder) in the embedded layout of :class:`EmbeddedStack`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
-import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.errors import ConfigError
-from pipeline.servers import (
-    HOST,
-    CasdServer,
-    RedisServer,
-    Server,
-    ServerError,
-    buildbox_dir,
-    kill_process_tree,
-    unmount_under,
-)
+from pipeline.servers.casd import buildbox_dir
+from pipeline.servers.errors import ServerError
+from pipeline.servers.flower import FLOWER_USER, FlowerServer, flower_password
+from pipeline.servers.process import pid_alive, runs_program, stop_process_group, unmount_under
+from pipeline.servers.stack import RemexStack
+
+__all__ = [
+    "FLOWER_USER",
+    "STATE_FILE",
+    "EmbeddedStack",
+    "FlowerServer",
+    "Stack",
+    "check_tools",
+    "down",
+    "flower_password",
+    "read_stack",
+    "stack_dir",
+    "up",
+]
 
 STATE_FILE = "stack.json"
-WORKER_READY_TIMEOUT = 60.0
-FLOWER_USER = "remex"
-# Flower writes its state (tasks, workers) to its database this often, not
-# only at a clean exit, so a killed Flower loses a minute at most.
-FLOWER_SAVE_INTERVAL_MS = 60_000
-# The tasks page's columns: ``args`` shows "<element> [build <id>, attempt N]".
-FLOWER_TASKS_COLUMNS = "name,args,state,received,runtime,worker"
 
 # What each program is and which Debian package brings it.
 _TOOLS = {
@@ -91,90 +92,6 @@ def check_tools() -> None:
         raise ConfigError("; ".join(missing))
 
 
-class FlowerServer(Server):
-    """Flower (``celery -A tasks.app flower``) on ``http://127.0.0.1:PORT``,
-    watching the broker ``broker_url``: basic auth as ``user``/``password``
-    (passed in the environment, not on the command line), its state in
-    ``workdir/flower.db`` (persistent across restarts), its log in
-    ``workdir/flower.log``. Healthy once ``/healthcheck`` answers ``OK``.
-    """
-
-    name = "flower"
-    scheme = "http"
-    start_timeout = 60.0
-    probe_timeout = 2.0
-
-    def __init__(
-        self,
-        workdir: str | os.PathLike[str],
-        *,
-        broker_url: str,
-        user: str,
-        password: str,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(workdir)
-        self.broker_url = broker_url
-        self.user = user
-        self.password = password
-        self.env = dict(os.environ if env is None else env)
-        self.db_path = self.workdir / "flower.db"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    def _launch(self) -> None:
-        env = {k: v for k, v in self.env.items() if not k.startswith("FLOWER_")}
-        env.update(
-            {
-                "REMEX_BROKER_URL": self.broker_url,
-                "FLOWER_BASIC_AUTH": f"{self.user}:{self.password}",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        self._popen(
-            [
-                sys.executable, "-m", "celery", "-A", "tasks.app", "flower",
-                f"--address={HOST}",
-                f"--port={self.port}",
-                "--persistent=True",
-                f"--db={self.db_path}",
-                f"--state_save_interval={FLOWER_SAVE_INTERVAL_MS}",
-                f"--tasks_columns={FLOWER_TASKS_COLUMNS}",
-            ],
-            env,
-        )  # fmt: skip
-
-    def _probe(self, timeout: float) -> bool:
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"{self.url}/healthcheck", timeout=timeout) as answer:
-                return bool(answer.read().strip() == b"OK")
-        except (OSError, urllib.error.URLError):
-            return False
-
-
-def flower_password(folder: Path) -> str:
-    """The Flower password of the stack in ``folder``: made on first use
-    (random, 128 bits) and kept in ``folder/flower/password`` (mode 0600), so
-    it stays the same across ``remex up`` and a bookmarked login keeps working."""
-    path = folder / "flower" / "password"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        password = path.read_text().strip()
-    except FileNotFoundError:
-        password = ""
-    if not password:
-        password = secrets.token_urlsafe(16)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(password + "\n")
-    return password
-
-
 @dataclass
 class Stack:
     """A running embedded stack (what ``stack.json`` records)."""
@@ -196,6 +113,46 @@ class Stack:
         or None when the stack runs without Flower."""
         entry = self.state.get("flower")
         return dict(entry) if entry else None
+
+
+class EmbeddedStack(RemexStack):
+    """The layout of ``remex up``: ``redis/`` (AOF on), ``casd/`` (execution
+    and artifacts), ``flower/``, workers ``embedded-0`` ... in folders of
+    those names; the user's environment is kept (minus any artifact server),
+    with an empty config, and the workers' timings are the production ones."""
+
+    dirs: ClassVar[Mapping[str, str]] = {**RemexStack.dirs, "execution": "casd"}
+
+    def __init__(
+        self, folder: Path, *, workers: int, jobs: int, concurrency: int, flower: bool
+    ) -> None:
+        super().__init__(
+            folder,
+            workers=workers,
+            concurrency=concurrency,
+            jobs=jobs,
+            separate_artifacts=False,
+            flower=flower,
+            flower_password=flower_password(folder) if flower else None,
+            persistent_redis=True,
+            heartbeat_timeout=None,
+            reconcile_interval=None,
+        )
+
+    def worker_name(self, index: int) -> str:
+        return f"embedded-{index}"
+
+    def worker_dir(self, name: str) -> Path:
+        return self.workdir / name
+
+    def base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The execution casd is also the artifact server (the config's default).
+        env.pop("REMEX_ARTIFACTS_URL", None)
+        # Each worker has a local CAS of its own (in its folder), never a shared one.
+        env.pop("REMEX_CAS_DIR", None)
+        env.update(self._server_env(), REMEX_CONFIG=os.devnull)
+        return env
 
 
 def up(
@@ -220,83 +177,40 @@ def up(
     if flower and importlib.util.find_spec("flower") is None:
         raise ConfigError("Flower is not installed: pip install 'flower>=2.0,<3'")
     current = read_stack(folder)
-    if current is not None and any(_alive(p) for p in _recorded(current)):
+    if current is not None and any(pid_alive(p) for p in _recorded(current)):
         raise ConfigError(f"a remex stack is already up ({folder / STATE_FILE}); run 'remex down'")
     folder.mkdir(parents=True, exist_ok=True)
-    started: list[tuple[int, str]] = []
-    try:
-        redis = RedisServer(folder / "redis", appendonly=True).start()
-        started.append((redis.detach(), "redis-server"))
-        casd = CasdServer(folder / "casd", jobs=jobs).start()
-        started.append((casd.detach(), "buildbox-casd"))
-        env = dict(os.environ)
-        env.update(
-            {
-                "REMEX_BROKER_URL": redis.url,
-                "REMEX_EXECUTION_URL": casd.url,
-                "REMEX_CONFIG": os.devnull,
-            }
-        )
-        env.pop("REMEX_ARTIFACTS_URL", None)
-        flower_record: dict[str, Any] | None = None
-        if flower:
-            flower_server = FlowerServer(
-                folder / "flower",
-                broker_url=redis.url,
-                user=FLOWER_USER,
-                password=flower_password(folder),
-                env=env,
-            ).start()
-            started.append((flower_server.detach(), "celery"))
-            flower_record = {
-                "name": "flower",
-                "url": flower_server.url,
-                "pid": started[-1][0],
-                "cmd": "celery",
-                "user": FLOWER_USER,
-                "password_file": str(folder / "flower" / "password"),
-                "db": str(flower_server.db_path),
-                "log": str(flower_server.log_path),
-            }
-        worker_records: list[dict[str, Any]] = []
-        for index in range(workers):
-            name = f"embedded-{index}"
-            wdir = folder / name
-            wdir.mkdir(exist_ok=True)
-            worker_env = dict(env, REMEX_CAS_DIR=str(wdir / "cas"))
-            log_path = wdir / "worker.log"
-            with log_path.open("ab") as log:
-                proc = subprocess.Popen(
-                    [_remex(), "worker", "--name", name, "--concurrency", str(concurrency)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=worker_env,
-                    cwd=wdir,
-                    start_new_session=True,
-                )
-            started.append((proc.pid, "remex"))
-            worker_records.append({"name": name, "pid": proc.pid, "log": str(log_path)})
-        for record in worker_records:
-            _wait_worker_ready(Path(record["log"]), int(record["pid"]))
-    except BaseException:
-        for pid, _ in reversed(started):
-            _stop_pid(pid)
-        unmount_under(folder / "casd")
-        raise
-    state = {
+    stack = EmbeddedStack(
+        folder, workers=workers, jobs=jobs, concurrency=concurrency, flower=flower
+    ).start()
+    # Started and healthy: from now on `remex down` stops them, by PID.
+    stack.detach()
+    casd = stack.execution
+    state: dict[str, Any] = {
         "created": time.time(),
-        "redis": {"url": redis.url, "pid": started[0][0], "cmd": "redis-server"},
+        "redis": {"url": stack.redis.url, "pid": stack.redis.pid, "cmd": "redis-server"},
         "casd": {
             "url": casd.url,
-            "pid": started[1][0],
+            "pid": casd.pid,
             "cmd": "buildbox-casd",
             "workdir": str(casd.workdir),
         },
-        "workers": [{**w, "cmd": "remex"} for w in worker_records],
+        "workers": [
+            {"name": w.worker_name, "pid": w.pid, "log": str(w.log_path), "cmd": "remex"}
+            for w in stack.workers
+        ],
     }
-    if flower_record is not None:
-        state["flower"] = flower_record
+    if stack.flower is not None:
+        state["flower"] = {
+            "name": "flower",
+            "url": stack.flower.url,
+            "pid": stack.flower.pid,
+            "cmd": "celery",
+            "user": FLOWER_USER,
+            "password_file": str(folder / "flower" / "password"),
+            "db": str(stack.flower.db_path),
+            "log": str(stack.flower.log_path),
+        }
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
     return Stack(folder, state)
 
@@ -315,18 +229,13 @@ def down(folder: Path) -> list[str]:
     ]
     for entry in entries:
         pid, cmd = entry.get("pid"), entry.get("cmd", "")
-        if pid and _runs(int(pid), cmd):
-            _stop_pid(int(pid))
+        if pid and runs_program(int(pid), cmd):
+            stop_process_group(int(pid))
             stopped.append(f"{entry.get('name') or cmd} (pid {pid})")
     if state.get("casd", {}).get("workdir"):
         unmount_under(Path(state["casd"]["workdir"]))
     (folder / STATE_FILE).unlink(missing_ok=True)
     return stopped
-
-
-def _remex() -> str:
-    found = Path(sys.executable).with_name("remex")
-    return str(found) if found.exists() else (shutil.which("remex") or "remex")
 
 
 def _recorded(state: dict[str, Any]) -> list[int]:
@@ -337,55 +246,3 @@ def _recorded(state: dict[str, Any]) -> list[int]:
     ]
     pids += [w.get("pid") for w in state.get("workers", [])]
     return [int(p) for p in pids if p]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-def _runs(pid: int, program: str) -> bool:
-    """True when ``pid`` is alive and its command line names ``program``
-    (a recycled PID running something else is never signalled)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(program.encode() in part for part in cmdline[:3])
-
-
-def _stop_pid(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process group ``pid`` leads, wait up to ``grace`` s, then
-    SIGKILL what is left of its tree (buildbox-run puts itself in a group of
-    its own, so the group alone is not enough)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not _alive(pid) or _zombie(pid):
-            break
-        time.sleep(0.05)
-    kill_process_tree(pid, pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
-
-
-def _wait_worker_ready(log_path: Path, pid: int) -> None:
-    deadline = time.monotonic() + WORKER_READY_TIMEOUT
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace") if log_path.exists() else ""
-        if " ready." in text:
-            return
-        if not _alive(pid) or _zombie(pid):
-            raise ServerError(f"remex worker exited during start; log {log_path}:\n{text[-3000:]}")
-        time.sleep(0.1)
-    raise ServerError(f"remex worker not ready within {WORKER_READY_TIMEOUT:.0f} s; log {log_path}")

@@ -7,8 +7,11 @@ modules would collide with remex's in one process (TEST-STACK.md).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +50,7 @@ class Bst:
             HOME=str(self.home / "home"),
             XDG_CACHE_HOME=str(self.home / "cache"),
             XDG_CONFIG_HOME=str(self.home / "config"),
-            TMPDIR=str(self.home / "tmp"),
+            TMPDIR=self._tmp(),
         )
         for name in ("home", "cache", "config", "tmp"):
             (self.home / name).mkdir(parents=True, exist_ok=True)
@@ -72,6 +75,14 @@ class Bst:
                 f"--- stderr ---\n{result.stderr[-6000:]}\n--- stdout ---\n{result.stdout[-2000:]}"
             )
         return result
+
+    def _tmp(self) -> str:
+        # bst's casd listens on a unix socket under TMPDIR, whose path must
+        # stay under 108 bytes: a short folder of its own, removed with self.
+        if not hasattr(self, "_tmpdir"):
+            self._tmpdir = tempfile.mkdtemp(prefix="bst")
+            weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
+        return self._tmpdir
 
     def checkout(self, element: str, deps: str, dest: Path, *, integrate: bool = True) -> Path:
         flag = "--integrate" if integrate else "--no-integrate"

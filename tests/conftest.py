@@ -1,9 +1,9 @@
-"""Shared pytest fixtures: real servers (see tests/servers.py) and a busybox sysroot.
+"""Shared pytest fixtures: real servers (see pipeline/servers/) and a busybox sysroot.
 
 Session-scoped: ``redis_server``, ``casd``, ``postgres``, ``buildgrid``,
 ``busybox_sysroot``.  Module-scoped: ``remex_stack`` (redis-server, an
 execution and an artifact buildbox-casd, two ``remex worker`` processes; see
-tests/workers.py).  Function-scoped: ``fresh_casd`` (a private casd a test
+pipeline/servers/stack.py).  Function-scoped: ``fresh_casd`` (a private casd a test
 may kill or restart).  There are no skips: a missing program makes the fixture
 fail with a message naming what to install.
 """
@@ -20,14 +20,9 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-from tests.servers import (  # noqa: E402
-    BuildGridServer,
-    CasdServer,
-    PostgresServer,
-    RedisServer,
-)
-from tests.sysroot import make_busybox_sysroot  # noqa: E402
-from tests.workers import RemexStack  # noqa: E402
+from pipeline.servers import CasdServer, RedisServer, RemexStack  # noqa: E402
+from pipeline.servers.testing import BuildGridServer, PostgresServer  # noqa: E402
+from pipeline.testing.sysroot import make_busybox_sysroot  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ means (its config, its key, how it builds) is its :attr:`Element.plugin`, a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from pipeline.elements.variables import Variables
 if TYPE_CHECKING:
     from pipeline.elements.kinds import Kind
 
-__all__ = ["Dependency", "Element", "runtime_closure_of"]
+__all__ = ["Dependency", "Element", "integration_spec", "runtime_closure_of"]
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,10 @@ class Element:
 
     Attributes:
         project: the project's name.
-        name: the element's path relative to element-path (``libs/foo.bst``).
-        normal_name: ``libs-foo`` (BuildStream's normal name).
+        name: the element's path relative to element-path (``libs/foo.bst``);
+            a subproject's element is qualified by its junction
+            (``junction.bst:libs/foo.bst``).
+        normal_name: ``libs-foo`` (BuildStream's normal name, within its own project).
         file: the element file relative to the project folder (``elements/libs/foo.bst``).
         kind: the kind's name (``manual``, ``autotools`` ...).
         plugin: the kind, configured for this element.
@@ -69,6 +72,7 @@ class Element:
         *,
         project: str,
         name: str,
+        normal_name: str | None = None,
         file: str,
         plugin: Kind,
         description: str,
@@ -84,7 +88,7 @@ class Element:
     ) -> None:
         self.project = project
         self.name = name
-        self.normal_name = spec.normal_name(name)
+        self.normal_name = normal_name if normal_name is not None else spec.normal_name(name)
         self.file = file
         self.kind = plugin.name
         self.plugin = plugin
@@ -223,6 +227,64 @@ class Element:
             "files_target": recipe.files_target,
             "select_outputs": recipe.select_outputs,
         }
+
+
+def integration_spec(elements: list[Element], target: Element) -> spec.BuildSpec | None:
+    """A build spec whose "artifact" is ``elements`` (a checkout, dependencies first)
+    with their integration commands run on it, as ``bst artifact checkout``
+    integrates; None when none of them has integration commands.
+
+    It is built like any element: the artifacts staged at ``/``, one action
+    running the commands, the whole sandbox as output (so no local sandbox
+    is needed), stored under an ``integrated`` URI keyed by what went in.
+    """
+    from pipeline.elements.keys import canonical_json
+    from pipeline.elements.kinds.manual import integration_lines
+
+    lines = integration_lines(target, elements)
+    if not lines:
+        return None
+    key = hashlib.sha256(
+        canonical_json(
+            {
+                "integrate": [[e.name, e.cache_key] for e in elements],
+                "commands": lines,
+                "environment": target.environment,
+                "platform": target.platform,
+            }
+        ).encode()
+    ).hexdigest()
+    return {
+        "project": target.project,
+        "element": f"{target.name} (integrated)",
+        "kind": "integration",
+        "cache_key": key,
+        "artifact_uri": spec.integrated_uri(target.project, target.normal_name, key),
+        "dependencies": [
+            {
+                "element": e.name,
+                "cache_key": e.cache_key,
+                "artifact_uri": e.artifact_uri,
+                "path": "",
+                "select": None,
+            }
+            for e in elements
+        ],
+        "runtime_dependencies": [],
+        "sources": [],
+        "source_root": "",
+        "command": {
+            "arguments": ["sh", "-c", "-e", "".join(line + "\n" for line in lines)],
+            "environment": dict(sorted(target.environment.items())),
+            "working_directory": "",
+            "output_path": "",
+            "platform": target.platform,
+            "timeout_seconds": None,
+        },
+        "files_root": "",
+        "files_target": "",
+        "select_outputs": False,
+    }
 
 
 def runtime_closure_of(elements: Iterable[Element]) -> list[Element]:

@@ -16,17 +16,20 @@ name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import posixpath
 import re
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from pipeline.cas import LocalCas
+from pipeline import spec
+from pipeline.cas import LocalCas, checkout
 from pipeline.elements.composition import (
     IncludeLoader,
     JunctionIncludeResolver,
@@ -47,12 +50,18 @@ from pipeline.elements.defaults import (
 from pipeline.elements.element import Dependency, Element
 from pipeline.elements.errors import LoadError
 from pipeline.elements.keys import cache_key
-from pipeline.elements.kinds import CORE_KINDS, Kind, KindContext, build_element_kind
+from pipeline.elements.kinds import (
+    CORE_KINDS,
+    JunctionKind,
+    Kind,
+    KindContext,
+    build_element_kind,
+)
 from pipeline.elements.kinds.base import data_to_node, expand_data
 from pipeline.elements.nodes import MappingNode, Mark, ScalarNode, SequenceNode, load_yaml
 from pipeline.elements.options import PROJECT_RESTRICTED_KEYS, OptionPool
 from pipeline.elements.plugins import declare_plugins
-from pipeline.elements.sources import Source, load_source, project_path
+from pipeline.elements.sources import LocalSource, Source, load_source, project_path
 from pipeline.elements.split_rules import DEFAULT_SPLIT_RULES
 from pipeline.elements.variables import Definition, Variables
 
@@ -246,6 +255,10 @@ class _DepRef:
 @dataclass
 class _ElementFile:
     name: str
+    """Qualified: ``junction.bst:element.bst`` for a subproject's element."""
+    project: Project
+    local: str
+    """The name within its own project."""
     display: str
     node: MappingNode
     kind: str
@@ -312,6 +325,14 @@ class Project:
         self.includes = includes if includes is not None else IncludeLoader(directory)
         # BuildStream resolves an included file's conditionals before its own includes.
         self.includes.on_included = self.options.process_node
+        self.includes.junction_resolver = self._junction_include
+        # Junctions: this project's elements are named prefix + name in the
+        # root project's graph, which holds every project's files and elements.
+        self.prefix = ""
+        self.root: Project = self
+        self._subprojects: dict[str, Project] = {}
+        # The root's: every junction's project by the junction's qualified name.
+        self._junction_projects: dict[str, Project] = {}
 
     def __repr__(self) -> str:
         return f"<Project {self.name} at {self.directory}>"
@@ -372,58 +393,200 @@ class Project:
     # --- reading files -------------------------------------------------------
 
     def _read_target(self, target: str) -> _ElementFile:
-        name = _normal_element_name(target)
+        name = _qualified_name(target)
         if name is None:
             raise LoadError(f"invalid element name {target!r}: use a path relative to element-path")
-        file = self._files.get(name)
-        if file is not None:
-            return file
+
+        def error(message: str) -> LoadError:
+            return LoadError(message)
+
         path = self.element_path / name
-        if not path.is_file():
+        if ":" not in name and name not in self._files and not path.is_file():
             raise LoadError(f"element {target!r} not found", file=self._display(path))
-        return self._read(name, path)
+        file = self._read_named(name, error, what="element")
+        if file.kind == "junction":
+            raise LoadError(
+                f"{file.name} is a junction: build its elements ({file.name}:ELEMENT.bst)",
+                file=file.display,
+            )
+        return file
 
     def _read_dependency(self, ref: _DepRef) -> _ElementFile:
-        file = self._files.get(ref.name)
-        if file is not None:
-            return file
-        path = self.element_path / ref.name
-        if not path.is_file():
+        def error(message: str) -> LoadError:
+            return LoadError(message, file=ref.mark.file, line=ref.mark.line, field=ref.field)
+
+        file = self._read_named(ref.name, error, what="dependency")
+        if file.kind == "junction":
+            raise error(
+                f"dependency {ref.name!r} is a junction: depend on its elements "
+                f"({ref.name}:ELEMENT.bst)"
+            )
+        return file
+
+    def _read_named(
+        self, name: str, error: Callable[[str], LoadError], *, what: str
+    ) -> _ElementFile:
+        """The file of a qualified element name, links followed."""
+        seen: list[str] = []
+        while True:
+            file = self._files.get(name)
+            if file is None:
+                owner, local = self._locate(name, error)
+                path = owner.element_path / local
+                if not path.is_file():
+                    missing = f"no file {self._display(path)}"
+                    raise error(f"{what} {name!r} not found ({missing})")
+                file = self._read(name, owner, local, path)
+            if file.kind != "link":
+                return file
+            seen.append(name)
+            name = self._link_target(file)
+            if name in seen:
+                raise error(f"links form a cycle: {' -> '.join([*seen, name])}")
+
+    def _link_target(self, file: _ElementFile) -> str:
+        """The qualified name a ``link`` element points to."""
+        config = file.node.get_mapping("config")
+        target = config.get_scalar("target") if config is not None else None
+        if target is None or target.value is None:
+            raise file.node.error("a link element needs config.target", field="config.target")
+        name = _qualified_name(target.value)
+        if name is None:
+            raise target.error(f"invalid link target {target.value!r}")
+        return file.project.prefix + name
+
+    def _locate(self, name: str, error: Callable[[str], LoadError]) -> tuple[Project, str]:
+        """The project owning a qualified name, and the name within it."""
+        *junctions, local = name.split(":")
+        owner: Project = self
+        for junction in junctions:
+            owner = owner.subproject(junction, error)
+        return owner, local
+
+    def subproject(self, junction: str, error: Callable[[str], LoadError]) -> Project:
+        """The project behind this project's junction element ``junction`` (or a
+        link to one), loaded once.
+
+        Raises:
+            LoadError: it is not a junction, its source is not a project, or the
+                subproject fails to load (through ``error`` when it is missing).
+        """
+        found = self._subprojects.get(junction)
+        if found is not None:
+            return found
+        root = self.root
+        file = root._read_named(self.prefix + junction, error, what="junction")
+        if file.kind != "junction":
+            raise error(f"{file.name} is a {file.kind} element, not a junction")
+        owner = file.project
+        if file.name in root._junction_projects:
+            sub = root._junction_projects[file.name]
+        else:
+            sub = owner._load_junction(file)
+            root._junction_projects[file.name] = sub
+        self._subprojects[junction] = sub
+        return sub
+
+    def _load_junction(self, file: _ElementFile) -> Project:
+        plugin = self._kinds["junction"]()
+        assert isinstance(plugin, JunctionKind)
+        defaults = self._kind_defaults("junction")
+        variables = self._element_variables(file, defaults)
+        config = _compose_mappings(defaults.get_mapping("config"), file.node.get_mapping("config"))
+        plugin.configure(
+            KindContext(
+                element=file.name,
+                node=file.node,
+                config=config or MappingNode(mark=file.node.mark, path="config"),
+                variables=variables,
+                dependencies=[],
+            )
+        )
+        if file.deps:
+            ref = file.deps[0]
             raise LoadError(
-                f"dependency {ref.name!r} not found (no file {self._display(path)})",
+                "a junction element cannot have dependencies",
                 file=ref.mark.file,
                 line=ref.mark.line,
                 field=ref.field,
             )
-        return self._read(ref.name, path)
+        sources = self._sources(file, plugin, variables)
+        if len(sources) != 1:
+            raise file.node.error(
+                f"a junction needs exactly one source (the subproject), it has {len(sources)}",
+                field="sources",
+            )
+        directory = self._junction_directory(file, sources[0])
+        if not (directory / "project.conf").is_file():
+            raise LoadError(
+                f"junction {file.name}: its source holds no project.conf "
+                f"(looked in {self._display(directory)})",
+                file=file.display,
+                line=sources[0].mark.line,
+                field=sources[0].field,
+            )
+        sub = load_project(directory, cas=self.cas, max_jobs=self.max_jobs, options=plugin.options)
+        sub.prefix = file.name + ":"
+        sub.root = self.root
+        return sub
+
+    def _junction_directory(self, file: _ElementFile, source: Source) -> Path:
+        """Where the subproject is: a ``local`` source's folder, or any other
+        source staged and checked out once into a folder beside the local CAS."""
+        if isinstance(source, LocalSource):
+            return source.path
+        scratch = self.cas.root.parent / "junctions"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch) as work:
+            digest = source.stage(self.cas, Path(work))
+        dest = scratch / digest.hash
+        if not (dest / "project.conf").is_file():
+            with tempfile.TemporaryDirectory(dir=scratch) as work:
+                checkout(self.cas, digest, Path(work) / "project")
+                with contextlib.suppress(OSError):
+                    os.rename(Path(work) / "project", dest)
+        return dest
+
+    def _junction_include(self, junction: str, file: str, node: ScalarNode) -> tuple[Path, str]:
+        sub = self.subproject(junction, lambda message: node.error(message))
+        path = sub.directory / file
+        if not path.is_file():
+            raise node.error(f"include {junction}:{file}: no file {file} in the subproject")
+        return path, f"{junction}:{file}"
 
     def _display(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.directory).as_posix()
-        except ValueError:
-            return str(path)
+        for directory in (self.root.directory, self.directory):
+            try:
+                return path.relative_to(directory).as_posix()
+            except ValueError:
+                continue
+        return str(path)
 
-    def _read(self, name: str, path: Path) -> _ElementFile:
+    def _read(self, name: str, owner: Project, local: str, path: Path) -> _ElementFile:
+        """Read ``owner``'s element file ``local`` into this (root) project's graph as ``name``."""
         display = self._display(path)
         node = load_yaml(path, display)
         # As BuildStream: conditionals first (with the project's options),
         # then includes (each included file through its conditionals first).
-        self.options.process_node(node)
-        self.includes.process(node, (display,))
+        owner.options.process_node(node)
+        owner.includes.process(node, (display,))
         node.validate_keys(_ELEMENT_KEYS)
         kind_node = node.require_str("kind")
         kind = kind_node.as_str()
-        if kind not in self._kinds and kind in self._plugins:
-            plugin = self._plugins[kind].resolve()
-            self._kinds[kind] = build_element_kind(kind, plugin.defaults)
-        if kind not in self._kinds:
+        if kind not in owner._kinds and kind in owner._plugins:
+            plugin = owner._plugins[kind].resolve()
+            owner._kinds[kind] = build_element_kind(kind, plugin.defaults)
+        if kind not in owner._kinds:
             raise kind_node.error(
-                f"unknown element kind {kind!r} (remex supports {', '.join(sorted(self._kinds))}; "
+                f"unknown element kind {kind!r} (remex supports {', '.join(sorted(owner._kinds))}; "
                 "a plugin kind must be declared in project.conf 'plugins')"
             )
         node.get_scalar("description")  # a string (or null) if given
-        file = _ElementFile(name=name, display=display, node=node, kind=kind,
-                            deps=_read_dependencies(node))  # fmt: skip
+        deps = _read_dependencies(node)
+        for ref in deps:
+            ref.name = owner.prefix + ref.name
+        file = _ElementFile(name=name, project=owner, local=local, display=display, node=node,
+                            kind=kind, deps=deps)  # fmt: skip
         self._files[name] = file
         return file
 
@@ -443,13 +606,16 @@ class Project:
                 if index < len(file.deps):
                     path[-1] = (file, index + 1, via)
                     ref = file.deps[index]
+                    if ref.name not in done and ref.name not in on_path:
+                        # Read it (a link resolves to its target's name).
+                        ref.name = self._read_dependency(ref).name
                     if ref.name in done:
                         continue
                     if ref.name in on_path:
                         raise _cycle_error(
                             [frame[0] for frame in path], [frame[2] for frame in path], ref
                         )
-                    child = self._read_dependency(ref)
+                    child = self._files[ref.name]
                     path.append((child, 0, ref))
                     on_path.add(child.name)
                     continue
@@ -512,6 +678,11 @@ class Project:
     # --- resolving one element ----------------------------------------------
 
     def _make_element(self, file: _ElementFile) -> Element:
+        return file.project._resolve(file, self._elements)
+
+    def _resolve(self, file: _ElementFile, elements: dict[str, Element]) -> Element:
+        """Make ``file`` (one of this project's) an Element; ``elements`` holds its
+        dependencies by qualified name."""
         node = file.node
         plugin = self._kinds[file.kind]()
         defaults = self._kind_defaults(file.kind)
@@ -523,7 +694,7 @@ class Project:
         ]
         dependencies = [
             Dependency(
-                element=self._elements[ref.name],
+                element=elements[ref.name],
                 build=ref.build,
                 runtime=ref.runtime,
                 mark=ref.mark,
@@ -549,6 +720,7 @@ class Project:
         element = Element(
             project=self.name,
             name=file.name,
+            normal_name=spec.normal_name(file.local),
             file=file.display,
             plugin=plugin,
             description=node.get_str("description") or "",
@@ -623,7 +795,7 @@ class Project:
             if notparallel.value in ("true", "True"):
                 # As BuildStream: notparallel forces max-jobs to 1.
                 definitions["max-jobs"] = Definition("1", None, "max-jobs")
-        definitions["element-name"] = Definition(file.name, None, "element-name")
+        definitions["element-name"] = Definition(file.local, None, "element-name")
         variables = Variables(definitions)
         variables.check()
         return variables
@@ -677,6 +849,15 @@ def _normal_element_name(raw: str) -> str | None:
     return name
 
 
+def _qualified_name(raw: str) -> str | None:
+    """``j.bst:./libs//foo.bst`` -> ``j.bst:libs/foo.bst``; None when a part is
+    absolute, escaping or empty."""
+    parts = [_normal_element_name(part) for part in raw.split(":")]
+    if any(part is None for part in parts):
+        return None
+    return ":".join(cast(list[str], parts))
+
+
 def _read_dependencies(node: MappingNode) -> list[_DepRef]:
     """The dependencies in BuildStream's reading order, duplicates merged."""
     found: dict[str, _DepRef] = {}
@@ -688,12 +869,8 @@ def _read_dependencies(node: MappingNode) -> list[_DepRef]:
             config = item.get_mapping("config") if isinstance(item, MappingNode) else None
             for name_node, dep_build, dep_runtime in _dependency_entry(item, key, build, runtime):
                 raw = name_node.as_str()
-                if ":" in raw:
-                    raise name_node.error(
-                        f"dependency {raw!r}: junctions (project:element) are not "
-                        "supported by remex"
-                    )
-                name = _normal_element_name(raw)
+                junction = item.get_str("junction") if isinstance(item, MappingNode) else None
+                name = _qualified_name(f"{junction}:{raw}" if junction else raw)
                 if name is None:
                     raise name_node.error(
                         f"invalid dependency name {raw!r}: use a path relative to element-path"
@@ -720,7 +897,7 @@ def _dependency_entry(
         assert isinstance(item, SequenceNode)
         raise item.error("a dependency is a string or a mapping with 'filename'")
     if key == "depends":
-        item.validate_keys(("filename", "type", "config", "strict"), unsupported=("junction",))
+        item.validate_keys(("filename", "type", "config", "strict", "junction"))
         type_node = item.get_scalar("type")
         dep_type = "all" if type_node is None or type_node.value is None else type_node.value
         if dep_type not in ("build", "runtime", "all"):
@@ -730,7 +907,7 @@ def _dependency_entry(
     else:
         if "type" in item:
             raise item.key_error("type", f"'type' is only allowed in 'depends', not in {key!r}")
-        item.validate_keys(("filename", "config", "strict"), unsupported=("junction",))
+        item.validate_keys(("filename", "config", "strict", "junction"))
     filename = item.get("filename")
     if filename is None:
         raise item.error("missing required key 'filename'", field=item.child_path("filename"))

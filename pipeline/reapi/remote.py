@@ -16,7 +16,7 @@ import grpc
 
 from pipeline.errors import IncompatibleServerError
 from pipeline.reapi.channel import Endpoint, open_channel
-from pipeline.reapi.retry import Retrier
+from pipeline.reapi.retry import NO_RETRY, Retrier
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from protos.build.bazel.semver import semver_pb2
@@ -152,8 +152,9 @@ class Remote:
         """Run ``fn`` (one or more RPCs) under the retry policy; see :class:`Retrier`."""
         return self.retrier.call(fn, what=f"{what} on {self.endpoint.url}")
 
-    def capabilities(self) -> ServerCapabilities:
-        """The server's capabilities (asked once, then cached).
+    def capabilities(self, *, timeout: float = DEFAULT_RPC_TIMEOUT) -> ServerCapabilities:
+        """The server's capabilities (asked once, then cached); ``timeout``
+        bounds each attempt.
 
         Raises:
             IncompatibleServerError: the server cannot work with remex.
@@ -163,8 +164,24 @@ class Remote:
             stub = self.stub(re_grpc.CapabilitiesStub)
             request = re_pb2.GetCapabilitiesRequest(instance_name=self.instance_name)
             raw = self.call(
-                lambda: stub.GetCapabilities(request, timeout=DEFAULT_RPC_TIMEOUT),
+                lambda: stub.GetCapabilities(request, timeout=timeout),
                 what="GetCapabilities",
             )
             self._capabilities = parse_capabilities(raw, where=self.endpoint.url)
         return self._capabilities
+
+
+def probe_capabilities(
+    url: str, *, instance_name: str = "", timeout: float = 5.0
+) -> ServerCapabilities:
+    """Ask the server at ``url`` once for its capabilities, without retrying:
+    the health check of a server being started (its launcher polls).
+
+    Raises:
+        IncompatibleServerError: the server cannot work with remex.
+        RemoteError: the server did not answer within ``timeout`` s.
+        ConfigError: ``url`` is not an endpoint URL.
+    """
+    endpoint = Endpoint(url, instance_name=instance_name)
+    with Remote(endpoint, retrier=Retrier(NO_RETRY)) as remote:
+        return remote.capabilities(timeout=timeout)

@@ -1,7 +1,7 @@
 """The ``remex`` command line as a user runs it, against a real stack.
 
 redis-server, an execution buildbox-casd, an artifact buildbox-casd and two
-``remex worker`` processes (tests/workers.py); every ``remex`` command runs as
+``remex worker`` processes (pipeline/servers/stack.py); every ``remex`` command runs as
 a subprocess with an environment naming them (and an empty config file).
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.dag import FAIL_MARKER, DagProject, file_name, make_dag_project
+from pipeline.servers import RemexStack
+from pipeline.testing.dag import FAIL_MARKER, DagProject, file_name, make_dag_project
 from tests.hello import EXPECTED_HELLO_FILES, copy_hello_project, file_tree
-from tests.workers import RemexStack
 
 
 def states(output: dict[str, Any]) -> dict[str, str]:

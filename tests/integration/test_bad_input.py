@@ -24,8 +24,8 @@ from pipeline.elements import LoadError, load_project
 from pipeline.reapi.asset import AssetClient
 from pipeline.reapi.channel import Endpoint
 from pipeline.reapi.remote import Remote
+from pipeline.servers import CasdServer
 from tests.hello import calls, copy_hello_project, load_and_build, stage_context
-from tests.servers import CasdServer
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from bot.process import BotProcess
 from pipeline.cas import LocalCas, checkout, import_directory, store_tree_message
 from pipeline.elements.defaults import host_arch, host_os
 from pipeline.errors import ExecutionError, MissingBlobsError
@@ -28,6 +27,7 @@ from pipeline.reapi.cas import CasClient
 from pipeline.reapi.channel import Endpoint
 from pipeline.reapi.execution import ExecutionClient, Pending
 from pipeline.reapi.remote import Remote
+from pipeline.servers import BotProcess
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 WRITE_OUTPUTS = (

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.servers import CasdServer
 from pipeline.stages import checkout_artifact
 from tests.bst import Bst
 from tests.hello import (
@@ -27,7 +28,6 @@ from tests.hello import (
     load_and_build,
     stage_context,
 )
-from tests.servers import CasdServer
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pipeline.reapi.cas import CasClient, DownloadStats, UploadStats
 from pipeline.reapi.channel import Endpoint
 from pipeline.reapi.remote import Remote
 from pipeline.reapi.retry import Retrier, RetryPolicy
-from tests.servers import Server
+from pipeline.servers import Server
 
 MiB = 1024 * 1024
 SMALL_FILES = 2_000

@@ -24,13 +24,9 @@ from pipeline.reapi.asset import AssetClient
 from pipeline.reapi.cas import CasClient
 from pipeline.reapi.channel import Endpoint
 from pipeline.reapi.remote import Remote
-from pipeline.servers import (
-    HOST,
-    PostgresServer,
-    Server,
-    buildbox_dir,
-    get_capabilities,
-)
+from pipeline.servers import HOST, Server, buildbox_dir
+from pipeline.servers.base import reapi_answers
+from pipeline.servers.testing import PostgresServer
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from tests.unit.test_compose import BUILDGRID_CONFIG, argv, services
 
@@ -70,11 +66,7 @@ class ComposeServer(Server):
         self._popen([a.replace("{port}", port) for a in self.args], self.env)
 
     def _probe(self, timeout: float) -> bool:
-        try:
-            get_capabilities(self.address, timeout=timeout)
-        except Exception:
-            return False
-        return True
+        return reapi_answers(self.url, timeout)
 
 
 def venv_program(name: str) -> str:

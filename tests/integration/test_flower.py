@@ -24,9 +24,8 @@ from typing import Any
 import pytest
 
 from pipeline.broker import STAGES
-from pipeline.servers import pid_alive
+from pipeline.servers import pid_alive, remex_program
 from tests.hello import ELEMENTS, copy_hello_project
-from tests.workers import remex_program
 
 # Flower gets task events asynchronously: the last ones may arrive a moment
 # after `remex build` returned.

@@ -1,11 +1,13 @@
-"""``bst show --format`` and remex's loader agree on every element of two projects.
+"""``bst show --format`` and remex's loader agree on every element of three projects.
 
 tests/projects/kinds (compose, filter, script over manual elements, project
-split rules, dependency config) and tests/projects/plugins (the BuildElement
-kinds of the buildstream-plugins package and a local plugin, read as data;
-project-wide ``elements:`` overrides, includes and list directives) are
-shown by the real ``bst`` (BuildStream 2.8.1 with buildstream-plugins 2.8.0)
-with each placeholder, and formatted by :func:`pipeline.elements.show.format_element`.
+split rules, dependency config), tests/projects/junctions (nested junctions,
+options passed down, a link, an include from a junction) and
+tests/projects/plugins (the BuildElement kinds of the buildstream-plugins
+package and a local plugin, read as data; project-wide ``elements:``
+overrides, includes and list directives) are shown by the real ``bst``
+(BuildStream 2.8.1 with buildstream-plugins 2.8.0) with each placeholder, and
+formatted by :func:`pipeline.elements.show.format_element`.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ def shown_by_bst(bst: Bst, target: str, fmt: str) -> dict[str, str]:
     return shown
 
 
-@pytest.fixture(scope="module", params=["kinds", "plugins"])
+@pytest.fixture(scope="module", params=["kinds", "plugins", "junctions"])
 def project(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     dest = tmp_path_factory.mktemp("parity") / request.param
     shutil.copytree(PROJECTS / request.param, dest)
-    if request.param == "kinds":
+    sysroot = {"kinds": dest / "sysroot", "junctions": dest / "subproject" / "sysroot"}
+    if request.param in sysroot:
         # Only loaded, never built: any file will do as the sysroot.
-        (dest / "sysroot" / "usr").mkdir(parents=True)
-        (dest / "sysroot" / "usr" / "marker").write_text("x\n")
+        (sysroot[request.param] / "usr").mkdir(parents=True)
+        (sysroot[request.param] / "usr" / "marker").write_text("x\n")
     return dest
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.servers import CasdServer
 from pipeline.stages import checkout_artifact, read_artifact_meta
 from tests.hello import (
     ELEMENTS,
@@ -25,7 +26,6 @@ from tests.hello import (
     load_and_build,
     stage_context,
 )
-from tests.servers import CasdServer
 
 MANUAL = {"greeting.bst", "name.bst", "hello.bst"}
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.servers import CasdServer
 from pipeline.stages import checkout_artifact
 from tests.bst import Bst
 from tests.hello import RemexBuild, file_tree, load_and_build, stage_context
-from tests.servers import CasdServer
 
 PROJECT = Path(__file__).parents[1] / "projects" / "kinds"
 CHECKED = (

@@ -1,6 +1,6 @@
 """The Celery pipeline under faults, with real worker processes.
 
-A stack of the module's own (tests/workers.py): redis-server, an execution
+A stack of the module's own (pipeline/servers/stack.py): redis-server, an execution
 buildbox-casd, an artifact buildbox-casd and two ``remex worker`` processes
 whose heartbeat timeout is 5 s. Builds run through the CLI, as a user runs
 them; the tests watch them through the scheduler's state in Redis, and
@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from pipeline.scheduler import BuildStatus, ElementStatus
-from tests.dag import DagProject, make_dag_project
+from pipeline.servers import RemexStack
+from pipeline.testing.dag import DagProject, make_dag_project
 from tests.hello import file_tree
-from tests.workers import RemexStack
 
 BUILD_TIMEOUT = 120.0
 

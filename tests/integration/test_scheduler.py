@@ -32,8 +32,8 @@ from pipeline.scheduler import (
     READY_GRACE,
     Scheduler,
 )
+from pipeline.servers import RedisServer
 from pipeline.spec import BuildSpec
-from tests.servers import RedisServer
 
 # A Redis database of its own, emptied before each test.
 DB = 7

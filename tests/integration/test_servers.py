@@ -1,4 +1,4 @@
-"""The real servers of tests/servers.py start, answer, restart and die cleanly."""
+"""The real servers of pipeline/servers/ start, answer, restart and die cleanly."""
 
 from __future__ import annotations
 
@@ -12,17 +12,11 @@ import psycopg2  # type: ignore[import-untyped]
 import pytest
 import redis
 
-from tests import servers
-from tests.servers import (
-    BuildGridServer,
-    CasdServer,
-    PostgresServer,
-    RedisServer,
-    get_capabilities,
-    mounts_under,
-    pid_alive,
-)
-from tests.sysroot import is_complete_sysroot, make_busybox_sysroot
+from pipeline.reapi.remote import probe_capabilities
+from pipeline.servers import CasdServer, RedisServer, mounts_under, pid_alive
+from pipeline.servers import base as server_base
+from pipeline.servers.testing import BuildGridServer, PostgresServer
+from pipeline.testing.sysroot import is_complete_sysroot, make_busybox_sysroot
 
 
 def _no_process_left(server_pid: int) -> None:
@@ -42,7 +36,7 @@ def _no_process_left(server_pid: int) -> None:
 
 @pytest.fixture
 def taken_port(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[int]:
-    """A port another socket listens on, handed out first by servers.free_port.
+    """A port another socket listens on, handed out first by free_port.
 
     Parametrize with ``reuseport=True`` to set SO_REUSEPORT on it, as a gRPC
     server would: then binding it again "succeeds" and only the ownership
@@ -55,14 +49,14 @@ def taken_port(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) 
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     port = blocker.getsockname()[1]
-    real_free_port = servers.free_port
+    real_free_port = server_base.free_port
     handed: list[int] = []
 
     def free_port_taken_first(host: str = "127.0.0.1") -> int:
         handed.append(port if not handed else real_free_port(host))
         return handed[-1]
 
-    monkeypatch.setattr(servers, "free_port", free_port_taken_first)
+    monkeypatch.setattr(server_base, "free_port", free_port_taken_first)
     try:
         yield port
     finally:
@@ -112,7 +106,7 @@ def test_redis_start_moves_to_another_port_when_taken(tmp_path: Path, taken_port
 
 def test_casd_answers_get_capabilities(casd: CasdServer) -> None:
     assert casd.url == f"grpc://127.0.0.1:{casd.port}"
-    assert get_capabilities(casd.url)
+    assert probe_capabilities(casd.url)
 
 
 def test_casd_restart_keeps_port_and_cache(fresh_casd: CasdServer) -> None:
@@ -123,7 +117,7 @@ def test_casd_restart_keeps_port_and_cache(fresh_casd: CasdServer) -> None:
     assert fresh_casd.port == port
     assert fresh_casd.pid != old_pid
     assert marker.read_text() == "kept"
-    assert get_capabilities(fresh_casd.address)
+    assert probe_capabilities(fresh_casd.url)
 
 
 def test_casd_kill_leaves_no_process_and_no_mount(fresh_casd: CasdServer) -> None:
@@ -137,14 +131,14 @@ def test_casd_kill_leaves_no_process_and_no_mount(fresh_casd: CasdServer) -> Non
     port = fresh_casd.port
     fresh_casd.start()
     assert fresh_casd.port == port
-    assert get_capabilities(fresh_casd.url)
+    assert probe_capabilities(fresh_casd.url)
 
 
 @pytest.mark.parametrize("taken_port", [False, True], ids=["plain", "reuseport"], indirect=True)
 def test_casd_start_moves_to_another_port_when_taken(tmp_path: Path, taken_port: int) -> None:
     with CasdServer(tmp_path / "casd") as server:
         assert server.port != taken_port
-        assert get_capabilities(server.url)
+        assert probe_capabilities(server.url)
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
@@ -194,7 +188,7 @@ def test_postgres_start_moves_to_another_port_when_taken(tmp_path: Path, taken_p
 
 def test_buildgrid_answers_get_capabilities(buildgrid: BuildGridServer) -> None:
     assert buildgrid.url == f"grpc://127.0.0.1:{buildgrid.port}"
-    assert get_capabilities(buildgrid.url)
+    assert probe_capabilities(buildgrid.url)
 
 
 def test_buildgrid_restart_keeps_port_and_kill_leaves_nothing(
@@ -205,7 +199,7 @@ def test_buildgrid_restart_keeps_port_and_kill_leaves_nothing(
         port = server.port
         server.restart()
         assert server.port == port
-        assert get_capabilities(server.url)
+        assert probe_capabilities(server.url)
         pid = server.pid
         assert pid is not None
         server.kill()

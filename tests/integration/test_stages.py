@@ -17,6 +17,7 @@ import pytest
 from pipeline.cas import LocalCas, import_directory, tree_digests
 from pipeline.digest import Digest, digest_from_json, digest_to_json
 from pipeline.reapi.channel import Endpoint
+from pipeline.servers import CasdServer
 from pipeline.spec import (
     BuildSpec,
     CommandSpec,
@@ -48,7 +49,6 @@ from pipeline.stages import (
 from pipeline.stages.artifacts import spec_failure_uri
 from pipeline.stages.state import decode_action_result
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from tests.servers import CasdServer
 
 INSTALL_ROOT = "buildstream-install"
 

@@ -284,7 +284,10 @@ def test_the_same_file_twice_is_not_a_cycle(tmp_path: Path) -> None:
         ("/etc/passwd", "relative to the project folder"),
         ("../outside.yml", "outside the project folder"),
         ("[1, [2]]", "(@) takes a file name or a list of file names"),
-        ("junction.bst:file.yml", "junction 'junction.bst' is not supported by remex yet"),
+        (
+            "junction.bst:file.yml",
+            "junction 'junction.bst' not found (no file elements/junction.bst)",
+        ),
     ],
 )
 def test_bad_includes_are_refused_at_the_include(tmp_path: Path, include: str, words: str) -> None:

@@ -195,8 +195,8 @@ def test_unknown_kind_names_file_line_and_field(tmp_path: Path) -> None:
     error = load_error(tmp_path, {"app.bst": "# app\nkind: autotools\n"}, "app.bst")
     assert str(error) == (
         "elements/app.bst:2: kind: unknown element kind 'autotools' "
-        "(remex supports compose, filter, import, manual, script, stack; a plugin kind must be "
-        "declared in project.conf 'plugins')"
+        "(remex supports compose, filter, import, junction, link, manual, script, stack; a plugin "
+        "kind must be declared in project.conf 'plugins')"
     )
 
 
@@ -370,12 +370,12 @@ def test_bad_dependency_type_names_file_line_and_field(tmp_path: Path) -> None:
     )
 
 
-def test_junction_dependencies_are_refused(tmp_path: Path) -> None:
+def test_a_dependency_through_a_missing_junction_is_refused(tmp_path: Path) -> None:
     error = load_error(
         tmp_path, {"top.bst": "kind: manual\ndepends:\n- sub.bst:a.bst\n"}, "top.bst"
     )
     assert (error.line, error.field) == (3, "depends[0]")
-    assert "junctions" in error.reason
+    assert error.reason == "junction 'sub.bst' not found (no file elements/sub.bst)"
 
 
 def test_missing_dependency_names_referencing_file_line_and_name(tmp_path: Path) -> None:

@@ -40,12 +40,7 @@ ALLOWED_UPWARD = {
     ("pipeline/__init__.py", "pipeline.api"),
 }
 # Files outside pipeline/reapi/ allowed to import grpc.
-GRPC_EXCEPTIONS: set[str] = {
-    # pipeline/servers.py's raw capabilities probe: removed by the split of
-    # pipeline/servers.py into a package (issue 9, part 2). The lead deletes
-    # this line when merging that branch.
-    "pipeline/servers.py",
-}
+GRPC_EXCEPTIONS: set[str] = set()
 
 
 def layer_of(module: str) -> int | None:

@@ -14,6 +14,8 @@ from pipeline.elements.kinds.base import Kind, KindContext, Recipe, StagedDepend
 from pipeline.elements.kinds.compose import ComposeKind
 from pipeline.elements.kinds.filter import FilterKind
 from pipeline.elements.kinds.import_ import ImportKind
+from pipeline.elements.kinds.junction import JunctionKind
+from pipeline.elements.kinds.link import LinkKind
 from pipeline.elements.kinds.manual import BuildElementKind, ManualKind, build_element_kind
 from pipeline.elements.kinds.script import ScriptKind
 from pipeline.elements.kinds.stack import StackKind
@@ -21,8 +23,10 @@ from pipeline.elements.kinds.stack import StackKind
 __all__ = [
     "CORE_KINDS",
     "BuildElementKind",
+    "JunctionKind",
     "Kind",
     "KindContext",
+    "LinkKind",
     "Recipe",
     "StagedDependency",
     "build_element_kind",
@@ -32,6 +36,8 @@ _CORE: tuple[type[Kind], ...] = (
     ComposeKind,
     FilterKind,
     ImportKind,
+    JunctionKind,
+    LinkKind,
     ManualKind,
     ScriptKind,
     StackKind,

@@ -1,4 +1,4 @@
-"""``remex bot`` as a managed subprocess, for stacks, tests and benchmarks.
+"""``remex bot`` as a managed process, for stacks, tests and benchmarks.
 
 :class:`BotProcess` runs ``remex bot`` (the console script next to the running
 interpreter) in a session of its own, its output in ``workdir/bot.log``;
@@ -6,31 +6,22 @@ interpreter) in a session of its own, its output in ``workdir/bot.log``;
 ``session``). ``stop()`` is SIGTERM (the bot gives back or finishes its
 leases within ``--grace``, then tells the server it is terminating), then
 SIGKILL; ``kill()`` is SIGKILL at once, of the bot and every process it
-started, like a host that died. Both go by PID, through the base class of
-:mod:`pipeline.servers`.
+started, like a host that died. Both go by PID, through :class:`pipeline.servers.base.Server`.
+It only runs the ``remex bot`` program: nothing of ``bot/`` is imported.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-from pipeline.servers import Server, ServerError, _tail
+from pipeline.servers.base import Server, remex_program
 
 __all__ = ["BotProcess"]
 
 _READY_MARK = ": session "
-
-
-def _remex_program() -> str:
-    candidate = Path(sys.executable).parent / "remex"  # not resolved: keep the venv path
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    raise ServerError(f"{candidate} not found: pip install -e . in this venv")
 
 
 class BotProcess(Server):
@@ -88,7 +79,7 @@ class BotProcess(Server):
 
     def command_line(self) -> list[str]:
         args = [
-            _remex_program(),
+            remex_program(),
             "bot",
             "--remote",
             self.remote,
@@ -106,19 +97,6 @@ class BotProcess(Server):
         for item in self.platform:
             args += ["--platform", item]
         return args + self.extra_args
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last lines of the bot's log (since its last start)."""
-        return _tail(self.log_path, self._log_offset, lines)
-
-    def log_text(self) -> str:
-        """The bot's log since its last start."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(self._log_offset)
-                return log.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def _launch(self) -> None:
         self._popen(self.command_line(), {**self.env, "PYTHONUNBUFFERED": "1"})

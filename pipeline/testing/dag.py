@@ -9,7 +9,7 @@ Plain Python (no pytest): ``bench/`` imports it too. ::
     project.expected["e007.bst"]           # {"usr/share/dag/e007.txt": b"..."}
 
 The project, like examples/hello, has a base ``import`` element (``base.bst``)
-whose local source is a busybox sysroot (:func:`tests.sysroot.make_busybox_sysroot`,
+whose local source is a busybox sysroot (:func:`pipeline.testing.sysroot.make_busybox_sysroot`,
 made in ``DEST/sysroot``), elements ``e000.bst`` ... (``manual``, each
 build-depends on ``base.bst`` and on its DAG dependencies), and a ``stack``
 ``all.bst`` that depends on every ``eNNN.bst``.
@@ -50,7 +50,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.sysroot import make_busybox_sysroot
+from pipeline.testing.sysroot import make_busybox_sysroot
 
 __all__ = [
     "FAIL_MARKER",

@@ -1,0 +1,164 @@
+"""Reading whole Directory trees from a remote CAS: GetTree with paging, and
+blob reads for what its answer lacks.
+
+Directories are checked for hostile names before anything of their tree is
+stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.cas.store import LocalCas
+from pipeline.cas.tree import check_directory, tree_digests
+from pipeline.digest import Digest, digest_of_message, digest_to_str
+from pipeline.errors import LocalCasError, ProtocolError, RemoteError, UnsafePathError
+from pipeline.reapi.cas.connection import CasConnection, Key, digest_key, parse
+from pipeline.reapi.cas.download import Downloader
+from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT
+from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+
+GET_TREE_PAGE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class _TreeDirectory:
+    digest: Digest
+    directory: re_pb2.Directory
+    data: bytes
+    """Bytes that hash to ``digest`` (what the local CAS stores)."""
+
+
+class TreeReader:
+    """The tree part of :class:`pipeline.reapi.cas.CasClient` (see there)."""
+
+    def __init__(self, conn: CasConnection, downloader: Downloader) -> None:
+        self.conn = conn
+        self.downloader = downloader
+
+    def get_tree(self, root: Digest) -> list[re_pb2.Directory]:
+        """See :meth:`CasClient.get_tree`."""
+        return [entry.directory for entry in self._tree_directories(root)]
+
+    def fetch_tree(self, local_cas: LocalCas, root: Digest) -> int:
+        """See :meth:`CasClient.fetch_tree`."""
+        if local_cas.contains(root) and _complete_locally(local_cas, root):
+            return 0
+        entries = self._tree_directories(root)
+        files = [f.digest for e in entries for f in e.directory.files]
+        stats = self.downloader.download_into(local_cas, files)
+        stored = 0
+        # Children before parents (reverse breadth-first order), root last.
+        for entry in reversed(entries):
+            if not local_cas.contains(entry.digest):
+                local_cas.put_verified(entry.data, entry.digest)
+                stored += 1
+        return stats.blobs_fetched + stored
+
+    # --- private -----------------------------------------------------------
+
+    def _tree_directories(self, root: Digest) -> list[_TreeDirectory]:
+        """All directories under ``root``, breadth-first, verified and checked."""
+        answered: list[re_pb2.Directory] = []
+        if root.size_bytes != 0:  # the empty Directory needs no server
+            try:
+                answered = self._get_tree_pages(root)
+            except RemoteError as exc:
+                if exc.code != "UNIMPLEMENTED":
+                    raise self.conn.not_found(exc, root) from exc
+        known: dict[Key, _TreeDirectory] = {}
+        for directory in answered:
+            digest, data = digest_of_message(directory)
+            known.setdefault(digest_key(digest), _TreeDirectory(digest, directory, data))
+
+        result: list[_TreeDirectory] = []
+        seen: set[Key] = set()
+        level = [root]
+        while level:
+            # What GetTree did not give us (or gave under a serialization we
+            # cannot reproduce) is read as blobs, verified byte for byte.
+            absent = [d for d in level if digest_key(d) not in known]
+            if absent:
+                blobs = self.downloader.read_blobs(absent)
+                for digest in absent:
+                    data = blobs[digest_key(digest)]
+                    directory = parse(data, re_pb2.Directory, digest, self.conn.where)
+                    known[digest_key(digest)] = _TreeDirectory(digest, directory, data)
+            next_level: list[Digest] = []
+            for digest in level:
+                entry = known[digest_key(digest)]
+                self._check_directory(entry)
+                result.append(entry)
+                for node in entry.directory.directories:
+                    key = digest_key(node.digest)
+                    if key not in seen:
+                        seen.add(key)
+                        next_level.append(node.digest)
+            level = next_level
+        return result
+
+    def _get_tree_pages(self, root: Digest) -> list[re_pb2.Directory]:
+        """Directories GetTree returns for ``root``, following page tokens.
+
+        A broken stream resumes from the last page token received.
+        """
+        conn = self.conn
+        directories: list[re_pb2.Directory] = []
+        token = ""
+        done = False
+        tokens_seen: set[str] = set()
+
+        def attempt() -> None:
+            nonlocal token, done
+            request = re_pb2.GetTreeRequest(
+                instance_name=conn.remote.instance_name,
+                root_digest=root,
+                page_size=GET_TREE_PAGE_SIZE,
+                page_token=token,
+                digest_function=re_pb2.DigestFunction.SHA256,
+            )
+            uncommitted: list[re_pb2.Directory] = []
+            for response in conn.cas.GetTree(request, timeout=DEFAULT_RPC_TIMEOUT):
+                uncommitted.extend(response.directories)
+                if response.next_page_token:
+                    if response.next_page_token in tokens_seen:
+                        raise ProtocolError(
+                            f"{conn.where} repeated GetTree page token {response.next_page_token!r}"
+                        )
+                    tokens_seen.add(response.next_page_token)
+                    directories.extend(uncommitted)
+                    uncommitted = []
+                    token = response.next_page_token
+                else:
+                    directories.extend(uncommitted)
+                    uncommitted = []
+                    token = ""
+            if not token:
+                done = True
+
+        while not done:
+            conn.remote.call(attempt, what=f"GetTree of {digest_to_str(root)}")
+        return directories
+
+    def _check_directory(self, entry: _TreeDirectory) -> None:
+        """Refuse a hostile or malformed Directory from the server, naming it."""
+        where = self.conn.where
+        try:
+            check_directory(entry.directory)
+        except UnsafePathError as exc:
+            raise UnsafePathError(
+                f"{where} sent directory {digest_to_str(entry.digest)}: {exc}"
+            ) from exc
+        except LocalCasError as exc:
+            raise ProtocolError(
+                f"{where} sent a malformed directory {digest_to_str(entry.digest)}: {exc}"
+            ) from exc
+
+
+def _complete_locally(local_cas: LocalCas, root: Digest) -> bool:
+    """Whether the whole tree under ``root`` is already in the local CAS."""
+    try:
+        return not local_cas.missing(tree_digests(local_cas, root))
+    except LocalCasError:
+        # A directory of the tree is missing or unreadable: fetch the tree.
+        return False

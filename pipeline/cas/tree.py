@@ -258,9 +258,12 @@ def merge_trees(cas: LocalCas, roots: Sequence[Digest]) -> MergeResult:
     """Merge trees in order, later over earlier, like BuildStream stacks artifacts.
 
     Folders present in several trees are merged recursively. Any other clash
-    (file, symlink, or a file against a folder) is won by the later tree and
-    reported in ``overlaps``, even when both entries are identical, as
-    BuildStream reports them. Folders appearing in one tree only are reused by
+    is won by the later tree and reported in ``overlaps``, even when both
+    entries are identical, as BuildStream reports them; except that, as in
+    BuildStream, a file or symlink never replaces a non-empty folder (it is
+    left out; BuildStream's ``unstaged-files``). A folder over a file
+    replaces it here; staging refuses that earlier (see
+    :mod:`pipeline.stages.overlaps`). Folders appearing in one tree only are reused by
     digest, unread.
 
     Args:
@@ -292,14 +295,16 @@ def _merge(
     entries: dict[str, FileNode | SymlinkNode | list[Digest]] = {}
     for digest in digests:
         directory = reader.read(digest, path)
-        for fnode in directory.files:
-            if fnode.name in entries:
-                overlaps.append(_join(path, fnode.name))
-            entries[fnode.name] = fnode
-        for snode in directory.symlinks:
-            if snode.name in entries:
-                overlaps.append(_join(path, snode.name))
-            entries[snode.name] = snode
+        nodes: list[FileNode | SymlinkNode] = [*directory.files, *directory.symlinks]
+        for node in nodes:
+            current = entries.get(node.name)
+            if isinstance(current, list) and any(d.size_bytes for d in current):
+                # As BuildStream: a file is not staged over a non-empty folder
+                # (an empty Directory message is 0 bytes long).
+                continue
+            if current is not None:
+                overlaps.append(_join(path, node.name))
+            entries[node.name] = node
         for dnode in directory.directories:
             current = entries.get(dnode.name)
             if isinstance(current, list):

@@ -64,6 +64,9 @@ class Element:
         config: the kind's configuration as composed and expanded (what
             ``show --format %{config}`` prints).
         build_os, build_arch: the sandbox's platform (BuildStream's names).
+        build_uid, build_gid: the sandbox's user and group ids, when set
+            (``sandbox: build-uid / build-gid``).
+        fatal_warnings: project.conf ``fatal-warnings``, sorted.
         sources: in declaration order.
     """
 
@@ -85,6 +88,9 @@ class Element:
         build_os: str,
         build_arch: str,
         sources: list[Source],
+        build_uid: int | None = None,
+        build_gid: int | None = None,
+        fatal_warnings: tuple[str, ...] = (),
     ) -> None:
         self.project = project
         self.name = name
@@ -101,6 +107,9 @@ class Element:
         self.config = config
         self.build_os = build_os
         self.build_arch = build_arch
+        self.build_uid = build_uid
+        self.build_gid = build_gid
+        self.fatal_warnings = tuple(sorted(set(fatal_warnings)))
         self.sources = sources
         self._cache_key: str | None = None
 
@@ -178,8 +187,25 @@ class Element:
 
     @property
     def platform(self) -> dict[str, str]:
-        """The action's platform properties."""
-        return {"OSFamily": self.build_os, "ISA": self.build_arch}
+        """The action's platform properties.
+
+        ``unixUID``/``unixGID`` when the sandbox sets ``build-uid``/``build-gid``:
+        REAPI has no field for them; these are the names BuildStream's remote
+        sandbox sends and buildbox-run honours (``buildbox-run --capabilities``).
+        """
+        platform = {"OSFamily": self.build_os, "ISA": self.build_arch}
+        if self.build_uid is not None:
+            platform["unixUID"] = str(self.build_uid)
+        if self.build_gid is not None:
+            platform["unixGID"] = str(self.build_gid)
+        return platform
+
+    @property
+    def overlap_whitelist(self) -> list[str]:
+        """``public.bst.overlap-whitelist``: globs of the paths this element may
+        overwrite when staged after others, its variables expanded."""
+        bst = self.public.get("bst") or {}
+        return [str(glob) for glob in bst.get("overlap-whitelist") or []]
 
     # --- the build -----------------------------------------------------------
 
@@ -216,6 +242,7 @@ class Element:
                     "artifact_uri": staged.element.artifact_uri,
                     "path": staged.path,
                     "select": staged.select,
+                    "overlap_whitelist": staged.element.overlap_whitelist,
                 }
                 for staged in recipe.dependencies
             ],
@@ -226,6 +253,7 @@ class Element:
             "files_root": recipe.files_root,
             "files_target": recipe.files_target,
             "select_outputs": recipe.select_outputs,
+            "fatal_warnings": list(self.fatal_warnings),
         }
 
 

@@ -5,7 +5,8 @@ configuration as the kind gives it (:meth:`Kind.key_config`), the public data
 (integration commands and split rules change what dependents build), for
 elements that run commands the
 environment (less ``environment-nocache`` names) and the sandbox's
-``build-os``/``build-arch``, each source's kind, directory and content key,
+``build-os``/``build-arch`` (and ``build-uid``/``build-gid`` when set), the
+project's ``fatal-warnings`` (when any), each source's kind, directory and content key,
 and the names and cache keys of the staged dependencies (the build
 dependencies and their runtime closure, in staging order; BuildStream keys
 every kind on this same list). Mapping order and YAML layout never enter it:
@@ -48,12 +49,21 @@ def key_description(element: Element) -> dict[str, Any]:
             for dep in element.staged_dependencies()
         ],
     }
+    if element.fatal_warnings:
+        # As BuildStream: a fatal warning can fail a build that would pass.
+        description["fatal-warnings"] = list(element.fatal_warnings)
     if element.public:
         # Integration commands and split rules change what dependents build.
         description["public"] = element.public
     if element.runs_commands:
         description["environment"] = element.cache_environment()
-        description["sandbox"] = {"build-os": element.build_os, "build-arch": element.build_arch}
+        sandbox: dict[str, Any] = {"build-os": element.build_os, "build-arch": element.build_arch}
+        # Only when set, as BuildStream, so that other keys do not change.
+        if element.build_uid is not None:
+            sandbox["build-uid"] = element.build_uid
+        if element.build_gid is not None:
+            sandbox["build-gid"] = element.build_gid
+        description["sandbox"] = sandbox
     return description
 
 

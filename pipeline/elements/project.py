@@ -79,6 +79,8 @@ _PROJECT_KEYS = (
     "aliases",
     "environment-nocache",
     "options",
+    "fatal-warnings",
+    "sandbox",
 )
 # Directives allowed at the top of project.conf as written (before composition).
 _DIRECTIVE_KEYS = ("(@)", "(?)", "(!)")
@@ -90,9 +92,7 @@ _PROJECT_UNSUPPORTED = (
     "artifacts",
     "source-caches",
     "shell",
-    "fatal-warnings",
     "defaults",
-    "sandbox",
     "junctions",
     "remote-execution",
     "source-provenance-attributes",
@@ -123,8 +123,10 @@ _ELEMENT_KEYS = (
 )
 _DEPENDENCY_LISTS = (("build-depends", True, False), ("runtime-depends", False, True),
                      ("depends", True, True))  # fmt: skip
-_SANDBOX_KEYS = ("build-os", "build-arch")
-_SANDBOX_UNSUPPORTED = ("build-uid", "build-gid", "remote-apis-socket")
+_SANDBOX_KEYS = ("build-os", "build-arch", "build-uid", "build-gid")
+_SANDBOX_UNSUPPORTED = ("remote-apis-socket",)
+# The BuildStream version whose format remex implements (project.conf min-version).
+_FORMAT_VERSION = (2, 8)
 # BuildStream's rule for project names.
 _PROJECT_NAME_RE = re.compile(r"[a-zA-Z_-][a-zA-Z0-9_-]*")
 
@@ -176,7 +178,7 @@ def load_project(
             f"invalid project name {name!r}: use letters, digits, '_' and '-', "
             "not starting with a digit"
         )
-    raw.get_scalar("min-version")  # accepted, not checked: remex is its own version
+    _check_min_version(raw.get_scalar("min-version"))
     element_path_node = raw.get_scalar("element-path")
     if element_path_node is None or element_path_node.value is None:
         element_path = directory
@@ -319,6 +321,8 @@ class Project:
         assert splits is not None
         self._split_rules = splits
         self._element_overrides = conf.get_mapping("elements")
+        self._sandbox_conf = conf.get_mapping("sandbox")
+        self.fatal_warnings = tuple(n.as_str() for n in conf.get_str_list("fatal-warnings") or [])
         # Looked up when an element uses the kind, as bst does.
         self._plugins = declare_plugins(conf.get("plugins"), directory)
         self.options = options if options is not None else OptionPool(element_path)
@@ -715,7 +719,10 @@ class Project:
         )
         plugin.configure(kind_context)
         public = expand_data(_public(defaults, node), variables)
-        build_os, build_arch = _sandbox(node.get_mapping("sandbox"), variables)
+        sandbox = _sandbox(
+            (self._sandbox_conf, defaults.get_mapping("sandbox"), node.get_mapping("sandbox")),
+            variables,
+        )
         sources = self._sources(file, plugin, variables)
         element = Element(
             project=self.name,
@@ -730,9 +737,12 @@ class Project:
             environment_nocache=self._environment_nocache | {n.as_str() for n in nocache},
             public=public,
             config=expand_data(config, variables),
-            build_os=build_os,
-            build_arch=build_arch,
+            build_os=sandbox.build_os,
+            build_arch=sandbox.build_arch,
             sources=sources,
+            build_uid=sandbox.build_uid,
+            build_gid=sandbox.build_gid,
+            fatal_warnings=self.fatal_warnings,
         )
         element.set_cache_key(cache_key(element))
         return element
@@ -942,23 +952,79 @@ def _cycle_error(
     )
 
 
-def _sandbox(node: MappingNode | None, variables: Variables) -> tuple[str, str]:
-    if node is None:
-        return host_os(), host_arch()
-    node.validate_keys(_SANDBOX_KEYS, unsupported=_SANDBOX_UNSUPPORTED)
-    os_node = node.get_scalar("build-os")
-    arch_node = node.get_scalar("build-arch")
+@dataclass(frozen=True)
+class _SandboxConfig:
+    build_os: str
+    build_arch: str
+    build_uid: int | None
+    build_gid: int | None
+
+
+def _sandbox(layers: tuple[MappingNode | None, ...], variables: Variables) -> _SandboxConfig:
+    """The element's ``sandbox:`` as BuildStream composes it: project.conf's, then
+    the kind's defaults (with project.conf ``elements: KIND: sandbox``), then
+    the element's; each key's value comes from the last layer setting it."""
+    values: dict[str, ScalarNode] = {}
+    for node in layers:
+        if node is None:
+            continue
+        node.validate_keys(_SANDBOX_KEYS, unsupported=_SANDBOX_UNSUPPORTED)
+        for key in _SANDBOX_KEYS:
+            scalar = node.get_scalar(key)
+            if scalar is not None:
+                values[key] = scalar
+    os_node = values.get("build-os")
+    arch_node = values.get("build-arch")
     build_os = host_os()
     if os_node is not None and os_node.value:
         build_os = variables.expand_node(os_node).lower()
-    build_arch = host_arch() if arch_node is None or not arch_node.value else ""
+    build_arch = host_arch()
     if arch_node is not None and arch_node.value:
         given = variables.expand_node(arch_node)
         arch = canonical_arch(given)
         if arch is None:
             raise arch_node.error(f"unknown architecture {given!r}")
         build_arch = arch
-    return build_os, build_arch
+    ids: dict[str, int | None] = {}
+    for key in ("build-uid", "build-gid"):
+        id_node = values.get(key)
+        ids[key] = None
+        if id_node is not None and id_node.value is not None:
+            text = variables.expand_node(id_node)
+            try:
+                ids[key] = int(text)
+            except ValueError:
+                raise id_node.error(f"{key} must be an integer, got {text!r}") from None
+    return _SandboxConfig(build_os, build_arch, ids["build-uid"], ids["build-gid"])
+
+
+def _check_min_version(node: ScalarNode | None) -> None:
+    """project.conf ``min-version`` checked as BuildStream checks it: ``MAJOR.MINOR``
+    with the major 2, the minor no newer than the BuildStream remex follows.
+
+    BuildStream requires the key; remex accepts a project without it.
+    """
+    if node is None or node.value is None:
+        return
+    text = node.as_str()
+    parts = text.split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise node.error(
+            f"malformed min-version {text!r}: expected MAJOR.MINOR with numbers (e.g. 2.0)"
+        ) from None
+    supported = f"{_FORMAT_VERSION[0]}.{_FORMAT_VERSION[1]}"
+    if major != _FORMAT_VERSION[0]:
+        raise node.error(
+            f"the project requires BuildStream {major} (min-version {text}); "
+            f"remex implements BuildStream {supported}'s format"
+        )
+    if minor > _FORMAT_VERSION[1]:
+        raise node.error(
+            f"the project requires at least BuildStream {major}.{minor} (min-version {text}); "
+            f"remex implements BuildStream {supported}'s format"
+        )
 
 
 def _public(defaults: MappingNode, node: MappingNode) -> MappingNode:

@@ -79,6 +79,8 @@ def artifact_meta(spec: BuildSpec, state: State) -> dict[str, Any]:
         "action_cached": bool(state.get("cached")),
         "exit_code": state.get("exit_code"),
         "overlaps": (state.get("overlaps") or {}).get("count", 0),
+        # Staging warnings (overlaps, unstaged files), as BuildStream logs them.
+        "warnings": list((state.get("overlaps") or {}).get("warnings") or []),
         "timings": {
             "queued": execution.get("queued"),
             "worker_start": execution.get("worker_start"),

@@ -8,6 +8,7 @@ that: on a host whose local CAS lacks the action, it derives it again.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,12 @@ from pipeline.stages.errors import (
     DependencyArtifactMissingError,
     SourceMissingError,
     SpecError,
+)
+from pipeline.stages.overlaps import (
+    StagedLayer,
+    StagingConflictError,
+    analyse_staging,
+    whitelist_regex,
 )
 from pipeline.stages.select import select_tree
 from pipeline.stages.state import (
@@ -54,6 +61,7 @@ from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
 __all__ = [
     "MAX_OVERLAPS_SHOWN",
     "StagedAction",
+    "check_staging",
     "dependency_files",
     "ensure_local_action",
     "output_paths_in_command",
@@ -65,6 +73,8 @@ __all__ = [
 
 MAX_OVERLAPS_SHOWN = 20
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class StagedAction:
@@ -74,6 +84,9 @@ class StagedAction:
     command: Digest
     input_root: Digest
     overlaps: list[str] = field(default_factory=list)
+    """The overlapping paths (absolute), as BuildStream reports them."""
+    staging: dict[str, Any] = field(default_factory=dict)
+    """The staging report as the state's ``overlaps`` (see :func:`check_staging`)."""
 
 
 # --- stage 1 -------------------------------------------------------------------
@@ -111,10 +124,10 @@ def stage_to_cas(ctx: StageContext, spec: BuildSpec, state: State) -> State:
         new.update(_action_keys(staged))
         new.update(_cache_lookup(ctx, staged.action))
     else:
-        files, overlaps = _staged_files(ctx, spec)
+        files, staging = _staged_files(ctx, spec)
         new["action"] = None
         new["files"] = dj(files)
-        new["overlaps"] = _overlaps(overlaps)
+        new["overlaps"] = staging
     return with_timing(new, "stage_to_cas", time.monotonic() - started)
 
 
@@ -131,10 +144,9 @@ def stage_action(ctx: StageContext, spec: BuildSpec) -> StagedAction:
     workdir_parts = _parts(spec, command_spec["working_directory"], "command.working_directory")
     output_parts = _parts(spec, command_spec["output_path"], "command.output_path")
 
-    layers = [
-        place_at(cas, dependency_files(ctx, spec, i), _dependency_path(spec, i))
-        for i in range(len(spec["dependencies"]))
-    ]
+    files = [dependency_files(ctx, spec, i) for i in range(len(spec["dependencies"]))]
+    staging = check_staging(ctx, spec, files)
+    layers = [place_at(cas, f, _dependency_path(spec, i)) for i, f in enumerate(files)]
     layers.append(_placed_sources(ctx, spec))
     # The working directory and the install root exist even when nothing is
     # staged there, as in a BuildStream sandbox.
@@ -165,7 +177,8 @@ def stage_action(ctx: StageContext, spec: BuildSpec) -> StagedAction:
         action=cas.put_message(action),
         command=command,
         input_root=merged.digest,
-        overlaps=merged.overlaps,
+        overlaps=list(staging["paths"]),
+        staging=staging,
     )
 
 
@@ -178,13 +191,17 @@ def stage_files(ctx: StageContext, spec: BuildSpec) -> Digest:
     return _staged_files(ctx, spec)[0]
 
 
-def _staged_files(ctx: StageContext, spec: BuildSpec) -> tuple[Digest, list[str]]:
+def _staged_files(ctx: StageContext, spec: BuildSpec) -> tuple[Digest, dict[str, Any]]:
     if spec["command"] is not None:
         raise SpecError(spec["element"], "an element with a command gets its files by running it")
     cas = ctx.local_cas
+    all_files = [dependency_files(ctx, spec, i) for i in range(len(spec["dependencies"]))]
+    # As BuildStream's compose: overlaps are those of the whole artifacts,
+    # staged before the split rules select what is kept.
+    staging = check_staging(ctx, spec, all_files)
     layers = []
     for index, dependency in enumerate(spec["dependencies"]):
-        files = dependency_files(ctx, spec, index)
+        files = all_files[index]
         if dependency["select"] is not None:
             files = select_tree(cas, files, dependency["select"])
         layers.append(place_at(cas, files, _dependency_path(spec, index)))
@@ -196,7 +213,51 @@ def _staged_files(ctx: StageContext, spec: BuildSpec) -> tuple[Digest, list[str]
         raise BuildFailedError(
             spec["element"], f"the folder {files_root!r} is not in what the element stages"
         )
-    return place_at(cas, taken, _parts(spec, spec["files_target"], "files_target")), merged.overlaps
+    return place_at(cas, taken, _parts(spec, spec["files_target"], "files_target")), staging
+
+
+def check_staging(ctx: StageContext, spec: BuildSpec, files: list[Digest]) -> dict[str, Any]:
+    """Find the overlaps and unstaged files of staging the dependencies, as BuildStream does.
+
+    Each warning is logged with the element's name; the report is returned
+    as the state's ``overlaps`` (``count``, ``paths``, ``not_whitelisted``,
+    ``details``, ``unstaged``, ``warnings``).
+
+    Args:
+        files: each dependency's whole artifact files, in the spec's order.
+
+    Raises:
+        BuildFailedError: (permanent) a warning the spec's ``fatal_warnings``
+            makes fatal, or a folder of a dependency lands on a file.
+    """
+    element = spec["element"]
+    layers = [
+        StagedLayer(
+            element=dependency["element"],
+            location="/".join(_dependency_path(spec, index)),
+            files=digest,
+            whitelist=whitelist_regex(dependency.get("overlap_whitelist") or []),
+        )
+        for index, (dependency, digest) in enumerate(zip(spec["dependencies"], files, strict=True))
+    ]
+    try:
+        report = analyse_staging(ctx.local_cas, layers)
+    except StagingConflictError as exc:
+        raise BuildFailedError(element, f"staging its dependencies failed: {exc}") from exc
+    fatal_tokens = spec.get("fatal_warnings") or []
+    fatal = report.fatal(fatal_tokens)
+    for warning in report.warnings:
+        if warning not in fatal:
+            log.warning("%s: %s", element, warning.text())
+    if fatal:
+        tokens = sorted({w.token for w in fatal})
+        text = "\n".join(w.text() for w in fatal)
+        raise BuildFailedError(
+            element,
+            f"fatal warnings while staging its dependencies "
+            f"(project.conf fatal-warnings: {', '.join(tokens)}):\n{text}",
+        )
+    return report.to_state(MAX_OVERLAPS_SHOWN)
 
 
 def output_paths_in_command(command_spec: CommandSpec) -> list[str]:
@@ -279,12 +340,8 @@ def _action_keys(staged: StagedAction) -> State:
         "action": dj(staged.action),
         "command": dj(staged.command),
         "input_root": dj(staged.input_root),
-        "overlaps": _overlaps(staged.overlaps),
+        "overlaps": staged.staging,
     }
-
-
-def _overlaps(paths: list[str]) -> dict[str, Any]:
-    return {"count": len(paths), "paths": paths[:MAX_OVERLAPS_SHOWN]}
 
 
 def _cache_lookup(ctx: StageContext, action: Digest) -> dict[str, Any]:

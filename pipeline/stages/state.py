@@ -11,8 +11,11 @@ Keys (see the stage functions for when each is set):
     digests of the Action, its Command and its input root (``manual``; else
     ``action`` is None).
 ``overlaps``
-    ``{"count": N, "paths": [first ones]}``: paths where a later dependency
-    (or the sources) replaced files of an earlier one.
+    staging report (:mod:`pipeline.stages.overlaps`): ``count`` and ``paths``
+    (absolute; the first ones) of the files a later dependency replaced,
+    ``not_whitelisted``, ``details`` (each path's elements, bottom-most
+    first, and whether whitelisted), ``unstaged`` files and the
+    ``warnings`` as BuildStream words them.
 ``cached``
     True when the ActionCache already held a successful result (no execution).
 ``skip_cache_lookup``

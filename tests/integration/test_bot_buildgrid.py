@@ -58,6 +58,7 @@ class Grid:
         *,
         timeout: int = 0,
         root: re_pb2.Digest | None = None,
+        properties: dict[str, str] | None = None,
     ) -> re_pb2.Digest:
         """An uploaded action running ``sh -c SCRIPT`` in the busybox sysroot
         (made unique, so the ActionCache never answers)."""
@@ -68,10 +69,11 @@ class Grid:
             ],
             output_paths=["out"],
         )
+        wanted = {"ISA": host_arch(), "OSFamily": host_os(), **(properties or {})}
         platform = re_pb2.Platform(
             properties=[
-                re_pb2.Platform.Property(name="ISA", value=host_arch()),
-                re_pb2.Platform.Property(name="OSFamily", value=host_os()),
+                re_pb2.Platform.Property(name=name, value=value)
+                for name, value in sorted(wanted.items())
             ]
         )
         action = re_pb2.Action(
@@ -199,6 +201,30 @@ def test_a_command_exiting_3_reports_exit_code_3(grid: Grid, one_bot: BotProcess
     assert response.status.code == 0
     assert response.result.exit_code == 3
     assert grid.blob(response.result.stderr_digest) == b"bad\n"
+
+
+def test_unix_uid_and_gid_properties_run_the_command_as_that_user(
+    grid: Grid, one_bot: BotProcess, tmp_path: Path
+) -> None:
+    # Given an action asking for uid 1234 / gid 4321 (what sandbox build-uid /
+    # build-gid become), accepted by BuildGrid as wildcard properties
+    action = grid.action(
+        "mkdir -p out && id -u > out/uid && id -g > out/gid",
+        properties={"unixUID": "1234", "unixGID": "4321"},
+    )
+    # When a buildbox-run bot runs it
+    response = grid.execute(action)
+    # Then the command ran as that user and group
+    assert response.status.code == 0 and response.result.exit_code == 0, response
+    fresh = LocalCas(tmp_path / "fresh")
+    tree = grid.cas_client.read_message(
+        response.result.output_directories[0].tree_digest, re_pb2.Tree
+    )
+    root = store_tree_message(fresh, tree)
+    grid.cas_client.fetch_tree(fresh, root)
+    checkout(fresh, root, tmp_path / "out")
+    assert (tmp_path / "out" / "uid").read_text() == "1234\n"
+    assert (tmp_path / "out" / "gid").read_text() == "4321\n"
 
 
 def test_an_action_past_its_timeout_is_killed_and_reported(grid: Grid, one_bot: BotProcess) -> None:

@@ -298,7 +298,7 @@ def test_every_stage_is_idempotent(
     s1 = stage_to_cas(ctx, app, {"build_id": "b1"})
     assert stable(stage_to_cas(ctx, app, {"build_id": "b1"})) == stable(s1)
     assert s1["build_id"] == "b1" and s1["cached"] is False
-    assert s1["skip_cache_lookup"] is False and s1["overlaps"] == {"count": 0, "paths": []}
+    assert s1["skip_cache_lookup"] is False and s1["overlaps"]["count"] == 0
 
     s2 = upload(ctx, app, s1)
     again = upload(ctx, app, s1)

@@ -279,6 +279,8 @@ def test_merge_combines_folders_and_reports_overlaps(cas: LocalCas, tmp_path: Pa
     _write(later / "usr" / "bin" / "b", b"b", 0o755)
     _write(later / "etc" / "conf", b"later conf")
     _write(later / "share", b"share is now a file")
+    (base / "empty").mkdir()
+    _write(later / "empty", b"empty was an empty folder")
     _write(later / "opt" / "x", b"opt is now a folder")
     _write(later / "lib" / "libc.so", b"lib is now a folder")
     roots = [import_directory(cas, base), import_directory(cas, later)]
@@ -286,18 +288,21 @@ def test_merge_combines_folders_and_reports_overlaps(cas: LocalCas, tmp_path: Pa
     # When they are merged
     result = merge_trees(cas, roots)
 
-    # Then folders are merged, the later tree wins each clash, and clashes are reported
-    assert result.overlaps == ["etc/conf", "lib", "opt", "share"]
+    # Then folders are merged, the later tree wins each clash, and clashes are
+    # reported; but, as in BuildStream, a file does not replace a non-empty folder
+    assert result.overlaps == ["empty", "etc/conf", "lib", "opt"]
     out = tmp_path / "out"
     checkout(cas, result.digest, out)
     assert _snapshot(out) == {
+        "empty": ("file", (b"empty was an empty folder", False)),
         "etc": ("dir", None),
         "etc/conf": ("file", (b"later conf", False)),
         "lib": ("dir", None),
         "lib/libc.so": ("file", (b"lib is now a folder", False)),
         "opt": ("dir", None),
         "opt/x": ("file", (b"opt is now a folder", False)),
-        "share": ("file", (b"share is now a file", False)),
+        "share": ("dir", None),
+        "share/doc": ("file", (b"doc", False)),
         "usr": ("dir", None),
         "usr/bin": ("dir", None),
         "usr/bin/a": ("file", (b"a", False)),
@@ -329,10 +334,11 @@ def test_merge_of_three_trees_applies_them_in_order(cas: LocalCas, tmp_path: Pat
     # When merged
     result = merge_trees(cas, roots)
 
-    # Then the file replaced the first folder, and the third folder replaced the file
+    # Then the file is not staged over the non-empty folder (as BuildStream),
+    # and the folders merge
     checkout(cas, result.digest, tmp_path / "out")
-    assert _listing(tmp_path / "out") == ["x", "x/third"]
-    assert result.overlaps == ["x", "x"]
+    assert _listing(tmp_path / "out") == ["x", "x/first", "x/third"]
+    assert result.overlaps == []
 
 
 def test_merge_of_one_or_no_tree(cas: LocalCas, tmp_path: Path) -> None:

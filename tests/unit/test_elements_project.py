@@ -226,8 +226,16 @@ def test_commands_must_be_a_list_of_strings(tmp_path: Path) -> None:
 
 
 def test_unknown_sandbox_key_and_arch_are_errors(tmp_path: Path) -> None:
-    error = load_error(tmp_path, {"app.bst": "kind: manual\nsandbox:\n  build-uid: 0\n"}, "app.bst")
-    assert str(error) == "elements/app.bst:3: sandbox.build-uid: not supported by remex"
+    error = load_error(
+        tmp_path / "1", {"app.bst": "kind: manual\nsandbox:\n  remote-apis-socket: {}\n"}, "app.bst"
+    )
+    assert str(error) == "elements/app.bst:3: sandbox.remote-apis-socket: not supported by remex"
+    error = load_error(
+        tmp_path / "3", {"app.bst": "kind: manual\nsandbox:\n  build-uid: me\n"}, "app.bst"
+    )
+    assert str(error) == (
+        "elements/app.bst:3: sandbox.build-uid: build-uid must be an integer, got 'me'"
+    )
     error = load_error(
         tmp_path / "2", {"app.bst": "kind: manual\nsandbox:\n  build-arch: vax\n"}, "app.bst"
     )
@@ -579,9 +587,11 @@ def test_manual_build_spec(tmp_path: Path) -> None:
             "artifact_uri": spec.artifact_uri("test", "base", base.cache_key),
             "path": "",
             "select": None,
+            "overlap_whitelist": [],
         }
     ]
     assert build["runtime_dependencies"] == ["base.bst"]
+    assert build["fatal_warnings"] == []
     assert build["sources"] == [
         {"kind": "local", "digest": digest_to_json(digest), "directory": "src"}
     ]

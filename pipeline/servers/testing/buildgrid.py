@@ -57,6 +57,9 @@ schedulers:
     bot-poll-interval: 0.25
     property-set: !dynamic-property-set
       match-property-keys: [OSFamily, ISA]
+      # Sent by elements with sandbox build-uid/build-gid; buildbox-run
+      # applies them, so they need not match a bot's properties.
+      wildcard-property-keys: [unixUID, unixGID]
     assigners:
       - !priority-age-assigner
         count: 1

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from pipeline.broker import DEFAULT_QUEUE
-from tests.workers import RemexStack
+from pipeline.servers import RemexStack
 
 GREET_CONF = """\
 name: greet

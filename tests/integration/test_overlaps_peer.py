@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from pipeline.servers import CasdServer
 
+from pipeline.servers import CasdServer
 from pipeline.stages import checkout_artifact
 from pipeline.stages.artifacts import read_artifact_meta
 from pipeline.stages.staging import stage_to_cas

@@ -9,14 +9,20 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from cli.errors import handles_errors
+from cli.errors import fail, handles_errors
 from cli.progress import follow, print_summary, status_json, table
 from pipeline import __version__
 from pipeline.scheduler import BuildStatus
+
+if TYPE_CHECKING:
+    from pipeline.cas import LocalCas
+    from pipeline.config import RemexConfig
+    from pipeline.elements.element import Element
+    from pipeline.stages import StageContext
 
 
 @click.group()
@@ -35,10 +41,32 @@ project_option = click.option(
     help="The project folder (holding project.conf).",
 )
 
+option_option = click.option(
+    "-o",
+    "--option",
+    "option_pairs",
+    type=(str, str),
+    multiple=True,
+    metavar="NAME VALUE",
+    help="Set a project option (repeatable); wins over remex.toml's [projects.NAME.options].",
+)
+
+
+def _options(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    # As bst: given twice, the last value wins.
+    return dict(pairs)
+
+
+def _local_cas(config: RemexConfig) -> LocalCas:
+    from pipeline.cas import LocalCas
+
+    return LocalCas(config.cas_dir, quota_bytes=config.cas_quota_bytes)
+
 
 @main.command()
 @project_option
-@click.argument("elements", nargs=-1, required=True)
+@click.argument("elements", nargs=-1)
+@option_option
 @click.option("--no-follow", is_flag=True, help="Print the build id and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
 @click.option("--timeout", type=float, default=None, help="Give up following after N seconds.")
@@ -46,6 +74,7 @@ project_option = click.option(
 def build(
     project_dir: Path,
     elements: Sequence[str],
+    option_pairs: Sequence[tuple[str, str]],
     no_follow: bool,
     as_json: bool,
     timeout: float | None,
@@ -57,7 +86,7 @@ def build(
     """
     from pipeline import api
 
-    build_id = api.submit(project_dir, list(elements))
+    build_id = api.submit(project_dir, list(elements), options=_options(option_pairs))
     if no_follow:
         click.echo(json.dumps({"build": build_id}) if as_json else build_id)
         return
@@ -106,20 +135,106 @@ def cancel(build_id: str) -> None:
 
 @main.command()
 @project_option
-@click.argument("elements", nargs=-1, required=True)
+@click.argument("elements", nargs=-1)
+@option_option
+@click.option(
+    "--deps",
+    "-d",
+    type=click.Choice(["none", "run", "build", "all"]),
+    default="all",
+    show_default=True,
+    help="none: the elements; run: and what they need to run; build: what they "
+    "need to build, without themselves; all: everything (as bst show).",
+)
+@click.option(
+    "--order",
+    type=click.Choice(["stage", "alpha"]),
+    default="stage",
+    show_default=True,
+    help="Staging order (dependencies first, as bst) or by name.",
+)
+@click.option(
+    "--format",
+    "-f",
+    "fmt",
+    metavar="FORMAT",
+    default=None,
+    help="bst show's format: %{name} %{kind} %{key} %{full-key} %{state} %{description} "
+    "%{config} %{vars} %{env} %{public} %{deps} %{build-deps} %{runtime-deps}.",
+)
 @handles_errors
-def show(project_dir: Path, elements: Sequence[str]) -> None:
-    """Show ELEMENTS and their dependencies: cache keys and whether built."""
+def show(
+    project_dir: Path,
+    elements: Sequence[str],
+    option_pairs: Sequence[tuple[str, str]],
+    deps: str,
+    order: str,
+    fmt: str | None,
+) -> None:
+    """Show ELEMENTS and their dependencies: cache keys and whether built.
+
+    Without --format, one line per element: its state (cached: the artifact
+    server has it; buildable: everything its build needs is cached; waiting:
+    not yet), its key's first 16 digits and its name. --format takes bst
+    show's placeholders and prints what bst prints, byte for byte.
+    """
     from pipeline import api
     from pipeline.config import load_config
+    from pipeline.elements.show import format_report, select_elements
 
     config = load_config(project_dir)
-    with api.open_context(config) as ctx:
-        plan = api.plan(project_dir, list(elements), cas=ctx.local_cas)
-        for element in plan:
-            cached = ctx.assets.fetch_directory([element.artifact_uri]) is not None
-            state = "cached" if cached else "buildable"
-            click.echo(f"{state:<10} {element.cache_key[:16]}  {element.name}")
+    _, targets = api.plan_targets(
+        project_dir,
+        list(elements),
+        cas=_local_cas(config),
+        options=_options(option_pairs),
+        config=config,
+    )
+    selected: list[Element] = select_elements(targets, deps)  # type: ignore[arg-type,assignment]
+    if order == "alpha":
+        selected.sort(key=lambda e: e.name)
+    states: dict[str, str] = {}
+    if fmt is None or "%{state" in fmt:
+        # Only then are the servers needed (a format without %{state} works offline).
+        with api.open_context(config) as ctx:
+            states = element_states(ctx, selected)
+    if fmt is None:
+        for element in selected:
+            click.echo(f"{states[element.name]:<10} {element.cache_key[:16]}  {element.name}")
+        return
+    try:
+        report = format_report(selected, fmt, lambda e: states.get(e.name, ""))
+    except ValueError as exc:  # a format spec that does not fit its value (%{name:d})
+        fail(f"--format {fmt!r}: {exc}")
+    click.echo(report)
+
+
+def element_states(ctx: StageContext, elements: Sequence[Element]) -> dict[str, str]:
+    """bst's ``%{state}`` of each element: ``cached`` (its artifact is on the
+    artifact server), ``buildable`` (everything staged to build it is cached)
+    or ``waiting``. Artifacts are looked up a few at a time (one RPC each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    needed: dict[str, Element] = {}
+    for element in elements:
+        needed[element.name] = element
+        for dep in element.staged_dependencies():
+            needed.setdefault(dep.name, dep)
+
+    def is_cached(element: Element) -> bool:
+        return ctx.assets.fetch_directory([element.artifact_uri]) is not None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        cached = dict(zip(needed, pool.map(is_cached, needed.values()), strict=True))
+    states: dict[str, str] = {}
+    for element in elements:
+        if cached[element.name]:
+            states[element.name] = "cached"
+        elif all(cached[d.name] for d in element.staged_dependencies()):
+            states[element.name] = "buildable"
+        else:
+            states[element.name] = "waiting"
+    return states
 
 
 def _placeholder_digests(element: Any) -> list[Any]:
@@ -134,6 +249,7 @@ def _placeholder_digests(element: Any) -> list[Any]:
 @project_option
 @click.argument("element")
 @click.argument("dest", type=click.Path(path_type=Path))
+@option_option
 @click.option(
     "--deps",
     type=click.Choice(["none", "run"]),
@@ -149,7 +265,14 @@ def _placeholder_digests(element: Any) -> list[Any]:
     "(as a remote action on the execution service; as bst artifact checkout).",
 )
 @handles_errors
-def checkout(project_dir: Path, element: str, dest: Path, deps: str, integrate: bool) -> None:
+def checkout(
+    project_dir: Path,
+    element: str,
+    dest: Path,
+    option_pairs: Sequence[tuple[str, str]],
+    deps: str,
+    integrate: bool,
+) -> None:
     """Write ELEMENT's built files into DEST (refusing anything unsafe)."""
     from pipeline import api
     from pipeline.config import load_config
@@ -159,7 +282,13 @@ def checkout(project_dir: Path, element: str, dest: Path, deps: str, integrate: 
 
     config = load_config(project_dir)
     with api.open_context(config) as ctx:
-        plan = api.plan(project_dir, [element], cas=ctx.local_cas)
+        plan = api.plan(
+            project_dir,
+            [element],
+            cas=ctx.local_cas,
+            options=_options(option_pairs),
+            config=config,
+        )
         target = plan[-1]
         elements = target.runtime_closure() if deps == "run" else [target]
         spec = integration_spec(elements, target) if integrate else None
@@ -177,8 +306,9 @@ def checkout(project_dir: Path, element: str, dest: Path, deps: str, integrate: 
 @main.command()
 @project_option
 @click.argument("element")
+@option_option
 @handles_errors
-def log(project_dir: Path, element: str) -> None:
+def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]) -> None:
     """Print ELEMENT's build log (stdout, then stderr), built or failed."""
     from pipeline import api
     from pipeline.config import load_config
@@ -186,7 +316,13 @@ def log(project_dir: Path, element: str) -> None:
 
     config = load_config(project_dir)
     with api.open_context(config) as ctx:
-        plan = api.plan(project_dir, [element], cas=ctx.local_cas)
+        plan = api.plan(
+            project_dir,
+            [element],
+            cas=ctx.local_cas,
+            options=_options(option_pairs),
+            config=config,
+        )
         spec = plan[-1].build_spec(_placeholder_digests(plan[-1]))
         stdout, stderr = read_logs(ctx, spec)
     sys.stdout.write(stdout.decode(errors="replace"))

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.broker import make_celery, send_element, send_ready
 from pipeline.cas import LocalCas
-from pipeline.config import RemexConfig, load_config
+from pipeline.config import OptionSetting, RemexConfig, load_config
 from pipeline.elements import load_project
 from pipeline.elements.element import Element
+from pipeline.elements.errors import LoadError
+from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
 from pipeline.errors import RemexError
 from pipeline.scheduler import BuildStatus, Scheduler
 from pipeline.spec import BuildSpec
@@ -51,25 +52,105 @@ def open_context(config: RemexConfig, *, correlated_id: str = "") -> StageContex
     )
 
 
+def plan_targets(
+    project_dir: Path | str,
+    targets: Sequence[str],
+    *,
+    cas: LocalCas,
+    options: Mapping[str, str] | None = None,
+    config: RemexConfig | None = None,
+) -> tuple[list[Element], list[Element]]:
+    """Load the project and the targets' elements (dependencies first), with keys;
+    return them and the targets' own elements (links followed).
+
+    ``options`` are the project's option values as strings (BuildStream's
+    ``-o NAME VALUE``); they win over the values ``config`` holds for the
+    project (``[projects.NAME.options]`` in remex.toml). No ``targets``:
+    project.conf ``defaults: targets:``, or else every element of the
+    project, as bst does.
+
+    Raises:
+        ElementError: bad input; the message names the file, the line and the field.
+    """
+    project_dir = Path(project_dir)
+    project = load_project(
+        project_dir,
+        cas=cas,
+        options=options,
+        option_values=configured_option_values(project_dir, config),
+    )
+    # No targets: as bst, project.conf `defaults: targets:` or every element.
+    names = list(targets) or project.default_targets()
+    loaded = project.load_targets(names)
+    return loaded, [project.element(project.target_name(name)) for name in names]
+
+
 def plan(
     project_dir: Path | str,
     targets: Sequence[str],
     *,
     cas: LocalCas,
     options: Mapping[str, str] | None = None,
+    config: RemexConfig | None = None,
 ) -> list[Element]:
     """Load the project and the targets' elements (dependencies first), with keys.
 
-    ``options`` are the project's option values as strings (BuildStream's
-    ``-o NAME VALUE``). No ``targets``: project.conf ``defaults: targets:``,
-    or else every element of the project, as bst does.
+    As :func:`plan_targets`, without the targets.
 
     Raises:
         ElementError: bad input; the message names the file, the line and the field.
     """
-    project = load_project(Path(project_dir), cas=cas, options=options)
-    # No targets: as bst, project.conf `defaults: targets:` or every element.
-    return project.load_targets(list(targets) or project.default_targets())
+    return plan_targets(project_dir, targets, cas=cas, options=options, config=config)[0]
+
+
+def configured_option_values(
+    project_dir: Path | str, config: RemexConfig | None
+) -> MappingNode | None:
+    """The option values ``config`` gives the project in ``project_dir``, as
+    YAML nodes marked with the remex.toml file and line they came from (so a
+    wrong one is reported there); None when it gives none.
+
+    Raises:
+        ElementError: project.conf cannot be read.
+    """
+    if config is None or not config.project_options:
+        return None
+    conf = Path(project_dir) / "project.conf"
+    if not conf.is_file():
+        return None  # load_project says so, with its own message
+    name = load_yaml(conf, "project.conf").get_str("name")
+    settings = config.project_options.get(name or "")
+    if not settings:
+        return None
+    prefix = f"projects.{name}.options"
+    first = next(iter(settings.values()))
+    node = MappingNode(Mark(first.file, first.line), prefix)
+    for key, setting in settings.items():
+        node.entries[key] = _setting_node(setting, f"{prefix}.{key}")
+        node.key_marks[key] = Mark(setting.file, setting.line)
+    return node
+
+
+def _setting_node(setting: OptionSetting, path: str) -> Node:
+    mark = Mark(setting.file, setting.line)
+    value = setting.value
+    if isinstance(value, list):
+        return SequenceNode(mark, path, [_scalar(item, mark, path) for item in value])
+    return _scalar(value, mark, path)
+
+
+def _scalar(value: object, mark: Mark, path: str) -> ScalarNode:
+    # TOML's true/false are BuildStream's; numbers become their text.
+    if isinstance(value, bool):
+        return ScalarNode(mark, path, "true" if value else "false")
+    if isinstance(value, str | int | float):
+        return ScalarNode(mark, path, str(value))
+    raise LoadError(
+        "an option value must be a string, a boolean, a number or a list of strings",
+        file=mark.file,
+        line=mark.line,
+        field=path,
+    )
 
 
 def submit(
@@ -98,7 +179,7 @@ def submit(
     config = _config(project_dir, config)
     config.require_broker()  # before any work: nowhere to enqueue it
     with open_context(config) as ctx:
-        elements = plan(project_dir, targets, cas=ctx.local_cas, options=options)
+        elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
         specs: list[BuildSpec] = []
         cached: list[str] = []
         with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
@@ -128,9 +209,12 @@ def submit(
             "project": elements[0].project if elements else "",
             "project_dir": str(project_dir),
             "targets": list(targets),
+            "options": dict(options or {}),
             "remex_version": __version__,
         },
     )
+    from pipeline.broker import make_celery, send_element
+
     app = make_celery(config)
     for element_name in ready:
         send_element(app, scheduler, build_id, element_name)
@@ -187,6 +271,8 @@ def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:
     config = _config(None, config)
     scheduler = Scheduler.from_url(config.require_broker())
     stopped, released = scheduler.cancel(build_id)
+    from pipeline.broker import make_celery, send_ready
+
     app = make_celery(config)
     send_ready(app, scheduler, released)
     task_ids = [t for info in stopped for t in info.get("task_ids", []) if t]

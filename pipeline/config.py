@@ -39,6 +39,10 @@ Where settings come from, later ones winning:
     heartbeat-timeout = 30      # seconds; a silent running element is then checked
     reconcile-interval = 5      # seconds between reconciler passes
 
+    [projects.NAME.options]     # option values of the project named NAME
+    debug = true                # (BuildStream's ``projects: NAME: options:``);
+    flags = ["a", "b"]          # ``-o NAME VALUE`` on the command line wins
+
 Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
 ``REMEX_{EXECUTION,STORAGE,ACTION_CACHE,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,
 CLIENT_KEY,TOKEN_FILE}``,
@@ -83,6 +87,17 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
+class OptionSetting:
+    """One project option's value from a ``remex.toml``, and where it was written."""
+
+    value: Any
+    """As TOML gave it: a string, a boolean, a number or a list."""
+    file: str
+    line: int
+    """1-based; the table's line when the key's own line cannot be found."""
+
+
+@dataclass(frozen=True)
 class RemexConfig:
     """Everything remex needs to know about where things are."""
 
@@ -99,6 +114,8 @@ class RemexConfig:
     worker_concurrency: int = 4
     heartbeat_timeout: float = 30.0
     reconcile_interval: float = 5.0
+    project_options: Mapping[str, Mapping[str, OptionSetting]] = field(default_factory=dict)
+    """Project name -> option name -> its value from ``[projects.NAME.options]``."""
     sources: tuple[str, ...] = ()
     """The files and variables this config was read from, for ``remex config``."""
 
@@ -198,7 +215,7 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
     where = str(path)
-    _known(data, {"broker", "remote", "cas", "worker"}, where, "")
+    _known(data, {"broker", "remote", "cas", "worker", "projects"}, where, "")
     changes: dict[str, Any] = {}
     broker = _table(data, "broker", where)
     _known(broker, {"url", "result-backend"}, where, "broker.")
@@ -233,8 +250,56 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     ):
         if key in worker:
             changes[attr] = _seconds(worker[key], f"{where}: worker.{key}")
+    projects = _table(data, "projects", where)
+    if projects:
+        changes["project_options"] = _project_options(config.project_options, projects, path)
     changes["sources"] = (*config.sources, where)
     return replace(config, **changes)
+
+
+def _project_options(
+    start: Mapping[str, Mapping[str, OptionSetting]],
+    projects: Mapping[str, Any],
+    path: Path,
+) -> dict[str, dict[str, OptionSetting]]:
+    """``[projects.NAME.options]`` tables merged over ``start`` (a later file wins
+    per option). Values are checked against the project's declarations when
+    it is loaded, where the declarations are known."""
+    where = str(path)
+    text = path.read_text()
+    merged = {name: dict(values) for name, values in start.items()}
+    for name in projects:
+        project = _table(projects, name, where)
+        _known(project, {"options"}, where, f"projects.{name}.")
+        options = _table(project, "options", where)
+        for key, value in options.items():
+            merged.setdefault(name, {})[key] = OptionSetting(
+                value, where, _toml_line(text, ("projects", name, "options"), key)
+            )
+    return merged
+
+
+def _toml_line(text: str, table: tuple[str, ...], key: str) -> int:
+    """The line of ``key`` under the table ``[a.b.c]`` in ``text`` (best effort:
+    tomllib keeps no positions). Falls back to the table's line, then to the
+    enclosing table's line for the table (``options = {...}`` inline), then 1."""
+    header = re.compile(
+        r"^\s*\[\s*"
+        + r"\s*\.\s*".join(f'(?:{re.escape(p)}|"{re.escape(p)}")' for p in table)
+        + r"\s*\]\s*(#.*)?$"
+    )
+    key_re = re.compile(rf"^\s*(?:{re.escape(key)}|\"{re.escape(key)}\")\s*=")
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not header.match(line):
+            continue
+        for offset, below in enumerate(lines[number:], start=number + 1):
+            if below.lstrip().startswith("["):
+                break
+            if key_re.match(below):
+                return offset
+        return number
+    return _toml_line(text, table[:-1], table[-1]) if len(table) > 1 else 1
 
 
 def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:

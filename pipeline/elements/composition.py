@@ -50,7 +50,9 @@ JunctionIncludeResolver = Callable[[str, str, ScalarNode], tuple[Path, str]]
 
 def clone(node: Node, path: str | None = None) -> Node:
     """A deep copy of ``node`` (marks kept); with ``path``, re-rooted at that field path."""
-    new_path = node.path if path is None else path
+    if path is None:
+        return _copy(node)
+    new_path = path
     if isinstance(node, ScalarNode):
         return ScalarNode(mark=node.mark, path=new_path, value=node.value)
     if isinstance(node, SequenceNode):
@@ -64,6 +66,21 @@ def clone(node: Node, path: str | None = None) -> Node:
     for key, value in node.entries.items():
         result.entries[key] = clone(value, None if path is None else result.child_path(key))
     return result
+
+
+def _copy(node: Node) -> Node:
+    # clone() without re-rooting: the loader's hottest path (every element
+    # copies its kind's defaults and its includes), so exact-type dispatch
+    # and no path strings.
+    kind = type(node)
+    if kind is ScalarNode:
+        return ScalarNode(node.mark, node.path, node.value)  # type: ignore[attr-defined]
+    if kind is SequenceNode:
+        return SequenceNode(node.mark, node.path, [_copy(i) for i in node.items])  # type: ignore[attr-defined]
+    if kind is MappingNode:
+        entries = {key: _copy(value) for key, value in node.entries.items()}  # type: ignore[attr-defined]
+        return MappingNode(node.mark, node.path, entries, dict(node.key_marks))  # type: ignore[attr-defined]
+    return clone(node, node.path)
 
 
 def clone_mapping(node: MappingNode, path: str | None = None) -> MappingNode:

@@ -13,6 +13,7 @@ keys; :mod:`pipeline.elements.composition` and
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
@@ -219,7 +220,7 @@ def load_yaml(path: Path, display: str) -> MappingNode:
         bad_line = data[: exc.start].count(b"\n") + 1
         raise LoadError("not valid UTF-8", file=display, line=bad_line) from None
     try:
-        root = yaml.compose(text, Loader=_Loader)
+        root = yaml.compose(text, Loader=_loader_for(text))
     except _RefusedError as exc:
         raise LoadError(exc.message, file=display, line=exc.line) from None
     except yaml.MarkedYAMLError as exc:
@@ -244,6 +245,24 @@ class _RefusedError(Exception):
         super().__init__(message)
         self.message = message
         self.line = line
+
+
+# Where an anchor (&a) or an alias (*a) could start a node: after a line's
+# indentation, a space, or a flow indicator. Also matches some plain text
+# ("a && b", "- *.h" is an alias anyway): those files take the slow path.
+_MAYBE_ANCHOR = re.compile(r"(?:^|[\s\[\{,])[&*]\S", re.MULTILINE)
+
+
+def _loader_for(text: str) -> type[Any]:
+    """libyaml's loader (several times faster) when the text can hold no
+    anchor nor alias; else the Python loader, which sees and refuses them
+    (libyaml resolves aliases before we could)."""
+    if _CLoader is not None and not _MAYBE_ANCHOR.search(text):
+        return _CLoader
+    return _Loader
+
+
+_CLoader: type[Any] | None = getattr(yaml, "CSafeLoader", None)
 
 
 class _Loader(yaml.SafeLoader):  # type: ignore[misc]

@@ -241,6 +241,8 @@ class OptionPool:
     def __init__(self, element_path: Path) -> None:
         self.element_path = element_path
         self.options: dict[str, Option] = {}
+        # Where ``options:`` was written: an unknown ``-o`` name is reported there.
+        self._declared_at: Mark | None = None
 
     def __contains__(self, name: object) -> bool:
         return name in self.options
@@ -256,6 +258,7 @@ class OptionPool:
         """
         if node is None:
             return
+        self._declared_at = self._declared_at or node.mark
         for name, definition in node.entries.items():
             if not valid_symbol(name, allow_dashes=False):
                 raise node.key_error(
@@ -294,8 +297,13 @@ class OptionPool:
             if option is None:
                 if ignore_unknown:
                     continue
-                raise LoadError(f"unknown option {name!r} given ({self._declared()})",
-                                file="project.conf", field=f"options.{name}")  # fmt: skip
+                mark = self._declared_at or Mark("project.conf", 1)
+                raise LoadError(
+                    f"unknown option {name!r} given ({self._declared()})",
+                    file=mark.file,
+                    line=mark.line,
+                    field=f"options.{name}",
+                )
             option.set_string(text)
 
     def resolve(self) -> None:

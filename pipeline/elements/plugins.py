@@ -35,10 +35,12 @@ import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.elements.composition import clone_mapping
 from pipeline.elements.errors import LoadError
 from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
 
@@ -300,6 +302,13 @@ def core_kind_defaults(kind: str) -> MappingNode:
     """
     if kind not in CORE_KIND_NAMES:
         raise KeyError(kind)
+    # Every element of the kind starts from them: read once, a copy each time
+    # (callers compose onto what they get).
+    return clone_mapping(_read_core_kind_defaults(kind))
+
+
+@cache
+def _read_core_kind_defaults(kind: str) -> MappingNode:
     return load_yaml(_KINDS_DATA / f"{kind}.yaml", f"<core kind {kind}>/{kind}.yaml")
 
 

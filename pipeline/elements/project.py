@@ -403,6 +403,11 @@ class Project:
                 plan.append(element)
         return plan
 
+    def target_name(self, target: str) -> str:
+        """The name a target given by a user stands for (links followed, junction
+        paths qualified), once :meth:`load_targets` has loaded it."""
+        return self._read_target(target).name
+
     def staged_dependencies(self, element: Element) -> list[Element]:
         """What is staged at ``/`` to build ``element``: its build dependencies and
         their runtime closure, dependencies first, each once."""

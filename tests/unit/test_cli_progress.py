@@ -76,7 +76,7 @@ def test_remex_build_without_a_terminal_prints_lines_then_the_summary(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given a build that runs (faked) and output that is not a terminal
-    monkeypatch.setattr(api, "submit", lambda project_dir, targets: "b1")
+    monkeypatch.setattr(api, "submit", lambda project_dir, targets, options: "b1")
     monkeypatch.setattr(api, "wait", fake_wait)
     # When remex build follows it
     result = CliRunner().invoke(main, ["build", "a"])

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.bst import BST, Bst
+from pipeline.testing.bst import BST, Bst
 
 FORMATS = ("%{name} %{key}", "%{name} %{vars}")
 

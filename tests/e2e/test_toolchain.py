@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bst import Bst
+from pipeline.testing.bst import Bst
 from tests.hello import file_tree
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "toolchain"

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.servers import CasdServer
 from pipeline.stages import checkout_artifact
-from tests.bst import Bst
+from pipeline.testing.bst import Bst
 from tests.hello import (
     EXPECTED_HELLO_FILES,
     RemexBuild,

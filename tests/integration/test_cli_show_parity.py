@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bst import Bst
+from pipeline.testing.bst import Bst
 
 PROJECTS = Path(__file__).parents[1] / "projects"
 FORMAT = "%{name: ^20}|%{kind}\n%{deps}\n%{build-deps}\n%{runtime-deps}\n%{public}"

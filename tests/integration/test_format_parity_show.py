@@ -20,7 +20,7 @@ import pytest
 from pipeline.cas import LocalCas
 from pipeline.elements import load_project
 from pipeline.elements.show import format_element
-from tests.bst import Bst
+from pipeline.testing.bst import Bst
 
 PROJECTS = Path(__file__).parents[1] / "projects"
 FORMATS = ("%{vars}", "%{env}", "%{config}", "%{public}", "%{deps}", "%{build-deps}")

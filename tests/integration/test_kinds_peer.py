@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.servers import CasdServer
 from pipeline.stages import checkout_artifact
-from tests.bst import Bst
+from pipeline.testing.bst import Bst
 from tests.hello import RemexBuild, file_tree, load_and_build, stage_context
 
 PROJECT = Path(__file__).parents[1] / "projects" / "kinds"

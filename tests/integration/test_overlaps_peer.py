@@ -24,7 +24,7 @@ from pipeline.stages import checkout_artifact
 from pipeline.stages.artifacts import read_artifact_meta
 from pipeline.stages.staging import stage_to_cas
 from pipeline.stages.state import State
-from tests.bst import Bst
+from pipeline.testing.bst import Bst
 from tests.hello import file_tree, load_and_build, stage_context
 
 PROJECT = Path(__file__).parents[1] / "projects" / "overlaps"

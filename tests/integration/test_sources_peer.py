@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline import api
 from pipeline.cas import LocalCas, checkout
-from tests.bst import Bst
+from pipeline.testing.bst import Bst
 from tests.hello import file_tree
 
 CONF = """\

@@ -151,3 +151,19 @@ def test_the_rule_is_checked_where_it_matters() -> None:
     modules = {m for rel, m in source_files()}
     assert {"pipeline.stages.policy", "tasks.stages", "cli.main", "bot.main"} <= modules
     assert not any(m.startswith("protos.build") for m in modules)
+
+
+def test_no_shipped_code_or_benchmark_imports_the_tests() -> None:
+    # bench/ and every package run without the test suite: shared test
+    # helpers live in pipeline/testing/.
+    offenders = []
+    for folder in ("bench", *PACKAGES):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            module = rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+            offenders += [
+                f"{rel}: {target}"
+                for target in imported_modules(path, module)
+                if target.split(".")[0] == "tests"
+            ]
+    assert offenders == []

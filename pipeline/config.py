@@ -178,7 +178,7 @@ def _config_home(env: Mapping[str, str]) -> Path:
 
 def _apply_stack(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
     """Defaults from the embedded stack ``remex up`` recorded, if one is up."""
-    from pipeline.stack import read_stack, stack_dir
+    from pipeline.stack import read_stack, stack_broker_url, stack_dir
 
     folder = stack_dir(dict(env))
     state = read_stack(folder)
@@ -186,7 +186,8 @@ def _apply_stack(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
         return config
     return replace(
         config,
-        broker_url=state["redis"]["url"],
+        # With the password, read from the file stack.json names (mode 0600).
+        broker_url=stack_broker_url(state),
         execution=Endpoint(state["casd"]["url"]),
         sources=(*config.sources, f"embedded stack {folder}"),
     )

@@ -137,9 +137,8 @@ def test_without_the_client_certificate_or_with_another_ca_nothing_connects(
     tmp_path: Path, tls_redis: RedisServer, certificates: Certificates
 ) -> None:
     # Given the right CA but no client certificate: the server refuses the handshake
-    no_cert = load_config(
-        None, env_for(tmp_path, config_file(tmp_path / "a", tls_redis.url, server_ca=certificates.ca))
-    )
+    toml = config_file(tmp_path / "a", tls_redis.url, server_ca=certificates.ca)
+    no_cert = load_config(None, env_for(tmp_path, toml))
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(no_cert.require_broker(), socket_timeout=5).ping()
     # Given a client certificate but a CA that did not sign the server's: refused here

@@ -116,11 +116,13 @@ def stack_broker_url(state: Mapping[str, Any]) -> str:
     return redis_url(str(redis["address"]), password)
 
 
-def casd_socket_path(folder: Path, *, runtime_dir: str | None = None) -> tuple[Path, Path | None]:
+def casd_socket_path(
+    folder: Path, *, runtime_dir: str | None = None, fallback: str = "/tmp"
+) -> tuple[Path, Path | None]:
     """Where buildbox-casd's unix socket goes: ``folder/casd.sock``, or, when
     that is longer than a unix socket path may be, ``casd.sock`` in a new
     private folder (mode 0700, made by :func:`tempfile.mkdtemp`) under
-    ``runtime_dir`` (``$XDG_RUNTIME_DIR``) or ``/tmp``.
+    ``runtime_dir`` (``$XDG_RUNTIME_DIR``) or ``fallback`` (``/tmp``).
 
     Returns:
         (the socket path, the private folder made for it or None).
@@ -131,7 +133,7 @@ def casd_socket_path(folder: Path, *, runtime_dir: str | None = None) -> tuple[P
     path = folder.absolute() / CASD_SOCKET
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
         return path, None
-    for base in (runtime_dir, "/tmp"):
+    for base in (runtime_dir, fallback):
         # mkdtemp's name adds 8 characters to the prefix.
         if not base or len(os.fsencode(Path(base) / "remex-XXXXXXXX" / CASD_SOCKET)) > (
             MAX_SOCKET_PATH

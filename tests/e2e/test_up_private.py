@@ -177,3 +177,33 @@ def test_a_stack_folder_of_another_user_is_refused(other_user: str, shared_dir: 
     assert result.returncode == 2, result.stdout + result.stderr
     assert "belongs to uid" in result.stderr and "Traceback" not in result.stderr
     assert list(planted.iterdir()) == []
+
+
+def test_a_stack_folder_too_long_for_a_socket_path_puts_casd_in_a_private_short_folder(
+    shared_dir: Path,
+) -> None:
+    # Given a stack folder whose casd.sock path would pass 107 bytes
+    stack = shared_dir / ("long-" * 12) / ("folder-" * 6)
+    assert len(str(stack / "casd.sock")) > 107
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMEX_")}
+    env.update(REMEX_STACK_DIR=str(stack), XDG_CONFIG_HOME=str(shared_dir / "config"))
+    env.pop("XDG_RUNTIME_DIR", None)
+    up = run(env, "up", "--detach", "--workers", "1")
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads((stack / "stack.json").read_text())
+        # Then the socket is in a folder of its own under /tmp, the owner's alone
+        socket_dir = Path(state["casd"]["socket_dir"])
+        assert socket_dir.parent == Path("/tmp") and socket_dir.name.startswith("remex-")
+        assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+        assert state["casd"]["url"] == f"unix:{socket_dir / 'casd.sock'}"
+        # And the owner's commands still find it
+        owner = subprocess.run(
+            [sys.executable, "-c", OWNER_CHECK], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert owner.returncode == 0 and owner.stdout.split() == ["True", "True"], owner
+    finally:
+        down = run(env, "down")
+    # And `down` removes that folder
+    assert down.returncode == 0, down.stderr
+    assert not socket_dir.exists()

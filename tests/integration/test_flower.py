@@ -200,7 +200,9 @@ def test_the_api_and_pages_need_the_password(flower_build: FlowerBuild) -> None:
     assert b"Flower" in body
 
 
-def test_prometheus_metrics_need_the_password_and_count_the_stage_tasks(flower_build: FlowerBuild) -> None:
+def test_prometheus_metrics_need_the_password_and_count_the_stage_tasks(
+    flower_build: FlowerBuild,
+) -> None:
     # Given the finished build
     wait_for_final_states(flower_build, flower_build.build["build"], len(ELEMENTS) * len(STAGES))
     # When Prometheus scrapes /metrics without the password, it is refused

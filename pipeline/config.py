@@ -248,7 +248,7 @@ def _check_broker_tls(config: RemexConfig) -> None:
     }
     if not given:
         return
-    names = ", ".join(f"broker.{key}" for key in given)
+    names = ", ".join(f"broker.{key} ({_broker_tls_env(key)})" for key in given)
     urls = [config.broker_url, config.result_backend]
     if not any(urlsplit(url).scheme == "rediss" for url in urls if url):
         raise ConfigError(
@@ -256,10 +256,18 @@ def _check_broker_tls(config: RemexConfig) -> None:
             f"{urlsplit(config.broker_url).scheme or 'none'}://"
         )
     if ("client-cert" in given) != ("client-key" in given):
-        raise ConfigError("broker.client-cert and broker.client-key go together: set both")
+        raise ConfigError(
+            "broker.client-cert and broker.client-key (REMEX_BROKER_CLIENT_CERT, "
+            "REMEX_BROKER_CLIENT_KEY) go together: set both"
+        )
     for key, path in given.items():
         if not Path(path).is_file():
-            raise ConfigError(f"broker.{key}: no such file: {path}")
+            raise ConfigError(f"broker.{key} ({_broker_tls_env(key)}): no such file: {path}")
+
+
+def _broker_tls_env(key: str) -> str:
+    """The environment variable of ``[broker]`` TLS key ``key``."""
+    return "REMEX_BROKER_" + key.upper().replace("-", "_")
 
 
 def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
@@ -321,7 +329,7 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
         changes["result_backend"] = env["REMEX_RESULT_BACKEND"]
         used.append("REMEX_RESULT_BACKEND")
     for key, (attr, _) in _BROKER_TLS.items():
-        name = "REMEX_BROKER_" + key.upper().replace("-", "_")
+        name = _broker_tls_env(key)
         if env.get(name):
             changes[attr] = Path(env[name]).expanduser().absolute()
             used.append(name)

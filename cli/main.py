@@ -413,6 +413,8 @@ def up(workers: int, jobs: int, concurrency: int, detach: bool, flower: bool) ->
     )
     click.echo(f"remex stack up ({folder}):")
     click.echo(f"  broker     {running.broker_url}")
+    if running.redis_password_file:
+        click.echo(f"             (password in {running.redis_password_file})")
     click.echo(f"  execution  {running.execution_url} (buildbox-casd, also the artifact server)")
     click.echo(f"  workers    {workers} x {concurrency} tasks")
     if running.flower is not None:

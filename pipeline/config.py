@@ -15,6 +15,9 @@ Where settings come from, later ones winning:
     [broker]
     url = "redis://:password@127.0.0.1:6379/0"   # Celery broker and result backend
     result-backend = ""                          # default: the broker URL
+    server-ca = ""              # PEM files, for rediss:// (TLS) URLs
+    client-cert = ""
+    client-key = ""
 
     [remote.execution]          # CAS + ActionCache + Execution
     url = "grpc://127.0.0.1:50051"
@@ -44,6 +47,7 @@ Where settings come from, later ones winning:
     flags = ["a", "b"]          # ``-o NAME VALUE`` on the command line wins
 
 Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
+``REMEX_BROKER_{SERVER_CA,CLIENT_CERT,CLIENT_KEY}``,
 ``REMEX_{EXECUTION,STORAGE,ACTION_CACHE,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,
 CLIENT_KEY,TOKEN_FILE}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_WORKER_CONCURRENCY``,
@@ -60,6 +64,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pipeline.errors import ConfigError
 from pipeline.reapi.channel import Endpoint
@@ -83,6 +88,14 @@ _REMOTES = {
     "action-cache": "action_cache",
     "artifacts": "artifacts",
 }
+# [broker] TLS keys, the RemexConfig attribute each sets, and the query
+# parameter of a rediss:// URL that carries it (read alike by redis-py,
+# kombu and Celery's Redis result backend).
+_BROKER_TLS = {
+    "server-ca": ("broker_server_ca", "ssl_ca_certs"),
+    "client-cert": ("broker_client_cert", "ssl_certfile"),
+    "client-key": ("broker_client_key", "ssl_keyfile"),
+}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
@@ -104,6 +117,11 @@ class RemexConfig:
     broker_url: str = ""
     """Empty when neither configured nor given by a stack (see :meth:`require_broker`)."""
     result_backend: str = ""
+    broker_server_ca: Path | None = None
+    """CA bundle (PEM) to verify a ``rediss://`` broker with (default: the system's)."""
+    broker_client_cert: Path | None = None
+    """Client certificate (PEM) for a ``rediss://`` broker that asks for one."""
+    broker_client_key: Path | None = None
     execution: Endpoint = field(default_factory=lambda: Endpoint(""))
     """Its URL is empty when neither configured nor given by a stack."""
     storage: Endpoint | None = None
@@ -121,7 +139,8 @@ class RemexConfig:
 
     @property
     def backend_url(self) -> str:
-        return self.result_backend or self.broker_url
+        """The result backend's URL (a ``rediss://`` one with its TLS files)."""
+        return self._with_tls(self.result_backend or self.broker_url)
 
     @property
     def artifact_endpoint(self) -> Endpoint:
@@ -135,7 +154,27 @@ class RemexConfig:
         """
         if not self.broker_url:
             raise ConfigError(NO_STACK.format(key="broker.url"))
-        return self.broker_url
+        return self._with_tls(self.broker_url)
+
+    def _with_tls(self, url: str) -> str:
+        """A ``rediss://`` URL with the TLS settings as query parameters
+        (``ssl_cert_reqs=required``, ``ssl_ca_certs``, ``ssl_certfile``,
+        ``ssl_keyfile``), which redis-py (the scheduler), kombu (Celery's
+        broker) and Celery's Redis result backend all read from the URL, so
+        every client verifies the server the same way. Parameters already in
+        the URL win. Other URLs are returned unchanged."""
+        parts = urlsplit(url)
+        if parts.scheme != "rediss":
+            return url
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        # Certificates are verified unless the URL itself says otherwise
+        # (Celery refuses a rediss:// URL that does not say).
+        query.setdefault("ssl_cert_reqs", "required")
+        for attr, param in _BROKER_TLS.values():
+            value = getattr(self, attr)
+            if value is not None:
+                query.setdefault(param, str(value))
+        return urlunsplit(parts._replace(query=urlencode(query)))
 
     def require_execution(self) -> Endpoint:
         """The execution server.
@@ -170,7 +209,9 @@ def load_config(
         files.append(project_dir / CONFIG_FILE_NAME)
     for path in files:
         config = _apply_file(config, path)
-    return _apply_env(config, env)
+    config = _apply_env(config, env)
+    _check_broker_tls(config)
+    return config
 
 
 def parse_size(text: str | int, *, where: str) -> int:
@@ -195,7 +236,7 @@ def _config_home(env: Mapping[str, str]) -> Path:
 
 def _apply_stack(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
     """Defaults from the embedded stack ``remex up`` recorded, if one is up."""
-    from pipeline.stack import read_stack, stack_dir
+    from pipeline.stack import read_stack, stack_broker_url, stack_dir
 
     folder = stack_dir(dict(env))
     state = read_stack(folder)
@@ -203,10 +244,47 @@ def _apply_stack(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
         return config
     return replace(
         config,
-        broker_url=state["redis"]["url"],
+        # With the password, read from the file stack.json names (mode 0600).
+        broker_url=stack_broker_url(state),
         execution=Endpoint(state["casd"]["url"]),
         sources=(*config.sources, f"embedded stack {folder}"),
     )
+
+
+def _check_broker_tls(config: RemexConfig) -> None:
+    """TLS files only with a ``rediss://`` broker, a client certificate with
+    its key, and every file there.
+
+    Raises:
+        ConfigError: naming the setting (``broker.KEY`` / ``REMEX_BROKER_KEY``).
+    """
+    given = {
+        key: getattr(config, attr)
+        for key, (attr, _) in _BROKER_TLS.items()
+        if getattr(config, attr) is not None
+    }
+    if not given:
+        return
+    names = ", ".join(f"broker.{key} ({_broker_tls_env(key)})" for key in given)
+    urls = [config.broker_url, config.result_backend]
+    if not any(urlsplit(url).scheme == "rediss" for url in urls if url):
+        raise ConfigError(
+            f"{names} given, but the broker URL is not a rediss:// (TLS) URL: "
+            f"{urlsplit(config.broker_url).scheme or 'none'}://"
+        )
+    if ("client-cert" in given) != ("client-key" in given):
+        raise ConfigError(
+            "broker.client-cert and broker.client-key (REMEX_BROKER_CLIENT_CERT, "
+            "REMEX_BROKER_CLIENT_KEY) go together: set both"
+        )
+    for key, path in given.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"broker.{key} ({_broker_tls_env(key)}): no such file: {path}")
+
+
+def _broker_tls_env(key: str) -> str:
+    """The environment variable of ``[broker]`` TLS key ``key``."""
+    return "REMEX_BROKER_" + key.upper().replace("-", "_")
 
 
 def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
@@ -218,11 +296,15 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     _known(data, {"broker", "remote", "cas", "worker", "projects"}, where, "")
     changes: dict[str, Any] = {}
     broker = _table(data, "broker", where)
-    _known(broker, {"url", "result-backend"}, where, "broker.")
+    _known(broker, {"url", "result-backend", *_BROKER_TLS}, where, "broker.")
     if "url" in broker:
         changes["broker_url"] = _str(broker["url"], where, "broker.url")
     if "result-backend" in broker:
         changes["result_backend"] = _str(broker["result-backend"], where, "broker.result-backend")
+    for key, (attr, _) in _BROKER_TLS.items():
+        if key in broker:
+            value = _str(broker[key], where, f"broker.{key}")
+            changes[attr] = _path(value, path.parent, where, f"broker.{key}") if value else None
     remote = _table(data, "remote", where)
     _known(remote, set(_REMOTES), where, "remote.")
     base = path.parent
@@ -311,6 +393,11 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
     if env.get("REMEX_RESULT_BACKEND"):
         changes["result_backend"] = env["REMEX_RESULT_BACKEND"]
         used.append("REMEX_RESULT_BACKEND")
+    for key, (attr, _) in _BROKER_TLS.items():
+        name = _broker_tls_env(key)
+        if env.get(name):
+            changes[attr] = Path(env[name]).expanduser().absolute()
+            used.append(name)
     for remote_key, attr in _REMOTES.items():
         name = remote_key.upper().replace("-", "_")
         values = {

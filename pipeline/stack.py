@@ -9,6 +9,16 @@ records them in a state folder (``stack.json``), which
 commands find the stack with no configuration. ``remex down`` stops exactly
 the processes recorded there, checking each PID still runs what was started.
 
+The stack is its owner's alone (whoever can write to its Redis can run
+builds and push artifacts): the state folder is mode 0700 and must belong to
+the user; Redis requires a password made afresh on every ``up`` (kept in
+``redis/password``, mode 0600, and named in ``stack.json``, itself 0600);
+Redis's AOF is written with umask 077; buildbox-casd listens on a unix
+socket in the folder (``casd.sock``), not on a TCP port. When that path is
+too long for a unix socket (107 bytes), the socket goes into a private
+folder of its own (mode 0700) under ``$XDG_RUNTIME_DIR`` or ``/tmp``, which
+``stack.json`` records and ``remex down`` removes.
+
 The processes are started by :class:`pipeline.servers.RemexStack` (the one
 stack builder) in the embedded layout of :class:`EmbeddedStack`.
 """
@@ -18,7 +28,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,27 +38,36 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.errors import ConfigError
-from pipeline.servers.casd import buildbox_dir
+from pipeline.servers.casd import MAX_SOCKET_PATH, buildbox_dir
 from pipeline.servers.errors import ServerError
 from pipeline.servers.flower import FLOWER_USER, FlowerServer, flower_password
 from pipeline.servers.process import pid_alive, runs_program, stop_process_group, unmount_under
+from pipeline.servers.redis import redis_url
 from pipeline.servers.stack import RemexStack
 
 __all__ = [
+    "CASD_SOCKET",
     "FLOWER_USER",
+    "REDIS_PASSWORD_FILE",
     "STATE_FILE",
     "EmbeddedStack",
     "FlowerServer",
     "Stack",
+    "casd_socket_path",
     "check_tools",
     "down",
     "flower_password",
     "read_stack",
+    "stack_broker_url",
     "stack_dir",
     "up",
 ]
 
 STATE_FILE = "stack.json"
+#: buildbox-casd's socket, in the state folder.
+CASD_SOCKET = "casd.sock"
+#: Redis's password, below the state folder (mode 0600).
+REDIS_PASSWORD_FILE = "redis/password"
 
 # What each program is and which Debian package brings it.
 _TOOLS = {
@@ -76,6 +97,56 @@ def read_stack(folder: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{path}: unreadable stack state: {exc}") from exc
 
 
+def stack_broker_url(state: Mapping[str, Any]) -> str:
+    """The broker URL of a recorded stack, with its Redis password (read
+    from the file ``stack.json`` names).
+
+    Raises:
+        ConfigError: the password file cannot be read (it is the owner's alone).
+    """
+    redis = state["redis"]
+    url = str(redis["url"])
+    if not redis.get("password_file"):
+        return url  # a stack from before passwords, or one without
+    path = Path(redis["password_file"])
+    try:
+        password = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the stack's Redis password: {exc}") from exc
+    return redis_url(str(redis["address"]), password)
+
+
+def casd_socket_path(
+    folder: Path, *, runtime_dir: str | None = None, fallback: str = "/tmp"
+) -> tuple[Path, Path | None]:
+    """Where buildbox-casd's unix socket goes: ``folder/casd.sock``, or, when
+    that is longer than a unix socket path may be, ``casd.sock`` in a new
+    private folder (mode 0700, made by :func:`tempfile.mkdtemp`) under
+    ``runtime_dir`` (``$XDG_RUNTIME_DIR``) or ``fallback`` (``/tmp``).
+
+    Returns:
+        (the socket path, the private folder made for it or None).
+
+    Raises:
+        ConfigError: no place gives a path short enough.
+    """
+    path = folder.absolute() / CASD_SOCKET
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path, None
+    for base in (runtime_dir, fallback):
+        # mkdtemp's name adds 8 characters to the prefix.
+        if not base or len(os.fsencode(Path(base) / "remex-XXXXXXXX" / CASD_SOCKET)) > (
+            MAX_SOCKET_PATH
+        ):
+            continue
+        private = Path(tempfile.mkdtemp(prefix="remex-", dir=base))
+        return private / CASD_SOCKET, private
+    raise ConfigError(
+        f"{path} is longer than a unix socket path may be ({MAX_SOCKET_PATH} bytes); "
+        "set REMEX_STACK_DIR to a shorter folder"
+    )
+
+
 def check_tools() -> None:
     """Raise ConfigError with one sentence per missing system tool."""
     missing = [
@@ -101,7 +172,14 @@ class Stack:
 
     @property
     def broker_url(self) -> str:
+        """The broker URL without the password (to show)."""
         return str(self.state["redis"]["url"])
+
+    @property
+    def redis_password_file(self) -> str | None:
+        """The file holding Redis's password (mode 0600)."""
+        entry = self.state["redis"].get("password_file")
+        return str(entry) if entry else None
 
     @property
     def execution_url(self) -> str:
@@ -124,7 +202,15 @@ class EmbeddedStack(RemexStack):
     dirs: ClassVar[Mapping[str, str]] = {**RemexStack.dirs, "execution": "casd"}
 
     def __init__(
-        self, folder: Path, *, workers: int, jobs: int, concurrency: int, flower: bool
+        self,
+        folder: Path,
+        *,
+        workers: int,
+        jobs: int,
+        concurrency: int,
+        flower: bool,
+        redis_password: str | None = None,
+        casd_socket: Path | None = None,
     ) -> None:
         super().__init__(
             folder,
@@ -135,6 +221,8 @@ class EmbeddedStack(RemexStack):
             flower=flower,
             flower_password=flower_password(folder) if flower else None,
             persistent_redis=True,
+            redis_password=redis_password,
+            execution_socket=casd_socket,
             heartbeat_timeout=None,
             reconcile_interval=None,
         )
@@ -169,8 +257,12 @@ def up(
     online) on a free loopback port, with basic auth (user ``remex``, the
     password from :func:`flower_password`) and persistent state.
 
+    The folder is made private first (see the module docstring): Redis gets
+    a new random password, buildbox-casd a unix socket.
+
     Raises:
-        ConfigError: a stack is already up here, or a system tool is missing.
+        ConfigError: a stack is already up here, a system tool is missing,
+            or the folder belongs to another user.
         ServerError: a server did not start (the message has its log's tail).
     """
     check_tools()
@@ -179,18 +271,43 @@ def up(
     current = read_stack(folder)
     if current is not None and any(pid_alive(p) for p in _recorded(current)):
         raise ConfigError(f"a remex stack is already up ({folder / STATE_FILE}); run 'remex down'")
-    folder.mkdir(parents=True, exist_ok=True)
-    stack = EmbeddedStack(
-        folder, workers=workers, jobs=jobs, concurrency=concurrency, flower=flower
-    ).start()
+    _make_private(folder)
+    password_file = folder / REDIS_PASSWORD_FILE
+    password = secrets.token_urlsafe(24)
+    _write_private(password_file, password + "\n")
+    socket_path, socket_dir = casd_socket_path(
+        folder, runtime_dir=os.environ.get("XDG_RUNTIME_DIR")
+    )
+    try:
+        stack = EmbeddedStack(
+            folder,
+            workers=workers,
+            jobs=jobs,
+            concurrency=concurrency,
+            flower=flower,
+            redis_password=password,
+            casd_socket=socket_path,
+        ).start()
+    except BaseException:
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        raise
     # Started and healthy: from now on `remex down` stops them, by PID.
     stack.detach()
     casd = stack.execution
     state: dict[str, Any] = {
         "created": time.time(),
-        "redis": {"url": stack.redis.url, "pid": stack.redis.pid, "cmd": "redis-server"},
+        "redis": {
+            # The password is not written here: clients read password_file.
+            "url": stack.redis.public_url,
+            "address": stack.redis.address,
+            "password_file": str(password_file),
+            "pid": stack.redis.pid,
+            "cmd": "redis-server",
+        },
         "casd": {
             "url": casd.url,
+            "socket": str(socket_path),
             "pid": casd.pid,
             "cmd": "buildbox-casd",
             "workdir": str(casd.workdir),
@@ -211,7 +328,9 @@ def up(
             "db": str(stack.flower.db_path),
             "log": str(stack.flower.log_path),
         }
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+    if socket_dir is not None:
+        state["casd"]["socket_dir"] = str(socket_dir)
+    _write_private(folder / STATE_FILE, json.dumps(state, indent=2))
     return Stack(folder, state)
 
 
@@ -234,8 +353,46 @@ def down(folder: Path) -> list[str]:
             stopped.append(f"{entry.get('name') or cmd} (pid {pid})")
     if state.get("casd", {}).get("workdir"):
         unmount_under(Path(state["casd"]["workdir"]))
+    if state.get("casd", {}).get("socket_dir"):
+        shutil.rmtree(state["casd"]["socket_dir"], ignore_errors=True)
     (folder / STATE_FILE).unlink(missing_ok=True)
     return stopped
+
+
+def _make_private(folder: Path) -> None:
+    """Create ``folder`` (mode 0700) or check that it is the user's own, and
+    take group and other permissions off it and off what the servers keep in
+    it (an older stack's AOF may be 0644).
+
+    Raises:
+        ConfigError: it belongs to another user, or is not a folder.
+    """
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = folder.lstat()
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        raise ConfigError(f"{folder}: the stack folder must be a folder, not a link or a file")
+    if info.st_uid != os.getuid():
+        raise ConfigError(
+            f"{folder}: the stack folder belongs to uid {info.st_uid}, not to you "
+            f"(uid {os.getuid()}); set REMEX_STACK_DIR to a folder of your own"
+        )
+    os.chmod(folder, 0o700)
+    for sub in ("redis", "flower"):
+        for root, dirs, files in os.walk(folder / sub):
+            for name in [*dirs, *files]:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    os.chmod(path, os.lstat(path).st_mode & 0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable and writable by the owner only
+    (from the first byte: the file is created 0600, an old one is fixed first)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(fd, 0o600)
+        out.write(text)
 
 
 def _recorded(state: dict[str, Any]) -> list[int]:

@@ -10,6 +10,7 @@ configuration of the current folder and environment.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -17,6 +18,7 @@ from celery import Celery, signals
 
 from pipeline.broker import make_celery
 from pipeline.config import RemexConfig, load_config
+from tasks.flower import protect_metrics
 from tasks.runtime import BackgroundLoops, RuntimeHolder, WorkerRuntime
 from tasks.stages import register_stage_tasks
 
@@ -67,5 +69,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     with _default_lock:
         if _default is None:
+            if "flower" in sys.modules:
+                # `celery -A tasks.app flower`: the CLI loaded Flower's command.
+                protect_metrics()
             _default = create_app(load_config())
         return _default

@@ -169,9 +169,12 @@ class Server(ABC):
 
     name: ClassVar[str] = "server"
     scheme: ClassVar[str] = "tcp"
-    #: False for a process that binds no port: start() picks none and waits
-    #: for _probe() alone.
-    listens: ClassVar[bool] = True
+    #: False for a process that binds no TCP port (a worker, a bot, a server on
+    #: a unix socket): start() picks none and waits for _probe() alone.
+    listens: bool = True
+    #: The file-mode creation mask of the process (None: inherit ours);
+    #: 0o077 keeps what it writes (an AOF, a database) to its owner.
+    umask: int | None = None
     #: Seconds allowed for a start (launch + health).
     start_timeout: float = 60.0
     #: Seconds one health check may take.
@@ -366,6 +369,7 @@ class Server(ABC):
                 env=dict(env) if env is not None else None,
                 cwd=self.workdir,
                 start_new_session=True,
+                umask=-1 if self.umask is None else self.umask,
             )
         self._pid = self._proc.pid
         self._pgid = self._proc.pid

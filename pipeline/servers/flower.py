@@ -22,7 +22,8 @@ FLOWER_TASKS_COLUMNS = "name,args,state,received,runtime,worker"
 class FlowerServer(Server):
     """Flower (``celery -A tasks.app flower``) on ``http://127.0.0.1:PORT``,
     watching the broker ``broker_url``: basic auth as ``user``/``password``
-    (passed in the environment, not on the command line), its state in
+    (passed in the environment, not on the command line; ``/metrics`` needs
+    it too, see :mod:`tasks.flower`), its state in
     ``workdir/flower.db`` (persistent across restarts), its log in
     ``workdir/flower.log``. Healthy once ``/healthcheck`` answers ``OK``.
     """
@@ -31,6 +32,7 @@ class FlowerServer(Server):
     scheme = "http"
     start_timeout = 60.0
     probe_timeout = 2.0
+    umask = 0o077  # flower.db holds every task's arguments and results
 
     def __init__(
         self,

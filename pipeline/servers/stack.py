@@ -64,6 +64,10 @@ class RemexStack:
         flower: also start Flower (before the workers, so it sees them come up).
         flower_password: its basic-auth password (user ``remex``); random if None.
         persistent_redis: AOF on, so a restarted Redis has its queues back.
+        redis_password: Redis then requires it (``requirepass``); the
+            stack's URLs carry it.
+        execution_socket: the execution casd (when the stack makes it)
+            listens on this unix socket instead of a TCP port.
         heartbeat_timeout, reconcile_interval: given to the workers
             (``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``);
             None leaves the production defaults.
@@ -96,6 +100,8 @@ class RemexStack:
         flower: bool = False,
         flower_password: str | None = None,
         persistent_redis: bool = False,
+        redis_password: str | None = None,
+        execution_socket: str | os.PathLike[str] | None = None,
         heartbeat_timeout: float | None = TEST_HEARTBEAT_TIMEOUT,
         reconcile_interval: float | None = TEST_RECONCILE_INTERVAL,
         extra_env: Mapping[str, str] | None = None,
@@ -106,10 +112,14 @@ class RemexStack:
         self.concurrency = concurrency
         self.bot_count = bots
         self.bot_capacity = bot_capacity
-        self.redis = RedisServer(self.workdir / self.dirs["redis"], appendonly=persistent_redis)
+        self.redis = RedisServer(
+            self.workdir / self.dirs["redis"], appendonly=persistent_redis, password=redis_password
+        )
         self._owned: list[Server] = [self.redis]
         if execution is None:
-            execution = CasdServer(self.workdir / self.dirs["execution"], jobs=jobs)
+            execution = CasdServer(
+                self.workdir / self.dirs["execution"], jobs=jobs, socket_path=execution_socket
+            )
             self._owned.append(execution)
         self.execution: Server = execution
         self.artifacts: CasdServer | None = None

@@ -49,8 +49,10 @@ def test_up_build_checkout_down(user_env: dict[str, str], tmp_path: Path) -> Non
         state = json.loads((tmp_path / "stack" / "stack.json").read_text())
         pids = [state["redis"]["pid"], state["casd"]["pid"]] + [w["pid"] for w in state["workers"]]
         assert all(alive(pid) for pid in pids)
+        # Redis asks for a password (kept out of stack.json), casd is on a unix socket
         assert state["redis"]["url"].startswith("redis://127.0.0.1:")
-        assert state["casd"]["url"].startswith("grpc://127.0.0.1:")
+        assert Path(state["redis"]["password_file"]).read_text().strip()
+        assert state["casd"]["url"] == f"unix:{tmp_path / 'stack' / 'casd.sock'}"
         # A second `up` refuses while this one runs
         again = run(user_env, "up", "--detach")
         assert again.returncode == 2 and "already up" in again.stderr

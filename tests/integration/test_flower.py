@@ -200,11 +200,18 @@ def test_the_api_and_pages_need_the_password(flower_build: FlowerBuild) -> None:
     assert b"Flower" in body
 
 
-def test_prometheus_metrics_count_the_stage_tasks(flower_build: FlowerBuild) -> None:
+def test_prometheus_metrics_need_the_password_and_count_the_stage_tasks(
+    flower_build: FlowerBuild,
+) -> None:
     # Given the finished build
     wait_for_final_states(flower_build, flower_build.build["build"], len(ELEMENTS) * len(STAGES))
-    # When Prometheus scrapes /metrics (open, as scrapers send no password)
-    status, body = flower_build.get("/metrics", auth=("", ""))
+    # When Prometheus scrapes /metrics without the password, it is refused
+    # (remex puts /metrics behind the pages' basic auth; /healthcheck stays open)
+    assert flower_build.get("/metrics", auth=("", ""))[0] == 401
+    assert flower_build.get("/metrics", auth=("remex", "wrong"))[0] == 401
+    assert flower_build.get("/healthcheck", auth=("", "")) == (200, b"OK")
+    # When it scrapes with the password (a scrape job's basic_auth)
+    status, body = flower_build.get("/metrics")
     # Then Flower's counters and runtimes name remex's tasks
     assert status == 200
     text = body.decode()

@@ -164,3 +164,92 @@ def test_the_stage_context_routes_cas_and_action_cache_to_their_endpoints(
         assert ctx.artifact_cas.remote.endpoint.url.endswith(":2")
         assert ctx.execution_cas.remote.endpoint.url.endswith(":3")
         assert ctx.action_cache.remote.endpoint.url.endswith(":4")
+
+
+def test_the_stack_broker_url_gets_its_password_from_the_file_stack_json_names(
+    tmp_path: Path,
+) -> None:
+    # Given a stack whose stack.json names a password file and a casd socket
+    stack = tmp_path / "stack"
+    (stack / "redis").mkdir(parents=True)
+    (stack / "redis" / "password").write_text("s3cret-pw\n")
+    (stack / "stack.json").write_text(
+        json.dumps(
+            {
+                "redis": {
+                    "url": "redis://127.0.0.1:7/0",
+                    "address": "127.0.0.1:7",
+                    "password_file": str(stack / "redis" / "password"),
+                },
+                "casd": {"url": f"unix:{stack / 'casd.sock'}"},
+            }
+        )
+    )
+    # When the configuration is read with no settings
+    config = load_config(None, env_for(tmp_path, REMEX_STACK_DIR=str(stack)))
+    # Then the broker URL carries the password, and the server is the socket
+    assert config.require_broker() == "redis://:s3cret-pw@127.0.0.1:7/0"
+    assert config.require_execution().url == f"unix:{stack / 'casd.sock'}"
+    # And without the password file, it says which file it could not read
+    (stack / "redis" / "password").unlink()
+    with pytest.raises(
+        ConfigError, match=r"redis/password: cannot read the stack's Redis password"
+    ):
+        load_config(None, env_for(tmp_path, REMEX_STACK_DIR=str(stack)))
+
+
+def test_rediss_urls_carry_the_tls_files_as_parameters(tmp_path: Path) -> None:
+    # Given a rediss:// broker and the TLS keys, relative to the config file
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text("pem\n")
+    (tmp_path / "remex.toml").write_text(
+        '[broker]\nurl = "rediss://:pw@redis.example:6380/0"\n'
+        'server-ca = "ca.pem"\nclient-cert = "client.pem"\nclient-key = "client.key"\n'
+    )
+    config = load_config(None, env_for(tmp_path, REMEX_CONFIG=str(tmp_path / "remex.toml")))
+    # Then every Redis client gets them, and certificates are verified
+    for url in (config.require_broker(), config.backend_url):
+        assert url.startswith("rediss://:pw@redis.example:6380/0?")
+        assert "ssl_cert_reqs=required" in url
+        assert f"ssl_ca_certs={tmp_path / 'ca.pem'}".replace("/", "%2F") in url
+        assert f"ssl_certfile={tmp_path / 'client.pem'}".replace("/", "%2F") in url
+        assert f"ssl_keyfile={tmp_path / 'client.key'}".replace("/", "%2F") in url
+    # And the URL shown stays as written
+    assert config.broker_url == "rediss://:pw@redis.example:6380/0"
+    # And a plain redis:// URL is left alone
+    plain = load_config(None, env_for(tmp_path, REMEX_BROKER_URL="redis://127.0.0.1:1/0"))
+    assert plain.require_broker() == "redis://127.0.0.1:1/0"
+
+
+def test_a_rediss_url_says_how_to_verify_even_without_keys(tmp_path: Path) -> None:
+    config = load_config(None, env_for(tmp_path, REMEX_BROKER_URL="rediss://h:1/0"))
+    assert config.require_broker() == "rediss://h:1/0?ssl_cert_reqs=required"
+    # unless the URL says it itself
+    config = load_config(
+        None, env_for(tmp_path, REMEX_BROKER_URL="rediss://h:1/0?ssl_cert_reqs=optional")
+    )
+    assert config.require_broker() == "rediss://h:1/0?ssl_cert_reqs=optional"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"REMEX_BROKER_URL": "redis://h:1/0", "REMEX_BROKER_SERVER_CA": "ca.pem"}, "not a rediss"),
+        (
+            {"REMEX_BROKER_URL": "rediss://h:1/0", "REMEX_BROKER_CLIENT_CERT": "ca.pem"},
+            "client-cert and broker.client-key .* go together",
+        ),
+        (
+            {"REMEX_BROKER_URL": "rediss://h:1/0", "REMEX_BROKER_SERVER_CA": "missing.pem"},
+            r"broker.server-ca \(REMEX_BROKER_SERVER_CA\): no such file",
+        ),
+    ],
+    ids=["plain-url", "cert-without-key", "missing-file"],
+)
+def test_wrong_broker_tls_settings_are_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ca.pem").write_text("pem\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, env_for(tmp_path, **extra))

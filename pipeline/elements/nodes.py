@@ -229,6 +229,16 @@ def load_yaml(path: Path, display: str) -> MappingNode:
         if exc.context:
             what = f"{what} ({exc.context})"
         raise LoadError(f"malformed YAML: {what}", file=display, line=line) from None
+    except yaml.reader.ReaderError as exc:
+        # A character YAML refuses (a NUL byte, a binary file): PyYAML gives an
+        # offset into the text, not a line.
+        line = text[: exc.position].count("\n") + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise LoadError(
+            f"malformed YAML: character #x{code:04x} is not allowed (a binary file?)",
+            file=display,
+            line=line,
+        ) from None
     except yaml.YAMLError as exc:
         raise LoadError(f"malformed YAML: {exc}", file=display) from None
     if root is None:
@@ -246,8 +256,17 @@ class _RefusedError(Exception):
         self.line = line
 
 
+# Deeper nesting is refused: PyYAML composes (and _convert walks) recursively,
+# and a file of 500 '[' would otherwise end in a RecursionError. No real
+# element comes near this.
+MAX_NESTING = 100
+
+
 class _Loader(yaml.SafeLoader):  # type: ignore[misc]
-    """SafeLoader refusing anchors and aliases while composing (where we see them)."""
+    """SafeLoader refusing anchors and aliases while composing (where we see
+    them), and nesting deeper than :data:`MAX_NESTING`."""
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()  # type: ignore[no-untyped-call]
@@ -255,7 +274,15 @@ class _Loader(yaml.SafeLoader):  # type: ignore[misc]
             raise _RefusedError(
                 "YAML anchors and aliases are not supported", event.start_mark.line + 1
             )
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_NESTING:
+            raise _RefusedError(
+                f"YAML nested more than {MAX_NESTING} levels deep", event.start_mark.line + 1
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _convert(node: Any, file: str, path: str, mark: Mark | None = None) -> Node:

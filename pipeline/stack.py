@@ -124,7 +124,14 @@ class EmbeddedStack(RemexStack):
     dirs: ClassVar[Mapping[str, str]] = {**RemexStack.dirs, "execution": "casd"}
 
     def __init__(
-        self, folder: Path, *, workers: int, jobs: int, concurrency: int, flower: bool
+        self,
+        folder: Path,
+        *,
+        workers: int,
+        jobs: int,
+        concurrency: int,
+        flower: bool,
+        worker_env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             folder,
@@ -137,6 +144,7 @@ class EmbeddedStack(RemexStack):
             persistent_redis=True,
             heartbeat_timeout=None,
             reconcile_interval=None,
+            extra_env=worker_env,
         )
 
     def worker_name(self, index: int) -> str:
@@ -152,6 +160,7 @@ class EmbeddedStack(RemexStack):
         # Each worker has a local CAS of its own (in its folder), never a shared one.
         env.pop("REMEX_CAS_DIR", None)
         env.update(self._server_env(), REMEX_CONFIG=os.devnull)
+        env.update(self.extra_env)  # the user's local CAS settings (see up())
         return env
 
 
@@ -162,8 +171,12 @@ def up(
     jobs: int = 4,
     concurrency: int = 4,
     flower: bool = False,
+    worker_env: Mapping[str, str] | None = None,
 ) -> Stack:
     """Start the embedded stack and record it; return once everything answers.
+
+    ``worker_env`` is added to the workers' environment (the user's
+    ``REMEX_CAS_QUOTA`` and ``REMEX_CAS_DIR``, see ``remex up``).
 
     With ``flower``, Flower starts before the workers (so it sees them come
     online) on a free loopback port, with basic auth (user ``remex``, the
@@ -181,7 +194,12 @@ def up(
         raise ConfigError(f"a remex stack is already up ({folder / STATE_FILE}); run 'remex down'")
     folder.mkdir(parents=True, exist_ok=True)
     stack = EmbeddedStack(
-        folder, workers=workers, jobs=jobs, concurrency=concurrency, flower=flower
+        folder,
+        workers=workers,
+        jobs=jobs,
+        concurrency=concurrency,
+        flower=flower,
+        worker_env=worker_env,
     ).start()
     # Started and healthy: from now on `remex down` stops them, by PID.
     stack.detach()

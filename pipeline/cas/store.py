@@ -23,6 +23,14 @@ object was damaged on disk, and a later put of the right content repairs it.
 LRU: an object's mtime is its last access time (atime is unreliable under
 ``relatime``/``noatime``). Reads refresh it only when it is older than
 ``touch_after_s`` seconds, so a hot object costs no extra syscall per read.
+
+Quota: with ``enforce_quota``, every new object is counted (see
+:mod:`pipeline.cas.quota`) and a store past its quota is cleaned at once
+(LRU, down to :data:`~pipeline.cas.quota.CLEANUP_TARGET` of the quota),
+never removing what a running stage uses: a stage holds a :meth:`LocalCas.pin`
+while it runs; while a pin lives, reads also refresh the mtime of any object
+older than the newest pin, so "used since the oldest live pin started" is
+visible to every process sharing the store.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import concurrent.futures
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import re
 import secrets
@@ -44,12 +53,16 @@ from typing import BinaryIO, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from pipeline.cas.quota import CLEANUP_TARGET, Pin, UsageCounter, cleanup_lock, live_pins
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_of, digest_to_str, new_hasher
 from pipeline.errors import DigestMismatchError, LocalBlobMissingError, LocalCasError
+from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 
-__all__ = ["BlobWriter", "CasStats", "CleanupStats", "LocalCas"]
+__all__ = ["BlobWriter", "CasStats", "CleanupStats", "LocalCas", "Pin"]
 
 M = TypeVar("M", bound=Message)
+
+log = logging.getLogger(__name__)
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -102,6 +115,8 @@ class LocalCas:
             the size check or by the hash verification of readers that verify.
         touch_after_s: a read refreshes an object's access time only when it is
             older than this many seconds.
+        enforce_quota: clean the store (LRU) as soon as a write takes it past
+            ``quota_bytes`` (what workers do; see the module docstring).
     """
 
     def __init__(
@@ -111,15 +126,25 @@ class LocalCas:
         *,
         fsync: bool = False,
         touch_after_s: float = 60.0,
+        enforce_quota: bool = False,
     ) -> None:
         self.root = Path(root)
         self.quota_bytes = quota_bytes
         self.fsync = fsync
         self.touch_after_s = touch_after_s
+        self.enforce_quota = enforce_quota and quota_bytes is not None
         self._objects = os.path.join(self.root, "objects")
         self._tmp = os.path.join(self.root, "tmp")
+        self._pins_dir = os.path.join(self.root, "pins")
         os.makedirs(self._objects, exist_ok=True)
         os.makedirs(self._tmp, exist_ok=True)
+        # Start times of this process's live pins (see _touch_if_old).
+        self._pins: dict[str, float] = {}
+        self._pins_lock = threading.Lock()
+        self._cleaning = threading.Lock()
+        self._usage = UsageCounter(os.path.join(self.root, "usage"), self.size_bytes)
+        self.cleanups = 0
+        """How many quota cleanups this object ran (for tests and benchmarks)."""
         self._token = secrets.token_hex(4)
         self._counter = itertools.count()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -149,8 +174,8 @@ class LocalCas:
             return False
         if st.st_size != digest.size_bytes:
             return False
-        self._touch_if_old(path, st.st_mtime)
-        return True
+        # False when a cleanup took it between the stat and the touch.
+        return self._touch_if_old(path, st.st_mtime)
 
     def missing(self, digests: Iterable[Digest]) -> list[Digest]:
         """The digests not stored, in input order, each once."""
@@ -352,6 +377,64 @@ class LocalCas:
         finally:
             writer._discard()
 
+    # --- quota -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def pin(self) -> Iterator[Pin]:
+        """Keep what a running stage uses from quota cleanups (of any process).
+
+        ``with cas.pin() as pin: pin.add_tree(root); ...``: while the pin
+        lives, cleanups keep the trees and blobs added to it and every object
+        read or written since it started (reads refresh the object's mtime).
+        """
+        os.makedirs(self._pins_dir, exist_ok=True)
+        started = time.time()
+        name = f"{os.getpid()}-{self._token}-{next(self._counter)}"
+        path = Path(self._pins_dir, name)
+        path.write_text(f"started {started!r}\n")
+        with self._pins_lock:
+            self._pins[name] = started
+        try:
+            yield Pin(path, started)
+        finally:
+            with self._pins_lock:
+                del self._pins[name]
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def usage_bytes(self) -> int:
+        """The store's size as counted by its writers (no scan; see
+        :mod:`pipeline.cas.quota`)."""
+        return self._usage.read()
+
+    def enforce(self) -> CleanupStats | None:
+        """Clean the store down to :data:`CLEANUP_TARGET` of its quota unless
+        another thread or process is cleaning it; None when it did not clean."""
+        if self.quota_bytes is None or not self._cleaning.acquire(blocking=False):
+            return None
+        try:
+            with cleanup_lock(os.path.join(self.root, "cleanup.lock")) as held:
+                if not held:
+                    return None
+                before = self._usage.read()
+                stats = self.cleanup(int(self.quota_bytes * CLEANUP_TARGET))
+                self._usage.correct(stats.remaining_bytes, self._usage.read() - before)
+                self.cleanups += 1
+                return stats
+        finally:
+            self._cleaning.release()
+
+    def _count_written(self, size: int) -> None:
+        """Count a new object; clean the store when it passes its quota."""
+        if not self.enforce_quota or self.quota_bytes is None:
+            return
+        try:
+            if self._usage.add(size) > self.quota_bytes:
+                self.enforce()
+        except (OSError, LocalCasError) as exc:
+            # The write itself succeeded: a failed cleanup must not fail it.
+            log.warning("cleaning the local CAS at %s failed: %s", self.root, exc)
+
     # --- housekeeping ----------------------------------------------------
 
     def stats(self) -> CasStats:
@@ -379,7 +462,8 @@ class LocalCas:
         Also removes temporary files older than ``temp_max_age_s`` (left by
         crashed writers). Safe to run while other processes put and read: an
         object touched after the scan is kept, and a reader that loses a blob
-        gets LocalBlobMissingError. Pass the digests of a build in progress as
+        gets LocalBlobMissingError. What live pins (:meth:`pin`, of any
+        process) keep is kept. Pass the digests of a build in progress as
         ``protect`` to keep them regardless of age.
 
         Args:
@@ -398,6 +482,12 @@ class LocalCas:
             raise ValueError("cleanup needs a quota: none given and the store has none")
         protected = {d.hash for d in protect}
         protected.add(EMPTY_DIGEST.hash)
+        keep_since, trees, blobs = live_pins(self._pins_dir)
+        protected.update(d.hash for d in blobs)
+        for tree in trees:
+            self._add_tree_hashes(tree, protected)
+        if keep_since is None:
+            keep_since = float("inf")
         removed_temp = self._remove_stale_temp_files(time.time() - temp_max_age_s)
 
         entries = list(self._scan_objects())
@@ -408,12 +498,11 @@ class LocalCas:
         for mtime, size, path, hash_ in entries:
             if total <= quota:
                 break
-            if hash_ in protected:
+            if hash_ in protected or mtime >= keep_since:
                 continue
             try:
-                if os.stat(path).st_mtime > mtime:
+                if not self._remove_unless_used(path, mtime):
                     continue  # used since the scan: it is no longer the least recent
-                os.unlink(path)
                 removed_objects += 1
                 removed_bytes += size
             except FileNotFoundError:
@@ -427,6 +516,40 @@ class LocalCas:
             remaining_bytes=total,
             removed_temp_files=removed_temp,
         )
+
+    def _remove_unless_used(self, path: str, mtime: float) -> bool:
+        """Remove an object unless its mtime moved past ``mtime`` (a reader
+        touched it); True if removed.
+
+        Moved aside first, then checked again: a reader's touch lands either
+        before the move (seen here: the object goes back) or after it (the
+        reader's touch fails and it takes the object as missing), so no
+        reader is told an object is there that this removes.
+        """
+        if os.stat(path).st_mtime > mtime:
+            return False
+        aside = f"{self._tmp}/removing-{os.getpid()}-{self._token}-{next(self._counter)}"
+        os.rename(path, aside)
+        if os.stat(aside).st_mtime > mtime:
+            os.rename(aside, path)
+            return False
+        os.unlink(aside)
+        return True
+
+    def _add_tree_hashes(self, root: Digest, into: set[str]) -> None:
+        """Add the hashes of every stored object of a tree (missing parts skipped)."""
+        pending = [root]
+        while pending:
+            digest = pending.pop()
+            if digest.hash in into:
+                continue
+            into.add(digest.hash)
+            try:
+                directory = self.get_message(digest, Directory)
+            except (LocalCasError, ValueError):
+                continue  # not stored (or not a Directory): nothing below it to keep
+            into.update(f.digest.hash for f in directory.files)
+            pending.extend(d.digest for d in directory.directories)
 
     def discard_damaged(self, digest: Digest) -> None:
         """Remove an object found not to match its hash (never raises)."""
@@ -447,12 +570,20 @@ class LocalCas:
             f"blob {digest_to_str(digest)} is not in the local CAS at {self.root}"
         )
 
-    def _touch_if_old(self, path: str, mtime: float) -> None:
+    def _touch_if_old(self, path: str, mtime: float) -> bool:
+        """Refresh an object's mtime when it is old, or older than the newest
+        live pin of this process (so that cleanups see a running stage use
+        it); False when the object is gone."""
         now = time.time()
-        if now - mtime > self.touch_after_s:
-            # A concurrent cleanup may have removed it; then it simply is gone.
-            with contextlib.suppress(OSError):
+        newest_pin = max(self._pins.values(), default=0.0)
+        if now - mtime > self.touch_after_s or mtime < newest_pin:
+            try:
                 os.utime(path, (now, now))
+            except FileNotFoundError:
+                return False  # a concurrent cleanup removed it
+            except OSError:
+                pass
+        return True
 
     def _open_object(self, digest: Digest) -> int:
         path = self._object_path(digest)
@@ -467,6 +598,7 @@ class LocalCas:
         except BaseException:
             os.close(fd)
             raise
+        # The descriptor holds the content even if a cleanup removes it now.
         self._touch_if_old(path, st.st_mtime)
         return fd
 
@@ -483,8 +615,9 @@ class LocalCas:
                 continue
             return name, fd
 
-    def _commit(self, temp: str, hash_: str) -> None:
-        """Rename a complete temporary file into place as object ``hash_``."""
+    def _commit(self, temp: str, hash_: str, size: int) -> None:
+        """Rename a complete temporary file into place as object ``hash_``
+        (``size`` bytes), and count it towards the quota."""
         dest = f"{self._objects}/{hash_[:2]}/{hash_[2:]}"
         try:
             os.replace(temp, dest)
@@ -499,6 +632,7 @@ class LocalCas:
                     f"temporary file {temp} vanished before commit (removed as stale?)",
                     transient=True,
                 ) from exc
+        self._count_written(size)
 
     def _write_object(self, hash_: str, data: bytes) -> None:
         temp, fd = self._new_temp()
@@ -509,7 +643,7 @@ class LocalCas:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            self._commit(temp, hash_)
+            self._commit(temp, hash_, len(data))
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
@@ -541,7 +675,7 @@ class LocalCas:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            self._commit(temp, hexdigest)
+            self._commit(temp, hexdigest, size)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
@@ -680,7 +814,7 @@ class BlobWriter:
                 os.fsync(self._fd)
             os.close(self._fd)
             self._done = True
-            self._cas._commit(self._temp, digest.hash)
+            self._cas._commit(self._temp, digest.hash, digest.size_bytes)
         except OSError as exc:
             raise LocalCasError(
                 f"cannot commit blob {digest_to_str(digest)}: {exc}", transient=_is_transient(exc)

@@ -401,6 +401,8 @@ class LocalCas:
                 del self._pins[name]
             with contextlib.suppress(OSError):
                 path.unlink()
+            # What this stage kept from the last cleanup may go now.
+            self._count_written(0)
 
     def usage_bytes(self) -> int:
         """The store's size as counted by its writers (no scan; see
@@ -428,7 +430,7 @@ class LocalCas:
         """Count a new object; clean the store when it passes its quota."""
         if not self.enforce_quota or self.quota_bytes is None:
             return
-        try:
+        try:  # size 0: only check
             if self._usage.add(size) > self.quota_bytes:
                 self.enforce()
         except (OSError, LocalCasError) as exc:

@@ -324,6 +324,7 @@ class LocalCas:
         """
         if size_hint <= _SMALL_FILE:
             return self.put(_read_all(fd, size_hint))
+        self._count_written(size_hint)  # before writing: room is made first
         return self._put_stream(fd)
 
     def copy_to(self, digest: Digest, fd: int) -> None:
@@ -409,9 +410,13 @@ class LocalCas:
         :mod:`pipeline.cas.quota`)."""
         return self._usage.read()
 
-    def enforce(self) -> CleanupStats | None:
+    def enforce(self, pending: int = 0) -> CleanupStats | None:
         """Clean the store down to :data:`CLEANUP_TARGET` of its quota unless
-        another thread or process is cleaning it; None when it did not clean."""
+        another thread or process is cleaning it; None when it did not clean.
+
+        Args:
+            pending: bytes counted but not written yet (the write that asked).
+        """
         if self.quota_bytes is None or not self._cleaning.acquire(blocking=False):
             return None
         try:
@@ -420,19 +425,22 @@ class LocalCas:
                     return None
                 before = self._usage.read()
                 stats = self.cleanup(int(self.quota_bytes * CLEANUP_TARGET))
-                self._usage.correct(stats.remaining_bytes, self._usage.read() - before)
+                meanwhile = self._usage.read() - before
+                self._usage.correct(stats.remaining_bytes + pending, meanwhile)
                 self.cleanups += 1
                 return stats
         finally:
             self._cleaning.release()
 
     def _count_written(self, size: int) -> None:
-        """Count a new object; clean the store when it passes its quota."""
+        """Count an object about to be written; clean the store first when it
+        would pass its quota (so that it never holds more than the quota plus
+        the writes in flight)."""
         if not self.enforce_quota or self.quota_bytes is None:
             return
         try:  # size 0: only check
             if self._usage.add(size) > self.quota_bytes:
-                self.enforce()
+                self.enforce(pending=size)
         except (OSError, LocalCasError) as exc:
             # The write itself succeeded: a failed cleanup must not fail it.
             log.warning("cleaning the local CAS at %s failed: %s", self.root, exc)
@@ -617,9 +625,8 @@ class LocalCas:
                 continue
             return name, fd
 
-    def _commit(self, temp: str, hash_: str, size: int) -> None:
-        """Rename a complete temporary file into place as object ``hash_``
-        (``size`` bytes), and count it towards the quota."""
+    def _commit(self, temp: str, hash_: str) -> None:
+        """Rename a complete temporary file into place as object ``hash_``."""
         dest = f"{self._objects}/{hash_[:2]}/{hash_[2:]}"
         try:
             os.replace(temp, dest)
@@ -634,9 +641,9 @@ class LocalCas:
                     f"temporary file {temp} vanished before commit (removed as stale?)",
                     transient=True,
                 ) from exc
-        self._count_written(size)
 
     def _write_object(self, hash_: str, data: bytes) -> None:
+        self._count_written(len(data))  # before writing: room is made first
         temp, fd = self._new_temp()
         try:
             try:
@@ -645,7 +652,7 @@ class LocalCas:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            self._commit(temp, hash_, len(data))
+            self._commit(temp, hash_)
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
@@ -677,7 +684,7 @@ class LocalCas:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            self._commit(temp, hexdigest, size)
+            self._commit(temp, hexdigest)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
@@ -766,6 +773,8 @@ class BlobWriter:
         self._expected = expected
         self._hasher = new_hasher()
         self._size = 0
+        if expected is not None:
+            cas._count_written(expected.size_bytes)  # before writing: room is made first
         self._temp, self._fd = cas._new_temp()
         self._done = False
         self.digest: Digest | None = None
@@ -816,7 +825,9 @@ class BlobWriter:
                 os.fsync(self._fd)
             os.close(self._fd)
             self._done = True
-            self._cas._commit(self._temp, digest.hash, digest.size_bytes)
+            if self._expected is None:
+                self._cas._count_written(digest.size_bytes)
+            self._cas._commit(self._temp, digest.hash)
         except OSError as exc:
             raise LocalCasError(
                 f"cannot commit blob {digest_to_str(digest)}: {exc}", transient=_is_transient(exc)

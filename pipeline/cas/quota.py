@@ -6,19 +6,22 @@ process with a pool of threads). What they share lives in the store's folder:
 ``pins/PID-TOKEN-N``
     one file per running stage (a :class:`Pin`): the time it started, then
     the trees (``T HASH SIZE``) and blobs (``B HASH SIZE``) it uses. A
-    cleanup keeps every object of a pinned tree, every pinned blob, and every
-    object used since the oldest live pin started (the store refreshes an
-    object's mtime when a stage reads it, see
-    :meth:`pipeline.cas.LocalCas.pin`). Pins of dead processes are ignored
-    and removed.
+    cleanup keeps every object of a pinned tree and every pinned blob. It
+    also keeps what the running stages read or wrote: for its own process's
+    stages, the objects each one touched (tracked in memory, see
+    :meth:`pipeline.cas.LocalCas.pin`); for another process's, every object
+    used since its oldest live pin started (the store refreshes an object's
+    mtime when a stage reads it). Pins of dead processes are ignored and
+    removed.
 ``usage``
     the store's size as the writers count it (an ASCII number, updated under
     ``flock``): each new object adds its size, a cleanup sets it to what it
     found. It is an estimate that a cleanup corrects, cheap enough to update
     on every write, so that no write needs a scan of the store.
 ``cleanup.lock``
-    held (``flock``, non-blocking) by the one process cleaning the store; the
-    others go on writing.
+    held (``flock``) by the one process cleaning the store; a writer of
+    another process that finds the store past its quota waits for it, then
+    finds the store cleaned.
 """
 
 from __future__ import annotations
@@ -28,11 +31,20 @@ import fcntl
 import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.digest import Digest
 
-__all__ = ["CLEANUP_TARGET", "Pin", "UsageCounter", "cleanup_lock", "live_pins", "pid_alive"]
+__all__ = [
+    "CLEANUP_TARGET",
+    "Pin",
+    "PinRecord",
+    "UsageCounter",
+    "cleanup_lock",
+    "live_pins",
+    "pid_alive",
+]
 
 CLEANUP_TARGET = 0.8
 """A cleanup brings the store down to this fraction of its quota, so that the
@@ -56,6 +68,17 @@ class Pin:
         self.started = started
         self._lock = threading.Lock()
         self._entries: set[str] = set()
+        self._touched: set[str] = set()
+
+    def touched(self) -> set[str]:
+        """The hashes of the objects this stage read or wrote (a copy)."""
+        with self._lock:
+            return set(self._touched)
+
+    def note_use(self, hash_: str) -> None:
+        """Record that the stage read or wrote this object."""
+        with self._lock:
+            self._touched.add(hash_)
 
     def add_tree(self, digest: Digest) -> None:
         """Keep the tree rooted at this Directory (every object below it)."""
@@ -86,17 +109,25 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def live_pins(folder: str) -> tuple[float | None, list[Digest], list[Digest]]:
-    """Read the pins of live processes: (keep objects used since this time
-    or None, pinned tree roots, pinned blobs). Removes pins of dead processes.
-    """
-    floor: float | None = None
-    trees: list[Digest] = []
-    blobs: list[Digest] = []
+@dataclass(frozen=True)
+class PinRecord:
+    """A live pin as its file tells it."""
+
+    name: str
+    pid: int
+    keep_since: float
+    """Objects used since this time may be this pin's (with clock slack)."""
+    trees: tuple[Digest, ...]
+    blobs: tuple[Digest, ...]
+
+
+def live_pins(folder: str) -> list[PinRecord]:
+    """The pins of live processes; removes the pins of dead ones."""
+    records: list[PinRecord] = []
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
-        return None, [], []
+        return []
     for entry in entries:
         try:
             pid = int(entry.name.split("-", 1)[0])
@@ -117,14 +148,18 @@ def live_pins(folder: str) -> tuple[float | None, list[Digest], list[Digest]]:
             started = float(lines[0].split()[1])
         except (IndexError, ValueError):
             started = 0.0  # unreadable: keep everything it may use
-        floor = started if floor is None else min(floor, started)
+        trees: list[Digest] = []
+        blobs: list[Digest] = []
         for line in lines[1:]:
             parts = line.split()
             if len(parts) != 3 or not parts[2].isdigit():
                 continue
             digest = Digest(hash=parts[1], size_bytes=int(parts[2]))
             (trees if parts[0] == "T" else blobs).append(digest)
-    return (None if floor is None else floor - _CLOCK_SLACK_S), trees, blobs
+        records.append(
+            PinRecord(entry.name, pid, started - _CLOCK_SLACK_S, tuple(trees), tuple(blobs))
+        )
+    return records
 
 
 class UsageCounter:
@@ -188,19 +223,12 @@ class UsageCounter:
 
 
 @contextlib.contextmanager
-def cleanup_lock(path: str) -> Iterator[bool]:
-    """Hold the store's cleanup lock if nobody does; yields whether it is held."""
+def cleanup_lock(path: str) -> Iterator[None]:
+    """Hold the store's cleanup lock (``flock``; waits for another process
+    cleaning the same store)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        yield True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(fd)  # releases the lock

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import errno
 import itertools
 import logging
@@ -63,6 +64,12 @@ __all__ = ["BlobWriter", "CasStats", "CleanupStats", "LocalCas", "Pin"]
 M = TypeVar("M", bound=Message)
 
 log = logging.getLogger(__name__)
+
+# The pin of the stage running in this thread (or task: thread pools that
+# copy the context, as pipeline.reapi's do, carry it to their jobs).
+_current_pin: contextvars.ContextVar[Pin | None] = contextvars.ContextVar(
+    "remex_cas_pin", default=None
+)
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -139,9 +146,11 @@ class LocalCas:
         os.makedirs(self._objects, exist_ok=True)
         os.makedirs(self._tmp, exist_ok=True)
         # Start times of this process's live pins (see _touch_if_old).
-        self._pins: dict[str, float] = {}
+        self._pins: dict[str, Pin] = {}
         self._pins_lock = threading.Lock()
         self._cleaning = threading.Lock()
+        self._in_flight = 0  # bytes counted, not yet written, by this process
+        self._flight_lock = threading.Lock()
         self._usage = UsageCounter(os.path.join(self.root, "usage"), self.size_bytes)
         self.cleanups = 0
         """How many quota cleanups this object ran (for tests and benchmarks)."""
@@ -174,6 +183,7 @@ class LocalCas:
             return False
         if st.st_size != digest.size_bytes:
             return False
+        self._note_use(digest.hash)
         # False when a cleanup took it between the stat and the touch.
         return self._touch_if_old(path, st.st_mtime)
 
@@ -324,8 +334,8 @@ class LocalCas:
         """
         if size_hint <= _SMALL_FILE:
             return self.put(_read_all(fd, size_hint))
-        self._count_written(size_hint)  # before writing: room is made first
-        return self._put_stream(fd)
+        with self._room_for(size_hint):
+            return self._put_stream(fd)
 
     def copy_to(self, digest: Digest, fd: int) -> None:
         """Write the blob to an open descriptor, verifying its hash on the way.
@@ -393,11 +403,14 @@ class LocalCas:
         name = f"{os.getpid()}-{self._token}-{next(self._counter)}"
         path = Path(self._pins_dir, name)
         path.write_text(f"started {started!r}\n")
+        pin = Pin(path, started)
         with self._pins_lock:
-            self._pins[name] = started
+            self._pins[name] = pin
+        token = _current_pin.set(pin)
         try:
-            yield Pin(path, started)
+            yield pin
         finally:
+            _current_pin.reset(token)
             with self._pins_lock:
                 del self._pins[name]
             with contextlib.suppress(OSError):
@@ -410,27 +423,52 @@ class LocalCas:
         :mod:`pipeline.cas.quota`)."""
         return self._usage.read()
 
-    def enforce(self, pending: int = 0) -> CleanupStats | None:
-        """Clean the store down to :data:`CLEANUP_TARGET` of its quota unless
-        another thread or process is cleaning it; None when it did not clean.
-
-        Args:
-            pending: bytes counted but not written yet (the write that asked).
+    def enforce(self) -> CleanupStats | None:
+        """Clean the store down to :data:`CLEANUP_TARGET` of its quota, minus
+        the writes of this process in flight; None when it was within its
+        quota once this process's turn to clean came (another thread or
+        process cleaned it meanwhile).
         """
-        if self.quota_bytes is None or not self._cleaning.acquire(blocking=False):
+        if self.quota_bytes is None:
             return None
+        # One cleaner at a time, the others wait for its result: a writer
+        # that went on writing while another cleans would pass the quota.
+        with self._cleaning, cleanup_lock(os.path.join(self.root, "cleanup.lock")):
+            before = self._usage.read()
+            if before <= self.quota_bytes:
+                return None
+            with self._flight_lock:
+                pending = self._in_flight
+            target = max(0, int(self.quota_bytes * CLEANUP_TARGET) - pending)
+            stats = self.cleanup(target)
+            meanwhile = self._usage.read() - before
+            # What is in flight was counted but is not on disk yet.
+            self._usage.correct(stats.remaining_bytes + pending, meanwhile)
+            self.cleanups += 1
+            return stats
+
+    @contextlib.contextmanager
+    def _room_for(self, size: int) -> Iterator[None]:
+        """Count a write of ``size`` bytes before it lands (cleaning first if
+        it would pass the quota); it is in flight until the block ends."""
+        self._reserve(size)
         try:
-            with cleanup_lock(os.path.join(self.root, "cleanup.lock")) as held:
-                if not held:
-                    return None
-                before = self._usage.read()
-                stats = self.cleanup(int(self.quota_bytes * CLEANUP_TARGET))
-                meanwhile = self._usage.read() - before
-                self._usage.correct(stats.remaining_bytes + pending, meanwhile)
-                self.cleanups += 1
-                return stats
+            yield
         finally:
-            self._cleaning.release()
+            self._unreserve(size)
+
+    def _reserve(self, size: int) -> None:
+        if not self.enforce_quota:
+            return
+        with self._flight_lock:
+            self._in_flight += size
+        self._count_written(size)
+
+    def _unreserve(self, size: int) -> None:
+        if not self.enforce_quota:
+            return
+        with self._flight_lock:
+            self._in_flight -= size
 
     def _count_written(self, size: int) -> None:
         """Count an object about to be written; clean the store first when it
@@ -440,7 +478,7 @@ class LocalCas:
             return
         try:  # size 0: only check
             if self._usage.add(size) > self.quota_bytes:
-                self.enforce(pending=size)
+                self.enforce()
         except (OSError, LocalCasError) as exc:
             # The write itself succeeded: a failed cleanup must not fail it.
             log.warning("cleaning the local CAS at %s failed: %s", self.root, exc)
@@ -492,12 +530,19 @@ class LocalCas:
             raise ValueError("cleanup needs a quota: none given and the store has none")
         protected = {d.hash for d in protect}
         protected.add(EMPTY_DIGEST.hash)
-        keep_since, trees, blobs = live_pins(self._pins_dir)
-        protected.update(d.hash for d in blobs)
-        for tree in trees:
-            self._add_tree_hashes(tree, protected)
-        if keep_since is None:
-            keep_since = float("inf")
+        keep_since = float("inf")
+        with self._pins_lock:
+            own = dict(self._pins)
+        for record in live_pins(self._pins_dir):
+            protected.update(d.hash for d in record.blobs)
+            for tree in record.trees:
+                self._add_tree_hashes(tree, protected)
+            pin = own.get(record.name) if record.pid == os.getpid() else None
+            if pin is not None:
+                protected.update(pin.touched())  # exactly what it used
+            else:
+                # Another process's stage: what it used is known by time only.
+                keep_since = min(keep_since, record.keep_since)
         removed_temp = self._remove_stale_temp_files(time.time() - temp_max_age_s)
 
         entries = list(self._scan_objects())
@@ -580,12 +625,26 @@ class LocalCas:
             f"blob {digest_to_str(digest)} is not in the local CAS at {self.root}"
         )
 
+    def _note_use(self, hash_: str) -> None:
+        """Tell the running stage's pin that it uses this object; from a
+        thread that runs no stage of this store, tell every live pin."""
+        if not self._pins:
+            return
+        pin = _current_pin.get()
+        if pin is not None and self._pins.get(pin.path.name) is pin:
+            pin.note_use(hash_)
+            return
+        with self._pins_lock:
+            pins = list(self._pins.values())
+        for other in pins:
+            other.note_use(hash_)
+
     def _touch_if_old(self, path: str, mtime: float) -> bool:
         """Refresh an object's mtime when it is old, or older than the newest
         live pin of this process (so that cleanups see a running stage use
         it); False when the object is gone."""
         now = time.time()
-        newest_pin = max(self._pins.values(), default=0.0)
+        newest_pin = max((p.started for p in self._pins.values()), default=0.0)
         if now - mtime > self.touch_after_s or mtime < newest_pin:
             try:
                 os.utime(path, (now, now))
@@ -608,6 +667,7 @@ class LocalCas:
         except BaseException:
             os.close(fd)
             raise
+        self._note_use(digest.hash)
         # The descriptor holds the content even if a cleanup removes it now.
         self._touch_if_old(path, st.st_mtime)
         return fd
@@ -627,6 +687,7 @@ class LocalCas:
 
     def _commit(self, temp: str, hash_: str) -> None:
         """Rename a complete temporary file into place as object ``hash_``."""
+        self._note_use(hash_)  # before it is visible: a cleanup cannot miss it
         dest = f"{self._objects}/{hash_[:2]}/{hash_[2:]}"
         try:
             os.replace(temp, dest)
@@ -643,7 +704,10 @@ class LocalCas:
                 ) from exc
 
     def _write_object(self, hash_: str, data: bytes) -> None:
-        self._count_written(len(data))  # before writing: room is made first
+        with self._room_for(len(data)):
+            self._write_new_object(hash_, data)
+
+    def _write_new_object(self, hash_: str, data: bytes) -> None:
         temp, fd = self._new_temp()
         try:
             try:
@@ -773,9 +837,13 @@ class BlobWriter:
         self._expected = expected
         self._hasher = new_hasher()
         self._size = 0
-        if expected is not None:
-            cas._count_written(expected.size_bytes)  # before writing: room is made first
-        self._temp, self._fd = cas._new_temp()
+        self._reserved = expected.size_bytes if expected is not None else 0
+        cas._reserve(self._reserved)
+        try:
+            self._temp, self._fd = cas._new_temp()
+        except BaseException:
+            cas._unreserve(self._reserved)
+            raise
         self._done = False
         self.digest: Digest | None = None
 
@@ -836,6 +904,8 @@ class BlobWriter:
 
     def _discard(self) -> None:
         """Close and remove the temporary file unless it was committed."""
+        self._cas._unreserve(self._reserved)
+        self._reserved = 0
         if self.digest is not None:
             return
         if not self._done:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,3 +259,45 @@ def test_a_store_wiped_under_a_worker_is_counted_again(cas: LocalCas) -> None:
     # Then the write works and the count starts again from what is there
     assert cas.contains(digest)
     assert cas.usage_bytes() == cas.size_bytes()
+
+
+def test_only_what_running_stages_use_is_kept_not_all_that_is_recent(cas: LocalCas) -> None:
+    # Given a long stage running (pinned) while other stages come and go
+
+    with cas.pin():
+        mine = cas.put(blob(1))
+        others: list[Digest] = []
+
+        def other_stage(n: int) -> None:
+            with cas.pin():
+                others.append(cas.put(blob(100 + n)))
+
+        # When other stages, in other threads, write far more than the quota
+        for n in range(15):
+            thread = threading.Thread(target=other_stage, args=(n,))
+            thread.start()
+            thread.join()
+
+        # Then what the long stage wrote is kept, and the ended stages'
+        # writes were removed though they are newer than its start
+        assert cas.contains(mine)
+        assert not all(cas.contains(d) for d in others)
+        assert cas.size_bytes() <= QUOTA
+
+
+def test_a_helper_thread_of_a_stage_counts_as_the_stage(cas: LocalCas) -> None:
+    # Given a running stage whose download runs in a pool thread that does
+    # not carry the stage's context
+
+    old = put_aged(cas, 0, 3, seconds_ago=5000)
+    with cas.pin():
+        helper = threading.Thread(target=cas.get, args=(old[0],))
+        helper.start()
+        helper.join()
+        # When the store is filled past its quota
+        for n in range(20):
+            cas.put(blob(100 + n))
+        # Then what the helper read is kept (an unattributed use counts for
+        # every running stage)
+        assert cas.contains(old[0])
+        assert not cas.contains(old[1])

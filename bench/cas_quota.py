@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import sys
@@ -76,10 +77,8 @@ class Sampler:
         for folder in ("objects", "tmp"):
             for dirpath, _, files in os.walk(self.root / folder):
                 for name in files:
-                    try:
+                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile
                         total += os.lstat(os.path.join(dirpath, name)).st_size
-                    except FileNotFoundError:
-                        pass
         self.peak = max(self.peak, total)
         return total
 

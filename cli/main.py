@@ -117,7 +117,7 @@ def show(project_dir: Path, elements: Sequence[str]) -> None:
     from pipeline.config import load_config
 
     config = load_config(project_dir)
-    with api.open_context(config) as ctx:
+    with api.open_context(config) as ctx, ctx.local_cas.pin():
         plan = api.plan(project_dir, list(elements), cas=ctx.local_cas)
         for element in plan:
             cached = ctx.assets.fetch_directory([element.artifact_uri]) is not None
@@ -200,7 +200,7 @@ def checkout(project_dir: Path, element: str, dest: Path, deps: str, integrate: 
     from pipeline.stages import build_plan, checkout_artifact
 
     config = load_config(project_dir)
-    with api.open_context(config) as ctx:
+    with api.open_context(config) as ctx, ctx.local_cas.pin():
         plan = api.plan(project_dir, [element], cas=ctx.local_cas)
         target = plan[-1]
         elements = target.runtime_closure() if deps == "run" else [target]
@@ -227,7 +227,7 @@ def log(project_dir: Path, element: str) -> None:
     from pipeline.stages import read_logs
 
     config = load_config(project_dir)
-    with api.open_context(config) as ctx:
+    with api.open_context(config) as ctx, ctx.local_cas.pin():
         plan = api.plan(project_dir, [element], cas=ctx.local_cas)
         spec = plan[-1].build_spec(_placeholder_digests(plan[-1]))
         stdout, stderr = read_logs(ctx, spec)

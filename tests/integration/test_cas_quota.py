@@ -4,6 +4,7 @@ several MB build, and every artifact is still right."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,3 +111,87 @@ def test_workers_keep_their_cas_within_its_quota(quota_stack: RemexStack, tmp_pa
         )
         assert result.returncode == 0, result.stderr
         assert (dest / f"{name}.bin").read_bytes() == contents[name]
+
+
+SHARED_QUOTA = 12 * MB
+GENERATED = 4
+
+
+def make_generating_project(folder: Path, sysroot: Path) -> dict[str, bytes]:
+    """``GENERATED`` ``manual`` elements, each copying a 2 MB input (an
+    ``import`` element of its own) into a 2 MB output, on a busybox sysroot;
+    returns each output's expected content."""
+    shutil.copytree(sysroot, folder / "sysroot", symlinks=True)
+    (folder / "elements").mkdir()
+    (folder / "project.conf").write_text("name: gen\nmin-version: 2.0\nelement-path: elements\n")
+    (folder / "elements" / "base.bst").write_text(
+        "kind: import\nsources:\n- kind: local\n  path: sysroot\n"
+    )
+    expected: dict[str, bytes] = {}
+    for index in range(GENERATED):
+        data = b"".join(
+            hashlib.sha256(f"input{index}-{block}".encode()).digest()
+            for block in range(ELEMENT_SIZE // 32)
+        )
+        files = folder / "files" / f"input{index}" / "data"
+        files.mkdir(parents=True)
+        (files / f"input{index}.bin").write_bytes(data)
+        (folder / "elements" / f"input{index}.bst").write_text(
+            f"kind: import\nsources:\n- kind: local\n  path: files/input{index}\n"
+        )
+        (folder / "elements" / f"gen{index}.bst").write_text(
+            "kind: manual\n"
+            f"build-depends:\n- base.bst\n- input{index}.bst\n"
+            "config:\n"
+            "  install-commands:\n"
+            f'  - "cp /data/input{index}.bin %{{install-root}}/gen{index}.bin"\n'
+            f'  - "echo gen{index} >> %{{install-root}}/gen{index}.bin"\n'
+        )
+        expected[f"gen{index}"] = data + f"gen{index}\n".encode()
+    (folder / "elements" / "all.bst").write_text(
+        "kind: stack\ndepends:\n" + "".join(f"- gen{i}.bst\n" for i in range(GENERATED))
+    )
+    return expected
+
+
+@pytest.fixture(scope="module")
+def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemexStack]:
+    """Two workers (2 threads each) sharing one local CAS folder, quota 12 MB."""
+    workdir = tmp_path_factory.mktemp("shared-quota-stack")
+    with RemexStack(
+        workdir,
+        workers=2,
+        concurrency=CONCURRENCY,
+        extra_env={"REMEX_CAS_QUOTA": str(SHARED_QUOTA), "REMEX_CAS_DIR": str(workdir / "cas")},
+    ) as stack:
+        yield stack
+
+
+def test_workers_sharing_a_cas_keep_it_within_its_quota(
+    shared_stack: RemexStack, tmp_path: Path, busybox_sysroot: Path
+) -> None:
+    # Given actions whose inputs and outputs come to ~18 MB, and two workers
+    # sharing one local CAS folder with a 12 MB quota
+    expected = make_generating_project(tmp_path / "project", busybox_sysroot)
+    [folder] = {worker.cas_dir for worker in shared_stack.workers}
+
+    # When they are built
+    with PeakWatcher([folder]) as watcher:
+        code, output = shared_stack.build_json(tmp_path / "project", "all.bst", timeout=300)
+
+    # Then everything built
+    assert code == 0, f"{output}\n{shared_stack.logs()}"
+    assert {e["state"] for e in output["elements"]} == {"built"}
+    # And the shared folder held at most the quota plus what the four
+    # running stages used (input root ~4 MB and output 2 MB each)
+    assert watcher.peaks[0] <= SHARED_QUOTA + 4 * 3 * ELEMENT_SIZE, watcher.peaks
+    # And within its quota once they were done
+    assert LocalCas(folder).size_bytes() <= SHARED_QUOTA
+    # And the outputs are right
+    for name, content in expected.items():
+        dest = tmp_path / f"out-{name}"
+        result = shared_stack.cli(
+            "checkout", "-C", tmp_path / "project", f"{name}.bst", dest, "--no-integrate"
+        )
+        assert result.returncode == 0, result.stderr
+        assert (dest / f"{name}.bin").read_bytes() == content

@@ -148,8 +148,13 @@ class LocalCas:
         # Start times of this process's live pins (see _touch_if_old).
         self._pins: dict[str, Pin] = {}
         self._pins_lock = threading.Lock()
+        self._newest_pin = 0.0  # start of the newest live pin (0: none)
         self._cleaning = threading.Lock()
         self._in_flight = 0  # bytes counted, not yet written, by this process
+        # When running stages hold more than the quota, a cleanup cannot get
+        # under it: the next one waits until the count passes this (or a
+        # stage ends) rather than scan the store on every write.
+        self._retry_above = 0
         self._flight_lock = threading.Lock()
         self._usage = UsageCounter(os.path.join(self.root, "usage"), self.size_bytes)
         self.cleanups = 0
@@ -396,7 +401,11 @@ class LocalCas:
 
         ``with cas.pin() as pin: pin.add_tree(root); ...``: while the pin
         lives, cleanups keep the trees and blobs added to it and every object
-        read or written since it started (reads refresh the object's mtime).
+        the stage reads or writes meanwhile: exactly those (tracked in
+        memory) for this process's cleanups; for other processes', every
+        object used since it started (reads refresh the object's mtime).
+        The pin follows the context (thread, or pool jobs run in a copy of
+        it); a use from a thread outside any pin counts for every live pin.
         """
         os.makedirs(self._pins_dir, exist_ok=True)
         started = time.time()
@@ -406,6 +415,7 @@ class LocalCas:
         pin = Pin(path, started)
         with self._pins_lock:
             self._pins[name] = pin
+            self._newest_pin = max(p.started for p in self._pins.values())
         token = _current_pin.set(pin)
         try:
             yield pin
@@ -413,9 +423,11 @@ class LocalCas:
             _current_pin.reset(token)
             with self._pins_lock:
                 del self._pins[name]
+                self._newest_pin = max((p.started for p in self._pins.values()), default=0.0)
             with contextlib.suppress(OSError):
                 path.unlink()
             # What this stage kept from the last cleanup may go now.
+            self._retry_above = 0
             self._count_written(0)
 
     def usage_bytes(self) -> int:
@@ -443,8 +455,11 @@ class LocalCas:
             stats = self.cleanup(target)
             meanwhile = self._usage.read() - before
             # What is in flight was counted but is not on disk yet.
-            self._usage.correct(stats.remaining_bytes + pending, meanwhile)
+            counted = self._usage.correct(stats.remaining_bytes + pending, meanwhile)
             self.cleanups += 1
+            stuck = counted > self.quota_bytes
+            slack = int(self.quota_bytes * (1 - CLEANUP_TARGET))
+            self._retry_above = counted + slack if stuck else 0
             return stats
 
     @contextlib.contextmanager
@@ -477,7 +492,7 @@ class LocalCas:
         if not self.enforce_quota or self.quota_bytes is None:
             return
         try:  # size 0: only check
-            if self._usage.add(size) > self.quota_bytes:
+            if self._usage.add(size) > max(self.quota_bytes, self._retry_above):
                 self.enforce()
         except (OSError, LocalCasError) as exc:
             # The write itself succeeded: a failed cleanup must not fail it.
@@ -644,8 +659,7 @@ class LocalCas:
         live pin of this process (so that cleanups see a running stage use
         it); False when the object is gone."""
         now = time.time()
-        newest_pin = max((p.started for p in self._pins.values()), default=0.0)
-        if now - mtime > self.touch_after_s or mtime < newest_pin:
+        if now - mtime > self.touch_after_s or mtime < self._newest_pin:
             try:
                 os.utime(path, (now, now))
             except FileNotFoundError:

@@ -301,3 +301,18 @@ def test_a_helper_thread_of_a_stage_counts_as_the_stage(cas: LocalCas) -> None:
         # every running stage)
         assert cas.contains(old[0])
         assert not cas.contains(old[1])
+
+
+def test_a_stage_holding_more_than_the_quota_does_not_rescan_on_every_write(
+    cas: LocalCas,
+) -> None:
+    # Given a running stage that writes 2 MB under a 1000 KB quota (all of it kept)
+    with cas.pin():
+        written = [cas.put(blob(n)) for n in range(20)]
+        # Then everything it wrote is kept, and the store was scanned again
+        # only each time the count grew by another 20 % of the quota (the
+        # cleanup slack), not on each of the 10 writes past the quota
+        assert all(cas.contains(d) for d in written)
+        assert 1 <= cas.cleanups <= 5
+    # And once the stage ends the store is cleaned within its quota
+    assert cas.size_bytes() <= QUOTA

@@ -44,6 +44,8 @@ __all__ = [
     "cleanup_lock",
     "live_pins",
     "pid_alive",
+    "pin_header",
+    "process_start",
 ]
 
 CLEANUP_TARGET = 0.8
@@ -109,6 +111,23 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or
+    "" when unknown: with the pid, it names one process even when pids are
+    reused (a restarted container's worker often has the same small pid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            # Field 22; the command name (field 2) may hold spaces: skip past it.
+            return file.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def pin_header(started: float) -> str:
+    """The first line of a pin file: when the stage started, and which process."""
+    return f"started {started!r} {process_start(os.getpid())}\n"
+
+
 @dataclass(frozen=True)
 class PinRecord:
     """A live pin as its file tells it."""
@@ -144,8 +163,14 @@ def live_pins(folder: str) -> list[PinRecord]:
             continue  # the stage just ended
         if not lines:
             continue
+        header = lines[0].split()
+        if len(header) > 2 and header[2] != process_start(pid):
+            # Its pid now runs another process: the pin's process is dead.
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+            continue
         try:
-            started = float(lines[0].split()[1])
+            started = float(header[1])
         except (IndexError, ValueError):
             started = 0.0  # unreadable: keep everything it may use
         trees: list[Digest] = []

@@ -54,7 +54,14 @@ from typing import BinaryIO, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from pipeline.cas.quota import CLEANUP_TARGET, Pin, UsageCounter, cleanup_lock, live_pins
+from pipeline.cas.quota import (
+    CLEANUP_TARGET,
+    Pin,
+    UsageCounter,
+    cleanup_lock,
+    live_pins,
+    pin_header,
+)
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_of, digest_to_str, new_hasher
 from pipeline.errors import DigestMismatchError, LocalBlobMissingError, LocalCasError
 from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
@@ -411,7 +418,7 @@ class LocalCas:
         started = time.time()
         name = f"{os.getpid()}-{self._token}-{next(self._counter)}"
         path = Path(self._pins_dir, name)
-        path.write_text(f"started {started!r}\n")
+        path.write_text(pin_header(started))
         pin = Pin(path, started)
         with self._pins_lock:
             self._pins[name] = pin

@@ -316,3 +316,23 @@ def test_a_stage_holding_more_than_the_quota_does_not_rescan_on_every_write(
         assert 1 <= cas.cleanups <= 5
     # And once the stage ends the store is cleaned within its quota
     assert cas.size_bytes() <= QUOTA
+
+
+def test_a_pin_whose_pid_now_runs_another_process_is_stale(cas: LocalCas) -> None:
+    # Given a pin left by a process whose pid was reused (a restarted
+    # container's worker gets the same small pid): same pid, other start time
+    root, objects = make_tree(cas, 5)
+    for digest in objects:
+        age(cas, digest, 5000)
+    pins = cas.root / "pins"
+    pins.mkdir(exist_ok=True)
+    left = pins / f"{os.getpid()}-old-0"
+    left.write_text(f"started {time.time()!r} 1\nT {root.hash} {root.size_bytes}\n")
+
+    # When the store is filled past its quota
+    for n in range(30):
+        cas.put(blob(100 + n))
+
+    # Then the stale pin kept nothing and is gone
+    assert not any(cas.contains(d) for d in objects)
+    assert not left.exists()

@@ -9,13 +9,17 @@ from typing import NoReturn, ParamSpec, TypeVar
 
 import click
 
-from pipeline.errors import RemexError
+from pipeline.errors import ConfigError, RemexError
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
+RUNTIME_ERROR = 1
+"""Exit code: the work could not be done (a server unreachable or failing, a
+build that failed)."""
 USAGE_ERROR = 2
-"""Exit code: bad input, bad configuration, a server that cannot be reached."""
+"""Exit code: bad input or bad configuration (the user's files, options,
+settings; an unknown build id)."""
 TIMEOUT = 3
 """Exit code: ``--timeout`` passed before the build was done."""
 
@@ -29,29 +33,57 @@ def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
 def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn remex's errors into one line on stderr and an exit code.
 
-    :class:`~pipeline.errors.RemexError` (ConfigError, ElementError,
-    RemoteError ...) and a server that cannot start
-    (:class:`pipeline.servers.ServerError`) exit 2, a missing build
-    (``KeyError``) exits 2, a ``TimeoutError`` exits 3. Anything else is a
-    bug and keeps its traceback.
+    Exit 2 (:data:`USAGE_ERROR`): a :class:`~pipeline.errors.ConfigError`
+    (bad settings, and ElementError: bad project files) or a missing build
+    (``KeyError``). Exit 1 (:data:`RUNTIME_ERROR`): any other RemexError
+    (RemoteError: a REAPI server unreachable or failing ...), a broker that
+    cannot be reached (Redis or kombu connection errors), a server that
+    cannot start (:class:`pipeline.servers.ServerError`). Exit 3: a
+    ``TimeoutError``. Anything else is a bug and keeps its traceback.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except RemexError as exc:
+        except ConfigError as exc:
             fail(str(exc))
+        except RemexError as exc:
+            fail(str(exc), code=RUNTIME_ERROR)
         except KeyError as exc:
             fail(str(exc.args[0]) if exc.args else str(exc))
         except TimeoutError as exc:
             fail(str(exc), code=TIMEOUT)
         except Exception as exc:
+            message = broker_error_message(exc)
+            if message is not None:
+                fail(message, code=RUNTIME_ERROR)
             if _is_server_error(exc):
-                fail(str(exc))
+                fail(str(exc), code=RUNTIME_ERROR)
             raise
 
     return wrapper
+
+
+def broker_error_message(exc: BaseException) -> str | None:
+    """One sentence for an error of the broker's client library, else None.
+
+    redis-py's errors (ConnectionError, TimeoutError, AuthenticationError ...)
+    and kombu's OperationalError (Celery publishing to a broker that is gone)
+    reach the CLI from the scheduler and from Celery; their text names the
+    host and port, never the password.
+    """
+    # Looked up, not imported: a command that never touched Redis or kombu
+    # cannot have raised their errors, and need not pay for importing them.
+    for module, name in (
+        ("redis.exceptions", "RedisError"),
+        ("kombu.exceptions", "OperationalError"),
+    ):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            return f"the broker (Redis) failed or cannot be reached: {detail}"
+    return None
 
 
 def _is_server_error(exc: Exception) -> bool:

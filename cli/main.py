@@ -183,13 +183,15 @@ def show(
     from pipeline.elements.show import format_report, select_elements
 
     config = load_config(project_dir)
-    _, targets = api.plan_targets(
-        project_dir,
-        list(elements),
-        cas=_local_cas(config),
-        options=_options(option_pairs),
-        config=config,
-    )
+    cas = _local_cas(config)
+    with cas.pin():
+        _, targets = api.plan_targets(
+            project_dir,
+            list(elements),
+            cas=cas,
+            options=_options(option_pairs),
+            config=config,
+        )
     selected: list[Element] = select_elements(targets, deps)  # type: ignore[arg-type,assignment]
     if order == "alpha":
         selected.sort(key=lambda e: e.name)
@@ -237,6 +239,45 @@ def element_states(ctx: StageContext, elements: Sequence[Element]) -> dict[str, 
     return states
 
 
+def cas_env(config: RemexConfig) -> dict[str, str]:
+    """The ``REMEX_CAS_*`` settings that give a worker ``config``'s local CAS
+    quota and, when one is configured, its folder."""
+    from pipeline.config import RemexConfig
+
+    env: dict[str, str] = {}
+    if config.cas_quota_bytes is not None:
+        env["REMEX_CAS_QUOTA"] = str(config.cas_quota_bytes)
+    if config.cas_dir != RemexConfig().cas_dir:
+        env["REMEX_CAS_DIR"] = str(config.cas_dir)
+    return env
+
+
+BROKER_WAITS = (0.5, 1.0, 2.0, 4.0)
+"""Seconds between the attempts to reach the broker when a worker starts."""
+
+
+def wait_for_broker(url: str, waits: Sequence[float] = BROKER_WAITS) -> None:
+    """Return once the Redis broker answers a PING; retry with backoff
+    (``waits``), then let the last connection error through (one line, exit 1,
+    by :func:`cli.errors.handles_errors`). Celery alone would retry for ever."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return  # another transport: Celery's own checks apply
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        for wait in (*waits, None):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if wait is None:
+                    raise
+                time.sleep(wait)
+    finally:
+        client.close()
+
+
 def _placeholder_digests(element: Any) -> list[Any]:
     # Reading logs needs the element's names and cache key only, not its
     # sources: stand in empty trees rather than staging them.
@@ -281,7 +322,7 @@ def checkout(
     from pipeline.stages import build_plan, checkout_artifact
 
     config = load_config(project_dir)
-    with api.open_context(config) as ctx:
+    with api.open_context(config) as ctx, ctx.local_cas.pin():
         plan = api.plan(
             project_dir,
             [element],
@@ -315,7 +356,7 @@ def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]
     from pipeline.stages import read_logs
 
     config = load_config(project_dir)
-    with api.open_context(config) as ctx:
+    with api.open_context(config) as ctx, ctx.local_cas.pin():
         plan = api.plan(
             project_dir,
             [element],
@@ -369,6 +410,7 @@ def worker(
     from tasks.app import create_app
 
     config = load_config(project_dir)
+    wait_for_broker(config.require_broker())
     name = name or socket.gethostname()
     all_queues = [DEFAULT_QUEUE, host_queue(name), *(q for q in (queues or "").split(",") if q)]
     app = create_app(config, worker_name=name)
@@ -399,17 +441,32 @@ def worker(
     is_flag=True,
     help="Also start Flower (task monitor, basic auth) on a free loopback port.",
 )
+@project_option
 @handles_errors
-def up(workers: int, jobs: int, concurrency: int, detach: bool, flower: bool) -> None:
+def up(
+    workers: int, jobs: int, concurrency: int, detach: bool, flower: bool, project_dir: Path
+) -> None:
     """Start the embedded stack on loopback: redis-server, buildbox-casd, workers
-    (and Flower)."""
+    (and Flower).
+
+    The workers' local CAS follows the configuration (the user's and the
+    project folder's remex.toml, REMEX_*): ``cas.quota`` for each, and
+    ``cas.dir`` when set (then they share it; else each has its own).
+    """
     import signal
 
     from pipeline import stack as embedded
+    from pipeline.config import load_config
 
+    config = load_config(project_dir)
     folder = embedded.stack_dir()
     running = embedded.up(
-        folder, workers=workers, jobs=jobs, concurrency=concurrency, flower=flower
+        folder,
+        workers=workers,
+        jobs=jobs,
+        concurrency=concurrency,
+        flower=flower,
+        worker_env=cas_env(config),
     )
     click.echo(f"remex stack up ({folder}):")
     click.echo(f"  broker     {running.broker_url}")
@@ -442,6 +499,7 @@ def up(workers: int, jobs: int, concurrency: int, detach: bool, flower: bool) ->
 
 
 @main.command()
+@handles_errors
 def down() -> None:
     """Stop the embedded stack that `remex up` started (exactly its processes)."""
     from pipeline import stack as embedded
@@ -514,6 +572,12 @@ def bot(
         endpoint = load_config().require_execution()
         if instance is not None:
             endpoint = dataclasses.replace(endpoint, instance_name=instance)
+    # Fail at once, in one sentence, when the server is not there at all (the
+    # bot itself keeps retrying a server that goes away later).
+    from pipeline.reapi.remote import Remote
+
+    with Remote(endpoint) as server:
+        server.capabilities()
     options = BotOptions(
         endpoint=endpoint,
         bot_id=bot_id or default_bot_id(),

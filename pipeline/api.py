@@ -178,7 +178,8 @@ def submit(
     project_dir = Path(project_dir).resolve()
     config = _config(project_dir, config)
     config.require_broker()  # before any work: nowhere to enqueue it
-    with open_context(config) as ctx:
+    # Pinned: workers sharing this local CAS (cas.dir) never clean what it uses.
+    with open_context(config) as ctx, ctx.local_cas.pin():
         elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
         specs: list[BuildSpec] = []
         cached: list[str] = []

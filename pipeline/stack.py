@@ -211,6 +211,7 @@ class EmbeddedStack(RemexStack):
         flower: bool,
         redis_password: str | None = None,
         casd_socket: Path | None = None,
+        worker_env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             folder,
@@ -225,6 +226,7 @@ class EmbeddedStack(RemexStack):
             execution_socket=casd_socket,
             heartbeat_timeout=None,
             reconcile_interval=None,
+            extra_env=worker_env,
         )
 
     def worker_name(self, index: int) -> str:
@@ -240,6 +242,7 @@ class EmbeddedStack(RemexStack):
         # Each worker has a local CAS of its own (in its folder), never a shared one.
         env.pop("REMEX_CAS_DIR", None)
         env.update(self._server_env(), REMEX_CONFIG=os.devnull)
+        env.update(self.extra_env)  # the user's local CAS settings (see up())
         return env
 
 
@@ -250,8 +253,12 @@ def up(
     jobs: int = 4,
     concurrency: int = 4,
     flower: bool = False,
+    worker_env: Mapping[str, str] | None = None,
 ) -> Stack:
     """Start the embedded stack and record it; return once everything answers.
+
+    ``worker_env`` is added to the workers' environment (the user's
+    ``REMEX_CAS_QUOTA`` and ``REMEX_CAS_DIR``, see ``remex up``).
 
     With ``flower``, Flower starts before the workers (so it sees them come
     online) on a free loopback port, with basic auth (user ``remex``, the
@@ -287,6 +294,7 @@ def up(
             flower=flower,
             redis_password=password,
             casd_socket=socket_path,
+            worker_env=worker_env,
         ).start()
     except BaseException:
         if socket_dir is not None:

@@ -47,7 +47,8 @@ class WorkerRuntime:
             ConfigError: no broker or execution server is configured.
         """
         execution = config.require_execution()
-        cas = LocalCas(config.cas_dir, quota_bytes=config.cas_quota_bytes)
+        # Workers keep their CAS within cas.quota (their stages pin what they use).
+        cas = LocalCas(config.cas_dir, quota_bytes=config.cas_quota_bytes, enforce_quota=True)
         context = StageContext.connect(
             cas,
             execution,

@@ -33,6 +33,7 @@ from pipeline.stages import (
     stage_to_cas,
     upload,
 )
+from pipeline.stages.pins import pinned_stage
 from pipeline.stages.policy import DEFAULT_POLICY, Decision, FailurePolicy
 from pipeline.stages.state import without_operation
 from tasks.runtime import WorkerRuntime
@@ -114,7 +115,7 @@ class StageTask(Task):  # type: ignore[misc]
         """
         rt, spec = self.begin(payload)
         state = cast(State, dict(payload["state"]))
-        with heartbeat(rt, payload):
+        with heartbeat(rt, payload), pinned_stage(rt.context.local_cas, state):
             try:
                 if state.get("reupload"):
                     # The policy sent the element back through upload.

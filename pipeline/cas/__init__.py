@@ -7,7 +7,7 @@ blobs and checks them out safely.
 
 from __future__ import annotations
 
-from pipeline.cas.store import BlobWriter, CasStats, CleanupStats, LocalCas
+from pipeline.cas.store import BlobWriter, CasStats, CleanupStats, LocalCas, Pin
 from pipeline.cas.tree import (
     MergeResult,
     check_directory,
@@ -27,6 +27,7 @@ __all__ = [
     "CleanupStats",
     "LocalCas",
     "MergeResult",
+    "Pin",
     "check_directory",
     "checkout",
     "import_directory",

@@ -23,14 +23,24 @@ object was damaged on disk, and a later put of the right content repairs it.
 LRU: an object's mtime is its last access time (atime is unreliable under
 ``relatime``/``noatime``). Reads refresh it only when it is older than
 ``touch_after_s`` seconds, so a hot object costs no extra syscall per read.
+
+Quota: with ``enforce_quota``, every new object is counted (see
+:mod:`pipeline.cas.quota`) and a store past its quota is cleaned at once
+(LRU, down to :data:`~pipeline.cas.quota.CLEANUP_TARGET` of the quota),
+never removing what a running stage uses: a stage holds a :meth:`LocalCas.pin`
+while it runs; while a pin lives, reads also refresh the mtime of any object
+older than the newest pin, so "used since the oldest live pin started" is
+visible to every process sharing the store.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import errno
 import itertools
+import logging
 import os
 import re
 import secrets
@@ -44,12 +54,29 @@ from typing import BinaryIO, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from pipeline.cas.quota import (
+    CLEANUP_TARGET,
+    Pin,
+    UsageCounter,
+    cleanup_lock,
+    live_pins,
+    pin_header,
+)
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_of, digest_to_str, new_hasher
 from pipeline.errors import DigestMismatchError, LocalBlobMissingError, LocalCasError
+from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 
-__all__ = ["BlobWriter", "CasStats", "CleanupStats", "LocalCas"]
+__all__ = ["BlobWriter", "CasStats", "CleanupStats", "LocalCas", "Pin"]
 
 M = TypeVar("M", bound=Message)
+
+log = logging.getLogger(__name__)
+
+# The pin of the stage running in this thread (or task: thread pools that
+# copy the context, as pipeline.reapi's do, carry it to their jobs).
+_current_pin: contextvars.ContextVar[Pin | None] = contextvars.ContextVar(
+    "remex_cas_pin", default=None
+)
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -102,6 +129,8 @@ class LocalCas:
             the size check or by the hash verification of readers that verify.
         touch_after_s: a read refreshes an object's access time only when it is
             older than this many seconds.
+        enforce_quota: clean the store (LRU) as soon as a write takes it past
+            ``quota_bytes`` (what workers do; see the module docstring).
     """
 
     def __init__(
@@ -111,15 +140,32 @@ class LocalCas:
         *,
         fsync: bool = False,
         touch_after_s: float = 60.0,
+        enforce_quota: bool = False,
     ) -> None:
         self.root = Path(root)
         self.quota_bytes = quota_bytes
         self.fsync = fsync
         self.touch_after_s = touch_after_s
+        self.enforce_quota = enforce_quota and quota_bytes is not None
         self._objects = os.path.join(self.root, "objects")
         self._tmp = os.path.join(self.root, "tmp")
+        self._pins_dir = os.path.join(self.root, "pins")
         os.makedirs(self._objects, exist_ok=True)
         os.makedirs(self._tmp, exist_ok=True)
+        # Start times of this process's live pins (see _touch_if_old).
+        self._pins: dict[str, Pin] = {}
+        self._pins_lock = threading.Lock()
+        self._newest_pin = 0.0  # start of the newest live pin (0: none)
+        self._cleaning = threading.Lock()
+        self._in_flight = 0  # bytes counted, not yet written, by this process
+        # When running stages hold more than the quota, a cleanup cannot get
+        # under it: the next one waits until the count passes this (or a
+        # stage ends) rather than scan the store on every write.
+        self._retry_above = 0
+        self._flight_lock = threading.Lock()
+        self._usage = UsageCounter(os.path.join(self.root, "usage"), self.size_bytes)
+        self.cleanups = 0
+        """How many quota cleanups this object ran (for tests and benchmarks)."""
         self._token = secrets.token_hex(4)
         self._counter = itertools.count()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -149,8 +195,9 @@ class LocalCas:
             return False
         if st.st_size != digest.size_bytes:
             return False
-        self._touch_if_old(path, st.st_mtime)
-        return True
+        self._note_use(digest.hash)
+        # False when a cleanup took it between the stat and the touch.
+        return self._touch_if_old(path, st.st_mtime)
 
     def missing(self, digests: Iterable[Digest]) -> list[Digest]:
         """The digests not stored, in input order, each once."""
@@ -299,7 +346,8 @@ class LocalCas:
         """
         if size_hint <= _SMALL_FILE:
             return self.put(_read_all(fd, size_hint))
-        return self._put_stream(fd)
+        with self._room_for(size_hint):
+            return self._put_stream(fd)
 
     def copy_to(self, digest: Digest, fd: int) -> None:
         """Write the blob to an open descriptor, verifying its hash on the way.
@@ -352,6 +400,111 @@ class LocalCas:
         finally:
             writer._discard()
 
+    # --- quota -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def pin(self) -> Iterator[Pin]:
+        """Keep what a running stage uses from quota cleanups (of any process).
+
+        ``with cas.pin() as pin: pin.add_tree(root); ...``: while the pin
+        lives, cleanups keep the trees and blobs added to it and every object
+        the stage reads or writes meanwhile: exactly those (tracked in
+        memory) for this process's cleanups; for other processes', every
+        object used since it started (reads refresh the object's mtime).
+        The pin follows the context (thread, or pool jobs run in a copy of
+        it); a use from a thread outside any pin counts for every live pin.
+        """
+        os.makedirs(self._pins_dir, exist_ok=True)
+        started = time.time()
+        name = f"{os.getpid()}-{self._token}-{next(self._counter)}"
+        path = Path(self._pins_dir, name)
+        path.write_text(pin_header(started))
+        pin = Pin(path, started)
+        with self._pins_lock:
+            self._pins[name] = pin
+            self._newest_pin = max(p.started for p in self._pins.values())
+        token = _current_pin.set(pin)
+        try:
+            yield pin
+        finally:
+            _current_pin.reset(token)
+            with self._pins_lock:
+                del self._pins[name]
+                self._newest_pin = max((p.started for p in self._pins.values()), default=0.0)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            # What this stage kept from the last cleanup may go now.
+            self._retry_above = 0
+            self._count_written(0)
+
+    def usage_bytes(self) -> int:
+        """The store's size as counted by its writers (no scan; see
+        :mod:`pipeline.cas.quota`)."""
+        return self._usage.read()
+
+    def enforce(self) -> CleanupStats | None:
+        """Clean the store down to :data:`CLEANUP_TARGET` of its quota, minus
+        the writes of this process in flight; None when it was within its
+        quota once this process's turn to clean came (another thread or
+        process cleaned it meanwhile).
+        """
+        if self.quota_bytes is None:
+            return None
+        # One cleaner at a time, the others wait for its result: a writer
+        # that went on writing while another cleans would pass the quota.
+        with self._cleaning, cleanup_lock(os.path.join(self.root, "cleanup.lock")):
+            before = self._usage.read()
+            if before <= self.quota_bytes:
+                return None
+            with self._flight_lock:
+                pending = self._in_flight
+            target = max(0, int(self.quota_bytes * CLEANUP_TARGET) - pending)
+            stats = self.cleanup(target)
+            meanwhile = self._usage.read() - before
+            # What is in flight was counted but is not on disk yet.
+            counted = self._usage.correct(stats.remaining_bytes + pending, meanwhile)
+            self.cleanups += 1
+            stuck = counted > self.quota_bytes
+            slack = int(self.quota_bytes * (1 - CLEANUP_TARGET))
+            self._retry_above = counted + slack if stuck else 0
+            return stats
+
+    @contextlib.contextmanager
+    def _room_for(self, size: int) -> Iterator[None]:
+        """Count a write of ``size`` bytes before it lands (cleaning first if
+        it would pass the quota); it is in flight until the block ends."""
+        self._reserve(size)
+        try:
+            yield
+        finally:
+            self._unreserve(size)
+
+    def _reserve(self, size: int) -> None:
+        if not self.enforce_quota:
+            return
+        with self._flight_lock:
+            self._in_flight += size
+        self._count_written(size)
+
+    def _unreserve(self, size: int) -> None:
+        if not self.enforce_quota:
+            return
+        with self._flight_lock:
+            self._in_flight -= size
+
+    def _count_written(self, size: int) -> None:
+        """Count an object about to be written; clean the store first when it
+        would pass its quota (so that it never holds more than the quota plus
+        the writes in flight)."""
+        if not self.enforce_quota or self.quota_bytes is None:
+            return
+        try:  # size 0: only check
+            if self._usage.add(size) > max(self.quota_bytes, self._retry_above):
+                self.enforce()
+        except (OSError, LocalCasError) as exc:
+            # The write itself succeeded: a failed cleanup must not fail it.
+            log.warning("cleaning the local CAS at %s failed: %s", self.root, exc)
+
     # --- housekeeping ----------------------------------------------------
 
     def stats(self) -> CasStats:
@@ -379,7 +532,8 @@ class LocalCas:
         Also removes temporary files older than ``temp_max_age_s`` (left by
         crashed writers). Safe to run while other processes put and read: an
         object touched after the scan is kept, and a reader that loses a blob
-        gets LocalBlobMissingError. Pass the digests of a build in progress as
+        gets LocalBlobMissingError. What live pins (:meth:`pin`, of any
+        process) keep is kept. Pass the digests of a build in progress as
         ``protect`` to keep them regardless of age.
 
         Args:
@@ -398,6 +552,19 @@ class LocalCas:
             raise ValueError("cleanup needs a quota: none given and the store has none")
         protected = {d.hash for d in protect}
         protected.add(EMPTY_DIGEST.hash)
+        keep_since = float("inf")
+        with self._pins_lock:
+            own = dict(self._pins)
+        for record in live_pins(self._pins_dir):
+            protected.update(d.hash for d in record.blobs)
+            for tree in record.trees:
+                self._add_tree_hashes(tree, protected)
+            pin = own.get(record.name) if record.pid == os.getpid() else None
+            if pin is not None:
+                protected.update(pin.touched())  # exactly what it used
+            else:
+                # Another process's stage: what it used is known by time only.
+                keep_since = min(keep_since, record.keep_since)
         removed_temp = self._remove_stale_temp_files(time.time() - temp_max_age_s)
 
         entries = list(self._scan_objects())
@@ -408,12 +575,11 @@ class LocalCas:
         for mtime, size, path, hash_ in entries:
             if total <= quota:
                 break
-            if hash_ in protected:
+            if hash_ in protected or mtime >= keep_since:
                 continue
             try:
-                if os.stat(path).st_mtime > mtime:
+                if not self._remove_unless_used(path, mtime):
                     continue  # used since the scan: it is no longer the least recent
-                os.unlink(path)
                 removed_objects += 1
                 removed_bytes += size
             except FileNotFoundError:
@@ -427,6 +593,40 @@ class LocalCas:
             remaining_bytes=total,
             removed_temp_files=removed_temp,
         )
+
+    def _remove_unless_used(self, path: str, mtime: float) -> bool:
+        """Remove an object unless its mtime moved past ``mtime`` (a reader
+        touched it); True if removed.
+
+        Moved aside first, then checked again: a reader's touch lands either
+        before the move (seen here: the object goes back) or after it (the
+        reader's touch fails and it takes the object as missing), so no
+        reader is told an object is there that this removes.
+        """
+        if os.stat(path).st_mtime > mtime:
+            return False
+        aside = f"{self._tmp}/removing-{os.getpid()}-{self._token}-{next(self._counter)}"
+        os.rename(path, aside)
+        if os.stat(aside).st_mtime > mtime:
+            os.rename(aside, path)
+            return False
+        os.unlink(aside)
+        return True
+
+    def _add_tree_hashes(self, root: Digest, into: set[str]) -> None:
+        """Add the hashes of every stored object of a tree (missing parts skipped)."""
+        pending = [root]
+        while pending:
+            digest = pending.pop()
+            if digest.hash in into:
+                continue
+            into.add(digest.hash)
+            try:
+                directory = self.get_message(digest, Directory)
+            except (LocalCasError, ValueError):
+                continue  # not stored (or not a Directory): nothing below it to keep
+            into.update(f.digest.hash for f in directory.files)
+            pending.extend(d.digest for d in directory.directories)
 
     def discard_damaged(self, digest: Digest) -> None:
         """Remove an object found not to match its hash (never raises)."""
@@ -447,12 +647,33 @@ class LocalCas:
             f"blob {digest_to_str(digest)} is not in the local CAS at {self.root}"
         )
 
-    def _touch_if_old(self, path: str, mtime: float) -> None:
+    def _note_use(self, hash_: str) -> None:
+        """Tell the running stage's pin that it uses this object; from a
+        thread that runs no stage of this store, tell every live pin."""
+        if not self._pins:
+            return
+        pin = _current_pin.get()
+        if pin is not None and self._pins.get(pin.path.name) is pin:
+            pin.note_use(hash_)
+            return
+        with self._pins_lock:
+            pins = list(self._pins.values())
+        for other in pins:
+            other.note_use(hash_)
+
+    def _touch_if_old(self, path: str, mtime: float) -> bool:
+        """Refresh an object's mtime when it is old, or older than the newest
+        live pin of this process (so that cleanups see a running stage use
+        it); False when the object is gone."""
         now = time.time()
-        if now - mtime > self.touch_after_s:
-            # A concurrent cleanup may have removed it; then it simply is gone.
-            with contextlib.suppress(OSError):
+        if now - mtime > self.touch_after_s or mtime < self._newest_pin:
+            try:
                 os.utime(path, (now, now))
+            except FileNotFoundError:
+                return False  # a concurrent cleanup removed it
+            except OSError:
+                pass
+        return True
 
     def _open_object(self, digest: Digest) -> int:
         path = self._object_path(digest)
@@ -467,6 +688,8 @@ class LocalCas:
         except BaseException:
             os.close(fd)
             raise
+        self._note_use(digest.hash)
+        # The descriptor holds the content even if a cleanup removes it now.
         self._touch_if_old(path, st.st_mtime)
         return fd
 
@@ -485,6 +708,7 @@ class LocalCas:
 
     def _commit(self, temp: str, hash_: str) -> None:
         """Rename a complete temporary file into place as object ``hash_``."""
+        self._note_use(hash_)  # before it is visible: a cleanup cannot miss it
         dest = f"{self._objects}/{hash_[:2]}/{hash_[2:]}"
         try:
             os.replace(temp, dest)
@@ -501,6 +725,10 @@ class LocalCas:
                 ) from exc
 
     def _write_object(self, hash_: str, data: bytes) -> None:
+        with self._room_for(len(data)):
+            self._write_new_object(hash_, data)
+
+    def _write_new_object(self, hash_: str, data: bytes) -> None:
         temp, fd = self._new_temp()
         try:
             try:
@@ -630,7 +858,13 @@ class BlobWriter:
         self._expected = expected
         self._hasher = new_hasher()
         self._size = 0
-        self._temp, self._fd = cas._new_temp()
+        self._reserved = expected.size_bytes if expected is not None else 0
+        cas._reserve(self._reserved)
+        try:
+            self._temp, self._fd = cas._new_temp()
+        except BaseException:
+            cas._unreserve(self._reserved)
+            raise
         self._done = False
         self.digest: Digest | None = None
 
@@ -680,6 +914,8 @@ class BlobWriter:
                 os.fsync(self._fd)
             os.close(self._fd)
             self._done = True
+            if self._expected is None:
+                self._cas._count_written(digest.size_bytes)
             self._cas._commit(self._temp, digest.hash)
         except OSError as exc:
             raise LocalCasError(
@@ -689,6 +925,8 @@ class BlobWriter:
 
     def _discard(self) -> None:
         """Close and remove the temporary file unless it was committed."""
+        self._cas._unreserve(self._reserved)
+        self._reserved = 0
         if self.digest is not None:
             return
         if not self._done:

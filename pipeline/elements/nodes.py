@@ -230,6 +230,16 @@ def load_yaml(path: Path, display: str) -> MappingNode:
         if exc.context:
             what = f"{what} ({exc.context})"
         raise LoadError(f"malformed YAML: {what}", file=display, line=line) from None
+    except yaml.reader.ReaderError as exc:
+        # A character YAML refuses (a NUL byte, a binary file): PyYAML gives an
+        # offset into the text, not a line.
+        line = text[: exc.position].count("\n") + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise LoadError(
+            f"malformed YAML: character #x{code:04x} is not allowed (a binary file?)",
+            file=display,
+            line=line,
+        ) from None
     except yaml.YAMLError as exc:
         raise LoadError(f"malformed YAML: {exc}", file=display) from None
     if root is None:
@@ -265,8 +275,17 @@ def _loader_for(text: str) -> type[Any]:
 _CLoader: type[Any] | None = getattr(yaml, "CSafeLoader", None)
 
 
+# Deeper nesting is refused: PyYAML composes (and _convert walks) recursively,
+# and a file of 500 '[' would otherwise end in a RecursionError. No real
+# element comes near this.
+MAX_NESTING = 100
+
+
 class _Loader(yaml.SafeLoader):  # type: ignore[misc]
-    """SafeLoader refusing anchors and aliases while composing (where we see them)."""
+    """SafeLoader refusing anchors and aliases while composing (where we see
+    them), and nesting deeper than :data:`MAX_NESTING`."""
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()  # type: ignore[no-untyped-call]
@@ -274,10 +293,18 @@ class _Loader(yaml.SafeLoader):  # type: ignore[misc]
             raise _RefusedError(
                 "YAML anchors and aliases are not supported", event.start_mark.line + 1
             )
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_NESTING:
+            raise _RefusedError(
+                f"YAML nested more than {MAX_NESTING} levels deep", event.start_mark.line + 1
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
-def _convert(node: Any, file: str, path: str, mark: Mark | None = None) -> Node:
+def _convert(node: Any, file: str, path: str, mark: Mark | None = None, depth: int = 0) -> Node:
     # A mapping's value is marked at its key's line: "field: expected ..." then
     # points at the field as written, even when the value starts a line later.
     if mark is None:
@@ -291,9 +318,14 @@ def _convert(node: Any, file: str, path: str, mark: Mark | None = None) -> Node:
     if isinstance(node, yaml.SequenceNode):
         if node.tag != f"{_CORE}seq":
             raise _refused(f"unsupported YAML tag {node.tag!r}", mark, path)
-        items = [_convert(item, file, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        _check_depth(node, file, depth)
+        items = [
+            _convert(item, file, f"{path}[{i}]", depth=depth + 1)
+            for i, item in enumerate(node.value)
+        ]
         return SequenceNode(mark=mark, path=path, items=items)
     if isinstance(node, yaml.MappingNode):
+        _check_depth(node, file, depth)
         if node.tag != f"{_CORE}map":
             raise _refused(f"unsupported YAML tag {node.tag!r}", mark, path)
         result = MappingNode(mark=mark, path=path)
@@ -307,7 +339,7 @@ def _convert(node: Any, file: str, path: str, mark: Mark | None = None) -> Node:
             child = result.child_path(key)
             if key in result.entries:
                 raise _refused(f"duplicate key {key!r}", key_mark, child)
-            result.entries[key] = _convert(value_node, file, child, key_mark)
+            result.entries[key] = _convert(value_node, file, child, key_mark, depth + 1)
             result.key_marks[key] = key_mark
         return result
     raise _refused(f"unsupported YAML node {type(node).__name__}", mark, path)
@@ -315,3 +347,14 @@ def _convert(node: Any, file: str, path: str, mark: Mark | None = None) -> Node:
 
 def _refused(message: str, mark: Mark, path: str) -> LoadError:
     return LoadError(message, file=mark.file, line=mark.line, field=path or None)
+
+
+def _check_depth(node: Any, file: str, depth: int) -> None:
+    """Refuse nesting past MAX_NESTING (libyaml composes it without complaint,
+    and converting it would recurse too deep)."""
+    if depth >= MAX_NESTING:
+        raise LoadError(
+            f"YAML nested more than {MAX_NESTING} levels deep",
+            file=file,
+            line=node.start_mark.line + 1,
+        )

@@ -16,6 +16,7 @@ from pipeline.spec import BuildSpec, DigestJson
 from pipeline.stages.artifacts import lookup_artifact
 from pipeline.stages.context import StageContext
 from pipeline.stages.execution import execute, fetch_outputs
+from pipeline.stages.pins import pin_state, pinned_stage
 from pipeline.stages.policy import DEFAULT_POLICY, Decision, FailurePolicy
 from pipeline.stages.push import push_artifact
 from pipeline.stages.staging import stage_to_cas, upload
@@ -56,21 +57,25 @@ def run_stages(
     Raises:
         BuildFailedError and the other errors of the stages.
     """
-    state = stage_to_cas(ctx, spec, state.copy() if state else State())
-    state = upload(ctx, spec, state)
-    reuploads = 0
-    while True:
-        try:
-            state = execute(ctx, spec, state)
-            break
-        except Exception as exc:
-            verdict = policy.decide("execute", exc, failures=1, reuploads=reuploads)
-            if verdict.decision is not Decision.REUPLOAD:
-                raise
-            reuploads += 1
-            state = upload(ctx, spec, without_operation(state))
-    state = fetch_outputs(ctx, spec, state)
-    return push_artifact(ctx, spec, state)
+    # One pin for the whole chain: what each stage hands on is kept for the next.
+    with pinned_stage(ctx.local_cas, state or {}) as pin:
+        state = stage_to_cas(ctx, spec, state.copy() if state else State())
+        pin_state(pin, state)
+        state = upload(ctx, spec, state)
+        reuploads = 0
+        while True:
+            try:
+                state = execute(ctx, spec, state)
+                break
+            except Exception as exc:
+                verdict = policy.decide("execute", exc, failures=1, reuploads=reuploads)
+                if verdict.decision is not Decision.REUPLOAD:
+                    raise
+                reuploads += 1
+                state = upload(ctx, spec, without_operation(state))
+        state = fetch_outputs(ctx, spec, state)
+        pin_state(pin, state)
+        return push_artifact(ctx, spec, state)
 
 
 def build_plan(ctx: StageContext, specs: Sequence[BuildSpec]) -> list[ElementResult]:

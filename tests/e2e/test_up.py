@@ -111,3 +111,28 @@ def test_without_a_stack_every_command_needing_one_refuses_in_one_sentence(
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith("remex: no remex stack is up here; run 'remex up' or set ")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_up_gives_its_workers_the_configured_local_cas(
+    user_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Given a project whose remex.toml sets the local CAS quota and folder,
+    # and REMEX_CAS_QUOTA in the environment (which wins over the file)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "remex.toml").write_text('[cas]\nquota = "3M"\ndir = "shared-cas"\n')
+    env = dict(user_env, REMEX_CAS_QUOTA="2M")
+    # When the stack is started for that project
+    up = run(env, "up", "--detach", "--workers", "2", "-C", str(project))
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads((tmp_path / "stack" / "stack.json").read_text())
+        # Then every worker runs with that quota and shares that folder
+        for worker in state["workers"]:
+            environ = Path(f"/proc/{worker['pid']}/environ").read_bytes().split(b"\0")
+            settings = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+            assert settings["REMEX_CAS_QUOTA"] == str(2 * 1024 * 1024)
+            assert settings["REMEX_CAS_DIR"] == str(project / "shared-cas")
+    finally:
+        down = run(user_env, "down")
+    assert down.returncode == 0, down.stderr

@@ -159,3 +159,51 @@ def test_unknown_key_names_its_own_line(tmp_path: Path) -> None:
     assert str(info.value) == (
         "elements/x.bst:3: bogus: unknown key (expected one of: config, kind)"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "kind: manual\nx: " + "[" * 500 + "]" * 500 + "\n",
+        "kind: manual\nx: " + "{a: " * 500 + "1" + "}" * 500 + "\n",
+    ],
+    ids=["sequences", "mappings"],
+)
+def test_deep_nesting_is_one_load_error_at_its_line(tmp_path: Path, text: str) -> None:
+    # Given a .bst nesting 500 flow collections (PyYAML composes recursively)
+    # When it is loaded
+    error = _load_error(tmp_path, text)
+
+    # Then it is one LoadError naming the file and the line, not a RecursionError
+    assert str(error).startswith("elements/x.bst:2: ")
+    assert "nested more than 100 levels" in str(error)
+
+
+def test_nesting_up_to_the_limit_loads(tmp_path: Path) -> None:
+    # Given nesting just inside the limit (the top mapping is one level)
+    node = _load(tmp_path, "x: " + "[" * 98 + "]" * 98 + "\n")
+
+    # Then it loads
+    assert isinstance(node.entries["x"], SequenceNode)
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [(b"\0" * 64, 1), (b"kind: manual\nvariables:\n  a: \0\x01\n", 3)],
+    ids=["all-nul", "nul-on-line-3"],
+)
+def test_binary_content_is_one_load_error_with_its_line(
+    tmp_path: Path, data: bytes, line: int
+) -> None:
+    # Given a file with NUL bytes (valid UTF-8, but not characters YAML allows)
+    path = tmp_path / "x.bst"
+    path.write_bytes(data)
+
+    # When it is loaded
+    with pytest.raises(LoadError) as info:
+        load_yaml(path, "elements/x.bst")
+
+    # Then the one-line message names the file, the line and the character
+    message = str(info.value)
+    assert message.startswith(f"elements/x.bst:{line}: malformed YAML: character #x0000")
+    assert "\n" not in message

@@ -6,10 +6,13 @@ No server: run_stages runs with its stage functions replaced by fakes.
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from pipeline.cas import LocalCas
 from pipeline.errors import ExecutionError, MissingBlobsError, RemexError, RemoteError
 from pipeline.stages import BuildFailedError, State
 from pipeline.stages import run as run_module
@@ -97,6 +100,11 @@ def test_the_task_backoff_is_the_rpc_retry_policys_equal_jitter() -> None:
 # --- run_stages -------------------------------------------------------------------
 
 
+def fake_context(tmp_path: Path) -> Any:
+    """A stage context with only a (real) local CAS: the stages are fakes."""
+    return SimpleNamespace(local_cas=LocalCas(tmp_path / "cas"))
+
+
 class FakeStages:
     """Stage functions that record their calls; execute fails as told."""
 
@@ -125,11 +133,13 @@ class FakeStages:
         return state
 
 
-def test_run_stages_reuploads_when_execute_lacks_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_stages_reuploads_when_execute_lacks_inputs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     # Given an execution CAS that lost inputs twice
     stages = FakeStages(monkeypatch, [MissingBlobsError(["x/1"]), MissingBlobsError(["x/1"])])
     # When the element runs in-process
-    state = run_module.run_stages(object(), {})  # type: ignore[arg-type]
+    state = run_module.run_stages(fake_context(tmp_path), {})  # type: ignore[arg-type]
     # Then upload and execute ran again, twice, and the element was built
     assert stages.calls == [
         "stage_to_cas",
@@ -145,16 +155,18 @@ def test_run_stages_reuploads_when_execute_lacks_inputs(monkeypatch: pytest.Monk
     assert "artifact" in state
 
 
-def test_run_stages_raises_when_the_reuploads_are_spent(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_stages_raises_when_the_reuploads_are_spent(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     FakeStages(monkeypatch, [MissingBlobsError(["x/1"])] * 3)
     with pytest.raises(MissingBlobsError):
-        run_module.run_stages(object(), {})  # type: ignore[arg-type]
+        run_module.run_stages(fake_context(tmp_path), {})  # type: ignore[arg-type]
 
 
 def test_run_stages_does_not_retry_other_errors_in_process(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     stages = FakeStages(monkeypatch, [transient()])
     with pytest.raises(RemoteError):
-        run_module.run_stages(object(), {})  # type: ignore[arg-type]
+        run_module.run_stages(fake_context(tmp_path), {})  # type: ignore[arg-type]
     assert stages.calls == ["stage_to_cas", "upload", "execute"]

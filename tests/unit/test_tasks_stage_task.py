@@ -14,12 +14,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from celery.exceptions import Ignore, Retry
 
 import tasks.stages as task_module
+from pipeline.cas import LocalCas
 from pipeline.config import RemexConfig
 from pipeline.errors import MissingBlobsError, RemexError, RemoteError
 from pipeline.stages import BuildFailedError, State
@@ -75,8 +78,10 @@ class FakeRuntime:
 
 
 @pytest.fixture
-def runtime() -> FakeRuntime:
-    return FakeRuntime(FakeScheduler())
+def runtime(tmp_path: Path) -> FakeRuntime:
+    # The stage functions here are fakes; the local CAS is real (stages pin in it).
+    context = SimpleNamespace(local_cas=LocalCas(tmp_path / "cas"))
+    return FakeRuntime(FakeScheduler(), context=context)
 
 
 @pytest.fixture
@@ -262,3 +267,23 @@ def test_importing_the_task_modules_reads_no_configuration(tmp_path: Any) -> Non
     # Then the import itself succeeds; only building the app reads the config
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ConfigError"
+
+
+def test_a_running_stage_pins_the_trees_of_its_state(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
+) -> None:
+    # Given a state naming an input root
+    root = {"hash": "ab" * 32, "size_bytes": 10}
+    seen: list[str] = []
+
+    def fn(ctx: Any, spec: Any, state: State) -> State:
+        pins = list((ctx.local_cas.root / "pins").iterdir())
+        seen.extend(p.read_text() for p in pins)
+        return state
+
+    # When its stage runs
+    run(stage_tasks["upload"], fn, {"input_root": root})
+
+    # Then, while it ran, one pin named the tree; and it is gone after
+    assert len(seen) == 1 and f"T {root['hash']} 10" in seen[0]
+    assert not list((runtime.context.local_cas.root / "pins").iterdir())

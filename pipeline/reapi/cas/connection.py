@@ -9,6 +9,7 @@ middle of a large upload costs one unit again, not the whole upload.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
@@ -84,7 +85,9 @@ class CasConnection:
         with concurrent.futures.ThreadPoolExecutor(
             max_workers=min(self.parallelism, len(jobs)), thread_name_prefix="remex-cas"
         ) as pool:
-            futures = [pool.submit(job) for job in jobs]
+            # Each job runs in a copy of the caller's context: what the caller
+            # set there (the local CAS pin of the stage running) holds for it.
+            futures = [pool.submit(contextvars.copy_context().run, job) for job in jobs]
             try:
                 for future in concurrent.futures.as_completed(futures):
                     future.result()

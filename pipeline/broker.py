@@ -7,10 +7,13 @@ sends them with a Celery app configured here, which the worker's app
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
+import kombu.exceptions
+import redis
 from celery import Celery, chain, uuid
 
 from pipeline.config import RemexConfig
@@ -39,6 +42,26 @@ STAGE_PRIORITY = {
 # re-sent by the reconciler long before, and the late copy finds itself stale.
 VISIBILITY_TIMEOUT = 6 * 3600
 RESULT_EXPIRES = 7 * 24 * 3600
+# A publish refused (Redis restarting) is retried for about this long
+# (0, 0.5, 1, 1.5, 2, 2 ... s), by clients and by a worker publishing a
+# chain's next stage alike; after that the element is left ``queued`` with no
+# message and no holder, and the reconciler sends it again.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 18,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 2.0,
+}
+# kombu's Redis transport keeps one list per priority step: the queue's own
+# name for priority 0, ``name + SEP + str(priority)`` for the others.
+PRIORITY_SEP = "\x06\x16"
+# What a refused publish raises (kombu wraps most; redis-py's may escape).
+PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
+    kombu.exceptions.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+)
 RECONCILE_LOCK = DEFAULT_KEYS.reconciler
 MAX_ATTEMPTS = DEFAULT_POLICY.max_sends
 """An element whose chain was sent this many times (its workers kept dying)
@@ -84,6 +107,14 @@ def celery_settings(config: RemexConfig) -> dict[str, Any]:
         "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
         "visibility_timeout": VISIBILITY_TIMEOUT,
         "broker_connection_retry_on_startup": True,
+        # A Redis restart is a pause: publishes and result writes retry
+        # (bounded) instead of failing the task or losing the next stage.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": dict(PUBLISH_RETRY_POLICY),
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         # Events for Flower.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -110,8 +141,10 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     """Send an element's five-stage chain, unless another build is already
     building the same artifact (then this element waits on it).
 
-    Returns "sent", "waiting", or "not sent" (the element finished or its
-    build was cancelled meanwhile).
+    Returns "sent", "waiting", "not sent" (the element finished or its
+    build was cancelled meanwhile) or "refused" (the broker refused the
+    message after retrying: the element stays ``queued`` with no message and
+    no holder, and the reconciler sends it again once Redis is back).
     """
     spec = scheduler.spec(build_id, element)
     owner = scheduler.claim(build_id, element, spec["artifact_uri"])
@@ -133,7 +166,13 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     ]
     for stage, signature, task_id in zip(STAGES, signatures, task_ids, strict=True):
         signature.set(task_id=task_id, argsrepr=label, priority=STAGE_PRIORITY[stage])
-    chain(*signatures).apply_async()
+    try:
+        chain(*signatures).apply_async()
+    except PUBLISH_ERRORS as exc:
+        log.warning(
+            "could not send %s of build %s (the reconciler will): %s", element, build_id, exc
+        )
+        return "refused"
     return "sent"
 
 
@@ -141,6 +180,36 @@ def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) 
     """Send every (build, element) that became ready."""
     for build_id, element in ready:
         send_element(app, scheduler, build_id, element)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps ``queue``'s messages in (one per priority step)."""
+    return [
+        queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}"
+        for priority in sorted(set(STAGE_PRIORITY.values()))
+    ]
+
+
+def queued_task_ids(scheduler: Scheduler) -> set[str]:
+    """The task ids of the messages waiting in a queue some live worker consumes:
+    the default queue and the host queues of the workers whose liveness key
+    exists (a message in a dead worker's own queue is as good as lost)."""
+    # An instance is NAME/PID/RANDOM.
+    names = {instance.rsplit("/", 2)[0] for instance in scheduler.live_workers()}
+    lists = queue_lists(DEFAULT_QUEUE)
+    for name in sorted(names):
+        lists += queue_lists(host_queue(name))
+    pipe = scheduler.redis.pipeline()
+    for key in lists:
+        pipe.lrange(key, 0, -1)
+    ids: set[str] = set()
+    for messages in pipe.execute():
+        for raw in messages:
+            try:
+                ids.add(str(json.loads(raw)["headers"]["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # not a task message of ours
+    return ids
 
 
 def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -> int:
@@ -153,8 +222,17 @@ def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -
         return 0
     resent = 0
     now = time.time()
+    in_queues: set[str] | None = None
+
+    def queued() -> set[str]:
+        # Read once per pass, and only when an element needs it.
+        nonlocal in_queues
+        if in_queues is None:
+            in_queues = queued_task_ids(scheduler)
+        return in_queues
+
     for build_id in scheduler.active_builds():
-        for element, reason in scheduler.stalled(build_id, now):
+        for element, reason in scheduler.stalled(build_id, now, queued_task_ids=queued):
             attempts = int(scheduler.info(build_id, element).get("attempt", 0))
             if attempts >= MAX_ATTEMPTS:
                 log.error(

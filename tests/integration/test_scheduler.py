@@ -370,9 +370,10 @@ def test_stalled_finds_ready_elements_nobody_sent(scheduler: Scheduler) -> None:
     assert scheduler.stalled(build, now) == []
     # After it, the element is sent again
     assert scheduler.stalled(build, now + READY_GRACE + 1) == [("a", "ready but never sent")]
-    # A queued or waiting element is not stalled
+    # A queued element whose message waits in a queue is not stalled
     send(scheduler, build, "a")
-    assert scheduler.stalled(build, now + READY_GRACE + 1) == []
+    in_queue = lambda: {"a-task"}  # noqa: E731
+    assert scheduler.stalled(build, now + READY_GRACE + 1, queued_task_ids=in_queue) == []
 
 
 def test_stalled_finds_running_elements_whose_worker_is_gone(scheduler: Scheduler) -> None:
@@ -397,6 +398,68 @@ def test_stalled_finds_running_elements_whose_worker_is_gone(scheduler: Schedule
     # A heartbeat brings it back
     scheduler.heartbeat(build, "a")
     assert "a" not in dict(scheduler.stalled(build, time.time()))
+
+
+def test_a_message_taken_by_a_worker_that_dies_is_sent_again(scheduler: Scheduler) -> None:
+    # Given two elements sent, their first messages taken (prefetched, not
+    # started) by a live worker and by one whose connection epoch is over
+    build, _ = create(scheduler, {"a": [], "b": []})
+    for element in ("a", "b"):
+        send(scheduler, build, element)
+    scheduler.worker_alive("w1/1/x", "e2")
+    assert scheduler.take(build, "a", attempt=1, stage="stage_to_cas", holder="w1/1/x#e2")
+    assert scheduler.take(build, "b", attempt=1, stage="stage_to_cas", holder="w1/1/x#e1")
+    assert scheduler.info(build, "a")["holder"] == "w1/1/x#e2"
+    # Then the old epoch's hold is over at once, the live one's is not
+    stalled = dict(scheduler.stalled(build))
+    assert list(stalled) == ["b"] and "is gone" in stalled["b"]
+    # And when the worker's liveness key is gone, the other is too
+    scheduler.worker_gone("w1/1/x")
+    assert sorted(dict(scheduler.stalled(build))) == ["a", "b"]
+
+
+def test_a_message_in_no_queue_and_held_by_no_one_is_sent_again(scheduler: Scheduler) -> None:
+    # Given an element whose first stage ran and handed the element on (the
+    # next stage's message is being published)
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    scheduler.worker_alive("w1/1/x", "e1")
+    assert scheduler.start_stage(
+        build, "a", attempt=1, stage="stage_to_cas", host="w1", worker="w1/1/x", holder="w1/1/x#e1"
+    )
+    assert scheduler.hand_on(build, "a", attempt=1, holder="w1/1/x#e1")
+    info = scheduler.info(build, "a")
+    assert "holder" not in info and info["handed_at"] > 0
+    assert scheduler.redis.zscore(f"remex:build:{build}:heartbeat", "a") is None
+    later = time.time() + scheduler.heartbeat_timeout + 1
+    # Then while its message waits in a queue, or within the timeout, it is not stalled
+    assert scheduler.stalled(build, time.time(), queued_task_ids=set) == []
+    assert scheduler.stalled(build, later, queued_task_ids=lambda: {"a-task"}) == []
+    # But after the timeout with the message in no queue (the publish was refused), it is
+    assert scheduler.stalled(build, later, queued_task_ids=set) == [
+        ("a", "its message is in no queue and no worker holds it")
+    ]
+    # And once a worker takes the next message, it is held again
+    assert scheduler.take(build, "a", attempt=1, stage="upload", holder="w1/1/x#e1")
+    assert scheduler.stalled(build, later, queued_task_ids=set) == []
+
+
+def test_stale_copies_are_not_taken_or_started(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    assert scheduler.start_stage(build, "a", attempt=1, stage="execute", host="w1", holder="h#1")
+    # A copy of an earlier stage of the same attempt (left in unacked) is stale
+    assert not scheduler.take(build, "a", attempt=1, stage="upload", holder="h#1")
+    assert not scheduler.start_stage(build, "a", attempt=1, stage="stage_to_cas", host="w1")
+    # The same stage again (a re-queue) and a later one are current
+    assert scheduler.take(build, "a", attempt=1, stage="execute", holder="h#1")
+    assert scheduler.start_stage(build, "a", attempt=1, stage="fetch_outputs", host="w1")
+    # After a re-send, everything of attempt 1 is stale
+    send(scheduler, build, "a")
+    assert not scheduler.take(build, "a", attempt=1, stage="push_artifact", holder="h#1")
+    assert not scheduler.hand_on(build, "a", attempt=1, holder="h#1")
+    assert scheduler.take(build, "a", attempt=2, stage="stage_to_cas", holder="h#1")
+    assert scheduler.info(build, "a")["holder"] == "h#1"
 
 
 def test_a_worker_liveness_key_expires(scheduler: Scheduler) -> None:

@@ -39,6 +39,7 @@ class FakeScheduler:
     finished: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     notes: list[dict[str, Any]] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
+    handed_on: list[str] = field(default_factory=list)
     heartbeat_timeout: float = 30.0
 
     def count_delivery(self, task_id: str, retries: int) -> int:
@@ -48,6 +49,10 @@ class FakeScheduler:
     def start_stage(self, build: str, element: str, **kw: Any) -> bool:
         self.started.append(kw["stage"])
         return self.current
+
+    def hand_on(self, build: str, element: str, *, attempt: int, holder: str) -> bool:
+        self.handed_on.append(holder)
+        return True
 
     def spec(self, build: str, element: str) -> dict[str, Any]:
         return {"element": element, "kind": "manual"}
@@ -70,6 +75,7 @@ class FakeRuntime:
     scheduler: FakeScheduler
     name: str = "w1"
     instance: str = "w1/1/x"
+    holder: str = "w1/1/x#e1"
     context: Any = None
     heartbeat_interval: float = 60.0
 
@@ -130,6 +136,8 @@ def test_a_stage_that_succeeds_passes_its_state_on(
     assert result == {**PAYLOAD, "state": {"uploaded": {"blobs": 1}}}
     assert runtime.scheduler.started == ["upload"]
     assert runtime.scheduler.finished == []
+    # And it handed the element on to the next stage's message
+    assert runtime.scheduler.handed_on == ["w1/1/x#e1"]
 
 
 def test_a_transient_error_requeues_on_the_own_queue_with_backoff(

@@ -15,6 +15,8 @@ from typing import Any
 import kombu.exceptions
 import redis
 from celery import Celery, chain, uuid
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
 from pipeline.config import RemexConfig
 from pipeline.scheduler import DEFAULT_KEYS, ElementState, Scheduler
@@ -78,6 +80,48 @@ def host_queue(worker_name: str) -> str:
     return f"{DEFAULT_QUEUE}.host.{worker_name}"
 
 
+class _RedisQoS(kombu_redis.QoS):  # type: ignore[misc]
+    # See RedisTransport.
+    def ack(self, delivery_tag: Any) -> None:
+        if self.channel.closed:
+            kombu_virtual.QoS.ack(self, delivery_tag)  # only forget it here
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if self.channel.closed:
+            kombu_virtual.QoS.ack(self, delivery_tag)
+            return
+        super().reject(delivery_tag, requeue=requeue)
+
+
+class _RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
+    # See RedisTransport.
+    do_restore = False
+    QoS = _RedisQoS
+
+
+class RedisTransport(kombu_redis.Transport):  # type: ignore[misc]
+    """kombu's Redis transport, except that a closing channel does not put
+    the messages it had taken back into their queues, and acknowledging a
+    message of a closed channel only forgets it.
+
+    kombu 5.7 does both on a channel whose connection Redis dropped, with the
+    transport already released: they raise AttributeError and Celery stops
+    the worker ("Unrecoverable error"), so a Redis restart killed every
+    worker. Neither is needed: the scheduler records who holds each message,
+    and a holder that stops or loses its connection is gone, so the
+    reconciler sends its elements again; the entries left in ``unacked``
+    come back after the visibility timeout as stale copies, and are dropped.
+    """
+
+    Channel = _RedisChannel
+
+
+TRANSPORT = f"{__name__}:RedisTransport"
+"""The kombu transport of ``redis://`` and ``rediss://`` brokers."""
+
+
 def celery_settings(config: RemexConfig) -> dict[str, Any]:
     """The Celery settings remex runs with (worker and client alike).
 
@@ -89,8 +133,11 @@ def celery_settings(config: RemexConfig) -> dict[str, Any]:
         # One Redis list per priority, served in this order.
         "priority_steps": sorted(set(STAGE_PRIORITY.values())),
     }
+    broker_url = config.require_broker()
+    redis_broker = broker_url.partition("://")[0] in ("redis", "rediss")
     return {
-        "broker_url": config.require_broker(),
+        "broker_url": broker_url,
+        **({"broker_transport": TRANSPORT} if redis_broker else {}),
         "result_backend": config.backend_url,
         # JSON only: a pickle payload from the broker could run code.
         "task_serializer": "json",

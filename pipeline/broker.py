@@ -84,15 +84,16 @@ class _RedisQoS(kombu_redis.QoS):  # type: ignore[misc]
     # See RedisTransport.
     def ack(self, delivery_tag: Any) -> None:
         if self.channel.closed:
-            kombu_virtual.QoS.ack(self, delivery_tag)  # only forget it here
+            # Only forget it here: its channel (and delivery tag) is gone.
+            kombu_virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
             return
-        super().ack(delivery_tag)
+        super().ack(delivery_tag)  # type: ignore[no-untyped-call]
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         if self.channel.closed:
-            kombu_virtual.QoS.ack(self, delivery_tag)
+            kombu_virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
             return
-        super().reject(delivery_tag, requeue=requeue)
+        super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
 
 
 class _RedisChannel(kombu_redis.Channel):  # type: ignore[misc]

@@ -20,11 +20,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.broker import make_celery, send_element
+from pipeline.broker import DEFAULT_QUEUE, make_celery, queue_lists, queued_task_ids, send_element
 from pipeline.config import RemexConfig
 from pipeline.scheduler import Scheduler
 from pipeline.servers import RemexStack, RemexWorker
-from pipeline.servers.process import socket_inodes
 from pipeline.testing.dag import DagProject, make_dag_project
 from tests.integration.test_pipeline import (
     assert_all_built,
@@ -67,21 +66,6 @@ def project_factory(
     return make
 
 
-def received_bytes(worker: RemexWorker, port: int) -> int:
-    """Bytes waiting unread in the worker's sockets to Redis (a message Redis
-    handed to a stopped worker's pending BRPOP sits there, in no queue)."""
-    assert worker.pid is not None
-    inodes = socket_inodes([worker.pid])
-    waiting = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        remote_port = int(fields[2].split(":")[1], 16)
-        rx_queue = int(fields[4].split(":")[1], 16)
-        if remote_port == port and int(fields[9]) in inodes:
-            waiting += rx_queue
-    return waiting
-
-
 def pushes(stack: RemexStack, build_id: str) -> dict[str, int]:
     """How often each element's push_artifact succeeded, from the workers' logs."""
     counts: dict[str, int] = {}
@@ -92,6 +76,11 @@ def pushes(stack: RemexStack, build_id: str) -> dict[str, int]:
             if match and build_id in line:
                 counts[match.group(1)] = counts.get(match.group(1), 0) + 1
     return counts
+
+
+def signal_worker(worker: RemexWorker, signum: int) -> None:
+    assert worker.pid is not None
+    os.kill(worker.pid, signum)
 
 
 def replace_worker(stack: RemexStack, worker: RemexWorker) -> None:
@@ -106,56 +95,60 @@ def replace_worker(stack: RemexStack, worker: RemexWorker) -> None:
 def test_a_message_held_by_a_worker_killed_before_starting_it_is_sent_again(
     fault_stack: RemexStack, project_factory: Callable[..., DagProject], tmp_path: Path
 ) -> None:
-    # Given both workers stopped (SIGSTOP) while a build is submitted: Redis
-    # hands the first messages to their pending BRPOPs, so each sits unread in
-    # a stopped worker's socket, in no queue and not in ``unacked``
+    # Given a build submitted while both workers are stopped (SIGSTOP)
     project = project_factory(n=4, shape="wide", sleep=1)
-    workers = list(fault_stack.workers)
-    for worker in workers:
-        assert worker.pid is not None
-        os.kill(worker.pid, signal.SIGSTOP)
-    port = fault_stack.redis.port
-    assert port is not None
+    holder, other = fault_stack.workers[:2]
+    for worker in (holder, other):
+        signal_worker(worker, signal.SIGSTOP)
+    time.sleep(1.5)  # (their pending BRPOPs time out: nobody waits on the queue)
     try:
         process, build_id = start_build(fault_stack, project)
-        holder = wait_for(
-            "a stopped worker holding a message",
-            lambda: next((w for w in workers if received_bytes(w, port) > 0), None),
-            timeout=20,
-        )
         scheduler = fault_stack.scheduler()
-        sent = {e.element for e in scheduler.status(build_id).elements if e.state == "queued"}
-        # When the holder is SIGKILLed, and the other worker goes on (SIGCONT)
+        (first,) = wait_for(
+            "the first element sent",
+            lambda: [e.element for e in scheduler.status(build_id).elements if e.state == "queued"],
+        )
+        # (its message is in the queue; taken out, so that the next send is
+        # the only message)
+        assert queued_task_ids(scheduler)
+        for name in queue_lists(DEFAULT_QUEUE):
+            scheduler.redis.delete(name)
+        # When one worker takes the element's next send and stops before
+        # reading it (its BRPOP was pending: Redis handed it the message, which
+        # now sits unread in its socket, in no queue and not in ``unacked``)
+        signal_worker(holder, signal.SIGCONT)
+        time.sleep(0.3)
+        signal_worker(holder, signal.SIGSTOP)
+        app = make_celery(RemexConfig(broker_url=fault_stack.redis.url))
+        assert send_element(app, scheduler, build_id, first) == "sent"
+        app.close()
+        wait_for("the message taken", lambda: not queued_task_ids(scheduler), timeout=5)
+        # And that worker is SIGKILLed, and the other goes on (SIGCONT)
         holder.kill()
         killed_at = time.monotonic()
-        for worker in workers:
-            if worker is not holder:
-                assert worker.pid is not None
-                os.kill(worker.pid, signal.SIGCONT)
+        signal_worker(other, signal.SIGCONT)
 
-        # Then the element whose message died with it is sent again within the bound
-        def resent() -> list[str]:
-            status = scheduler.status(build_id)
-            return [e.element for e in status.elements if int(e.info.get("attempt", 0)) >= 2]
+        # Then the element is sent again within the bound
+        def resent() -> bool:
+            return int(scheduler.info(build_id, first).get("attempt", 0)) >= 3
 
-        again = wait_for("the lost element sent again", resent, timeout=BOUND + MARGIN + 10)
+        wait_for("the lost element sent again", resent, timeout=BOUND + MARGIN + 10)
         resend_seconds = time.monotonic() - killed_at
         # And the build completes, every artifact right
         code, output = finish(process, fault_stack)
         done_seconds = time.monotonic() - killed_at
     finally:
-        for worker in workers:
-            if worker.pid is not None and worker.running:
-                os.kill(worker.pid, signal.SIGCONT)
+        for worker in (holder, other):
+            if worker.running:
+                signal_worker(worker, signal.SIGCONT)
     replace_worker(fault_stack, holder)
     assert code == 0, json.dumps(output, indent=1)[-4000:] + fault_stack.logs()
     assert_all_built(output, project)
-    assert set(again) <= sent
-    reasons = {e["element"]: e.get("resent_because", "") for e in output["elements"]}
-    assert any("in no queue" in reasons[e] for e in again), reasons
+    reason = {e["element"]: e for e in output["elements"]}[first].get("resent_because", "")
+    assert "in no queue" in reason, reason
     assert resend_seconds <= BOUND + MARGIN, resend_seconds
     print(
-        f"lost {again}: sent again {resend_seconds:.1f} s after the kill, "
+        f"lost {first}: sent again {resend_seconds:.1f} s after the kill, "
         f"build done {done_seconds:.1f} s after it"
     )
     assert_artifacts(fault_stack, project, tmp_path / "checkout")

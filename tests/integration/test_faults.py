@@ -70,8 +70,9 @@ def pushes(stack: RemexStack, build_id: str) -> dict[str, int]:
     """How often each element's push_artifact succeeded, from the workers' logs."""
     counts: dict[str, int] = {}
     pattern = re.compile(r"remex\.push_artifact\[[^\]]+\] succeeded.*'element': '([^']+)'")
-    for worker in stack.workers:
-        for line in worker.log_text().splitlines():
+    logs = {w.log_path: w.log_path.read_text(errors="replace") for w in stack.workers}
+    for text in logs.values():  # (a replaced worker may reuse a name and its log)
+        for line in text.splitlines():
             match = pattern.search(line)
             if match and build_id in line:
                 counts[match.group(1)] = counts.get(match.group(1), 0) + 1
@@ -86,7 +87,8 @@ def signal_worker(worker: RemexWorker, signum: int) -> None:
 def replace_worker(stack: RemexStack, worker: RemexWorker) -> None:
     """Drop a killed worker and start a fresh one (the module's later tests get two)."""
     stack.workers.remove(worker)
-    stack.add_worker()
+    names = {w.worker_name for w in stack.workers}
+    stack.add_worker(next(f"w{i}" for i in range(3, 100) if f"w{i}" not in names))
 
 
 # --- a worker dies holding a message it had not started ----------------------------------
@@ -209,7 +211,8 @@ def test_a_redis_restart_mid_build_is_a_pause(
     while not watch.poll(back) and time.monotonic() < deadline:
         time.sleep(0.25)
     done_seconds = time.monotonic() - back
-    code, output = finish(process, fault_stack)
+    stdout, build_err = process.communicate(timeout=60)
+    code, output = process.returncode, json.loads(stdout)
     assert code == 0, json.dumps(output, indent=1)[-4000:] + fault_stack.logs()
     assert_all_built(output, project)
     print(
@@ -225,7 +228,7 @@ def test_a_redis_restart_mid_build_is_a_pause(
     status_out, status_err = status_cli.communicate(timeout=60)
     assert status_cli.returncode == 0, status_err
     assert json.loads(status_out)["build"] == build_id
-    for stderr in (status_err, process.stderr.read() if process.stderr else ""):
+    for stderr in (status_err, build_err):
         assert "Traceback" not in stderr, stderr
     assert_artifacts(fault_stack, project, tmp_path / "checkout")
 
@@ -269,7 +272,7 @@ def test_a_stale_copy_of_a_message_is_ignored(
     counts = pushes(fault_stack, build_id)
     assert all(counts.get(e) == 1 for e in stale_ids), counts
     # And the stale copies were ignored, acknowledged and dropped: not left in unacked
-    logs = "".join(w.log_text() for w in workers)
+    logs = "".join(w.log_path.read_text(errors="replace") for w in workers)
     assert "is stale; ignored" in logs
     time.sleep(1)
     left = {

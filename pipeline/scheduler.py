@@ -22,13 +22,30 @@ reconciler finds the element ``ready`` and sends it. Work is O(V+E) and no
 task waits on another.
 
 Liveness: a worker keeps a key ``remex:worker:<instance>`` alive while it
-runs (:meth:`Scheduler.worker_alive`), and a stage keeps its element's
-heartbeat fresh. Once a chain has started on a worker, its next message is
-always in that worker's own queue or held by it (data locality), so a
-``running`` element whose heartbeat expired is only lost when its worker is
-gone: :meth:`Scheduler.stalled` then returns it, and the reconciler sends it
-again. (A ``running`` element that waits in a live worker's busy queue is not
-re-sent; after ``LOST_AFTER_HEARTBEATS`` heartbeat periods it is anyway.)
+runs (:meth:`Scheduler.worker_alive`); its value is the worker's *epoch*,
+new each time its consumer (re)connects to the broker. A stage keeps its
+element's heartbeat fresh.
+
+Holders: whoever has the element's current message. A worker that receives
+a stage message (prefetched, delayed or about to run) takes it
+(:meth:`Scheduler.take`: ``holder = instance#epoch``; a stale copy is not
+taken), a stage that starts takes it too, and a stage that ends hands the
+element on (:meth:`Scheduler.hand_on`: no holder) just before its next
+message (the chain's next stage, or its own re-queue) is published. An
+element no stage is running (no fresh heartbeat) is lost, and
+:meth:`Scheduler.stalled` returns it for the reconciler to send again, when
+
+* its holder is gone: the liveness key expired, or holds a newer epoch
+  (Celery drops what it took but had not started when its connection
+  breaks, and Redis re-delivers it only after the visibility timeout); or
+* it has had no holder for a heartbeat timeout and its message is in no
+  queue a live worker consumes (a publish refused while Redis was down, a
+  message Redis handed to a worker that died before reading it).
+
+(A ``running`` element whose live holder sends no heartbeat for
+``LOST_AFTER_HEARTBEATS`` heartbeat periods is re-sent anyway.) Within an
+attempt a chain only moves forward, so a copy of an earlier stage's message
+is stale like one of an older attempt.
 
 Two builds needing the same artifact (same element, same cache key: the same
 artifact URI) build it once: the first to claim the URI builds it, the others

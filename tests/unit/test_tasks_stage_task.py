@@ -141,7 +141,7 @@ def test_a_stage_that_succeeds_passes_its_state_on(
 
 
 def test_a_transient_error_requeues_on_the_own_queue_with_backoff(
-    stage_tasks: dict[str, StageTask],
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
 ) -> None:
     # When the stage fails transiently
     with pytest.raises(Retry) as info:
@@ -152,6 +152,8 @@ def test_a_transient_error_requeues_on_the_own_queue_with_backoff(
     assert 0.5 <= float(retry.when) <= 1.0
     assert retry.sig.options["queue"] == "remex.host.w1"
     assert retry.sig.args[0]["state"] == {"transient_failures": 1}
+    # And the element was handed on first (whoever takes the re-queue holds it)
+    assert runtime.scheduler.handed_on == ["w1/1/x#e1"]
 
 
 def test_transient_errors_fail_the_element_when_the_retries_are_spent(
@@ -170,6 +172,7 @@ def test_a_permanent_error_fails_the_element_without_retry(
 ) -> None:
     with pytest.raises(ElementFailed):
         run(stage_tasks["stage_to_cas"], raising(RemexError("bad input", transient=False)))
+    assert runtime.scheduler.handed_on == []
     assert runtime.scheduler.finished == [
         ("failed", {"error": "stage_to_cas: bad input", "failed_stage": "stage_to_cas"})
     ]

@@ -21,8 +21,9 @@ A killed worker is replaced by a new one. After the build, every artifact is
 checked out (``remex checkout --deps run all.bst``) and compared with what
 the project must give. The table: rounds, faults by kind, builds completed,
 elements re-sent, the longest time the build made no progress (max stall:
-no element changed state, stage, attempt or holder), artifacts verified,
-and lost or wrong (must be 0).
+no element changed state, stage, attempt or holder, as seen from Redis: the
+seconds Redis itself is down are not counted), artifacts verified, and lost
+or wrong (must be 0).
 
 Run: ``.venv/bin/python -m bench.chaos [--rounds 20] [--elements 40]
 [--sleep 0.5] [--workers 3] [--seed 1] [--keep]``

@@ -7,10 +7,11 @@ sends them with a Celery app configured here, which the worker's app
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import kombu.exceptions
 import redis
@@ -260,9 +261,64 @@ def queued_task_ids(scheduler: Scheduler) -> set[str]:
     return ids
 
 
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+"""kombu's Redis transport: the messages taken and not acknowledged (delivery
+tag -> ``[message, exchange, routing key]``), and their delivery times."""
+
+
+def stage_payload(raw: str) -> tuple[str, dict[str, Any]] | None:
+    """The stage and payload of a task message as kombu stores it in
+    ``unacked`` (None: not a stage task message of remex)."""
+    try:
+        message = json.loads(raw)[0]
+        stage = str(message["headers"]["task"]).removeprefix("remex.")
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    payload = args[0] if isinstance(args, list) and args else None
+    if stage not in STAGES or not isinstance(payload, dict) or "attempt" not in payload:
+        return None
+    return stage, payload
+
+
+def drop_stale_unacked(scheduler: Scheduler) -> int:
+    """Delete the ``unacked`` entries of stale stage messages; return how many.
+
+    A worker that lost its connection (a Redis restart) or died leaves the
+    messages it had taken there; kombu would hand them out again only after
+    the visibility timeout (6 h), as stale copies. Their elements were sent
+    again already (see :func:`reconcile`), so they are dropped now instead.
+    A current message (its stage running, or taken) is never touched.
+    """
+    dropped = 0
+    entries = cast(dict[str, str], scheduler.redis.hgetall(UNACKED))
+    for tag, raw in entries.items():
+        found = stage_payload(raw)
+        if found is None:
+            continue
+        stage, payload = found
+        if scheduler.is_stale(
+            str(payload.get("build")),
+            str(payload.get("element")),
+            attempt=int(payload["attempt"]),
+            stage=stage,
+        ):
+            pipe = scheduler.redis.pipeline()
+            pipe.hdel(UNACKED, tag)
+            pipe.zrem(UNACKED_INDEX, tag)
+            pipe.execute()
+            dropped += 1
+    return dropped
+
+
 def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -> int:
-    """Re-send elements that are ready but were never sent, running ones whose
-    worker died, and those waiting on another build's element that stopped.
+    """Re-send elements that are ready but were never sent, lost ones (their
+    holder is gone, or their message is in no queue), and those waiting on
+    another build's element that stopped; drop stale unacknowledged messages.
     At most one pass per ``lock_seconds`` across all workers (a Redis lock).
     An element sent ``MAX_ATTEMPTS`` times fails instead. Returns how many
     elements were re-sent."""
@@ -298,4 +354,7 @@ def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -
             scheduler.note(build_id, element, {"resent_because": reason})
             if send_element(app, scheduler, build_id, element) == "sent":
                 resent += 1
+    dropped = drop_stale_unacked(scheduler)
+    if dropped:
+        log.info("dropped %d stale unacknowledged message(s)", dropped)
     return resent

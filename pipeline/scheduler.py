@@ -199,6 +199,7 @@ SCRIPTS = (
     "take",
     "start",
     "hand_on",
+    "stale",
     "note",
     "cancel",
     "status",
@@ -301,6 +302,7 @@ class Scheduler:
         self._take = scripts["take"]
         self._start = scripts["start"]
         self._hand_on = scripts["hand_on"]
+        self._stale = scripts["stale"]
         self._note = scripts["note"]
         self._cancel = scripts["cancel"]
         self._status = scripts["status"]
@@ -492,6 +494,12 @@ class Scheduler:
             keys=[self.keys.prefix], args=[build_id, element, attempt, holder, time.time()]
         )
         return bool(handed)
+
+    def is_stale(self, build_id: str, element: str, *, attempt: int, stage: str) -> bool:
+        """Whether a message of ``stage`` for ``attempt`` is stale (an older
+        attempt, an earlier stage, a finished element, a stopped or expired
+        build): once stale, always stale."""
+        return bool(self._stale(keys=[self.keys.prefix], args=[build_id, element, attempt, stage]))
 
     def start_stage(
         self,

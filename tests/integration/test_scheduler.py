@@ -22,9 +22,11 @@ from pipeline.broker import (
     MAX_ATTEMPTS,
     RECONCILE_LOCK,
     STAGE_PRIORITY,
+    drop_stale_unacked,
     make_celery,
     reconcile,
     send_element,
+    stage_payload,
 )
 from pipeline.config import RemexConfig
 from pipeline.scheduler import (
@@ -576,6 +578,32 @@ def test_reconcile_resends_stalled_elements_then_gives_up(
     assert states(scheduler, build) == {"a": "failed", "b": "skipped"}
     assert f"sent {MAX_ATTEMPTS} times" in scheduler.info(build, "a")["error"]
     assert scheduler.status(build).status == "failed"
+
+
+def test_reconcile_drops_stale_unacknowledged_messages(
+    scheduler: Scheduler, celery_app: Celery
+) -> None:
+    # Given two messages of element a left in kombu's unacked hash by a worker
+    # that lost its connection: one of attempt 1, one of the current attempt 2
+    build, _ = create(scheduler, {"a": []})
+    send_element(celery_app, scheduler, build, "a")
+    old = queued_messages(scheduler)[0]
+    send_element(celery_app, scheduler, build, "a")
+    current = queued_messages(scheduler)[1]
+    for tag, message in (("1", old), ("2", current)):
+        scheduler.redis.hset("unacked", tag, json.dumps([message, "", DEFAULT_QUEUE]))
+        scheduler.redis.zadd("unacked_index", {tag: time.time()})
+    found = stage_payload(str(scheduler.redis.hget("unacked", "1")))
+    assert found is not None and found[1]["attempt"] == 1
+    # When the reconciler passes, the stale one is dropped, the current one kept
+    reconcile(celery_app, scheduler, lock_seconds=0.001)
+    assert sorted(scheduler.redis.hkeys("unacked")) == ["2"]
+    assert scheduler.redis.zrange("unacked_index", 0, -1) == ["2"]
+    # And once the element is built, the other one too
+    scheduler.finish(build, "a", "built", {})
+    scheduler.redis.delete(RECONCILE_LOCK)
+    assert drop_stale_unacked(scheduler) == 1
+    assert scheduler.redis.hlen("unacked") == 0
 
 
 def test_only_one_reconciler_passes_at_a_time(scheduler: Scheduler, celery_app: Celery) -> None:

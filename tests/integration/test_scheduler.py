@@ -446,6 +446,25 @@ def test_a_message_in_no_queue_and_held_by_no_one_is_sent_again(scheduler: Sched
     assert scheduler.stalled(build, later, queued_task_ids=set) == []
 
 
+def test_a_lost_claim_owner_is_sent_again_and_keeps_its_claim(scheduler: Scheduler) -> None:
+    # Given build 1 building lib (its message taken by a worker that then
+    # died), and build 2 waiting on it
+    first, _ = create(scheduler, {"lib": []})
+    second, _ = create(scheduler, {"lib": []})
+    send(scheduler, first, "lib")
+    assert scheduler.take(first, "lib", attempt=1, stage="stage_to_cas", holder="dead/1/x#e1")
+    assert send(scheduler, second, "lib") == 0  # waits on the first
+    # Then the owner is lost and is sent again, the waiter is not
+    assert [e for e, _ in scheduler.stalled(first)] == ["lib"]
+    assert scheduler.stalled(second) == []
+    # And sending it again keeps build 1's claim (build 2 still waits on it)
+    assert send(scheduler, first, "lib") == 2
+    assert scheduler.info(second, "lib")["waiting_on"] == f"{first}\tlib"
+    # And when it is built, both are
+    scheduler.finish(first, "lib", "built", {})
+    assert scheduler.state(second, "lib") == "built"
+
+
 def test_stale_copies_are_not_taken_or_started(scheduler: Scheduler) -> None:
     build, _ = create(scheduler, {"a": []})
     send(scheduler, build, "a")

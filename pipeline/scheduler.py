@@ -127,6 +127,8 @@ DELIVERY_TTL_SECONDS = 24 * 3600
 # How long a Redis command retries a refused or broken connection (a Redis
 # restart takes seconds; a Redis that stays down is an error after this).
 RECONNECT_SECONDS = 30.0
+# Why an element with no holder and no message is sent again.
+NO_HOLDER = "its message is in no queue a live worker consumes, and no worker holds it"
 RECONNECT_BACKOFF_CAP = 2.0
 RECONNECT_BACKOFF_BASE = 0.1
 
@@ -721,7 +723,7 @@ class Scheduler:
                     # Taken meanwhile (the queue was read after the info)?
                     if self._holder(build_id, element):
                         continue
-                    out.append((element, "its message is in no queue and no worker holds it"))
+                    out.append((element, NO_HOLDER))
         return out
 
     def _holder(self, build_id: str, element: str) -> str:

@@ -57,6 +57,7 @@ class WorkerRuntime:
     def new_epoch(self) -> None:
         """The consumer (re)connected: older holds end (see :meth:`Scheduler.holder_alive`)."""
         self.epoch = uuid.uuid4().hex[:8]
+        log.info("connected to the broker: epoch %s", self.epoch)
         try:
             self.scheduler.worker_alive(self.instance, self.epoch)
         except Exception as exc:  # the liveness loop writes it again

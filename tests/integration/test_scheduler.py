@@ -439,7 +439,7 @@ def test_a_message_in_no_queue_and_held_by_no_one_is_sent_again(scheduler: Sched
     assert scheduler.stalled(build, later, queued_task_ids=lambda: {"a-task"}) == []
     # But after the timeout with the message in no queue (the publish was refused), it is
     assert scheduler.stalled(build, later, queued_task_ids=set) == [
-        ("a", "its message is in no queue and no worker holds it")
+        ("a", "its message is in no queue a live worker consumes, and no worker holds it")
     ]
     # And once a worker takes the next message, it is held again
     assert scheduler.take(build, "a", attempt=1, stage="upload", holder="w1/1/x#e1")

@@ -13,9 +13,13 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import kombu.exceptions
+import redis
+from kombu.utils.url import maybe_sanitize_url
 
 from pipeline import __version__
 from pipeline.cas import LocalCas
@@ -24,14 +28,40 @@ from pipeline.elements import load_project
 from pipeline.elements.element import Element
 from pipeline.elements.errors import LoadError
 from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
-from pipeline.errors import RemexError
+from pipeline.errors import BrokerUnavailableError, RemexError
 from pipeline.scheduler import BuildStatus, Scheduler
 from pipeline.spec import BuildSpec
 from pipeline.stages import StageContext, lookup_artifact, snapshot_sources
 
+RECONNECT_SECONDS = 15.0
+"""How long one command of the API retries a Redis that cannot be reached."""
+
+WAIT_RECONNECT_SECONDS = 120.0
+"""How long :func:`wait` keeps following a build while Redis cannot be
+reached (a restart is a pause), before it gives up."""
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+)
+"""What the Redis and Celery clients raise once their own retries gave up."""
+
 
 def _config(project_dir: Path | None, config: RemexConfig | None) -> RemexConfig:
     return config if config is not None else load_config(project_dir)
+
+
+@contextlib.contextmanager
+def broker_errors(url: str) -> Iterator[None]:
+    """Turn a Redis that stayed unreachable (the clients retried with backoff)
+    into one :class:`BrokerUnavailableError` naming it (without its password)."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise BrokerUnavailableError(
+            f"cannot reach Redis at {maybe_sanitize_url(url)}: {exc}"
+        ) from exc
 
 
 def open_context(config: RemexConfig, *, correlated_id: str = "") -> StageContext:
@@ -195,7 +225,20 @@ def submit(
                 else:
                     snapshot_sources(ctx, digests)
                 specs.append(spec)
-    scheduler = Scheduler.from_url(config.require_broker())
+    with broker_errors(config.require_broker()):
+        return _enqueue(config, project_dir, targets, elements, specs, cached, options)
+
+
+def _enqueue(
+    config: RemexConfig,
+    project_dir: Path,
+    targets: Sequence[str],
+    elements: list[Element],
+    specs: list[BuildSpec],
+    cached: list[str],
+    options: Mapping[str, str] | None,
+) -> str:
+    scheduler = Scheduler.from_url(config.require_broker(), reconnect_seconds=RECONNECT_SECONDS)
     names = {e.name for e in elements}
     # An element waits for everything staged into its build: its build
     # dependencies and their runtime closure.
@@ -227,8 +270,11 @@ def status(build_id: str, *, config: RemexConfig | None = None) -> BuildStatus:
 
     Raises:
         KeyError: no such build (or it expired).
+        BrokerUnavailableError: Redis stayed unreachable (retried with backoff).
     """
-    return Scheduler.from_url(_config(None, config).require_broker()).status(build_id)
+    url = _config(None, config).require_broker()
+    with broker_errors(url):
+        return Scheduler.from_url(url, reconnect_seconds=RECONNECT_SECONDS).status(build_id)
 
 
 def wait(
@@ -241,16 +287,30 @@ def wait(
 ) -> BuildStatus:
     """Follow a build until it is done; return its final status.
 
+    A Redis restart is a pause: while Redis cannot be reached the build is
+    followed again with backoff, for up to ``WAIT_RECONNECT_SECONDS``.
+
     Args:
         on_update: called with each status read (for a progress display).
 
     Raises:
         TimeoutError: ``timeout`` seconds passed first.
+        BrokerUnavailableError: Redis stayed unreachable that long.
     """
-    scheduler = Scheduler.from_url(_config(None, config).require_broker())
+    url = _config(None, config).require_broker()
+    scheduler = Scheduler.from_url(url, reconnect_seconds=RECONNECT_SECONDS)
     deadline = None if timeout is None else time.monotonic() + timeout
+    reached = time.monotonic()
     while True:
-        current = scheduler.status(build_id)
+        try:
+            current = scheduler.status(build_id)
+        except CONNECTION_ERRORS:
+            if time.monotonic() - reached > WAIT_RECONNECT_SECONDS:
+                with broker_errors(url):
+                    raise
+            time.sleep(poll)  # (the client itself waited with backoff first)
+            continue
+        reached = time.monotonic()
         if on_update is not None:
             on_update(current)
         if current.done:
@@ -270,15 +330,16 @@ def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:
         KeyError: no such build (or it expired).
     """
     config = _config(None, config)
-    scheduler = Scheduler.from_url(config.require_broker())
-    stopped, released = scheduler.cancel(build_id)
-    from pipeline.broker import make_celery, send_ready
+    with broker_errors(config.require_broker()):
+        scheduler = Scheduler.from_url(config.require_broker(), reconnect_seconds=RECONNECT_SECONDS)
+        stopped, released = scheduler.cancel(build_id)
+        from pipeline.broker import make_celery, send_ready
 
-    app = make_celery(config)
-    send_ready(app, scheduler, released)
-    task_ids = [t for info in stopped for t in info.get("task_ids", []) if t]
-    if task_ids:
-        app.control.revoke(task_ids)
+        app = make_celery(config)
+        send_ready(app, scheduler, released)
+        task_ids = [t for info in stopped for t in info.get("task_ids", []) if t]
+        if task_ids:
+            app.control.revoke(task_ids)
     operations = [info["operation"] for info in stopped if info.get("operation")]
     if operations:
         with open_context(config, correlated_id=build_id) as ctx:

@@ -7,11 +7,17 @@ sends them with a Celery app configured here, which the worker's app
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
+import kombu.exceptions
+import redis
 from celery import Celery, chain, uuid
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
 from pipeline.config import RemexConfig
 from pipeline.scheduler import DEFAULT_KEYS, ElementState, Scheduler
@@ -39,6 +45,26 @@ STAGE_PRIORITY = {
 # re-sent by the reconciler long before, and the late copy finds itself stale.
 VISIBILITY_TIMEOUT = 6 * 3600
 RESULT_EXPIRES = 7 * 24 * 3600
+# A publish refused (Redis restarting) is retried for about this long
+# (0, 0.5, 1, 1.5, 2, 2 ... s), by clients and by a worker publishing a
+# chain's next stage alike; after that the element is left ``queued`` with no
+# message and no holder, and the reconciler sends it again.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 18,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 2.0,
+}
+# kombu's Redis transport keeps one list per priority step: the queue's own
+# name for priority 0, ``name + SEP + str(priority)`` for the others.
+PRIORITY_SEP = "\x06\x16"
+# What a refused publish raises (kombu wraps most; redis-py's may escape).
+PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
+    kombu.exceptions.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+)
 RECONCILE_LOCK = DEFAULT_KEYS.reconciler
 MAX_ATTEMPTS = DEFAULT_POLICY.max_sends
 """An element whose chain was sent this many times (its workers kept dying)
@@ -55,6 +81,49 @@ def host_queue(worker_name: str) -> str:
     return f"{DEFAULT_QUEUE}.host.{worker_name}"
 
 
+class _RedisQoS(kombu_redis.QoS):  # type: ignore[misc]
+    # See RedisTransport.
+    def ack(self, delivery_tag: Any) -> None:
+        if self.channel.closed:
+            # Only forget it here: its channel (and delivery tag) is gone.
+            kombu_virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if self.channel.closed:
+            kombu_virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+
+
+class _RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
+    # See RedisTransport.
+    do_restore = False
+    QoS = _RedisQoS
+
+
+class RedisTransport(kombu_redis.Transport):  # type: ignore[misc]
+    """kombu's Redis transport, except that a closing channel does not put
+    the messages it had taken back into their queues, and acknowledging a
+    message of a closed channel only forgets it.
+
+    kombu 5.7 does both on a channel whose connection Redis dropped, with the
+    transport already released: they raise AttributeError and Celery stops
+    the worker ("Unrecoverable error"), so a Redis restart killed every
+    worker. Neither is needed: the scheduler records who holds each message,
+    and a holder that stops or loses its connection is gone, so the
+    reconciler sends its elements again; the entries left in ``unacked``
+    come back after the visibility timeout as stale copies, and are dropped.
+    """
+
+    Channel = _RedisChannel
+
+
+TRANSPORT = f"{__name__}:RedisTransport"
+"""The kombu transport of ``redis://`` and ``rediss://`` brokers."""
+
+
 def celery_settings(config: RemexConfig) -> dict[str, Any]:
     """The Celery settings remex runs with (worker and client alike).
 
@@ -66,8 +135,11 @@ def celery_settings(config: RemexConfig) -> dict[str, Any]:
         # One Redis list per priority, served in this order.
         "priority_steps": sorted(set(STAGE_PRIORITY.values())),
     }
+    broker_url = config.require_broker()
+    redis_broker = broker_url.partition("://")[0] in ("redis", "rediss")
     return {
-        "broker_url": config.require_broker(),
+        "broker_url": broker_url,
+        **({"broker_transport": TRANSPORT} if redis_broker else {}),
         "result_backend": config.backend_url,
         # JSON only: a pickle payload from the broker could run code.
         "task_serializer": "json",
@@ -84,6 +156,14 @@ def celery_settings(config: RemexConfig) -> dict[str, Any]:
         "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
         "visibility_timeout": VISIBILITY_TIMEOUT,
         "broker_connection_retry_on_startup": True,
+        # A Redis restart is a pause: publishes and result writes retry
+        # (bounded) instead of failing the task or losing the next stage.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": dict(PUBLISH_RETRY_POLICY),
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         # Events for Flower.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -110,8 +190,10 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     """Send an element's five-stage chain, unless another build is already
     building the same artifact (then this element waits on it).
 
-    Returns "sent", "waiting", or "not sent" (the element finished or its
-    build was cancelled meanwhile).
+    Returns "sent", "waiting", "not sent" (the element finished or its
+    build was cancelled meanwhile) or "refused" (the broker refused the
+    message after retrying: the element stays ``queued`` with no message and
+    no holder, and the reconciler sends it again once Redis is back).
     """
     spec = scheduler.spec(build_id, element)
     owner = scheduler.claim(build_id, element, spec["artifact_uri"])
@@ -133,7 +215,13 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     ]
     for stage, signature, task_id in zip(STAGES, signatures, task_ids, strict=True):
         signature.set(task_id=task_id, argsrepr=label, priority=STAGE_PRIORITY[stage])
-    chain(*signatures).apply_async()
+    try:
+        chain(*signatures).apply_async()
+    except PUBLISH_ERRORS as exc:
+        log.warning(
+            "could not send %s of build %s (the reconciler will): %s", element, build_id, exc
+        )
+        return "refused"
     return "sent"
 
 
@@ -143,9 +231,94 @@ def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) 
         send_element(app, scheduler, build_id, element)
 
 
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps ``queue``'s messages in (one per priority step)."""
+    return [
+        queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}"
+        for priority in sorted(set(STAGE_PRIORITY.values()))
+    ]
+
+
+def queued_task_ids(scheduler: Scheduler) -> set[str]:
+    """The task ids of the messages waiting in a queue some live worker consumes:
+    the default queue and the host queues of the workers whose liveness key
+    exists (a message in a dead worker's own queue is as good as lost)."""
+    # An instance is NAME/PID/RANDOM.
+    names = {instance.rsplit("/", 2)[0] for instance in scheduler.live_workers()}
+    lists = queue_lists(DEFAULT_QUEUE)
+    for name in sorted(names):
+        lists += queue_lists(host_queue(name))
+    pipe = scheduler.redis.pipeline()
+    for key in lists:
+        pipe.lrange(key, 0, -1)
+    ids: set[str] = set()
+    for messages in pipe.execute():
+        for raw in messages:
+            try:
+                ids.add(str(json.loads(raw)["headers"]["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # not a task message of ours
+    return ids
+
+
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+"""kombu's Redis transport: the messages taken and not acknowledged (delivery
+tag -> ``[message, exchange, routing key]``), and their delivery times."""
+
+
+def stage_payload(raw: str) -> tuple[str, dict[str, Any]] | None:
+    """The stage and payload of a task message as kombu stores it in
+    ``unacked`` (None: not a stage task message of remex)."""
+    try:
+        message = json.loads(raw)[0]
+        stage = str(message["headers"]["task"]).removeprefix("remex.")
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    payload = args[0] if isinstance(args, list) and args else None
+    if stage not in STAGES or not isinstance(payload, dict) or "attempt" not in payload:
+        return None
+    return stage, payload
+
+
+def drop_stale_unacked(scheduler: Scheduler) -> int:
+    """Delete the ``unacked`` entries of stale stage messages; return how many.
+
+    A worker that lost its connection (a Redis restart) or died leaves the
+    messages it had taken there; kombu would hand them out again only after
+    the visibility timeout (6 h), as stale copies. Their elements were sent
+    again already (see :func:`reconcile`), so they are dropped now instead.
+    A current message (its stage running, or taken) is never touched.
+    """
+    dropped = 0
+    entries = cast(dict[str, str], scheduler.redis.hgetall(UNACKED))
+    for tag, raw in entries.items():
+        found = stage_payload(raw)
+        if found is None:
+            continue
+        stage, payload = found
+        if scheduler.is_stale(
+            str(payload.get("build")),
+            str(payload.get("element")),
+            attempt=int(payload["attempt"]),
+            stage=stage,
+        ):
+            pipe = scheduler.redis.pipeline()
+            pipe.hdel(UNACKED, tag)
+            pipe.zrem(UNACKED_INDEX, tag)
+            pipe.execute()
+            dropped += 1
+    return dropped
+
+
 def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -> int:
-    """Re-send elements that are ready but were never sent, running ones whose
-    worker died, and those waiting on another build's element that stopped.
+    """Re-send elements that are ready but were never sent, lost ones (their
+    holder is gone, or their message is in no queue), and those waiting on
+    another build's element that stopped; drop stale unacknowledged messages.
     At most one pass per ``lock_seconds`` across all workers (a Redis lock).
     An element sent ``MAX_ATTEMPTS`` times fails instead. Returns how many
     elements were re-sent."""
@@ -153,8 +326,17 @@ def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -
         return 0
     resent = 0
     now = time.time()
+    in_queues: set[str] | None = None
+
+    def queued() -> set[str]:
+        # Read once per pass, and only when an element needs it.
+        nonlocal in_queues
+        if in_queues is None:
+            in_queues = queued_task_ids(scheduler)
+        return in_queues
+
     for build_id in scheduler.active_builds():
-        for element, reason in scheduler.stalled(build_id, now):
+        for element, reason in scheduler.stalled(build_id, now, queued_task_ids=queued):
             attempts = int(scheduler.info(build_id, element).get("attempt", 0))
             if attempts >= MAX_ATTEMPTS:
                 log.error(
@@ -172,4 +354,7 @@ def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -
             scheduler.note(build_id, element, {"resent_because": reason})
             if send_element(app, scheduler, build_id, element) == "sent":
                 resent += 1
+    dropped = drop_stale_unacked(scheduler)
+    if dropped:
+        log.info("dropped %d stale unacknowledged message(s)", dropped)
     return resent

@@ -113,5 +113,12 @@ class UnsafePathError(LocalCasError):
     or a checkout would write through a symlink."""
 
 
+class BrokerUnavailableError(RemexError):
+    """Redis (the broker and the scheduler's state) could not be reached, after
+    retrying with backoff for a bounded time."""
+
+    transient = True
+
+
 class ConfigError(RemexError):
     """Bad configuration or input given by the user."""

@@ -22,13 +22,30 @@ reconciler finds the element ``ready`` and sends it. Work is O(V+E) and no
 task waits on another.
 
 Liveness: a worker keeps a key ``remex:worker:<instance>`` alive while it
-runs (:meth:`Scheduler.worker_alive`), and a stage keeps its element's
-heartbeat fresh. Once a chain has started on a worker, its next message is
-always in that worker's own queue or held by it (data locality), so a
-``running`` element whose heartbeat expired is only lost when its worker is
-gone: :meth:`Scheduler.stalled` then returns it, and the reconciler sends it
-again. (A ``running`` element that waits in a live worker's busy queue is not
-re-sent; after ``LOST_AFTER_HEARTBEATS`` heartbeat periods it is anyway.)
+runs (:meth:`Scheduler.worker_alive`); its value is the worker's *epoch*,
+new each time its consumer (re)connects to the broker. A stage keeps its
+element's heartbeat fresh.
+
+Holders: whoever has the element's current message. A worker that receives
+a stage message (prefetched, delayed or about to run) takes it
+(:meth:`Scheduler.take`: ``holder = instance#epoch``; a stale copy is not
+taken), a stage that starts takes it too, and a stage that ends hands the
+element on (:meth:`Scheduler.hand_on`: no holder) just before its next
+message (the chain's next stage, or its own re-queue) is published. An
+element no stage is running (no fresh heartbeat) is lost, and
+:meth:`Scheduler.stalled` returns it for the reconciler to send again, when
+
+* its holder is gone: the liveness key expired, or holds a newer epoch
+  (Celery drops what it took but had not started when its connection
+  breaks, and Redis re-delivers it only after the visibility timeout); or
+* it has had no holder for a heartbeat timeout and its message is in no
+  queue a live worker consumes (a publish refused while Redis was down, a
+  message Redis handed to a worker that died before reading it).
+
+(A ``running`` element whose live holder sends no heartbeat for
+``LOST_AFTER_HEARTBEATS`` heartbeat periods is re-sent anyway.) Within an
+attempt a chain only moves forward, so a copy of an earlier stage's message
+is stale like one of an older attempt.
 
 Two builds needing the same artifact (same element, same cache key: the same
 artifact URI) build it once: the first to claim the URI builds it, the others
@@ -53,13 +70,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
 from typing import Any, cast
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from pipeline.spec import BuildSpec
 
@@ -105,6 +124,13 @@ LOST_AFTER_HEARTBEATS = 10
 READY_GRACE = 10.0
 # How long a task delivery's counter is kept (longer than any redelivery).
 DELIVERY_TTL_SECONDS = 24 * 3600
+# How long a Redis command retries a refused or broken connection (a Redis
+# restart takes seconds; a Redis that stays down is an error after this).
+RECONNECT_SECONDS = 30.0
+# Why an element with no holder and no message is sent again.
+NO_HOLDER = "its message is in no queue a live worker consumes, and no worker holds it"
+RECONNECT_BACKOFF_CAP = 2.0
+RECONNECT_BACKOFF_BASE = 0.1
 
 
 @dataclass(frozen=True)
@@ -167,8 +193,51 @@ def load_script(name: str) -> str:
     return (folder / "prelude.lua").read_text() + (folder / f"{name}.lua").read_text()
 
 
-SCRIPTS = ("finish", "claim", "queue", "wait_on", "start", "note", "cancel", "status")
+SCRIPTS = (
+    "finish",
+    "claim",
+    "queue",
+    "wait_on",
+    "take",
+    "start",
+    "hand_on",
+    "stale",
+    "note",
+    "cancel",
+    "status",
+)
 """The scripts of the moves (``pipeline/lua/NAME.lua``)."""
+
+
+def reconnect_retries(seconds: float) -> int:
+    """How many retries of the backoff (0.1 s doubling, capped at 2 s) fill ``seconds``."""
+    total, delay, retries = 0.0, RECONNECT_BACKOFF_BASE, 0
+    while total < seconds:
+        total += min(delay, RECONNECT_BACKOFF_CAP)
+        delay *= 2
+        retries += 1
+    return retries
+
+
+def redis_client(url: str, *, reconnect_seconds: float = RECONNECT_SECONDS) -> redis.Redis:
+    """A redis-py client (``decode_responses``) that retries a refused or broken
+    connection with bounded exponential backoff instead of failing at once."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        retry=Retry(
+            ExponentialBackoff(cap=RECONNECT_BACKOFF_CAP, base=RECONNECT_BACKOFF_BASE),
+            reconnect_retries(reconnect_seconds),
+        ),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )
+
+
+def split_holder(holder: str) -> tuple[str, str]:
+    """A holder ``instance#epoch`` as (worker instance, consumer epoch)."""
+    instance, _, epoch = holder.rpartition("#")
+    return instance, epoch
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -232,18 +301,31 @@ class Scheduler:
         self._claim = scripts["claim"]
         self._queue = scripts["queue"]
         self._wait_on = scripts["wait_on"]
+        self._take = scripts["take"]
         self._start = scripts["start"]
+        self._hand_on = scripts["hand_on"]
+        self._stale = scripts["stale"]
         self._note = scripts["note"]
         self._cancel = scripts["cancel"]
         self._status = scripts["status"]
 
     @classmethod
     def from_url(
-        cls, url: str, *, heartbeat_timeout: float = HEARTBEAT_TIMEOUT, prefix: str = DEFAULT_PREFIX
+        cls,
+        url: str,
+        *,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        prefix: str = DEFAULT_PREFIX,
+        reconnect_seconds: float = RECONNECT_SECONDS,
     ) -> Scheduler:
-        """A scheduler on the Redis at ``url``."""
+        """A scheduler on the Redis at ``url``.
+
+        Every command retries a refused or broken connection with backoff for
+        about ``reconnect_seconds`` (a Redis restart is a pause), then raises
+        :class:`redis.exceptions.ConnectionError`.
+        """
         return cls(
-            redis.Redis.from_url(url, decode_responses=True),
+            redis_client(url, reconnect_seconds=reconnect_seconds),
             heartbeat_timeout=heartbeat_timeout,
             prefix=prefix,
         )
@@ -395,12 +477,47 @@ class Scheduler:
         """The element waits on ``owner`` (``build\\telement``) building the same artifact."""
         return bool(self._wait_on(keys=[self.keys.prefix], args=[build_id, element, owner]))
 
+    def take(self, build_id: str, element: str, *, attempt: int, stage: str, holder: str) -> bool:
+        """A worker received the element's stage message (it may start it later);
+        ``holder`` (``instance#epoch``) holds it now. False when the message is
+        stale (an older attempt, an earlier stage, a finished element, a stopped
+        build): it will be dropped when it starts."""
+        taken = self._take(
+            keys=[self.keys.prefix],
+            args=[build_id, element, attempt, stage, holder, time.time()],
+        )
+        return bool(taken)
+
+    def hand_on(self, build_id: str, element: str, *, attempt: int, holder: str) -> bool:
+        """A stage of ``holder`` ended and the element's next message is about to
+        be sent (the chain's next stage, or a re-queue): no one holds it until a
+        worker takes that message. False when ``holder`` no longer held it."""
+        handed = self._hand_on(
+            keys=[self.keys.prefix], args=[build_id, element, attempt, holder, time.time()]
+        )
+        return bool(handed)
+
+    def is_stale(self, build_id: str, element: str, *, attempt: int, stage: str) -> bool:
+        """Whether a message of ``stage`` for ``attempt`` is stale (an older
+        attempt, an earlier stage, a finished element, a stopped or expired
+        build): once stale, always stale."""
+        return bool(self._stale(keys=[self.keys.prefix], args=[build_id, element, attempt, stage]))
+
     def start_stage(
-        self, build_id: str, element: str, *, attempt: int, stage: str, host: str, worker: str = ""
+        self,
+        build_id: str,
+        element: str,
+        *,
+        attempt: int,
+        stage: str,
+        host: str,
+        worker: str = "",
+        holder: str = "",
     ) -> bool:
         """A stage task begins; False when the task is stale (an older attempt,
-        a finished element, a cancelled build). ``worker`` is the worker
-        process's instance (see :meth:`worker_alive`)."""
+        an earlier stage of this attempt, a finished element, a cancelled
+        build). ``worker`` is the worker process's instance (see
+        :meth:`worker_alive`), ``holder`` its ``instance#epoch``."""
         now = time.time()
         started = self._start(
             keys=[self.keys.prefix],
@@ -413,6 +530,7 @@ class Scheduler:
                 worker,
                 now,
                 now + self.heartbeat_timeout,
+                holder,
             ],
         )
         return bool(started)
@@ -425,9 +543,24 @@ class Scheduler:
             xx=True,
         )
 
-    def worker_alive(self, instance: str) -> None:
-        """Worker process ``instance`` is alive (for ``heartbeat_timeout`` seconds)."""
-        self.redis.set(self.keys.worker(instance), "1", px=int(self.heartbeat_timeout * 1000))
+    def worker_alive(self, instance: str, epoch: str = "1") -> None:
+        """Worker process ``instance`` is alive (for ``heartbeat_timeout`` seconds),
+        connected to the broker since ``epoch`` (see :meth:`holder_alive`)."""
+        self.redis.set(self.keys.worker(instance), epoch, px=int(self.heartbeat_timeout * 1000))
+
+    def live_workers(self) -> list[str]:
+        """The instances (``NAME/PID/RANDOM``) of the worker processes alive now."""
+        start = len(self.keys.worker(""))
+        return [str(key)[start:] for key in self.redis.scan_iter(self.keys.worker("*"), count=1000)]
+
+    def holder_alive(self, holder: str) -> bool:
+        """Whether ``holder`` (``instance#epoch``) still holds what it took: its
+        worker is alive and has kept its broker connection since. A worker
+        whose connection broke drops the messages it had taken but not
+        started (Celery forgets them; the broker re-delivers them only after
+        the visibility timeout), so a new epoch ends the old holds."""
+        instance, epoch = split_holder(holder)
+        return bool(instance) and self.redis.get(self.keys.worker(instance)) == epoch
 
     def worker_gone(self, instance: str) -> None:
         """Worker process ``instance`` stops (its elements may be re-sent at once)."""
@@ -500,10 +633,24 @@ class Scheduler:
 
     # --- reconciling -----------------------------------------------------------
 
-    def stalled(self, build_id: str, now: float | None = None) -> list[tuple[str, str]]:
+    def stalled(
+        self,
+        build_id: str,
+        now: float | None = None,
+        *,
+        queued_task_ids: Callable[[], set[str]] | None = None,
+    ) -> list[tuple[str, str]]:
         """Elements to send again, as (element, reason) pairs:
 
         * ``ready`` for longer than READY_GRACE (their sender died);
+        * ``queued`` or ``running`` (no stage running: no fresh heartbeat) and
+          taken by a holder that is gone: its worker died, or lost its broker
+          connection and so dropped what it had taken but not started;
+        * ``queued`` or ``running`` with no holder for longer than the
+          heartbeat timeout, whose message is in no queue a live worker
+          consumes (a send or a chain's hand-on was refused while Redis was
+          down): ``queued_task_ids`` returns the task ids of every such
+          message (None: none are);
         * ``running`` with an expired heartbeat whose worker is gone (or, after
           LOST_AFTER_HEARTBEATS timeouts, whatever the reason);
         * ``queued`` waiting on another build's element that stopped without
@@ -512,15 +659,15 @@ class Scheduler:
         now = time.time() if now is None else now
         pipe = self.redis.pipeline()
         pipe.hgetall(self.keys.build(build_id, "state"))
-        pipe.zrangebyscore(self.keys.build(build_id, "heartbeat"), 0, now, withscores=True)
-        states, expired_pairs = pipe.execute()
+        pipe.zrange(self.keys.build(build_id, "heartbeat"), 0, -1, withscores=True)
+        states, heartbeat_pairs = pipe.execute()
         states = cast(dict[str, str], states)
-        expired = {str(e): float(deadline) for e, deadline in expired_pairs}
+        deadlines = {str(e): float(deadline) for e, deadline in heartbeat_pairs}
         candidates = [
             e
             for e, s in states.items()
             if s in (ElementState.READY, ElementState.QUEUED)
-            or (s == ElementState.RUNNING and e in expired)
+            or (s == ElementState.RUNNING and deadlines.get(e, 0.0) <= now)
         ]
         if not candidates:
             return []
@@ -528,6 +675,7 @@ class Scheduler:
             list["str | None"], self.redis.hmget(self.keys.build(build_id, "info"), candidates)
         )
         infos = dict(zip(candidates, raw_infos, strict=True))
+        in_queues: set[str] | None = None
         out: list[tuple[str, str]] = []
         for element in candidates:
             state = states[element]
@@ -536,16 +684,8 @@ class Scheduler:
                 since = float(info.get("ready_at") or info.get("queued_at") or 0)
                 if now - since > READY_GRACE:
                     out.append((element, "ready but never sent"))
-            elif state == ElementState.RUNNING:
-                silent = now - expired[element] + self.heartbeat_timeout
-                worker = str(info.get("worker") or "")
-                if not worker or not self.redis.exists(self.keys.worker(worker)):
-                    out.append(
-                        (element, f"heartbeat expired and worker {info.get('host', '?')} is gone")
-                    )
-                elif silent > LOST_AFTER_HEARTBEATS * self.heartbeat_timeout:
-                    out.append((element, f"no heartbeat for {silent:.0f} s"))
-            elif info.get("waiting_on"):
+                continue
+            if info.get("waiting_on"):
                 owner = str(info["waiting_on"])
                 b, _, e = owner.partition("\t")
                 if self.state(b, e) not in (
@@ -554,7 +694,40 @@ class Scheduler:
                     ElementState.RUNNING,
                 ):
                     out.append((element, f"the build it waited on ({b}) stopped"))
+                continue
+            deadline = deadlines.get(element)
+            silent = (now - deadline + self.heartbeat_timeout) if deadline else 0.0
+            holder = str(info.get("holder") or "")
+            worker = str(info.get("worker") or "")
+            if holder:
+                if not self.holder_alive(holder):
+                    instance, _ = split_holder(holder)
+                    out.append((element, f"worker {instance}, which had taken it, is gone"))
+                elif silent > LOST_AFTER_HEARTBEATS * self.heartbeat_timeout:
+                    out.append((element, f"no heartbeat for {silent:.0f} s"))
+            elif state == ElementState.RUNNING and worker:
+                # Started without a holder (a worker of an older remex).
+                if not self.redis.exists(self.keys.worker(worker)):
+                    out.append(
+                        (element, f"heartbeat expired and worker {info.get('host', '?')} is gone")
+                    )
+                elif silent > LOST_AFTER_HEARTBEATS * self.heartbeat_timeout:
+                    out.append((element, f"no heartbeat for {silent:.0f} s"))
+            else:
+                since = max(float(info.get("queued_at") or 0), float(info.get("handed_at") or 0))
+                if now - since <= self.heartbeat_timeout:
+                    continue
+                if in_queues is None:
+                    in_queues = queued_task_ids() if queued_task_ids is not None else set()
+                if in_queues.isdisjoint(str(t) for t in info.get("task_ids", [])):
+                    # Taken meanwhile (the queue was read after the info)?
+                    if self._holder(build_id, element):
+                        continue
+                    out.append((element, NO_HOLDER))
         return out
+
+    def _holder(self, build_id: str, element: str) -> str:
+        return str(self.info(build_id, element).get("holder") or "")
 
     # --- private -----------------------------------------------------------------
 

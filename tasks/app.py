@@ -9,20 +9,23 @@ configuration of the current folder and environment.
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 import threading
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 
-from pipeline.broker import make_celery
+from pipeline.broker import STAGES, make_celery
 from pipeline.config import RemexConfig, load_config
 from tasks.flower import protect_metrics
 from tasks.runtime import BackgroundLoops, RuntimeHolder, WorkerRuntime
 from tasks.stages import register_stage_tasks
 
 __all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
 
 
 def create_app(config: RemexConfig, *, worker_name: str | None = None) -> Celery:
@@ -53,9 +56,55 @@ def create_app(config: RemexConfig, *, worker_name: str | None = None) -> Celery
         if getattr(sender, "app", None) is app:
             loops.stop()
 
+    def on_received(sender: Any = None, request: Any = None, **_: object) -> None:
+        if getattr(sender, "app", None) is app and request is not None:
+            record_taken(holder, request)
+
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
+    signals.task_received.connect(on_received, weak=False)
+    app.steps["consumer"].add(BrokerEpoch)
     return app
+
+
+class BrokerEpoch(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Starts a new epoch each time the worker's consumer (re)connects to the
+    broker. On a lost connection Celery drops the messages it had taken but
+    not started (their delivery tags died with the channel); the new epoch
+    tells the reconciler that whatever the old one held is gone."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def start(self, c: Any) -> None:
+        holder: RuntimeHolder = c.app.remex_runtime
+        try:
+            holder.get().new_epoch()
+        except Exception as exc:  # never stop the consumer for it
+            log.warning("could not start a new broker epoch: %s", exc)
+
+
+def record_taken(holder: RuntimeHolder, request: Any) -> None:
+    """A stage message arrived (maybe prefetched, maybe with a countdown):
+    record this worker as its holder, so the reconciler knows whom to watch."""
+    stage = str(getattr(request, "name", "") or "").removeprefix("remex.")
+    if stage not in STAGES:
+        return
+    try:
+        args = request.args
+        payload = args[0] if args else None
+        if not isinstance(payload, dict) or "attempt" not in payload:
+            return
+        rt = holder.get()
+        if not rt.scheduler.take(
+            payload["build"],
+            payload["element"],
+            attempt=int(payload["attempt"]),
+            stage=stage,
+            holder=rt.holder,
+        ):
+            log.info("%s of %s (build %s) is stale", stage, payload["element"], payload["build"])
+    except Exception as exc:  # the reconciler copes without it
+        log.warning("could not record a received task: %s", exc)
 
 
 _default: Celery | None = None

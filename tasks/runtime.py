@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from pipeline.broker import reconcile
 from pipeline.cas import LocalCas
 from pipeline.config import RemexConfig
@@ -26,6 +28,10 @@ from pipeline.stages import StageContext
 log = logging.getLogger(__name__)
 
 __all__ = ["BackgroundLoops", "RuntimeHolder", "WorkerRuntime"]
+
+# A worker's Redis commands wait this long for a restarting Redis: a stage
+# that finished its work waits to record it rather than be run again.
+WORKER_RECONNECT_SECONDS = 60.0
 
 
 @dataclass
@@ -38,6 +44,24 @@ class WorkerRuntime:
     scheduler: Scheduler
     instance: str
     """This process, as its liveness key names it: ``NAME/PID/RANDOM``."""
+    epoch: str = ""
+    """This process's current broker connection (a new one on every reconnect):
+    the value of its liveness key. What it took under an older epoch, and did
+    not start, Celery has dropped."""
+
+    @property
+    def holder(self) -> str:
+        """Who holds the messages this process takes now: ``instance#epoch``."""
+        return f"{self.instance}#{self.epoch}"
+
+    def new_epoch(self) -> None:
+        """The consumer (re)connected: older holds end (see :meth:`Scheduler.holder_alive`)."""
+        self.epoch = uuid.uuid4().hex[:8]
+        log.info("connected to the broker: epoch %s", self.epoch)
+        try:
+            self.scheduler.worker_alive(self.instance, self.epoch)
+        except Exception as exc:  # the liveness loop writes it again
+            log.warning("could not record the new broker connection: %s", exc)
 
     @classmethod
     def connect(cls, config: RemexConfig, name: str) -> WorkerRuntime:
@@ -58,10 +82,12 @@ class WorkerRuntime:
             correlated_id=name,
         )
         scheduler = Scheduler.from_url(
-            config.require_broker(), heartbeat_timeout=config.heartbeat_timeout
+            config.require_broker(),
+            heartbeat_timeout=config.heartbeat_timeout,
+            reconnect_seconds=WORKER_RECONNECT_SECONDS,
         )
         instance = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-        return cls(config, name, context, scheduler, instance)
+        return cls(config, name, context, scheduler, instance, epoch=uuid.uuid4().hex[:8])
 
     @property
     def heartbeat_interval(self) -> float:
@@ -126,7 +152,7 @@ class BackgroundLoops:
 
     def _keep_alive(self) -> None:
         rt = self._holder.get()
-        rt.scheduler.worker_alive(rt.instance)
+        rt.scheduler.worker_alive(rt.instance, rt.epoch)
 
     def _reconcile(self) -> None:
         rt = self._holder.get()
@@ -137,7 +163,9 @@ def _every(interval: float, stop: threading.Event, what: str, fn: Callable[[], o
     while True:
         try:
             fn()
-        except Exception:  # a Redis hiccup must not kill the loop
+        except redis.exceptions.ConnectionError as exc:  # Redis restarting: a pause
+            log.warning("%s: Redis unreachable, trying again: %s", what, exc)
+        except Exception:  # a bug must not kill the loop either
             log.exception("%s failed", what)
         if stop.wait(interval):
             return

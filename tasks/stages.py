@@ -90,6 +90,7 @@ class StageTask(Task):  # type: ignore[misc]
             stage=self.stage,
             host=rt.name,
             worker=rt.instance,
+            holder=rt.holder,
         ):
             log.info("%s of %s (build %s) is stale; ignored", self.stage, element, build)
             raise Ignore()
@@ -102,7 +103,12 @@ class StageTask(Task):  # type: ignore[misc]
         return rt, rt.scheduler.spec(build, element)
 
     def run_stage(
-        self, payload: Payload, fn: StageFn, *, still_running: StillRunning | None = None
+        self,
+        payload: Payload,
+        fn: StageFn,
+        *,
+        still_running: StillRunning | None = None,
+        last: bool = False,
     ) -> Payload:
         """Run ``fn`` on the payload's state; on failure, do what the policy says.
 
@@ -112,8 +118,11 @@ class StageTask(Task):  # type: ignore[misc]
             still_running: called when ``fn`` returned with its remote
                 operation still running (see :func:`pipeline.stages.is_pending`);
                 the task then re-queues itself to follow it later.
+            last: the chain's last stage (nothing to hand the element on to:
+                the caller finishes it).
         """
         rt, spec = self.begin(payload)
+        holder = rt.holder
         state = cast(State, dict(payload["state"]))
         with heartbeat(rt, payload), pinned_stage(rt.context.local_cas, state):
             try:
@@ -123,15 +132,25 @@ class StageTask(Task):  # type: ignore[misc]
                     state.pop("reupload", None)
                 state = fn(rt.context, spec, state)
             except Exception as exc:
-                raise self.handle_failure(rt, payload, state, exc) from exc
+                raise self.handle_failure(rt, payload, state, exc, holder=holder) from exc
         state.pop("transient_failures", None)
         if still_running is not None and is_pending(state):
             still_running(rt, payload, state)
-            raise self.requeue(rt, payload, state, 0.0)
+            raise self.requeue(rt, payload, state, 0.0, holder=holder)
+        if not last:
+            self.hand_on(rt, payload, holder)
         return {**payload, "state": state}
 
+    def hand_on(self, rt: WorkerRuntime, payload: Payload, holder: str) -> None:
+        """The element's next message is about to be sent: this worker holds
+        it no more (whoever takes the next message does; if its publish is
+        refused, the reconciler finds it in no queue and sends it again)."""
+        rt.scheduler.hand_on(
+            payload["build"], payload["element"], attempt=payload["attempt"], holder=holder
+        )
+
     def handle_failure(
-        self, rt: WorkerRuntime, payload: Payload, state: State, exc: Exception
+        self, rt: WorkerRuntime, payload: Payload, state: State, exc: Exception, holder: str = ""
     ) -> Retry:
         """Act on the policy's verdict: fail the element (raises
         :class:`ElementFailed`) or return the re-queue to raise."""
@@ -165,7 +184,7 @@ class StageTask(Task):  # type: ignore[misc]
                 exc,
             )
             new["transient_failures"] = failures
-        return self.requeue(rt, payload, new, verdict.delay, exc)
+        return self.requeue(rt, payload, new, verdict.delay, exc, holder=holder or rt.holder)
 
     def requeue(
         self,
@@ -174,6 +193,8 @@ class StageTask(Task):  # type: ignore[misc]
         state: State,
         countdown: float,
         exc: Exception | None = None,
+        *,
+        holder: str = "",
     ) -> Retry:
         """Send this task again with ``state``, after ``countdown`` seconds.
 
@@ -181,6 +202,8 @@ class StageTask(Task):  # type: ignore[misc]
         worker its next message stays with it, so the element is only taken
         as lost when this worker is (see :mod:`pipeline.scheduler`).
         """
+        if holder:
+            self.hand_on(rt, payload, holder)
         return self.retry(
             args=[{**payload, "state": state}],
             kwargs={},
@@ -306,7 +329,7 @@ def fetch_outputs_task(self: StageTask, payload: Payload) -> Payload:
 
 def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
     """Stage 5: push the artifact; mark the element built; send what became ready."""
-    result = self.run_stage(payload, push_artifact)
+    result = self.run_stage(payload, push_artifact, last=True)
     rt = self.runtime()
     state = result["state"]
     info = {

@@ -38,3 +38,22 @@ local function update_build_status(b, now, ttl)
   redis.call('SREM', PREFIX .. ':active', b)
   expire_build(b, ttl)
 end
+-- The stages of a chain in order: within one attempt an element only moves
+-- forward, so a copy of an earlier stage's message is stale.
+local STAGE_ORDER = {stage_to_cas = 1, upload = 2, execute = 3, fetch_outputs = 4,
+                     push_artifact = 5}
+local function stage_before(stage, current)
+  if not stage or not current or current == cjson.null then return false end
+  return (STAGE_ORDER[stage] or 0) < (STAGE_ORDER[current] or 0)
+end
+-- The current message of this attempt, or a stale copy (an older attempt, an
+-- earlier stage, a finished element, a stopped build)?
+local function current_message(b, e, attempt, stage)
+  if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return nil end
+  local st = redis.call('HGET', bkey(b, 'state'), e)
+  if st ~= 'queued' and st ~= 'running' then return nil end
+  local info = get_info(b, e)
+  if (tonumber(info['attempt']) or 0) ~= attempt or info['waiting_on'] then return nil end
+  if stage_before(stage, info['stage']) then return nil end
+  return info
+end

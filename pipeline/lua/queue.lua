@@ -13,6 +13,9 @@ info['task_ids'] = cjson.decode(task_ids)
 info['queued_at'] = now
 info['waiting_on'] = nil
 info['stage'] = nil
+info['holder'] = nil
+info['handed_at'] = nil
+info['taken_at'] = nil
 put_info(b, e, info)
 redis.call('HSET', bkey(b, 'state'), e, 'queued')
 redis.call('ZREM', bkey(b, 'heartbeat'), e)

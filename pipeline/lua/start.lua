@@ -1,14 +1,17 @@
 -- A stage task begins: only for the current attempt of an unfinished element
 -- of a running build. ARGV[1] build, ARGV[2] element, ARGV[3] attempt,
 -- ARGV[4] stage, ARGV[5] host, ARGV[6] worker instance, ARGV[7] now,
--- ARGV[8] heartbeat deadline. Returns 1, or 0 when the task is stale.
-local b, e, attempt, stage, host, worker, now, deadline =
-  ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
-if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return 0 end
-local st = redis.call('HGET', bkey(b, 'state'), e)
-if st ~= 'queued' and st ~= 'running' then return 0 end
-local info = get_info(b, e)
-if (tonumber(info['attempt']) or 0) ~= attempt or info['waiting_on'] then return 0 end
+-- ARGV[8] heartbeat deadline, ARGV[9] holder "instance#epoch". Returns 1, or
+-- 0 when the task is stale (an older attempt or an earlier stage: a copy).
+local b, e, attempt, stage, host, worker, now, deadline, holder =
+  ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8],
+  ARGV[9]
+local info = current_message(b, e, attempt, stage)
+if not info then return 0 end
+if holder ~= '' then
+  info['holder'] = holder
+  info['taken_at'] = info['taken_at'] or now
+end
 info['stage'] = stage
 info['host'] = host
 info['worker'] = worker

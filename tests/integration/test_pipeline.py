@@ -151,7 +151,9 @@ def test_a_build_survives_a_worker_killed_while_executing(
     resent = {e["element"]: e for e in output["elements"] if e.get("resent_because")}
     assert resent, "no element was re-sent"
     for info in resent.values():
-        assert "is gone" in info["resent_because"]
+        # (taken by the dead worker, or handed on to its own queue)
+        reason = info["resent_because"]
+        assert "is gone" in reason or "no worker holds it" in reason, reason
         assert info["attempt"] >= 2
     print(f"build finished {seconds:.1f} s after the kill; re-sent {sorted(resent)}")
     # And every artifact is right

@@ -22,9 +22,11 @@ from pipeline.broker import (
     MAX_ATTEMPTS,
     RECONCILE_LOCK,
     STAGE_PRIORITY,
+    drop_stale_unacked,
     make_celery,
     reconcile,
     send_element,
+    stage_payload,
 )
 from pipeline.config import RemexConfig
 from pipeline.scheduler import (
@@ -370,9 +372,10 @@ def test_stalled_finds_ready_elements_nobody_sent(scheduler: Scheduler) -> None:
     assert scheduler.stalled(build, now) == []
     # After it, the element is sent again
     assert scheduler.stalled(build, now + READY_GRACE + 1) == [("a", "ready but never sent")]
-    # A queued or waiting element is not stalled
+    # A queued element whose message waits in a queue is not stalled
     send(scheduler, build, "a")
-    assert scheduler.stalled(build, now + READY_GRACE + 1) == []
+    in_queue = lambda: {"a-task"}  # noqa: E731
+    assert scheduler.stalled(build, now + READY_GRACE + 1, queued_task_ids=in_queue) == []
 
 
 def test_stalled_finds_running_elements_whose_worker_is_gone(scheduler: Scheduler) -> None:
@@ -397,6 +400,87 @@ def test_stalled_finds_running_elements_whose_worker_is_gone(scheduler: Schedule
     # A heartbeat brings it back
     scheduler.heartbeat(build, "a")
     assert "a" not in dict(scheduler.stalled(build, time.time()))
+
+
+def test_a_message_taken_by_a_worker_that_dies_is_sent_again(scheduler: Scheduler) -> None:
+    # Given two elements sent, their first messages taken (prefetched, not
+    # started) by a live worker and by one whose connection epoch is over
+    build, _ = create(scheduler, {"a": [], "b": []})
+    for element in ("a", "b"):
+        send(scheduler, build, element)
+    scheduler.worker_alive("w1/1/x", "e2")
+    assert scheduler.take(build, "a", attempt=1, stage="stage_to_cas", holder="w1/1/x#e2")
+    assert scheduler.take(build, "b", attempt=1, stage="stage_to_cas", holder="w1/1/x#e1")
+    assert scheduler.info(build, "a")["holder"] == "w1/1/x#e2"
+    # Then the old epoch's hold is over at once, the live one's is not
+    stalled = dict(scheduler.stalled(build))
+    assert list(stalled) == ["b"] and "is gone" in stalled["b"]
+    # And when the worker's liveness key is gone, the other is too
+    scheduler.worker_gone("w1/1/x")
+    assert sorted(dict(scheduler.stalled(build))) == ["a", "b"]
+
+
+def test_a_message_in_no_queue_and_held_by_no_one_is_sent_again(scheduler: Scheduler) -> None:
+    # Given an element whose first stage ran and handed the element on (the
+    # next stage's message is being published)
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    scheduler.worker_alive("w1/1/x", "e1")
+    assert scheduler.start_stage(
+        build, "a", attempt=1, stage="stage_to_cas", host="w1", worker="w1/1/x", holder="w1/1/x#e1"
+    )
+    assert scheduler.hand_on(build, "a", attempt=1, holder="w1/1/x#e1")
+    info = scheduler.info(build, "a")
+    assert "holder" not in info and info["handed_at"] > 0
+    assert scheduler.redis.zscore(f"remex:build:{build}:heartbeat", "a") is None
+    later = time.time() + scheduler.heartbeat_timeout + 1
+    # Then while its message waits in a queue, or within the timeout, it is not stalled
+    assert scheduler.stalled(build, time.time(), queued_task_ids=set) == []
+    assert scheduler.stalled(build, later, queued_task_ids=lambda: {"a-task"}) == []
+    # But after the timeout with the message in no queue (the publish was refused), it is
+    assert scheduler.stalled(build, later, queued_task_ids=set) == [
+        ("a", "its message is in no queue a live worker consumes, and no worker holds it")
+    ]
+    # And once a worker takes the next message, it is held again
+    assert scheduler.take(build, "a", attempt=1, stage="upload", holder="w1/1/x#e1")
+    assert scheduler.stalled(build, later, queued_task_ids=set) == []
+
+
+def test_a_lost_claim_owner_is_sent_again_and_keeps_its_claim(scheduler: Scheduler) -> None:
+    # Given build 1 building lib (its message taken by a worker that then
+    # died), and build 2 waiting on it
+    first, _ = create(scheduler, {"lib": []})
+    second, _ = create(scheduler, {"lib": []})
+    send(scheduler, first, "lib")
+    assert scheduler.take(first, "lib", attempt=1, stage="stage_to_cas", holder="dead/1/x#e1")
+    assert send(scheduler, second, "lib") == 0  # waits on the first
+    # Then the owner is lost and is sent again, the waiter is not
+    assert [e for e, _ in scheduler.stalled(first)] == ["lib"]
+    assert scheduler.stalled(second) == []
+    # And sending it again keeps build 1's claim (build 2 still waits on it)
+    assert send(scheduler, first, "lib") == 2
+    assert scheduler.info(second, "lib")["waiting_on"] == f"{first}\tlib"
+    # And when it is built, both are
+    scheduler.finish(first, "lib", "built", {})
+    assert scheduler.state(second, "lib") == "built"
+
+
+def test_stale_copies_are_not_taken_or_started(scheduler: Scheduler) -> None:
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    assert scheduler.start_stage(build, "a", attempt=1, stage="execute", host="w1", holder="h#1")
+    # A copy of an earlier stage of the same attempt (left in unacked) is stale
+    assert not scheduler.take(build, "a", attempt=1, stage="upload", holder="h#1")
+    assert not scheduler.start_stage(build, "a", attempt=1, stage="stage_to_cas", host="w1")
+    # The same stage again (a re-queue) and a later one are current
+    assert scheduler.take(build, "a", attempt=1, stage="execute", holder="h#1")
+    assert scheduler.start_stage(build, "a", attempt=1, stage="fetch_outputs", host="w1")
+    # After a re-send, everything of attempt 1 is stale
+    send(scheduler, build, "a")
+    assert not scheduler.take(build, "a", attempt=1, stage="push_artifact", holder="h#1")
+    assert not scheduler.hand_on(build, "a", attempt=1, holder="h#1")
+    assert scheduler.take(build, "a", attempt=2, stage="stage_to_cas", holder="h#1")
+    assert scheduler.info(build, "a")["holder"] == "h#1"
 
 
 def test_a_worker_liveness_key_expires(scheduler: Scheduler) -> None:
@@ -513,6 +597,32 @@ def test_reconcile_resends_stalled_elements_then_gives_up(
     assert states(scheduler, build) == {"a": "failed", "b": "skipped"}
     assert f"sent {MAX_ATTEMPTS} times" in scheduler.info(build, "a")["error"]
     assert scheduler.status(build).status == "failed"
+
+
+def test_reconcile_drops_stale_unacknowledged_messages(
+    scheduler: Scheduler, celery_app: Celery
+) -> None:
+    # Given two messages of element a left in kombu's unacked hash by a worker
+    # that lost its connection: one of attempt 1, one of the current attempt 2
+    build, _ = create(scheduler, {"a": []})
+    send_element(celery_app, scheduler, build, "a")
+    old = queued_messages(scheduler)[0]
+    send_element(celery_app, scheduler, build, "a")
+    current = queued_messages(scheduler)[1]
+    for tag, message in (("1", old), ("2", current)):
+        scheduler.redis.hset("unacked", tag, json.dumps([message, "", DEFAULT_QUEUE]))
+        scheduler.redis.zadd("unacked_index", {tag: time.time()})
+    found = stage_payload(str(scheduler.redis.hget("unacked", "1")))
+    assert found is not None and found[1]["attempt"] == 1
+    # When the reconciler passes, the stale one is dropped, the current one kept
+    reconcile(celery_app, scheduler, lock_seconds=0.001)
+    assert sorted(scheduler.redis.hkeys("unacked")) == ["2"]
+    assert scheduler.redis.zrange("unacked_index", 0, -1) == ["2"]
+    # And once the element is built, the other one too
+    scheduler.finish(build, "a", "built", {})
+    scheduler.redis.delete(RECONCILE_LOCK)
+    assert drop_stale_unacked(scheduler) == 1
+    assert scheduler.redis.hlen("unacked") == 0
 
 
 def test_only_one_reconciler_passes_at_a_time(scheduler: Scheduler, celery_app: Celery) -> None:

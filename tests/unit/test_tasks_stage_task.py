@@ -42,6 +42,7 @@ class FakeScheduler:
     finished: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     notes: list[dict[str, Any]] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
+    handed_on: list[str] = field(default_factory=list)
     heartbeat_timeout: float = 30.0
 
     def count_delivery(self, task_id: str, retries: int) -> int:
@@ -51,6 +52,10 @@ class FakeScheduler:
     def start_stage(self, build: str, element: str, **kw: Any) -> bool:
         self.started.append(kw["stage"])
         return self.current
+
+    def hand_on(self, build: str, element: str, *, attempt: int, holder: str) -> bool:
+        self.handed_on.append(holder)
+        return True
 
     def spec(self, build: str, element: str) -> dict[str, Any]:
         return {"element": element, "kind": "manual"}
@@ -73,6 +78,7 @@ class FakeRuntime:
     scheduler: FakeScheduler
     name: str = "w1"
     instance: str = "w1/1/x"
+    holder: str = "w1/1/x#e1"
     context: Any = None
     heartbeat_interval: float = 60.0
 
@@ -135,10 +141,12 @@ def test_a_stage_that_succeeds_passes_its_state_on(
     assert result == {**PAYLOAD, "state": {"uploaded": {"blobs": 1}}}
     assert runtime.scheduler.started == ["upload"]
     assert runtime.scheduler.finished == []
+    # And it handed the element on to the next stage's message
+    assert runtime.scheduler.handed_on == ["w1/1/x#e1"]
 
 
 def test_a_transient_error_requeues_on_the_own_queue_with_backoff(
-    stage_tasks: dict[str, StageTask],
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
 ) -> None:
     # When the stage fails transiently
     with pytest.raises(Retry) as info:
@@ -149,6 +157,8 @@ def test_a_transient_error_requeues_on_the_own_queue_with_backoff(
     assert 0.5 <= float(retry.when) <= 1.0
     assert retry.sig.options["queue"] == "remex.host.w1"
     assert retry.sig.args[0]["state"] == {"transient_failures": 1}
+    # And the element was handed on first (whoever takes the re-queue holds it)
+    assert runtime.scheduler.handed_on == ["w1/1/x#e1"]
 
 
 def test_transient_errors_fail_the_element_when_the_retries_are_spent(
@@ -167,6 +177,7 @@ def test_a_permanent_error_fails_the_element_without_retry(
 ) -> None:
     with pytest.raises(ElementFailed):
         run(stage_tasks["stage_to_cas"], raising(RemexError("bad input", transient=False)))
+    assert runtime.scheduler.handed_on == []
     assert runtime.scheduler.finished == [
         ("failed", {"error": "stage_to_cas: bad input", "failed_stage": "stage_to_cas"})
     ]

@@ -160,6 +160,28 @@ def test_a_build_survives_a_worker_killed_while_executing(
     assert_artifacts(remex_stack, project, tmp_path / "checkout")
 
 
+def test_a_build_survives_a_worker_whose_local_cas_is_wiped(
+    remex_stack: RemexStack, project_factory: Callable[..., DagProject], tmp_path: Path
+) -> None:
+    # Given a build whose actions take 1 s each, running on both workers
+    project = project_factory(n=10, shape="dag", layers=3, sleep=1)
+    victim = remex_stack.workers[0]
+    process, build_id = start_build(remex_stack, project)
+    scheduler = remex_stack.scheduler()
+    # When that worker's whole local CAS folder is deleted while it executes
+    # (a disk cleaned by hand, a tmpfs lost): the remote CAS is the truth
+    wait_for(
+        f"elements executing on {victim.worker_name}",
+        lambda: len(executing(scheduler.status(build_id), victim.worker_name)) >= 1,
+    )
+    shutil.rmtree(victim.cas_dir, ignore_errors=True)
+    # Then the build still succeeds, every artifact right
+    code, output = finish(process, remex_stack)
+    assert code == 0, json.dumps(output, indent=1)[-4000:] + remex_stack.logs()
+    assert_all_built(output, project)
+    assert_artifacts(remex_stack, project, tmp_path / "checkout")
+
+
 # --- the execution server restarts ------------------------------------------------------------
 
 

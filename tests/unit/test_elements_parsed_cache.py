@@ -213,14 +213,14 @@ def test_shared_values_equal_unshared_ones() -> None:
             libdir="%{prefix}/lib",
             name="app",
             tool="%{bindir}/%{name}",
-        ),  # fmt: skip
+        ),
         definitions(
             prefix="/opt",
             bindir="%{prefix}/bin",
             libdir="%{prefix}/lib",
             name="",
             tool="%{bindir}/%{name}",
-        ),  # fmt: skip
+        ),
         definitions(
             prefix="/usr",
             bindir="%{prefix}/sbin",
@@ -228,7 +228,7 @@ def test_shared_values_equal_unshared_ones() -> None:
             name="x",
             tool="%{bindir}/%{name}",
             extra="%{tool}-1",
-        ),  # fmt: skip
+        ),
     ]
     texts = ["%{tool} --libdir=%{libdir}", "plain", "%{libdir}/x", "%{bindir}"]
     # Twice: the second pass expands from the shared texts the first one left.

@@ -14,12 +14,12 @@ keys; :mod:`pipeline.elements.composition` and
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import tempfile
-from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +47,12 @@ class Mark:
 
 
 @dataclass
-class Node(ABC):
-    """A YAML value with where it was written and its field path (``""`` = the document)."""
+class Node:
+    """A YAML value with where it was written and its field path (``""`` = the document).
+
+    Abstract: only its subclasses are made. Not an ``abc.ABC``: ``isinstance``
+    on an ABC's subclasses goes through ``ABCMeta`` (several times slower),
+    and the loader asks it a million times on a large project."""
 
     mark: Mark
     path: str
@@ -62,9 +66,9 @@ class Node(ABC):
             field=self.path if field is None else field,
         )
 
-    @abstractmethod
     def describe(self) -> str:
         """What kind of value this is, for messages."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -281,10 +285,15 @@ def parsed_cache_dir() -> Path | None:
     """Where parsed files are cached: ``$REMEX_PARSED_CACHE`` if set (``off``
     or empty: no cache), else ``$XDG_CACHE_HOME/remex/parsed``
     (``~/.cache/remex/parsed``)."""
-    setting = os.environ.get("REMEX_PARSED_CACHE")
+    return _cache_dir(os.environ.get("REMEX_PARSED_CACHE"), os.environ.get("XDG_CACHE_HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_dir(setting: str | None, cache_home: str | None) -> Path | None:
+    # Asked for each file: memoized by the environment it depends on.
     if setting is not None:
         return None if setting in ("", "off") else Path(setting)
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = cache_home or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(home) / "remex" / "parsed"
 
 

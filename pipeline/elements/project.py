@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from pipeline import spec
 from pipeline.cas import LocalCas, checkout
@@ -59,7 +59,7 @@ from pipeline.elements.kinds import (
     build_element_kind,
 )
 from pipeline.elements.kinds.base import data_to_node, expand_data
-from pipeline.elements.nodes import MappingNode, Mark, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
 from pipeline.elements.options import PROJECT_RESTRICTED_KEYS, OptionPool
 from pipeline.elements.plugins import declare_plugins
 from pipeline.elements.project_keys import (
@@ -753,7 +753,7 @@ class Project:
             dependencies=dependencies,
         )
         plugin.configure(kind_context)
-        public = expand_data(_public(defaults, node), variables)
+        public = self._expanded_public(defaults, node, variables)
         sandbox = _sandbox(
             (self._sandbox_conf, defaults.get_mapping("sandbox"), node.get_mapping("sandbox")),
             variables,
@@ -781,6 +781,22 @@ class Project:
         )
         element.set_cache_key(cache_key(element))
         return element
+
+    def _expanded_public(
+        self, defaults: MappingNode, node: MappingNode, variables: Variables
+    ) -> dict[str, Any]:
+        """The element's public data, expanded. Without a ``public`` of its own,
+        an element's is its kind's split rules: expanded once per kind (and
+        copied for each element) unless the element changes a variable they use."""
+        if "public" in node.entries:
+            return cast("dict[str, Any]", expand_data(_public(defaults, node), variables))
+        shared = variables.shared_value("public")
+        if shared is not None:
+            return cast("dict[str, Any]", _copy_data(shared))
+        public_node = _public(defaults, node)
+        public = cast("dict[str, Any]", expand_data(public_node, variables))
+        variables.share_value("public", _copy_data(public), _strings(public_node))
+        return public
 
     def _kind_defaults(self, kind: str) -> MappingNode:
         """The kind's defaults, with the project's split rules under its own and
@@ -1111,6 +1127,28 @@ def _public(defaults: MappingNode, node: MappingNode) -> MappingNode:
     public.entries["bst"] = bst
     public.key_marks.setdefault("bst", mark)
     return public
+
+
+def _copy_data(value: Any) -> Any:
+    """A deep copy of JSON-like data (dicts, lists, strings, None)."""
+    if type(value) is dict:
+        return {key: _copy_data(item) for key, item in value.items()}
+    if type(value) is list:
+        return [_copy_data(item) for item in value]
+    return value
+
+
+def _strings(node: Node) -> Iterator[str]:
+    """Every string in ``node``'s tree (mapping keys are not expanded: left out)."""
+    if isinstance(node, ScalarNode):
+        if node.value is not None:
+            yield node.value
+    elif isinstance(node, SequenceNode):
+        for item in node.items:
+            yield from _strings(item)
+    elif isinstance(node, MappingNode):
+        for value in node.entries.values():
+            yield from _strings(value)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ error at load time, as in BuildStream.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.elements.errors import LoadError
 from pipeline.elements.nodes import Mark, ScalarNode
@@ -52,6 +54,8 @@ class SharedVariables:
                 self._users.setdefault(ref, set()).add(name)
         # Expanded texts: text -> (expansion, the variables it used, transitively).
         self.texts: dict[str, tuple[str, frozenset[str]]] = {}
+        # Values built from shared texts (an element's public data ...), by name.
+        self.values: dict[str, tuple[Any, frozenset[str]]] = {}
         self._users_closure: dict[str, frozenset[str]] = {}
         self._uses_closure: dict[str, frozenset[str]] = {}
 
@@ -176,6 +180,30 @@ class Variables:
             # any element that changes none of the names it uses.
             shared.texts[text] = (value, frozenset().union(*(shared.uses(n) for n in names)))
         return value
+
+    def shared_value(self, key: str) -> Any | None:
+        """The value stored under ``key`` by :meth:`share_value` for elements
+        sharing these variables' layers, if it holds here (None otherwise)."""
+        if self._shared is None:
+            return None
+        hit = self._shared.values.get(key)
+        if hit is None or not hit[1].isdisjoint(self._stale):
+            return None
+        return hit[0]
+
+    def share_value(self, key: str, value: Any, texts: Iterable[str]) -> None:
+        """Store ``value``, made by expanding ``texts`` here, for elements whose
+        variables give those texts the same expansions (see :meth:`shared_value`).
+        Callers must not change ``value`` afterwards (nor what they get back)."""
+        shared = self._shared
+        if shared is None:
+            return
+        names: set[str] = set()
+        for text in texts:
+            names.update(_REFERENCE.findall(text))
+        if not self._stale.isdisjoint(names) or not names <= shared.definitions.keys():
+            return
+        shared.values[key] = (value, frozenset().union(*(shared.uses(n) for n in names)))
 
     def expand_node(self, node: ScalarNode) -> str:
         """Expand a scalar node's string (a null is an error)."""

@@ -14,12 +14,14 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
 from pipeline.cas import LocalCas
 from pipeline.config import OptionSetting, RemexConfig, load_config
+from pipeline.digest import Digest
 from pipeline.elements import load_project
 from pipeline.elements.element import Element
 from pipeline.elements.errors import LoadError
@@ -166,9 +168,10 @@ def submit(
     ``-o NAME VALUE``); they are checked against the project's declarations.
 
     Everything that can be wrong with the input is found before anything is
-    enqueued. Elements whose artifact exists are done at once (``cached``);
-    the others' sources are snapshotted into the artifact server's CAS, so an
-    edit after this returns does not change the build.
+    enqueued. Elements whose artifact exists are done at once (``cached``),
+    as far as :func:`cached_elements` looks; the others' sources are
+    snapshotted into the artifact server's CAS, so an edit after this returns
+    does not change the build.
 
     Raises:
         ConfigError: no broker or execution server is configured and no stack is up.
@@ -181,19 +184,20 @@ def submit(
     with open_context(config) as ctx:
         elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
         specs: list[BuildSpec] = []
-        cached: list[str] = []
+        source_trees: list[list[Digest]] = []
         with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
             for element in elements:
                 digests = [
                     source.stage(ctx.local_cas, Path(workdir) / f"{len(specs)}-{i}")
                     for i, source in enumerate(element.sources)
                 ]
-                spec = element.build_spec(digests)
-                if lookup_artifact(ctx, spec) is not None:
-                    cached.append(element.name)
-                else:
-                    snapshot_sources(ctx, digests)
-                specs.append(spec)
+                specs.append(element.build_spec(digests))
+                source_trees.append(digests)
+        found = cached_elements(ctx, elements, specs)
+        cached = [element.name for element in elements if element.name in found]
+        for element, digests in zip(elements, source_trees, strict=True):
+            if element.name not in found:
+                snapshot_sources(ctx, digests)
     scheduler = Scheduler.from_url(config.require_broker())
     names = {e.name for e in elements}
     # An element waits for everything staged into its build: its build
@@ -219,6 +223,51 @@ def submit(
     for element_name in ready:
         send_element(app, scheduler, build_id, element_name)
     return build_id
+
+
+# How many artifact lookups are in flight at once (each is one small RPC).
+LOOKUP_THREADS = 16
+
+
+def cached_elements(
+    ctx: StageContext, elements: Sequence[Element], specs: Sequence[BuildSpec]
+) -> set[str]:
+    """The elements whose artifact the artifact server has, from those whose
+    staged dependencies all have theirs.
+
+    An element that waits for a dependency to build is not looked up: it
+    cannot start before then anyway, and its own chain finds its artifact
+    (its push keeps an existing artifact; its action is in the ActionCache).
+    So a new project costs a lookup per element that could start now, not
+    one per element. The others are looked up a wave at a time (an element's
+    wave comes after its dependencies'), each wave's lookups in parallel.
+
+    Raises:
+        RemoteError: the artifact server failed (after retries).
+    """
+    depth: dict[str, int] = {}
+    staged: dict[str, list[str]] = {}
+    waves: list[list[int]] = []
+    for index, element in enumerate(elements):  # dependencies first
+        names = [d.name for d in element.staged_dependencies()]
+        staged[element.name] = names
+        level = 1 + max((depth[n] for n in names if n in depth), default=-1)
+        depth[element.name] = level
+        if level == len(waves):
+            waves.append([])
+        waves[level].append(index)
+    found: set[str] = set()
+
+    def lookup(index: int) -> bool:
+        return lookup_artifact(ctx, specs[index]) is not None
+
+    with ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="remex-lookup") as pool:
+        for wave in waves:
+            ready = [i for i in wave if all(n in found for n in staged[elements[i].name])]
+            for index, hit in zip(ready, pool.map(lookup, ready), strict=True):
+                if hit:
+                    found.add(elements[index].name)
+    return found
 
 
 def status(build_id: str, *, config: RemexConfig | None = None) -> BuildStatus:

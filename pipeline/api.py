@@ -161,11 +161,16 @@ def submit(
     *,
     config: RemexConfig | None = None,
     options: Mapping[str, str] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> str:
     """Load, key, look up, snapshot and enqueue a build; return its id.
 
     ``options`` are the project's option values as strings (BuildStream's
     ``-o NAME VALUE``); they are checked against the project's declarations.
+    ``timings``, if given, receives each phase's wall time in seconds:
+    ``load`` (load and key), ``specs`` (sources staged, build specs),
+    ``lookup`` (artifacts), ``snapshot`` (sources uploaded), ``redis`` (the
+    build's state written) and ``send`` (the ready elements' chains).
 
     Everything that can be wrong with the input is found before anything is
     enqueued. Elements whose artifact exists are done at once (``cached``),
@@ -181,8 +186,10 @@ def submit(
     project_dir = Path(project_dir).resolve()
     config = _config(project_dir, config)
     config.require_broker()  # before any work: nowhere to enqueue it
+    clock = _PhaseClock(timings)
     with open_context(config) as ctx:
         elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
+        clock.done("load")
         specs: list[BuildSpec] = []
         source_trees: list[list[Digest]] = []
         with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
@@ -193,11 +200,14 @@ def submit(
                 ]
                 specs.append(element.build_spec(digests))
                 source_trees.append(digests)
+        clock.done("specs")
         found = cached_elements(ctx, elements, specs)
         cached = [element.name for element in elements if element.name in found]
+        clock.done("lookup")
         for element, digests in zip(elements, source_trees, strict=True):
             if element.name not in found:
                 snapshot_sources(ctx, digests)
+        clock.done("snapshot")
     scheduler = Scheduler.from_url(config.require_broker())
     names = {e.name for e in elements}
     # An element waits for everything staged into its build: its build
@@ -217,12 +227,28 @@ def submit(
             "remex_version": __version__,
         },
     )
+    clock.done("redis")
     from pipeline.broker import make_celery, send_element
 
     app = make_celery(config)
     for element_name in ready:
         send_element(app, scheduler, build_id, element_name)
+    clock.done("send")
     return build_id
+
+
+class _PhaseClock:
+    """Records the wall time of consecutive phases into a dict (or nowhere)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[phase] = now - self.last
+        self.last = now
 
 
 # How many artifact lookups are in flight at once (each is one small RPC).

@@ -163,8 +163,8 @@ def report(cases: Sequence[Case]) -> None:
     for case in cases:
         runs = ", ".join(f"{t:.2f}" for t in case.show_warm)
         builds = ", ".join(f"{t:.2f}" for t in case.build)
-        bst = ", ".join(f"{t:.2f}" for t in case.bst) or "-"
-        print(f"  {case.shape}: show runs {runs} s; build runs {builds} s; bst runs {bst} s")
+        bst_runs = ", ".join(f"{t:.2f}" for t in case.bst) or "-"
+        print(f"  {case.shape}: show runs {runs} s; build runs {builds} s; bst runs {bst_runs} s")
         for note in case.notes:
             print(f"  {case.shape}: {note}")
     big = [c for c in cases if c.elements >= 10_000]

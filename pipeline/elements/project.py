@@ -25,7 +25,7 @@ import posixpath
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -271,8 +271,12 @@ class _ElementFile:
     node: MappingNode
     kind: str
     deps: list[_DepRef]
-    closure: set[str] = field(default_factory=set)
-    """Names of everything it depends on, directly or not."""
+    bit: int = 0
+    """``1 << n`` for the graph's n-th file: its place in the closures."""
+    closure: int = 0
+    """Everything it depends on, directly or not: the OR of their bits (a
+    bitset, so a closure of 10,000 elements is one OR of two ints, not a
+    set union)."""
     deps_sorted: bool = False
 
 
@@ -618,7 +622,7 @@ class Project:
         for ref in deps:
             ref.name = owner.prefix + ref.name
         file = _ElementFile(name=name, project=owner, local=local, display=display, node=node,
-                            kind=kind, deps=deps)  # fmt: skip
+                            kind=kind, deps=deps, bit=1 << len(self._files))  # fmt: skip
         self._files[name] = file
         return file
 
@@ -655,8 +659,8 @@ class Project:
                 on_path.discard(file.name)
                 done.add(file.name)
                 for ref in file.deps:
-                    file.closure.add(ref.name)
-                    file.closure |= self._files[ref.name].closure
+                    child = self._files[ref.name]
+                    file.closure |= child.closure | child.bit
 
     def _sort_dependencies(self, root: _ElementFile) -> None:
         """Sort each reachable element's dependencies as BuildStream does."""
@@ -677,9 +681,10 @@ class Project:
                 file.deps_sorted = True
 
     def _compare_dependencies(self, a: _DepRef, b: _DepRef) -> int:
-        if b.name in self._files[a.name].closure:
+        file_a, file_b = self._files[a.name], self._files[b.name]
+        if file_a.closure & file_b.bit:
             return 1
-        if a.name in self._files[b.name].closure:
+        if file_b.closure & file_a.bit:
             return -1
         a_runtime_only = a.runtime and not a.build
         b_runtime_only = b.runtime and not b.build

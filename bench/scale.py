@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -61,8 +62,11 @@ class Case:
     elements: int
     show_cold: float = 0.0
     show_warm: list[float] = field(default_factory=list)
+    show_cpu: list[float] = field(default_factory=list)
     bst: list[float] = field(default_factory=list)
+    bst_cpu: list[float] = field(default_factory=list)
     build: list[float] = field(default_factory=list)
+    build_cpu: list[float] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
     cpu: float = 0.0
     redis_commands: int = 0
@@ -77,8 +81,15 @@ class Case:
         return statistics.median(self.build)
 
 
-def timed(command: Sequence[str], env: Mapping[str, str]) -> tuple[float, str]:
-    """Run ``command``; its wall time and stdout (raises when it fails)."""
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: Sequence[str], env: Mapping[str, str]) -> tuple[float, float, str]:
+    """Run ``command``; its wall time, its CPU time and its stdout (raises when it fails)."""
+    cpu = children_cpu()
     started = time.perf_counter()
     result = subprocess.run(
         command, env=dict(env), capture_output=True, text=True, check=False, timeout=900
@@ -86,7 +97,7 @@ def timed(command: Sequence[str], env: Mapping[str, str]) -> tuple[float, str]:
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return seconds, result.stdout
+    return seconds, children_cpu() - cpu, result.stdout
 
 
 def names_of(output: str) -> list[str]:
@@ -110,23 +121,29 @@ def run_case(
 ) -> None:
     env = {**stack.env, "REMEX_PARSED_CACHE": str(work / f"parsed-{case.shape}")}
     show = [remex_program(), "show", "-C", str(project), "-f", FORMAT, "all.bst"]
-    case.show_cold, remex_out = timed(show, env)
+    case.show_cold, _, remex_out = timed(show, env)
     for _ in range(repeat):
-        case.show_warm.append(timed(show, env)[0])
+        wall, cpu, _ = timed(show, env)
+        case.show_warm.append(wall)
+        case.show_cpu.append(cpu)
     if bst_repeat:
         bst = Bst(project, work / f"bst-{case.shape}")
         command = ["show", "--deps", "all", "--format", FORMAT, "all.bst"]
         for _ in range(bst_repeat):
             started = time.perf_counter()
+            cpu = children_cpu()
             result = bst.run(*command, timeout=1800)
             case.bst.append(time.perf_counter() - started)
+            case.bst_cpu.append(children_cpu() - cpu)
             if result.returncode != 0:
                 raise RuntimeError(f"bst show failed:\n{result.stderr[-3000:]}")
         if names_of(result.stdout) != names_of(remex_out):
             case.notes.append("warning: remex show and bst show list different elements")
     build = [remex_program(), "build", "-C", str(project), "all.bst", "--no-follow"]
     for _ in range(repeat):
-        case.build.append(timed(build, env)[0])
+        wall, cpu, _ = timed(build, env)
+        case.build.append(wall)
+        case.build_cpu.append(cpu)
     # In this process: the phases, the CPU time and the Redis commands of one submit.
     os.environ["REMEX_PARSED_CACHE"] = env["REMEX_PARSED_CACHE"]
     config = load_config(environ=stack.env)
@@ -137,27 +154,34 @@ def run_case(
     case.redis_commands = redis_calls(stack) - before - 1  # the INFO itself
 
 
+def med(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def report(cases: Sequence[Case]) -> None:
     print()
-    head = (
-        f"{'shape':<6} {'elements':>8} {'show cold':>10} {'show':>7} {'bst show':>9} "
-        f"{'bst/remex':>9} {'build --no-follow':>18} {'in-process submit':>18}"
+    print("wall s (CPU s of the command in brackets); median of the runs")
+    print(
+        f"{'shape':<6} {'elements':>8} {'show cold':>10} {'show':>15} {'bst show':>16} "
+        f"{'bst/remex':>13} {'build --no-follow':>18}"
     )
-    print(head)
     for case in cases:
-        bst = statistics.median(case.bst) if case.bst else float("nan")
-        total = sum(case.phases.values())
+        bst, bst_cpu = med(case.bst), med(case.bst_cpu)
+        show_cpu = med(case.show_cpu)
         print(
-            f"{case.shape:<6} {case.elements:>8} {case.show_cold:>9.2f}s {case.show:>6.2f}s "
-            f"{bst:>8.2f}s {bst / case.show:>9.1f} {case.submit:>17.2f}s {total:>17.2f}s"
+            f"{case.shape:<6} {case.elements:>8} {case.show_cold:>9.2f}s "
+            f"{case.show:>6.2f}s ({show_cpu:>5.2f}) {bst:>7.2f}s ({bst_cpu:>5.2f}) "
+            f"{bst / case.show:>5.1f} ({bst_cpu / show_cpu:>4.1f}) "
+            f"{case.submit:>8.2f}s ({med(case.build_cpu):>5.2f})"
         )
     print()
-    print("in-process submit phases (s): " + ", ".join(PHASES) + "; CPU s; Redis commands")
+    print("in-process submit, wall s per phase; CPU s; Redis commands (INFO commandstats)")
     for case in cases:
         phases = " ".join(f"{p}={case.phases.get(p, 0.0):.3f}" for p in PHASES)
         print(
-            f"  {case.shape:<6} {phases}  cpu={case.cpu:.2f}  "
-            f"redis={case.redis_commands} ({case.redis_commands / case.elements:.3f}/element)"
+            f"  {case.shape:<6} {phases} total={sum(case.phases.values()):.2f} "
+            f"cpu={case.cpu:.2f} redis={case.redis_commands} "
+            f"({case.redis_commands / case.elements:.3f}/element)"
         )
     print()
     for case in cases:
@@ -170,17 +194,20 @@ def report(cases: Sequence[Case]) -> None:
     big = [c for c in cases if c.elements >= 10_000]
     if big:
         worst = max(c.submit for c in big)
+        worst_cpu = max(med(c.build_cpu) for c in big)
         verdict = "met" if worst <= LOAD_SUBMIT_TARGET else "NOT met"
         print(
             f"target load + submit of 10,000 <= {LOAD_SUBMIT_TARGET:.0f} s "
-            f"(remex build --no-follow, slowest shape {worst:.2f} s): {verdict}"
+            f"(remex build --no-follow, slowest shape {worst:.2f} s wall, "
+            f"{worst_cpu:.2f} s CPU): {verdict}"
         )
-    with_bst = [c for c in cases if c.bst]
+    with_bst = [c for c in big if c.bst]
     if with_bst:
-        ratio = min(statistics.median(c.bst) / c.show for c in with_bst)
+        ratio = min(med(c.bst) / c.show for c in with_bst)
+        ratio_cpu = min(med(c.bst_cpu) / med(c.show_cpu) for c in with_bst)
         verdict = "met" if ratio >= BST_RATIO_TARGET else "NOT met"
-        print(f"target remex show >= {BST_RATIO_TARGET:.0f} x faster than bst show "
-              f"(worst {ratio:.1f} x): {verdict}")  # fmt: skip
+        print(f"target remex show >= {BST_RATIO_TARGET:.0f} x faster than bst show on 10,000 "
+              f"(worst {ratio:.1f} x wall, {ratio_cpu:.1f} x CPU): {verdict}")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

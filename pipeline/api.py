@@ -26,6 +26,7 @@ from pipeline.elements import load_project
 from pipeline.elements.element import Element
 from pipeline.elements.errors import LoadError
 from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.project import gc_paused
 from pipeline.errors import RemexError
 from pipeline.scheduler import BuildStatus, Scheduler
 from pipeline.spec import BuildSpec
@@ -187,47 +188,49 @@ def submit(
     config = _config(project_dir, config)
     config.require_broker()  # before any work: nowhere to enqueue it
     clock = _PhaseClock(timings)
-    with open_context(config) as ctx:
-        elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
-        clock.done("load")
-        specs: list[BuildSpec] = []
-        source_trees: list[list[Digest]] = []
-        with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
-            for element in elements:
-                digests = [
-                    source.stage(ctx.local_cas, Path(workdir) / f"{len(specs)}-{i}")
-                    for i, source in enumerate(element.sources)
-                ]
-                specs.append(element.build_spec(digests))
-                source_trees.append(digests)
-        clock.done("specs")
-        found = cached_elements(ctx, elements, specs)
-        cached = [element.name for element in elements if element.name in found]
-        clock.done("lookup")
-        for element, digests in zip(elements, source_trees, strict=True):
-            if element.name not in found:
-                snapshot_sources(ctx, digests)
-        clock.done("snapshot")
-    scheduler = Scheduler.from_url(config.require_broker())
-    names = {e.name for e in elements}
-    # An element waits for everything staged into its build: its build
-    # dependencies and their runtime closure.
-    build_deps = {
-        e.name: [d.name for d in e.staged_dependencies() if d.name in names] for e in elements
-    }
-    build_id, ready = scheduler.create_build(
-        specs,
-        build_deps,
-        cached,
-        {
-            "project": elements[0].project if elements else "",
-            "project_dir": str(project_dir),
-            "targets": list(targets),
-            "options": dict(options or {}),
-            "remex_version": __version__,
-        },
-    )
-    clock.done("redis")
+    # Specs and the build's state are 10,000s of long-lived objects too.
+    with gc_paused():
+        with open_context(config) as ctx:
+            elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
+            clock.done("load")
+            specs: list[BuildSpec] = []
+            source_trees: list[list[Digest]] = []
+            with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
+                for element in elements:
+                    digests = [
+                        source.stage(ctx.local_cas, Path(workdir) / f"{len(specs)}-{i}")
+                        for i, source in enumerate(element.sources)
+                    ]
+                    specs.append(element.build_spec(digests))
+                    source_trees.append(digests)
+            clock.done("specs")
+            found = cached_elements(ctx, elements, specs)
+            cached = [element.name for element in elements if element.name in found]
+            clock.done("lookup")
+            for element, digests in zip(elements, source_trees, strict=True):
+                if element.name not in found:
+                    snapshot_sources(ctx, digests)
+            clock.done("snapshot")
+        scheduler = Scheduler.from_url(config.require_broker())
+        names = {e.name for e in elements}
+        # An element waits for everything staged into its build: its build
+        # dependencies and their runtime closure.
+        build_deps = {
+            e.name: [d.name for d in e.staged_dependencies() if d.name in names] for e in elements
+        }
+        build_id, ready = scheduler.create_build(
+            specs,
+            build_deps,
+            cached,
+            {
+                "project": elements[0].project if elements else "",
+                "project_dir": str(project_dir),
+                "targets": list(targets),
+                "options": dict(options or {}),
+                "remex_version": __version__,
+            },
+        )
+        clock.done("redis")
     from pipeline.broker import make_celery, send_element
 
     app = make_celery(config)

@@ -101,7 +101,8 @@ def compose(base: MappingNode, overlay: MappingNode) -> MappingNode:
     result = clone_mapping(base)
     # compose_onto copies what it takes from the overlay: a copy first only
     # to give the overlay the base's field paths (a different place).
-    compose_onto(result, overlay if overlay.path == base.path else clone_mapping(overlay, base.path))
+    rooted = overlay if overlay.path == base.path else clone_mapping(overlay, base.path)
+    compose_onto(result, rooted)
     return result
 
 

@@ -397,7 +397,7 @@ class Project:
             LoadError: anything wrong in any of those files or their sources;
                 the message names the file, the line and the field.
         """
-        with _gc_paused():
+        with gc_paused():
             return self._load_targets(targets)
 
     def _load_targets(self, targets: list[str]) -> list[Element]:
@@ -1157,8 +1157,8 @@ def _strings(node: Node) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while loading: a large project makes
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while loading (or submitting): a large project makes
     hundreds of thousands of long-lived nodes, and each collection pass would
     walk them all again (a quarter of the load time). The nodes form no
     cycles. After a load that worked, what exists is frozen (moved out of the

@@ -227,7 +227,8 @@ def load_yaml(path: Path, display: str) -> MappingNode:
     if cache is None:
         return _parse(data, display)
     digest = hashlib.blake2b(data, digest_size=20, person=_CACHE_FORMAT).hexdigest()
-    entry = cache / digest[:2] / digest[2:]
+    # Strings, not Paths: this runs for every file of the project.
+    entry = os.path.join(cache, digest[:2], digest[2:])
     node = _read_entry(entry, display)
     if node is None:
         node = _parse(data, display)
@@ -297,9 +298,10 @@ def _cache_dir(setting: str | None, cache_home: str | None) -> Path | None:
     return Path(home) / "remex" / "parsed"
 
 
-def _read_entry(entry: Path, display: str) -> MappingNode | None:
+def _read_entry(entry: str, display: str) -> MappingNode | None:
     try:
-        raw = entry.read_bytes()
+        with open(entry, "rb") as file:
+            raw = file.read()
     except OSError:
         return None
     newline = raw.find(b"\n")
@@ -316,13 +318,14 @@ def _read_entry(entry: Path, display: str) -> MappingNode | None:
     return node if isinstance(node, MappingNode) else None
 
 
-def _write_entry(entry: Path, node: MappingNode) -> None:
+def _write_entry(entry: str, node: MappingNode) -> None:
     # Best effort: a cache that cannot be written only makes the next load slower.
     body = json.dumps(_encode(node), ensure_ascii=False, separators=(",", ":")).encode()
     checksum = hashlib.blake2b(body, digest_size=16).hexdigest().encode()
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
+        folder = os.path.dirname(entry)
+        os.makedirs(folder, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(_ENTRY_HEADER + checksum + b"\n" + body)

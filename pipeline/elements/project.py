@@ -591,12 +591,14 @@ class Project:
         return path, f"{junction}:{file}"
 
     def _display(self, path: Path) -> str:
+        # On strings (both sides are normalised Paths): once per element file,
+        # and pathlib's relative_to is slow.
+        text = str(path)
         for directory in (self.root.directory, self.directory):
-            try:
-                return path.relative_to(directory).as_posix()
-            except ValueError:
-                continue
-        return str(path)
+            prefix = os.path.join(str(directory), "")
+            if text.startswith(prefix):
+                return text[len(prefix) :]
+        return text
 
     def _read(self, name: str, owner: Project, local: str, path: Path) -> _ElementFile:
         """Read ``owner``'s element file ``local`` into this (root) project's graph as ``name``."""

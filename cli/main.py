@@ -110,10 +110,14 @@ def build(
 @click.option("--json", "as_json", is_flag=True)
 @handles_errors
 def status(build_id: str, as_json: bool) -> None:
-    """Show the state of build BUILD_ID."""
-    from pipeline import api
+    """Show the state of build BUILD_ID (a long build: what is running or
+    failed, and counts)."""
+    # Not pipeline.api: reading a status needs neither grpc nor the loader,
+    # whose imports would be most of the command's time.
+    from pipeline.config import load_config
+    from pipeline.scheduler import Scheduler
 
-    current = api.status(build_id)
+    current = Scheduler.from_url(load_config(None).require_broker()).status(build_id)
     if as_json:
         click.echo(json.dumps(status_json(current), indent=2))
         return

@@ -98,14 +98,46 @@ def element_line(element: ElementStatus) -> tuple[str, str, str, str]:
     return state, stage, detail, seconds
 
 
-def table(status: BuildStatus, elapsed: float) -> Any:
-    """The build as a rich Table."""
+# A build of more elements than this shows only those worth a look (running,
+# failed ...) in its table, up to this many rows, and counts the rest: a
+# 10,000-row table takes seconds to draw and nobody reads it.
+TABLE_ROWS = 50
+# What a long table shows, most urgent first.
+TABLE_STATES = (
+    ElementState.FAILED,
+    ElementState.RUNNING,
+    ElementState.QUEUED,
+    ElementState.READY,
+    ElementState.SKIPPED,
+    ElementState.CANCELLED,
+)
+
+
+def table(status: BuildStatus, elapsed: float, *, rows: int = TABLE_ROWS) -> Any:
+    """The build as a rich Table: every element, or in a build of more than
+    ``rows`` elements, those in :data:`TABLE_STATES` (at most ``rows``, most
+    urgent first, then in plan order) with a caption counting every state."""
     from rich.table import Table
 
-    out = Table(title=f"build {status.build_id}  {status.status}  {elapsed:.1f}s", expand=False)
+    shown = status.elements
+    caption = None
+    if len(shown) > rows:
+        rank = {state.value: index for index, state in enumerate(TABLE_STATES)}
+        urgent = [e for e in shown if e.state in rank]
+        urgent.sort(key=lambda e: rank[e.state])  # stable: plan order within a state
+        shown = urgent[:rows]
+        counts = status.counts()
+        caption = f"{len(shown)} of {len(status.elements)} elements shown; " + ", ".join(
+            f"{n} {state}" for state, n in sorted(counts.items())
+        )
+    out = Table(
+        title=f"build {status.build_id}  {status.status}  {elapsed:.1f}s",
+        caption=caption,
+        expand=False,
+    )
     for column in ("element", "state", "stage", "result", "time", "host"):
         out.add_column(column)
-    for element in status.elements:
+    for element in shown:
         state, stage, detail, seconds = element_line(element)
         style = STATE_STYLE.get(ElementState(state), "") if state in STATE_STYLE else ""
         out.add_row(

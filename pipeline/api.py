@@ -14,6 +14,7 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,12 @@ from kombu.utils.url import maybe_sanitize_url
 from pipeline import __version__
 from pipeline.cas import LocalCas
 from pipeline.config import OptionSetting, RemexConfig, load_config
+from pipeline.digest import Digest
 from pipeline.elements import load_project
 from pipeline.elements.element import Element
 from pipeline.elements.errors import LoadError
 from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.project import gc_paused
 from pipeline.errors import BrokerUnavailableError, RemexError
 from pipeline.scheduler import BuildStatus, Scheduler
 from pipeline.spec import BuildSpec
@@ -189,16 +192,22 @@ def submit(
     *,
     config: RemexConfig | None = None,
     options: Mapping[str, str] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> str:
     """Load, key, look up, snapshot and enqueue a build; return its id.
 
     ``options`` are the project's option values as strings (BuildStream's
     ``-o NAME VALUE``); they are checked against the project's declarations.
+    ``timings``, if given, receives each phase's wall time in seconds:
+    ``load`` (load and key), ``specs`` (sources staged, build specs),
+    ``lookup`` (artifacts), ``snapshot`` (sources uploaded), ``redis`` (the
+    build's state written) and ``send`` (the ready elements' chains).
 
     Everything that can be wrong with the input is found before anything is
-    enqueued. Elements whose artifact exists are done at once (``cached``);
-    the others' sources are snapshotted into the artifact server's CAS, so an
-    edit after this returns does not change the build.
+    enqueued. Elements whose artifact exists are done at once (``cached``),
+    as far as :func:`cached_elements` looks; the others' sources are
+    snapshotted into the artifact server's CAS, so an edit after this returns
+    does not change the build.
 
     Raises:
         ConfigError: no broker or execution server is configured and no stack is up.
@@ -208,25 +217,33 @@ def submit(
     project_dir = Path(project_dir).resolve()
     config = _config(project_dir, config)
     config.require_broker()  # before any work: nowhere to enqueue it
-    # Pinned: workers sharing this local CAS (cas.dir) never clean what it uses.
-    with open_context(config) as ctx, ctx.local_cas.pin():
-        elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
-        specs: list[BuildSpec] = []
-        cached: list[str] = []
-        with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
-            for element in elements:
-                digests = [
-                    source.stage(ctx.local_cas, Path(workdir) / f"{len(specs)}-{i}")
-                    for i, source in enumerate(element.sources)
-                ]
-                spec = element.build_spec(digests)
-                if lookup_artifact(ctx, spec) is not None:
-                    cached.append(element.name)
-                else:
+    clock = _PhaseClock(timings)
+    # Specs and the build's state are 10,000s of long-lived objects too.
+    with gc_paused():
+        # Pinned: workers sharing this local CAS (cas.dir) never clean what it uses.
+        with open_context(config) as ctx, ctx.local_cas.pin():
+            elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
+            clock.done("load")
+            specs: list[BuildSpec] = []
+            source_trees: list[list[Digest]] = []
+            with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
+                for element in elements:
+                    digests = [
+                        source.stage(ctx.local_cas, Path(workdir) / f"{len(specs)}-{i}")
+                        for i, source in enumerate(element.sources)
+                    ]
+                    specs.append(element.build_spec(digests))
+                    source_trees.append(digests)
+            clock.done("specs")
+            found = cached_elements(ctx, elements, specs)
+            cached = [element.name for element in elements if element.name in found]
+            clock.done("lookup")
+            for element, digests in zip(elements, source_trees, strict=True):
+                if element.name not in found:
                     snapshot_sources(ctx, digests)
-                specs.append(spec)
-    with broker_errors(config.require_broker()):
-        return _enqueue(config, project_dir, targets, elements, specs, cached, options)
+            clock.done("snapshot")
+        with broker_errors(config.require_broker()):
+            return _enqueue(config, project_dir, targets, elements, specs, cached, options, clock)
 
 
 def _enqueue(
@@ -237,6 +254,7 @@ def _enqueue(
     specs: list[BuildSpec],
     cached: list[str],
     options: Mapping[str, str] | None,
+    clock: _PhaseClock,
 ) -> str:
     scheduler = Scheduler.from_url(config.require_broker(), reconnect_seconds=RECONNECT_SECONDS)
     names = {e.name for e in elements}
@@ -257,12 +275,73 @@ def _enqueue(
             "remex_version": __version__,
         },
     )
+    clock.done("redis")
     from pipeline.broker import make_celery, send_element
 
     app = make_celery(config)
     for element_name in ready:
         send_element(app, scheduler, build_id, element_name)
+    clock.done("send")
     return build_id
+
+
+class _PhaseClock:
+    """Records the wall time of consecutive phases into a dict (or nowhere)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[phase] = now - self.last
+        self.last = now
+
+
+# How many artifact lookups are in flight at once (each is one small RPC).
+LOOKUP_THREADS = 16
+
+
+def cached_elements(
+    ctx: StageContext, elements: Sequence[Element], specs: Sequence[BuildSpec]
+) -> set[str]:
+    """The elements whose artifact the artifact server has, from those whose
+    staged dependencies all have theirs.
+
+    An element that waits for a dependency to build is not looked up: it
+    cannot start before then anyway, and its own chain finds its artifact
+    (its push keeps an existing artifact; its action is in the ActionCache).
+    So a new project costs a lookup per element that could start now, not
+    one per element. The others are looked up a wave at a time (an element's
+    wave comes after its dependencies'), each wave's lookups in parallel.
+
+    Raises:
+        RemoteError: the artifact server failed (after retries).
+    """
+    depth: dict[str, int] = {}
+    staged: dict[str, list[str]] = {}
+    waves: list[list[int]] = []
+    for index, element in enumerate(elements):  # dependencies first
+        names = [d.name for d in element.staged_dependencies()]
+        staged[element.name] = names
+        level = 1 + max((depth[n] for n in names if n in depth), default=-1)
+        depth[element.name] = level
+        if level == len(waves):
+            waves.append([])
+        waves[level].append(index)
+    found: set[str] = set()
+
+    def lookup(index: int) -> bool:
+        return lookup_artifact(ctx, specs[index]) is not None
+
+    with ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="remex-lookup") as pool:
+        for wave in waves:
+            ready = [i for i in wave if all(n in found for n in staged[elements[i].name])]
+            for index, hit in zip(ready, pool.map(lookup, ready), strict=True):
+                if hit:
+                    found.add(elements[index].name)
+    return found
 
 
 def status(build_id: str, *, config: RemexConfig | None = None) -> BuildStatus:

@@ -99,7 +99,10 @@ def compose(base: MappingNode, overlay: MappingNode) -> MappingNode:
             file and line.
     """
     result = clone_mapping(base)
-    compose_onto(result, clone_mapping(overlay, base.path))
+    # compose_onto copies what it takes from the overlay: a copy first only
+    # to give the overlay the base's field paths (a different place).
+    rooted = overlay if overlay.path == base.path else clone_mapping(overlay, base.path)
+    compose_onto(result, rooted)
     return result
 
 

@@ -112,6 +112,7 @@ class Element:
         self.fatal_warnings = tuple(sorted(set(fatal_warnings)))
         self.sources = sources
         self._cache_key: str | None = None
+        self._staged: list[Element] | None = None
 
     def __repr__(self) -> str:
         return f"<Element {self.name} ({self.kind})>"
@@ -138,7 +139,11 @@ class Element:
     def staged_dependencies(self) -> list[Element]:
         """Each build dependency's runtime closure, in order, each element once
         (BuildStream's build scope: what a build stages at ``/``)."""
-        return _post_order(self.build_dependencies, lambda e: e.runtime_dependencies)
+        # Asked for by the key, the spec and submit: walked once (the
+        # dependencies of a loaded element do not change).
+        if self._staged is None:
+            self._staged = _post_order(self.build_dependencies, lambda e: e.runtime_dependencies)
+        return list(self._staged)
 
     # --- public data ---------------------------------------------------------
 

@@ -13,8 +13,13 @@ keys; :mod:`pipeline.elements.composition` and
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
+import os
 import re
-from abc import ABC, abstractmethod
+import tempfile
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +47,12 @@ class Mark:
 
 
 @dataclass
-class Node(ABC):
-    """A YAML value with where it was written and its field path (``""`` = the document)."""
+class Node:
+    """A YAML value with where it was written and its field path (``""`` = the document).
+
+    Abstract: only its subclasses are made. Not an ``abc.ABC``: ``isinstance``
+    on an ABC's subclasses goes through ``ABCMeta`` (several times slower),
+    and the loader asks it a million times on a large project."""
 
     mark: Mark
     path: str
@@ -57,9 +66,9 @@ class Node(ABC):
             field=self.path if field is None else field,
         )
 
-    @abstractmethod
     def describe(self) -> str:
         """What kind of value this is, for messages."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -214,6 +223,20 @@ def load_yaml(path: Path, display: str) -> MappingNode:
         data = path.read_bytes()
     except OSError as exc:
         raise LoadError(f"cannot read file: {exc.strerror}", file=display) from exc
+    cache = parsed_cache_dir()
+    if cache is None:
+        return _parse(data, display)
+    digest = hashlib.blake2b(data, digest_size=20, person=_CACHE_FORMAT).hexdigest()
+    # Strings, not Paths: this runs for every file of the project.
+    entry = os.path.join(cache, digest[:2], digest[2:])
+    node = _read_entry(entry, display)
+    if node is None:
+        node = _parse(data, display)
+        _write_entry(entry, node)
+    return node
+
+
+def _parse(data: bytes, display: str) -> MappingNode:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -248,6 +271,131 @@ def load_yaml(path: Path, display: str) -> MappingNode:
     if not isinstance(node, MappingNode):
         raise node.error(f"expected a mapping at the top of the file, got {node.describe()}")
     return node
+
+
+# --- the parsed-file cache -----------------------------------------------------
+#
+# Parsing is most of the cost of loading a large project, and most of its
+# files do not change between runs: each parsed file is kept as JSON (never
+# pickle: the folder is only as trusted as the user's home) under the BLAKE2b
+# of its bytes, so an edit is a new entry and no entry is ever stale. The
+# display name is not part of an entry (the same text at two places is one
+# entry; marks get the name of the file being loaded). An entry holds a
+# checksum of its body: a torn or corrupt entry is a miss, parsed again and
+# rewritten. Writers write a private temporary file and rename it into place,
+# so concurrent loads never see half an entry.
+
+# Changes with the entry layout or with what parsing produces (new refusals,
+# stripping rules): old entries are then simply never found.
+_CACHE_FORMAT = b"remex-parsed-1"
+# An entry: this header, the hex BLAKE2b of the body, a newline, the body.
+_ENTRY_HEADER = b"remex-parsed 1 "
+
+
+def parsed_cache_dir() -> Path | None:
+    """Where parsed files are cached: ``$REMEX_PARSED_CACHE`` if set (``off``
+    or empty: no cache), else ``$XDG_CACHE_HOME/remex/parsed``
+    (``~/.cache/remex/parsed``)."""
+    return _cache_dir(os.environ.get("REMEX_PARSED_CACHE"), os.environ.get("XDG_CACHE_HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_dir(setting: str | None, cache_home: str | None) -> Path | None:
+    # Asked for each file: memoized by the environment it depends on.
+    if setting is not None:
+        return None if setting in ("", "off") else Path(setting)
+    home = cache_home or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(home) / "remex" / "parsed"
+
+
+def _read_entry(entry: str, display: str) -> MappingNode | None:
+    try:
+        with open(entry, "rb") as file:
+            raw = file.read()
+    except OSError:
+        return None
+    newline = raw.find(b"\n")
+    if newline < 0 or not raw.startswith(_ENTRY_HEADER):
+        return None
+    body = raw[newline + 1 :]
+    checksum = hashlib.blake2b(body, digest_size=16).hexdigest().encode()
+    if raw[len(_ENTRY_HEADER) : newline] != checksum:
+        return None
+    try:
+        node = _decode(json.loads(body), display, "", {})
+    except (ValueError, TypeError, IndexError, KeyError, RecursionError):
+        return None
+    return node if isinstance(node, MappingNode) else None
+
+
+def _write_entry(entry: str, node: MappingNode) -> None:
+    # Best effort: a cache that cannot be written only makes the next load slower.
+    body = json.dumps(_encode(node), ensure_ascii=False, separators=(",", ":")).encode()
+    checksum = hashlib.blake2b(body, digest_size=16).hexdigest().encode()
+    try:
+        folder = os.path.dirname(entry)
+        os.makedirs(folder, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(_ENTRY_HEADER + checksum + b"\n" + body)
+            os.replace(temporary, entry)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    except OSError:
+        pass
+
+
+# Encoded nodes (JSON arrays): [0, line, value] a scalar (value a string or
+# null); [1, line, [items]] a list; [2, line, [key, value, key, value ...]] a
+# mapping, each value marked at its key's line (as _convert marks them), so
+# key marks need no room of their own. Field paths are derived again.
+
+
+def _encode(node: Node) -> list[Any]:
+    if isinstance(node, ScalarNode):
+        return [0, node.mark.line, node.value]
+    if isinstance(node, SequenceNode):
+        return [1, node.mark.line, [_encode(item) for item in node.items]]
+    assert isinstance(node, MappingNode)
+    flat: list[Any] = []
+    for key, value in node.entries.items():
+        flat.append(key)
+        flat.append(_encode(value))
+    return [2, node.mark.line, flat]
+
+
+def _decode(data: list[Any], file: str, path: str, marks: dict[int, Mark]) -> Node:
+    tag, line, body = data
+    # Marks are immutable: one per line, shared by every node written on it.
+    mark = marks.get(line)
+    if mark is None:
+        if type(line) is not int:
+            raise TypeError("a line must be a number")
+        mark = marks[line] = Mark(file, line)
+    if tag == 0:
+        if body is not None and type(body) is not str:
+            raise TypeError("a scalar must be a string or null")
+        return ScalarNode(mark, path, body)
+    if tag == 1:
+        return SequenceNode(
+            mark, path, [_decode(item, file, f"{path}[{i}]", marks) for i, item in enumerate(body)]
+        )
+    if tag != 2:
+        raise ValueError("unknown node tag")
+    entries: dict[str, Node] = {}
+    key_marks: dict[str, Mark] = {}
+    prefix = f"{path}." if path else ""
+    for index in range(0, len(body), 2):
+        key = body[index]
+        if type(key) is not str or key in entries:
+            raise TypeError("a key must be a new string")
+        child = _decode(body[index + 1], file, prefix + key, marks)
+        entries[key] = child
+        key_marks[key] = child.mark
+    return MappingNode(mark, path, entries, key_marks)
 
 
 class _RefusedError(Exception):

@@ -19,14 +19,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import os
 import posixpath
 import re
 import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from pipeline import spec
 from pipeline.cas import LocalCas, checkout
@@ -58,7 +59,7 @@ from pipeline.elements.kinds import (
     build_element_kind,
 )
 from pipeline.elements.kinds.base import data_to_node, expand_data
-from pipeline.elements.nodes import MappingNode, Mark, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
 from pipeline.elements.options import PROJECT_RESTRICTED_KEYS, OptionPool
 from pipeline.elements.plugins import declare_plugins
 from pipeline.elements.project_keys import (
@@ -76,7 +77,7 @@ from pipeline.elements.sources import (
     project_path,
 )
 from pipeline.elements.split_rules import DEFAULT_SPLIT_RULES
-from pipeline.elements.variables import Definition, Variables
+from pipeline.elements.variables import Definition, SharedVariables, Variables
 
 __all__ = ["Project", "load_project"]
 
@@ -270,8 +271,12 @@ class _ElementFile:
     node: MappingNode
     kind: str
     deps: list[_DepRef]
-    closure: set[str] = field(default_factory=set)
-    """Names of everything it depends on, directly or not."""
+    bit: int = 0
+    """``1 << n`` for the graph's n-th file: its place in the closures."""
+    closure: int = 0
+    """Everything it depends on, directly or not: the OR of their bits (a
+    bitset, so a closure of 10,000 elements is one OR of two ints, not a
+    set union)."""
     deps_sorted: bool = False
 
 
@@ -328,6 +333,10 @@ class Project:
         assert splits is not None
         self._split_rules = splits
         self._element_overrides = conf.get_mapping("elements")
+        # A kind's composed defaults are the same for every element of it:
+        # composed once (the loader's costliest step when done per element).
+        self._defaults_by_kind: dict[str, MappingNode] = {}
+        self._shared_by_kind: dict[str, tuple[MappingNode, SharedVariables | None]] = {}
         self._sandbox_conf = conf.get_mapping("sandbox")
         self.fatal_warnings = tuple(n.as_str() for n in conf.get_str_list("fatal-warnings") or [])
         # Looked up when an element uses the kind, as bst does.
@@ -388,6 +397,10 @@ class Project:
             LoadError: anything wrong in any of those files or their sources;
                 the message names the file, the line and the field.
         """
+        with gc_paused():
+            return self._load_targets(targets)
+
+    def _load_targets(self, targets: list[str]) -> list[Element]:
         roots = [self._read_target(target) for target in targets]
         self._check_cycles(roots)
         for file in roots:
@@ -578,12 +591,14 @@ class Project:
         return path, f"{junction}:{file}"
 
     def _display(self, path: Path) -> str:
+        # On strings (both sides are normalised Paths): once per element file,
+        # and pathlib's relative_to is slow.
+        text = str(path)
         for directory in (self.root.directory, self.directory):
-            try:
-                return path.relative_to(directory).as_posix()
-            except ValueError:
-                continue
-        return str(path)
+            prefix = os.path.join(str(directory), "")
+            if text.startswith(prefix):
+                return text[len(prefix) :]
+        return text
 
     def _read(self, name: str, owner: Project, local: str, path: Path) -> _ElementFile:
         """Read ``owner``'s element file ``local`` into this (root) project's graph as ``name``."""
@@ -609,7 +624,7 @@ class Project:
         for ref in deps:
             ref.name = owner.prefix + ref.name
         file = _ElementFile(name=name, project=owner, local=local, display=display, node=node,
-                            kind=kind, deps=deps)  # fmt: skip
+                            kind=kind, deps=deps, bit=1 << len(self._files))  # fmt: skip
         self._files[name] = file
         return file
 
@@ -646,8 +661,8 @@ class Project:
                 on_path.discard(file.name)
                 done.add(file.name)
                 for ref in file.deps:
-                    file.closure.add(ref.name)
-                    file.closure |= self._files[ref.name].closure
+                    child = self._files[ref.name]
+                    file.closure |= child.closure | child.bit
 
     def _sort_dependencies(self, root: _ElementFile) -> None:
         """Sort each reachable element's dependencies as BuildStream does."""
@@ -668,9 +683,10 @@ class Project:
                 file.deps_sorted = True
 
     def _compare_dependencies(self, a: _DepRef, b: _DepRef) -> int:
-        if b.name in self._files[a.name].closure:
+        file_a, file_b = self._files[a.name], self._files[b.name]
+        if file_a.closure & file_b.bit:
             return 1
-        if a.name in self._files[b.name].closure:
+        if file_b.closure & file_a.bit:
             return -1
         a_runtime_only = a.runtime and not a.build
         b_runtime_only = b.runtime and not b.build
@@ -726,7 +742,14 @@ class Project:
             )
             for ref in file.deps
         ]
-        config = _compose_mappings(defaults.get_mapping("config"), node.get_mapping("config"))
+        overlay = node.get_mapping("config")
+        base_config = defaults.get_mapping("config")
+        # A copy when the element adds nothing: the kind's defaults are shared.
+        config = (
+            _compose_mappings(base_config, overlay)
+            if overlay is not None or base_config is None
+            else clone_mapping(base_config)
+        )
         if config is None:
             config = MappingNode(mark=node.mark, path="config")
         kind_context = KindContext(
@@ -737,7 +760,7 @@ class Project:
             dependencies=dependencies,
         )
         plugin.configure(kind_context)
-        public = expand_data(_public(defaults, node), variables)
+        public = self._expanded_public(defaults, node, variables)
         sandbox = _sandbox(
             (self._sandbox_conf, defaults.get_mapping("sandbox"), node.get_mapping("sandbox")),
             variables,
@@ -766,9 +789,34 @@ class Project:
         element.set_cache_key(cache_key(element))
         return element
 
+    def _expanded_public(
+        self, defaults: MappingNode, node: MappingNode, variables: Variables
+    ) -> dict[str, Any]:
+        """The element's public data, expanded. Without a ``public`` of its own,
+        an element's is its kind's split rules: expanded once per kind (and
+        copied for each element) unless the element changes a variable they use."""
+        if "public" in node.entries:
+            return cast("dict[str, Any]", expand_data(_public(defaults, node), variables))
+        shared = variables.shared_value("public")
+        if shared is not None:
+            return cast("dict[str, Any]", _copy_data(shared))
+        public_node = _public(defaults, node)
+        public = cast("dict[str, Any]", expand_data(public_node, variables))
+        variables.share_value("public", _copy_data(public), _strings(public_node))
+        return public
+
     def _kind_defaults(self, kind: str) -> MappingNode:
         """The kind's defaults, with the project's split rules under its own and
-        project.conf ``elements.KIND`` over them (BuildStream's order)."""
+        project.conf ``elements.KIND`` over them (BuildStream's order).
+
+        Composed once per kind and shared: callers must not change the node
+        (they compose copies of its parts)."""
+        cached = self._defaults_by_kind.get(kind)
+        if cached is None:
+            cached = self._defaults_by_kind[kind] = self._compose_kind_defaults(kind)
+        return cached
+
+    def _compose_kind_defaults(self, kind: str) -> MappingNode:
         defaults = self._kinds[kind].defaults() or MappingNode(mark=Mark("<remex>", 0), path="")
         public = defaults.get_mapping("public")
         bst = public.get_mapping("bst") if public is not None else None
@@ -793,16 +841,38 @@ class Project:
         return composed
 
     def _element_variables(self, file: _ElementFile, defaults: MappingNode) -> Variables:
-        definitions = {
-            name: Definition(value, None, f"variables.{name}")
-            for name, value in DEFAULT_VARIABLES.items()
-        }
         element_variables = file.node.get_str_mapping("variables")
         for protected in PROTECTED_VARIABLES:
             if protected in element_variables:
                 raise element_variables[protected].error(
                     f"variable {protected!r} is set by remex; it cannot be redefined"
                 )
+        definitions = self._variable_definitions(defaults, element_variables, file.local)
+        variables = Variables(definitions, shared=self._shared_variables(file.kind, defaults))
+        variables.check()
+        return variables
+
+    def _shared_variables(self, kind: str, defaults: MappingNode) -> SharedVariables | None:
+        """The variables every element of ``kind`` starts from, resolved once
+        (None when those are broken: each element then reports it)."""
+        entry = self._shared_by_kind.get(kind)
+        if entry is None or entry[0] is not defaults:
+            try:
+                shared: SharedVariables | None = SharedVariables(
+                    self._variable_definitions(defaults, {}, "")
+                )
+            except LoadError:
+                shared = None
+            entry = self._shared_by_kind[kind] = (defaults, shared)
+        return entry[1]
+
+    def _variable_definitions(
+        self, defaults: MappingNode, element_variables: dict[str, ScalarNode], local: str
+    ) -> dict[str, Definition]:
+        definitions = {
+            name: Definition(value, None, f"variables.{name}")
+            for name, value in DEFAULT_VARIABLES.items()
+        }
         # BuildStream's layering: the project's, then the kind's defaults, then
         # the element's; the names it sets itself sit where bst prints them.
         for name, value in self._variables.items():
@@ -827,10 +897,8 @@ class Project:
             if notparallel.value in ("true", "True"):
                 # As BuildStream: notparallel forces max-jobs to 1.
                 definitions["max-jobs"] = Definition("1", None, "max-jobs")
-        definitions["element-name"] = Definition(file.local, None, "element-name")
-        variables = Variables(definitions)
-        variables.check()
-        return variables
+        definitions["element-name"] = Definition(local, None, "element-name")
+        return definitions
 
     def _element_environment(
         self, node: MappingNode, defaults: MappingNode, variables: Variables
@@ -1066,6 +1134,47 @@ def _public(defaults: MappingNode, node: MappingNode) -> MappingNode:
     public.entries["bst"] = bst
     public.key_marks.setdefault("bst", mark)
     return public
+
+
+def _copy_data(value: Any) -> Any:
+    """A deep copy of JSON-like data (dicts, lists, strings, None)."""
+    if type(value) is dict:
+        return {key: _copy_data(item) for key, item in value.items()}
+    if type(value) is list:
+        return [_copy_data(item) for item in value]
+    return value
+
+
+def _strings(node: Node) -> Iterator[str]:
+    """Every string in ``node``'s tree (mapping keys are not expanded: left out)."""
+    if isinstance(node, ScalarNode):
+        if node.value is not None:
+            yield node.value
+    elif isinstance(node, SequenceNode):
+        for item in node.items:
+            yield from _strings(item)
+    elif isinstance(node, MappingNode):
+        for value in node.entries.values():
+            yield from _strings(value)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while loading (or submitting): a large project makes
+    hundreds of thousands of long-lived nodes, and each collection pass would
+    walk them all again (a quarter of the load time). The nodes form no
+    cycles. After a load that worked, what exists is frozen (moved out of the
+    collector's sight: the project lives as long as the process), else the
+    first collection after the load would walk it all once more."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        if enabled:
+            gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _compose_mappings(base: MappingNode | None, overlay: MappingNode | None) -> MappingNode | None:

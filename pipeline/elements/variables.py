@@ -10,12 +10,14 @@ error at load time, as in BuildStream.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.elements.errors import LoadError
 from pipeline.elements.nodes import Mark, ScalarNode
 
-__all__ = ["Definition", "Variables"]
+__all__ = ["Definition", "SharedVariables", "Variables"]
 
 _REFERENCE = re.compile(r"%\{([a-zA-Z][a-zA-Z0-9_-]*)\}")
 
@@ -29,12 +31,101 @@ class Definition:
     field: str
 
 
-class Variables:
-    """An element's variables: definitions, later layers already applied over earlier."""
+class SharedVariables:
+    """What many elements' variables have in common, resolved once.
+
+    Elements of one kind in one project share every layer of definitions but
+    their own (the project's, the kind's defaults ...). Resolving those once,
+    and expanding the strings they share (the kind's commands, split rules)
+    once, is most of the loader's work saved on a large project. An element's
+    :class:`Variables` made with ``shared`` take a shared value only when
+    nothing it refers to, directly or not, is defined differently there.
+    """
 
     def __init__(self, definitions: dict[str, Definition]) -> None:
+        self.definitions = dict(definitions)
+        base = Variables(self.definitions)
+        base.check()  # raises on a broken layer: then nothing is shared
+        self.resolved = dict(base._resolved)
+        # name -> the names whose values use it (directly).
+        self._users: dict[str, set[str]] = {}
+        for name, definition in self.definitions.items():
+            for ref in _REFERENCE.findall(definition.value):
+                self._users.setdefault(ref, set()).add(name)
+        # Expanded texts: text -> (expansion, the variables it used, transitively).
+        self.texts: dict[str, tuple[str, frozenset[str]]] = {}
+        # Values built from shared texts (an element's public data ...), by name.
+        self.values: dict[str, tuple[Any, frozenset[str]]] = {}
+        self._users_closure: dict[str, frozenset[str]] = {}
+        self._uses_closure: dict[str, frozenset[str]] = {}
+
+    def stale(self, definitions: dict[str, Definition]) -> frozenset[str] | None:
+        """The names whose shared value ``definitions`` changes: redefined or
+        new ones and every name using one of those; None when nothing can be
+        shared (a shared name is missing)."""
+        if not self.definitions.keys() <= definitions.keys():
+            return None
+        changed = [
+            name
+            for name, definition in definitions.items()
+            if (base := self.definitions.get(name)) is None or base.value != definition.value
+        ]
+        stale: set[str] = set()
+        for name in changed:
+            stale |= self.users_of(name)
+        return frozenset(stale)
+
+    def users_of(self, name: str) -> frozenset[str]:
+        """``name`` and every shared name whose value uses it, directly or not."""
+        found = self._users_closure.get(name)
+        if found is None:
+            seen = {name}
+            todo = [name]
+            while todo:
+                for user in self._users.get(todo.pop(), ()):
+                    if user not in seen:
+                        seen.add(user)
+                        todo.append(user)
+            found = self._users_closure[name] = frozenset(seen)
+        return found
+
+    def uses(self, name: str) -> frozenset[str]:
+        """``name`` and every shared name its shared value refers to, directly or not."""
+        found = self._uses_closure.get(name)
+        if found is None:
+            seen: set[str] = set()
+            todo = [name]
+            while todo:
+                current = todo.pop()
+                if current not in seen:
+                    seen.add(current)
+                    todo.extend(_REFERENCE.findall(self.definitions[current].value))
+            found = self._uses_closure[name] = frozenset(seen)
+        return found
+
+
+class Variables:
+    """An element's variables: definitions, later layers already applied over earlier.
+
+    Args:
+        shared: what the element shares with others (values resolved once).
+    """
+
+    def __init__(
+        self, definitions: dict[str, Definition], *, shared: SharedVariables | None = None
+    ) -> None:
         self._definitions = definitions
         self._resolved: dict[str, str] = {}
+        self._shared: SharedVariables | None = None
+        self._stale: frozenset[str] = frozenset()
+        if shared is not None:
+            stale = shared.stale(definitions)
+            if stale is not None:
+                self._shared = shared
+                self._stale = stale
+                self._resolved = {
+                    name: value for name, value in shared.resolved.items() if name not in stale
+                }
 
     def check(self) -> None:
         """Resolve every definition.
@@ -69,12 +160,50 @@ class Variables:
             LoadError: a reference to an undefined variable (at ``mark``/``field``),
                 or a definition it uses is broken (at that definition).
         """
-        for name in _REFERENCE.findall(text):
+        if "%{" not in text:
+            return text
+        shared = self._shared
+        if shared is not None:
+            hit = shared.texts.get(text)
+            if hit is not None and hit[1].isdisjoint(self._stale):
+                return hit[0]
+        names = _REFERENCE.findall(text)
+        for name in names:
             if name not in self._definitions:
                 raise LoadError(
                     f"undefined variable {name!r}", file=mark.file, line=mark.line, field=field
                 )
-        return _REFERENCE.sub(lambda m: self[m.group(1)], text)
+        value = _REFERENCE.sub(lambda m: self[m.group(1)], text)
+        if shared is not None and self._stale.isdisjoint(names):
+            # Every name it uses has its shared value here (a name that is
+            # not stale uses none that is), so the text expands the same for
+            # any element that changes none of the names it uses.
+            shared.texts[text] = (value, frozenset().union(*(shared.uses(n) for n in names)))
+        return value
+
+    def shared_value(self, key: str) -> Any | None:
+        """The value stored under ``key`` by :meth:`share_value` for elements
+        sharing these variables' layers, if it holds here (None otherwise)."""
+        if self._shared is None:
+            return None
+        hit = self._shared.values.get(key)
+        if hit is None or not hit[1].isdisjoint(self._stale):
+            return None
+        return hit[0]
+
+    def share_value(self, key: str, value: Any, texts: Iterable[str]) -> None:
+        """Store ``value``, made by expanding ``texts`` here, for elements whose
+        variables give those texts the same expansions (see :meth:`shared_value`).
+        Callers must not change ``value`` afterwards (nor what they get back)."""
+        shared = self._shared
+        if shared is None:
+            return
+        names: set[str] = set()
+        for text in texts:
+            names.update(_REFERENCE.findall(text))
+        if not self._stale.isdisjoint(names) or not names <= shared.definitions.keys():
+            return
+        shared.values[key] = (value, frozenset().union(*(shared.uses(n) for n in names)))
 
     def expand_node(self, node: ScalarNode) -> str:
         """Expand a scalar node's string (a null is an error)."""

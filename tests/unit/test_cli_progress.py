@@ -93,3 +93,42 @@ def test_plain_lines_name_a_failure() -> None:
     out = io.StringIO()
     PlainLines(out)(status("failed", a=("failed", {"error": "exit code 2\nlog ..."})))
     assert out.getvalue() == "remex: a: failed (exit code 2)\n"
+
+
+# --- the status table of a long build ------------------------------------------------
+
+
+def rendered(table: Any) -> str:
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(table)
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_a_short_builds_table_shows_every_element() -> None:
+    from cli.progress import table
+
+    current = status("running", **{f"e{i}.bst": ("built", {}) for i in range(5)})
+    text = rendered(table(current, 1.0))
+    assert all(f"e{i}.bst" in text for i in range(5))
+    assert "shown" not in text
+
+
+def test_a_long_builds_table_shows_failed_and_running_first_and_counts_all() -> None:
+    from cli.progress import table
+
+    # Given a build of 1,000 elements: mostly built, some waiting, two running, one failed
+    elements: dict[str, tuple[str, dict[str, Any]]] = {
+        f"e{i:04d}.bst": ("built", {}) for i in range(990)
+    }
+    elements.update({f"w{i}.bst": ("waiting", {}) for i in range(7)})
+    elements["r1.bst"] = ("running", {"stage": "execute"})
+    elements["f1.bst"] = ("failed", {"error": "exit code 1"})
+    elements["r2.bst"] = ("running", {"stage": "upload"})
+    text = rendered(table(status("running", **elements), 1.0, rows=50))
+    # Then only those three are rows, the failed one first, and the caption counts every state
+    rows = [line for line in text.splitlines() if ".bst" in line]
+    assert [row.split()[1] for row in rows] == ["f1.bst", "r1.bst", "r2.bst"]
+    caption = "3 of 1000 elements shown; 990 built, 1 failed, 2 running, 7 waiting"
+    assert caption in " ".join(text.split())  # the caption wraps at the table width

@@ -1,0 +1,259 @@
+"""The parsed-file cache (nodes.load_yaml) and variables shared between elements."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline.elements.errors import LoadError
+from pipeline.elements.nodes import load_yaml
+from pipeline.elements.variables import Definition, SharedVariables, Variables
+
+TEXT = """\
+kind: manual
+description: |
+  two lines
+  of text
+build-depends:
+- base.bst
+- filename: lib.bst
+  config: ~
+variables:
+  prefix: /opt
+  empty:
+  number: 12
+config:
+  build-commands:
+  - echo %{prefix}
+  - [nested, list]
+"""
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "parsed"
+    monkeypatch.setenv("REMEX_PARSED_CACHE", str(folder))
+    return folder
+
+
+def uncached(path: Path, display: str, monkeypatch: pytest.MonkeyPatch) -> object:
+    with monkeypatch.context() as patch:
+        patch.setenv("REMEX_PARSED_CACHE", "off")
+        return load_yaml(path, display)
+
+
+def entries(cache: Path) -> list[Path]:
+    return [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_a_hit_gives_the_same_nodes_and_marks(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a file loaded once (a miss, which writes the entry)
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    first = load_yaml(path, "elements/a.bst")
+    assert len(entries(cache)) == 1
+
+    # When it is loaded again
+    second = load_yaml(path, "elements/a.bst")
+
+    # Then both equal what parsing gives, marks, field paths and key marks included
+    expected = uncached(path, "elements/a.bst", monkeypatch)
+    assert first == expected
+    assert second == expected
+    deps = second.get_sequence("build-depends")
+    assert deps is not None
+    assert str(deps.items[1].mark) == "elements/a.bst:7"
+    assert deps.items[1].path == "build-depends[1]"
+    assert second.key_marks["config"].line == 13
+    assert second.get_str("description") == "two lines\nof text"
+
+
+def test_the_same_text_elsewhere_is_marked_with_its_own_name(tmp_path: Path, cache: Path) -> None:
+    # Given two files with the same text
+    (tmp_path / "a.bst").write_text(TEXT)
+    (tmp_path / "b.bst").write_text(TEXT)
+    load_yaml(tmp_path / "a.bst", "a.bst")
+
+    # When the second is loaded (a hit on the first's entry)
+    node = load_yaml(tmp_path / "b.bst", "b.bst")
+
+    # Then its marks name the second file
+    assert len(entries(cache)) == 1
+    assert node.mark.file == "b.bst"
+    variables = node.get_mapping("variables")
+    assert variables is not None
+    assert str(variables.entries["prefix"].mark) == "b.bst:10"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw[: len(raw) // 2],  # torn write
+        lambda raw: raw.replace(b"/opt", b"/usr"),  # changed body
+        lambda raw: b"",
+        lambda raw: b"not an entry\n[]",
+    ],
+)
+def test_a_damaged_entry_is_a_miss_and_is_rewritten(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, damage: object
+) -> None:
+    # Given an entry that was damaged after it was written
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    load_yaml(path, "a.bst")
+    (entry,) = entries(cache)
+    entry.write_bytes(damage(entry.read_bytes()))  # type: ignore[operator]
+
+    # When the file is loaded
+    node = load_yaml(path, "a.bst")
+
+    # Then it is parsed again (right nodes) and the entry is whole again
+    assert node == uncached(path, "a.bst", monkeypatch)
+    assert load_yaml(path, "a.bst") == node
+    assert b"/opt" in entry.read_bytes()
+
+
+def test_a_well_formed_entry_of_the_wrong_shape_is_a_miss(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an entry whose checksum is right but whose body is no node tree
+    import hashlib
+
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    load_yaml(path, "a.bst")
+    (entry,) = entries(cache)
+    body = b'[2, 1, ["kind", [7, 1, "x"]]]'
+    checksum = hashlib.blake2b(body, digest_size=16).hexdigest().encode()
+    entry.write_bytes(b"remex-parsed 1 " + checksum + b"\n" + body)
+
+    # Then loading parses the file again
+    assert load_yaml(path, "a.bst") == uncached(path, "a.bst", monkeypatch)
+
+
+def test_bad_files_are_not_cached_and_still_refused(tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "bad.bst"
+    path.write_text("kind: manual\nkind: stack\n")
+    for _ in range(2):
+        with pytest.raises(LoadError, match="duplicate key 'kind'") as info:
+            load_yaml(path, "bad.bst")
+        assert info.value.line == 2
+    assert entries(cache) == []
+
+
+def test_an_edit_is_a_new_entry(tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    load_yaml(path, "a.bst")
+    path.write_text(TEXT.replace("/opt", "/srv"))
+    node = load_yaml(path, "a.bst")
+    variables = node.get_mapping("variables")
+    assert variables is not None and variables.get_str("prefix") == "/srv"
+    assert len(entries(cache)) == 2
+
+
+def test_concurrent_loads_agree(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given many threads loading the same new file at once (all may miss and write)
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    results: list[object] = []
+
+    def load() -> None:
+        for _ in range(20):
+            results.append(load_yaml(path, "a.bst"))
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Then every load gave the parsed nodes, and one whole entry is left (no temporaries)
+    expected = uncached(path, "a.bst", monkeypatch)
+    assert len(results) == 160
+    assert all(result == expected for result in results)
+    assert len(entries(cache)) == 1
+
+
+def test_an_unwritable_cache_only_costs_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("REMEX_PARSED_CACHE", str(blocker / "parsed"))
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    assert load_yaml(path, "a.bst").get_str("kind") == "manual"
+
+
+# --- variables shared between elements -----------------------------------------
+
+
+def definitions(**values: str) -> dict[str, Definition]:
+    return {name.replace("_", "-"): Definition(v, None, name) for name, v in values.items()}
+
+
+BASE = definitions(
+    prefix="/usr", bindir="%{prefix}/bin", libdir="%{prefix}/lib", name="", tool="%{bindir}/%{name}"
+)
+
+
+def test_shared_values_equal_unshared_ones() -> None:
+    shared = SharedVariables(BASE)
+    cases = [
+        definitions(
+            prefix="/usr",
+            bindir="%{prefix}/bin",
+            libdir="%{prefix}/lib",
+            name="app",
+            tool="%{bindir}/%{name}",
+        ),
+        definitions(
+            prefix="/opt",
+            bindir="%{prefix}/bin",
+            libdir="%{prefix}/lib",
+            name="",
+            tool="%{bindir}/%{name}",
+        ),
+        definitions(
+            prefix="/usr",
+            bindir="%{prefix}/sbin",
+            libdir="%{prefix}/lib",
+            name="x",
+            tool="%{bindir}/%{name}",
+            extra="%{tool}-1",
+        ),
+    ]
+    texts = ["%{tool} --libdir=%{libdir}", "plain", "%{libdir}/x", "%{bindir}"]
+    # Twice: the second pass expands from the shared texts the first one left.
+    for _ in range(2):
+        for case in cases:
+            with_shared = Variables(dict(case), shared=shared)
+            without = Variables(dict(case))
+            with_shared.check()
+            assert with_shared.as_dict() == without.as_dict()
+            for text in texts:
+                assert with_shared.expand(text, mark=None, field="f") == without.expand(  # type: ignore[arg-type]
+                    text,
+                    mark=None,
+                    field="f",  # type: ignore[arg-type]
+                )
+
+
+def test_an_element_redefining_a_variable_into_a_cycle_is_refused() -> None:
+    shared = SharedVariables(BASE)
+    case = dict(BASE)
+    case["prefix"] = Definition("%{tool}", None, "prefix")
+    with pytest.raises(LoadError, match="circular variable reference"):
+        Variables(case, shared=shared).check()
+
+
+def test_a_broken_shared_layer_is_refused_when_shared() -> None:
+    with pytest.raises(LoadError, match="undefined variable 'nope'"):
+        SharedVariables(definitions(a="%{nope}"))

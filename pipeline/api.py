@@ -387,6 +387,8 @@ def wait(
             if time.monotonic() - reached > WAIT_RECONNECT_SECONDS:
                 with broker_errors(url):
                     raise
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"build {build_id} not done after {timeout} s") from None
             time.sleep(poll)  # (the client itself waited with backoff first)
             continue
         reached = time.monotonic()

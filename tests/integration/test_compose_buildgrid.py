@@ -1,6 +1,6 @@
 """The compose deployment's servers, started here as docker-compose.yml starts them.
 
-No Docker engine runs here, so the commands of docker-compose.yml's
+Without a Docker engine (tests/deploy/ has one), the commands of docker-compose.yml's
 ``buildgrid-migrate``, ``buildgrid`` and ``artifacts`` services are run as
 plain processes, with what only exists inside the compose network swapped
 for loopback: the listening address becomes 127.0.0.1 on a free port, the

@@ -76,3 +76,12 @@ def test_the_reconnect_backoff_fills_the_bound() -> None:
     assert reconnect_retries(0) == 0
     assert reconnect_retries(3.0) == 5
     assert reconnect_retries(30.0) == 19
+
+
+def test_wait_keeps_its_own_timeout_during_an_outage(flaky: Any) -> None:
+    # Given a Redis that never comes back within the bound, and a follower
+    # that asked to give up after 0 s
+    flaky(FlakyScheduler(failures=10**6))
+    # Then its timeout wins over riding out the outage
+    with pytest.raises(TimeoutError, match="not done after 0.0 s"):
+        api.wait("b1", config=CONFIG, poll=0.0, timeout=0.0)

@@ -1,6 +1,6 @@
 """docker-compose.yml, Dockerfile and deploy/ checked against the code.
 
-No Docker engine runs here, so this checks what can be checked without one:
+Without a Docker engine (tests/deploy/ runs the stack on one), this checks:
 the compose file parses; every service's command is a real ``remex``
 subcommand whose options parse, or a real program with real options; every
 file it mounts exists; the services' ``REMEX_*`` settings load as a
@@ -358,8 +358,37 @@ def test_the_bot_leases_from_the_buildgrid_service_in_a_sandbox() -> None:
     assert args[:2] == ["remex", "bot"]
     assert args[args.index("--remote") + 1] == "http://buildgrid:50051"
     assert args[args.index("--runner") + 1] == "buildbox-run"
-    # And the container may create the namespaces bubblewrap needs
+    # And the container may create the namespaces bubblewrap needs, and mount
+    # a fresh /proc in them (Docker's masked /proc paths forbid it otherwise)
     assert "SYS_ADMIN" in services()["bot"]["cap_add"]
+    for path in (COMPOSE, COMPOSE_JOIN):
+        assert "systempaths=unconfined" in services(path)["bot"]["security_opt"], path
+
+
+@pytest.mark.parametrize("publish", [None, "10.1.2.3"])
+def test_published_ports_are_loopback_unless_told_and_their_host_ports_configurable(
+    publish: str | None,
+) -> None:
+    # Given the example .env, with or without a publish address and host ports
+    env = {k: v for k, v in env_example().items() if not k.startswith("REMEX_")}
+    if publish:
+        env.update(REMEX_PUBLISH_ADDRESS=publish, REMEX_REDIS_PORT="16379")
+    raw = yaml.safe_load(COMPOSE.read_text())["services"]
+    published = {
+        name: [interpolate(str(port), env) for port in service["ports"]]
+        for name, service in raw.items()
+        if service.get("ports")
+    }
+    # Then each server's port is published on 127.0.0.1 unless told otherwise,
+    # at the host port asked for (the defaults are the servers' own ports)
+    address = publish or "127.0.0.1"
+    redis_port = "16379" if publish else "6379"
+    assert published == {
+        "redis": [f"{address}:{redis_port}:6379"],
+        "buildgrid": [f"{address}:50051:50051"],
+        "artifacts": [f"{address}:50052:50052"],
+        "flower": [f"{address}:5555:5555"],
+    }
 
 
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_JOIN], ids=lambda p: p.name)

@@ -15,6 +15,7 @@ from pipeline.digest import Digest, digest_of_message, digest_to_str
 from pipeline.errors import LocalCasError, ProtocolError, RemoteError, UnsafePathError
 from pipeline.reapi.cas.connection import CasConnection, Key, digest_key, parse
 from pipeline.reapi.cas.download import Downloader
+from pipeline.reapi.cas.traffic import TRAFFIC
 from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
@@ -119,6 +120,7 @@ class TreeReader:
             )
             uncommitted: list[re_pb2.Directory] = []
             for response in conn.cas.GetTree(request, timeout=DEFAULT_RPC_TIMEOUT):
+                TRAFFIC.down(response.ByteSize(), len(response.directories))
                 uncommitted.extend(response.directories)
                 if response.next_page_token:
                     if response.next_page_token in tokens_seen:

@@ -354,30 +354,38 @@ def report(results: Sequence[Result]) -> None:
             f"| {', '.join(f'{x:.2f}' for x in ratios)} | {stable_runs(ratios)} runs |"
         )
     print()
-    print("remex workers (last run of each case; bytes are blob payloads + Directory messages):")
-    print("| case | worker | peak RSS | elements | downloaded / element | uploaded / element |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "remex workers: peak RSS, and CAS bytes (blob payloads + Directory messages) "
+        "of the first run of each case (the workers' local CAS cold) and of the last:"
+    )
+    print(
+        "| case | run | worker | peak RSS | elements | downloaded / element | uploaded / element |"
+    )
+    print("|---|---|---|---|---|---|---|")
     # A worker's "elements" are those it ran at least one stage of.
     for r in results:
         if not r.traffic:
             continue
-        for node, (count, down, up) in sorted(r.traffic[-1].items()):
-            per = max(count, 1)
-            rss = r.peak_rss.get(node, 0) / 1024
+        picked = [("first", r.traffic[0])]
+        if len(r.traffic) > 1:
+            picked.append(("last", r.traffic[-1]))
+        for label, traffic in picked:
+            for node, (count, down, up) in sorted(traffic.items()):
+                per = max(count, 1)
+                rss = r.peak_rss.get(node, 0) / 1024
+                print(
+                    f"| {r.case.name} | {label} | {node.split('@', 1)[0]} | {rss:.0f} MiB "
+                    f"| {count} | {down / per / 1024:.1f} KiB ({down} B) "
+                    f"| {up / per / 1024:.1f} KiB ({up} B) |"
+                )
+            total_down = sum(d for _, d, _ in traffic.values())
+            total_up = sum(u for _, _, u in traffic.values())
+            per = max(r.elements, 1)
             print(
-                f"| {r.case.name} | {node.split('@', 1)[0]} | {rss:.0f} MiB "
-                f"| {count} | {down / per / 1024:.1f} KiB ({down} B) "
-                f"| {up / per / 1024:.1f} KiB ({up} B) |"
+                f"| {r.case.name} | {label} | all | | {r.elements} | "
+                f"{total_down / per / 1024:.1f} KiB (total {total_down / 1024 / 1024:.2f} MiB) | "
+                f"{total_up / per / 1024:.1f} KiB (total {total_up / 1024 / 1024:.2f} MiB) |"
             )
-        total_down = sum(d for _, d, _ in r.traffic[-1].values())
-        total_up = sum(u for _, _, u in r.traffic[-1].values())
-        print(
-            f"| {r.case.name} | all | | {r.elements} | "
-            f"{total_down / max(r.elements, 1) / 1024:.1f} KiB "
-            f"(total {total_down / 1024 / 1024:.2f} MiB) | "
-            f"{total_up / max(r.elements, 1) / 1024:.1f} KiB "
-            f"(total {total_up / 1024 / 1024:.2f} MiB) |"
-        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -49,6 +49,7 @@ def open_context(config: RemexConfig, *, correlated_id: str = "") -> StageContex
         storage=config.storage,
         action_cache=config.action_cache,
         correlated_id=correlated_id,
+        download=config.cas_download,
     )
 
 

@@ -55,6 +55,7 @@ class WorkerRuntime:
             storage=config.storage,
             action_cache=config.action_cache,
             correlated_id=name,
+            download=config.cas_download,
         )
         scheduler = Scheduler.from_url(
             config.require_broker(), heartbeat_timeout=config.heartbeat_timeout

@@ -231,6 +231,10 @@ def status(build_id: str, *, config: RemexConfig | None = None) -> BuildStatus:
     return Scheduler.from_url(_config(None, config).require_broker()).status(build_id)
 
 
+#: How often :func:`wait` checks whether the build ended (one small Redis read).
+DONE_POLL = 0.02
+
+
 def wait(
     build_id: str,
     *,
@@ -249,6 +253,7 @@ def wait(
     """
     scheduler = Scheduler.from_url(_config(None, config).require_broker())
     deadline = None if timeout is None else time.monotonic() + timeout
+    meta_key = scheduler.keys.build(build_id, "meta")
     while True:
         current = scheduler.status(build_id)
         if on_update is not None:
@@ -257,7 +262,14 @@ def wait(
             return current
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"build {build_id} not done after {timeout} s")
-        time.sleep(poll)
+        # The whole status every ``poll`` seconds; in between, only the
+        # build's status field, often: the end of a build is seen within
+        # DONE_POLL seconds, not up to ``poll`` later.
+        next_full = time.monotonic() + poll
+        while time.monotonic() < next_full:
+            time.sleep(min(DONE_POLL, poll))
+            if scheduler.redis.hget(meta_key, "status") not in (None, "running", b"running"):
+                break
 
 
 def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:

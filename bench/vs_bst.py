@@ -31,7 +31,8 @@ uploaded to the CAS servers (blob payloads and GetTree Directory messages,
 Celery inspect command before and after each build) per element it worked on.
 
 Run: ``.venv/bin/python -m bench.vs_bst [--runs 3] [--cases wide,chain,dag,toolchain]
-[--jobs 8] [--workers 2] [--concurrency N] [--toolchain-sysroot DIR] [--keep]``
+[--jobs 8] [--workers 2] [--concurrency N] [--toolchain-sysroot DIR]
+[--download minimal|all] [--keep]``
 """
 
 from __future__ import annotations
@@ -191,7 +192,15 @@ class RemoteBst(Bst):
 class RemexStackCli:
     """``remex up`` / ``build`` / ``down`` on a private stack folder."""
 
-    def __init__(self, folder: Path, *, workers: int, jobs: int, concurrency: int | None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        workers: int,
+        jobs: int,
+        concurrency: int | None,
+        download: str | None = None,
+    ) -> None:
         self.folder = folder
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("REMEX_")}
         self.env.update(
@@ -199,6 +208,9 @@ class RemexStackCli:
             XDG_CONFIG_HOME=str(folder / "config"),
             REMEX_CAS_DIR=str(folder / "client-cas"),
         )
+        if download:
+            # The workers inherit it from `remex up` ([cas] download).
+            self.env["REMEX_CAS_DOWNLOAD"] = download
         self.args = ["--workers", str(workers), "--jobs", str(jobs)]
         if concurrency:
             self.args += ["--concurrency", str(concurrency)]
@@ -396,6 +408,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="remex up --workers")
     parser.add_argument("--concurrency", type=int, default=None, help="remex up --concurrency")
     parser.add_argument("--toolchain-sysroot", type=Path, default=None)
+    parser.add_argument(
+        "--download",
+        choices=("minimal", "all"),
+        default=None,
+        help="the remex workers' [cas] download (default: the configuration's default)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
@@ -419,7 +437,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     casd = CasdServer(work / "bst-casd", jobs=args.jobs)
     stack = RemexStackCli(
-        work / "remex", workers=args.workers, jobs=args.jobs, concurrency=args.concurrency
+        work / "remex",
+        workers=args.workers,
+        jobs=args.jobs,
+        concurrency=args.concurrency,
+        download=args.download,
     )
     results: list[Result] = []
     try:

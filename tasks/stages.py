@@ -98,6 +98,10 @@ class StageTask(Task):  # type: ignore[misc]
     throws = (ElementFailed,)
     acks_late = True
     reject_on_worker_lost = True
+    # The chain hands each result to the next task in its message, and Flower
+    # reads results from the task events: storing them in the result backend
+    # too would cost two Redis writes of the whole state per stage.
+    ignore_result = True
     # Retries are counted in the state (``transient_failures``), not by
     # Celery: ``execute`` also re-queues itself while an operation runs.
     max_retries = None

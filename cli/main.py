@@ -438,7 +438,14 @@ def worker(
 @click.option(
     "--jobs", type=int, default=4, show_default=True, help="Actions buildbox-casd runs at once."
 )
-@click.option("--concurrency", type=int, default=4, show_default=True, help="Tasks per worker.")
+@click.option(
+    "--concurrency",
+    type=int,
+    default=None,
+    help="Tasks per worker (threads). Default: --jobs, at least 4: a thread following "
+    "an Execute waits on casd, so each worker keeps up to --jobs actions running and "
+    "still has threads for the other stages.",
+)
 @click.option("--detach", is_flag=True, help="Return once everything is healthy.")
 @click.option(
     "--flower",
@@ -448,7 +455,12 @@ def worker(
 @project_option
 @handles_errors
 def up(
-    workers: int, jobs: int, concurrency: int, detach: bool, flower: bool, project_dir: Path
+    workers: int,
+    jobs: int,
+    concurrency: int | None,
+    detach: bool,
+    flower: bool,
+    project_dir: Path,
 ) -> None:
     """Start the embedded stack on loopback: redis-server, buildbox-casd, workers
     (and Flower).
@@ -458,6 +470,9 @@ def up(
     ``cas.dir`` when set (then they share it; else each has its own).
     """
     import signal
+
+    if concurrency is None:
+        concurrency = max(4, jobs)
 
     from pipeline import stack as embedded
     from pipeline.config import load_config

@@ -82,6 +82,7 @@ def open_context(config: RemexConfig, *, correlated_id: str = "") -> StageContex
         storage=config.storage,
         action_cache=config.action_cache,
         correlated_id=correlated_id,
+        download=config.cas_download,
     )
 
 
@@ -356,6 +357,10 @@ def status(build_id: str, *, config: RemexConfig | None = None) -> BuildStatus:
         return Scheduler.from_url(url, reconnect_seconds=RECONNECT_SECONDS).status(build_id)
 
 
+#: How often :func:`wait` checks whether the build ended (one small Redis read).
+DONE_POLL = 0.02
+
+
 def wait(
     build_id: str,
     *,
@@ -380,6 +385,7 @@ def wait(
     scheduler = Scheduler.from_url(url, reconnect_seconds=RECONNECT_SECONDS)
     deadline = None if timeout is None else time.monotonic() + timeout
     reached = time.monotonic()
+    meta_key = scheduler.keys.build(build_id, "meta")
     while True:
         try:
             current = scheduler.status(build_id)
@@ -398,7 +404,18 @@ def wait(
             return current
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"build {build_id} not done after {timeout} s")
-        time.sleep(poll)
+        # The whole status every ``poll`` seconds; in between, only the
+        # build's status field, often: the end of a build is seen within
+        # DONE_POLL seconds, not up to ``poll`` later.
+        next_full = time.monotonic() + poll
+        while time.monotonic() < next_full:
+            time.sleep(min(DONE_POLL, poll))
+            try:
+                status = scheduler.redis.hget(meta_key, "status")
+            except CONNECTION_ERRORS:
+                break  # the full read above rides out the outage
+            if status not in (None, "running", b"running"):
+                break
 
 
 def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:

@@ -36,6 +36,7 @@ Where settings come from, later ones winning:
     [cas]
     dir = "~/.cache/remex/cas"  # this host's local CAS
     quota = "10G"
+    download = "minimal"        # or "all": what workers bring home (build without the bytes)
 
     [worker]
     concurrency = 4
@@ -50,7 +51,7 @@ Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
 ``REMEX_BROKER_{SERVER_CA,CLIENT_CERT,CLIENT_KEY}``,
 ``REMEX_{EXECUTION,STORAGE,ACTION_CACHE,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,
 CLIENT_KEY,TOKEN_FILE}``,
-``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_WORKER_CONCURRENCY``,
+``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_CAS_DOWNLOAD``, ``REMEX_WORKER_CONCURRENCY``,
 ``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
 ``REMEX_CONFIG`` (an explicit config file, read instead of the user's).
 """
@@ -68,6 +69,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pipeline.errors import ConfigError
 from pipeline.reapi.channel import Endpoint
+
+#: ``[cas] download`` values (the same as pipeline.stages.context.DOWNLOAD_MODES).
+DOWNLOAD_MODES = ("minimal", "all")
 
 CONFIG_FILE_NAME = "remex.toml"
 NO_STACK = "no remex stack is up here; run 'remex up' or set {key}"
@@ -129,6 +133,9 @@ class RemexConfig:
     artifacts: Endpoint | None = None
     cas_dir: Path = field(default_factory=lambda: _cache_home() / "remex" / "cas")
     cas_quota_bytes: int | None = None
+    cas_download: str = "minimal"
+    """``minimal``: workers fetch Directory messages and logs, not file blobs;
+    ``all``: every dependency tree and output comes whole into the local CAS."""
     worker_concurrency: int = 4
     heartbeat_timeout: float = 30.0
     reconcile_interval: float = 5.0
@@ -315,11 +322,15 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
                 start, _table(remote, key, where), where, f"remote.{key}", base
             )
     cas = _table(data, "cas", where)
-    _known(cas, {"dir", "quota"}, where, "cas.")
+    _known(cas, {"dir", "quota", "download"}, where, "cas.")
     if "dir" in cas:
         changes["cas_dir"] = _path(cas["dir"], base, where, "cas.dir")
     if "quota" in cas:
         changes["cas_quota_bytes"] = parse_size(cas["quota"], where=f"{where}: cas.quota")
+    if "download" in cas:
+        changes["cas_download"] = _download(
+            _str(cas["download"], where, "cas.download"), f"{where}: cas.download"
+        )
     worker = _table(data, "worker", where)
     _known(worker, {"concurrency", "heartbeat-timeout", "reconcile-interval"}, where, "worker.")
     if "concurrency" in worker:
@@ -415,6 +426,9 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
     if env.get("REMEX_CAS_QUOTA"):
         changes["cas_quota_bytes"] = parse_size(env["REMEX_CAS_QUOTA"], where="REMEX_CAS_QUOTA")
         used.append("REMEX_CAS_QUOTA")
+    if env.get("REMEX_CAS_DOWNLOAD"):
+        changes["cas_download"] = _download(env["REMEX_CAS_DOWNLOAD"], "REMEX_CAS_DOWNLOAD")
+        used.append("REMEX_CAS_DOWNLOAD")
     if env.get("REMEX_WORKER_CONCURRENCY"):
         changes["worker_concurrency"] = _positive(
             env["REMEX_WORKER_CONCURRENCY"], "REMEX_WORKER_CONCURRENCY"
@@ -464,6 +478,14 @@ def _known(data: Mapping[str, Any], keys: set[str], where: str, prefix: str) -> 
         raise ConfigError(
             f"{where}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(keys))})"
         )
+
+
+def _download(value: str, where: str) -> str:
+    if value not in DOWNLOAD_MODES:
+        raise ConfigError(
+            f"{where}: must be one of {', '.join(map(repr, DOWNLOAD_MODES))}, not {value!r}"
+        )
+    return value
 
 
 def _str(value: Any, where: str, key: str) -> str:

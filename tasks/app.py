@@ -22,6 +22,7 @@ from pipeline.config import RemexConfig, load_config
 from tasks.flower import protect_metrics
 from tasks.runtime import BackgroundLoops, RuntimeHolder, WorkerRuntime
 from tasks.stages import register_stage_tasks
+from tasks.stats import remex_stats  # noqa: F401  (registers the inspect command)
 
 __all__ = ["create_app"]
 

@@ -80,6 +80,7 @@ class WorkerRuntime:
             storage=config.storage,
             action_cache=config.action_cache,
             correlated_id=name,
+            download=config.cas_download,
         )
         scheduler = Scheduler.from_url(
             config.require_broker(),

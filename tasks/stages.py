@@ -10,6 +10,7 @@ The tasks are registered on an app by :func:`register_stage_tasks` (called by
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -59,6 +60,37 @@ class ElementFailed(RemexError):
     """
 
 
+class _SpecCache:
+    """The build specs this worker read, by scheduler, build and element: a
+    spec never changes once the build is submitted, and each element's five
+    stages would otherwise read it from Redis five times."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        # Each entry keeps its scheduler alive, so an id() is never reused for another.
+        self._specs: collections.OrderedDict[tuple[int, str, str], tuple[object, BuildSpec]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, rt: WorkerRuntime, build: str, element: str) -> BuildSpec:
+        key = (id(rt.scheduler), build, element)
+        with self._lock:
+            entry = self._specs.get(key)
+            if entry is not None and entry[0] is rt.scheduler:
+                self._specs.move_to_end(key)
+                return entry[1]
+        spec = rt.scheduler.spec(build, element)
+        with self._lock:
+            self._specs[key] = (rt.scheduler, spec)
+            while len(self._specs) > self._size:
+                self._specs.popitem(last=False)
+        return spec
+
+
+_SPECS = _SpecCache()
+
+
 class StageTask(Task):  # type: ignore[misc]
     """Common behaviour of the stage tasks: one path from payload to result,
     with every failure decided by :attr:`policy`."""
@@ -67,6 +99,10 @@ class StageTask(Task):  # type: ignore[misc]
     throws = (ElementFailed,)
     acks_late = True
     reject_on_worker_lost = True
+    # The chain hands each result to the next task in its message, and Flower
+    # reads results from the task events: storing them in the result backend
+    # too would cost two Redis writes of the whole state per stage.
+    ignore_result = True
     # Retries are counted in the state (``transient_failures``), not by
     # Celery: ``execute`` also re-queues itself while an operation runs.
     max_retries = None
@@ -100,7 +136,7 @@ class StageTask(Task):  # type: ignore[misc]
                 payload,
                 f"{self.stage} was delivered {deliveries} times: the workers running it keep dying",
             )
-        return rt, rt.scheduler.spec(build, element)
+        return rt, _SPECS.get(rt, build, element)
 
     def run_stage(
         self,

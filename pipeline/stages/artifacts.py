@@ -204,9 +204,15 @@ def artifact_files(ctx: StageContext, root: Digest, uri: str) -> Digest:
     The artifact's root Directory is read from the server, not stored locally:
     a stored Directory should mean a complete tree there.
     """
-    files = _child(_remote_directory(ctx, root, ""), "files", uri)
+    files = artifact_files_digest(ctx, root, uri)
     ctx.artifact_cas.fetch_tree(ctx.local_cas, files)
     return files
+
+
+def artifact_files_digest(ctx: StageContext, root: Digest, uri: str) -> Digest:
+    """The digest of the ``files/`` Directory of the artifact ``root`` (read
+    from the artifact server; nothing is stored locally)."""
+    return _child(_remote_directory(ctx, root, ""), "files", uri)
 
 
 # --- private -----------------------------------------------------------------

@@ -4,17 +4,25 @@ The execution server (Execution; by default also the CAS and ActionCache
 that go with it) and the artifact server (CAS, Remote Asset) may be one server
 or two. As in BuildStream's remote-execution settings, the execution side's
 CAS ("storage") and ActionCache may be separate endpoints. The stages never
-assume the execution and artifact CAS are one: blobs move from one to the
-other through the local CAS.
+assume the execution and artifact CAS are one.
+
+``download`` says what a worker brings home (as Bazel's
+``--remote_download_minimal``): with ``"all"`` every dependency tree and
+output lands whole in the local CAS and blobs move from one server to the
+other through it; with ``"minimal"`` only Directory messages and logs do,
+and a blob one server lacks is copied from the other server to server (not
+at all when the artifact server is the execution CAS).
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 from pipeline.cas import LocalCas
+from pipeline.digest import Digest
 from pipeline.reapi.action_cache import ActionCacheClient
 from pipeline.reapi.asset import AssetClient
 from pipeline.reapi.cas import CasClient
@@ -22,9 +30,16 @@ from pipeline.reapi.channel import Endpoint
 from pipeline.reapi.execution import ExecutionClient
 from pipeline.reapi.remote import Remote
 
-__all__ = ["StageContext"]
+__all__ = ["DOWNLOAD_MODES", "StageContext"]
 
 T = TypeVar("T")
+
+#: What ``download`` may be (``[cas] download`` in the configuration).
+DOWNLOAD_MODES = ("minimal", "all")
+# Artifact URI -> its files/ digest, remembered per process: a worker stages
+# the same dependencies for many elements (an artifact under a URI does not
+# change; a stage that finds its blobs gone forgets the entry, see forget_artifacts).
+MAX_KNOWN_ARTIFACTS = 20_000
 
 
 class StageContext:
@@ -40,6 +55,7 @@ class StageContext:
             outputs to, when it is not the execution server's own.
         action_cache_remote: the ActionCache, when not the execution server's.
         owns_remotes: :meth:`close` closes the remotes (as :meth:`connect` sets).
+        download: ``"all"`` or ``"minimal"`` (see the module docstring).
 
     Use as a context manager, or call :meth:`close`.
     """
@@ -53,7 +69,11 @@ class StageContext:
         storage: Remote | None = None,
         action_cache_remote: Remote | None = None,
         owns_remotes: bool = False,
+        download: str = "all",
     ) -> None:
+        if download not in DOWNLOAD_MODES:
+            raise ValueError(f"download must be one of {DOWNLOAD_MODES}, not {download!r}")
+        self.download = download
         self.local_cas = local_cas
         self.execution = execution
         self.artifacts = artifacts
@@ -62,6 +82,7 @@ class StageContext:
         self.owns_remotes = owns_remotes
         self._lock = threading.Lock()
         self._clients: dict[str, object] = {}
+        self._artifact_files: collections.OrderedDict[str, Digest] = collections.OrderedDict()
 
     @classmethod
     def connect(
@@ -73,6 +94,7 @@ class StageContext:
         storage: Endpoint | None = None,
         action_cache: Endpoint | None = None,
         correlated_id: str = "",
+        download: str = "all",
     ) -> StageContext:
         """Open the remotes (one channel per endpoint given, even when equal)."""
         opened: list[Remote] = []
@@ -90,6 +112,7 @@ class StageContext:
                 storage=open_remote(storage) if storage is not None else None,
                 action_cache_remote=open_remote(action_cache) if action_cache is not None else None,
                 owns_remotes=True,
+                download=download,
             )
         except BaseException:
             for remote in opened:
@@ -111,6 +134,36 @@ class StageContext:
             remotes = (self.execution, self.artifacts, self.storage, self.action_cache_remote)
             for remote in {id(r): r for r in remotes}.values():
                 remote.close()
+
+    @property
+    def minimal(self) -> bool:
+        """Whether this context builds without the bytes (``download = "minimal"``)."""
+        return self.download == "minimal"
+
+    @property
+    def artifacts_on_storage(self) -> bool:
+        """Whether the artifact server's CAS is the execution side's CAS (one
+        endpoint and instance): then a blob on one is on the other."""
+        a, b = self.artifacts.endpoint, self.storage.endpoint
+        return a.url == b.url and a.instance_name == b.instance_name
+
+    def known_artifact_files(self, uri: str) -> Digest | None:
+        """The ``files/`` digest of the artifact at ``uri``, if this process saw it."""
+        with self._lock:
+            return self._artifact_files.get(uri)
+
+    def remember_artifact_files(self, uri: str, files: Digest) -> None:
+        """Remember the ``files/`` digest of the artifact at ``uri``."""
+        with self._lock:
+            self._artifact_files[uri] = files
+            self._artifact_files.move_to_end(uri)
+            while len(self._artifact_files) > MAX_KNOWN_ARTIFACTS:
+                self._artifact_files.popitem(last=False)
+
+    def forget_artifacts(self) -> None:
+        """Forget every remembered artifact (a stage found blobs gone)."""
+        with self._lock:
+            self._artifact_files.clear()
 
     # --- clients, built on first use ------------------------------------------
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import posixpath
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.cas import store_tree_message, tree_digests
@@ -178,7 +178,8 @@ def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     if not isinstance(text, str):
         raise SpecError(element, "fetch_outputs needs 'action_result' (did execute finish?)")
     result = decode_action_result(element, text)
-    stdout, stderr = _download_logs(ctx, result)
+    # The output Tree messages come with the logs, in one request.
+    stdout, stderr = _download_logs(ctx, result, _tree_messages(result))
     if result.exit_code != 0:
         _fail(ctx, spec, state, result, stdout, stderr)
     files = _download_output_tree(ctx, spec, result)
@@ -199,9 +200,10 @@ def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
 def download_outputs(
     ctx: StageContext, spec: BuildSpec, result: ActionResult, input_root: Digest
 ) -> Digest:
-    """Download the logs and the output tree of ``result`` into the local CAS;
-    return the artifact's files (for a host that lacks them)."""
-    _download_logs(ctx, result)
+    """Download the logs and the output tree of ``result`` into the local CAS
+    (its Directory messages only with ``ctx.minimal``); return the artifact's
+    files (for a host that lacks them)."""
+    _download_logs(ctx, result, _tree_messages(result))
     files = _download_output_tree(ctx, spec, result)
     if spec["select_outputs"]:
         files = select_outputs(ctx, spec, input_root, files)
@@ -220,19 +222,25 @@ def log_tail(data: bytes, lines: int = LOG_TAIL_LINES) -> str:
 # --- private -------------------------------------------------------------------
 
 
-def _download_logs(ctx: StageContext, result: ActionResult) -> tuple[Digest, Digest]:
+def _download_logs(
+    ctx: StageContext, result: ActionResult, also: Sequence[Digest] = ()
+) -> tuple[Digest, Digest]:
+    """The logs of ``result`` in the local CAS (one download, with ``also``)."""
     cas = ctx.local_cas
     found: list[Digest] = []
+    wanted: list[Digest] = list(also)
     for raw_field, digest_field in (
         ("stdout_raw", "stdout_digest"),
         ("stderr_raw", "stderr_digest"),
     ):
         if result.HasField(digest_field):
             digest: Digest = getattr(result, digest_field)
-            ctx.execution_cas.download_into(cas, [digest])
+            wanted.append(digest)
         else:
             digest = cas.put(getattr(result, raw_field))
         found.append(digest)
+    if wanted:
+        ctx.execution_cas.download_into(cas, wanted)
     return found[0], found[1]
 
 
@@ -261,16 +269,33 @@ def _download_output_tree(ctx: StageContext, spec: BuildSpec, result: ActionResu
     return empty_tree(cas)
 
 
+def _tree_messages(result: ActionResult) -> list[Digest]:
+    return [
+        d.tree_digest
+        for d in result.output_directories
+        if d.HasField("tree_digest") and d.tree_digest.size_bytes
+    ]
+
+
 def _download_directory(ctx: StageContext, output: OutputDirectory) -> Digest:
+    """An output folder's tree in the local CAS: whole, or with ``ctx.minimal``
+    its Directory messages only (the files stay on the execution CAS)."""
     cas = ctx.local_cas
     if output.HasField("tree_digest") and output.tree_digest.size_bytes:
-        tree = ctx.execution_cas.read_message(output.tree_digest, Tree)
+        if cas.contains(output.tree_digest):  # fetched with the logs
+            tree = cas.get_message(output.tree_digest, Tree)
+        else:
+            tree = ctx.execution_cas.read_message(output.tree_digest, Tree)
         root = store_tree_message(cas, tree)
-        # Directories are all local now (checked); fetch the files, verified.
-        ctx.execution_cas.download_into(cas, tree_digests(cas, root))
+        if not ctx.minimal:
+            # Directories are all local now (checked); fetch the files, verified.
+            ctx.execution_cas.download_into(cas, tree_digests(cas, root))
         return root
     if output.HasField("root_directory_digest"):
-        ctx.execution_cas.fetch_tree(cas, output.root_directory_digest)
+        if ctx.minimal:
+            ctx.execution_cas.fetch_directories(cas, output.root_directory_digest)
+        else:
+            ctx.execution_cas.fetch_tree(cas, output.root_directory_digest)
         return output.root_directory_digest
     return empty_tree(cas)
 

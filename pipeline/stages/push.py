@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from pipeline import __version__
+from pipeline.cas import tree_digests
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_to_str
 from pipeline.spec import BuildSpec
 from pipeline.stages.artifacts import build_artifact_tree
@@ -20,7 +21,7 @@ from pipeline.stages.state import (
     dj,
     with_timing,
 )
-from pipeline.stages.trees import tree_complete
+from pipeline.stages.trees import directories_complete, tree_complete
 
 __all__ = ["artifact_meta", "push_artifact"]
 
@@ -28,6 +29,8 @@ __all__ = ["artifact_meta", "push_artifact"]
 def push_artifact(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     """Stage 5: build the artifact (``files/``, ``logs/``, ``meta/``), upload its
     blobs to the artifact CAS, then name it by the artifact URI (PushDirectory).
+    With ``ctx.minimal`` the output files are not on this host: only what the
+    artifact server lacks moves, server to server.
 
     Done already when the URI resolves (another run, another host): that
     artifact is kept and returned. On a host that lacks the outputs, they are
@@ -53,9 +56,19 @@ def push_artifact(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     # The meta records this stage's time so far (a copy: the state's is added at the end).
     meta = artifact_meta(spec, with_timing(dict(new), "push_artifact", time.monotonic() - started))
     root = build_artifact_tree(ctx.local_cas, files, stdout, stderr, meta)
-    ctx.artifact_cas.upload_tree(ctx.local_cas, root)
+    # One FindMissingBlobs for the whole artifact. Output files the local CAS
+    # does not hold (built without the bytes) are on the execution CAS: when
+    # that is the artifact server nothing moves, otherwise they are copied
+    # server to server.
+    ctx.artifact_cas.upload_missing_from(
+        ctx.local_cas,
+        tree_digests(ctx.local_cas, root),
+        fallback=None if ctx.artifacts_on_storage else ctx.execution_cas,
+    )
     # Named only once every blob is there: a fetched artifact is complete.
     ctx.assets.push_directory([spec["artifact_uri"]], root)
+    # A dependent staged on this worker finds the files without asking.
+    ctx.remember_artifact_files(spec["artifact_uri"], files)
     new["artifact"] = dj(root)
     return with_timing(new, "push_artifact", time.monotonic() - started)
 
@@ -96,7 +109,8 @@ def _ensure_local_outputs(
 ) -> None:
     """Fetch or derive the files and logs again when this host's local CAS lacks them."""
     cas = ctx.local_cas
-    if tree_complete(cas, files) and not cas.missing(logs):
+    present = directories_complete if ctx.minimal else tree_complete
+    if present(cas, files) and not cas.missing(logs):
         return
     element = spec["element"]
     if spec["command"] is not None:

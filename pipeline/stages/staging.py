@@ -16,12 +16,12 @@ from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 
-from pipeline.cas import merge_trees
+from pipeline.cas import merge_trees, tree_digests
 from pipeline.digest import Digest, digest_from_json, digest_to_str
 from pipeline.errors import BlobNotFoundError, LocalBlobMissingError
 from pipeline.reapi.cas import UploadStats
 from pipeline.spec import BuildSpec, CommandSpec
-from pipeline.stages.artifacts import artifact_files
+from pipeline.stages.artifacts import artifact_files_digest
 from pipeline.stages.context import StageContext
 from pipeline.stages.errors import (
     BuildFailedError,
@@ -45,6 +45,7 @@ from pipeline.stages.state import (
     with_timing,
 )
 from pipeline.stages.trees import (
+    directories_complete,
     empty_tree,
     place_at,
     split_path,
@@ -131,10 +132,13 @@ def stage_to_cas(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     return with_timing(new, "stage_to_cas", time.monotonic() - started)
 
 
-def stage_action(ctx: StageContext, spec: BuildSpec) -> StagedAction:
+def stage_action(ctx: StageContext, spec: BuildSpec, *, full: bool = False) -> StagedAction:
     """Build and store the input root, Command and Action of an element with a command.
 
     Deterministic: the same spec and the same artifacts give the same digests.
+    With ``ctx.minimal`` (and not ``full``) only the Directory messages of the
+    dependencies and sources are fetched: the input root is built from them,
+    and their files stay on the servers.
     """
     element = spec["element"]
     command_spec = spec["command"]
@@ -144,10 +148,10 @@ def stage_action(ctx: StageContext, spec: BuildSpec) -> StagedAction:
     workdir_parts = _parts(spec, command_spec["working_directory"], "command.working_directory")
     output_parts = _parts(spec, command_spec["output_path"], "command.output_path")
 
-    files = [dependency_files(ctx, spec, i) for i in range(len(spec["dependencies"]))]
+    files = [dependency_files(ctx, spec, i, full=full) for i in range(len(spec["dependencies"]))]
     staging = check_staging(ctx, spec, files)
     layers = [place_at(cas, f, _dependency_path(spec, i)) for i, f in enumerate(files)]
-    layers.append(_placed_sources(ctx, spec))
+    layers.append(_placed_sources(ctx, spec, full=full))
     # The working directory and the install root exist even when nothing is
     # staged there, as in a BuildStream sandbox.
     empty = empty_tree(cas)
@@ -322,7 +326,11 @@ def ensure_local_action(
     action = digest_in(element, state, "action")
     if not force and _action_complete_locally(ctx, action):
         return state
-    staged = stage_action(ctx, spec)
+    if force:
+        # Blobs went missing somewhere: look the artifacts up again, and
+        # bring the files home so that the upload can send them.
+        ctx.forget_artifacts()
+    staged = stage_action(ctx, spec, full=force)
     new = state.copy()
     if staged.action != action:
         new.update(_action_keys(staged))
@@ -384,7 +392,11 @@ def _action_complete_locally(ctx: StageContext, action: Digest) -> bool:
         message = cas.get_message(action, Action)
     except LocalBlobMissingError:
         return False
-    return cas.contains(message.command_digest) and tree_complete(cas, message.input_root_digest)
+    if not cas.contains(message.command_digest):
+        return False
+    if ctx.minimal:
+        return directories_complete(cas, message.input_root_digest)
+    return tree_complete(cas, message.input_root_digest)
 
 
 def _upload_action(ctx: StageContext, spec: BuildSpec, state: State) -> UploadStats:
@@ -392,26 +404,58 @@ def _upload_action(ctx: StageContext, spec: BuildSpec, state: State) -> UploadSt
     action = digest_in(element, state, "action")
     cas = ctx.local_cas
     message = cas.get_message(action, Action)
-    stats = ctx.execution_cas.upload_tree(cas, message.input_root_digest)
-    # The action last: a server that has it has everything it needs.
-    stats += ctx.execution_cas.upload_missing(cas, [message.command_digest])
-    return stats + ctx.execution_cas.upload_missing(cas, [action])
+    # One FindMissingBlobs and (usually) one BatchUpdateBlobs for the whole
+    # action: each round trip is a noticeable part of a small element's time.
+    # Files the local CAS does not hold (built without the bytes) are on the
+    # artifact server: copied from there when it is another server.
+    return ctx.execution_cas.upload_missing_from(
+        cas,
+        [*tree_digests(cas, message.input_root_digest), message.command_digest, action],
+        fallback=None if ctx.artifacts_on_storage else ctx.artifact_cas,
+    )
 
 
-def dependency_files(ctx: StageContext, spec: BuildSpec, index: int) -> Digest:
+def dependency_files(
+    ctx: StageContext, spec: BuildSpec, index: int, *, full: bool = False
+) -> Digest:
+    """The ``files/`` digest of dependency ``index``'s artifact, its tree in the
+    local CAS: whole, or (``ctx.minimal`` and not ``full``) its Directory
+    messages only. The artifact a URI names is remembered by the process.
+
+    Raises:
+        DependencyArtifactMissingError: the artifact is not on the artifact server.
+    """
     dependency = spec["dependencies"][index]
     uri = dependency["artifact_uri"]
-    fetched = ctx.assets.fetch_directory([uri])
-    if fetched is None:
-        raise DependencyArtifactMissingError(spec["element"], dependency["element"], uri)
-    return artifact_files(ctx, fetched.digest, uri)
+    files = ctx.known_artifact_files(uri)
+    if files is None:
+        fetched = ctx.assets.fetch_directory([uri])
+        if fetched is None:
+            raise DependencyArtifactMissingError(spec["element"], dependency["element"], uri)
+        files = artifact_files_digest(ctx, fetched.digest, uri)
+        ctx.remember_artifact_files(uri, files)
+    try:
+        _fetch(ctx, files, full=full)
+    except BlobNotFoundError as exc:
+        ctx.forget_artifacts()
+        raise DependencyArtifactMissingError(spec["element"], dependency["element"], uri) from exc
+    return files
+
+
+def _fetch(ctx: StageContext, root: Digest, *, full: bool = False) -> None:
+    """Bring a tree from the artifact server: whole, or its Directory messages
+    (``ctx.minimal`` and not ``full``)."""
+    if ctx.minimal and not full:
+        ctx.artifact_cas.fetch_directories(ctx.local_cas, root)
+    else:
+        ctx.artifact_cas.fetch_tree(ctx.local_cas, root)
 
 
 def _dependency_path(spec: BuildSpec, index: int) -> list[str]:
     return _parts(spec, spec["dependencies"][index]["path"], f"dependencies[{index}].path")
 
 
-def _placed_sources(ctx: StageContext, spec: BuildSpec) -> Digest:
+def _placed_sources(ctx: StageContext, spec: BuildSpec, *, full: bool = False) -> Digest:
     """The element's sources fetched and merged, each in its ``directory``, at ``source_root``."""
     cas = ctx.local_cas
     placed = []
@@ -421,7 +465,7 @@ def _placed_sources(ctx: StageContext, spec: BuildSpec) -> Digest:
         except ValueError as exc:
             raise SpecError(spec["element"], f"source #{index + 1}: {exc}") from exc
         try:
-            ctx.artifact_cas.fetch_tree(cas, digest)
+            _fetch(ctx, digest, full=full)
         except BlobNotFoundError as exc:
             raise SourceMissingError(
                 spec["element"], index, source["kind"], digest_to_str(digest)

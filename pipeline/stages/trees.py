@@ -10,6 +10,7 @@ from pipeline.errors import LocalCasError
 from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory, DirectoryNode
 
 __all__ = [
+    "directories_complete",
     "empty_tree",
     "place_at",
     "read_directory",
@@ -89,6 +90,25 @@ def tree_complete(cas: LocalCas, root: Digest) -> bool:
         return not cas.missing(tree_digests(cas, root))
     except LocalCasError:
         return False
+
+
+def directories_complete(cas: LocalCas, root: Digest) -> bool:
+    """Whether every Directory message of the tree is in the local CAS (its
+    files need not be: what building without the bytes keeps locally)."""
+    pending = [root]
+    seen = {root.hash}
+    try:
+        while pending:
+            digest = pending.pop()
+            if not cas.contains(digest):
+                return False
+            for node in cas.get_message(digest, Directory).directories:
+                if node.digest.hash not in seen:
+                    seen.add(node.digest.hash)
+                    pending.append(node.digest)
+    except LocalCasError:
+        return False
+    return True
 
 
 def tree_paths(cas: LocalCas, root: Digest) -> list[str]:

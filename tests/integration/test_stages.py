@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.cas import LocalCas, import_directory, tree_digests
 from pipeline.digest import Digest, digest_from_json, digest_to_json
+from pipeline.reapi.cas.traffic import TRAFFIC
 from pipeline.reapi.channel import Endpoint
 from pipeline.servers import CasdServer
 from pipeline.spec import (
@@ -63,13 +64,21 @@ def artifact_casd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CasdServ
         yield server
 
 
-def open_context(local: Path, casd: CasdServer, artifact_casd: CasdServer) -> StageContext:
-    return StageContext.connect(LocalCas(local), Endpoint(casd.url), Endpoint(artifact_casd.url))
+def open_context(
+    local: Path, casd: CasdServer, artifact_casd: CasdServer, download: str = "all"
+) -> StageContext:
+    return StageContext.connect(
+        LocalCas(local), Endpoint(casd.url), Endpoint(artifact_casd.url), download=download
+    )
 
 
-@pytest.fixture
-def ctx(tmp_path: Path, casd: CasdServer, artifact_casd: CasdServer) -> Iterator[StageContext]:
-    with open_context(tmp_path / "local-cas", casd, artifact_casd) as context:
+@pytest.fixture(params=["all", "minimal"])
+def ctx(
+    request: pytest.FixtureRequest, tmp_path: Path, casd: CasdServer, artifact_casd: CasdServer
+) -> Iterator[StageContext]:
+    """A stage context on two servers, bringing everything home or (build
+    without the bytes) only Directory messages and logs."""
+    with open_context(tmp_path / "local-cas", casd, artifact_casd, request.param) as context:
         yield context
 
 
@@ -524,3 +533,77 @@ def test_an_action_past_its_timeout_fails_the_element(
     assert info.value.failure_uri == spec_failure_uri(slow)
     assert read_logs(ctx, slow) is not None
     assert lookup_artifact(ctx, slow) is None
+
+
+@pytest.mark.parametrize("servers", ["one server", "two servers"])
+def test_built_without_the_bytes_a_worker_holds_only_directories_and_logs(
+    servers: str,
+    casd: CasdServer,
+    artifact_casd: CasdServer,
+    project: str,
+    busybox_sysroot: Path,
+    tmp_path: Path,
+) -> None:
+    # Given sources snapshotted by a client, and a worker with an empty local CAS
+    # whose artifact server is the execution casd, or another casd
+    artifacts = casd if servers == "one server" else artifact_casd
+    client = open_context(tmp_path / "client-cas", casd, artifacts)
+    worker = open_context(tmp_path / "worker-cas", casd, artifacts, "minimal")
+    with client, worker:
+        tree = import_directory(client.local_cas, busybox_sysroot)
+        src = make_sources(client, tmp_path / "src", {"greeting.txt": f"hello {project}\n"})
+        snapshot_sources(client, [tree])
+        base = import_spec(project, "base.bst", tree)
+        app = manual_spec(project, "app.bst", APP_SCRIPT, depends=[base], sources=[src])
+        top = manual_spec(
+            project,
+            "top.bst",
+            f"cat /usr/share/x/hello > /{INSTALL_ROOT}/top.txt",
+            depends=[base, app],
+        )
+        # When the worker builds the chain
+        before = TRAFFIC.snapshot()
+        results = build_plan(worker, [base, app, top])
+        moved = TRAFFIC.snapshot() - before
+
+        # Then everything built, and the worker's local CAS holds no file of the
+        # sysroot, the sources or the outputs: only Directory messages and logs
+        assert [r["state"] for r in results] == ["built"] * 3, results
+        directories = directory_hashes(client.local_cas, tree)
+        client_files = [
+            d
+            for d in tree_digests(client.local_cas, tree)
+            if d.size_bytes and d.hash not in directories
+        ]
+        assert client_files and not any(worker.local_cas.contains(d) for d in client_files)
+        stdout, _ = read_logs(worker, app)
+        assert stdout == f"built in /buildstream/{project}/app.bst\n".encode()
+        # (the sysroot's files alone are larger than all that was downloaded)
+        sysroot_bytes = sum(d.size_bytes for d in client_files)
+        assert moved.downloaded < sysroot_bytes / 4, (moved, sysroot_bytes)
+
+        # And a checkout still gets every file (on a host of its own)
+        with open_context(tmp_path / "checkout-cas", casd, artifacts, "minimal") as other:
+            checkout_artifact(
+                other,
+                top["artifact_uri"],
+                tmp_path / "out",
+                runtime_deps=[base["artifact_uri"], app["artifact_uri"]],
+            )
+        out = files_of(tmp_path / "out")
+        assert out["top.txt"] == "hi\n" and out["usr/share/x/greeting.txt"] == f"hello {project}\n"
+        assert (
+            out["usr/bin/sh"] == "-> busybox" and (tmp_path / "out/usr/bin/busybox").stat().st_size
+        )
+
+
+def directory_hashes(cas: LocalCas, root: Digest) -> set[str]:
+    """The hashes of every Directory message of the tree under ``root``."""
+    found = {root.hash}
+    pending = [root]
+    while pending:
+        for node in cas.get_message(pending.pop(), re_pb2.Directory).directories:
+            if node.digest.hash not in found:
+                found.add(node.digest.hash)
+                pending.append(node.digest)
+    return found

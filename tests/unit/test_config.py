@@ -253,3 +253,27 @@ def test_wrong_broker_tls_settings_are_one_clear_error(
     (tmp_path / "ca.pem").write_text("pem\n")
     with pytest.raises(ConfigError, match=message):
         load_config(None, env_for(tmp_path, **extra))
+
+
+def test_cas_download_is_minimal_by_default_and_set_by_file_or_environment(
+    tmp_path: Path,
+) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    assert load_config(project, env_for(tmp_path)).cas_download == "minimal"
+    (project / "remex.toml").write_text('[cas]\ndownload = "all"\n')
+    assert load_config(project, env_for(tmp_path)).cas_download == "all"
+    env = env_for(tmp_path, REMEX_CAS_DOWNLOAD="minimal")
+    assert load_config(project, env).cas_download == "minimal"
+
+
+def test_a_wrong_cas_download_names_the_file_and_the_choices(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "remex.toml").write_text('[cas]\ndownload = "some"\n')
+    with pytest.raises(
+        ConfigError, match=r"remex.toml: cas.download: must be one of 'minimal', 'all', not 'some'"
+    ):
+        load_config(project, env_for(tmp_path))
+    with pytest.raises(ConfigError, match="REMEX_CAS_DOWNLOAD"):
+        load_config(None, env_for(tmp_path, REMEX_CAS_DOWNLOAD="none"))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from google.protobuf.message import Message
 
 from pipeline.cas.store import LocalCas
 from pipeline.cas.tree import tree_digests
-from pipeline.digest import Digest
+from pipeline.digest import Digest, digest_to_str
+from pipeline.errors import LocalBlobMissingError
 from pipeline.reapi.cas.connection import (
     BYTESTREAM_CHUNK,
     DEFAULT_PARALLELISM,
@@ -17,6 +18,7 @@ from pipeline.reapi.cas.connection import (
     digest_key,
     parse,
 )
+from pipeline.reapi.cas.copy import BlobCopier
 from pipeline.reapi.cas.download import Downloader, DownloadStats
 from pipeline.reapi.cas.tree import TreeReader
 from pipeline.reapi.cas.upload import BlobSource, Uploader, UploadStats
@@ -108,6 +110,58 @@ class CasClient:
         """
         return self.upload_missing(local_cas, tree_digests(local_cas, root))
 
+    def upload_missing_from(
+        self,
+        local_cas: LocalCas,
+        digests: Iterable[Digest],
+        *,
+        fallback: CasClient | None = None,
+    ) -> UploadStats:
+        """Send what the server lacks of ``digests``, after one FindMissingBlobs:
+        from the local CAS when it holds a blob, otherwise copied server to
+        server from ``fallback`` (build without the bytes: the local CAS may
+        hold a tree's Directory messages and not its files).
+
+        What comes from the local CAS is sent in ``digests``' order, in as few
+        requests as the server's batch limit allows (one, for an action with a
+        small input root).
+
+        Raises:
+            LocalBlobMissingError: a missing blob is neither in the local CAS
+                nor (without ``fallback``) anywhere this call may take it from.
+            BlobNotFoundError: ``fallback`` lacks it too.
+            RemoteError: a server failed (after retries).
+        """
+        wanted = list(digests)
+        missing = self._uploader.find_missing(wanted)
+        if not missing:
+            return UploadStats(0, 0, len(wanted))
+        local: list[Digest] = []
+        remote: list[Digest] = []
+        for digest in missing:
+            (local if local_cas.contains(digest) else remote).append(digest)
+        stats = UploadStats(0, 0, 0)
+        if remote:
+            if fallback is None:
+                raise LocalBlobMissingError(
+                    f"blob {digest_to_str(remote[0])} is missing on {self.remote.endpoint.url} "
+                    f"and not in the local CAS ({len(remote)} such blob(s))"
+                )
+            stats += self.copy_from(fallback, remote)
+        return stats + self._uploader.upload_from(local_cas, local)
+
+    def copy_from(self, source: CasClient, digests: Sequence[Digest]) -> UploadStats:
+        """Copy ``digests`` from the server of ``source`` to this one, server to
+        server (streamed, bounded memory; see :mod:`pipeline.reapi.cas.copy`);
+        none of them is stored locally.
+
+        Raises:
+            BlobNotFoundError: ``source`` lacks a blob.
+            DigestMismatchError, RemoteError: as the CAS client.
+        """
+        copier = BlobCopier(source._conn, source._downloader, self._conn, self._uploader)
+        return copier.copy(digests)
+
     def upload_blob(self, data: bytes) -> Digest:
         """Send one blob held in memory; return its digest.
 
@@ -186,3 +240,18 @@ class CasClient:
                 as :meth:`download_into` and :meth:`get_tree`.
         """
         return self._trees.fetch_tree(local_cas, root)
+
+    def fetch_directories(self, local_cas: LocalCas, root: Digest) -> int:
+        """Make the Directory messages of the tree under ``root`` present in the
+        local CAS, not its files (build without the bytes).
+
+        Cheap when they already are: this client remembers the roots it made
+        complete (and checks the local CAS still holds the root).
+
+        Returns:
+            How many Directory messages were stored.
+
+        Raises:
+            As :meth:`get_tree`.
+        """
+        return self._trees.fetch_directories(local_cas, root)

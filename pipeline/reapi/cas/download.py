@@ -17,6 +17,7 @@ from pipeline.cas.store import LocalCas
 from pipeline.digest import Digest, digest_to_str
 from pipeline.errors import DigestMismatchError, ProtocolError, RemoteError
 from pipeline.reapi.cas.connection import CasConnection, Key, digest_key, stream_timeout, unique
+from pipeline.reapi.cas.traffic import TRAFFIC
 from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from protos.google.bytestream import bytestream_pb2 as bs_pb2
@@ -116,6 +117,7 @@ class Downloader:
                         f"({answer.compressor}) although remex did not accept compression"
                     )
                 conn.verify(digest, answer.data)
+                TRAFFIC.down(len(answer.data))
                 store(digest, answer.data)
                 del pending[digest_key(digest)]
             if errors:
@@ -163,10 +165,12 @@ class Downloader:
                     )
                 write(data)
                 received += len(data)
+                TRAFFIC.down(len(data), 0)
             if received != size:
                 raise DigestMismatchError(
                     f"{conn.where} sent {received} of {size} bytes for blob {digest_to_str(digest)}"
                 )
+            TRAFFIC.down(0)
 
         try:
             conn.remote.call(attempt, what=f"ByteStream.Read of {digest_to_str(digest)}")

@@ -7,6 +7,7 @@ stored.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from pipeline.cas.store import LocalCas
@@ -15,10 +16,13 @@ from pipeline.digest import Digest, digest_of_message, digest_to_str
 from pipeline.errors import LocalCasError, ProtocolError, RemoteError, UnsafePathError
 from pipeline.reapi.cas.connection import CasConnection, Key, digest_key, parse
 from pipeline.reapi.cas.download import Downloader
+from pipeline.reapi.cas.traffic import TRAFFIC
 from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 GET_TREE_PAGE_SIZE = 10_000
+# How many roots a TreeReader remembers as complete in Directory messages.
+MAX_KNOWN_ROOTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,10 @@ class TreeReader:
     def __init__(self, conn: CasConnection, downloader: Downloader) -> None:
         self.conn = conn
         self.downloader = downloader
+        # Roots whose Directory messages are all in the local CAS (per CAS
+        # folder): a worker stages the same dependencies again and again.
+        self._directories_known: set[tuple[str, Key]] = set()
+        self._known_lock = threading.Lock()
 
     def get_tree(self, root: Digest) -> list[re_pb2.Directory]:
         """See :meth:`CasClient.get_tree`."""
@@ -54,6 +62,26 @@ class TreeReader:
                 local_cas.put_verified(entry.data, entry.digest)
                 stored += 1
         return stats.blobs_fetched + stored
+
+    def fetch_directories(self, local_cas: LocalCas, root: Digest) -> int:
+        """See :meth:`CasClient.fetch_directories`."""
+        memo = (str(local_cas.root), digest_key(root))
+        with self._known_lock:
+            known = memo in self._directories_known
+        if known and local_cas.contains(root):
+            return 0
+        stored = 0
+        if not _directories_locally(local_cas, root):
+            # Children before parents (reverse breadth-first order), root last.
+            for entry in reversed(self._tree_directories(root)):
+                if not local_cas.contains(entry.digest):
+                    local_cas.put_verified(entry.data, entry.digest)
+                    stored += 1
+        with self._known_lock:
+            if len(self._directories_known) > MAX_KNOWN_ROOTS:
+                self._directories_known.clear()
+            self._directories_known.add(memo)
+        return stored
 
     # --- private -----------------------------------------------------------
 
@@ -119,6 +147,7 @@ class TreeReader:
             )
             uncommitted: list[re_pb2.Directory] = []
             for response in conn.cas.GetTree(request, timeout=DEFAULT_RPC_TIMEOUT):
+                TRAFFIC.down(response.ByteSize(), len(response.directories))
                 uncommitted.extend(response.directories)
                 if response.next_page_token:
                     if response.next_page_token in tokens_seen:
@@ -153,6 +182,26 @@ class TreeReader:
             raise ProtocolError(
                 f"{where} sent a malformed directory {digest_to_str(entry.digest)}: {exc}"
             ) from exc
+
+
+def _directories_locally(local_cas: LocalCas, root: Digest) -> bool:
+    """Whether every Directory of the tree under ``root`` is in the local CAS."""
+    pending = [root]
+    seen: set[Key] = set()
+    try:
+        while pending:
+            digest = pending.pop()
+            if not local_cas.contains(digest):
+                return False
+            directory = local_cas.get_message(digest, re_pb2.Directory)
+            for node in directory.directories:
+                key = digest_key(node.digest)
+                if key not in seen:
+                    seen.add(key)
+                    pending.append(node.digest)
+    except LocalCasError:
+        return False
+    return True
 
 
 def _complete_locally(local_cas: LocalCas, root: Digest) -> bool:

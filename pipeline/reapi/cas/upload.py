@@ -25,6 +25,7 @@ import grpc
 from pipeline.digest import Digest, digest_of, digest_to_str
 from pipeline.errors import ProtocolError, RemoteError
 from pipeline.reapi.cas.connection import CasConnection, Key, digest_key, stream_timeout, unique
+from pipeline.reapi.cas.traffic import TRAFFIC
 from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT
 from pipeline.reapi.retry import TRANSIENT_CODES
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -235,7 +236,8 @@ class Uploader:
                 if key not in pending:
                     continue
                 if answer.status.code == 0:
-                    digest, _ = pending.pop(key)
+                    digest, data = pending.pop(key)
+                    TRAFFIC.up(len(data))
                     sent(digest)
                 else:
                     errors.append(conn.blob_error(answer.status, answer.digest, "upload"))
@@ -292,6 +294,7 @@ class Uploader:
                     f"{conn.where} committed {response.committed_size} of "
                     f"{size} bytes of blob {digest_to_str(digest)}"
                 )
+            TRAFFIC.up(size - offset)
 
         conn.remote.call(attempt, what=f"ByteStream.Write of {digest_to_str(digest)}")
 

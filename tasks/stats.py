@@ -1,0 +1,40 @@
+"""``remex_stats``: a Celery inspect command reporting this worker's resource use.
+
+``app.control.inspect().remex_stats()`` (or ``broadcast("remex_stats",
+reply=True)``) answers, per worker: its PID, its peak resident set size and
+the bytes it moved to and from remote CAS servers
+(:data:`pipeline.reapi.cas.traffic.TRAFFIC`). ``bench/vs_bst.py`` reads it
+before and after each build.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+from celery.worker.control import inspect_command
+
+from pipeline.reapi.cas.traffic import TRAFFIC
+
+__all__ = ["worker_stats"]
+
+
+def worker_stats() -> dict[str, int]:
+    """This process's PID, peak RSS (KiB) and CAS traffic totals."""
+    snap = TRAFFIC.snapshot()
+    return {
+        "pid": os.getpid(),
+        # Linux reports ru_maxrss in KiB.
+        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "downloaded": snap.downloaded,
+        "uploaded": snap.uploaded,
+        "blobs_down": snap.blobs_down,
+        "blobs_up": snap.blobs_up,
+    }
+
+
+@inspect_command()  # type: ignore[misc]
+def remex_stats(state: Any, **_: Any) -> dict[str, int]:
+    """Celery inspect command: :func:`worker_stats` of the answering worker."""
+    return worker_stats()

@@ -70,6 +70,14 @@ def _local_cas(config: RemexConfig) -> LocalCas:
 @click.option("--no-follow", is_flag=True, help="Print the build id and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
 @click.option("--timeout", type=float, default=None, help="Give up following after N seconds.")
+@click.option(
+    "--priority",
+    type=click.IntRange(0, 9),
+    default=5,
+    show_default=True,
+    help="0-9, lower runs sooner: this build's messages go ahead of those of "
+    "builds with a higher number (and it is the REAPI execution priority).",
+)
 @handles_errors
 def build(
     project_dir: Path,
@@ -78,6 +86,7 @@ def build(
     no_follow: bool,
     as_json: bool,
     timeout: float | None,
+    priority: int,
 ) -> None:
     """Build ELEMENTS and follow the build. Exit 0 only when every target is built.
 
@@ -86,7 +95,9 @@ def build(
     """
     from pipeline import api
 
-    build_id = api.submit(project_dir, list(elements), options=_options(option_pairs))
+    build_id = api.submit(
+        project_dir, list(elements), options=_options(option_pairs), priority=priority
+    )
     if no_follow:
         click.echo(json.dumps({"build": build_id}) if as_json else build_id)
         return

@@ -194,8 +194,14 @@ def submit(
     config: RemexConfig | None = None,
     options: Mapping[str, str] | None = None,
     timings: dict[str, float] | None = None,
+    priority: int = 5,
 ) -> str:
     """Load, key, look up, snapshot and enqueue a build; return its id.
+
+    ``priority`` (0-9, lower runs sooner) orders every message of the
+    build's chains ahead of those of builds with a higher number, and is the
+    REAPI ``ExecutionPolicy.priority``/``ResultsCachePolicy.priority`` of its
+    actions.
 
     ``options`` are the project's option values as strings (BuildStream's
     ``-o NAME VALUE``); they are checked against the project's declarations.
@@ -214,7 +220,10 @@ def submit(
         ConfigError: no broker or execution server is configured and no stack is up.
         ElementError: bad input (names the file, line and field).
         RemexError: a server could not be reached.
+        ValueError: ``priority`` is not an integer from 0 to 9.
     """
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
+        raise ValueError(f"priority must be an integer from 0 to 9, not {priority!r}")
     project_dir = Path(project_dir).resolve()
     config = _config(project_dir, config)
     config.require_broker()  # before any work: nowhere to enqueue it
@@ -233,7 +242,9 @@ def submit(
                         source.stage(ctx.local_cas, Path(workdir) / f"{len(specs)}-{i}")
                         for i, source in enumerate(element.sources)
                     ]
-                    specs.append(element.build_spec(digests))
+                    spec = element.build_spec(digests)
+                    spec["priority"] = priority
+                    specs.append(spec)
                     source_trees.append(digests)
             clock.done("specs")
             found = cached_elements(ctx, elements, specs)
@@ -244,7 +255,9 @@ def submit(
                     snapshot_sources(ctx, digests)
             clock.done("snapshot")
         with broker_errors(config.require_broker()):
-            return _enqueue(config, project_dir, targets, elements, specs, cached, options, clock)
+            return _enqueue(
+                config, project_dir, targets, elements, specs, cached, options, clock, priority
+            )
 
 
 def _enqueue(
@@ -256,6 +269,7 @@ def _enqueue(
     cached: list[str],
     options: Mapping[str, str] | None,
     clock: _PhaseClock,
+    priority: int,
 ) -> str:
     scheduler = Scheduler.from_url(config.require_broker(), reconnect_seconds=RECONNECT_SECONDS)
     names = {e.name for e in elements}
@@ -274,6 +288,7 @@ def _enqueue(
             "targets": list(targets),
             "options": dict(options or {}),
             "remex_version": __version__,
+            "priority": priority,
         },
     )
     clock.done("redis")

@@ -39,6 +39,28 @@ STAGE_PRIORITY = {
     "fetch_outputs": 0,
     "push_artifact": 0,
 }
+# A build's priority (0-9, lower runs sooner, like REAPI's
+# ``ExecutionPolicy.priority``) orders its messages ahead of the stage
+# priority: a message's kombu priority is ``build * PRIORITY_SCALE + stage``,
+# so every message of a priority-2 build goes before any of a priority-5
+# build, and within a build the stage priorities above break ties.
+BUILD_PRIORITIES = range(10)
+DEFAULT_BUILD_PRIORITY = 5
+PRIORITY_SCALE = 10
+PRIORITY_STEPS = sorted(
+    {
+        build * PRIORITY_SCALE + stage
+        for build in BUILD_PRIORITIES
+        for stage in STAGE_PRIORITY.values()
+    }
+)
+"""kombu's Redis priority steps: one Redis list per value, served lowest first."""
+
+
+def message_priority(build_priority: int, stage: str) -> int:
+    """The kombu priority of ``stage``'s message for a build of ``build_priority``."""
+    return build_priority * PRIORITY_SCALE + STAGE_PRIORITY[stage]
+
 
 # Longer than any task's run time or retry countdown (kombu re-delivers an
 # unacknowledged message after this long): a dead worker's element is
@@ -100,6 +122,9 @@ class _RedisQoS(kombu_redis.QoS):  # type: ignore[misc]
 class _RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
     # See RedisTransport.
     do_restore = False
+    # kombu clamps a message's priority to 0-9 by default; remex's combined
+    # build and stage priorities go up to the last step.
+    max_priority = PRIORITY_STEPS[-1]
     QoS = _RedisQoS
 
 
@@ -133,7 +158,7 @@ def celery_settings(config: RemexConfig) -> dict[str, Any]:
     transport = {
         "visibility_timeout": VISIBILITY_TIMEOUT,
         # One Redis list per priority, served in this order.
-        "priority_steps": sorted(set(STAGE_PRIORITY.values())),
+        "priority_steps": list(PRIORITY_STEPS),
     }
     broker_url = config.require_broker()
     redis_broker = broker_url.partition("://")[0] in ("redis", "rediss")
@@ -196,6 +221,7 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     no holder, and the reconciler sends it again once Redis is back).
     """
     spec = scheduler.spec(build_id, element)
+    build_priority = int(spec.get("priority", DEFAULT_BUILD_PRIORITY))
     owner = scheduler.claim(build_id, element, spec["artifact_uri"])
     if owner:
         scheduler.mark_waiting_on(build_id, element, owner)
@@ -214,7 +240,9 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
         *(app.signature(TASK_NAMES[stage]) for stage in STAGES[1:]),
     ]
     for stage, signature, task_id in zip(STAGES, signatures, task_ids, strict=True):
-        signature.set(task_id=task_id, argsrepr=label, priority=STAGE_PRIORITY[stage])
+        signature.set(
+            task_id=task_id, argsrepr=label, priority=message_priority(build_priority, stage)
+        )
     try:
         chain(*signatures).apply_async()
     except PUBLISH_ERRORS as exc:
@@ -235,7 +263,7 @@ def queue_lists(queue: str) -> list[str]:
     """The Redis lists kombu keeps ``queue``'s messages in (one per priority step)."""
     return [
         queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}"
-        for priority in sorted(set(STAGE_PRIORITY.values()))
+        for priority in PRIORITY_STEPS
     ]
 
 

@@ -130,6 +130,9 @@ class BuildSpec(TypedDict):
     select_outputs: bool
     """With a command: keep only the outputs that the dependencies' ``select``
     takes or that the command created."""
+    priority: NotRequired[int]
+    """The build's priority, 0-9, lower runs sooner (absent: the default, 5):
+    orders the element's messages and is the REAPI execution priority."""
     fatal_warnings: NotRequired[list[str]]
     """project.conf ``fatal-warnings``: staging warnings (``overlaps``,
     ``unstaged-files``) with these tokens fail the element (absent: none)."""

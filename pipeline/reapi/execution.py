@@ -83,7 +83,8 @@ class ExecutionClient:
         Args:
             action_digest: the Action, already in the server's CAS with its inputs.
             skip_cache_lookup: run even if the ActionCache holds a result.
-            priority: ``ExecutionPolicy.priority`` (lower runs sooner).
+            priority: ``ExecutionPolicy.priority`` and ``ResultsCachePolicy.priority``
+                (lower runs sooner; 0 is the server's default).
             max_lost: how many times a lost operation is executed again.
 
         Raises:
@@ -131,6 +132,7 @@ class ExecutionClient:
             action_digest=action_digest,
             skip_cache_lookup=skip_cache_lookup,
             execution_policy=re_pb2.ExecutionPolicy(priority=priority),
+            results_cache_policy=re_pb2.ResultsCachePolicy(priority=priority),
             digest_function=re_pb2.DigestFunction.SHA256,
         )
         clock = self.remote.retrier.clock

@@ -96,6 +96,7 @@ def execute(
     action = digest_in(spec["element"], state, "action")
     skip = bool(state.get("skip_cache_lookup"))
     operation = state.get("operation") or None
+    priority = int(spec.get("priority", 0))
     if skip and operation is None:
         # Run twice, do the work once: a result cached since stage_to_cas
         # looked (by this stage's first run, say) is reused.
@@ -108,6 +109,7 @@ def execute(
         outcome = ctx.executor.run(
             action,
             skip_cache_lookup=skip,
+            priority=priority,
             operation_name=operation,
             max_wait=max_wait,
             on_operation=on_operation,
@@ -119,7 +121,9 @@ def execute(
         ):
             # A failure cached after stage_to_cas looked: not an answer either.
             new["skip_cache_lookup"] = True
-            outcome = ctx.executor.run(action, skip_cache_lookup=True, max_wait=max_wait)
+            outcome = ctx.executor.run(
+                action, skip_cache_lookup=True, priority=priority, max_wait=max_wait
+            )
     except ExecutionError as exc:
         if exc.code == "DEADLINE_EXCEEDED" and not exc.transient:
             _fail_timeout(ctx, spec, state, exc)

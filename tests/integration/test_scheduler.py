@@ -24,6 +24,8 @@ from pipeline.broker import (
     STAGE_PRIORITY,
     drop_stale_unacked,
     make_celery,
+    message_priority,
+    queue_lists,
     reconcile,
     send_element,
     stage_payload,
@@ -534,11 +536,8 @@ def queued_messages(scheduler: Scheduler) -> list[dict[str, Any]]:
     kombu's Redis transport keeps one list per priority: the queue's name for
     priority 0, ``name + "\\x06\\x16" + str(priority)`` for the others.
     """
-    lists = [DEFAULT_QUEUE] + [
-        f"{DEFAULT_QUEUE}\x06\x16{priority}" for priority in sorted(set(STAGE_PRIORITY.values()))
-    ]
     messages: list[dict[str, Any]] = []
-    for name in lists:
+    for name in queue_lists(DEFAULT_QUEUE):
         raw = scheduler.redis.lrange(name, 0, -1)
         messages += [json.loads(message) for message in reversed(raw)]
     return messages
@@ -563,6 +562,40 @@ def test_send_element_sends_a_five_stage_chain_with_known_task_ids(
     scheduler.finish(build, "a", "built", {})
     assert send_element(celery_app, scheduler, build, "a") == "not sent"
     assert len(queued_messages(scheduler)) == 1
+
+
+def test_a_build_priority_orders_its_messages_ahead_of_the_stage_priority(
+    scheduler: Scheduler, celery_app: Celery
+) -> None:
+    # Given a priority-9 build whose elements were sent first, then a
+    # priority-0 build's, and the default-priority (5) build's
+    def build_of(priority: int | None, names: Sequence[str]) -> str:
+        specs = [spec(name) for name in names]
+        for one in specs:
+            if priority is not None:
+                one["priority"] = priority
+        build, ready = scheduler.create_build(specs, {name: [] for name in names}, [], {})
+        for name in ready:
+            assert send_element(celery_app, scheduler, build, name) == "sent"
+        return build
+
+    build_of(9, ["low1", "low2"])
+    build_of(None, ["mid"])
+    build_of(0, ["high1", "high2"])
+    # kombu keeps them in one list per combined priority
+    priorities = {m["properties"]["priority"] for m in queued_messages(scheduler)}
+    assert set(priorities) == {message_priority(p, "stage_to_cas") for p in (0, 5, 9)}
+    assert message_priority(0, "stage_to_cas") == STAGE_PRIORITY["stage_to_cas"]
+    assert message_priority(5, "push_artifact") > message_priority(0, "stage_to_cas")
+    assert message_priority(5, "push_artifact") < message_priority(5, "upload")
+    # When a consumer takes them as a worker does (kombu's Redis channel)
+    taken = []
+    with celery_app.connection_for_read() as connection:
+        channel = connection.default_channel
+        while (message := channel.basic_get(DEFAULT_QUEUE, no_ack=True)) is not None:
+            taken.append(message.headers["argsrepr"].split(" ")[0])
+    # Then the high build's come first, the low build's last, each in sent order
+    assert taken == ["high1", "high2", "mid", "low1", "low2"]
 
 
 def test_send_element_waits_on_another_build(scheduler: Scheduler, celery_app: Celery) -> None:

@@ -76,11 +76,19 @@ def test_remex_build_without_a_terminal_prints_lines_then_the_summary(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given a build that runs (faked) and output that is not a terminal
-    monkeypatch.setattr(api, "submit", lambda project_dir, targets, options: "b1")
+    priorities: list[int] = []
+
+    def submit(project_dir: Any, targets: Any, options: Any, priority: int) -> str:
+        priorities.append(priority)
+        return "b1"
+
+    monkeypatch.setattr(api, "submit", submit)
     monkeypatch.setattr(api, "wait", fake_wait)
     # When remex build follows it
     result = CliRunner().invoke(main, ["build", "a"])
-    # Then it succeeds; stderr is plain lines (no table drawing), stdout the summary alone
+    # Then it is submitted at the default priority
+    assert priorities == [5]
+    # And it succeeds; stderr is plain lines (no table drawing), stdout the summary alone
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines()[0] == "remex: build b1 submitted"
     assert "remex: a: built (action cache hit)" in result.stderr.splitlines()
@@ -132,3 +140,22 @@ def test_a_long_builds_table_shows_failed_and_running_first_and_counts_all() -> 
     assert [row.split()[1] for row in rows] == ["f1.bst", "r1.bst", "r2.bst"]
     caption = "3 of 1000 elements shown; 990 built, 1 failed, 2 running, 7 waiting"
     assert caption in " ".join(text.split())  # the caption wraps at the table width
+
+
+def test_remex_build_passes_its_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    priorities: list[int] = []
+
+    def submit(project_dir: Any, targets: Any, options: Any, priority: int) -> str:
+        priorities.append(priority)
+        return "b1"
+
+    monkeypatch.setattr(api, "submit", submit)
+    result = CliRunner().invoke(main, ["build", "--priority", "0", "--no-follow", "a"])
+    assert result.exit_code == 0, result.output
+    assert priorities == [0]
+
+
+@pytest.mark.parametrize("priority", [-1, 10, True, "5"])
+def test_submit_refuses_a_priority_out_of_range(priority: Any) -> None:
+    with pytest.raises(ValueError, match="priority must be an integer from 0 to 9"):
+        api.submit(".", ["a.bst"], priority=priority)

@@ -301,6 +301,7 @@ def test_the_request_carries_the_parameters(server: Any) -> None:
     client.execute(ACTION, skip_cache_lookup=True, priority=7)
     assert seen[0].skip_cache_lookup is True
     assert seen[0].execution_policy.priority == 7
+    assert seen[0].results_cache_policy.priority == 7
     assert seen[0].action_digest == ACTION
 
 

@@ -134,17 +134,25 @@ def casd_socket_path(
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
         return path, None
     for base in (runtime_dir, fallback):
-        # mkdtemp's name adds 8 characters to the prefix.
-        if not base or len(os.fsencode(Path(base) / "remex-XXXXXXXX" / CASD_SOCKET)) > (
-            MAX_SOCKET_PATH
-        ):
+        if not base or _private_socket_length(base) > MAX_SOCKET_PATH:
             continue
-        private = Path(tempfile.mkdtemp(prefix="remex-", dir=base))
+        private = Path(tempfile.mkdtemp(prefix=_PRIVATE_PREFIX, dir=base))
         return private / CASD_SOCKET, private
     raise ConfigError(
         f"{path} is longer than a unix socket path may be ({MAX_SOCKET_PATH} bytes); "
         "set REMEX_STACK_DIR to a shorter folder"
     )
+
+
+_PRIVATE_PREFIX = "remex-"
+_MKDTEMP_NAME_LENGTH = 8
+"""How many characters mkdtemp adds after the prefix."""
+
+
+def _private_socket_length(base: str) -> int:
+    """The length in bytes of the socket path in a private folder made under ``base``."""
+    folder = len(os.fsencode(_PRIVATE_PREFIX)) + _MKDTEMP_NAME_LENGTH
+    return len(os.fsencode(Path(base))) + 1 + folder + 1 + len(os.fsencode(CASD_SOCKET))
 
 
 def check_tools() -> None:

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -66,9 +66,12 @@ class Node:
             field=self.path if field is None else field,
         )
 
+    # What kind of value this is, for messages (a scalar says whether it is null).
+    description: ClassVar[str] = "a value"
+
     def describe(self) -> str:
         """What kind of value this is, for messages."""
-        raise NotImplementedError
+        return self.description
 
 
 @dataclass
@@ -93,8 +96,7 @@ class SequenceNode(Node):
 
     items: list[Node] = field(default_factory=list)
 
-    def describe(self) -> str:
-        return "a list"
+    description: ClassVar[str] = "a list"
 
 
 @dataclass
@@ -104,8 +106,7 @@ class MappingNode(Node):
     entries: dict[str, Node] = field(default_factory=dict)
     key_marks: dict[str, Mark] = field(default_factory=dict)
 
-    def describe(self) -> str:
-        return "a mapping"
+    description: ClassVar[str] = "a mapping"
 
     def child_path(self, key: str) -> str:
         """The field path of ``key`` in this mapping."""

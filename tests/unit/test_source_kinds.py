@@ -29,6 +29,7 @@ from pipeline.elements.sources import (
     project_path,
     resolve_alias,
 )
+from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory, FileNode
 
 CONF = "name: src\nelement-path: elements\n"
 PLUGINS = "plugins:\n- origin: pip\n  package-name: buildstream-plugins\n  sources: [{kinds}]\n"
@@ -105,7 +106,9 @@ class _TextSource(Source):
         return self.text
 
     def stage(self, cas: LocalCas, workdir: Path) -> Digest:
-        raise NotImplementedError
+        # The text as one file, ``text``.
+        blob = cas.put(self.text.encode())
+        return cas.put_message(Directory(files=[FileNode(name="text", digest=blob)]))
 
 
 def test_a_new_kind_needs_only_its_class_in_the_registry(

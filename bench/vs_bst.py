@@ -55,7 +55,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.servers.casd import CasdServer
-from pipeline.testing.bst import BST, Bst
+from pipeline.testing.bst import Bst
 from pipeline.testing.dag import make_dag_project
 from pipeline.testing.sysroot import make_busybox_sysroot
 
@@ -141,49 +141,6 @@ def bst_remote_config(url: str, jobs: int) -> str:
         "    type: all\n"
         "    push: true\n"
     )
-
-
-class RemoteBst(Bst):
-    """:class:`Bst` with a user configuration of our own (remote execution)."""
-
-    def __init__(self, project: Path, home: Path, config_text: str) -> None:
-        super().__init__(project, home)
-        self.config_text = config_text
-
-    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("BST_", "XDG_")) and key != "HOME"
-        }
-        env.update(
-            HOME=str(self.home / "home"),
-            XDG_CACHE_HOME=str(self.home / "cache"),
-            XDG_CONFIG_HOME=str(self.home / "config"),
-            TMPDIR=self._tmp(),
-        )
-        for name in ("home", "cache", "config"):
-            (self.home / name).mkdir(parents=True, exist_ok=True)
-        config = self.home / "buildstream.conf"
-        config.write_text(self.config_text)
-        command = [
-            str(BST),
-            "--no-interactive",
-            "--no-colors",
-            "--config",
-            str(config),
-            "--directory",
-            str(self.project),
-            *args,
-        ]
-        result = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"bst {' '.join(args)} exited {result.returncode}\n{result.stderr[-4000:]}"
-            )
-        return result
 
 
 # --------------------------------------------------------------------------- remex
@@ -317,9 +274,9 @@ def run_case(case: Case, runs: int, work: Path, stack: RemexStackCli, bst_config
         salt = uuid.uuid4().hex[:12]
         project = case.make(work / f"{case.name}-{i}", salt)
 
-        bst = RemoteBst(project, work / f"bst-home-{case.name}-{i}", bst_config)
+        bst = Bst(project, work / f"bst-home-{case.name}-{i}", config_text=bst_config)
 
-        def bst_once(bst: RemoteBst = bst) -> None:
+        def bst_once(bst: Bst = bst) -> None:
             bst.run("build", *case.targets, timeout=BUILD_TIMEOUT)
 
         order = ["bst", "remex"] if i % 2 == 0 else ["remex", "bst"]

@@ -44,8 +44,10 @@ def normal_name(element: str) -> str:
 class SelectSpec(TypedDict):
     """Which files of a dependency's artifact are taken (BuildStream's split rules).
 
-    A path is taken when it is in an ``include`` domain and in no ``exclude``
-    domain, or, when it is in no domain at all, when ``orphans`` is true.
+    A path is taken when it is in an ``include`` domain (every domain when
+    ``include`` is empty) and in no ``exclude`` domain, or, when it is in no
+    domain at all, when ``orphans`` is true; domains the element does not
+    define are ignored (BuildStream's split filter).
     Domains are lists of BuildStream globs (variables expanded) over absolute
     paths (``/usr/bin/*``) of the artifact's files.
     """

@@ -11,8 +11,9 @@ fail with a message naming what to install.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ if str(_REPO_ROOT) not in sys.path:
 
 from pipeline.servers import CasdServer, RedisServer, RemexStack  # noqa: E402
 from pipeline.servers.testing import BuildGridServer, PostgresServer  # noqa: E402
+from pipeline.testing.dag import DagProject, make_dag_project  # noqa: E402
 from pipeline.testing.sysroot import make_busybox_sysroot  # noqa: E402
 
 
@@ -93,3 +95,19 @@ def bots_buildgrid(
         bot_session_keepalive_timeout=10,
     ) as server:
         yield server
+
+
+@pytest.fixture
+def project_factory(
+    tmp_path: Path, busybox_sysroot: Path, request: pytest.FixtureRequest
+) -> Callable[..., DagProject]:
+    """make_dag_project in tmp_path, salted with the test's name (fresh cache keys)."""
+    count = 0
+
+    def make(**options: Any) -> DagProject:
+        nonlocal count
+        count += 1
+        options.setdefault("salt", f"{request.node.name}-{count}")
+        return make_dag_project(tmp_path / f"project-{count}", sysroot=busybox_sysroot, **options)
+
+    return make

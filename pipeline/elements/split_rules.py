@@ -22,7 +22,7 @@ staging), learnt from its ``element.py``:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from pipeline.elements.staging import glob_to_regex
@@ -32,6 +32,7 @@ __all__ = [
     "bst_path_order",
     "compile_domains",
     "domains_of_paths",
+    "path_filter",
     "select_paths",
     "staged_paths",
 ]
@@ -118,6 +119,35 @@ def domains_of_paths(
     return claimed
 
 
+def path_filter(
+    domains: Mapping[str, Sequence[str]],
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    orphans: bool = True,
+) -> Callable[[str], bool]:
+    """bst's split filter as a predicate on a path (relative, ``usr/bin/sh``).
+
+    Args:
+        domains: the element's domains, variables already expanded.
+        include: domains to take files from; empty means all of the element's.
+        exclude: domains whose files are dropped (wins over include).
+        orphans: whether paths in no domain are kept.
+    """
+    compiled = compile_domains(domains)
+    included = {d for d in (include or list(compiled)) if d in compiled}
+    excluded = {d for d in exclude if d in compiled}
+
+    def keep(path: str) -> bool:
+        absolute = _absolute(path)
+        matched = {name for name, regex in compiled.items() if regex.match(absolute)}
+        if matched & excluded:
+            return False
+        return bool(matched & included) or (orphans and not matched)
+
+    return keep
+
+
 def select_paths(
     domains: Mapping[str, Sequence[str]],
     paths: Iterable[str],
@@ -126,29 +156,13 @@ def select_paths(
     exclude: Sequence[str] = (),
     orphans: bool = True,
 ) -> list[str]:
-    """The paths bst's ``compute_manifest(include, exclude, orphans)`` keeps, in order.
-
-    Args:
-        domains: the element's domains, variables already expanded.
-        paths: the artifact's paths (files, symlinks and folders).
-        include: domains to take files from; empty means all of the element's.
-        exclude: domains whose files are dropped (wins over include).
-        orphans: whether paths in no domain are kept.
-    """
+    """The paths bst's ``compute_manifest(include, exclude, orphans)`` keeps, in order
+    (see :func:`path_filter`)."""
     paths = list(paths)
     if orphans and not include and not exclude:
         return paths
-    compiled = compile_domains(domains)
-    included = {d for d in (include or list(compiled)) if d in compiled}
-    excluded = {d for d in exclude if d in compiled}
-    selected: list[str] = []
-    for path in paths:
-        absolute = _absolute(path)
-        matched = {name for name, regex in compiled.items() if regex.match(absolute)}
-        keep = bool(matched & included) or (orphans and not matched)
-        if keep and not matched & excluded:
-            selected.append(path)
-    return selected
+    keep = path_filter(domains, include=include, exclude=exclude, orphans=orphans)
+    return [path for path in paths if keep(path)]
 
 
 def staged_paths(

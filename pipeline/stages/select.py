@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from pipeline.cas import LocalCas
 from pipeline.digest import Digest
-from pipeline.elements.split_rules import compile_domains
+from pipeline.elements.split_rules import path_filter
 from pipeline.spec import SelectSpec
 from pipeline.stages.trees import read_directory
 from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory, DirectoryNode
@@ -55,20 +55,10 @@ def _filter(cas: LocalCas, digest: Digest, path: str, keep: Callable[[str], bool
 
 
 def path_selector(select: SelectSpec) -> Callable[[str], bool]:
-    """The predicate of ``select``: is this path (relative, ``usr/bin/sh``) taken?
-
-    As BuildStream's split filter: rules match the absolute path; a path in an
-    excluded domain is dropped; one in an included domain, or in no domain
-    when orphans are wanted, is kept.
-    """
-    domains = compile_domains({k: [r.strip() for r in v] for k, v in select["domains"].items()})
-    include, exclude = set(select["include"]), set(select["exclude"])
-
-    def keep(path: str) -> bool:
-        absolute = "/" + path
-        found = {name for name, regex in domains.items() if regex.match(absolute)}
-        if found & exclude:
-            return False
-        return bool(found & include) or (select["orphans"] and not found)
-
-    return keep
+    """The predicate of ``select``: is this path (relative, ``usr/bin/sh``) taken?"""
+    return path_filter(
+        select["domains"],
+        include=select["include"],
+        exclude=select["exclude"],
+        orphans=select["orphans"],
+    )

@@ -39,6 +39,8 @@ class Bst:
 
     project: Path
     home: Path
+    config_text: str = BST_USER_CONFIG
+    """The user configuration (a local build by default)."""
 
     def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         env = {
@@ -55,7 +57,7 @@ class Bst:
         for name in ("home", "cache", "config", "tmp"):
             (self.home / name).mkdir(parents=True, exist_ok=True)
         config = self.home / "buildstream.conf"
-        config.write_text(BST_USER_CONFIG)
+        config.write_text(self.config_text)
         command = [
             str(BST),
             "--no-interactive",

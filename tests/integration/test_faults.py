@@ -32,7 +32,7 @@ from pipeline.broker import (
 from pipeline.config import RemexConfig
 from pipeline.scheduler import Scheduler
 from pipeline.servers import RemexStack, RemexWorker
-from pipeline.testing.dag import DagProject, make_dag_project
+from pipeline.testing.dag import DagProject
 from tests.integration.test_pipeline import (
     assert_all_built,
     assert_artifacts,
@@ -56,22 +56,6 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemexStack
         tmp_path_factory.mktemp("fault-stack"), workers=2, persistent_redis=True
     ) as stack:
         yield stack
-
-
-@pytest.fixture
-def project_factory(
-    tmp_path: Path, busybox_sysroot: Path, request: pytest.FixtureRequest
-) -> Callable[..., DagProject]:
-    """make_dag_project in tmp_path, salted with the test's name (fresh cache keys)."""
-    count = 0
-
-    def make(**options: Any) -> DagProject:
-        nonlocal count
-        count += 1
-        options.setdefault("salt", f"{request.node.name}-{count}")
-        return make_dag_project(tmp_path / f"project-{count}", sysroot=busybox_sysroot, **options)
-
-    return make
 
 
 def pushes(stack: RemexStack, build_id: str) -> dict[str, int]:

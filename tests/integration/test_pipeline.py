@@ -22,7 +22,7 @@ import pytest
 
 from pipeline.scheduler import BuildStatus, ElementStatus
 from pipeline.servers import RemexStack
-from pipeline.testing.dag import DagProject, make_dag_project
+from pipeline.testing.dag import DagProject
 from tests.hello import file_tree
 
 BUILD_TIMEOUT = 120.0
@@ -101,22 +101,6 @@ def assert_artifacts(stack: RemexStack, project: DagProject, dest: Path) -> None
         path: content for path, (kind, content, _) in file_tree(dest).items() if kind == "file"
     }
     assert files == {p: c for e in project.elements for p, c in project.expected[e].items()}
-
-
-@pytest.fixture
-def project_factory(
-    tmp_path: Path, busybox_sysroot: Path, request: pytest.FixtureRequest
-) -> Callable[..., DagProject]:
-    """make_dag_project in tmp_path, salted with the test's name (fresh cache keys)."""
-    count = 0
-
-    def make(**options: Any) -> DagProject:
-        nonlocal count
-        count += 1
-        options.setdefault("salt", f"{request.node.name}-{count}")
-        return make_dag_project(tmp_path / f"project-{count}", sysroot=busybox_sysroot, **options)
-
-    return make
 
 
 # --- a worker dies -------------------------------------------------------------------------

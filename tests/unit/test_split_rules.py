@@ -136,3 +136,18 @@ def test_default_split_rules_are_bsts() -> None:
     assert DEFAULT_SPLIT_RULES["runtime"][-1] == "%{libdir}/lib*.so*"
     assert DEFAULT_SPLIT_RULES["devel"][0:2] == ("%{includedir}", "%{includedir}/**")
     assert len(DEFAULT_SPLIT_RULES["locale"]) == 6
+
+
+def test_path_filter_reads_an_empty_include_as_every_domain_and_ignores_unknown_ones() -> None:
+    from pipeline.elements.split_rules import path_filter
+
+    domains = {"runtime": ["/usr/bin/*"], "doc": ["/usr/share/doc/**"]}
+    # Given no include: every domain, not the orphans
+    everything = path_filter(domains, orphans=False)
+    assert everything("usr/bin/sh") and everything("usr/share/doc/x/README")
+    assert not everything("etc/conf")
+    # Given only a domain this element does not define: nothing of its domains
+    unknown = path_filter(domains, include=["devel"], orphans=False)
+    assert not unknown("usr/bin/sh") and not unknown("usr/share/doc/x/README")
+    # An exclude wins over an include
+    assert not path_filter(domains, include=["runtime"], exclude=["runtime"])("usr/bin/sh")

@@ -232,11 +232,12 @@ def split_select(
     del kind, node
     if orphans and not include and not exclude:
         return None
-    domains = element.split_rules
+    # As written: the filter (split_rules.path_filter) reads an empty include
+    # as every domain, and ignores domains this element does not define.
     return {
-        "domains": domains,
-        "include": [d for d in include if d in domains] if include else sorted(domains),
-        "exclude": [d for d in exclude if d in domains],
+        "domains": element.split_rules,
+        "include": list(include),
+        "exclude": list(exclude),
         "orphans": orphans,
     }
 

@@ -10,11 +10,13 @@ asks which kind a source is.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from pipeline.cas import LocalCas
 from pipeline.digest import Digest
@@ -23,7 +25,14 @@ from pipeline.elements.nodes import MappingNode, Mark
 from pipeline.elements.sources.settings import ProjectSources
 from pipeline.elements.variables import Variables
 
-__all__ = ["Source", "SourceContext"]
+__all__ = [
+    "FetchContext",
+    "FetchRequest",
+    "NetworkSettings",
+    "Source",
+    "SourceContext",
+    "source_cache_key",
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,87 @@ class SourceContext:
     variables: Variables
     cas: LocalCas
     settings: ProjectSources = field(default_factory=ProjectSources)
+
+    def url_candidates(self, url: str) -> list[str]:
+        """The URLs to try for ``url`` as written (maybe ``alias:rest``), in order.
+
+        Today: the alias's own value only; mirrors come first once project.conf
+        ``mirrors`` and the user's default mirror are read.
+        """
+        alias, sep, rest = url.partition(":")
+        if sep and alias in self.aliases:
+            return [self.aliases[alias] + rest]
+        return [url]
+
+
+class FetchRequest(TypedDict):
+    """What a worker needs to fetch one network source (JSON, kept in the build's state).
+
+    Attributes:
+        kind: the source kind's name (finds the class in ``SOURCE_KINDS``).
+        key: the source cache key (:func:`source_cache_key`): the same
+            source in any element, build or machine has the same key.
+        element: the element the source belongs to (first one, for messages).
+        index: the source's position in that element's ``sources``.
+        field: where it is written (``sources[0]``), for messages.
+        file: the element's file as shown to the user, for messages.
+        urls: the main URL's candidates in the order they are tried
+            (mirrors first, as BuildStream), credentials included: never log them.
+        config: the rest, as the kind needs it (ref, base-dir, submodules ...).
+    """
+
+    kind: str
+    key: str
+    element: str
+    index: int
+    field: str
+    file: str
+    urls: list[str]
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """How a worker downloads (``[fetch]`` in the configuration).
+
+    Attributes:
+        connect_timeout: seconds to wait for a connection.
+        read_timeout: seconds to wait for the next bytes of an answer.
+        retries: attempts per URL after the first, on connection errors and 5xx.
+        backoff: the first retry's delay in seconds (doubled each time, with jitter).
+        ca_bundle: a CA bundle to verify TLS with, instead of the system's.
+    """
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retries: int = 3
+    backoff: float = 1.0
+    ca_bundle: Path | None = None
+
+
+@dataclass
+class FetchContext:
+    """What a kind's :meth:`Source.fetch` works with, on a worker (or the submitter).
+
+    Attributes:
+        cas: the local CAS the staged tree is written to.
+        workdir: scratch space for this fetch, removed afterwards.
+        cache_dir: a folder kept between fetches on this host (git mirrors ...).
+        network: timeouts, retries, TLS.
+        progress: called with (bytes done, bytes expected or None) as a download goes.
+    """
+
+    cas: LocalCas
+    workdir: Path
+    cache_dir: Path
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    progress: Callable[[int, int | None], None] = lambda done, total: None
+
+
+def source_cache_key(kind: str, unique: Any) -> str:
+    """The source cache key: the hex sha256 of the kind and its JSON unique key."""
+    text = json.dumps([kind, unique], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class Source(ABC):
@@ -95,6 +185,25 @@ class Source(ABC):
         Raises:
             SourceError: the content is refused or changed since the project was loaded.
         """
+
+    def fetch_request(self, element: str, index: int, file: str) -> FetchRequest | None:
+        """What a worker fetches for this source, or None when the submitter
+        stages it itself (:meth:`stage`; local files)."""
+        return None
+
+    @classmethod
+    def fetch(cls, request: FetchRequest, ctx: FetchContext) -> Digest:
+        """Download the source a request names and store it as a Directory tree.
+
+        Runs on a worker (the ``remex.fetch_source`` task), from the request
+        alone. Tries ``request["urls"]`` in order, failing over to the next
+        on a network error, a 4xx/5xx or content that does not match the ref.
+
+        Raises:
+            SourceError: every candidate failed; names the element, the source
+                index, the URLs tried (credentials removed) and why.
+        """
+        raise SourceError(f"source kind {cls.kind!r} is not fetched over the network")
 
     def key_description(self) -> dict[str, Any]:
         """This source's part of the cache key."""

@@ -18,7 +18,15 @@ name (see ``docs/elements.md``).
 from __future__ import annotations
 
 from pipeline.elements.nodes import MappingNode, ScalarNode
-from pipeline.elements.sources.base import Source, SourceContext
+from pipeline.elements.sources.base import (
+    FetchContext,
+    FetchRequest,
+    NetworkSettings,
+    NetworkSource,
+    Source,
+    SourceContext,
+    source_cache_key,
+)
 from pipeline.elements.sources.git import GitSource
 from pipeline.elements.sources.helpers import (
     BST_CORE_SOURCE_KINDS,
@@ -32,8 +40,12 @@ from pipeline.elements.sources.tar import TarSource
 
 __all__ = [
     "SOURCE_KINDS",
+    "FetchContext",
+    "FetchRequest",
     "GitSource",
     "LocalSource",
+    "NetworkSettings",
+    "NetworkSource",
     "ProjectSources",
     "Source",
     "SourceContext",
@@ -41,6 +53,7 @@ __all__ = [
     "load_source",
     "project_path",
     "resolve_alias",
+    "source_cache_key",
 ]
 
 _KINDS: tuple[type[Source], ...] = (LocalSource, TarSource, GitSource)

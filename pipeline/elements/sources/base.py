@@ -205,6 +205,17 @@ class Source(ABC):
         """
         raise SourceError(f"source kind {cls.kind!r} is not fetched over the network")
 
+    def track(self, ctx: FetchContext) -> str | None:
+        """The ref the source's ``track`` (branch, tag, or the URL's current
+        content) resolves to now, or None when the kind does not track.
+
+        Runs on the submitting host (``remex source track``).
+
+        Raises:
+            SourceError: nothing could be resolved; names the URLs tried.
+        """
+        return None
+
     def key_description(self) -> dict[str, Any]:
         """This source's part of the cache key."""
         return {"kind": self.kind, "directory": self.directory, "content": self.content_key()}
@@ -215,3 +226,20 @@ class Source(ABC):
 
     def _error(self, message: str) -> SourceError:
         return SourceError(message, file=self.mark.file, line=self.mark.line, field=self.field)
+
+
+class NetworkSource(Source):
+    """A source a worker downloads: :meth:`stage` on the submitting host (a
+    junction's project, ``remex source checkout`` without workers) fetches it
+    the same way a worker does, into the caller's scratch folder."""
+
+    @abstractmethod
+    def fetch_request(self, element: str, index: int, file: str) -> FetchRequest:
+        """What a worker fetches for this source."""
+
+    def stage(self, cas: LocalCas, workdir: Path) -> Digest:
+        request = self.fetch_request("", 0, self.mark.file or "")
+        ctx = FetchContext(cas=cas, workdir=workdir / "fetch", cache_dir=workdir / "cache")
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+        return self.fetch(request, ctx)

@@ -5,6 +5,7 @@ messages and exit codes in one place (:func:`cli.errors.handles_errors`)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +53,23 @@ option_option = click.option(
 )
 
 
+def _set_default_mirror(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    # The configuration is read further down (pipeline.api): the option is
+    # REMEX_FETCH_DEFAULT_MIRROR for this process, winning over remex.toml.
+    if value:
+        os.environ["REMEX_FETCH_DEFAULT_MIRROR"] = value
+
+
+default_mirror_option = click.option(
+    "--default-mirror",
+    metavar="MIRROR",
+    expose_value=False,
+    callback=_set_default_mirror,
+    help="The project.conf mirror to fetch sources from first (as bst's --default-mirror; "
+    "the same as REMEX_FETCH_DEFAULT_MIRROR).",
+)
+
+
 def _options(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
     # As bst: given twice, the last value wins.
     return dict(pairs)
@@ -78,6 +96,7 @@ def _local_cas(config: RemexConfig) -> LocalCas:
     help="0-9, lower runs sooner: this build's messages go ahead of those of "
     "builds with a higher number (and it is the REAPI execution priority).",
 )
+@default_mirror_option
 @handles_errors
 def build(
     project_dir: Path,
@@ -177,6 +196,7 @@ def cancel(build_id: str) -> None:
     help="bst show's format: %{name} %{kind} %{key} %{full-key} %{state} %{description} "
     "%{config} %{vars} %{env} %{public} %{deps} %{build-deps} %{runtime-deps}.",
 )
+@default_mirror_option
 @handles_errors
 def show(
     project_dir: Path,

@@ -112,6 +112,7 @@ def plan_targets(
         cas=cas,
         options=options,
         option_values=configured_option_values(project_dir, config),
+        default_mirror=config.fetch.default_mirror if config is not None else None,
     )
     # No targets: as bst, project.conf `defaults: targets:` or every element.
     names = list(targets) or project.default_targets()

@@ -43,6 +43,14 @@ Where settings come from, later ones winning:
     heartbeat-timeout = 30      # seconds; a silent running element is then checked
     reconcile-interval = 5      # seconds between reconciler passes
 
+    [fetch]                     # how workers download network sources
+    connect-timeout = 10        # seconds to wait for a connection
+    read-timeout = 60           # seconds to wait for the next bytes
+    retries = 3                 # more attempts per URL on connection errors and 5xx
+    backoff = 1                 # seconds before the first retry (doubled, jittered)
+    ca-bundle = ""              # PEM CA bundle for https (default: the system's)
+    default-mirror = ""         # project.conf mirror to try first (bst's default-mirror)
+
     [projects.NAME.options]     # option values of the project named NAME
     debug = true                # (BuildStream's ``projects: NAME: options:``);
     flags = ["a", "b"]          # ``-o NAME VALUE`` on the command line wins
@@ -53,6 +61,7 @@ Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
 CLIENT_KEY,TOKEN_FILE}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_CAS_DOWNLOAD``, ``REMEX_WORKER_CONCURRENCY``,
 ``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
+``REMEX_FETCH_{CONNECT_TIMEOUT,READ_TIMEOUT,RETRIES,BACKOFF,CA_BUNDLE,DEFAULT_MIRROR}``,
 ``REMEX_CONFIG`` (an explicit config file, read instead of the user's).
 """
 
@@ -67,6 +76,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from pipeline.elements.sources.base import NetworkSettings
 from pipeline.errors import ConfigError
 from pipeline.reapi.channel import Endpoint
 
@@ -100,6 +110,15 @@ _BROKER_TLS = {
     "client-cert": ("broker_client_cert", "ssl_certfile"),
     "client-key": ("broker_client_key", "ssl_keyfile"),
 }
+# [fetch] keys: the FetchConfig attribute, and how a value is read.
+_FETCH_KEYS = {
+    "connect-timeout": "connect_timeout",
+    "read-timeout": "read_timeout",
+    "retries": "retries",
+    "backoff": "backoff",
+    "ca-bundle": "ca_bundle",
+    "default-mirror": "default_mirror",
+}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
@@ -112,6 +131,21 @@ class OptionSetting:
     file: str
     line: int
     """1-based; the table's line when the key's own line cannot be found."""
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """``[fetch]``: how network sources are downloaded (see :func:`network_settings`)."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retries: int = 3
+    """Attempts per URL after the first, on connection errors, timeouts and 5xx."""
+    backoff: float = 1.0
+    """Seconds before the first retry; doubled each time, with jitter."""
+    ca_bundle: Path | None = None
+    default_mirror: str | None = None
+    """The project.conf mirror whose URLs are tried first (BuildStream's default-mirror)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +177,8 @@ class RemexConfig:
     reconcile_interval: float = 5.0
     project_options: Mapping[str, Mapping[str, OptionSetting]] = field(default_factory=dict)
     """Project name -> option name -> its value from ``[projects.NAME.options]``."""
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    """``[fetch]``: timeouts, retries, TLS and the default mirror of source downloads."""
     sources: tuple[str, ...] = ()
     """The files and variables this config was read from, for ``remex config``."""
 
@@ -194,6 +230,18 @@ class RemexConfig:
         if not self.execution.url:
             raise ConfigError(NO_STACK.format(key="remote.execution.url"))
         return self.execution
+
+
+def network_settings(config: RemexConfig) -> NetworkSettings:
+    """How this host downloads sources, from ``config``'s ``[fetch]`` section."""
+    fetch = config.fetch
+    return NetworkSettings(
+        connect_timeout=fetch.connect_timeout,
+        read_timeout=fetch.read_timeout,
+        retries=fetch.retries,
+        backoff=fetch.backoff,
+        ca_bundle=fetch.ca_bundle,
+    )
 
 
 def load_config(
@@ -302,7 +350,7 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
     where = str(path)
-    _known(data, {"broker", "remote", "cas", "worker", "projects"}, where, "")
+    _known(data, {"broker", "remote", "cas", "worker", "fetch", "projects"}, where, "")
     changes: dict[str, Any] = {}
     broker = _table(data, "broker", where)
     _known(broker, {"url", "result-backend", *_BROKER_TLS}, where, "broker.")
@@ -345,6 +393,8 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     ):
         if key in worker:
             changes[attr] = _seconds(worker[key], f"{where}: worker.{key}")
+    if "fetch" in data:
+        changes["fetch"] = _fetch(config.fetch, _table(data, "fetch", where), where, path.parent)
     projects = _table(data, "projects", where)
     if projects:
         changes["project_options"] = _project_options(config.project_options, projects, path)
@@ -443,9 +493,48 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
         if env.get(name):
             changes[attr] = _seconds(env[name], name)
             used.append(name)
+    fetch_env = {
+        key: env[name]
+        for key in _FETCH_KEYS
+        if env.get(name := "REMEX_FETCH_" + key.upper().replace("-", "_"))
+    }
+    if fetch_env:
+        changes["fetch"] = _fetch(config.fetch, fetch_env, "environment", Path.cwd(), env=True)
+        used.extend("REMEX_FETCH_" + k.upper().replace("-", "_") for k in fetch_env)
     if used:
         changes["sources"] = (*config.sources, "environment: " + ", ".join(used))
     return replace(config, **changes)
+
+
+def _fetch(
+    start: FetchConfig, values: Mapping[str, Any], where: str, base: Path, *, env: bool = False
+) -> FetchConfig:
+    """``[fetch]`` (or its ``REMEX_FETCH_*`` variables) over ``start``; each bad value is
+    named by its key (or variable) and ``where`` (the file)."""
+
+    def name(key: str) -> str:
+        return "REMEX_FETCH_" + key.upper().replace("-", "_") if env else f"fetch.{key}"
+
+    _known(values, set(_FETCH_KEYS), where, "fetch.")
+    changes: dict[str, Any] = {}
+    for key, attr in _FETCH_KEYS.items():
+        if key not in values:
+            continue
+        value = values[key]
+        at = f"{where}: {name(key)}" if not env else name(key)
+        if key in ("connect-timeout", "read-timeout", "backoff"):
+            changes[attr] = _seconds(value, at)
+        elif key == "retries":
+            changes[attr] = _count(value, at)
+        elif key == "ca-bundle":
+            text = _str(value, where, name(key))
+            bundle = _path(text, base, where, name(key)) if text else None
+            if bundle is not None and not bundle.is_file():
+                raise ConfigError(f"{at}: no such CA bundle file: {bundle}")
+            changes[attr] = bundle
+        else:
+            changes[attr] = _str(value, where, name(key)) or None
+    return replace(start, **changes)
 
 
 def _endpoint(
@@ -509,6 +598,16 @@ def _seconds(value: Any, where: str) -> float:
     if seconds <= 0:
         raise ConfigError(f"{where}: must be a positive number of seconds, not {value!r}")
     return seconds
+
+
+def _count(value: Any, where: str) -> int:
+    """A whole number >= 0 (TOML integers; digit strings from the environment)."""
+    if isinstance(value, bool) or not (
+        (isinstance(value, int) and value >= 0)
+        or (isinstance(value, str) and value.strip().isdigit())
+    ):
+        raise ConfigError(f"{where}: must be a whole number (0 or more), not {value!r}")
+    return int(value)
 
 
 def _positive(value: Any, where: str) -> int:

@@ -76,6 +76,7 @@ from pipeline.elements.sources import (
     load_source,
     project_path,
 )
+from pipeline.elements.sources.mirrors import SourceMirror, load_mirrors
 from pipeline.elements.split_rules import DEFAULT_SPLIT_RULES
 from pipeline.elements.variables import Definition, SharedVariables, Variables
 
@@ -91,6 +92,7 @@ _PROJECT_KEYS = (
     "variables",
     "environment",
     "aliases",
+    "mirrors",
     "environment-nocache",
     "options",
     "fatal-warnings",
@@ -101,7 +103,7 @@ _PROJECT_KEYS = (
 # Directives allowed at the top of project.conf as written (before composition).
 _DIRECTIVE_KEYS = ("(@)", "(?)", "(!)")
 # BuildStream project.conf keys remex knows but does not implement.
-# (mirrors, default-mirror, remote-execution: refused with a reason by check_project_keys.)
+# (default-mirror, remote-execution: refused with a reason by check_project_keys.)
 _PROJECT_UNSUPPORTED = ("junctions",)
 # What project.conf `elements: KIND:` may override.
 _KIND_OVERRIDE_KEYS = (
@@ -144,6 +146,7 @@ def load_project(
     options: Mapping[str, str] | None = None,
     option_values: MappingNode | None = None,
     junction_includes: JunctionIncludeResolver = refuse_junction_includes,
+    default_mirror: str | None = None,
 ) -> Project:
     """Read ``directory/project.conf``, with its includes, options and conditionals.
 
@@ -164,6 +167,8 @@ def load_project(
         option_values: option values as YAML (a user configuration's
             ``projects: NAME: options:`` mapping); ``options`` win over these.
         junction_includes: resolves ``junction.bst:file`` includes.
+        default_mirror: the user's preferred source mirror (``[fetch]
+            default-mirror``, ``--default-mirror``): its URLs are tried first.
 
     Raises:
         LoadError: the file is missing or wrong, an include is missing or
@@ -234,6 +239,8 @@ def load_project(
         variables=variables,
         environment=node.get_str_mapping("environment"),
         aliases=aliases,
+        mirrors=load_mirrors(node.get_sequence("mirrors")),
+        default_mirror=default_mirror,
         environment_nocache=frozenset(n.as_str() for n in nocache),
         max_jobs=max_jobs,
         options=pool,
@@ -288,6 +295,8 @@ class Project:
         directory: the project folder (absolute).
         element_path: the folder element names are relative to (absolute).
         aliases: URL aliases (``alias`` -> URL prefix).
+        mirrors: project.conf ``mirrors``, in their order.
+        default_mirror: the user's preferred mirror (None: the first).
         cas: the local CAS local sources are imported into.
         options: the project's options with their resolved values; element
             files' ``(?)`` conditionals are evaluated with them.
@@ -310,12 +319,16 @@ class Project:
         options: OptionPool | None = None,
         includes: IncludeLoader | None = None,
         option_variables: dict[str, ScalarNode] | None = None,
+        mirrors: tuple[SourceMirror, ...] = (),
+        default_mirror: str | None = None,
     ) -> None:
         self.name = name
         self.directory = directory
         self.element_path = element_path
         self.cas = cas
         self.aliases = aliases
+        self.mirrors = mirrors
+        self.default_mirror = default_mirror
         self.max_jobs = max_jobs
         self._variables = variables
         self._option_variables = option_variables or {}
@@ -561,7 +574,13 @@ class Project:
                 line=sources[0].mark.line,
                 field=sources[0].field,
             )
-        sub = load_project(directory, cas=self.cas, max_jobs=self.max_jobs, options=plugin.options)
+        sub = load_project(
+            directory,
+            cas=self.cas,
+            max_jobs=self.max_jobs,
+            options=plugin.options,
+            default_mirror=self.default_mirror,
+        )
         sub.prefix = file.name + ":"
         sub.root = self.root
         return sub
@@ -926,6 +945,8 @@ class Project:
             variables=variables,
             cas=self.cas,
             settings=self._source_settings,
+            mirrors=self.mirrors,
+            default_mirror=self.default_mirror,
         )
         sources = []
         for item in sequence.items:

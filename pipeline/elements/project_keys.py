@@ -35,14 +35,10 @@ IGNORED_PROJECT_KEYS = (
 #: Refused, with why: each would change where sources come from or which
 #: settings apply, and remex cannot honour it yet.
 REFUSED_PROJECT_KEYS: dict[str, str] = {
-    "mirrors": (
-        "source mirrors are not supported by remex yet: they apply to network sources, "
-        "which remex does not fetch yet (only local files, file:// tarballs and local git "
-        "repositories)"
-    ),
     "default-mirror": (
         "not a BuildStream 2 project.conf key (bst reads it from the user configuration "
-        "or --default-mirror); source mirrors wait for network sources in remex"
+        "or --default-mirror); remex reads it from [fetch] default-mirror in remex.toml, "
+        "REMEX_FETCH_DEFAULT_MIRROR or --default-mirror"
     ),
     "remote-execution": (
         "not a BuildStream 2 project.conf key (bst reads it from the user configuration); "

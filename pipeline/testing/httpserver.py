@@ -19,9 +19,10 @@ A path prefix makes a request misbehave, so one folder serves every case:
     (for tests that kill a client mid-download).
 
 With ``auth=(user, password)`` every request needs that HTTP basic auth (401
-otherwise). Every request is logged (method, path, file, status, bytes sent)
-in memory and, with ``log_file``, as one JSON line per request, so a test can
-count downloads even when the server runs in another process.
+otherwise). Every request is logged (method, path, file, status, body size) in memory
+and, with ``log_file``, as one JSON line per request, so a test can count
+downloads even when the server runs in another process. A request is logged
+before its answer is sent, so a client that got an answer finds it logged.
 
 In-process: ``with LoopbackHttpServer(folder) as server: server.url("a.tar")``.
 As a process: ``python -m pipeline.testing.httpserver FOLDER [--log FILE]``
@@ -59,14 +60,14 @@ class AccessEntry:
         path: the request path without the query (``/flaky/2/a.tar``).
         file: the folder's file it names (``a.tar``), "" if none.
         status: the status sent (0: none, the ``/hang/`` endpoint).
-        sent: body bytes sent (fewer than the file's size if the client left).
+        size: the body's length as announced (a ``/slow/`` one may be cut short).
     """
 
     method: str
     path: str
     file: str
     status: int
-    sent: int
+    size: int
 
 
 class _AccessLog:
@@ -150,18 +151,15 @@ class _Handler(BaseHTTPRequestHandler):
         data = target.read_bytes()
         if mode == "wrong" and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        self.server.log.add(AccessEntry(self.command, path, file, 200, len(data)))
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        sent = 0
-        try:
-            if body:
-                sent = self._send_body(data, slow=mode == "slow")
-        finally:
-            self.server.log.add(AccessEntry(self.command, path, file, 200, sent))
+        if body:
+            self._send_body(data, slow=mode == "slow")
 
-    def _send_body(self, data: bytes, *, slow: bool) -> int:
+    def _send_body(self, data: bytes, *, slow: bool) -> None:
         sent = 0
         step = self.server.slow_chunk if slow else _CHUNK
         try:
@@ -175,7 +173,6 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True  # cut off: the client sees a short body
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        return sent
 
     def _authorised(self) -> bool:
         if self.server.auth is None:
@@ -193,6 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
         self, path: str, file: str, status: int, *, extra: dict[str, str] | None = None
     ) -> None:
         body = f"{status}\n".encode()
+        self.server.log.add(AccessEntry(self.command, path, file, status, len(body)))
         self.send_response(status)
         for name, value in (extra or {}).items():
             self.send_header(name, value)
@@ -201,7 +199,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.server.log.add(AccessEntry(self.command, path, file, status, 0))
 
 
 class LoopbackHttpServer:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cas import LocalCas, iter_tree
+from pipeline.elements import load_project
 from pipeline.elements.errors import SourceError
 from pipeline.elements.sources import FetchContext, FetchRequest, NetworkSettings, TarSource
 from pipeline.elements.sources.download import DownloadOrigin, download
@@ -246,3 +247,37 @@ def test_the_temporary_file_is_removed_when_a_download_is_cut_off(
     # Then the error is transient and nothing is left in the scratch folder
     assert info.value.transient
     assert list(ctx.workdir.iterdir()) == []
+
+
+def test_a_project_mirror_serves_when_the_alias_host_is_down(
+    served: Path, tmp_path: Path, server: LoopbackHttpServer
+) -> None:
+    # Given a project whose alias points at a server that was killed, and a mirror
+    ref = make_tarball(served / "pkg.tar.gz")
+    with HttpServerProcess(served, tmp_path / "down.log") as down:
+        dead = down.base_url
+    project = tmp_path / "project"
+    (project / "elements").mkdir(parents=True)
+    (project / "project.conf").write_text(
+        f"name: m\nelement-path: elements\naliases:\n  up: {dead}/\n"
+        f"mirrors:\n- name: local\n  aliases:\n    up: ['{server.base_url}/']\n"
+    )
+    (project / "elements/e.bst").write_text(
+        f"kind: import\nsources:\n- kind: tar\n  url: up:pkg.tar.gz\n  ref: {ref}\n"
+    )
+    cas = LocalCas(tmp_path / "cas")
+    [element] = load_project(project, cas=cas, default_mirror=None).load_targets(["e.bst"])
+    source = element.sources[0]
+    assert isinstance(source, TarSource)
+    # When it is staged (as the submitter stages a junction's sources)
+    root = source.stage(cas, tmp_path / "scratch")
+    # Then the mirror served it, first and once
+    assert staged_files(cas, root) == {"hello.txt": b"hello\n"}
+    assert server.count(file="pkg.tar.gz") == 1
+    # And with the mirror down too, the error lists both URLs, the mirror first
+    server.stop()
+    with pytest.raises(SourceError) as info:
+        source.stage(cas, tmp_path / "scratch2")
+    message = str(info.value)
+    assert message.index(server.base_url) < message.index(dead)
+    assert info.value.transient

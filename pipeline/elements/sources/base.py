@@ -22,6 +22,7 @@ from pipeline.cas import LocalCas
 from pipeline.digest import Digest
 from pipeline.elements.errors import SourceError
 from pipeline.elements.nodes import MappingNode, Mark
+from pipeline.elements.sources.mirrors import SourceMirror, url_candidates
 from pipeline.elements.sources.settings import ProjectSources
 from pipeline.elements.variables import Variables
 
@@ -47,6 +48,9 @@ class SourceContext:
         cas: the local CAS (``local`` sources are imported into it when loaded).
         settings: what project.conf says about sources (``sources:``
             defaults, source plugins, provenance attributes).
+        mirrors: project.conf ``mirrors``, in their order.
+        default_mirror: the mirror the user prefers (``[fetch] default-mirror``,
+            ``--default-mirror``); None: the first mirror.
     """
 
     project_dir: Path
@@ -54,17 +58,15 @@ class SourceContext:
     variables: Variables
     cas: LocalCas
     settings: ProjectSources = field(default_factory=ProjectSources)
+    mirrors: tuple[SourceMirror, ...] = ()
+    default_mirror: str | None = None
 
     def url_candidates(self, url: str) -> list[str]:
-        """The URLs to try for ``url`` as written (maybe ``alias:rest``), in order.
-
-        Today: the alias's own value only; mirrors come first once project.conf
-        ``mirrors`` and the user's default mirror are read.
-        """
-        alias, sep, rest = url.partition(":")
-        if sep and alias in self.aliases:
-            return [self.aliases[alias] + rest]
-        return [url]
+        """The URLs to try for ``url`` as written (maybe ``alias:rest``), in order:
+        as BuildStream, the mirrors' prefixes for the alias (the default
+        mirror's first), then the alias's own value (see
+        :mod:`pipeline.elements.sources.mirrors`)."""
+        return url_candidates(url, self.aliases, self.mirrors, self.default_mirror)
 
 
 class FetchRequest(TypedDict):

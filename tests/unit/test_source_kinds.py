@@ -22,9 +22,11 @@ from pipeline.elements.sources import (
     SOURCE_KINDS,
     GitSource,
     LocalSource,
+    RemoteSource,
     Source,
     SourceContext,
     TarSource,
+    ZipSource,
     load_source,
     project_path,
     resolve_alias,
@@ -74,12 +76,20 @@ def tarball(path: Path) -> str:
 
 def test_every_kind_is_one_class_in_its_own_module() -> None:
     # Then each registered kind is a Source subclass named by its own `kind`, in its own file
-    assert {"local": LocalSource, "tar": TarSource, "git": GitSource} == SOURCE_KINDS
+    assert {
+        "local": LocalSource,
+        "tar": TarSource,
+        "git": GitSource,
+        "zip": ZipSource,
+        "remote": RemoteSource,
+    } == SOURCE_KINDS
     modules = {cls.__module__ for cls in SOURCE_KINDS.values()}
     assert modules == {
         "pipeline.elements.sources.local",
         "pipeline.elements.sources.tar",
         "pipeline.elements.sources.git",
+        "pipeline.elements.sources.zip",
+        "pipeline.elements.sources.remote",
     }
     for name, cls in SOURCE_KINDS.items():
         assert issubclass(cls, Source) and cls.kind == name
@@ -226,9 +236,8 @@ def test_a_local_plugin_source_kind_is_refused(tmp_path: Path, cas: LocalCas) ->
 @pytest.mark.parametrize(
     ("kind", "words"),
     [
-        ("remote", "is a BuildStream core source kind that remex does not implement yet"),
         ("patch", "comes from the plugin package buildstream-plugins, not BuildStream's core"),
-        ("zip", "comes from the plugin package buildstream-plugins"),
+        ("pip", "comes from the plugin package buildstream-plugins"),
         ("workspace", "internal to BuildStream"),
     ],
 )

@@ -36,8 +36,10 @@ from pipeline.elements.sources.helpers import (
     resolve_alias,
 )
 from pipeline.elements.sources.local import LocalSource
+from pipeline.elements.sources.remote import RemoteSource
 from pipeline.elements.sources.settings import ProjectSources
 from pipeline.elements.sources.tar import TarSource
+from pipeline.elements.sources.zip import ZipSource
 
 __all__ = [
     "SOURCE_KINDS",
@@ -48,16 +50,18 @@ __all__ = [
     "NetworkSettings",
     "NetworkSource",
     "ProjectSources",
+    "RemoteSource",
     "Source",
     "SourceContext",
     "TarSource",
+    "ZipSource",
     "load_source",
     "project_path",
     "resolve_alias",
     "source_cache_key",
 ]
 
-_KINDS: tuple[type[Source], ...] = (LocalSource, TarSource, GitSource)
+_KINDS: tuple[type[Source], ...] = (LocalSource, TarSource, GitSource, ZipSource, RemoteSource)
 
 SOURCE_KINDS: dict[str, type[Source]] = {kind.kind: kind for kind in _KINDS}
 """The source kinds remex implements, by name."""
@@ -108,8 +112,7 @@ def _source_class(kind_node: ScalarNode, settings: ProjectSources) -> type[Sourc
     if kind in BST_CORE_SOURCE_KINDS:
         raise kind_node.error(
             f"source kind {kind!r} is a BuildStream core source kind that remex does not "
-            f"implement yet: it downloads over the network, and remex fetches local "
-            f"sources only (remex supports {supported})"
+            f"implement (remex supports {supported})"
         )
     if kind in BST_PLUGINS_SOURCE_KINDS:
         raise kind_node.error(

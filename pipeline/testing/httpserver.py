@@ -19,10 +19,11 @@ A path prefix makes a request misbehave, so one folder serves every case:
     (for tests that kill a client mid-download).
 
 With ``auth=(user, password)`` every request needs that HTTP basic auth (401
-otherwise). Every request is logged (method, path, file, status, body size) in memory
-and, with ``log_file``, as one JSON line per request, so a test can count
-downloads even when the server runs in another process. A request is logged
-before its answer is sent, so a client that got an answer finds it logged.
+otherwise). With ``tls=(certfile, keyfile)`` it serves HTTPS. Every request
+is logged (method, path, file, status, body size) in memory and, with
+``log_file``, as one JSON line per request, so a test can count downloads
+even when the server runs in another process. A request is logged before
+its answer is sent, so a client that got an answer finds it logged.
 
 In-process: ``with LoopbackHttpServer(folder) as server: server.url("a.tar")``.
 As a process: ``python -m pipeline.testing.httpserver FOLDER [--log FILE]``
@@ -36,6 +37,7 @@ import argparse
 import base64
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -211,6 +213,7 @@ class LoopbackHttpServer:
         slow_chunk: bytes per step of the ``/slow/`` endpoint.
         slow_interval: seconds between steps of the ``/slow/`` endpoint.
         log_file: also append the access log there, one JSON line per request.
+        tls: ``(certificate, key)`` PEM files: serve HTTPS.
     """
 
     def __init__(
@@ -222,9 +225,20 @@ class LoopbackHttpServer:
         slow_chunk: int = 16 * 1024,
         slow_interval: float = 0.1,
         log_file: Path | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         server = _Server(("127.0.0.1", 0), _Handler)
+        self.scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            # The handshake happens in the handler's thread, not in accept():
+            # a client that never finishes it cannot stall the server.
+            server.socket = context.wrap_socket(
+                server.socket, server_side=True, do_handshake_on_connect=False
+            )
+            self.scheme = "https"
         server.root = self.root
         server.auth = base64.b64encode(":".join(auth).encode()).decode() if auth else None
         server.retry_after = retry_after
@@ -266,8 +280,8 @@ class LoopbackHttpServer:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.port}"
+        """``http://127.0.0.1:PORT`` (``https://`` with TLS)."""
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def url(self, path: str, *, user: tuple[str, str] | None = None) -> str:
         """The URL of ``path`` (``"flaky/2/a.tar"``), with credentials if given."""
@@ -275,7 +289,7 @@ class LoopbackHttpServer:
         if user is not None:
             quoted = ":".join(urllib.parse.quote(p, safe="") for p in user)
             netloc = f"{quoted}@{netloc}"
-        return f"http://{netloc}/{path.lstrip('/')}"
+        return f"{self.scheme}://{netloc}/{path.lstrip('/')}"
 
     @property
     def entries(self) -> list[AccessEntry]:

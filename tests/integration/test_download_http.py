@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,3 +283,71 @@ def test_a_project_mirror_serves_when_the_alias_host_is_down(
     message = str(info.value)
     assert message.index(server.base_url) < message.index(dead)
     assert info.value.transient
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (the test's own CA)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_https_is_verified_with_the_configured_ca_bundle(
+    served: Path, ctx: FetchContext, certificate: tuple[Path, Path]
+) -> None:
+    ref = make_tarball(served / "pkg.tar.gz")
+    with LoopbackHttpServer(served, tls=certificate) as server:
+        url = server.url("pkg.tar.gz")
+        assert url.startswith("https://")
+        # Without the CA: refused as a TLS error, not retried
+        with pytest.raises(SourceError, match="TLS error") as info:
+            TarSource.fetch(request([url], ref), ctx)
+        assert server.count(file="pkg.tar.gz") == 0
+        assert "after" not in str(info.value)
+        # With the CA bundle configured: fetched
+        ctx.network = NetworkSettings(ca_bundle=certificate[0], retries=0)
+        root = TarSource.fetch(request([url], ref), ctx)
+    assert staged_files(ctx.cas, root) == {"hello.txt": b"hello\n"}
+
+
+@pytest.fixture
+def ftp_server(served: Path) -> Iterator[str]:
+    """A real FTP server (pyftpdlib) on a loopback port, anonymous, read-only."""
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.servers import ThreadedFTPServer
+
+    authorizer = DummyAuthorizer()
+    authorizer.add_anonymous(str(served))
+    handler = type("Handler", (FTPHandler,), {"authorizer": authorizer, "banner": "test"})
+    server = ThreadedFTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"ftp://127.0.0.1:{server.address[1]}"
+    finally:
+        server.close_all()
+        thread.join(5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pyftpdlib imports asyncore
+def test_ftp_downloads_and_a_missing_file_is_permanent(
+    served: Path, ftp_server: str, ctx: FetchContext
+) -> None:
+    ref = make_tarball(served / "pkg.tar.gz")
+    root = TarSource.fetch(request([f"{ftp_server}/pkg.tar.gz"], ref), ctx)
+    assert staged_files(ctx.cas, root) == {"hello.txt": b"hello\n"}
+    # A file the server does not have (550) is not retried, and fails over
+    with pytest.raises(SourceError) as info:
+        TarSource.fetch(request([f"{ftp_server}/none.tar.gz"], ref), ctx)
+    assert "none.tar.gz: FTP error: 550 " in str(info.value)
+    assert "after" not in str(info.value)
+    assert not info.value.transient
+    assert list(ctx.workdir.iterdir()) == []

@@ -362,8 +362,13 @@ def _ftp_chunks(url: str, settings: NetworkSettings) -> tuple[Iterator[bytes], i
     try:
         response = urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.URLError as exc:
-        permanent = isinstance(exc.__cause__, ftplib.error_perm)
-        raise _AttemptFailed(f"FTP error: {exc.reason}", retry=not permanent) from None
+        # urllib wraps ftplib's error once or twice, chained as cause or context.
+        inner = _ftplib_error(exc)
+        if inner is not None:
+            # error_perm: a 5xx reply (no such file, login refused): asking again will not help.
+            retry = not isinstance(inner, ftplib.error_perm)
+            raise _AttemptFailed(f"FTP error: {_short(inner)}", retry=retry) from None
+        raise _AttemptFailed(f"FTP error: {_short(exc)}", retry=True) from None
     except (OSError, ftplib.Error) as exc:
         raise _AttemptFailed(f"FTP error: {_short(exc)}", retry=True) from None
     length = response.headers.get("Content-length", "")
@@ -379,6 +384,15 @@ def _ftp_chunks(url: str, settings: NetworkSettings) -> tuple[Iterator[bytes], i
             response.close()
 
     return body(), total
+
+
+def _ftplib_error(exc: BaseException) -> ftplib.Error | None:
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None or isinstance(seen, ftplib.Error):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _short(exc: BaseException) -> str:

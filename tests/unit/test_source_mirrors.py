@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from cli.main import main
+from pipeline import api
 from pipeline.cas import LocalCas
+from pipeline.config import load_config
 from pipeline.elements import load_project
 from pipeline.elements.sources.mirrors import SourceMirror, url_candidates
 
@@ -87,3 +92,39 @@ def test_a_project_s_mirrors_order_a_network_source_s_urls(
         assert urls[0] == first + "pkg.tar.gz"
     else:  # an unknown default mirror changes nothing (bst: the listed order)
         assert urls[0] == "https://eu.mirror/up/pkg.tar.gz"
+
+
+def test_the_configured_default_mirror_reaches_the_fetch_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project with two mirrors, and the user's config choosing the second
+    conf = (
+        "name: m\nelement-path: elements\naliases:\n  up: https://upstream.example/\n"
+        "mirrors:\n- name: eu\n  aliases:\n    up:\n    - https://eu.mirror/\n"
+        "- name: us\n  aliases:\n    up:\n    - https://us.mirror/\n"
+    )
+    element = f"kind: import\nsources:\n- kind: tar\n  url: up:p.tar\n  ref: {'a' * 64}\n"
+    (tmp_path / "elements").mkdir()
+    (tmp_path / "project.conf").write_text(conf)
+    (tmp_path / "elements/e.bst").write_text(element)
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "REMEX_STACK_DIR": str(tmp_path / "x")}
+
+    def first_url(environ: dict[str, str]) -> str:
+        config = load_config(tmp_path, environ)
+        [e], _ = api.plan_targets(
+            tmp_path, ["e.bst"], cas=LocalCas(tmp_path / "cas"), config=config
+        )
+        request = e.sources[0].fetch_request("e.bst", 0, "elements/e.bst")
+        assert request is not None
+        return request["urls"][0]
+
+    # When planned, Then the default mirror's URL is tried first
+    assert first_url(env) == "https://eu.mirror/p.tar"
+    assert first_url(env | {"REMEX_FETCH_DEFAULT_MIRROR": "us"}) == "https://us.mirror/p.tar"
+    # And --default-mirror on the command line is that variable for the process
+    monkeypatch.setenv("REMEX_FETCH_DEFAULT_MIRROR", "")  # restored after the test
+    result = CliRunner().invoke(
+        main, ["show", "--default-mirror", "us", "-C", str(tmp_path / "none"), "e.bst"]
+    )
+    assert result.exit_code != 0  # no project there: only the option's effect matters
+    assert os.environ["REMEX_FETCH_DEFAULT_MIRROR"] == "us"

@@ -141,8 +141,9 @@ class _Attempt:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its ``user:password@`` part (and without a password in the query
-    named ``password``/``token``), for messages and progress reports."""
+    """``url`` without its ``user:password@`` part, and with secret-looking query
+    parameters (``token``, ``password``, ``signature`` ...) masked, for messages
+    and progress reports."""
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:

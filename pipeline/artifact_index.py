@@ -116,15 +116,15 @@ class ArtifactIndex:
         pipe.zrem(self.by_time, member)
         pipe.execute()
 
-    def with_key_prefix(self, prefix: str) -> list[ArtifactRef]:
+    def with_key_prefix(self, prefix: str, *, now: float | None = None) -> list[ArtifactRef]:
         """The recorded artifacts whose cache key starts with ``prefix``, by key."""
-        self._expire(time.time())
+        self._expire(time.time() if now is None else now)
         members = self.redis.zrangebylex(self.by_key, f"[{prefix}", f"({prefix}\xff")
         return [ref for ref in map(_ref, members) if ref is not None]
 
-    def matching(self, pattern: str) -> list[ArtifactRef]:
+    def matching(self, pattern: str, *, now: float | None = None) -> list[ArtifactRef]:
         """The recorded artifacts whose ref ``PROJECT/NAME/KEY`` matches the glob."""
-        self._expire(time.time())
+        self._expire(time.time() if now is None else now)
         matches = glob_matcher(pattern)
         refs = [ref for ref in map(_ref, self.redis.zrange(self.by_key, 0, -1)) if ref]
         return sorted(ref for ref in refs if matches(str(ref)))

@@ -238,8 +238,11 @@ def element_states(ctx: StageContext, elements: Sequence[Element]) -> dict[str, 
         for dep in element.staged_dependencies():
             needed.setdefault(dep.name, dep)
 
+    from pipeline.stages.artifacts import fetch_artifact_root
+
     def is_cached(element: Element) -> bool:
-        return ctx.assets.fetch_directory([element.artifact_uri]) is not None
+        # Not ctx.assets directly: a deleted (withdrawn) artifact is not cached.
+        return fetch_artifact_root(ctx, element.artifact_uri) is not None
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         cached = dict(zip(needed, pool.map(is_cached, needed.values()), strict=True))

@@ -114,6 +114,8 @@ def test_list_show_log_checkout_delete_and_the_rebuild(
         "remex: 1 of 1 artifact(s) not cached"
     )
     refused(cli("artifact", "list", "--key", key), 1)
+    shown = ok(cli("show", "-C", project, "--deps", "none", element))
+    assert shown.startswith("buildable"), shown
     refused(cli("artifact", "list", "-C", project, element), 1)
     assert "is not cached" in refused(cli("checkout", "-C", project, element, tmp_path / "c"), 1)
     assert "is not cached" in refused(cli("artifact", "checkout", ref, tmp_path / "d"), 1)
@@ -127,6 +129,9 @@ def test_list_show_log_checkout_delete_and_the_rebuild(
     code, output = remex_stack.build_json(project, *built.targets)
     assert code == 0, output
     assert states(output)[element] == "built", states(output)
+    # from the action's cached result: delete keeps the ActionCache entry
+    [rebuilt] = [e for e in output["elements"] if e["element"] == element]
+    assert rebuilt["action_cached"] is True, rebuilt
     assert states(output)[built.elements[0]] == "cached", states(output)
     assert states(output)["base.bst"] == "cached", states(output)
     assert ok(cli("artifact", "show", "-C", project, element)).startswith("cached")

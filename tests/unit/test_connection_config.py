@@ -137,3 +137,15 @@ def test_keepalive_time_sets_the_channel_option() -> None:
     assert keepalive(ConnectionSettings(keepalive_time=5)) == 5_000
     # 0: no pings at all (gRPC's "never")
     assert keepalive(ConnectionSettings(keepalive_time=0)) == 2**31 - 1
+
+
+def test_a_remote_takes_its_endpoints_settings() -> None:
+    from pipeline.reapi.channel import Endpoint
+    from pipeline.reapi.remote import Remote
+
+    settings = ConnectionSettings(request_timeout=4.0, retry_limit=1, retry_delay=0.2)
+    # A channel connects lazily: no server is needed to build one
+    with Remote(Endpoint("grpc://127.0.0.1:9", connection=settings)) as remote:
+        assert remote.request_timeout == 4.0
+        assert remote.retrier.policy == retry_policy(settings)
+        assert remote.retrier.policy.max_attempts == 2

@@ -14,10 +14,11 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from cli.errors import fail, handles_errors
+from cli.errors import broker_error_message, fail, handles_errors
 from cli.main import main, option_option, project_option
 
 if TYPE_CHECKING:
+    from pipeline.artifact_index import ArtifactRef
     from pipeline.artifacts import ArtifactTarget
     from pipeline.config import RemexConfig
     from pipeline.stages import StageContext
@@ -129,9 +130,8 @@ def list_artifacts(
     when nothing is, exit 1.
     """
     from pipeline import api
-    from pipeline.artifacts import ArtifactsNotFoundError, ArtifactTarget, open_index
+    from pipeline.artifacts import ArtifactsNotFoundError
     from pipeline.config import load_config
-    from pipeline.errors import ConfigError
 
     if not artifacts and key_prefix is None:
         fail("give ARTIFACTS (element names, artifact refs, keys) or --key PREFIX")
@@ -141,19 +141,7 @@ def list_artifacts(
         # An element's other keys, from the index (when there is a broker).
         elements = [t for t in targets if t.element is not None]
         if elements:
-            try:
-                index = open_index(config)
-            except ConfigError:
-                index = None
-            if index is not None:
-                known = {t.ref for t in targets}
-                for target in elements:
-                    ref = target.ref
-                    for other in index.matching(f"{ref.project}/{ref.normal_name}/*"):
-                        if other not in known:
-                            known.add(other)
-                            label = f"{target.label} ({other.cache_key[:8]})"
-                            targets.append(ArtifactTarget(other, label))
+            targets.extend(_other_keys(config, elements, {t.ref for t in targets}))
         found = [(t, s) for t, s in zip(targets, _summaries(ctx, targets), strict=True) if s]
     if not found:
         asked = ", ".join(artifacts) or f"key {key_prefix}"
@@ -166,6 +154,33 @@ def list_artifacts(
             f"{target.ref.cache_key}  {human_size(summary.size_bytes):>10}  "
             f"{summary.files:>6} files  {target.ref.project}/{target.ref.normal_name}"
         )
+
+
+def _other_keys(
+    config: RemexConfig, elements: Sequence[ArtifactTarget], known: set[ArtifactRef]
+) -> list[ArtifactTarget]:
+    """The index's artifacts of ``elements`` under keys other than ``known``
+    ones; none when there is no broker or it cannot be reached (a warning)."""
+    from pipeline.artifacts import ArtifactTarget, open_index
+    from pipeline.errors import ConfigError
+
+    found: list[ArtifactTarget] = []
+    try:
+        index = open_index(config)
+        for target in elements:
+            ref = target.ref
+            for other in index.matching(f"{ref.project}/{ref.normal_name}/*"):
+                if other not in known:
+                    known.add(other)
+                    found.append(ArtifactTarget(other, f"{target.label} ({other.cache_key[:8]})"))
+    except ConfigError:
+        return []  # no broker here: the current keys only
+    except Exception as exc:
+        message = broker_error_message(exc)
+        if message is None:
+            raise
+        click.echo(f"remex: warning: current keys only: {message}", err=True)
+    return found
 
 
 @artifact.command("show")
@@ -312,11 +327,17 @@ def delete_artifacts(
                 missing.append(target.label)
     try:
         index = open_index(config)
-    except ConfigError:
-        index = None  # no broker here: nothing indexed to forget
-    if index is not None:
         for target in targets:
             index.remove(target.ref)
+    except ConfigError:
+        pass  # no broker here: nothing indexed to forget
+    except Exception as exc:
+        # The artifacts are deleted; a stale index entry is only a hint
+        # (whatever it lists is looked up before it is shown).
+        message = broker_error_message(exc)
+        if message is None:
+            raise
+        click.echo(f"remex: warning: the artifact index was not updated: {message}", err=True)
     if missing:
         fail(f"not cached, nothing deleted: {', '.join(missing)}", code=1)
 

@@ -33,6 +33,7 @@ __all__ = [
     "ArtifactTarget",
     "ArtifactsNotFoundError",
     "classify_argument",
+    "open_index",
     "resolve_targets",
 ]
 

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -258,8 +258,11 @@ def element_states(ctx: StageContext, elements: Sequence[Element]) -> dict[str, 
         for dep in element.staged_dependencies():
             needed.setdefault(dep.name, dep)
 
+    from pipeline.stages.artifacts import fetch_artifact_root
+
     def is_cached(element: Element) -> bool:
-        return ctx.assets.fetch_directory([element.artifact_uri]) is not None
+        # Not ctx.assets directly: a deleted (withdrawn) artifact is not cached.
+        return fetch_artifact_root(ctx, element.artifact_uri) is not None
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         cached = dict(zip(needed, pool.map(is_cached, needed.values()), strict=True))
@@ -313,14 +316,6 @@ def wait_for_broker(url: str, waits: Sequence[float] = BROKER_WAITS) -> None:
         client.close()
 
 
-def _placeholder_digests(element: Any) -> list[Any]:
-    # Reading logs needs the element's names and cache key only, not its
-    # sources: stand in empty trees rather than staging them.
-    from pipeline.digest import EMPTY_DIGEST
-
-    return [EMPTY_DIGEST for _ in element.sources]
-
-
 @main.command()
 @project_option
 @click.argument("element")
@@ -349,33 +344,16 @@ def checkout(
     deps: str,
     integrate: bool,
 ) -> None:
-    """Write ELEMENT's built files into DEST (refusing anything unsafe)."""
+    """Write ELEMENT's built files into DEST (refusing anything unsafe).
+
+    The same as ``remex artifact checkout`` given an element name."""
+    from cli.artifact import checkout_element
     from pipeline import api
     from pipeline.config import load_config
-    from pipeline.elements.element import integration_spec
-    from pipeline.errors import RemexError
-    from pipeline.stages import build_plan, checkout_artifact
 
     config = load_config(project_dir)
     with api.open_context(config) as ctx, ctx.local_cas.pin():
-        plan = api.plan(
-            project_dir,
-            [element],
-            cas=ctx.local_cas,
-            options=_options(option_pairs),
-            config=config,
-        )
-        target = plan[-1]
-        elements = target.runtime_closure() if deps == "run" else [target]
-        spec = integration_spec(elements, target) if integrate else None
-        if spec is None:
-            runtime = [e.artifact_uri for e in elements[:-1]]
-            checkout_artifact(ctx, target.artifact_uri, dest, runtime_deps=runtime)
-        else:
-            [result] = build_plan(ctx, [spec])
-            if result["error"] is not None:
-                raise RemexError(f"integrating {element} failed: {result['error']}")
-            checkout_artifact(ctx, spec, dest)
+        checkout_element(ctx, config, project_dir, element, dest, option_pairs, deps, integrate)
     click.echo(f"checked out {element} into {dest}")
 
 
@@ -385,10 +363,14 @@ def checkout(
 @option_option
 @handles_errors
 def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]) -> None:
-    """Print ELEMENT's build log (stdout, then stderr), built or failed."""
+    """Print ELEMENT's build log (stdout, then stderr), built or failed.
+
+    The same as ``remex artifact log`` given one element name."""
+    from cli.artifact import write_log
     from pipeline import api
+    from pipeline.artifact_index import ArtifactRef
+    from pipeline.artifacts import ArtifactTarget
     from pipeline.config import load_config
-    from pipeline.stages import read_logs
 
     config = load_config(project_dir)
     with api.open_context(config) as ctx, ctx.local_cas.pin():
@@ -399,11 +381,10 @@ def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]
             options=_options(option_pairs),
             config=config,
         )
-        spec = plan[-1].build_spec(_placeholder_digests(plan[-1]))
-        stdout, stderr = read_logs(ctx, spec)
-    sys.stdout.write(stdout.decode(errors="replace"))
-    if stderr:
-        sys.stdout.write(stderr.decode(errors="replace"))
+        loaded = plan[-1]
+        ref = ArtifactRef(loaded.project, loaded.normal_name, loaded.cache_key)
+        target = ArtifactTarget(ref, element, loaded)
+        write_log(ctx, target, sys.stdout)
 
 
 @main.command()
@@ -638,3 +619,8 @@ def bot(
         grace=grace,
     )
     run_bot(options)
+
+
+# ``remex artifact ...`` lives in its own module; importing it registers the
+# group on ``main`` (it imports this module's options, hence at the end).
+import cli.artifact  # noqa: E402, F401

@@ -26,6 +26,10 @@ Where settings come from, later ones winning:
     client-cert = ""
     client-key = ""
     token-file = ""             # bearer token, re-read when it changes
+    request-timeout = 60        # seconds one attempt of an RPC may take
+    retry-limit = 9             # retries of a transient failure (0: none)
+    retry-delay = 100           # milliseconds before the first retry (then doubling)
+    keepalive-time = 30         # seconds between keepalive pings (0: none)
 
     [remote.storage]            # the execution side's CAS; default: the execution server
     [remote.action-cache]       # its ActionCache; default: the execution server
@@ -58,7 +62,7 @@ Where settings come from, later ones winning:
 Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
 ``REMEX_BROKER_{SERVER_CA,CLIENT_CERT,CLIENT_KEY}``,
 ``REMEX_{EXECUTION,STORAGE,ACTION_CACHE,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,
-CLIENT_KEY,TOKEN_FILE}``,
+CLIENT_KEY,TOKEN_FILE,REQUEST_TIMEOUT,RETRY_LIMIT,RETRY_DELAY,KEEPALIVE_TIME}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_CAS_DOWNLOAD``, ``REMEX_WORKER_CONCURRENCY``,
 ``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
 ``REMEX_FETCH_{CONNECT_TIMEOUT,READ_TIMEOUT,RETRIES,BACKOFF,CA_BUNDLE,DEFAULT_MIRROR}``,
@@ -94,6 +98,14 @@ _REMOTE_KEYS = {
     "client-cert": "client_cert",
     "client-key": "client_key",
     "token-file": "token_file",
+}
+# BuildStream's ``connection-config`` keys, allowed in every [remote.KEY]
+# table: the ConnectionSettings attribute each sets and how its value is read.
+_CONNECTION_KEYS = {
+    "request-timeout": "request_timeout",
+    "retry-limit": "retry_limit",
+    "retry-delay": "retry_delay",
+    "keepalive-time": "keepalive_time",
 }
 # [remote.KEY] tables and the RemexConfig attribute each sets.
 _REMOTES = {
@@ -365,11 +377,12 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     remote = _table(data, "remote", where)
     _known(remote, set(_REMOTES), where, "remote.")
     base = path.parent
+    text = path.read_text()
     for key, attr in _REMOTES.items():
         if key in remote:
             start = getattr(config, attr) or Endpoint("")
             changes[attr] = _endpoint(
-                start, _table(remote, key, where), where, f"remote.{key}", base
+                start, _table(remote, key, where), where, f"remote.{key}", base, text=text
             )
     cas = _table(data, "cas", where)
     _known(cas, {"dir", "quota", "download"}, where, "cas.")
@@ -463,15 +476,17 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
             used.append(name)
     for remote_key, attr in _REMOTES.items():
         name = remote_key.upper().replace("-", "_")
-        values = {
-            key: env[f"REMEX_{name}_{field_.upper()}"]
-            for key, field_ in _REMOTE_KEYS.items()
-            if env.get(f"REMEX_{name}_{field_.upper()}")
+        names = {
+            key: f"REMEX_{name}_{key.upper().replace('-', '_')}"
+            for key in (*_REMOTE_KEYS, *_CONNECTION_KEYS)
         }
+        values = {key: env[var] for key, var in names.items() if env.get(var)}
         if values:
             start = getattr(config, attr) or Endpoint("")
-            changes[attr] = _endpoint(start, values, "environment", f"REMEX_{name}_*", Path.cwd())
-            used.extend(f"REMEX_{name}_{_REMOTE_KEYS[k].upper()}" for k in values)
+            changes[attr] = _endpoint(
+                start, values, "environment", f"REMEX_{name}_*", Path.cwd(), names=names
+            )
+            used.extend(names[k] for k in values)
     if env.get("REMEX_CAS_DIR"):
         changes["cas_dir"] = Path(env["REMEX_CAS_DIR"]).expanduser()
         used.append("REMEX_CAS_DIR")
@@ -538,9 +553,21 @@ def _fetch(
 
 
 def _endpoint(
-    start: Endpoint, values: Mapping[str, Any], where: str, prefix: str, base: Path
+    start: Endpoint,
+    values: Mapping[str, Any],
+    where: str,
+    prefix: str,
+    base: Path,
+    *,
+    names: Mapping[str, str] | None = None,
+    text: str = "",
 ) -> Endpoint:
-    _known(values, set(_REMOTE_KEYS), where, prefix + ".")
+    """``start`` with the ``[remote.KEY]`` (or environment) ``values`` applied.
+
+    ``names`` are the environment variables of the keys (errors name those);
+    ``text`` is the file's text (errors name the key's line).
+    """
+    _known(values, {*_REMOTE_KEYS, *_CONNECTION_KEYS}, where, prefix + ".")
     changes: dict[str, Any] = {}
     for key, attr in _REMOTE_KEYS.items():
         if key not in values:
@@ -550,10 +577,55 @@ def _endpoint(
             changes[attr] = value
         else:
             changes[attr] = _path(value, base, where, f"{prefix}.{key}") if value else None
+    connection: dict[str, Any] = {}
+    for key, attr in _CONNECTION_KEYS.items():
+        if key in values:
+            if names is not None:
+                place = names[key]
+            else:
+                line = _toml_line(text, tuple(prefix.split(".")), key) if text else 0
+                place = f"{where}:{line}: {prefix}.{key}" if line else f"{where}: {prefix}.{key}"
+            connection[attr] = _connection_value(key, values[key], place)
+    if connection:
+        changes["connection"] = replace(start.connection, **connection)
     endpoint = replace(start, **changes)
     if not endpoint.url:
         raise ConfigError(f"{where}: {prefix}.url is required")
     return endpoint
+
+
+def _connection_value(key: str, value: Any, place: str) -> float | int:
+    """A ``connection-config`` value, in remex's units (seconds).
+
+    ``request-timeout`` (s) must be above 0; ``retry-limit`` a whole number
+    from 0; ``retry-delay`` (ms, as BuildStream) and ``keepalive-time`` (s)
+    from 0. Strings (environment variables) are read as numbers.
+
+    Raises:
+        ConfigError: naming ``place`` (the file, line and key, or the variable).
+    """
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = int(value) if key == "retry-limit" else float(value)
+        except ValueError:
+            number = None
+    if key == "retry-limit":
+        if not isinstance(number, int) or number < 0:
+            raise ConfigError(f"{place}: must be a whole number from 0 up, not {value!r}")
+        return number
+    if number is None or number != number or number in (float("inf"), float("-inf")):
+        number = -1.0  # not a number: refused below
+    if key == "request-timeout":
+        if number <= 0:
+            raise ConfigError(f"{place}: must be a number of seconds above 0, not {value!r}")
+        return float(number)
+    if number < 0:
+        unit = "milliseconds" if key == "retry-delay" else "seconds"
+        raise ConfigError(f"{place}: must be a number of {unit} from 0 up, not {value!r}")
+    return number / 1000.0 if key == "retry-delay" else float(number)
 
 
 def _table(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:

@@ -376,7 +376,24 @@ def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
     }
     ready = rt.scheduler.finish(payload["build"], payload["element"], "built", info)
     send_ready(self.app, rt.scheduler, ready)
+    index_artifact(rt, _SPECS.get(rt, payload["build"], payload["element"]))
     return result
+
+
+def index_artifact(rt: WorkerRuntime, spec: BuildSpec) -> None:
+    """Add the pushed artifact to the index ``remex artifact list --key`` reads
+    (:mod:`pipeline.artifact_index`). The index is a hint: failing to write it
+    fails nothing."""
+    from pipeline.artifact_index import ArtifactIndex, ArtifactRef
+    from pipeline.spec import normal_name
+
+    ref = ArtifactRef(spec["project"], normal_name(spec["element"]), spec["cache_key"])
+    if ref.uri != spec["artifact_uri"]:
+        return  # not an element's artifact (an integrated checkout)
+    try:
+        ArtifactIndex(rt.scheduler.redis, prefix=rt.scheduler.keys.prefix).add(ref)
+    except Exception as exc:
+        log.warning("could not add %s to the artifact index: %s", ref, exc)
 
 
 STAGE_TASKS: dict[str, Callable[[StageTask, Payload], Payload]] = {

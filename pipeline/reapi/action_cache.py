@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.errors import RemoteError
-from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT, Remote
+from pipeline.reapi.remote import Remote
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 
@@ -36,7 +36,7 @@ class ActionCacheClient:
         )
         try:
             return self.remote.call(
-                lambda: self._stub.GetActionResult(request, timeout=DEFAULT_RPC_TIMEOUT),
+                lambda: self._stub.GetActionResult(request, timeout=self.remote.request_timeout),
                 what="GetActionResult",
             )
         except RemoteError as exc:
@@ -59,6 +59,6 @@ class ActionCacheClient:
             digest_function=re_pb2.DigestFunction.SHA256,
         )
         return self.remote.call(
-            lambda: self._stub.UpdateActionResult(request, timeout=DEFAULT_RPC_TIMEOUT),
+            lambda: self._stub.UpdateActionResult(request, timeout=self.remote.request_timeout),
             what="UpdateActionResult",
         )

@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2
 
 from pipeline.errors import RemoteError
-from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT, Remote
+from pipeline.reapi.remote import Remote
 from protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -61,7 +61,8 @@ class AssetClient:
             digest_function=re_pb2.DigestFunction.SHA256,
         )
         self.remote.call(
-            lambda: self._push.PushBlob(request, timeout=DEFAULT_RPC_TIMEOUT), what="PushBlob"
+            lambda: self._push.PushBlob(request, timeout=self.remote.request_timeout),
+            what="PushBlob",
         )
 
     def push_directory(
@@ -84,7 +85,7 @@ class AssetClient:
             digest_function=re_pb2.DigestFunction.SHA256,
         )
         self.remote.call(
-            lambda: self._push.PushDirectory(request, timeout=DEFAULT_RPC_TIMEOUT),
+            lambda: self._push.PushDirectory(request, timeout=self.remote.request_timeout),
             what="PushDirectory",
         )
 
@@ -96,11 +97,11 @@ class AssetClient:
             instance_name=self.remote.instance_name,
             uris=list(uris),
             qualifiers=_qualifiers(qualifiers),
-            timeout=duration_pb2.Duration(seconds=int(DEFAULT_RPC_TIMEOUT)),
+            timeout=duration_pb2.Duration(seconds=max(1, int(self.remote.request_timeout))),
             digest_function=re_pb2.DigestFunction.SHA256,
         )
         response = self._call_fetch(
-            lambda: self._fetch.FetchBlob(request, timeout=DEFAULT_RPC_TIMEOUT), "FetchBlob"
+            lambda: self._fetch.FetchBlob(request, timeout=self.remote.request_timeout), "FetchBlob"
         )
         if response is None:
             return None
@@ -114,11 +115,11 @@ class AssetClient:
             instance_name=self.remote.instance_name,
             uris=list(uris),
             qualifiers=_qualifiers(qualifiers),
-            timeout=duration_pb2.Duration(seconds=int(DEFAULT_RPC_TIMEOUT)),
+            timeout=duration_pb2.Duration(seconds=max(1, int(self.remote.request_timeout))),
             digest_function=re_pb2.DigestFunction.SHA256,
         )
         response = self._call_fetch(
-            lambda: self._fetch.FetchDirectory(request, timeout=DEFAULT_RPC_TIMEOUT),
+            lambda: self._fetch.FetchDirectory(request, timeout=self.remote.request_timeout),
             "FetchDirectory",
         )
         if response is None:

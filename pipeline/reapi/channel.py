@@ -32,10 +32,15 @@ TOOL_NAME = "remex"
 # receive limit is 4 MiB.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+DEFAULT_KEEPALIVE_TIME = 30.0
+"""Seconds between keepalive pings on a channel with calls in flight, unless
+the endpoint's ``keepalive-time`` says otherwise."""
+# gRPC's "never": what a keepalive-time of 0 (no pings, as in BuildStream) sets.
+_KEEPALIVE_OFF_MS = 2**31 - 1
+
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 0),
     # Reconnect quickly after a server restart; the retry wrapper does the rest.
@@ -43,6 +48,31 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.enable_retries", 0),
 ]
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """How hard to try one server: BuildStream's ``connection-config``.
+
+    None means remex's default (see :mod:`pipeline.reapi.remote`). Units are
+    seconds here; ``remex.toml``'s ``retry-delay`` is in milliseconds, as
+    BuildStream's.
+
+    Args:
+        request_timeout: the deadline of one attempt of a unary RPC (and the
+            base of a ByteStream transfer's, which grows with its size).
+        retry_limit: retries after the first attempt of a transiently failing
+            RPC (0: no retry).
+        retry_delay: the wait before the first retry; each next one doubles
+            (with jitter, capped).
+        keepalive_time: seconds between gRPC keepalive pings while calls are
+            in flight; 0 sends none.
+    """
+
+    request_timeout: float | None = None
+    retry_limit: int | None = None
+    retry_delay: float | None = None
+    keepalive_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +86,7 @@ class Endpoint:
         client_cert: PEM client certificate (mutual TLS), with ``client_key``.
         client_key: PEM private key for ``client_cert``.
         token_file: file holding a bearer token, re-read whenever it changes.
+        connection: timeouts, retries and keepalive for this endpoint.
     """
 
     url: str
@@ -64,6 +95,16 @@ class Endpoint:
     client_cert: Path | None = None
     client_key: Path | None = None
     token_file: Path | None = None
+    connection: ConnectionSettings = ConnectionSettings()
+
+
+def channel_options(connection: ConnectionSettings) -> list[tuple[str, Any]]:
+    """The gRPC channel options for an endpoint with these settings."""
+    keepalive = connection.keepalive_time
+    if keepalive is None:
+        keepalive = DEFAULT_KEEPALIVE_TIME
+    keepalive_ms = _KEEPALIVE_OFF_MS if keepalive == 0 else max(1, round(keepalive * 1000))
+    return [*_CHANNEL_OPTIONS, ("grpc.keepalive_time_ms", keepalive_ms)]
 
 
 class Target(NamedTuple):
@@ -255,15 +296,16 @@ def open_channel(
     token = TokenFile(Path(endpoint.token_file)) if endpoint.token_file else None
     if token is not None:
         token.token()  # fail now, not at the first call, and before a channel is opened
+    options = channel_options(endpoint.connection)
     if target.secure:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(endpoint.server_ca, "server CA"),
             private_key=_read(endpoint.client_key, "client key"),
             certificate_chain=_read(endpoint.client_cert, "client certificate"),
         )
-        channel = grpc.secure_channel(target.address, credentials, options=_CHANNEL_OPTIONS)
+        channel = grpc.secure_channel(target.address, credentials, options=options)
     else:
-        channel = grpc.insecure_channel(target.address, options=_CHANNEL_OPTIONS)
+        channel = grpc.insecure_channel(target.address, options=options)
     interceptor = _MetadataInterceptor(
         invocation_id=invocation_id or str(uuid.uuid4()),
         token_file=token,

@@ -43,7 +43,7 @@ from pipeline.errors import (
     RemoteError,
 )
 from pipeline.reapi.channel import action_context
-from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT, Remote
+from pipeline.reapi.remote import Remote
 from pipeline.reapi.retry import retry_delay_hint, rich_status, translate_rpc_error
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
@@ -199,7 +199,9 @@ class ExecutionClient:
         request = operations_pb2.CancelOperationRequest(name=operation_name)
         try:
             self.remote.call(
-                lambda: self._operations.CancelOperation(request, timeout=DEFAULT_RPC_TIMEOUT),
+                lambda: self._operations.CancelOperation(
+                    request, timeout=self.remote.request_timeout
+                ),
                 what="CancelOperation",
             )
         except RemoteError as exc:

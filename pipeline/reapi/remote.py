@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import grpc
 
 from pipeline.errors import IncompatibleServerError
-from pipeline.reapi.channel import Endpoint, open_channel
-from pipeline.reapi.retry import NO_RETRY, Retrier
+from pipeline.reapi.channel import ConnectionSettings, Endpoint, open_channel
+from pipeline.reapi.retry import NO_RETRY, Retrier, RetryPolicy
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from protos.build.bazel.semver import semver_pb2
@@ -34,6 +34,39 @@ GRPC_DEFAULT_MESSAGE_LIMIT = 4 * 1024 * 1024
 BATCH_OVERHEAD_MARGIN = 64 * 1024
 
 DEFAULT_RPC_TIMEOUT = 60.0
+"""Seconds one attempt of a unary RPC may take, unless ``request-timeout`` is set."""
+
+
+def retry_policy(connection: ConnectionSettings) -> RetryPolicy:
+    """The retry policy of an endpoint with these settings.
+
+    ``retry-limit`` N means N + 1 attempts; ``retry-delay`` is the first
+    backoff. The overall deadline is the default one (60 s) unless
+    ``request-timeout`` or ``retry-limit`` is set: then it is long enough for
+    every attempt to run its ``request-timeout``, so that ``retry-limit``,
+    not the deadline, bounds the attempts at a server that never answers.
+    """
+    default = RetryPolicy()
+    attempts = (
+        default.max_attempts if connection.retry_limit is None else connection.retry_limit + 1
+    )
+    initial = default.initial_backoff if connection.retry_delay is None else connection.retry_delay
+    timeout = request_timeout(connection)
+    max_backoff = max(default.max_backoff, initial)
+    deadline = default.deadline
+    if connection.request_timeout is not None or connection.retry_limit is not None:
+        deadline = max(deadline, attempts * (timeout + max_backoff))
+    return RetryPolicy(
+        max_attempts=attempts,
+        initial_backoff=initial,
+        max_backoff=max_backoff,
+        deadline=deadline,
+    )
+
+
+def request_timeout(connection: ConnectionSettings) -> float:
+    """Seconds one attempt of a unary RPC may take on an endpoint with these settings."""
+    return DEFAULT_RPC_TIMEOUT if connection.request_timeout is None else connection.request_timeout
 
 
 @dataclass(frozen=True)
@@ -103,7 +136,8 @@ class Remote:
 
     Args:
         endpoint: URL, instance name, TLS and token settings.
-        retrier: the retry policy for every call (a default one if not given).
+        retrier: the retry policy for every call (by default the one the
+            endpoint's connection settings give, see :func:`retry_policy`).
         invocation_id: sent as ``tool_invocation_id`` in RequestMetadata.
         correlated_id: sent as ``correlated_invocations_id`` (a build id).
 
@@ -120,7 +154,9 @@ class Remote:
     ) -> None:
         self.endpoint = endpoint
         self.instance_name = endpoint.instance_name
-        self.retrier = retrier or Retrier()
+        self.retrier = retrier or Retrier(retry_policy(endpoint.connection))
+        self.request_timeout = request_timeout(endpoint.connection)
+        """Seconds one attempt of a unary RPC may take (``request-timeout``)."""
         self.channel: grpc.Channel = open_channel(
             endpoint, invocation_id=invocation_id, correlated_id=correlated_id
         )
@@ -152,9 +188,9 @@ class Remote:
         """Run ``fn`` (one or more RPCs) under the retry policy; see :class:`Retrier`."""
         return self.retrier.call(fn, what=f"{what} on {self.endpoint.url}")
 
-    def capabilities(self, *, timeout: float = DEFAULT_RPC_TIMEOUT) -> ServerCapabilities:
+    def capabilities(self, *, timeout: float | None = None) -> ServerCapabilities:
         """The server's capabilities (asked once, then cached); ``timeout``
-        bounds each attempt.
+        bounds each attempt (default: :attr:`request_timeout`).
 
         Raises:
             IncompatibleServerError: the server cannot work with remex.
@@ -163,8 +199,9 @@ class Remote:
         if self._capabilities is None:
             stub = self.stub(re_grpc.CapabilitiesStub)
             request = re_pb2.GetCapabilitiesRequest(instance_name=self.instance_name)
+            deadline = self.request_timeout if timeout is None else timeout
             raw = self.call(
-                lambda: stub.GetCapabilities(request, timeout=timeout),
+                lambda: stub.GetCapabilities(request, timeout=deadline),
                 what="GetCapabilities",
             )
             self._capabilities = parse_capabilities(raw, where=self.endpoint.url)

@@ -154,7 +154,7 @@ class Attempts:
             raise error
         self.count += 1
         if self.count >= policy.max_attempts:
-            raise _exhausted(error, f"{self.count} attempts")
+            raise _exhausted(error, "1 attempt" if self.count == 1 else f"{self.count} attempts")
         delay = policy.backoff(self.count - 1, self._retrier.rng)
         if delay_hint is not None:
             delay = max(delay, delay_hint)

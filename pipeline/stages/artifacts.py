@@ -11,6 +11,13 @@ element's artifact URI::
 A failed build leaves no artifact but a failure record: a JSON blob pushed
 (PushBlob) under the element's failure URI, naming the logs' blobs.
 
+Remote Asset v1 has no way to remove a name. A deleted artifact
+(:func:`delete_artifact`) is its URI pushed again to the *withdrawn* tree
+(:data:`WITHDRAWN_ARTIFACT`: one empty file ``remex-deleted``, which no real
+artifact is, having ``files/``, ``logs/`` and ``meta/``); every lookup here
+(:func:`fetch_artifact_root`) reads that as "not there", so the next build
+makes the artifact again and pushes it over the withdrawn one.
+
 Everything read back from the server is verified (digests) and checked
 (hostile Directory names) by the CAS client.
 """
@@ -20,11 +27,18 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import __version__
 from pipeline.cas import LocalCas, check_directory
-from pipeline.digest import EMPTY_DIGEST, Digest, digest_from_str, digest_to_str
+from pipeline.digest import (
+    EMPTY_DIGEST,
+    Digest,
+    digest_from_str,
+    digest_of_message,
+    digest_to_str,
+)
 from pipeline.errors import ProtocolError
 from pipeline.spec import BuildSpec, failure_uri, normal_name
 from pipeline.stages.context import StageContext
@@ -37,26 +51,124 @@ from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
 
 __all__ = [
     "ARTIFACT_META_FILE",
+    "WITHDRAWN_ARTIFACT",
+    "ArtifactSummary",
+    "artifact_summary",
     "build_artifact_tree",
+    "delete_artifact",
     "fetch_artifact_files",
+    "fetch_artifact_root",
     "lookup_artifact",
     "push_failure_record",
+    "read_artifact_logs",
     "read_artifact_meta",
     "read_logs",
     "spec_failure_uri",
 ]
 
 ARTIFACT_META_FILE = "artifact.json"
+WITHDRAWN_MARKER = "remex-deleted"
+WITHDRAWN_ARTIFACT = Directory(files=[FileNode(name=WITHDRAWN_MARKER, digest=EMPTY_DIGEST)])
+"""The tree a deleted artifact's URI names (see the module docstring)."""
+WITHDRAWN_DIGEST, _WITHDRAWN_BYTES = digest_of_message(WITHDRAWN_ARTIFACT)
 
 
-def lookup_artifact(ctx: StageContext, spec: BuildSpec) -> Digest | None:
-    """The root digest of the element's artifact, or None when it is not built yet.
+@dataclass(frozen=True)
+class ArtifactSummary:
+    """What ``remex artifact list/show`` say about one stored artifact."""
+
+    uri: str
+    root: Digest
+    files: int
+    """Regular files in ``files/`` (symlinks and folders not counted)."""
+    size_bytes: int
+    """Their total size (each distinct blob as often as it appears)."""
+    meta: dict[str, Any]
+    """``meta/artifact.json`` (empty when the artifact has none)."""
+
+
+def fetch_artifact_root(ctx: StageContext, uri: str) -> Digest | None:
+    """The root digest of the artifact named ``uri``, or None when there is
+    none or it was deleted (the one lookup every artifact read goes through).
 
     Raises:
         RemoteError: the artifact server failed (after retries).
     """
-    fetched = ctx.assets.fetch_directory([spec["artifact_uri"]])
-    return None if fetched is None else fetched.digest
+    fetched = ctx.assets.fetch_directory([uri])
+    if fetched is None or is_withdrawn(fetched.digest):
+        return None
+    return fetched.digest
+
+
+def is_withdrawn(root: Digest) -> bool:
+    """Whether ``root`` is the tree of a deleted artifact."""
+    return root.hash == WITHDRAWN_DIGEST.hash and root.size_bytes == WITHDRAWN_DIGEST.size_bytes
+
+
+def delete_artifact(ctx: StageContext, uri: str) -> bool:
+    """Withdraw the artifact named ``uri``: push the name again to
+    :data:`WITHDRAWN_ARTIFACT`. Its blobs stay on the server until its own
+    expiry removes them; a build that finds the name withdrawn makes the
+    artifact again.
+
+    Returns:
+        False when there was no artifact to delete.
+
+    Raises:
+        RemoteError: the artifact server failed (after retries).
+    """
+    if fetch_artifact_root(ctx, uri) is None:
+        return False
+    root = ctx.artifact_cas.upload_blob(_WITHDRAWN_BYTES)
+    ctx.assets.push_directory([uri], root)
+    ctx.forget_artifacts()
+    return True
+
+
+def artifact_summary(ctx: StageContext, uri: str) -> ArtifactSummary | None:
+    """The artifact named ``uri``: its file count, size and meta, read from
+    the artifact server (Directory messages and the meta file, no file
+    content); None when it is not there.
+
+    Raises:
+        ProtocolError: the stored artifact is malformed.
+        RemoteError: the artifact server failed (after retries).
+    """
+    root = fetch_artifact_root(ctx, uri)
+    if root is None:
+        return None
+    top = _remote_directory(ctx, root, "")
+    files_root = _child(top, "files", uri)
+    directories = {_key(digest_of_message(d)[0]): d for d in ctx.artifact_cas.get_tree(files_root)}
+    count, size = 0, 0
+    stack = [files_root]
+    while stack:
+        directory = directories.get(_key(stack.pop()))
+        if directory is None:
+            raise ProtocolError(f"artifact {uri}: its files/ tree is incomplete on the server")
+        check_directory(directory, "files")
+        count += len(directory.files)
+        size += sum(f.digest.size_bytes for f in directory.files)
+        stack.extend(d.digest for d in directory.directories)
+    meta: dict[str, Any] = {}
+    if any(d.name == "meta" for d in top.directories):
+        meta_dir = _remote_directory(ctx, _child(top, "meta", uri), "meta")
+        if any(f.name == ARTIFACT_META_FILE for f in meta_dir.files):
+            blob = _file(meta_dir, ARTIFACT_META_FILE, f"{uri} meta/")
+            meta = _json_object(
+                ctx.artifact_cas.read_blob(blob), f"{uri} meta/{ARTIFACT_META_FILE}"
+            )
+    return ArtifactSummary(uri, root, count, size, meta)
+
+
+def lookup_artifact(ctx: StageContext, spec: BuildSpec) -> Digest | None:
+    """The root digest of the element's artifact, or None when it is not built
+    yet (or was deleted).
+
+    Raises:
+        RemoteError: the artifact server failed (after retries).
+    """
+    return fetch_artifact_root(ctx, spec["artifact_uri"])
 
 
 def fetch_artifact_files(ctx: StageContext, uri: str) -> Digest:
@@ -94,15 +206,24 @@ def read_logs(ctx: StageContext, spec: BuildSpec) -> tuple[bytes, bytes]:
         ArtifactNotFoundError: there is neither.
         ProtocolError: what is stored is malformed.
     """
-    uri = spec["artifact_uri"]
-    fetched = ctx.assets.fetch_directory([uri])
-    if fetched is not None:
-        logs = _child(_remote_directory(ctx, fetched.digest, ""), "logs", uri)
+    return read_artifact_logs(ctx, spec["artifact_uri"], spec_failure_uri(spec))
+
+
+def read_artifact_logs(ctx: StageContext, uri: str, record_uri: str) -> tuple[bytes, bytes]:
+    """The stdout and stderr stored in the artifact named ``uri``, or else in
+    the failure record named ``record_uri``.
+
+    Raises:
+        ArtifactNotFoundError: there is neither.
+        ProtocolError: what is stored is malformed.
+    """
+    root = fetch_artifact_root(ctx, uri)
+    if root is not None:
+        logs = _child(_remote_directory(ctx, root, ""), "logs", uri)
         directory = _remote_directory(ctx, logs, "logs")
         stdout = _file(directory, "stdout", f"{uri} logs/")
         stderr = _file(directory, "stderr", f"{uri} logs/")
     else:
-        record_uri = spec_failure_uri(spec)
         record_blob = ctx.assets.fetch_blob([record_uri])
         if record_blob is None:
             raise ArtifactNotFoundError(f"{uri} or {record_uri}", "artifact or failure record")
@@ -192,10 +313,10 @@ def resolve_artifact(ctx: StageContext, uri: str) -> Digest:
     Raises:
         ArtifactNotFoundError: nothing is stored under ``uri``.
     """
-    fetched = ctx.assets.fetch_directory([uri])
-    if fetched is None:
+    root = fetch_artifact_root(ctx, uri)
+    if root is None:
         raise ArtifactNotFoundError(uri)
-    return fetched.digest
+    return root
 
 
 def artifact_files(ctx: StageContext, root: Digest, uri: str) -> Digest:
@@ -222,6 +343,10 @@ def _remote_directory(ctx: StageContext, digest: Digest, path: str) -> Directory
     directory = ctx.artifact_cas.read_message(digest, Directory)
     check_directory(directory, path)
     return directory
+
+
+def _key(digest: Digest) -> tuple[str, int]:
+    return (digest.hash, digest.size_bytes)
 
 
 def _child(directory: Directory, name: str, uri: str) -> Digest:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import socket
 import time
 from typing import Any
 
@@ -9,7 +11,7 @@ from pipeline import __version__
 from pipeline.cas import tree_digests
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_to_str
 from pipeline.spec import BuildSpec
-from pipeline.stages.artifacts import build_artifact_tree
+from pipeline.stages.artifacts import build_artifact_tree, fetch_artifact_root
 from pipeline.stages.context import StageContext
 from pipeline.stages.errors import SpecError
 from pipeline.stages.execution import download_outputs
@@ -44,9 +46,10 @@ def push_artifact(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     """
     started = time.monotonic()
     new = state.copy()
-    existing = ctx.assets.fetch_directory([spec["artifact_uri"]])
+    # A deleted (withdrawn) artifact counts as absent: it is made again.
+    existing = fetch_artifact_root(ctx, spec["artifact_uri"])
     if existing is not None:
-        new["artifact"] = dj(existing.digest)
+        new["artifact"] = dj(existing)
         return with_timing(new, "push_artifact", time.monotonic() - started)
     element = spec["element"]
     files = digest_in(element, state, "files")
@@ -91,6 +94,11 @@ def artifact_meta(spec: BuildSpec, state: State) -> dict[str, Any]:
         else digest_to_str(digest_in(spec["element"], state, "action")),
         "action_cached": bool(state.get("cached")),
         "exit_code": state.get("exit_code"),
+        # Who made it and when (``remex artifact show``): the host that
+        # pushed it and the execution service's worker that ran the action.
+        "host": socket.gethostname(),
+        "worker": execution.get("worker"),
+        "pushed": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "overlaps": (state.get("overlaps") or {}).get("count", 0),
         # Staging warnings (overlaps, unstaged files), as BuildStream logs them.
         "warnings": list((state.get("overlaps") or {}).get("warnings") or []),

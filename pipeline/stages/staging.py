@@ -21,7 +21,7 @@ from pipeline.digest import Digest, digest_from_json, digest_to_str
 from pipeline.errors import BlobNotFoundError, LocalBlobMissingError
 from pipeline.reapi.cas import UploadStats
 from pipeline.spec import BuildSpec, CommandSpec
-from pipeline.stages.artifacts import artifact_files_digest
+from pipeline.stages.artifacts import artifact_files_digest, fetch_artifact_root
 from pipeline.stages.context import StageContext
 from pipeline.stages.errors import (
     BuildFailedError,
@@ -429,10 +429,10 @@ def dependency_files(
     uri = dependency["artifact_uri"]
     files = ctx.known_artifact_files(uri)
     if files is None:
-        fetched = ctx.assets.fetch_directory([uri])
-        if fetched is None:
+        root = fetch_artifact_root(ctx, uri)
+        if root is None:
             raise DependencyArtifactMissingError(spec["element"], dependency["element"], uri)
-        files = artifact_files_digest(ctx, fetched.digest, uri)
+        files = artifact_files_digest(ctx, root, uri)
         ctx.remember_artifact_files(uri, files)
     try:
         _fetch(ctx, files, full=full)

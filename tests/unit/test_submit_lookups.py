@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline.api import cached_elements
 from pipeline.cas import LocalCas
+from pipeline.digest import digest_of
 from pipeline.elements import load_project
 
 
@@ -24,7 +25,7 @@ class FakeAssets:
     def fetch_directory(self, uris: list[str]) -> Any:
         with self.lock:
             self.asked.extend(uris)
-        return SimpleNamespace(digest="d") if uris[0] in self.present else None
+        return SimpleNamespace(digest=digest_of(b"artifact")) if uris[0] in self.present else None
 
 
 def test_only_elements_whose_dependencies_are_cached_are_looked_up(tmp_path: Path) -> None:

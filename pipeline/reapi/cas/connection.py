@@ -20,7 +20,7 @@ from google.rpc import status_pb2
 
 from pipeline.digest import Digest, digest_to_str
 from pipeline.errors import BlobNotFoundError, DigestMismatchError, ProtocolError, RemoteError
-from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT, Remote
+from pipeline.reapi.remote import Remote
 from pipeline.reapi.retry import TRANSIENT_CODES
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
@@ -187,9 +187,10 @@ def unique(digests: Iterable[Digest]) -> list[Digest]:
     return result
 
 
-def stream_timeout(size: int) -> float:
-    """The deadline of a ByteStream transfer of ``size`` bytes."""
-    return DEFAULT_RPC_TIMEOUT + size / STREAM_MIN_RATE
+def stream_timeout(size: int, base: float) -> float:
+    """The deadline of a ByteStream transfer of ``size`` bytes: ``base`` (the
+    endpoint's request timeout) plus the time at :data:`STREAM_MIN_RATE`."""
+    return base + size / STREAM_MIN_RATE
 
 
 def parse(data: bytes, cls: type[M], digest: Digest, where: str) -> M:

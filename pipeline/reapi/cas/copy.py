@@ -80,7 +80,8 @@ class BlobCopier:
             pipe = _Pipe(self.source, digest, f"{dest.prefix}uploads/{uuid.uuid4()}")
             try:
                 response = dest.bytestream.Write(
-                    iter(pipe), timeout=stream_timeout(digest.size_bytes)
+                    iter(pipe),
+                    timeout=stream_timeout(digest.size_bytes, dest.remote.request_timeout),
                 )
             except grpc.RpcError:
                 pipe.raise_error()  # the source's failure, not the destination's
@@ -123,7 +124,9 @@ class _Pipe:
         )
         hasher = hashlib.sha256()
         offset = 0
-        for response in self.source.bytestream.Read(read, timeout=stream_timeout(size)):
+        for response in self.source.bytestream.Read(
+            read, timeout=stream_timeout(size, self.source.remote.request_timeout)
+        ):
             data = response.data
             if not data:
                 continue

@@ -18,7 +18,6 @@ from pipeline.digest import Digest, digest_to_str
 from pipeline.errors import DigestMismatchError, ProtocolError, RemoteError
 from pipeline.reapi.cas.connection import CasConnection, Key, digest_key, stream_timeout, unique
 from pipeline.reapi.cas.traffic import TRAFFIC
-from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from protos.google.bytestream import bytestream_pb2 as bs_pb2
 
@@ -102,7 +101,7 @@ class Downloader:
                 digests=list(pending.values()),
                 digest_function=re_pb2.DigestFunction.SHA256,
             )
-            response = conn.cas.BatchReadBlobs(request, timeout=DEFAULT_RPC_TIMEOUT)
+            response = conn.cas.BatchReadBlobs(request, timeout=conn.remote.request_timeout)
             errors: list[RemoteError] = []
             for answer in response.responses:
                 digest = pending.get(digest_key(answer.digest))
@@ -157,7 +156,9 @@ class Downloader:
         def attempt() -> None:
             nonlocal received
             request = bs_pb2.ReadRequest(resource_name=resource, read_offset=received)
-            for response in conn.bytestream.Read(request, timeout=stream_timeout(size)):
+            for response in conn.bytestream.Read(
+                request, timeout=stream_timeout(size, conn.remote.request_timeout)
+            ):
                 data = response.data
                 if received + len(data) > size:
                     raise DigestMismatchError(

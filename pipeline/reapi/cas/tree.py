@@ -17,7 +17,6 @@ from pipeline.errors import LocalCasError, ProtocolError, RemoteError, UnsafePat
 from pipeline.reapi.cas.connection import CasConnection, Key, digest_key, parse
 from pipeline.reapi.cas.download import Downloader
 from pipeline.reapi.cas.traffic import TRAFFIC
-from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 GET_TREE_PAGE_SIZE = 10_000
@@ -146,7 +145,7 @@ class TreeReader:
                 digest_function=re_pb2.DigestFunction.SHA256,
             )
             uncommitted: list[re_pb2.Directory] = []
-            for response in conn.cas.GetTree(request, timeout=DEFAULT_RPC_TIMEOUT):
+            for response in conn.cas.GetTree(request, timeout=conn.remote.request_timeout):
                 TRAFFIC.down(response.ByteSize(), len(response.directories))
                 uncommitted.extend(response.directories)
                 if response.next_page_token:

@@ -26,7 +26,6 @@ from pipeline.digest import Digest, digest_of, digest_to_str
 from pipeline.errors import ProtocolError, RemoteError
 from pipeline.reapi.cas.connection import CasConnection, Key, digest_key, stream_timeout, unique
 from pipeline.reapi.cas.traffic import TRAFFIC
-from pipeline.reapi.remote import DEFAULT_RPC_TIMEOUT
 from pipeline.reapi.retry import TRANSIENT_CODES
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from protos.google.bytestream import bytestream_pb2 as bs_pb2
@@ -126,7 +125,7 @@ class Uploader:
     ) -> re_pb2.FindMissingBlobsResponse:
         cas = self.conn.cas
         response: re_pb2.FindMissingBlobsResponse = self.conn.remote.call(
-            lambda: cas.FindMissingBlobs(request, timeout=DEFAULT_RPC_TIMEOUT),
+            lambda: cas.FindMissingBlobs(request, timeout=self.conn.remote.request_timeout),
             what="FindMissingBlobs",
         )
         return response
@@ -229,7 +228,7 @@ class Uploader:
                 ],
                 digest_function=re_pb2.DigestFunction.SHA256,
             )
-            response = conn.cas.BatchUpdateBlobs(request, timeout=DEFAULT_RPC_TIMEOUT)
+            response = conn.cas.BatchUpdateBlobs(request, timeout=conn.remote.request_timeout)
             errors: list[RemoteError] = []
             for answer in response.responses:
                 key = digest_key(answer.digest)
@@ -282,7 +281,9 @@ class Uploader:
                 blob.seek(offset)
                 requests = _WriteRequests(blob, resource, offset, size, conn.chunk_size)
                 try:
-                    response = conn.bytestream.Write(iter(requests), timeout=stream_timeout(size))
+                    response = conn.bytestream.Write(
+                        iter(requests), timeout=stream_timeout(size, conn.remote.request_timeout)
+                    )
                 except grpc.RpcError:
                     requests.raise_error()  # a local read error, not the server's
                     raise
@@ -309,7 +310,9 @@ class Uploader:
             return None
         request = bs_pb2.QueryWriteStatusRequest(resource_name=resource)
         try:
-            status = self.conn.bytestream.QueryWriteStatus(request, timeout=DEFAULT_RPC_TIMEOUT)
+            status = self.conn.bytestream.QueryWriteStatus(
+                request, timeout=self.conn.remote.request_timeout
+            )
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
             if code == grpc.StatusCode.UNIMPLEMENTED:

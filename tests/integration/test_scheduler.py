@@ -50,8 +50,26 @@ def scheduler(redis_server: RedisServer) -> Iterator[Scheduler]:
     )
     client.flushdb()
     yield Scheduler(client, heartbeat_timeout=5.0)
+    # Whatever the test did (retries, failures, cancels, lost workers, shared
+    # artifacts), the counts and sets the scripts keep match the states.
+    for key in client.scan_iter("remex:build:*:counts"):
+        assert_counts_match(client, key.removesuffix(":counts"))
     client.flushdb()
     client.close()
+
+
+def assert_counts_match(client: redis.Redis, build_key: str) -> None:
+    """``B:counts``, ``B:live`` and ``B:failed`` agree with ``B:state``."""
+    states: dict[str, str] = client.hgetall(f"{build_key}:state")
+    expected: dict[str, int] = {}
+    for state in states.values():
+        expected[state] = expected.get(state, 0) + 1
+    counts = {s: int(n) for s, n in client.hgetall(f"{build_key}:counts").items() if int(n)}
+    assert counts == expected, build_key
+    live = {e for e, s in states.items() if s in ("ready", "queued", "running")}
+    assert client.smembers(f"{build_key}:live") == live, build_key
+    failed = {e for e, s in states.items() if s == "failed"}
+    assert client.smembers(f"{build_key}:failed") == failed, build_key
 
 
 def spec(name: str, key: str | None = None, kind: str = "manual") -> BuildSpec:
@@ -130,6 +148,67 @@ def test_an_unknown_build_is_a_key_error(scheduler: Scheduler) -> None:
         scheduler.status("nope")
     with pytest.raises(KeyError):
         scheduler.cancel("nope")
+
+
+# --- counts kept as states move (issue 16) ----------------------------------------
+
+
+def test_a_summary_has_the_counts_and_only_live_and_failed_elements(
+    scheduler: Scheduler,
+) -> None:
+    # Given a build of 200 independent elements, 195 of them cached; of the
+    # others two finish (one fails), one is queued again after a lost worker,
+    # one runs and one is never sent
+    deps: dict[str, list[str]] = {f"e{i:03d}": [] for i in range(200)}
+    build, ready = create(scheduler, deps, cached=[f"e{i:03d}" for i in range(5, 200)])
+    assert sorted(ready) == ["e000", "e001", "e002", "e003", "e004"]
+    for element in ("e000", "e001", "e002", "e003"):
+        send(scheduler, build, element)
+        assert start(scheduler, build, element)
+    scheduler.finish(build, "e000", "built", {})
+    scheduler.finish(build, "e001", "failed", {"error": "exit 1"})
+    assert send(scheduler, build, "e002") == 2  # a retry of a running element
+    # When its summary is read
+    summary = scheduler.status(build, every=False)
+    # Then it counts every state and lists only the live and failed elements
+    assert summary.summary and summary.total == 200
+    assert summary.counts() == {"cached": 195, "built": 1, "failed": 1, "queued": 1,
+                                "running": 1, "ready": 1}  # fmt: skip
+    assert {e.element: e.state for e in summary.elements} == {
+        "e001": "failed",
+        "e002": "queued",
+        "e003": "running",
+        "e004": "ready",
+    }
+    assert next(e for e in summary.elements if e.element == "e001").info["error"] == "exit 1"
+    # And it agrees with the whole status
+    whole = scheduler.status(build)
+    assert not whole.summary and whole.counts() == summary.counts()
+    # And once the rest finish, the build's status follows from the counts alone
+    for element in ("e002", "e003", "e004"):
+        scheduler.finish(build, element, "built", {})
+    done = scheduler.status(build, every=False)
+    assert done.status == "failed" and done.counts()["built"] == 4
+    assert [e.element for e in done.elements] == ["e001"]
+
+
+def test_a_build_without_counts_is_read_and_finished_by_scanning(scheduler: Scheduler) -> None:
+    # Given a build written before the counts existed (an older remex)
+    build, _ = create(scheduler, {"a": [], "b": ["a"]})
+    for name in ("counts", "live", "failed"):
+        scheduler.redis.delete(f"remex:build:{build}:{name}")
+    # Then its summary is the whole status, and the reconciler scans it
+    summary = scheduler.status(build, every=False)
+    assert not summary.summary and len(summary.elements) == 2
+    assert scheduler.stalled(build, time.time() + READY_GRACE + 1) == [
+        ("a", "ready but never sent")
+    ]
+    # And it still ends when its elements do
+    scheduler.finish(build, "a", "built", {})
+    scheduler.finish(build, "b", "built", {})
+    assert scheduler.status(build).status == "succeeded"
+    # (The moves did not start partial counts.)
+    assert not scheduler.redis.exists(f"remex:build:{build}:counts")
 
 
 # --- finishing ------------------------------------------------------------------

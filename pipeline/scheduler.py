@@ -208,6 +208,7 @@ SCRIPTS = (
     "note",
     "cancel",
     "status",
+    "deliver",
 )
 """The scripts of the moves (``pipeline/lua/NAME.lua``)."""
 
@@ -329,6 +330,7 @@ class Scheduler:
         self._note = scripts["note"]
         self._cancel = scripts["cancel"]
         self._status = scripts["status"]
+        self._deliver = scripts["deliver"]
 
     @classmethod
     def from_url(
@@ -632,11 +634,9 @@ class Scheduler:
         ``retries``); return how often it was delivered. Redis keeps no
         delivery count of its own, and a message is delivered again when the
         worker that held it died."""
-        key = self.keys.delivery(task_id, retries)
-        pipe = self.redis.pipeline()
-        pipe.incr(key)
-        pipe.expire(key, DELIVERY_TTL_SECONDS)
-        count, _ = pipe.execute()
+        count = self._deliver(
+            keys=[self.keys.prefix], args=[task_id, retries, DELIVERY_TTL_SECONDS]
+        )
         return int(count)
 
     def try_reconciler_lock(self, seconds: float) -> bool:

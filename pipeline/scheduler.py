@@ -115,6 +115,9 @@ TERMINAL = frozenset(
 ACTIVE = frozenset(
     {ElementState.WAITING, ElementState.READY, ElementState.QUEUED, ElementState.RUNNING}
 )
+# The states an element can be lost in (kept in the ``live`` set, which the
+# reconciler and status read instead of every element).
+LIVE_STATES = frozenset({ElementState.READY, ElementState.QUEUED, ElementState.RUNNING})
 # How long a finished build's state is kept in Redis.
 BUILD_TTL_SECONDS = 7 * 24 * 3600
 # A running element without a heartbeat for this long, on a worker that is
@@ -786,6 +789,34 @@ class Scheduler:
                         continue
                     out.append((element, NO_HOLDER))
         return out
+
+    def verify_counts(self, build_id: str) -> list[str]:
+        """Compare what the scripts keep as states move (``counts``, ``live``,
+        ``failed``) with the states themselves (a scan: O(elements); for
+        tests and checks, not for the hot path). Returns the differences
+        found, as sentences (none: they agree, or the build keeps no counts)."""
+        pipe = self.redis.pipeline()
+        pipe.hgetall(self.keys.build(build_id, "state"))
+        pipe.hgetall(self.keys.build(build_id, "counts"))
+        pipe.smembers(self.keys.build(build_id, "live"))
+        pipe.smembers(self.keys.build(build_id, "failed"))
+        states, counts_raw, live, failed = pipe.execute()
+        if not counts_raw:
+            return []
+        expected: dict[str, int] = {}
+        for state in states.values():
+            expected[state] = expected.get(state, 0) + 1
+        counts = {k: int(v) for k, v in counts_raw.items() if int(v)}
+        problems = []
+        if counts != expected:
+            problems.append(f"counts {counts} but states give {expected}")
+        want_live = {e for e, s in states.items() if s in LIVE_STATES}
+        if set(live) != want_live:
+            problems.append(f"live set differs: {sorted(set(live) ^ want_live)[:10]}")
+        want_failed = {e for e, s in states.items() if s == ElementState.FAILED}
+        if set(failed) != want_failed:
+            problems.append(f"failed set differs: {sorted(set(failed) ^ want_failed)[:10]}")
+        return problems
 
     def _live_states(self, build_id: str) -> dict[str, str]:
         """The state of each element that can be lost (ready, queued, running),

@@ -49,27 +49,15 @@ def scheduler(redis_server: RedisServer) -> Iterator[Scheduler]:
         host=redis_server.host, port=redis_server.port, db=DB, decode_responses=True
     )
     client.flushdb()
-    yield Scheduler(client, heartbeat_timeout=5.0)
+    made = Scheduler(client, heartbeat_timeout=5.0)
+    yield made
     # Whatever the test did (retries, failures, cancels, lost workers, shared
     # artifacts), the counts and sets the scripts keep match the states.
     for key in client.scan_iter("remex:build:*:counts"):
-        assert_counts_match(client, key.removesuffix(":counts"))
+        build = key.removeprefix("remex:build:").removesuffix(":counts")
+        assert made.verify_counts(build) == [], build
     client.flushdb()
     client.close()
-
-
-def assert_counts_match(client: redis.Redis, build_key: str) -> None:
-    """``B:counts``, ``B:live`` and ``B:failed`` agree with ``B:state``."""
-    states: dict[str, str] = client.hgetall(f"{build_key}:state")
-    expected: dict[str, int] = {}
-    for state in states.values():
-        expected[state] = expected.get(state, 0) + 1
-    counts = {s: int(n) for s, n in client.hgetall(f"{build_key}:counts").items() if int(n)}
-    assert counts == expected, build_key
-    live = {e for e, s in states.items() if s in ("ready", "queued", "running")}
-    assert client.smembers(f"{build_key}:live") == live, build_key
-    failed = {e for e, s in states.items() if s == "failed"}
-    assert client.smembers(f"{build_key}:failed") == failed, build_key
 
 
 def spec(name: str, key: str | None = None, kind: str = "manual") -> BuildSpec:

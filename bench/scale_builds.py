@@ -225,12 +225,17 @@ def wipe_for_warm(stack: RemexStack) -> None:
     for worker in stack.workers:
         worker.stop()
         shutil.rmtree(worker.cas_dir, ignore_errors=True)
+    wipe_artifacts(stack)
+    for worker in stack.workers:
+        worker.start()
+
+
+def wipe_artifacts(stack: RemexStack) -> None:
+    """Restart the artifact server empty (same port)."""
     if stack.artifacts is not None:
         stack.artifacts.stop()
         shutil.rmtree(stack.artifacts.cas_dir, ignore_errors=True)
         stack.artifacts.start()
-    for worker in stack.workers:
-        worker.start()
 
 
 def print_runs(runs: Sequence[Run]) -> None:
@@ -284,15 +289,23 @@ def part_b(args: argparse.Namespace, work: Path, sysroot: Path) -> list[Run]:
     project = make_dag_project(
         work / "dag-b", args.elements, shape="dag", layers=args.layers, sysroot=sysroot
     ).path
-    for slots in [int(s) for s in args.slots.split(",") if s]:
-        workers = max(1, min(args.max_processes, slots))
-        concurrency = max(1, slots // workers)
-        with RemexStack(
-            work / f"stack-b{slots}", workers=workers, concurrency=concurrency
-        ) as stack:
-            build(stack, project, "prime", args.timeout)  # fills the ActionCache
-            wipe_for_warm(stack)
-            label = f"dag {args.elements} {workers}x{concurrency}"
+    # One stack: its execution server's ActionCache is filled once, by a
+    # first build on --workers x --concurrency slots; then, for each slot
+    # count, the workers are replaced and the artifacts wiped (warm).
+    with RemexStack(work / "stack-b", workers=args.workers, concurrency=args.concurrency) as stack:
+        runs.append(build(stack, project, f"dag {args.elements} prime", args.timeout))
+        print("  prime: done", file=sys.stderr, flush=True)
+        for slots in [int(s) for s in args.slots.split(",") if s]:
+            processes = max(1, min(args.max_processes, slots))
+            threads = max(1, slots // processes)
+            for worker in list(stack.workers):
+                worker.close()
+                stack.workers.remove(worker)
+            wipe_artifacts(stack)
+            # (New names: each new worker starts with an empty local CAS.)
+            for index in range(processes):
+                stack.add_worker(f"b{slots}-{index}", concurrency=threads)
+            label = f"dag {args.elements} {processes}x{threads}"
             runs.append(build(stack, project, label, args.timeout))
             print(f"  {label}: done", file=sys.stderr, flush=True)
     return runs

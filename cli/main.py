@@ -108,8 +108,8 @@ def build(
         click.echo(json.dumps(status_json(final), indent=2))
     else:
 
-        def wait(on_update: Callable[[BuildStatus], object]) -> BuildStatus:
-            return api.wait(build_id, timeout=timeout, on_update=on_update)
+        def wait(on_update: Callable[[BuildStatus], object], summaries: bool) -> BuildStatus:
+            return api.wait(build_id, timeout=timeout, on_update=on_update, summaries=summaries)
 
         final = follow(wait, sys.stderr)
         print_summary(final)

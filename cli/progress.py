@@ -31,8 +31,9 @@ STATE_STYLE = {
     ElementState.CANCELLED: "magenta",
 }
 
-Wait = Callable[[Callable[[BuildStatus], Any]], BuildStatus]
-"""Follows the build, calling its argument with each status read."""
+Wait = Callable[[Callable[[BuildStatus], Any], bool], BuildStatus]
+"""Follows the build, calling its first argument with each status read
+(summaries when its second is true: enough for the live table)."""
 
 
 def follow(wait: Wait, stream: TextIO) -> BuildStatus:
@@ -40,7 +41,7 @@ def follow(wait: Wait, stream: TextIO) -> BuildStatus:
     the live table when ``stream`` is a terminal, else one line per change."""
     if stream.isatty():
         return _follow_live(wait)
-    return wait(PlainLines(stream))
+    return wait(PlainLines(stream), False)
 
 
 class PlainLines:
@@ -71,7 +72,7 @@ def _follow_live(wait: Wait) -> BuildStatus:
         def update(status: BuildStatus) -> None:
             live.update(table(status, time.monotonic() - started))
 
-        return wait(update)
+        return wait(update, True)
 
 
 def element_line(element: ElementStatus) -> tuple[str, str, str, str]:

@@ -383,14 +383,18 @@ def wait(
     timeout: float | None = None,
     poll: float = 0.25,
     on_update: Callable[[BuildStatus], Any] | None = None,
+    summaries: bool = False,
 ) -> BuildStatus:
-    """Follow a build until it is done; return its final status.
+    """Follow a build until it is done; return its final status (every element).
 
     A Redis restart is a pause: while Redis cannot be reached the build is
     followed again with backoff, for up to ``WAIT_RECONNECT_SECONDS``.
 
     Args:
         on_update: called with each status read (for a progress display).
+        summaries: read summaries while it runs (counts, and only the ready,
+            queued, running and failed elements: see :meth:`Scheduler.status`),
+            whose cost does not grow with the build; the final status is whole.
 
     Raises:
         TimeoutError: ``timeout`` seconds passed first.
@@ -403,7 +407,9 @@ def wait(
     meta_key = scheduler.keys.build(build_id, "meta")
     while True:
         try:
-            current = scheduler.status(build_id)
+            current = scheduler.status(build_id, every=not summaries)
+            if current.done and current.summary:
+                current = scheduler.status(build_id)
         except CONNECTION_ERRORS:
             if time.monotonic() - reached > WAIT_RECONNECT_SECONDS:
                 with broker_errors(url):

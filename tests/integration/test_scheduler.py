@@ -9,6 +9,7 @@ consumes.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from pipeline.config import RemexConfig
 from pipeline.scheduler import (
     LOST_AFTER_HEARTBEATS,
     READY_GRACE,
+    BuildStatus,
     Scheduler,
 )
 from pipeline.servers import RedisServer
@@ -741,3 +743,32 @@ def test_deliveries_are_counted_per_message_and_expire(scheduler: Scheduler) -> 
     # Then each count lives for a day at most
     ttl = scheduler.redis.ttl("remex:delivery:t1:0")
     assert 0 < ttl <= 24 * 3600
+
+
+def test_wait_can_follow_with_summaries_and_ends_with_the_whole_status(
+    scheduler: Scheduler, redis_server: RedisServer
+) -> None:
+    from pipeline import api
+
+    # Given a running build of three independent elements, finished one by one
+    build, _ = create(scheduler, {"a": [], "b": [], "c": []})
+
+    def finish_all() -> None:
+        for element in ("a", "b", "c"):
+            time.sleep(0.2)
+            scheduler.finish(build, element, "built", {})
+
+    finisher = threading.Thread(target=finish_all)
+    finisher.start()
+    # When it is followed with summaries
+    seen: list[BuildStatus] = []
+    config = RemexConfig(broker_url=f"redis://{redis_server.address}/{DB}")
+    final = api.wait(build, config=config, poll=0.05, on_update=seen.append, summaries=True)
+    finisher.join()
+    # Then each update while it ran was a summary listing only the live elements
+    running = [s for s in seen if not s.done]
+    assert running and all(s.summary for s in running)
+    assert all({e.state for e in s.elements} <= {"ready"} for s in running)
+    # And the final status is whole
+    assert final.status == "succeeded" and not final.summary
+    assert [e.element for e in final.elements] == ["a", "b", "c"]

@@ -59,7 +59,7 @@ def test_plain_lines_print_each_change_once() -> None:
     # Given a stream that is not a terminal
     out = io.StringIO()
     # When a build is followed on it
-    final = follow(lambda update: fake_wait("b1", on_update=update), out)
+    final = follow(lambda update, summaries: fake_wait("b1", on_update=update), out)
     # Then each element's state changes are one line each, nothing repeated, no table
     assert final.status == "succeeded"
     assert out.getvalue().splitlines() == [

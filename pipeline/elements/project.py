@@ -793,16 +793,18 @@ class Project:
         self, defaults: MappingNode, node: MappingNode, variables: Variables
     ) -> dict[str, Any]:
         """The element's public data, expanded. Without a ``public`` of its own,
-        an element's is its kind's split rules: expanded once per kind (and
-        copied for each element) unless the element changes a variable they use."""
+        an element's is its kind's split rules: expanded once per kind and
+        shared by every element that changes no variable they use (the same
+        object: read-only, as :attr:`Element.public` says; a copy per element
+        was a tenth of the loading time of a 10,000-element project)."""
         if "public" in node.entries:
             return cast("dict[str, Any]", expand_data(_public(defaults, node), variables))
         shared = variables.shared_value("public")
         if shared is not None:
-            return cast("dict[str, Any]", _copy_data(shared))
+            return cast("dict[str, Any]", shared)
         public_node = _public(defaults, node)
         public = cast("dict[str, Any]", expand_data(public_node, variables))
-        variables.share_value("public", _copy_data(public), _strings(public_node))
+        variables.share_value("public", public, _strings(public_node))
         return public
 
     def _kind_defaults(self, kind: str) -> MappingNode:
@@ -1134,15 +1136,6 @@ def _public(defaults: MappingNode, node: MappingNode) -> MappingNode:
     public.entries["bst"] = bst
     public.key_marks.setdefault("bst", mark)
     return public
-
-
-def _copy_data(value: Any) -> Any:
-    """A deep copy of JSON-like data (dicts, lists, strings, None)."""
-    if type(value) is dict:
-        return {key: _copy_data(item) for key, item in value.items()}
-    if type(value) is list:
-        return [_copy_data(item) for item in value]
-    return value
 
 
 def _strings(node: Node) -> Iterator[str]:

@@ -944,6 +944,8 @@ def _normal_element_name(raw: str) -> str | None:
     """``./libs//foo.bst`` -> ``libs/foo.bst``; None when absolute or escaping."""
     if not raw or raw.startswith("/") or "\0" in raw:
         return None
+    if not raw.startswith(".") and not raw.endswith("/") and "/." not in raw and "//" not in raw:
+        return raw  # already normal (the usual case: normpath is a tenth of reading)
     name = posixpath.normpath(raw)
     if name == "." or name == ".." or name.startswith("../"):
         return None
@@ -953,6 +955,8 @@ def _normal_element_name(raw: str) -> str | None:
 def _qualified_name(raw: str) -> str | None:
     """``j.bst:./libs//foo.bst`` -> ``j.bst:libs/foo.bst``; None when a part is
     absolute, escaping or empty."""
+    if ":" not in raw:
+        return _normal_element_name(raw)
     parts = [_normal_element_name(part) for part in raw.split(":")]
     if any(part is None for part in parts):
         return None

@@ -337,6 +337,7 @@ class Project:
         # composed once (the loader's costliest step when done per element).
         self._defaults_by_kind: dict[str, MappingNode] = {}
         self._shared_by_kind: dict[str, tuple[MappingNode, SharedVariables | None]] = {}
+        self._base_definitions: dict[int, tuple[MappingNode, dict[str, Definition]]] = {}
         self._sandbox_conf = conf.get_mapping("sandbox")
         self.fatal_warnings = tuple(n.as_str() for n in conf.get_str_list("fatal-warnings") or [])
         # Looked up when an element uses the kind, as bst does.
@@ -871,6 +872,20 @@ class Project:
     def _variable_definitions(
         self, defaults: MappingNode, element_variables: dict[str, ScalarNode], local: str
     ) -> dict[str, Definition]:
+        # The layers below the element's are the same for every element of a
+        # kind: made once per kind's defaults, then copied (same order).
+        cached = self._base_definitions.get(id(defaults))
+        if cached is None or cached[0] is not defaults:
+            cached = self._base_definitions[id(defaults)] = (
+                defaults,
+                self._base_variable_definitions(defaults),
+            )
+        definitions = dict(cached[1])
+        for name, value in element_variables.items():
+            definitions[name] = Definition(value.as_str(), value.mark, value.path)
+        return self._finish_definitions(definitions, local)
+
+    def _base_variable_definitions(self, defaults: MappingNode) -> dict[str, Definition]:
         definitions = {
             name: Definition(value, None, f"variables.{name}")
             for name, value in DEFAULT_VARIABLES.items()
@@ -884,9 +899,14 @@ class Project:
         # As BuildStream: exported options after those (winning over project.conf's).
         for name, value in self._option_variables.items():
             definitions[name] = Definition(value.as_str(), value.mark, value.path)
-        for layer in (defaults.get_str_mapping("variables"), element_variables):
-            for name, value in layer.items():
-                definitions[name] = Definition(value.as_str(), value.mark, value.path)
+        for name, value in defaults.get_str_mapping("variables").items():
+            definitions[name] = Definition(value.as_str(), value.mark, value.path)
+        return definitions
+
+    @staticmethod
+    def _finish_definitions(
+        definitions: dict[str, Definition], local: str
+    ) -> dict[str, Definition]:
         notparallel = definitions.get("notparallel")
         if notparallel is not None:
             if notparallel.value not in ("true", "True", "false", "False"):

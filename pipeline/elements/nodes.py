@@ -36,7 +36,7 @@ _CORE = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {f"{_CORE}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mark:
     """A place in a file: the file relative to the project folder and a 1-based line."""
 
@@ -47,7 +47,7 @@ class Mark:
         return f"{self.file}:{self.line}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """A YAML value with where it was written and its field path (``""`` = the document).
 
@@ -75,7 +75,7 @@ class Node:
         return self.description
 
 
-@dataclass
+@dataclass(slots=True)
 class ScalarNode(Node):
     """A string (or a number or boolean, kept as its text); ``None`` for null."""
 
@@ -91,7 +91,7 @@ class ScalarNode(Node):
         return self.value
 
 
-@dataclass
+@dataclass(slots=True)
 class SequenceNode(Node):
     """A list."""
 
@@ -100,7 +100,7 @@ class SequenceNode(Node):
     description: ClassVar[str] = "a list"
 
 
-@dataclass
+@dataclass(slots=True)
 class MappingNode(Node):
     """A mapping with string keys; ``key_marks`` holds where each key was written."""
 

@@ -53,13 +53,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from pipeline import api
 from pipeline.config import load_config
 from pipeline.scheduler import Scheduler
-from pipeline.servers import RemexStack
+from pipeline.servers import RedisServer, RemexStack
 from pipeline.testing.dag import make_dag_project
 from pipeline.testing.sysroot import make_busybox_sysroot
 
@@ -351,9 +352,64 @@ def part_b(args: argparse.Namespace, work: Path, sysroot: Path) -> list[Run]:
     return runs
 
 
+def part_r(args: argparse.Namespace, work: Path) -> None:
+    """The scheduler's own costs on a build of ``--elements`` (no workers, no
+    Celery): a reconciler pass (``Scheduler.stalled``) and a status summary
+    with 10 elements left live, and ``finish``, each with the counts and
+    sets the scripts keep, and with a scan of every element (what a build
+    without counts, i.e. before issue 16, costs)."""
+    n = args.elements
+    with RedisServer(work / "redis") as server:
+        scheduler = Scheduler.from_url(server.url)
+        specs: list[Any] = [
+            {
+                "element": f"e{i:05d}",
+                "cache_key": f"k{i}",
+                "kind": "manual",
+                "artifact_uri": f"urn:bench:e{i}/k{i}",
+            }
+            for i in range(n)
+        ]
+        print(f"\nscheduler costs on a build of {n} independent elements (Redis alone)")
+        build_id, ready = scheduler.create_build(specs, {}, [], {"targets": ["bench"]})
+        for element in ready[: n - 10]:
+            scheduler.finish(build_id, element, "built", {})
+
+        def calls() -> int:
+            info = scheduler.redis.info("commandstats")
+            return sum(int(v["calls"]) for k, v in info.items() if k != "cmdstat_info")
+
+        for label in ("counts kept", "scan (before)"):
+            if label != "counts kept":
+                scheduler.redis.delete(scheduler.keys.build(build_id, "counts"))
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                scheduler.stalled(build_id)
+                times.append(time.perf_counter() - started)
+            before = calls()
+            scheduler.stalled(build_id)
+            pass_calls = calls() - before
+            started = time.perf_counter()
+            scheduler.status(build_id, every=False)
+            status_s = time.perf_counter() - started
+            other, others_ready = scheduler.create_build(specs, {}, [], {"targets": ["bench"]})
+            if label != "counts kept":
+                scheduler.redis.delete(scheduler.keys.build(other, "counts"))
+            started = time.perf_counter()
+            for element in others_ready[:200]:
+                scheduler.finish(other, element, "built", {})
+            finish_s = (time.perf_counter() - started) / 200
+            print(
+                f"  {label:<14} reconciler pass {statistics.median(times) * 1000:7.1f} ms "
+                f"({pass_calls} commands run); status summary {status_s * 1000:7.1f} ms; "
+                f"finish {finish_s * 1000:5.2f} ms per element"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("a", "b"), default="a")
+    parser.add_argument("--part", choices=("a", "b", "r"), default="a")
     parser.add_argument("--elements", type=int, default=None)
     parser.add_argument("--chain", type=int, default=200)
     parser.add_argument("--layers", type=int, default=20)
@@ -373,13 +429,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     if args.elements is None:
-        args.elements = 1000 if args.part == "a" else 2000
+        args.elements = {"a": 1000, "b": 2000, "r": 10_000}[args.part]
     work = Path(tempfile.mkdtemp(prefix="remex-scale-builds-"))
     print(
         f"scale builds, part {args.part}; load {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs",
         flush=True,
     )
     try:
+        if args.part == "r":
+            part_r(args, work)
+            return 0
         sysroot = make_busybox_sysroot(work / "sysroot")
         runs = part_a(args, work, sysroot) if args.part == "a" else part_b(args, work, sysroot)
         print_runs(runs)

@@ -11,7 +11,9 @@ The CLI (``remex build``) is a thin layer over these functions.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -247,6 +249,9 @@ def submit(
                     specs.append(spec)
                     source_trees.append(digests)
             clock.done("specs")
+            # Celery (to send the first chains) is imported while this thread
+            # waits on the artifact server and on Redis, not after.
+            importer = _import_in_background("pipeline.broker")
             found = cached_elements(ctx, elements, specs)
             cached = [element.name for element in elements if element.name in found]
             clock.done("lookup")
@@ -256,8 +261,26 @@ def submit(
             clock.done("snapshot")
         with broker_errors(config.require_broker()):
             return _enqueue(
-                config, project_dir, targets, elements, specs, cached, options, clock, priority
+                config,
+                project_dir,
+                targets,
+                elements,
+                specs,
+                cached,
+                options,
+                clock,
+                priority,
+                importer,
             )
+
+
+def _import_in_background(module: str) -> threading.Thread:
+    """Start importing ``module`` in a thread; join it before using the module."""
+    thread = threading.Thread(
+        target=importlib.import_module, args=(module,), name="remex-import", daemon=True
+    )
+    thread.start()
+    return thread
 
 
 def _enqueue(
@@ -270,6 +293,7 @@ def _enqueue(
     options: Mapping[str, str] | None,
     clock: _PhaseClock,
     priority: int,
+    importer: threading.Thread | None = None,
 ) -> str:
     scheduler = Scheduler.from_url(config.require_broker(), reconnect_seconds=RECONNECT_SECONDS)
     names = {e.name for e in elements}
@@ -292,6 +316,8 @@ def _enqueue(
         },
     )
     clock.done("redis")
+    if importer is not None:
+        importer.join()  # (one thread imports celery at a time)
     from pipeline.broker import make_celery, send_element
 
     app = make_celery(config)

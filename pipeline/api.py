@@ -433,8 +433,11 @@ def wait(
     meta_key = scheduler.keys.build(build_id, "meta")
     while True:
         try:
-            current = scheduler.status(build_id, every=not summaries)
-            if current.done and current.summary:
+            if summaries:
+                current = scheduler.status(build_id, every=False)
+                if current.done and current.summary:
+                    current = scheduler.status(build_id)
+            else:
                 current = scheduler.status(build_id)
         except CONNECTION_ERRORS:
             if time.monotonic() - reached > WAIT_RECONNECT_SECONDS:

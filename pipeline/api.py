@@ -401,6 +401,10 @@ def status(build_id: str, *, config: RemexConfig | None = None) -> BuildStatus:
 #: How often :func:`wait` checks whether the build ended (one small Redis read).
 DONE_POLL = 0.02
 
+#: :func:`wait` waits at least this many times as long as its last status read
+#: (and show) took before the next one.
+FULL_READ_SHARE = 4.0
+
 
 def wait(
     build_id: str,
@@ -432,6 +436,7 @@ def wait(
     reached = time.monotonic()
     meta_key = scheduler.keys.build(build_id, "meta")
     while True:
+        read_started = time.monotonic()
         try:
             if summaries:
                 current = scheduler.status(build_id, every=False)
@@ -452,12 +457,16 @@ def wait(
             on_update(current)
         if current.done:
             return current
+        # A whole status of a large build is costly (10,000 elements: a
+        # few tenths of a second here and in Redis): at most a fifth of the
+        # time goes to reading and showing it.
+        spent = time.monotonic() - read_started
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"build {build_id} not done after {timeout} s")
         # The whole status every ``poll`` seconds; in between, only the
         # build's status field, often: the end of a build is seen within
         # DONE_POLL seconds, not up to ``poll`` later.
-        next_full = time.monotonic() + poll
+        next_full = time.monotonic() + max(poll, FULL_READ_SHARE * spent)
         while time.monotonic() < next_full:
             time.sleep(min(DONE_POLL, poll))
             try:

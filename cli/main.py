@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from cli.errors import fail, handles_errors
-from cli.progress import follow, print_summary, status_json, table
+from cli.progress import TABLE_ROWS, follow, print_summary, status_json, table
 from pipeline import __version__
 from pipeline.scheduler import BuildStatus
 
@@ -127,8 +127,8 @@ def build(
         click.echo(json.dumps(status_json(final), indent=2))
     else:
 
-        def wait(on_update: Callable[[BuildStatus], object]) -> BuildStatus:
-            return api.wait(build_id, timeout=timeout, on_update=on_update)
+        def wait(on_update: Callable[[BuildStatus], object], summaries: bool) -> BuildStatus:
+            return api.wait(build_id, timeout=timeout, on_update=on_update, summaries=summaries)
 
         final = follow(wait, sys.stderr)
         print_summary(final)
@@ -137,17 +137,28 @@ def build(
 
 @main.command()
 @click.argument("build_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Every element, in plan order (without it: the counts per state, and "
+    "only the elements ready, queued, running or failed).",
+)
 @handles_errors
-def status(build_id: str, as_json: bool) -> None:
-    """Show the state of build BUILD_ID (a long build: what is running or
-    failed, and counts)."""
+def status(build_id: str, as_json: bool, every: bool) -> None:
+    """Show the state of build BUILD_ID: the counts per state and what is
+    ready, queued, running or failed (a build of at most 50 elements, or
+    --all: every element)."""
     # Not pipeline.api: reading a status needs neither grpc nor the loader,
     # whose imports would be most of the command's time.
     from pipeline.config import load_config
     from pipeline.scheduler import Scheduler
 
-    current = Scheduler.from_url(load_config(None).require_broker()).status(build_id)
+    scheduler = Scheduler.from_url(load_config(None).require_broker())
+    current = scheduler.status(build_id, every=every)
+    if current.summary and current.total <= TABLE_ROWS:
+        current = scheduler.status(build_id)  # a small build: show it whole
     if as_json:
         click.echo(json.dumps(status_json(current), indent=2))
         return

@@ -31,8 +31,9 @@ STATE_STYLE = {
     ElementState.CANCELLED: "magenta",
 }
 
-Wait = Callable[[Callable[[BuildStatus], Any]], BuildStatus]
-"""Follows the build, calling its argument with each status read."""
+Wait = Callable[[Callable[[BuildStatus], Any], bool], BuildStatus]
+"""Follows the build, calling its first argument with each status read
+(summaries when its second is true: enough for the live table)."""
 
 
 def follow(wait: Wait, stream: TextIO) -> BuildStatus:
@@ -40,7 +41,7 @@ def follow(wait: Wait, stream: TextIO) -> BuildStatus:
     the live table when ``stream`` is a terminal, else one line per change."""
     if stream.isatty():
         return _follow_live(wait)
-    return wait(PlainLines(stream))
+    return wait(PlainLines(stream), False)
 
 
 class PlainLines:
@@ -71,7 +72,7 @@ def _follow_live(wait: Wait) -> BuildStatus:
         def update(status: BuildStatus) -> None:
             live.update(table(status, time.monotonic() - started))
 
-        return wait(update)
+        return wait(update, True)
 
 
 def element_line(element: ElementStatus) -> tuple[str, str, str, str]:
@@ -121,13 +122,14 @@ def table(status: BuildStatus, elapsed: float, *, rows: int = TABLE_ROWS) -> Any
 
     shown = status.elements
     caption = None
-    if len(shown) > rows:
+    total = status.total
+    if total > rows or status.summary:
         rank = {state.value: index for index, state in enumerate(TABLE_STATES)}
         urgent = [e for e in shown if e.state in rank]
         urgent.sort(key=lambda e: rank[e.state])  # stable: plan order within a state
         shown = urgent[:rows]
         counts = status.counts()
-        caption = f"{len(shown)} of {len(status.elements)} elements shown; " + ", ".join(
+        caption = f"{len(shown)} of {total} elements shown; " + ", ".join(
             f"{n} {state}" for state, n in sorted(counts.items())
         )
     out = Table(
@@ -165,10 +167,15 @@ def print_summary(status: BuildStatus) -> None:
 
 
 def status_json(status: BuildStatus) -> dict[str, Any]:
-    """The build as JSON (``--json``)."""
+    """The build as JSON (``--json``): its status, the counts per state, the
+    number of elements, and the elements (every one; or in a summary, see
+    :attr:`BuildStatus.summary`, those ready, queued, running or failed)."""
     return {
         "build": status.build_id,
         "status": status.status,
+        "counts": status.counts(),
+        "total": status.total,
+        "summary": status.summary,
         "elements": [
             {"element": e.element, "state": e.state, **dict(e.info.items())}
             for e in status.elements

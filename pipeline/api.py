@@ -11,7 +11,9 @@ The CLI (``remex build``) is a thin layer over these functions.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -248,6 +250,9 @@ def submit(
                     specs.append(spec)
                     source_trees.append(digests)
             clock.done("specs")
+            # Celery (to send the first chains) is imported while this thread
+            # waits on the artifact server and on Redis, not after.
+            importer = _import_in_background("pipeline.broker")
             found = cached_elements(ctx, elements, specs)
             cached = [element.name for element in elements if element.name in found]
             clock.done("lookup")
@@ -257,8 +262,26 @@ def submit(
             clock.done("snapshot")
         with broker_errors(config.require_broker()):
             return _enqueue(
-                config, project_dir, targets, elements, specs, cached, options, clock, priority
+                config,
+                project_dir,
+                targets,
+                elements,
+                specs,
+                cached,
+                options,
+                clock,
+                priority,
+                importer,
             )
+
+
+def _import_in_background(module: str) -> threading.Thread:
+    """Start importing ``module`` in a thread; join it before using the module."""
+    thread = threading.Thread(
+        target=importlib.import_module, args=(module,), name="remex-import", daemon=True
+    )
+    thread.start()
+    return thread
 
 
 def _enqueue(
@@ -271,6 +294,7 @@ def _enqueue(
     options: Mapping[str, str] | None,
     clock: _PhaseClock,
     priority: int,
+    importer: threading.Thread | None = None,
 ) -> str:
     scheduler = Scheduler.from_url(config.require_broker(), reconnect_seconds=RECONNECT_SECONDS)
     names = {e.name for e in elements}
@@ -293,6 +317,8 @@ def _enqueue(
         },
     )
     clock.done("redis")
+    if importer is not None:
+        importer.join()  # (one thread imports celery at a time)
     from pipeline.broker import make_celery, send_element
 
     app = make_celery(config)
@@ -376,6 +402,10 @@ def status(build_id: str, *, config: RemexConfig | None = None) -> BuildStatus:
 #: How often :func:`wait` checks whether the build ended (one small Redis read).
 DONE_POLL = 0.02
 
+#: :func:`wait` waits at least this many times as long as its last status read
+#: (and show) took before the next one.
+FULL_READ_SHARE = 4.0
+
 
 def wait(
     build_id: str,
@@ -384,14 +414,18 @@ def wait(
     timeout: float | None = None,
     poll: float = 0.25,
     on_update: Callable[[BuildStatus], Any] | None = None,
+    summaries: bool = False,
 ) -> BuildStatus:
-    """Follow a build until it is done; return its final status.
+    """Follow a build until it is done; return its final status (every element).
 
     A Redis restart is a pause: while Redis cannot be reached the build is
     followed again with backoff, for up to ``WAIT_RECONNECT_SECONDS``.
 
     Args:
         on_update: called with each status read (for a progress display).
+        summaries: read summaries while it runs (counts, and only the ready,
+            queued, running and failed elements: see :meth:`Scheduler.status`),
+            whose cost does not grow with the build; the final status is whole.
 
     Raises:
         TimeoutError: ``timeout`` seconds passed first.
@@ -403,8 +437,14 @@ def wait(
     reached = time.monotonic()
     meta_key = scheduler.keys.build(build_id, "meta")
     while True:
+        read_started = time.monotonic()
         try:
-            current = scheduler.status(build_id)
+            if summaries:
+                current = scheduler.status(build_id, every=False)
+                if current.done and current.summary:
+                    current = scheduler.status(build_id)
+            else:
+                current = scheduler.status(build_id)
         except CONNECTION_ERRORS:
             if time.monotonic() - reached > WAIT_RECONNECT_SECONDS:
                 with broker_errors(url):
@@ -418,12 +458,16 @@ def wait(
             on_update(current)
         if current.done:
             return current
+        # A whole status of a large build is costly (10,000 elements: a
+        # few tenths of a second here and in Redis): at most a fifth of the
+        # time goes to reading and showing it.
+        spent = time.monotonic() - read_started
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"build {build_id} not done after {timeout} s")
         # The whole status every ``poll`` seconds; in between, only the
         # build's status field, often: the end of a build is seen within
         # DONE_POLL seconds, not up to ``poll`` later.
-        next_full = time.monotonic() + poll
+        next_full = time.monotonic() + max(poll, FULL_READ_SHARE * spent)
         while time.monotonic() < next_full:
             time.sleep(min(DONE_POLL, poll))
             try:

@@ -82,6 +82,9 @@ from redis.retry import Retry
 
 from pipeline.spec import BuildSpec
 
+# Specs, infos and dependents written at submit: compact, no cycle check (plain data).
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
 DEFAULT_PREFIX = "remex"
 """The namespace of every key remex writes (see :class:`Keys`)."""
 
@@ -112,6 +115,9 @@ TERMINAL = frozenset(
 ACTIVE = frozenset(
     {ElementState.WAITING, ElementState.READY, ElementState.QUEUED, ElementState.RUNNING}
 )
+# The states an element can be lost in (kept in the ``live`` set, which the
+# reconciler and status read instead of every element).
+LIVE_STATES = frozenset({ElementState.READY, ElementState.QUEUED, ElementState.RUNNING})
 # How long a finished build's state is kept in Redis.
 BUILD_TTL_SECONDS = 7 * 24 * 3600
 # A running element without a heartbeat for this long, on a worker that is
@@ -205,6 +211,7 @@ SCRIPTS = (
     "note",
     "cancel",
     "status",
+    "deliver",
 )
 """The scripts of the moves (``pipeline/lua/NAME.lua``)."""
 
@@ -264,12 +271,30 @@ class BuildStatus:
     """``running``, ``succeeded``, ``failed`` or ``cancelled``."""
     meta: dict[str, Any]
     elements: list[ElementStatus]
+    """Every element in plan order; or, in a summary (``state_counts`` set),
+    only those ready, queued, running or failed."""
+    state_counts: dict[str, int] | None = None
+    """How many elements are in each state, kept by the scheduler as states
+    move (a summary); None: counted from ``elements``."""
 
     @property
     def done(self) -> bool:
         return self.status != "running"
 
+    @property
+    def summary(self) -> bool:
+        """Whether ``elements`` lists only the live and failed elements."""
+        return self.state_counts is not None
+
+    @property
+    def total(self) -> int:
+        """How many elements the build has."""
+        return sum(self.counts().values())
+
     def counts(self) -> dict[str, int]:
+        """State -> how many elements are in it (states with none left out)."""
+        if self.state_counts is not None:
+            return {state: n for state, n in self.state_counts.items() if n > 0}
         counts: dict[str, int] = {}
         for element in self.elements:
             counts[element.state] = counts.get(element.state, 0) + 1
@@ -308,6 +333,7 @@ class Scheduler:
         self._note = scripts["note"]
         self._cancel = scripts["cancel"]
         self._status = scripts["status"]
+        self._deliver = scripts["deliver"]
 
     @classmethod
     def from_url(
@@ -366,14 +392,23 @@ class Scheduler:
             else:
                 states[name] = ElementState.READY if not deps else ElementState.WAITING
         info: dict[Any, Any] = {}
-        for s in specs:
-            name = s["element"]
-            entry: dict[str, Any] = {"cache_key": s["cache_key"], "kind": s["kind"], "attempt": 0}
-            if states[name] == ElementState.CACHED:
+        counts: dict[Any, Any] = {}
+        live: list[str] = []
+        encode = _COMPACT_JSON.encode
+        for name, state in states.items():
+            counts[state] = counts.get(state, 0) + 1
+            entry: dict[str, Any] = {"attempt": 0}
+            if state == ElementState.CACHED:
                 entry["finished"] = now
-            elif states[name] == ElementState.READY:
+            elif state == ElementState.READY:
                 entry["ready_at"] = now
-            info[name] = json.dumps(entry)
+                live.append(name)
+            info[name] = entry
+        for s in specs:
+            entry = info[s["element"]]
+            entry["cache_key"] = s["cache_key"]
+            entry["kind"] = s["kind"]
+            info[s["element"]] = encode(entry)
         pipe = self.redis.pipeline()
         pipe.hset(
             self.keys.build(build_id, "meta"),
@@ -384,15 +419,19 @@ class Scheduler:
             },
         )
         if specs:
+            # Specs are most of a build's bytes: one compact encoder for all.
             pipe.hset(
                 self.keys.build(build_id, "spec"),
-                mapping={s["element"]: json.dumps(s) for s in specs},
+                mapping={s["element"]: encode(s) for s in specs},
             )
             pipe.hset(self.keys.build(build_id, "state"), mapping=states)
+            pipe.hset(self.keys.build(build_id, "counts"), mapping=counts)
+            if live:
+                pipe.sadd(self.keys.build(build_id, "live"), *live)
             pipe.hset(self.keys.build(build_id, "pending"), mapping=pending)
             pipe.hset(
                 self.keys.build(build_id, "dependents"),
-                mapping={k: json.dumps(v) for k, v in dependents.items()},
+                mapping={k: encode(v) for k, v in dependents.items()},
             )
             pipe.hset(self.keys.build(build_id, "info"), mapping=info)
             pipe.rpush(self.keys.build(build_id, "order"), *[s["element"] for s in specs])
@@ -421,31 +460,58 @@ class Scheduler:
     def build_exists(self, build_id: str) -> bool:
         return bool(self.redis.exists(self.keys.build(build_id, "meta")))
 
-    def status(self, build_id: str) -> BuildStatus:
-        """Everything about a build, elements in plan order.
+    def status(self, build_id: str, *, every: bool = True) -> BuildStatus:
+        """A build: every element in plan order, or (``every=False``) a summary:
+        the counts per state and only the elements ready, queued, running or
+        failed, read from the sets the scripts keep, in O(those elements) not
+        O(the build). A build written without counts (an older remex) is
+        always read whole.
 
         Raises:
             KeyError: no such build (or it expired).
         """
+        if not every:
+            summary = self._summary(build_id)
+            if summary is not None:
+                return summary
         pipe = self.redis.pipeline()
         pipe.hgetall(self.keys.build(build_id, "meta"))
         pipe.lrange(self.keys.build(build_id, "order"), 0, -1)
         pipe.hgetall(self.keys.build(build_id, "state"))
         pipe.hgetall(self.keys.build(build_id, "info"))
         meta_raw, order, states, infos = pipe.execute()
-        if not meta_raw:
-            raise KeyError(f"no build {build_id!r}")
-        meta: dict[str, Any] = {}
-        for key, value in meta_raw.items():
-            try:
-                meta[key] = json.loads(value)
-            except json.JSONDecodeError:
-                meta[key] = value
+        meta = _decode_meta(build_id, meta_raw)
         elements = [
             ElementStatus(name, states.get(name, "unknown"), _decode_info(infos.get(name)))
             for name in order
         ]
         return BuildStatus(build_id, str(meta.get("status", "running")), meta, elements)
+
+    def _summary(self, build_id: str) -> BuildStatus | None:
+        pipe = self.redis.pipeline()
+        pipe.hgetall(self.keys.build(build_id, "meta"))
+        pipe.hgetall(self.keys.build(build_id, "counts"))
+        pipe.smembers(self.keys.build(build_id, "live"))
+        pipe.smembers(self.keys.build(build_id, "failed"))
+        meta_raw, counts_raw, live, failed = pipe.execute()
+        meta = _decode_meta(build_id, meta_raw)
+        if not counts_raw:
+            return None
+        names = sorted(set(live) | set(failed))
+        elements: list[ElementStatus] = []
+        if names:
+            pipe = self.redis.pipeline()
+            pipe.hmget(self.keys.build(build_id, "state"), names)
+            pipe.hmget(self.keys.build(build_id, "info"), names)
+            states, infos = pipe.execute()
+            elements = [
+                ElementStatus(name, state or "unknown", _decode_info(info))
+                for name, state, info in zip(names, states, infos, strict=True)
+            ]
+        counts = {str(state): int(n) for state, n in counts_raw.items()}
+        return BuildStatus(
+            build_id, str(meta.get("status", "running")), meta, elements, state_counts=counts
+        )
 
     def active_builds(self) -> list[str]:
         return sorted(cast(set[str], self.redis.smembers(self.keys.active)))
@@ -571,11 +637,9 @@ class Scheduler:
         ``retries``); return how often it was delivered. Redis keeps no
         delivery count of its own, and a message is delivered again when the
         worker that held it died."""
-        key = self.keys.delivery(task_id, retries)
-        pipe = self.redis.pipeline()
-        pipe.incr(key)
-        pipe.expire(key, DELIVERY_TTL_SECONDS)
-        count, _ = pipe.execute()
+        count = self._deliver(
+            keys=[self.keys.prefix], args=[task_id, retries, DELIVERY_TTL_SECONDS]
+        )
         return int(count)
 
     def try_reconciler_lock(self, seconds: float) -> bool:
@@ -657,11 +721,11 @@ class Scheduler:
           finishing (that build was cancelled or expired).
         """
         now = time.time() if now is None else now
-        pipe = self.redis.pipeline()
-        pipe.hgetall(self.keys.build(build_id, "state"))
-        pipe.zrange(self.keys.build(build_id, "heartbeat"), 0, -1, withscores=True)
-        states, heartbeat_pairs = pipe.execute()
-        states = cast(dict[str, str], states)
+        states = self._live_states(build_id)
+        heartbeat_pairs = cast(
+            list[tuple[str, float]],
+            self.redis.zrange(self.keys.build(build_id, "heartbeat"), 0, -1, withscores=True),
+        )
         deadlines = {str(e): float(deadline) for e, deadline in heartbeat_pairs}
         candidates = [
             e
@@ -726,6 +790,52 @@ class Scheduler:
                     out.append((element, NO_HOLDER))
         return out
 
+    def verify_counts(self, build_id: str) -> list[str]:
+        """Compare what the scripts keep as states move (``counts``, ``live``,
+        ``failed``) with the states themselves (a scan: O(elements); for
+        tests and checks, not for the hot path). Returns the differences
+        found, as sentences (none: they agree, or the build keeps no counts)."""
+        pipe = self.redis.pipeline()
+        pipe.hgetall(self.keys.build(build_id, "state"))
+        pipe.hgetall(self.keys.build(build_id, "counts"))
+        pipe.smembers(self.keys.build(build_id, "live"))
+        pipe.smembers(self.keys.build(build_id, "failed"))
+        states, counts_raw, live, failed = pipe.execute()
+        if not counts_raw:
+            return []
+        expected: dict[str, int] = {}
+        for state in states.values():
+            expected[state] = expected.get(state, 0) + 1
+        counts = {k: int(v) for k, v in counts_raw.items() if int(v)}
+        problems = []
+        if counts != expected:
+            problems.append(f"counts {counts} but states give {expected}")
+        want_live = {e for e, s in states.items() if s in LIVE_STATES}
+        if set(live) != want_live:
+            problems.append(f"live set differs: {sorted(set(live) ^ want_live)[:10]}")
+        want_failed = {e for e, s in states.items() if s == ElementState.FAILED}
+        if set(failed) != want_failed:
+            problems.append(f"failed set differs: {sorted(set(failed) ^ want_failed)[:10]}")
+        return problems
+
+    def _live_states(self, build_id: str) -> dict[str, str]:
+        """The state of each element that can be lost (ready, queued, running),
+        from the set the scripts keep: a pass costs O(live elements), however
+        many have finished. A build written without that set (an older remex)
+        is scanned whole."""
+        pipe = self.redis.pipeline()
+        pipe.exists(self.keys.build(build_id, "counts"))
+        pipe.smembers(self.keys.build(build_id, "live"))
+        kept, live = pipe.execute()
+        if not kept:
+            return cast(dict[str, str], self.redis.hgetall(self.keys.build(build_id, "state")))
+        names = sorted(live)
+        if not names:
+            return {}
+        key = self.keys.build(build_id, "state")
+        states = cast(list["str | None"], self.redis.hmget(key, names))
+        return {name: state for name, state in zip(names, states, strict=True) if state}
+
     def _holder(self, build_id: str, element: str) -> str:
         return str(self.info(build_id, element).get("holder") or "")
 
@@ -733,6 +843,18 @@ class Scheduler:
 
     def _update_build_status(self, build_id: str) -> None:
         self._status(keys=[self.keys.prefix], args=[build_id, time.time(), BUILD_TTL_SECONDS])
+
+
+def _decode_meta(build_id: str, raw: Mapping[str, str]) -> dict[str, Any]:
+    if not raw:
+        raise KeyError(f"no build {build_id!r}")
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    return meta
 
 
 def _decode_info(raw: str | None) -> dict[str, Any]:

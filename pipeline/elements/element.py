@@ -61,6 +61,7 @@ class Element:
         environment_nocache: names left out of the cache key.
         public: the public data, variables expanded (``bst`` holds
             ``integration-commands``, ``split-rules`` ...), as written.
+            Read-only: elements of one kind that do not change it share one.
         config: the kind's configuration as composed and expanded (what
             ``show --format %{config}`` prints).
         build_os, build_arch: the sandbox's platform (BuildStream's names).

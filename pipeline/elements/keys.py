@@ -28,9 +28,16 @@ KEY_FORMAT_VERSION = 1
 """Bump when the description changes, so that old artifacts are not reused."""
 
 
+# One encoder for every key (made once: json.dumps with options makes one per
+# call); no cycle check: a description is plain data built by key_description.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False
+)
+
+
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: equal values give equal text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 def key_description(element: Element) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+import pipeline
 from pipeline.elements.errors import LoadError
 
 __all__ = ["MappingNode", "Mark", "Node", "ScalarNode", "SequenceNode", "load_yaml"]
@@ -35,7 +36,7 @@ _CORE = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {f"{_CORE}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mark:
     """A place in a file: the file relative to the project folder and a 1-based line."""
 
@@ -46,7 +47,7 @@ class Mark:
         return f"{self.file}:{self.line}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """A YAML value with where it was written and its field path (``""`` = the document).
 
@@ -74,7 +75,7 @@ class Node:
         return self.description
 
 
-@dataclass
+@dataclass(slots=True)
 class ScalarNode(Node):
     """A string (or a number or boolean, kept as its text); ``None`` for null."""
 
@@ -90,7 +91,7 @@ class ScalarNode(Node):
         return self.value
 
 
-@dataclass
+@dataclass(slots=True)
 class SequenceNode(Node):
     """A list."""
 
@@ -99,7 +100,7 @@ class SequenceNode(Node):
     description: ClassVar[str] = "a list"
 
 
-@dataclass
+@dataclass(slots=True)
 class MappingNode(Node):
     """A mapping with string keys; ``key_marks`` holds where each key was written."""
 
@@ -227,7 +228,9 @@ def load_yaml(path: Path, display: str) -> MappingNode:
     cache = parsed_cache_dir()
     if cache is None:
         return _parse(data, display)
-    digest = hashlib.blake2b(data, digest_size=20, person=_CACHE_FORMAT).hexdigest()
+    digest = hashlib.blake2b(
+        data, digest_size=20, person=_CACHE_FORMAT, key=_cache_version()
+    ).hexdigest()
     # Strings, not Paths: this runs for every file of the project.
     entry = os.path.join(cache, digest[:2], digest[2:])
     node = _read_entry(entry, display)
@@ -291,6 +294,12 @@ def _parse(data: bytes, display: str) -> MappingNode:
 _CACHE_FORMAT = b"remex-parsed-1"
 # An entry: this header, the hex BLAKE2b of the body, a newline, the body.
 _ENTRY_HEADER = b"remex-parsed 1 "
+
+
+def _cache_version() -> bytes:
+    """The remex version, part of every entry's name: another remex (which
+    may parse differently) never reads this one's entries."""
+    return pipeline.__version__.encode()[:64]
 
 
 def parsed_cache_dir() -> Path | None:

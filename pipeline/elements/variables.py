@@ -133,8 +133,10 @@ class Variables:
         Raises:
             LoadError: an undefined or circular reference, at the definition using it.
         """
+        resolved = self._resolved  # (most are, from the shared layers: skip those fast)
         for name in self._definitions:
-            self[name]
+            if name not in resolved:
+                self[name]
 
     def __getitem__(self, name: str) -> str:
         try:
@@ -207,6 +209,9 @@ class Variables:
 
     def expand_node(self, node: ScalarNode) -> str:
         """Expand a scalar node's string (a null is an error)."""
+        value = node.value
+        if value is not None and "%{" not in value:
+            return value  # nothing to expand (most strings; called 100,000s of times)
         return self.expand(node.as_str(), mark=node.mark, field=node.path)
 
     def _resolve(self, name: str, stack: list[str]) -> str:

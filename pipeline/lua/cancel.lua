@@ -12,6 +12,7 @@ for i = 1, #states, 2 do
   local e, st = states[i], states[i + 1]
   if not TERMINAL[st] then
     redis.call('HSET', bkey(b, 'state'), e, 'cancelled')
+    count_state(b, e, st, 'cancelled')
     redis.call('ZREM', bkey(b, 'heartbeat'), e)
     local info = get_info(b, e)
     info['finished'] = now

@@ -14,7 +14,9 @@ end
 local ready = {}
 local touched = {}
 local function mark(b, element, state, extra)
+  local old = redis.call('HGET', bkey(b, 'state'), element)
   redis.call('HSET', bkey(b, 'state'), element, state)
+  count_state(b, element, old, state)
   redis.call('ZREM', bkey(b, 'heartbeat'), element)
   local info = get_info(b, element)
   for k, v in pairs(extra) do info[k] = v end
@@ -54,6 +56,7 @@ for _, t in ipairs(targets) do
           local left = redis.call('HINCRBY', bkey(b, 'pending'), d, -1)
           if left <= 0 and redis.call('HGET', bkey(b, 'state'), d) == 'waiting' then
             redis.call('HSET', bkey(b, 'state'), d, 'ready')
+            count_state(b, d, 'waiting', 'ready')
             local dinfo = get_info(b, d)
             dinfo['ready_at'] = tonumber(now)
             put_info(b, d, dinfo)

@@ -20,19 +20,41 @@ local function split(t)
 end
 local function expire_build(b, ttl)
   for _, name in ipairs({'meta', 'spec', 'state', 'pending', 'dependents', 'info', 'order',
-                         'heartbeat'}) do
+                         'heartbeat', 'counts', 'live', 'failed'}) do
     redis.call('EXPIRE', bkey(b, name), ttl)
   end
 end
+-- Kept as states move (issue 16), so that status and the reconciler never scan
+-- every element: B:counts (state -> how many), B:live (the elements ready,
+-- queued or running: what can be lost) and B:failed. Every script that sets
+-- an element's state calls count_state(b, e, old, new) right after.
+local LIVE = {ready=true, queued=true, running=true}
+local function count_state(b, e, old, new)
+  -- (A build an older remex wrote has no counts: it keeps none, and is scanned.)
+  if old == new or redis.call('EXISTS', bkey(b, 'counts')) == 0 then return end
+  if old then redis.call('HINCRBY', bkey(b, 'counts'), old, -1) end
+  redis.call('HINCRBY', bkey(b, 'counts'), new, 1)
+  if LIVE[new] then redis.call('SADD', bkey(b, 'live'), e)
+  elseif LIVE[old] then redis.call('SREM', bkey(b, 'live'), e) end
+  if new == 'failed' then redis.call('SADD', bkey(b, 'failed'), e) end
+end
 -- A build is done when no element is active: succeeded iff all built or cached.
+-- O(1) from the counts; a build written without counts (an older remex) is scanned.
 local function update_build_status(b, now, ttl)
   if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return end
-  local states = redis.call('HVALS', bkey(b, 'state'))
-  if #states == 0 then return end
   local ok = true
-  for _, s in ipairs(states) do
-    if not TERMINAL[s] then return end
-    if s ~= 'built' and s ~= 'cached' then ok = false end
+  if redis.call('EXISTS', bkey(b, 'counts')) == 1 then
+    local c = redis.call('HMGET', bkey(b, 'counts'), 'waiting', 'ready', 'queued', 'running',
+                         'failed', 'skipped', 'cancelled')
+    for i = 1, 4 do if (tonumber(c[i]) or 0) > 0 then return end end
+    for i = 5, 7 do if (tonumber(c[i]) or 0) > 0 then ok = false end end
+  else
+    local states = redis.call('HVALS', bkey(b, 'state'))
+    if #states == 0 then return end
+    for _, s in ipairs(states) do
+      if not TERMINAL[s] then return end
+      if s ~= 'built' and s ~= 'cached' then ok = false end
+    end
   end
   redis.call('HSET', bkey(b, 'meta'), 'status', ok and 'succeeded' or 'failed', 'finished', now)
   redis.call('SREM', PREFIX .. ':active', b)

@@ -23,6 +23,8 @@ if not seen then table.insert(hosts, host) end
 info['hosts'] = hosts
 if not info['started'] then info['started'] = now end
 put_info(b, e, info)
+local old_state = redis.call('HGET', bkey(b, 'state'), e)
 redis.call('HSET', bkey(b, 'state'), e, 'running')
+count_state(b, e, old_state, 'running')
 redis.call('ZADD', bkey(b, 'heartbeat'), deadline, e)
 return 1

@@ -7,4 +7,5 @@ local info = get_info(b, e)
 info['waiting_on'] = owner
 put_info(b, e, info)
 redis.call('HSET', bkey(b, 'state'), e, 'queued')
+count_state(b, e, st, 'queued')
 return 1

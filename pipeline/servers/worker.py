@@ -14,12 +14,12 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-# Imported here, not in ping(): workers start in parallel threads, and two
-# threads importing celery at once can see it half initialized.
-from celery import Celery
+from typing import TYPE_CHECKING
 
 from pipeline.servers.base import Server, remex_program
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = ["RemexWorker"]
 
@@ -53,6 +53,13 @@ class RemexWorker(Server):
         extra_args: Sequence[str] = (),
     ) -> None:
         super().__init__(workdir)
+        # Imported when a worker is made (in the thread that makes the stack),
+        # not in ping(): workers start in parallel threads, and two threads
+        # importing celery at once can see it half initialized. Not at the
+        # top: `remex status` reads the stack's settings through this package.
+        from celery import Celery
+
+        self._celery: type[Celery] = Celery
         self.worker_name = name
         self.concurrency = concurrency
         self.start_timeout = ready_timeout
@@ -76,7 +83,7 @@ class RemexWorker(Server):
 
     def ping(self, timeout: float = 0.5) -> bool:
         """True if the worker answers a Celery control ping within ``timeout`` s."""
-        app = Celery("remex-test-ping", broker=self.env["REMEX_BROKER_URL"])
+        app = self._celery("remex-test-ping", broker=self.env["REMEX_BROKER_URL"])
         app.conf.update(broker_connection_retry_on_startup=True, accept_content=["json"])
         try:
             replies = app.control.ping(destination=[self.hostname], timeout=timeout)

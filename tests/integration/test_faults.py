@@ -140,6 +140,8 @@ def test_a_message_held_by_a_worker_killed_before_starting_it_is_sent_again(
     assert_all_built(output, project)
     reason = {e["element"]: e for e in output["elements"]}[first].get("resent_because", "")
     assert "in no queue" in reason, reason
+    # And the counts the scheduler kept through the re-sends match the states
+    assert scheduler.verify_counts(build_id) == []
     assert resend_seconds <= BOUND + MARGIN, resend_seconds
     print(
         f"lost {first}: sent again {resend_seconds:.1f} s after the kill, "

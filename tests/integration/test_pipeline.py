@@ -86,6 +86,14 @@ def states(output: dict[str, Any]) -> dict[str, str]:
     return {e["element"]: e["state"] for e in output["elements"]}
 
 
+def states_count(output: dict[str, Any]) -> dict[str, int]:
+    """State -> how many elements of a whole status (``--json``) are in it."""
+    counts: dict[str, int] = {}
+    for state in states(output).values():
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
 def assert_all_built(output: dict[str, Any], project: DagProject) -> None:
     """Every element built (the base import may be cached: it never changes)."""
     built = states(output)
@@ -140,6 +148,11 @@ def test_a_build_survives_a_worker_killed_while_executing(
         assert "is gone" in reason or "no worker holds it" in reason, reason
         assert info["attempt"] >= 2
     print(f"build finished {seconds:.1f} s after the kill; re-sent {sorted(resent)}")
+    # And the counts the scheduler kept through the re-sends match the states
+    assert scheduler.verify_counts(build_id) == []
+    summary = scheduler.status(build_id, every=False)
+    assert summary.summary and summary.counts() == states_count(output)
+    assert summary.elements == []  # nothing live or failed is left
     # And every artifact is right
     assert_artifacts(remex_stack, project, tmp_path / "checkout")
 
@@ -246,6 +259,9 @@ def test_two_builds_at_once_build_each_shared_element_once(
         assert len(builders) == 1, (element, [info[element] for info in infos])
         shared += sum(1 for info in infos if info[element].get("built_by"))
     assert shared > 0
+    # And each build's counts (moved by the other build's finishes too) are right
+    for build_id in (first_id, second_id):
+        assert scheduler.verify_counts(build_id) == []
 
 
 # --- cancel --------------------------------------------------------------------------------------
@@ -276,6 +292,9 @@ def test_cancel_stops_a_running_build(
     assert later.returncode == 0
     assert states(json.loads(later.stdout)) == final
     assert json.loads(later.stdout)["status"] == "cancelled"
+    # And its counts say the same (remex status reads them, not every element)
+    assert scheduler.verify_counts(build_id) == []
+    assert json.loads(later.stdout)["counts"] == states_count(output)
     # And its elements still build afterwards (the cancelled claims are released)
     code, output = remex_stack.build_json(project.path, "e000.bst", timeout=BUILD_TIMEOUT)
     assert code == 0, output

@@ -9,6 +9,7 @@ consumes.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from pipeline.config import RemexConfig
 from pipeline.scheduler import (
     LOST_AFTER_HEARTBEATS,
     READY_GRACE,
+    BuildStatus,
     Scheduler,
 )
 from pipeline.servers import RedisServer
@@ -49,7 +51,13 @@ def scheduler(redis_server: RedisServer) -> Iterator[Scheduler]:
         host=redis_server.host, port=redis_server.port, db=DB, decode_responses=True
     )
     client.flushdb()
-    yield Scheduler(client, heartbeat_timeout=5.0)
+    made = Scheduler(client, heartbeat_timeout=5.0)
+    yield made
+    # Whatever the test did (retries, failures, cancels, lost workers, shared
+    # artifacts), the counts and sets the scripts keep match the states.
+    for key in client.scan_iter("remex:build:*:counts"):
+        build = key.removeprefix("remex:build:").removesuffix(":counts")
+        assert made.verify_counts(build) == [], build
     client.flushdb()
     client.close()
 
@@ -130,6 +138,67 @@ def test_an_unknown_build_is_a_key_error(scheduler: Scheduler) -> None:
         scheduler.status("nope")
     with pytest.raises(KeyError):
         scheduler.cancel("nope")
+
+
+# --- counts kept as states move (issue 16) ----------------------------------------
+
+
+def test_a_summary_has_the_counts_and_only_live_and_failed_elements(
+    scheduler: Scheduler,
+) -> None:
+    # Given a build of 200 independent elements, 195 of them cached; of the
+    # others two finish (one fails), one is queued again after a lost worker,
+    # one runs and one is never sent
+    deps: dict[str, list[str]] = {f"e{i:03d}": [] for i in range(200)}
+    build, ready = create(scheduler, deps, cached=[f"e{i:03d}" for i in range(5, 200)])
+    assert sorted(ready) == ["e000", "e001", "e002", "e003", "e004"]
+    for element in ("e000", "e001", "e002", "e003"):
+        send(scheduler, build, element)
+        assert start(scheduler, build, element)
+    scheduler.finish(build, "e000", "built", {})
+    scheduler.finish(build, "e001", "failed", {"error": "exit 1"})
+    assert send(scheduler, build, "e002") == 2  # a retry of a running element
+    # When its summary is read
+    summary = scheduler.status(build, every=False)
+    # Then it counts every state and lists only the live and failed elements
+    assert summary.summary and summary.total == 200
+    assert summary.counts() == {"cached": 195, "built": 1, "failed": 1, "queued": 1,
+                                "running": 1, "ready": 1}  # fmt: skip
+    assert {e.element: e.state for e in summary.elements} == {
+        "e001": "failed",
+        "e002": "queued",
+        "e003": "running",
+        "e004": "ready",
+    }
+    assert next(e for e in summary.elements if e.element == "e001").info["error"] == "exit 1"
+    # And it agrees with the whole status
+    whole = scheduler.status(build)
+    assert not whole.summary and whole.counts() == summary.counts()
+    # And once the rest finish, the build's status follows from the counts alone
+    for element in ("e002", "e003", "e004"):
+        scheduler.finish(build, element, "built", {})
+    done = scheduler.status(build, every=False)
+    assert done.status == "failed" and done.counts()["built"] == 4
+    assert [e.element for e in done.elements] == ["e001"]
+
+
+def test_a_build_without_counts_is_read_and_finished_by_scanning(scheduler: Scheduler) -> None:
+    # Given a build written before the counts existed (an older remex)
+    build, _ = create(scheduler, {"a": [], "b": ["a"]})
+    for name in ("counts", "live", "failed"):
+        scheduler.redis.delete(f"remex:build:{build}:{name}")
+    # Then its summary is the whole status, and the reconciler scans it
+    summary = scheduler.status(build, every=False)
+    assert not summary.summary and len(summary.elements) == 2
+    assert scheduler.stalled(build, time.time() + READY_GRACE + 1) == [
+        ("a", "ready but never sent")
+    ]
+    # And it still ends when its elements do
+    scheduler.finish(build, "a", "built", {})
+    scheduler.finish(build, "b", "built", {})
+    assert scheduler.status(build).status == "succeeded"
+    # (The moves did not start partial counts.)
+    assert not scheduler.redis.exists(f"remex:build:{build}:counts")
 
 
 # --- finishing ------------------------------------------------------------------
@@ -664,3 +733,42 @@ def test_only_one_reconciler_passes_at_a_time(scheduler: Scheduler, celery_app: 
     # (ready since forever: stalled)
     assert reconcile(celery_app, scheduler, lock_seconds=60) == 1
     assert reconcile(celery_app, scheduler, lock_seconds=60) == 0
+
+
+def test_deliveries_are_counted_per_message_and_expire(scheduler: Scheduler) -> None:
+    # Given a task message delivered twice, and its retry once
+    assert scheduler.count_delivery("t1", 0) == 1
+    assert scheduler.count_delivery("t1", 0) == 2
+    assert scheduler.count_delivery("t1", 1) == 1
+    # Then each count lives for a day at most
+    ttl = scheduler.redis.ttl("remex:delivery:t1:0")
+    assert 0 < ttl <= 24 * 3600
+
+
+def test_wait_can_follow_with_summaries_and_ends_with_the_whole_status(
+    scheduler: Scheduler, redis_server: RedisServer
+) -> None:
+    from pipeline import api
+
+    # Given a running build of three independent elements, finished one by one
+    build, _ = create(scheduler, {"a": [], "b": [], "c": []})
+
+    def finish_all() -> None:
+        for element in ("a", "b", "c"):
+            time.sleep(0.2)
+            scheduler.finish(build, element, "built", {})
+
+    finisher = threading.Thread(target=finish_all)
+    finisher.start()
+    # When it is followed with summaries
+    seen: list[BuildStatus] = []
+    config = RemexConfig(broker_url=f"redis://{redis_server.address}/{DB}")
+    final = api.wait(build, config=config, poll=0.05, on_update=seen.append, summaries=True)
+    finisher.join()
+    # Then each update while it ran was a summary listing only the live elements
+    running = [s for s in seen if not s.done]
+    assert running and all(s.summary for s in running)
+    assert all({e.state for e in s.elements} <= {"ready"} for s in running)
+    # And the final status is whole
+    assert final.status == "succeeded" and not final.summary
+    assert [e.element for e in final.elements] == ["a", "b", "c"]

@@ -4,6 +4,7 @@ is replaced by a stand-in whose reads fail as redis-py's do."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -97,3 +98,28 @@ def test_wait_keeps_its_own_timeout_during_an_outage(flaky: Any) -> None:
     # Then its timeout wins over riding out the outage
     with pytest.raises(TimeoutError, match=r"not done after 0\.0 s"):
         api.wait("b1", config=CONFIG, poll=0.0, timeout=0.0)
+
+
+class SlowScheduler(FlakyScheduler):
+    """A build whose whole status takes 0.05 s to read and that ends after 0.6 s."""
+
+    def __init__(self) -> None:
+        super().__init__(failures=0, final="running")
+        self.ends = time.monotonic() + 0.6
+
+    def status(self, build_id: str) -> BuildStatus:
+        time.sleep(0.05)
+        self.final = "succeeded" if time.monotonic() >= self.ends else "running"
+        return super().status(build_id)
+
+    def hget(self, key: str, field: str) -> str:
+        return "succeeded" if time.monotonic() >= self.ends else "running"
+
+
+def test_wait_reads_a_costly_status_less_often(flaky: Any) -> None:
+    # Given a build whose status takes 0.05 s to read, followed with a 1 ms poll
+    scheduler = flaky(SlowScheduler())
+    # Then wait spends at most about a fifth of the time reading it (0.6 s at a
+    # 1 ms poll would be 12 reads), and still sees the end
+    assert api.wait("b1", config=CONFIG, poll=0.001).status == "succeeded"
+    assert scheduler.calls <= 5, scheduler.calls

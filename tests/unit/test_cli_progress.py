@@ -59,7 +59,7 @@ def test_plain_lines_print_each_change_once() -> None:
     # Given a stream that is not a terminal
     out = io.StringIO()
     # When a build is followed on it
-    final = follow(lambda update: fake_wait("b1", on_update=update), out)
+    final = follow(lambda update, summaries: fake_wait("b1", on_update=update), out)
     # Then each element's state changes are one line each, nothing repeated, no table
     assert final.status == "succeeded"
     assert out.getvalue().splitlines() == [
@@ -140,6 +140,34 @@ def test_a_long_builds_table_shows_failed_and_running_first_and_counts_all() -> 
     assert [row.split()[1] for row in rows] == ["f1.bst", "r1.bst", "r2.bst"]
     caption = "3 of 1000 elements shown; 990 built, 1 failed, 2 running, 7 waiting"
     assert caption in " ".join(text.split())  # the caption wraps at the table width
+
+
+def test_a_summarys_table_and_json_count_every_state_and_list_the_live_ones() -> None:
+    from cli.progress import status_json, table
+
+    # Given the summary of a 10,000-element build (counts kept by the
+    # scheduler; only the running and failed elements read)
+    summary = BuildStatus(
+        "b1",
+        "running",
+        {},
+        [
+            ElementStatus("f1.bst", "failed", {"error": "exit code 1"}),
+            ElementStatus("r1.bst", "running", {"stage": "execute"}),
+        ],
+        state_counts={"built": 9990, "waiting": 8, "failed": 1, "running": 1, "queued": 0},
+    )
+    # Then the table shows those two and counts all 10,000
+    text = rendered(table(summary, 1.0))
+    rows = [line for line in text.splitlines() if ".bst" in line]
+    assert [row.split()[1] for row in rows] == ["f1.bst", "r1.bst"]
+    caption = "2 of 10000 elements shown; 9990 built, 1 failed, 1 running, 8 waiting"
+    assert caption in " ".join(text.split())
+    # And the JSON says it is a summary, with the counts
+    out = status_json(summary)
+    assert out["summary"] is True and out["total"] == 10000
+    assert out["counts"] == {"built": 9990, "waiting": 8, "failed": 1, "running": 1}
+    assert [e["element"] for e in out["elements"]] == ["f1.bst", "r1.bst"]
 
 
 def test_remex_build_passes_its_priority(monkeypatch: pytest.MonkeyPatch) -> None:

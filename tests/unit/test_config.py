@@ -255,14 +255,14 @@ def test_wrong_broker_tls_settings_are_one_clear_error(
         load_config(None, env_for(tmp_path, **extra))
 
 
-def test_cas_download_is_all_by_default_and_set_by_file_or_environment(
+def test_cas_download_is_minimal_by_default_and_set_by_file_or_environment(
     tmp_path: Path,
 ) -> None:
     project = tmp_path / "p"
     project.mkdir()
-    assert load_config(project, env_for(tmp_path)).cas_download == "all"
-    (project / "remex.toml").write_text('[cas]\ndownload = "minimal"\n')
     assert load_config(project, env_for(tmp_path)).cas_download == "minimal"
+    (project / "remex.toml").write_text('[cas]\ndownload = "all"\n')
+    assert load_config(project, env_for(tmp_path)).cas_download == "all"
     env = env_for(tmp_path, REMEX_CAS_DOWNLOAD="all")
     assert load_config(project, env).cas_download == "all"
     env = env_for(tmp_path, REMEX_CAS_DOWNLOAD="minimal")

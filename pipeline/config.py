@@ -43,6 +43,11 @@ Where settings come from, later ones winning:
     heartbeat-timeout = 30      # seconds; a silent running element is then checked
     reconcile-interval = 5      # seconds between reconciler passes
 
+    [bot]                       # remex bot (BuildGrid's execution workers)
+    local-cas = true            # a buildbox-casd proxying the server's CAS in front of buildbox-run
+    cas-dir = ""                # its folder (default: the bot's workdir/casd)
+    cas-quota = "10G"           # its LRU quota
+
     [projects.NAME.options]     # option values of the project named NAME
     debug = true                # (BuildStream's ``projects: NAME: options:``);
     flags = ["a", "b"]          # ``-o NAME VALUE`` on the command line wins
@@ -53,6 +58,7 @@ Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
 CLIENT_KEY,TOKEN_FILE}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_CAS_DOWNLOAD``, ``REMEX_WORKER_CONCURRENCY``,
 ``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
+``REMEX_BOT_LOCAL_CAS`` (``true``/``false``), ``REMEX_BOT_CAS_DIR``, ``REMEX_BOT_CAS_QUOTA``,
 ``REMEX_CONFIG`` (an explicit config file, read instead of the user's).
 """
 
@@ -72,6 +78,9 @@ from pipeline.reapi.channel import Endpoint
 
 #: ``[cas] download`` values (the same as pipeline.stages.context.DOWNLOAD_MODES).
 DOWNLOAD_MODES = ("minimal", "all")
+
+#: ``[bot] cas-quota`` when not set: the LRU quota of a bot host's casd.
+DEFAULT_BOT_CAS_QUOTA = 10 * 1024**3
 
 CONFIG_FILE_NAME = "remex.toml"
 NO_STACK = "no remex stack is up here; run 'remex up' or set {key}"
@@ -139,6 +148,11 @@ class RemexConfig:
     worker_concurrency: int = 4
     heartbeat_timeout: float = 30.0
     reconcile_interval: float = 5.0
+    bot_local_cas: bool = True
+    """``remex bot`` runs a buildbox-casd proxying the server's CAS (see bot.localcas)."""
+    bot_cas_dir: Path | None = None
+    """That casd's folder; None: the bot's workdir/casd."""
+    bot_cas_quota_bytes: int = DEFAULT_BOT_CAS_QUOTA
     project_options: Mapping[str, Mapping[str, OptionSetting]] = field(default_factory=dict)
     """Project name -> option name -> its value from ``[projects.NAME.options]``."""
     sources: tuple[str, ...] = ()
@@ -300,7 +314,7 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
     where = str(path)
-    _known(data, {"broker", "remote", "cas", "worker", "projects"}, where, "")
+    _known(data, {"broker", "remote", "cas", "worker", "bot", "projects"}, where, "")
     changes: dict[str, Any] = {}
     broker = _table(data, "broker", where)
     _known(broker, {"url", "result-backend", *_BROKER_TLS}, where, "broker.")
@@ -343,6 +357,18 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     ):
         if key in worker:
             changes[attr] = _seconds(worker[key], f"{where}: worker.{key}")
+    bot = _table(data, "bot", where)
+    _known(bot, {"local-cas", "cas-dir", "cas-quota"}, where, "bot.")
+    if "local-cas" in bot:
+        if not isinstance(bot["local-cas"], bool):
+            raise ConfigError(f"{where}: bot.local-cas must be true or false")
+        changes["bot_local_cas"] = bot["local-cas"]
+    if "cas-dir" in bot:
+        changes["bot_cas_dir"] = _path(bot["cas-dir"], base, where, "bot.cas-dir")
+    if "cas-quota" in bot:
+        changes["bot_cas_quota_bytes"] = parse_size(
+            bot["cas-quota"], where=f"{where}: bot.cas-quota"
+        )
     projects = _table(data, "projects", where)
     if projects:
         changes["project_options"] = _project_options(config.project_options, projects, path)
@@ -441,6 +467,20 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
         if env.get(name):
             changes[attr] = _seconds(env[name], name)
             used.append(name)
+    if env.get("REMEX_BOT_LOCAL_CAS"):
+        value = env["REMEX_BOT_LOCAL_CAS"].strip().lower()
+        if value not in ("1", "true", "yes", "0", "false", "no"):
+            raise ConfigError(f"REMEX_BOT_LOCAL_CAS: must be true or false, not {value!r}")
+        changes["bot_local_cas"] = value in ("1", "true", "yes")
+        used.append("REMEX_BOT_LOCAL_CAS")
+    if env.get("REMEX_BOT_CAS_DIR"):
+        changes["bot_cas_dir"] = Path(env["REMEX_BOT_CAS_DIR"]).expanduser().absolute()
+        used.append("REMEX_BOT_CAS_DIR")
+    if env.get("REMEX_BOT_CAS_QUOTA"):
+        changes["bot_cas_quota_bytes"] = parse_size(
+            env["REMEX_BOT_CAS_QUOTA"], where="REMEX_BOT_CAS_QUOTA"
+        )
+        used.append("REMEX_BOT_CAS_QUOTA")
     if used:
         changes["sources"] = (*config.sources, "environment: " + ", ".join(used))
     return replace(config, **changes)

@@ -10,6 +10,9 @@ cannot run.)
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +31,7 @@ from pipeline.reapi.channel import Endpoint
 from pipeline.reapi.execution import ExecutionClient, Pending
 from pipeline.reapi.remote import Remote
 from pipeline.servers import BotProcess
+from pipeline.servers.process import pid_alive
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 WRITE_OUTPUTS = (
@@ -255,6 +259,46 @@ def test_missing_inputs_are_reported_as_a_missing_precondition(
     with pytest.raises(MissingBlobsError) as info:
         grid.execute(action)
     assert any(root.hash in missing for missing in info.value.digests)
+
+
+def test_the_bots_local_cas_stages_inputs_with_one_mtime_and_keeps_them(
+    grid: Grid, start_bot: Callable[..., BotProcess], busybox_sysroot: Path, tmp_path: Path
+) -> None:
+    # Given a bot with its local CAS (the default), and an input root with
+    # sources the client wrote at different times
+    bot = start_bot("b")
+    folder = tmp_path / "root"
+    shutil.copytree(busybox_sysroot, folder, symlinks=True)
+    (folder / "src").mkdir()
+    for index, name in enumerate(["configure.ac", "aclocal.m4", "config.h.in"]):
+        (folder / "src" / name).write_text(f"{name} {uuid.uuid4()}\n")
+        os.utime(folder / "src" / name, (1_000_000 + index * 3600, 1_000_000 + index * 3600))
+    root = import_directory(grid.local, folder)
+    grid.cas_client.upload_tree(grid.local, root)
+    script = "stat -c '%y|%n' src/*"  # (to the nanosecond)
+    # When two actions on that input root run
+    first = grid.execute(grid.action(script, root=root))
+    second = grid.execute(grid.action(script, root=root))
+    # Then every input file is staged with one mtime (make sees no file as
+    # newer than another because of download order)
+    for response in (first, second):
+        assert response.result.exit_code == 0, grid.blob(response.result.stderr_digest)
+        lines = grid.blob(response.result.stdout_digest).decode().splitlines()
+        assert len(lines) == 3 and len({line.split("|")[0] for line in lines}) == 1, lines
+    # And the sources stay in the bot host's casd, for the next action
+    source_blobs = [
+        hashlib.sha256((folder / "src" / n).read_bytes()).hexdigest()
+        for n in ("configure.ac", "aclocal.m4", "config.h.in")
+    ]
+    objects = bot.workdir / "work" / "casd" / "cas-root" / "cas" / "objects"
+    assert all((objects / h[:2] / h[2:]).is_file() for h in source_blobs)
+    assert "(local CAS unix:" in bot.log_text()
+    # And the casd stops with the bot
+    casd_pid = int((bot.workdir / "work" / "casd" / "casd.pid").read_text())
+    assert pid_alive(casd_pid)
+    bot.stop()
+    assert not pid_alive(casd_pid)
+    assert not (bot.workdir / "work" / "casd" / "casd.pid").exists()
 
 
 def test_the_host_runner_runs_actions_in_a_folder_of_the_input_root(

@@ -381,11 +381,17 @@ def test_a_machine_joining_with_compose_join_takes_the_tasks(
     compose_stack: ComposeStack, tmp_path: Path
 ) -> None:
     # Given deploy/compose-join.yml as a second compose project, pointed at
-    # the first stack's published ports. Those are on 127.0.0.1 and one
-    # host stands for both machines, so its containers use the host's
-    # network (a container on another bridge is cut off from the first
-    # stack's by Docker's isolation rules, which a real second machine,
-    # coming in through the network card, is not).
+    # the first stack's published ports. One host stands for both machines,
+    # so its containers use the host's network, not a bridge of their own:
+    # a container on a second bridge cannot reach the first stack's ports.
+    # Published on 127.0.0.1 they are not addressable from it (its
+    # 127.0.0.1 is its own); published on an address it can reach, the
+    # port's DNAT (nat DOCKER chain, `! -i <first bridge>`) turns the
+    # connection into forwarding from its bridge to the first stack's, and
+    # dockerd's DOCKER-ISOLATION-STAGE-2 chain drops exactly that
+    # (`-o <first bridge> -j DROP`, for every bridge, no setting in 20.10).
+    # A real second machine comes in through the network card, which those
+    # rules leave alone.
     override = tmp_path / "host-network.yml"
     override.write_text("services:\n  worker: {network_mode: host}\n  bot: {network_mode: host}\n")
     env_file = tmp_path / ".env"

@@ -9,6 +9,12 @@ staged with one fixed mtime (make and autotools see sources as they were
 committed, not in download order), and the outputs reach the server through
 the proxy, which uploads them.
 
+casd stages through FUSE (buildbox-fuse) where ``/dev/fuse`` can be opened,
+and by hardlinks or copies otherwise (``BUILDBOX_STAGER=copy-or-link``: a
+container is given no ``/dev/fuse`` by default, and casd would otherwise
+try FUSE and fail every action); a ``BUILDBOX_STAGER`` in the bot's own
+environment wins.
+
 The casd runs in proxy mode (``--cas-remote``) on a unix socket in a private
 folder (0700, made with :func:`tempfile.mkdtemp`: only this user may
 connect), with an LRU quota (``--quota-high``). It is started and stopped by
@@ -31,7 +37,7 @@ from pipeline.reapi.channel import Endpoint
 from pipeline.servers.casd import CasdServer
 from pipeline.servers.process import pid_alive, unmount_under
 
-__all__ = ["BotCasd", "buildbox_url", "proxy_args"]
+__all__ = ["BotCasd", "buildbox_url", "fuse_usable", "proxy_args"]
 
 log = logging.getLogger("remex.bot")
 
@@ -107,6 +113,7 @@ class BotCasd:
         # A short private folder for the socket: the kernel limits a socket
         # path to 107 bytes, and the folder's mode decides who may connect.
         self._socket_dir = Path(tempfile.mkdtemp(prefix="remex-bot-casd-"))
+        stager = os.environ.get("BUILDBOX_STAGER") or ("fuse" if fuse_usable() else "copy-or-link")
         server = CasdServer(
             self.cache_dir,
             quota_high=self.quota_bytes,
@@ -114,6 +121,7 @@ class BotCasd:
             extra_args=proxy_args(self.endpoint),
             execution=False,
             log_level="warning",
+            extra_env={"BUILDBOX_STAGER": stager},
         )
         try:
             server.start()
@@ -123,10 +131,11 @@ class BotCasd:
         self._server = server
         (self.cache_dir / PID_FILE).write_text(f"{server.pid}\n")
         log.info(
-            "local CAS: buildbox-casd pid %s on %s, proxying %s (quota %s)",
+            "local CAS: buildbox-casd pid %s on %s, proxying %s (staging: %s; quota %s)",
             server.pid,
             server.url,
             self.endpoint.url,
+            stager,
             "casd's own" if self.quota_bytes is None else f"{self.quota_bytes} bytes",
         )
         return self
@@ -147,6 +156,16 @@ class BotCasd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def fuse_usable() -> bool:
+    """Whether this process can open ``/dev/fuse`` (what FUSE staging needs)."""
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def _kill_leftover(cache_dir: Path) -> None:

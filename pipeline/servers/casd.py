@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pipeline.servers.base import HOST, Server, ServerError, reapi_answers, require_program
@@ -45,7 +45,8 @@ class CasdServer(Server):
     ``extra_args`` are appended to the command line (e.g.
     ``["--cache-failures=false"]``). ``execution=False`` leaves the local
     Execution service out (a CAS proxy in front of another server, as
-    ``remex bot`` runs one).
+    ``remex bot`` runs one). ``extra_env`` is added to its environment
+    (e.g. ``BUILDBOX_STAGER``).
     """
 
     name = "casd"
@@ -63,9 +64,11 @@ class CasdServer(Server):
         extra_args: Sequence[str] = (),
         socket_path: str | os.PathLike[str] | None = None,
         execution: bool = True,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(workdir)
         self.execution = execution
+        self.extra_env = dict(extra_env or {})
         self.socket_path = Path(socket_path).absolute() if socket_path is not None else None
         if self.socket_path is not None:
             if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
@@ -116,6 +119,7 @@ class CasdServer(Server):
         env["TMPDIR"] = str(self.tmp_dir)
         # casd looks for buildbox-fuse on PATH (else it falls back to hardlink staging).
         env["PATH"] = os.pathsep.join([str(folder), env.get("PATH", os.defpath)])
+        env.update(self.extra_env)
         self._popen(args, env)
 
     def _probe(self, timeout: float) -> bool:

@@ -261,12 +261,22 @@ def test_missing_inputs_are_reported_as_a_missing_precondition(
     assert any(root.hash in missing for missing in info.value.digests)
 
 
+@pytest.mark.parametrize("stager", ["as found", "copy-or-link"])
 def test_the_bots_local_cas_stages_inputs_with_one_mtime_and_keeps_them(
-    grid: Grid, start_bot: Callable[..., BotProcess], busybox_sysroot: Path, tmp_path: Path
+    grid: Grid,
+    start_bot: Callable[..., BotProcess],
+    busybox_sysroot: Path,
+    tmp_path: Path,
+    stager: str,
 ) -> None:
-    # Given a bot with its local CAS (the default), and an input root with
-    # sources the client wrote at different times
-    bot = start_bot("b")
+    # Given a bot with its local CAS (the default), staging through FUSE when
+    # /dev/fuse opens, or by hardlinks and copies (a container without
+    # /dev/fuse), and an input root with sources written at different times
+    env = dict(os.environ)
+    env.pop("BUILDBOX_STAGER", None)
+    if stager != "as found":
+        env["BUILDBOX_STAGER"] = stager
+    bot = start_bot("b", env=env)
     folder = tmp_path / "root"
     shutil.copytree(busybox_sysroot, folder, symlinks=True)
     (folder / "src").mkdir()
@@ -293,6 +303,8 @@ def test_the_bots_local_cas_stages_inputs_with_one_mtime_and_keeps_them(
     objects = bot.workdir / "work" / "casd" / "cas-root" / "cas" / "objects"
     assert all((objects / h[:2] / h[2:]).is_file() for h in source_blobs)
     assert "(local CAS unix:" in bot.log_text()
+    if stager != "as found":
+        assert f"(staging: {stager};" in bot.log_text()
     # And the casd stops with the bot
     casd_pid = int((bot.workdir / "work" / "casd" / "casd.pid").read_text())
     assert pid_alive(casd_pid)

@@ -3,7 +3,8 @@
 Each test starts the bots it needs and stops them (SIGTERM: they tell the
 server they are terminating) before the next test, so actions only reach the
 bots meant for them. The SIGKILL test comes last: a killed bot stays
-registered until its keepalive expires and could be handed later actions.
+registered until its keepalive expires and could be handed later actions
+(so does the test whose bot is SIGKILLed alone, leaving its casd).
 (Bots cannot be told apart by platform here: buildbox-run refuses an ISA it
 cannot run.)
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -435,3 +437,30 @@ def test_a_job_of_a_killed_bot_is_requeued_and_the_other_bot_completes_it(
     assert response.result.execution_metadata.worker == survivor.bot_id
     print(f"SIGKILL: the job completed on the other bot {elapsed:.2f} s after the kill")
     assert KEEPALIVE - 1 < elapsed < KEEPALIVE + 15
+
+
+def test_a_casd_left_by_a_killed_bot_is_replaced_when_the_bot_starts_again(
+    grid: Grid, bots_buildgrid: Any, tmp_path: Path
+) -> None:
+    # Given a bot SIGKILLed alone (its casd, in a session of its own, lives on)
+    def bot_on(folder: Path) -> BotProcess:
+        bot = BotProcess(folder, remote=bots_buildgrid.url, bot_id=f"k-{uuid.uuid4().hex[:6]}")
+        return bot.start()
+
+    first = bot_on(tmp_path / "bot")
+    pid_file = first.workdir / "work" / "casd" / "casd.pid"
+    leftover = int(pid_file.read_text())
+    first.signal(signal.SIGKILL)
+    assert first.wait(10) is not None and pid_alive(leftover)
+    # When a bot starts again on the same folder
+    second = bot_on(tmp_path / "bot")
+    try:
+        # Then the leftover casd is gone, and the new bot's own casd serves it
+        assert not pid_alive(leftover)
+        assert int(pid_file.read_text()) != leftover
+        response = grid.execute(grid.action("echo again"))
+        assert response.result.exit_code == 0
+        assert grid.blob(response.result.stdout_digest) == b"again\n"
+    finally:
+        second.close()
+        first.close()

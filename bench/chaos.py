@@ -25,8 +25,12 @@ no element changed state, stage, attempt or holder, as seen from Redis: the
 seconds Redis itself is down are not counted), artifacts verified, and lost
 or wrong (must be 0).
 
+``--download`` sets the workers' ``[cas] download`` (the configured default
+when not given); ``--faults`` limits the rounds to some kinds, in turn.
+
 Run: ``.venv/bin/python -m bench.chaos [--rounds 20] [--elements 40]
-[--sleep 0.5] [--workers 3] [--seed 1] [--keep]``
+[--sleep 0.5] [--workers 3] [--seed 1] [--download minimal|all]
+[--faults wipe-cas,casd-restart] [--keep]``
 """
 
 from __future__ import annotations
@@ -250,17 +254,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sleep", type=float, default=0.5)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--download", choices=("minimal", "all"), default=None)
+    parser.add_argument(
+        "--faults", default=",".join(FAULTS), help="comma-separated kinds, injected in turn"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
+    faults = [f for f in args.faults.split(",") if f]
+    unknown = sorted(set(faults) - set(FAULTS))
+    if unknown or not faults:
+        parser.error(f"--faults: unknown kind(s) {unknown}; known: {', '.join(FAULTS)}")
+    extra_env = {"REMEX_CAS_DOWNLOAD": args.download} if args.download else {}
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="remex-chaos-"))
     rounds: list[Round] = []
     counter = [0]
     try:
         sysroot = make_busybox_sysroot(work / "sysroot")
-        with RemexStack(work / "stack", workers=args.workers, persistent_redis=True) as stack:
+        with RemexStack(
+            work / "stack", workers=args.workers, persistent_redis=True, extra_env=extra_env
+        ) as stack:
+            print(f"download = {args.download or 'the default'}", flush=True)
             for index in range(args.rounds):
-                fault = FAULTS[index % len(FAULTS)]
+                fault = faults[index % len(faults)]
                 result = run_round(index, fault, stack, args, work, sysroot, rng, counter)
                 rounds.append(result)
                 print(

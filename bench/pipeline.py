@@ -604,12 +604,13 @@ def remex_stack(
 
 @contextlib.contextmanager
 def grid_stack(
-    work: Path, workers: int, concurrency: int, bots: int, capacity: int
+    work: Path, workers: int, concurrency: int, bots: int, capacity: int, bot_local_cas: str = "on"
 ) -> Iterator[tuple[RemexConfig, dict[str, str], list[BotProcess]]]:
     """PostgreSQL + BuildGrid 0.4.4 (execution, CAS, ActionCache), a casd as
     the artifact server, redis, ``bots`` x ``remex bot --capacity CAPACITY``
     (buildbox-run) and ``workers`` x ``remex worker`` (production settings).
-    Everything is stopped by PID (SIGTERM, then SIGKILL), the last started first."""
+    Everything is stopped by PID (SIGTERM, then SIGKILL), the last started first.
+    ``bot_local_cas`` ``off`` runs the bots without their local casd."""
     root = work / "grid-stack"
     with (
         PostgresServer(root / "postgres") as postgres,
@@ -619,6 +620,7 @@ def grid_stack(
             execution=grid,
             bots=bots,
             bot_capacity=capacity,
+            extra_env={"REMEX_BOT_LOCAL_CAS": "true" if bot_local_cas == "on" else "false"},
             workers=workers,
             concurrency=concurrency,
             heartbeat_timeout=HEARTBEAT_TIMEOUT,
@@ -635,6 +637,12 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=8, help="casd --jobs")
     parser.add_argument("--bots", type=int, default=2, help="remex bot processes (BuildGrid)")
     parser.add_argument("--capacity", type=int, default=4, help="remex bot --capacity")
+    parser.add_argument(
+        "--bot-local-cas",
+        choices=("on", "off"),
+        default="on",
+        help="the bots' buildbox-casd in front of buildbox-run (off: --disable-localcas)",
+    )
     parser.add_argument("--wide", type=int, default=32)
     parser.add_argument("--chain", type=int, default=20)
     parser.add_argument("--noop", type=int, default=100)
@@ -672,10 +680,13 @@ def main() -> int:
         if "wide-buildgrid" in cases:
             stacks.append(
                 f"BuildGrid stack: BuildGrid 0.4.4 on PostgreSQL, casd (artifacts), redis, "
-                f"{args.bots} remex bots x capacity {args.capacity} (buildbox-run), "
+                f"{args.bots} remex bots x capacity {args.capacity} (buildbox-run, local CAS "
+                f"{args.bot_local_cas}), "
                 f"{args.workers} workers x {args.concurrency} threads"
             )
-            with grid_stack(work, args.workers, args.concurrency, args.bots, args.capacity) as (
+            with grid_stack(
+                work, args.workers, args.concurrency, args.bots, args.capacity, args.bot_local_cas
+            ) as (
                 config,
                 env,
                 bots,

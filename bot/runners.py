@@ -1,9 +1,12 @@
 """Runners: how ``remex bot`` runs one leased action.
 
-``buildbox-run`` (the default) is buildbox's bubblewrap runner: it fetches the
-input root from the server's CAS itself, runs the command chrooted into it
-in a sandbox, honours ``Action.timeout``, and uploads the outputs and logs
-itself; it writes the ActionResult to a file.
+``buildbox-run`` (the default) is buildbox's bubblewrap runner: it runs the
+command chrooted into the input root in a sandbox, honours
+``Action.timeout``, and writes the ActionResult to a file. With the bot's
+local CAS (a buildbox-casd proxying the server's CAS, see
+:mod:`bot.localcas`) it has casd stage the input root and capture the
+outputs, which casd uploads; without it (``--disable-localcas``) it fetches
+the input root whole from the server itself and uploads the outputs.
 
 ``host`` fetches the input root into a temporary folder and runs the command
 there, directly on this machine: no sandbox, no chroot. The command sees the
@@ -35,6 +38,7 @@ from typing import Protocol
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bot.errors import BadActionError, LeaseCancelled, MissingInputsError, RunnerError
+from bot.localcas import buildbox_url
 from pipeline.cas import LocalCas, checkout, import_directory, tree_digests, tree_message
 from pipeline.digest import Digest, digest_to_str
 from pipeline.errors import BlobNotFoundError, LocalCasError, RemexError
@@ -205,6 +209,8 @@ class BuildboxRunner:
         program: the ``buildbox-run`` executable.
         endpoint: the server whose CAS holds the inputs (and gets the outputs).
         cas: a CAS client of that server (to name missing inputs on failure).
+        local_cas: the bot's casd proxying that CAS (``unix:PATH``); None:
+            buildbox-run talks to the server alone (``--disable-localcas``).
         extra_args: more ``buildbox-run`` options.
     """
 
@@ -216,29 +222,27 @@ class BuildboxRunner:
         endpoint: Endpoint,
         cas: CasClient,
         *,
+        local_cas: str | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.program = os.fspath(program)
         self.endpoint = endpoint
         self.cas = cas
+        self.local_cas = local_cas
         self.extra_args = list(extra_args)
 
     def command_line(self, action_path: Path, result_path: Path) -> list[str]:
         """The buildbox-run command for one action file."""
+        tail = [f"--action={action_path}", f"--action-result={result_path}", "--log-level=warning"]
+        if self.local_cas is not None:
+            # casd holds the server's instance, TLS files and token itself.
+            return [self.program, f"--remote={self.local_cas}", *tail, *self.extra_args]
         endpoint = self.endpoint
-        url = endpoint.url
-        # buildbox speaks http:// and https:// (and unix:), not grpc://.
-        if url.startswith("grpc://"):
-            url = "http://" + url[len("grpc://") :]
-        elif url.startswith("grpcs://"):
-            url = "https://" + url[len("grpcs://") :]
         args = [
             self.program,
-            f"--remote={url}",
+            f"--remote={buildbox_url(endpoint.url)}",
             "--disable-localcas",
-            f"--action={action_path}",
-            f"--action-result={result_path}",
-            "--log-level=warning",
+            *tail,
         ]
         if endpoint.instance_name:
             args.append(f"--instance={endpoint.instance_name}")

@@ -584,6 +584,21 @@ def down() -> None:
     help="Seconds running actions may take to finish after SIGTERM before they are given back.",
 )
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option(
+    "--local-cas/--no-local-cas",
+    default=None,
+    help="Run a buildbox-casd proxying the server's CAS in front of buildbox-run "
+    "(default: [bot] local-cas, true).",
+)
+@click.option(
+    "--cas-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="That casd's folder (default: [bot] cas-dir, else WORKDIR/casd).",
+)
+@click.option(
+    "--cas-quota", default=None, help="Its LRU quota, e.g. 10G (default: [bot] cas-quota, 10G)."
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 @handles_errors
 def bot(
@@ -595,6 +610,9 @@ def bot(
     bot_id: str | None,
     grace: float,
     workdir: Path | None,
+    local_cas: bool | None,
+    cas_dir: Path | None,
+    cas_quota: str | None,
     loglevel: str,
 ) -> None:
     """Run a Bots-API execution worker for BuildGrid: lease actions and run them."""
@@ -602,16 +620,17 @@ def bot(
     import logging
 
     from bot.main import BotOptions, default_bot_id, merge_properties, run_bot
-    from pipeline.config import load_config
+    from pipeline.config import load_config, parse_size
     from pipeline.reapi.channel import Endpoint
 
     logging.basicConfig(
         level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    config = load_config()
     if remote is not None:
         endpoint = Endpoint(remote, instance_name=instance or "")
     else:
-        endpoint = load_config().require_execution()
+        endpoint = config.require_execution()
         if instance is not None:
             endpoint = dataclasses.replace(endpoint, instance_name=instance)
     # Fail at once, in one sentence, when the server is not there at all (the
@@ -628,6 +647,11 @@ def bot(
         runner=runner,
         workdir=workdir,
         grace=grace,
+        local_cas=config.bot_local_cas if local_cas is None else local_cas,
+        cas_dir=cas_dir or config.bot_cas_dir,
+        cas_quota=config.bot_cas_quota_bytes
+        if cas_quota is None
+        else parse_size(cas_quota, where="--cas-quota"),
     )
     run_bot(options)
 

@@ -40,7 +40,7 @@ Where settings come from, later ones winning:
     [cas]
     dir = "~/.cache/remex/cas"  # this host's local CAS
     quota = "10G"
-    download = "all"            # or "minimal": what workers bring home (build without the bytes)
+    download = "minimal"        # or "all": what workers bring home (build without the bytes)
 
     [worker]
     concurrency = 4
@@ -54,6 +54,10 @@ Where settings come from, later ones winning:
     backoff = 1                 # seconds before the first retry (doubled, jittered)
     ca-bundle = ""              # PEM CA bundle for https (default: the system's)
     default-mirror = ""         # project.conf mirror to try first (bst's default-mirror)
+    [bot]                       # remex bot (BuildGrid's execution workers)
+    local-cas = true            # a buildbox-casd proxying the server's CAS in front of buildbox-run
+    cas-dir = ""                # its folder (default: the bot's workdir/casd)
+    cas-quota = "10G"           # its LRU quota
 
     [projects.NAME.options]     # option values of the project named NAME
     debug = true                # (BuildStream's ``projects: NAME: options:``);
@@ -66,6 +70,7 @@ CLIENT_KEY,TOKEN_FILE,REQUEST_TIMEOUT,RETRY_LIMIT,RETRY_DELAY,KEEPALIVE_TIME}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_CAS_DOWNLOAD``, ``REMEX_WORKER_CONCURRENCY``,
 ``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
 ``REMEX_FETCH_{CONNECT_TIMEOUT,READ_TIMEOUT,RETRIES,BACKOFF,CA_BUNDLE,DEFAULT_MIRROR}``,
+``REMEX_BOT_LOCAL_CAS`` (``true``/``false``), ``REMEX_BOT_CAS_DIR``, ``REMEX_BOT_CAS_QUOTA``,
 ``REMEX_CONFIG`` (an explicit config file, read instead of the user's).
 """
 
@@ -86,6 +91,9 @@ from pipeline.reapi.channel import Endpoint
 
 #: ``[cas] download`` values (the same as pipeline.stages.context.DOWNLOAD_MODES).
 DOWNLOAD_MODES = ("minimal", "all")
+
+#: ``[bot] cas-quota`` when not set: the LRU quota of a bot host's casd.
+DEFAULT_BOT_CAS_QUOTA = 10 * 1024**3
 
 CONFIG_FILE_NAME = "remex.toml"
 NO_STACK = "no remex stack is up here; run 'remex up' or set {key}"
@@ -179,14 +187,17 @@ class RemexConfig:
     artifacts: Endpoint | None = None
     cas_dir: Path = field(default_factory=lambda: _cache_home() / "remex" / "cas")
     cas_quota_bytes: int | None = None
-    cas_download: str = "all"
-    """``all``: every dependency tree and output comes whole into the local CAS;
-    ``minimal``: workers fetch Directory messages and logs, not file blobs
-    (opt-in: after a worker's local CAS is wiped mid-build, the chaos benchmark
-    still sees builds fail in this mode)."""
+    cas_download: str = "minimal"
+    """``minimal``: workers fetch Directory messages and logs, not file blobs;
+    ``all``: every dependency tree and output comes whole into the local CAS."""
     worker_concurrency: int = 4
     heartbeat_timeout: float = 30.0
     reconcile_interval: float = 5.0
+    bot_local_cas: bool = True
+    """``remex bot`` runs a buildbox-casd proxying the server's CAS (see bot.localcas)."""
+    bot_cas_dir: Path | None = None
+    """That casd's folder; None: the bot's workdir/casd."""
+    bot_cas_quota_bytes: int = DEFAULT_BOT_CAS_QUOTA
     project_options: Mapping[str, Mapping[str, OptionSetting]] = field(default_factory=dict)
     """Project name -> option name -> its value from ``[projects.NAME.options]``."""
     fetch: FetchConfig = field(default_factory=FetchConfig)
@@ -362,7 +373,7 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
     where = str(path)
-    _known(data, {"broker", "remote", "cas", "worker", "fetch", "projects"}, where, "")
+    _known(data, {"broker", "remote", "cas", "worker", "fetch", "bot", "projects"}, where, "")
     changes: dict[str, Any] = {}
     broker = _table(data, "broker", where)
     _known(broker, {"url", "result-backend", *_BROKER_TLS}, where, "broker.")
@@ -408,6 +419,18 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
             changes[attr] = _seconds(worker[key], f"{where}: worker.{key}")
     if "fetch" in data:
         changes["fetch"] = _fetch(config.fetch, _table(data, "fetch", where), where, path.parent)
+    bot = _table(data, "bot", where)
+    _known(bot, {"local-cas", "cas-dir", "cas-quota"}, where, "bot.")
+    if "local-cas" in bot:
+        if not isinstance(bot["local-cas"], bool):
+            raise ConfigError(f"{where}: bot.local-cas must be true or false")
+        changes["bot_local_cas"] = bot["local-cas"]
+    if "cas-dir" in bot:
+        changes["bot_cas_dir"] = _path(bot["cas-dir"], base, where, "bot.cas-dir")
+    if "cas-quota" in bot:
+        changes["bot_cas_quota_bytes"] = parse_size(
+            bot["cas-quota"], where=f"{where}: bot.cas-quota"
+        )
     projects = _table(data, "projects", where)
     if projects:
         changes["project_options"] = _project_options(config.project_options, projects, path)
@@ -516,6 +539,20 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
     if fetch_env:
         changes["fetch"] = _fetch(config.fetch, fetch_env, "environment", Path.cwd(), env=True)
         used.extend("REMEX_FETCH_" + k.upper().replace("-", "_") for k in fetch_env)
+    if env.get("REMEX_BOT_LOCAL_CAS"):
+        value = env["REMEX_BOT_LOCAL_CAS"].strip().lower()
+        if value not in ("1", "true", "yes", "0", "false", "no"):
+            raise ConfigError(f"REMEX_BOT_LOCAL_CAS: must be true or false, not {value!r}")
+        changes["bot_local_cas"] = value in ("1", "true", "yes")
+        used.append("REMEX_BOT_LOCAL_CAS")
+    if env.get("REMEX_BOT_CAS_DIR"):
+        changes["bot_cas_dir"] = Path(env["REMEX_BOT_CAS_DIR"]).expanduser().absolute()
+        used.append("REMEX_BOT_CAS_DIR")
+    if env.get("REMEX_BOT_CAS_QUOTA"):
+        changes["bot_cas_quota_bytes"] = parse_size(
+            env["REMEX_BOT_CAS_QUOTA"], where="REMEX_BOT_CAS_QUOTA"
+        )
+        used.append("REMEX_BOT_CAS_QUOTA")
     if used:
         changes["sources"] = (*config.sources, "environment: " + ", ".join(used))
     return replace(config, **changes)

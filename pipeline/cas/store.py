@@ -199,6 +199,20 @@ class LocalCas:
         # False when a cleanup took it between the stat and the touch.
         return self._touch_if_old(path, st.st_mtime)
 
+    def incarnation(self) -> tuple[int, int] | None:
+        """What tells this store's folder from one made again at the same path
+        (the ``objects`` folder's device and inode), or None when it is gone.
+
+        A wiped store (``rm -rf``, a lost tmpfs) comes back with a new
+        incarnation when the next blob is written: memories of what the store
+        held, kept outside it, are keyed by it (one ``stat``).
+        """
+        try:
+            st = os.stat(self._objects)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
     def missing(self, digests: Iterable[Digest]) -> list[Digest]:
         """The digests not stored, in input order, each once."""
         seen: set[tuple[str, int]] = set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pipeline.servers.base import HOST, Server, ServerError, reapi_answers, require_program
@@ -43,7 +43,10 @@ class CasdServer(Server):
     ``workdir/tmp`` (``tmp_dir``).  ``restart()`` keeps port and cache.
     stop()/kill() unmount what buildbox-fuse left under ``workdir``.
     ``extra_args`` are appended to the command line (e.g.
-    ``["--cache-failures=false"]``).
+    ``["--cache-failures=false"]``). ``execution=False`` leaves the local
+    Execution service out (a CAS proxy in front of another server, as
+    ``remex bot`` runs one). ``extra_env`` is added to its environment
+    (e.g. ``BUILDBOX_STAGER``).
     """
 
     name = "casd"
@@ -60,8 +63,12 @@ class CasdServer(Server):
         log_level: str = "error",
         extra_args: Sequence[str] = (),
         socket_path: str | os.PathLike[str] | None = None,
+        execution: bool = True,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(workdir)
+        self.execution = execution
+        self.extra_env = dict(extra_env or {})
         self.socket_path = Path(socket_path).absolute() if socket_path is not None else None
         if self.socket_path is not None:
             if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
@@ -96,13 +103,10 @@ class CasdServer(Server):
     def _launch(self) -> None:
         folder = buildbox_dir()
         require_program("bwrap", "install the Debian package 'bubblewrap' (used by buildbox-run)")
-        args = [
-            str(folder / "buildbox-casd"),
-            f"--bind={self._bind()}",
-            f"--buildbox-run={folder / 'buildbox-run'}",
-            f"--jobs={self.jobs}",
-            f"--log-level={self.log_level}",
-        ]
+        args = [str(folder / "buildbox-casd"), f"--bind={self._bind()}"]
+        if self.execution:
+            args += [f"--buildbox-run={folder / 'buildbox-run'}", f"--jobs={self.jobs}"]
+        args.append(f"--log-level={self.log_level}")
         if self.quota_high is not None:
             args.append(f"--quota-high={self.quota_high}")
         args += self.extra_args
@@ -115,6 +119,7 @@ class CasdServer(Server):
         env["TMPDIR"] = str(self.tmp_dir)
         # casd looks for buildbox-fuse on PATH (else it falls back to hardlink staging).
         env["PATH"] = os.pathsep.join([str(folder), env.get("PATH", os.defpath)])
+        env.update(self.extra_env)
         self._popen(args, env)
 
     def _probe(self, timeout: float) -> bool:

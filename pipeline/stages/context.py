@@ -165,6 +165,19 @@ class StageContext:
         with self._lock:
             self._artifact_files.clear()
 
+    def forget_local(self) -> None:
+        """Forget everything remembered about the local CAS's contents (blobs
+        were found gone: a wiped folder, a cleanup by another process), so
+        that the next stage fetches again what it lacks. What the remote
+        servers hold (the artifacts' ``files/`` digests) is kept."""
+        with self._lock:
+            clients = [
+                c for name, c in self._clients.items() if name in ("execution_cas", "artifact_cas")
+            ]
+        for client in clients:
+            if isinstance(client, CasClient):
+                client.forget_local()
+
     # --- clients, built on first use ------------------------------------------
 
     @property

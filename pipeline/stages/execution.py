@@ -25,6 +25,7 @@ from pipeline.spec import BuildSpec
 from pipeline.stages.artifacts import push_failure_record
 from pipeline.stages.context import StageContext
 from pipeline.stages.errors import BuildFailedError, SpecError
+from pipeline.stages.recovery import rederives_lost_blobs
 from pipeline.stages.select import filter_tree, path_selector
 from pipeline.stages.staging import dependency_files
 from pipeline.stages.state import (
@@ -61,6 +62,7 @@ LOG_TAIL_CHARS = 8000
 # --- stage 3 -------------------------------------------------------------------
 
 
+@rederives_lost_blobs
 def execute(
     ctx: StageContext,
     spec: BuildSpec,
@@ -152,6 +154,7 @@ def _done(state: State, result: ActionResult, *, cached: bool) -> State:
 # --- stage 4 -------------------------------------------------------------------
 
 
+@rederives_lost_blobs
 def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     """Stage 4: download the output tree and the logs into the local CAS.
 

@@ -15,6 +15,7 @@ from pipeline.stages.artifacts import build_artifact_tree, fetch_artifact_root
 from pipeline.stages.context import StageContext
 from pipeline.stages.errors import SpecError
 from pipeline.stages.execution import download_outputs
+from pipeline.stages.recovery import rederives_lost_blobs
 from pipeline.stages.staging import stage_files
 from pipeline.stages.state import (
     State,
@@ -28,6 +29,7 @@ from pipeline.stages.trees import directories_complete, tree_complete
 __all__ = ["artifact_meta", "push_artifact"]
 
 
+@rederives_lost_blobs
 def push_artifact(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     """Stage 5: build the artifact (``files/``, ``logs/``, ``meta/``), upload its
     blobs to the artifact CAS, then name it by the artifact URI (PushDirectory).

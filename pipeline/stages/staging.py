@@ -35,6 +35,7 @@ from pipeline.stages.overlaps import (
     analyse_staging,
     whitelist_regex,
 )
+from pipeline.stages.recovery import rederives_lost_blobs
 from pipeline.stages.select import select_tree
 from pipeline.stages.state import (
     STAGE_KEYS,
@@ -93,6 +94,7 @@ class StagedAction:
 # --- stage 1 -------------------------------------------------------------------
 
 
+@rederives_lost_blobs
 def stage_to_cas(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     """Stage 1: build what the element needs in the local CAS; check the ActionCache.
 
@@ -280,6 +282,7 @@ def output_paths_in_command(command_spec: CommandSpec) -> list[str]:
 # --- stage 2 -------------------------------------------------------------------
 
 
+@rederives_lost_blobs
 def upload(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     """Stage 2: upload the action, its command and its input root to the execution CAS.
 

@@ -15,7 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_SCRIPT = ROOT / "scripts" / "docker-engine.sh"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-IMAGE = "remex:latest"
+# The image's tag (REMEX_IMAGE in the compose files): one of its own keeps a
+# session's stack on the image it built when others build on the same engine.
+IMAGE = os.environ.get("REMEX_DEPLOY_IMAGE", "remex:latest")
 # Figures printed at the end of the session (pytest -s, or the terminal summary).
 FIGURES: dict[str, str] = {}
 

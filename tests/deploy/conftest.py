@@ -106,6 +106,7 @@ def compose_stack(
     lines += [f"REMEX_{name}_PORT={port}" for name, port in ports.items()]
     lines += [
         "REMEX_PUBLISH_ADDRESS=127.0.0.1",
+        f"REMEX_IMAGE={IMAGE}",
         "FLOWER_USER=remex",
         "WORKER_CONCURRENCY=2",
         "BOT_CAPACITY=2",

@@ -1,5 +1,5 @@
-"""docker-compose.yml run for real: the whole stack up, examples/hello built
-across its containers from a ``remex`` CLI on the host.
+"""docker-compose.yml run for real: the whole stack up, examples/hello and
+examples/toolchain built across its containers from a ``remex`` CLI on the host.
 
 The CLI reaches the stack only through the ports published on 127.0.0.1
 (free ports the fixture picked, set through REMEX_*_PORT in the env file):
@@ -12,7 +12,9 @@ checkout`` gets them back.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -127,6 +129,80 @@ def test_the_stage_tasks_ran_on_the_worker_containers(
     assert {task["state"] for task in tasks} == {"SUCCESS"}, tasks
     workers = {task["worker"] for task in tasks}
     assert workers <= {f"remex-{host}@{host}" for host in hostnames}, (workers, hostnames)
+
+
+# --------------------------------------------------------------------------- toolchain
+
+TOOLCHAIN = ROOT / "examples" / "toolchain"
+EXPECTED = TOOLCHAIN / "expected" / "files" / "release"
+# Each element checked out alone (--deps none --no-integrate), as
+# examples/toolchain/bst-build.sh made the reference from BuildStream's builds.
+TOOLCHAIN_ELEMENTS = ("amhello", "libgreet", "greet", "libgreet-runtime", "app", "report")
+
+
+@pytest.fixture(scope="module")
+def toolchain_sysroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example's sysroot, made by its own script (Debian packages cached
+    in ~/.cache/remex/debs between runs); amhello/ is made beside it."""
+    dest = tmp_path_factory.mktemp("toolchain") / "sysroot"
+    run(["bash", str(TOOLCHAIN / "make-sysroot.sh"), str(dest)], dict(os.environ), timeout=900)
+    return dest
+
+
+def checkout_listing(folder: Path) -> dict[str, list[str]]:
+    """What bst-build.sh records of a checkout: ``txt`` (type letter and path),
+    ``sha256`` (digest and path of each file), ``links`` (path -> target)."""
+    entries = sorted((path.relative_to(folder).as_posix(), path) for path in folder.rglob("*"))
+    kinds = {
+        rel: "l" if path.is_symlink() else "d" if path.is_dir() else "f" for rel, path in entries
+    }
+    return {
+        "txt": [f"{kind} {rel}" for rel, kind in kinds.items()],
+        "sha256": [
+            f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}"
+            for rel, path in entries
+            if kinds[rel] == "f"
+        ],
+        "links": [f"{rel} -> {os.readlink(path)}" for rel, path in entries if kinds[rel] == "l"],
+    }
+
+
+def test_the_toolchain_example_builds_across_the_containers_as_bst_builds_it(
+    compose_stack: ComposeStack, toolchain_sysroot: Path, tmp_path: Path
+) -> None:
+    # Given examples/toolchain with its sysroot (gcc, binutils, make, libc)
+    project = tmp_path / "toolchain"
+    shutil.copytree(TOOLCHAIN, project, ignore=shutil.ignore_patterns("sysroot", "amhello"))
+    shutil.copytree(toolchain_sysroot, project / "sysroot", symlinks=True)
+    shutil.copytree(toolchain_sysroot.parent / "amhello", project / "amhello", symlinks=True)
+    # When it is enqueued from the host through the published Redis; its
+    # actions (autotools' configure and make, gcc) run on the bot containers
+    started = time.monotonic()
+    remex(compose_stack, tmp_path, "build", "-C", str(project), "report.bst", "amhello.bst",
+          timeout=1100)  # fmt: skip
+    FIGURES["toolchain build across containers"] = f"{time.monotonic() - started:.0f} s"
+    # Then each element checks out with the paths and symlinks BuildStream's
+    # own build gave (examples/toolchain/EXPECTED.md), and with the same
+    # bytes when the sysroot has the reference's package versions
+    same_packages = (toolchain_sysroot / "usr/share/toolchain-sysroot/packages").read_text() == (
+        TOOLCHAIN / "expected" / "sysroot-packages.txt"
+    ).read_text()
+    for name in TOOLCHAIN_ELEMENTS:
+        out = tmp_path / "out" / name
+        remex(compose_stack, tmp_path, "checkout", "-C", str(project), "--deps", "none",
+              "--no-integrate", f"{name}.bst", str(out))  # fmt: skip
+        listing = checkout_listing(out)
+        for kind in ("txt", "links") + (("sha256",) if same_packages else ()):
+            expected = (EXPECTED / f"{name}.{kind}").read_text().splitlines()
+            assert listing[kind] == expected, (name, kind)
+    # And the programs it built said what they must in the script element
+    report = tmp_path / "out" / "report" / "usr/share/toolchain"
+    assert (report / "hello.txt").read_text() == "Hello World!\nThis is amhello 1.0.\n"
+    assert (report / "greet.txt").read_text().startswith("Hello, report")
+    FIGURES["toolchain checkouts compared"] = (
+        f"{len(TOOLCHAIN_ELEMENTS)} elements, paths and links"
+        + (", bytes" if same_packages else " (sysroot packages differ: bytes not compared)")
+    )
 
 
 def test_flower_refuses_requests_without_its_password(compose_stack: ComposeStack) -> None:
@@ -305,11 +381,17 @@ def test_a_machine_joining_with_compose_join_takes_the_tasks(
     compose_stack: ComposeStack, tmp_path: Path
 ) -> None:
     # Given deploy/compose-join.yml as a second compose project, pointed at
-    # the first stack's published ports. Those are on 127.0.0.1 and one
-    # host stands for both machines, so its containers use the host's
-    # network (a container on another bridge is cut off from the first
-    # stack's by Docker's isolation rules, which a real second machine,
-    # coming in through the network card, is not).
+    # the first stack's published ports. One host stands for both machines,
+    # so its containers use the host's network, not a bridge of their own:
+    # a container on a second bridge cannot reach the first stack's ports.
+    # Published on 127.0.0.1 they are not addressable from it (its
+    # 127.0.0.1 is its own); published on an address it can reach, the
+    # port's DNAT (nat DOCKER chain, `! -i <first bridge>`) turns the
+    # connection into forwarding from its bridge to the first stack's, and
+    # dockerd's DOCKER-ISOLATION-STAGE-2 chain drops exactly that
+    # (`-o <first bridge> -j DROP`, for every bridge, no setting in 20.10).
+    # A real second machine comes in through the network card, which those
+    # rules leave alone.
     override = tmp_path / "host-network.yml"
     override.write_text("services:\n  worker: {network_mode: host}\n  bot: {network_mode: host}\n")
     env_file = tmp_path / ".env"

@@ -3,13 +3,18 @@
 Each test starts the bots it needs and stops them (SIGTERM: they tell the
 server they are terminating) before the next test, so actions only reach the
 bots meant for them. The SIGKILL test comes last: a killed bot stays
-registered until its keepalive expires and could be handed later actions.
+registered until its keepalive expires and could be handed later actions
+(so does the test whose bot is SIGKILLed alone, leaving its casd).
 (Bots cannot be told apart by platform here: buildbox-run refuses an ISA it
 cannot run.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +33,7 @@ from pipeline.reapi.channel import Endpoint
 from pipeline.reapi.execution import ExecutionClient, Pending
 from pipeline.reapi.remote import Remote
 from pipeline.servers import BotProcess
+from pipeline.servers.process import pid_alive
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 WRITE_OUTPUTS = (
@@ -257,6 +263,58 @@ def test_missing_inputs_are_reported_as_a_missing_precondition(
     assert any(root.hash in missing for missing in info.value.digests)
 
 
+@pytest.mark.parametrize("stager", ["as found", "copy-or-link"])
+def test_the_bots_local_cas_stages_inputs_with_one_mtime_and_keeps_them(
+    grid: Grid,
+    start_bot: Callable[..., BotProcess],
+    busybox_sysroot: Path,
+    tmp_path: Path,
+    stager: str,
+) -> None:
+    # Given a bot with its local CAS (the default), staging through FUSE when
+    # /dev/fuse opens, or by hardlinks and copies (a container without
+    # /dev/fuse), and an input root with sources written at different times
+    env = dict(os.environ)
+    env.pop("BUILDBOX_STAGER", None)
+    if stager != "as found":
+        env["BUILDBOX_STAGER"] = stager
+    bot = start_bot("b", env=env)
+    folder = tmp_path / "root"
+    shutil.copytree(busybox_sysroot, folder, symlinks=True)
+    (folder / "src").mkdir()
+    for index, name in enumerate(["configure.ac", "aclocal.m4", "config.h.in"]):
+        (folder / "src" / name).write_text(f"{name} {uuid.uuid4()}\n")
+        os.utime(folder / "src" / name, (1_000_000 + index * 3600, 1_000_000 + index * 3600))
+    root = import_directory(grid.local, folder)
+    grid.cas_client.upload_tree(grid.local, root)
+    script = "stat -c '%y|%n' src/*"  # (to the nanosecond)
+    # When two actions on that input root run
+    first = grid.execute(grid.action(script, root=root))
+    second = grid.execute(grid.action(script, root=root))
+    # Then every input file is staged with one mtime (make sees no file as
+    # newer than another because of download order)
+    for response in (first, second):
+        assert response.result.exit_code == 0, grid.blob(response.result.stderr_digest)
+        lines = grid.blob(response.result.stdout_digest).decode().splitlines()
+        assert len(lines) == 3 and len({line.split("|")[0] for line in lines}) == 1, lines
+    # And the sources stay in the bot host's casd, for the next action
+    source_blobs = [
+        hashlib.sha256((folder / "src" / n).read_bytes()).hexdigest()
+        for n in ("configure.ac", "aclocal.m4", "config.h.in")
+    ]
+    objects = bot.workdir / "work" / "casd" / "cas-root" / "cas" / "objects"
+    assert all((objects / h[:2] / h[2:]).is_file() for h in source_blobs)
+    assert "(local CAS unix:" in bot.log_text()
+    if stager != "as found":
+        assert f"(staging: {stager};" in bot.log_text()
+    # And the casd stops with the bot
+    casd_pid = int((bot.workdir / "work" / "casd" / "casd.pid").read_text())
+    assert pid_alive(casd_pid)
+    bot.stop()
+    assert not pid_alive(casd_pid)
+    assert not (bot.workdir / "work" / "casd" / "casd.pid").exists()
+
+
 def test_the_host_runner_runs_actions_in_a_folder_of_the_input_root(
     grid: Grid, start_bot: Callable[..., BotProcess]
 ) -> None:
@@ -379,3 +437,30 @@ def test_a_job_of_a_killed_bot_is_requeued_and_the_other_bot_completes_it(
     assert response.result.execution_metadata.worker == survivor.bot_id
     print(f"SIGKILL: the job completed on the other bot {elapsed:.2f} s after the kill")
     assert KEEPALIVE - 1 < elapsed < KEEPALIVE + 15
+
+
+def test_a_casd_left_by_a_killed_bot_is_replaced_when_the_bot_starts_again(
+    grid: Grid, bots_buildgrid: Any, tmp_path: Path
+) -> None:
+    # Given a bot SIGKILLed alone (its casd, in a session of its own, lives on)
+    def bot_on(folder: Path) -> BotProcess:
+        bot = BotProcess(folder, remote=bots_buildgrid.url, bot_id=f"k-{uuid.uuid4().hex[:6]}")
+        return bot.start()
+
+    first = bot_on(tmp_path / "bot")
+    pid_file = first.workdir / "work" / "casd" / "casd.pid"
+    leftover = int(pid_file.read_text())
+    first.signal(signal.SIGKILL)
+    assert first.wait(10) is not None and pid_alive(leftover)
+    # When a bot starts again on the same folder
+    second = bot_on(tmp_path / "bot")
+    try:
+        # Then the leftover casd is gone, and the new bot's own casd serves it
+        assert not pid_alive(leftover)
+        assert int(pid_file.read_text()) != leftover
+        response = grid.execute(grid.action("echo again"))
+        assert response.result.exit_code == 0
+        assert grid.blob(response.result.stdout_digest) == b"again\n"
+    finally:
+        second.close()
+        first.close()

@@ -8,6 +8,7 @@ and a ``stack``.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -490,6 +491,50 @@ def test_later_stages_on_another_host_derive_what_they_lack(
         pushed = push_artifact(host_e, app, fetched)
     # And the artifact is complete and right
     assert pushed["artifact"] == digest_to_json(lookup_artifact(ctx, app))  # type: ignore[arg-type]
+    checkout_artifact(ctx, app, tmp_path / "out")
+    assert (tmp_path / "out/usr/share/x/greeting.txt").read_text() == src_text(tmp_path)
+
+
+def lose_blobs(cas: LocalCas, keep: Sequence[Digest] = ()) -> None:
+    """Delete the local CAS's objects, but ``keep``; with nothing kept, the
+    whole folder (as ``rm -rf`` racing a worker leaves it)."""
+    if not keep:
+        shutil.rmtree(cas.root, ignore_errors=True)
+        return
+    kept = {d.hash for d in keep}
+    for path in (cas.root / "objects").glob("*/*"):
+        if path.parent.name + path.name not in kept:
+            path.unlink()
+
+
+def test_a_worker_whose_local_cas_loses_blobs_derives_them_again(
+    ctx: StageContext, project: str, base: BuildSpec, tmp_path: Path
+) -> None:
+    # Given a base built and a manual element staged on this worker, which
+    # now remembers the dependency and source trees its local CAS holds
+    run_stages(ctx, base)
+    src = make_sources(ctx, tmp_path / "src", {"greeting.txt": f"{uuid.uuid4()}\n"})
+    app = manual_spec(project, "app.bst", APP_SCRIPT, depends=[base], sources=[src])
+    first = stage_to_cas(ctx, app, {})
+    base_files = digest_from_json(base["sources"][0]["digest"])
+
+    # When the local CAS loses every blob but those trees' roots (a wipe
+    # that had not reached them yet), then the element is staged again
+    lose_blobs(ctx.local_cas, keep=[base_files, src])
+    staged = stage_to_cas(ctx, app, {})
+    # Then the same action comes out
+    assert staged["action"] == first["action"]
+
+    # And when the whole folder is wiped before each later stage, each
+    # stage still does its work, from the remote servers
+    state = staged
+    for stage in (upload, execute, fetch_outputs, push_artifact):
+        lose_blobs(ctx.local_cas)
+        state = stage(ctx, app, state)
+    assert state["exit_code"] == 0 and state["artifact"]
+    # And the artifact is complete and right
+    assert state["artifact"] == digest_to_json(lookup_artifact(ctx, app))  # type: ignore[arg-type]
+    lose_blobs(ctx.local_cas)
     checkout_artifact(ctx, app, tmp_path / "out")
     assert (tmp_path / "out/usr/share/x/greeting.txt").read_text() == src_text(tmp_path)
 

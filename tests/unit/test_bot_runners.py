@@ -19,6 +19,7 @@ from google.rpc import code_pb2, error_details_pb2
 
 from bot.errors import BadActionError, LeaseCancelled, MissingInputsError, RunnerError
 from bot.lease import LeaseRunner
+from bot.localcas import proxy_args
 from bot.runners import BuildboxRunner, HostRunner, RunOutcome, RunRequest
 from pipeline.cas import LocalCas, checkout, import_directory, store_tree_message
 from pipeline.digest import digest_of, digest_to_str
@@ -329,6 +330,43 @@ def test_buildbox_run_gets_the_server_in_its_own_url_form(tmp_path: Path) -> Non
     assert "--instance=main" in args and "--disable-localcas" in args
     assert f"--access-token={token}" in args
     assert f"--action={tmp_path / 'a'}" in args and f"--action-result={tmp_path / 'r'}" in args
+
+
+def test_with_the_bots_local_cas_buildbox_run_talks_to_casd_alone(tmp_path: Path) -> None:
+    # Given a server with an instance, TLS files and a token, and the bot's casd
+    token = tmp_path / "token"
+    token.write_text("t")
+    endpoint = Endpoint(
+        "grpcs://grid.example:1234",
+        instance_name="main",
+        server_ca=tmp_path / "ca.pem",
+        client_cert=tmp_path / "c.pem",
+        client_key=tmp_path / "k.pem",
+        token_file=token,
+    )
+    runner = BuildboxRunner(
+        "/opt/buildbox-run",
+        endpoint,
+        CasClient.__new__(CasClient),
+        local_cas="unix:/tmp/remex-bot-casd-x/casd.sock",
+    )
+    # When its command line is made
+    args = runner.command_line(tmp_path / "a", tmp_path / "r")
+    # Then buildbox-run stages through casd (LocalCAS) and names nothing of the server
+    assert "--remote=unix:/tmp/remex-bot-casd-x/casd.sock" in args
+    assert "--disable-localcas" not in args
+    assert not [a for a in args if "grid.example" in a or a.endswith("=main")]
+    assert not [a for a in args if a.startswith(("--instance", "--access-token", "--server-cert"))]
+    # And the casd proxies the server with all of them
+    proxy = proxy_args(endpoint)
+    assert proxy == [
+        "--cas-remote=https://grid.example:1234",
+        "--cas-instance=main",
+        f"--cas-server-cert={tmp_path / 'ca.pem'}",
+        f"--cas-client-cert={tmp_path / 'c.pem'}",
+        f"--cas-client-key={tmp_path / 'k.pem'}",
+        f"--cas-access-token={token}",
+    ]
 
 
 # --------------------------------------------------------------------------- buildbox-run

@@ -126,7 +126,7 @@ def service_env(service: Mapping[str, Any]) -> dict[str, str]:
 
 
 def uses_remex_image(name: str) -> bool:
-    return str(services()[name].get("image", "")).startswith("remex")
+    return str(services()[name].get("image", "")) == env_example()["REMEX_IMAGE"]
 
 
 def healthcheck_argv(service: Mapping[str, Any]) -> list[str]:
@@ -289,8 +289,10 @@ def setup_debian_packages() -> set[str]:
     return set(match.group(1).split())
 
 
-def dockerfile_debian_packages() -> set[str]:
-    words = shell_words_after(DOCKERFILE.read_text(), "apt-get install")
+def dockerfile_debian_packages(stage: int = -1) -> set[str]:
+    """The Debian packages one stage of the Dockerfile installs (the last: the image)."""
+    text = "FROM".join(DOCKERFILE.read_text().split("\nFROM ")[1:][stage : stage + 1 or None])
+    words = shell_words_after(text, "apt-get install")
     return {w for w in words if not w.startswith("-")}
 
 
@@ -564,13 +566,17 @@ def test_buildgrid_config_has_the_test_stack_settings() -> None:
 # --------------------------------------------------------------------------- Dockerfile
 
 
-def test_dockerfile_installs_the_debian_packages_setup_sh_installs() -> None:
-    # Given the Debian packages of scripts/setup.sh and of the Dockerfile
-    setup, image = setup_debian_packages(), dockerfile_debian_packages()
-    # Then the image has every one, plus only Python itself (setup.sh finds it
-    # on the machine)
-    assert setup <= image, f"missing from the Dockerfile: {sorted(setup - image)}"
-    assert image - setup <= {"python3"}, f"only in the Dockerfile: {sorted(image - setup)}"
+def test_dockerfile_installs_the_debian_packages_setup_sh_installs_that_services_run_with() -> None:
+    # Given the Debian packages of scripts/setup.sh and of the Dockerfile's stages
+    setup = setup_debian_packages()
+    build, image = dockerfile_debian_packages(0), dockerfile_debian_packages(-1)
+    # Then the image has every one the remex services run with, plus Python
+    # itself (setup.sh finds it on the machine); not the Redis and PostgreSQL
+    # servers (images of their own) nor the venv tooling, which only the
+    # build stage has
+    servers = {"redis-server", "postgresql"}
+    assert image == (setup - servers - {"python3-venv"}) | {"python3"}, sorted(image)
+    assert {"python3", "python3-venv"} <= build and not build & servers, sorted(build)
 
 
 def test_dockerfile_pip_installs_the_project_as_setup_sh_does() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -255,14 +256,14 @@ def test_wrong_broker_tls_settings_are_one_clear_error(
         load_config(None, env_for(tmp_path, **extra))
 
 
-def test_cas_download_is_all_by_default_and_set_by_file_or_environment(
+def test_cas_download_is_minimal_by_default_and_set_by_file_or_environment(
     tmp_path: Path,
 ) -> None:
     project = tmp_path / "p"
     project.mkdir()
-    assert load_config(project, env_for(tmp_path)).cas_download == "all"
-    (project / "remex.toml").write_text('[cas]\ndownload = "minimal"\n')
     assert load_config(project, env_for(tmp_path)).cas_download == "minimal"
+    (project / "remex.toml").write_text('[cas]\ndownload = "all"\n')
+    assert load_config(project, env_for(tmp_path)).cas_download == "all"
     env = env_for(tmp_path, REMEX_CAS_DOWNLOAD="all")
     assert load_config(project, env).cas_download == "all"
     env = env_for(tmp_path, REMEX_CAS_DOWNLOAD="minimal")
@@ -279,3 +280,41 @@ def test_a_wrong_cas_download_names_the_file_and_the_choices(tmp_path: Path) -> 
         load_config(project, env_for(tmp_path))
     with pytest.raises(ConfigError, match="REMEX_CAS_DOWNLOAD"):
         load_config(None, env_for(tmp_path, REMEX_CAS_DOWNLOAD="none"))
+
+
+def test_the_bots_local_cas_is_on_by_default_and_set_by_file_or_environment(
+    tmp_path: Path,
+) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    config = load_config(project, env_for(tmp_path))
+    assert config.bot_local_cas is True and config.bot_cas_dir is None
+    assert config.bot_cas_quota_bytes == 10 * 1024**3
+    (project / "remex.toml").write_text(
+        '[bot]\nlocal-cas = false\ncas-dir = "bot-cas"\ncas-quota = "512M"\n'
+    )
+    config = load_config(project, env_for(tmp_path))
+    assert config.bot_local_cas is False and config.bot_cas_dir == project / "bot-cas"
+    assert config.bot_cas_quota_bytes == 512 * 1024**2
+    env = env_for(tmp_path, REMEX_BOT_LOCAL_CAS="true", REMEX_BOT_CAS_QUOTA="2G")
+    config = load_config(project, env)
+    assert config.bot_local_cas is True and config.bot_cas_quota_bytes == 2 * 1024**3
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('[bot]\nlocal-cas = "yes"\n', "bot.local-cas must be true or false"),
+        ('[bot]\ncas-quota = "lots"\n', "bot.cas-quota: not a size"),
+        ("[bot]\nquota = 1\n", "unknown key bot.quota"),
+    ],
+)
+def test_a_wrong_bot_setting_names_the_file_and_the_key(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "remex.toml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(words)) as caught:
+        load_config(project, env_for(tmp_path))
+    assert str(project / "remex.toml") in str(caught.value)

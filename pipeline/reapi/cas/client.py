@@ -241,12 +241,19 @@ class CasClient:
         """
         return self._trees.fetch_tree(local_cas, root)
 
+    def forget_local(self) -> None:
+        """Forget what this client remembers of local CAS contents (the roots
+        :meth:`fetch_directories` made complete): call it when blobs were
+        found gone from the local CAS (wiped, cleaned by another process)."""
+        self._trees.forget_local()
+
     def fetch_directories(self, local_cas: LocalCas, root: Digest) -> int:
         """Make the Directory messages of the tree under ``root`` present in the
         local CAS, not its files (build without the bytes).
 
         Cheap when they already are: this client remembers the roots it made
-        complete (and checks the local CAS still holds the root).
+        complete (and checks the local CAS still holds the root, in the same
+        incarnation; see :meth:`forget_local`).
 
         Returns:
             How many Directory messages were stored.

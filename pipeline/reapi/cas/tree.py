@@ -39,8 +39,10 @@ class TreeReader:
         self.conn = conn
         self.downloader = downloader
         # Roots whose Directory messages are all in the local CAS (per CAS
-        # folder): a worker stages the same dependencies again and again.
-        self._directories_known: set[tuple[str, Key]] = set()
+        # folder and incarnation): a worker stages the same dependencies again
+        # and again. Only a hint: a wiped or cleaned store loses blobs behind
+        # it, and the stages derive what they lack again (forget_local).
+        self._directories_known: set[tuple[str, tuple[int, int], Key]] = set()
         self._known_lock = threading.Lock()
 
     def get_tree(self, root: Digest) -> list[re_pb2.Directory]:
@@ -64,9 +66,10 @@ class TreeReader:
 
     def fetch_directories(self, local_cas: LocalCas, root: Digest) -> int:
         """See :meth:`CasClient.fetch_directories`."""
-        memo = (str(local_cas.root), digest_key(root))
+        incarnation = local_cas.incarnation()
+        memo = (str(local_cas.root), incarnation or (0, 0), digest_key(root))
         with self._known_lock:
-            known = memo in self._directories_known
+            known = incarnation is not None and memo in self._directories_known
         if known and local_cas.contains(root):
             return 0
         stored = 0
@@ -76,11 +79,18 @@ class TreeReader:
                 if not local_cas.contains(entry.digest):
                     local_cas.put_verified(entry.data, entry.digest)
                     stored += 1
-        with self._known_lock:
-            if len(self._directories_known) > MAX_KNOWN_ROOTS:
-                self._directories_known.clear()
-            self._directories_known.add(memo)
+        incarnation = local_cas.incarnation()
+        if incarnation is not None and memo[1] == incarnation:
+            with self._known_lock:
+                if len(self._directories_known) > MAX_KNOWN_ROOTS:
+                    self._directories_known.clear()
+                self._directories_known.add(memo)
         return stored
+
+    def forget_local(self) -> None:
+        """Forget which roots the local CAS held whole (blobs were found gone)."""
+        with self._known_lock:
+            self._directories_known.clear()
 
     # --- private -----------------------------------------------------------
 

@@ -7,8 +7,9 @@ cache key and can :meth:`Source.stage` its content as a Directory tree.
 
 As in BuildStream, every string field but ``kind`` and ``directory`` has its
 ``%{variables}`` expanded, and a URL ``alias:rest`` is the project's alias
-value followed by ``rest``. Only local files are fetched here: tarballs by
-``file://`` URL, git repositories by path or ``file://`` URL.
+value followed by ``rest``. Local files (``file://`` tarballs, local paths)
+are staged by the submitting host; network sources (:class:`NetworkSource`,
+or a :meth:`Source.fetch_request` that is not None) are downloaded by workers.
 
 Adding a kind is adding a module here with a :class:`Source` subclass and
 listing it in ``_KINDS``; nothing else in remex switches on a source kind's

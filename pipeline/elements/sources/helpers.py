@@ -110,7 +110,7 @@ def require_ref(node: MappingNode) -> ScalarNode:
 
 
 NETWORK_SCHEMES = frozenset({"http", "https", "ftp"})
-"""URL schemes of sources remex keys by their ref but cannot stage yet."""
+"""URL schemes of sources downloaded by workers (the others are local files)."""
 
 
 def file_url_path(url: str, node: ScalarNode, refusal: str) -> Path:

@@ -11,8 +11,11 @@ access log). The tar-over-HTTP tests use the same project shape.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import shutil
+import tarfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import pytest
 
 from pipeline.servers import RemexStack, RemexWorker
 from pipeline.stages.fetch import scratch_root
+from pipeline.testing.httpserver import LoopbackHttpServer
 from tests.integration.test_pipeline import wait_for
 
 SITE = Path(__file__).parent / "fakenet_site"
@@ -277,3 +281,153 @@ def replace(stack: RemexStack, worker: RemexWorker) -> RemexWorker:
     new = stack.add_worker(worker.worker_name)
     assert new.cas_dir == worker.cas_dir
     return new
+
+
+# --- tar over HTTP (the loopback server) ---------------------------------------------------
+
+
+@pytest.fixture
+def http(tmp_path: Path) -> Iterator[LoopbackHttpServer]:
+    """A loopback HTTP server of the test's own, serving ``tmp_path/www``."""
+    (tmp_path / "www").mkdir()
+    with LoopbackHttpServer(tmp_path / "www", slow_chunk=32 * 1024, slow_interval=0.1) as server:
+        yield server
+
+
+def tarball(http: LoopbackHttpServer, name: str, size: int = 2000) -> tuple[str, bytes]:
+    """``name``.tar.gz served by ``http``: one folder ``name/`` holding
+    ``name.txt`` of ``size`` random bytes; returns its sha256 and that content."""
+    content = os.urandom(size)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo(f"{name}/{name}.txt")
+        info.size = len(content)
+        tar.addfile(info, io.BytesIO(content))
+    (http.root / f"{name}.tar.gz").write_bytes(buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest(), content
+
+
+def tar(url: str, ref: str) -> str:
+    return f"- kind: tar\n  url: {url}\n  ref: {ref}\n"
+
+
+def test_shared_tarballs_are_downloaded_once_over_http(
+    fetch_stack: RemexStack, busybox_sysroot: Path, tmp_path: Path, http: LoopbackHttpServer
+) -> None:
+    # Given eight elements sharing four tarballs on an HTTP server
+    balls = {n: tarball(http, n) for n in ("t0", "t1", "t2", "t3")}
+    sources = {
+        f"e{i}": [tar(http.url(f"t{i % 4}.tar.gz"), balls[f"t{i % 4}"][0])] for i in range(8)
+    }
+    sources["e8"] = [tar(http.url(f"{n}.tar.gz"), balls[n][0]) for n in ("t0", "t3")]
+    project = make_project(tmp_path / "p1", busybox_sysroot, sources, salt=uuid.uuid4().hex)
+    # When it builds on two workers
+    code, output = build(fetch_stack, project)
+    # Then every tarball was downloaded exactly once (the server's access log)
+    assert code == 0, (output, fetch_stack.logs())
+    assert {n: http.count(file=f"{n}.tar.gz") for n in balls} == dict.fromkeys(balls, 1)
+    fetched = [e for n, e in by_element(output).items() if n.startswith("fetch:")]
+    assert len(fetched) == 4
+    assert {tuple(e["hosts"]) for e in fetched} <= {("w1",), ("w2",)}
+    # And the artifacts hold the tarballs' files (base-dir stripped)
+    out = tmp_path / "checkout"
+    result = fetch_stack.cli("checkout", "-C", project.path, "--deps", "run", "all.bst", out)
+    assert result.returncode == 0, result.stderr
+    assert (out / "out" / "e5.txt").read_bytes() == balls["t1"][1]
+    assert (out / "out" / "e8.txt").read_bytes() == balls["t0"][1] + balls["t3"][1]
+
+    # When the same tarballs are built again, by a fresh worker with an empty
+    # local CAS alone (the others stopped), under new cache keys
+    again = make_project(tmp_path / "p2", busybox_sysroot, sources, salt=uuid.uuid4().hex)
+    fresh = fetch_stack.add_worker("w9")
+    others = [w for w in fetch_stack.workers if w is not fresh]
+    for worker in others:
+        worker.stop()
+        fetch_stack.workers.remove(worker)
+    try:
+        code, output = build(fetch_stack, again)
+    finally:
+        for worker in others:
+            fetch_stack.add_worker(worker.worker_name)
+    # Then nothing was downloaded
+    assert code == 0, (output, fetch_stack.logs())
+    assert {n: http.count(file=f"{n}.tar.gz") for n in balls} == dict.fromkeys(balls, 1)
+    assert not [n for n in by_element(output) if n.startswith("fetch:")]
+    fetch_stack.workers.remove(fresh)
+    fresh.stop()
+
+
+def test_a_tarball_with_a_wrong_sha256_fails_naming_it_and_is_not_cached(
+    fetch_stack: RemexStack, busybox_sysroot: Path, tmp_path: Path, http: LoopbackHttpServer
+) -> None:
+    # Given a tarball whose server sends other bytes than its ref's
+    ref, _ = tarball(http, "w0")
+    url = http.url("wrong/w0.tar.gz")
+    project = make_project(tmp_path / "p", busybox_sysroot, {"e0": [tar(url, ref)]},
+                           salt=uuid.uuid4().hex)  # fmt: skip
+    # When it builds
+    code, output = build(fetch_stack, project)
+    # Then the fetch failed, naming the element, the source index, the URL,
+    # the expected and the actual sha256; the element was skipped with it
+    assert code == 1
+    elements = by_element(output)
+    node = next(e for n, e in elements.items() if n.startswith("fetch:"))
+    data = (http.root / "w0.tar.gz").read_bytes()
+    served = bytes([data[0] ^ 0xFF]) + data[1:]  # what /wrong/ sends
+    assert node["state"] == "failed"
+    actual = hashlib.sha256(served).hexdigest()
+    for part in ("element e0.bst", "source 0", url, f"expected sha256 {ref}", actual):
+        assert part in node["error"], node["error"]
+    assert elements["e0.bst"]["state"] == "skipped"
+    assert url in elements["e0.bst"]["error"]
+    # And nothing was cached: building again downloads again
+    downloads_before = http.count(path="/wrong/w0.tar.gz")
+    code, _ = build(fetch_stack, project)
+    assert code == 1
+    assert http.count(path="/wrong/w0.tar.gz") > downloads_before
+
+
+def test_a_worker_killed_mid_http_download_has_it_done_elsewhere(
+    fetch_stack: RemexStack, busybox_sysroot: Path, tmp_path: Path, http: LoopbackHttpServer
+) -> None:
+    # Given an element whose tarball (1.5 MB) trickles from a slow endpoint (~5 s)
+    ref, content = tarball(http, "slow0", size=1_500_000)
+    url = http.url("slow/slow0.tar.gz")
+    project = make_project(tmp_path / "p", busybox_sysroot, {"e0": [tar(url, ref)]},
+                           salt=uuid.uuid4().hex)  # fmt: skip
+    process = fetch_stack.cli_popen("build", "-C", project.path, "all.bst", "--json")
+    scheduler = fetch_stack.scheduler()
+
+    def downloading() -> tuple[str, str] | None:
+        for build_id in scheduler.active_builds():
+            for e in scheduler.status(build_id).elements:
+                if e.element.startswith("fetch:") and e.info.get("bytes_done"):
+                    return build_id, str(e.info["host"])
+        return None
+
+    # When the worker downloading it is killed (SIGKILL by PID, its fetch pool too)
+    build_id, host = wait_for("the download to start", downloading, timeout=60)
+    victim = next(w for w in fetch_stack.workers if w.worker_name == host)
+    victim.kill()
+    # Then the build completes: the other worker downloaded it again, whole
+    try:
+        stdout, stderr = process.communicate(timeout=BUILD_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, (stdout, stderr, fetch_stack.logs())
+    assert http.count(path="/slow/slow0.tar.gz") == 2
+    complete = [e for e in http.entries if e.path == "/slow/slow0.tar.gz" and e.sent == len(
+        (http.root / "slow0.tar.gz").read_bytes())]  # fmt: skip
+    assert len(complete) == 1
+    out = tmp_path / "checkout"
+    assert fetch_stack.cli("checkout", "-C", project.path, "e0.bst", out).returncode == 0
+    assert (out / "out" / "e0.txt").read_bytes() == content
+    # And no partial file survives: the new worker on the folder removes the scratch
+    replacement = replace(fetch_stack, victim)
+    wait_for(
+        "the stale scratch removed",
+        lambda: not [p for p in scratch_root(replacement.cas_dir).rglob("*") if p.is_file()],
+        timeout=60,
+    )
+    assert scheduler.status(build_id).status == "succeeded"

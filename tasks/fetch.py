@@ -87,8 +87,10 @@ def fetch_source_task(self: FetchTask, payload: Payload) -> Payload:
 
         def report(done: int, total: int | None) -> None:
             meta = {"element": owner, "url": url, "done": done, "total": total}
-            # Flower shows the task's state and meta; status shows the note.
+            # Flower shows the task's state and meta (and the event stream the
+            # task-progress events); remex status shows the note.
             self.update_state(state="PROGRESS", meta=meta)
+            self.progress(payload, url=url, bytes_done=done, bytes_total=total)
             rt.scheduler.note(build, element, {"bytes_done": done, "bytes_total": total})
 
         throttle = ProgressThrottle(_guarded(report))

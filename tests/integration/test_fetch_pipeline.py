@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from pipeline.broker import make_celery
+from pipeline.config import RemexConfig
 from pipeline.servers import RemexStack, RemexWorker
 from pipeline.stages.fetch import scratch_root
 from pipeline.testing.httpserver import LoopbackHttpServer
@@ -387,12 +389,23 @@ def test_a_tarball_with_a_wrong_sha256_fails_naming_it_and_is_not_cached(
     assert http.count(path="/wrong/w0.tar.gz") > downloads_before
 
 
+@pytest.fixture
+def http_auth(tmp_path: Path) -> Iterator[LoopbackHttpServer]:
+    """A loopback HTTP server that wants basic auth (``fetcher``, ``s3cret``)."""
+    (tmp_path / "www-auth").mkdir()
+    with LoopbackHttpServer(tmp_path / "www-auth", auth=("fetcher", "s3cret"),
+                            slow_chunk=32 * 1024, slow_interval=0.1) as server:  # fmt: skip
+        yield server
+
+
 def test_a_worker_killed_mid_http_download_has_it_done_elsewhere(
-    fetch_stack: RemexStack, busybox_sysroot: Path, tmp_path: Path, http: LoopbackHttpServer
+    fetch_stack: RemexStack, busybox_sysroot: Path, tmp_path: Path, http_auth: LoopbackHttpServer
 ) -> None:
-    # Given an element whose tarball (1.5 MB) trickles from a slow endpoint (~5 s)
+    # Given an element whose tarball (1.5 MB) trickles from a slow endpoint
+    # (~5 s), with credentials in its URL
+    http = http_auth
     ref, content = tarball(http, "slow0", size=1_500_000)
-    url = http.url("slow/slow0.tar.gz")
+    url = http.url("slow/slow0.tar.gz", user=("fetcher", "s3cret"))
     project = make_project(tmp_path / "p", busybox_sysroot, {"e0": [tar(url, ref)]},
                            salt=uuid.uuid4().hex)  # fmt: skip
     process = fetch_stack.cli_popen("build", "-C", project.path, "all.bst", "--json")
@@ -407,6 +420,20 @@ def test_a_worker_killed_mid_http_download_has_it_done_elsewhere(
 
     # When the worker downloading it is killed (SIGKILL by PID, its fetch pool too)
     build_id, host = wait_for("the download to start", downloading, timeout=60)
+    # (meanwhile Flower sees its progress: element, URL without credentials, bytes)
+    app = make_celery(RemexConfig(broker_url=fetch_stack.redis.url))
+    node = next(e for e in scheduler.status(build_id).elements if e.element.startswith("fetch:"))
+    progress = app.AsyncResult(node.info["task_ids"][0])
+    assert progress.state == "PROGRESS"
+    assert progress.info["element"] == "e0.bst sources[0]"
+    assert progress.info["url"] == http.url("slow/slow0.tar.gz")
+    assert (
+        0
+        < progress.info["done"]
+        < progress.info["total"]
+        == (http.root / "slow0.tar.gz").stat().st_size
+    )
+    app.close()
     victim = next(w for w in fetch_stack.workers if w.worker_name == host)
     victim.kill()
     # Then the build completes: the other worker downloaded it again, whole
@@ -417,6 +444,9 @@ def test_a_worker_killed_mid_http_download_has_it_done_elsewhere(
             process.kill()
     assert process.returncode == 0, (stdout, stderr, fetch_stack.logs())
     assert http.count(path="/slow/slow0.tar.gz") == 2
+    # (the password shows nowhere: status, progress, the workers' logs)
+    logs = "".join(w.log_path.read_text(errors="replace") for w in fetch_stack.workers)
+    assert "s3cret" not in stdout + stderr + logs
     complete = [e for e in http.entries if e.path == "/slow/slow0.tar.gz" and e.sent == len(
         (http.root / "slow0.tar.gz").read_bytes())]  # fmt: skip
     assert len(complete) == 1

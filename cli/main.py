@@ -478,29 +478,71 @@ def worker(
         )
     finally:
         if pool is not None:
-            _stop_fetch_pool(pool)
+            pool.stop()
+
+
+class _FetchPool:
+    """``remex worker --fetch-only`` as a child process (same output) for as
+    long as this worker runs: started again if it dies, and it dies with this
+    process (PR_SET_PDEATHSIG), so no fetch pool outlives its worker."""
+
+    RESTART_DELAY = 2.0
+
+    def __init__(self, args: list[str]) -> None:
+        import threading
+
+        self._args = args
+        self._stopping = threading.Event()
+        self._process = self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="remex-fetch-pool", daemon=True)
+        self._watcher.start()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self._args, preexec_fn=_die_with_parent)
+
+    def _watch(self) -> None:
+        # Without a fetch pool, the fetches queued on remex.fetch would wait
+        # for another host's: start it again rather than leave it dead.
+        while True:
+            code = self._process.wait()
+            if self._stopping.wait(self.RESTART_DELAY):
+                return
+            click.echo(f"remex: the fetch pool exited ({code}); starting it again", err=True)
+            self._process = self._spawn()
+
+    def stop(self) -> None:
+        """SIGTERM the fetch pool (Celery's warm shutdown), SIGKILL after a grace."""
+        self._stopping.set()
+        process = self._process
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _start_fetch_pool(
     name: str, concurrency: int, project_dir: Path | None, loglevel: str
-) -> subprocess.Popen[bytes]:
-    """``remex worker --fetch-only`` as a child process (same output), which
-    dies with this one (PR_SET_PDEATHSIG), so no fetch pool outlives its worker."""
-    args = [
-        sys.executable,
-        "-c",
-        "from cli import main; main()",
-        "worker",
-        "--fetch-only",
-        "--name",
-        name,
-        "--fetch-concurrency",
-        str(concurrency),
-        "--loglevel",
-        loglevel,
-        *(["-C", str(project_dir)] if project_dir is not None else []),
-    ]
-    return subprocess.Popen(args, preexec_fn=_die_with_parent)
+) -> _FetchPool:
+    """This worker's fetch pool: ``remex worker --fetch-only`` (see :class:`_FetchPool`)."""
+    return _FetchPool(
+        [
+            sys.executable,
+            "-c",
+            "from cli import main; main()",
+            "worker",
+            "--fetch-only",
+            "--name",
+            name,
+            "--fetch-concurrency",
+            str(concurrency),
+            "--loglevel",
+            loglevel,
+            *(["-C", str(project_dir)] if project_dir is not None else []),
+        ]
+    )
 
 
 def _die_with_parent() -> None:
@@ -511,17 +553,6 @@ def _die_with_parent() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _stop_fetch_pool(pool: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the fetch pool (Celery's warm shutdown), then SIGKILL after a grace."""
-    if pool.poll() is None:
-        pool.terminate()
-        try:
-            pool.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pool.kill()
-            pool.wait()
 
 
 @main.command()
@@ -537,6 +568,12 @@ def _stop_fetch_pool(pool: subprocess.Popen[bytes]) -> None:
     "an Execute waits on casd, so each worker keeps up to --jobs actions running and "
     "still has threads for the other stages.",
 )
+@click.option(
+    "--fetch-concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Source downloads per worker, in its fetch pool (default: worker.fetch-concurrency).",
+)
 @click.option("--detach", is_flag=True, help="Return once everything is healthy.")
 @click.option(
     "--flower",
@@ -549,6 +586,7 @@ def up(
     workers: int,
     jobs: int,
     concurrency: int | None,
+    fetch_concurrency: int | None,
     detach: bool,
     flower: bool,
     project_dir: Path,
@@ -576,14 +614,18 @@ def up(
         jobs=jobs,
         concurrency=concurrency,
         flower=flower,
-        worker_env=cas_env(config),
+        worker_env={
+            **cas_env(config),
+            "REMEX_WORKER_FETCH_CONCURRENCY": str(fetch_concurrency or config.fetch_concurrency),
+        },
     )
     click.echo(f"remex stack up ({folder}):")
     click.echo(f"  broker     {running.broker_url}")
     if running.redis_password_file:
         click.echo(f"             (password in {running.redis_password_file})")
     click.echo(f"  execution  {running.execution_url} (buildbox-casd, also the artifact server)")
-    click.echo(f"  workers    {workers} x {concurrency} tasks")
+    fetches = fetch_concurrency or config.fetch_concurrency
+    click.echo(f"  workers    {workers} x {concurrency} tasks, {fetches} downloads (fetch pool)")
     if running.flower is not None:
         password = Path(running.flower["password_file"]).read_text().strip()
         click.echo(f"  flower     {running.flower['url']}/tasks")

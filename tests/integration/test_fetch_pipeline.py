@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import tarfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ import pytest
 from pipeline.broker import make_celery
 from pipeline.config import RemexConfig
 from pipeline.servers import RemexStack, RemexWorker
+from pipeline.servers.process import process_tree
 from pipeline.stages.fetch import scratch_root
 from pipeline.testing.httpserver import LoopbackHttpServer
 from tests.integration.test_pipeline import wait_for
@@ -461,3 +463,35 @@ def test_a_worker_killed_mid_http_download_has_it_done_elsewhere(
         timeout=60,
     )
     assert scheduler.status(build_id).status == "succeeded"
+
+
+def fetch_pool_pids(worker: RemexWorker) -> list[int]:
+    """The PIDs of the worker's fetch pool (``remex worker --fetch-only``)."""
+    assert worker.pid is not None
+    pids = []
+    for pid in process_tree(worker.pid, None):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--fetch-only" in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def test_a_fetch_pool_that_dies_is_started_again(
+    fetch_stack: RemexStack, busybox_sysroot: Path, tmp_path: Path
+) -> None:
+    # Given both workers' fetch pools killed (SIGKILL), the workers themselves alive
+    for worker in fetch_stack.workers:
+        (pid,) = wait_for("the fetch pool", lambda w=worker: fetch_pool_pids(w), timeout=30)
+        os.kill(pid, signal.SIGKILL)
+    # When a build needs a fetch
+    a = published(tmp_path / "served", "again.txt")
+    project = make_project(tmp_path / "p", busybox_sysroot, {"e0": [fakenet(a)]},
+                           salt=uuid.uuid4().hex)  # fmt: skip
+    code, output = build(fetch_stack, project)
+    # Then it succeeded: the workers started their fetch pools again
+    assert code == 0, (output, fetch_stack.logs())
+    assert len(downloads(a)) == 1
+    assert all(len(fetch_pool_pids(w)) == 1 for w in fetch_stack.workers)

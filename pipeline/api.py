@@ -254,12 +254,16 @@ def submit(
             found = cached_elements(ctx, elements, specs)
             cached = [element.name for element in elements if element.name in found]
             clock.done("lookup")
-            # Cached elements' sources are not needed (as bst: not fetched).
-            building = [
-                (spec, planned)
-                for element, spec, planned in zip(elements, specs, sources, strict=True)
-                if element.name not in found
-            ]
+            # Cached elements' sources are not needed (as bst: not fetched);
+            # their specs name them by URI, never by the placeholder.
+            building = []
+            for element, spec, planned in zip(elements, specs, sources, strict=True):
+                if element.name not in found:
+                    building.append((spec, planned))
+                    continue
+                for index, request in planned.requests:
+                    spec["sources"][index].pop("digest", None)
+                    spec["sources"][index]["uri"] = source_uri(request["key"])
             project = _project_name(elements)
             fetches = plan_fetches(ctx, building, project=project, priority=priority)
             clock.done("sources")

@@ -495,3 +495,25 @@ def test_a_fetch_pool_that_dies_is_started_again(
     assert code == 0, (output, fetch_stack.logs())
     assert len(downloads(a)) == 1
     assert all(len(fetch_pool_pids(w)) == 1 for w in fetch_stack.workers)
+
+
+def test_a_cached_elements_sources_are_not_fetched(
+    fetch_stack: RemexStack, busybox_sysroot: Path, tmp_path: Path, http: LoopbackHttpServer
+) -> None:
+    # Given an element built from a tarball
+    ref, _ = tarball(http, "c0")
+    salt = uuid.uuid4().hex
+    first = make_project(tmp_path / "p1", busybox_sysroot,
+                         {"e0": [tar(http.url("c0.tar.gz"), ref)]}, salt=salt)  # fmt: skip
+    code, output = build(fetch_stack, first)
+    assert code == 0, (output, fetch_stack.logs())
+    # When the tarball's URL changes (a new source cache key, nothing cached
+    # under it; the element's cache key is the same: the ref) to one that 404s
+    moved = make_project(tmp_path / "p2", busybox_sysroot,
+                         {"e0": [tar(http.url("gone/c0.tar.gz"), ref)]}, salt=salt)  # fmt: skip
+    code, output = build(fetch_stack, moved)
+    # Then the element is cached and its source is not fetched at all
+    assert code == 0, (output, fetch_stack.logs())
+    assert by_element(output)["e0.bst"]["state"] == "cached"
+    assert not [n for n in by_element(output) if n.startswith("fetch:")]
+    assert http.count(path="/gone/c0.tar.gz") == 0

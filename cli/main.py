@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from cli.errors import fail, handles_errors
-from cli.progress import TABLE_ROWS, follow, print_summary, status_json, table
+from cli.progress import TABLE_ROWS, follow_build, status_json, table
 from pipeline import __version__
-from pipeline.scheduler import BuildStatus
 
 if TYPE_CHECKING:
     from pipeline.cas import LocalCas
@@ -122,16 +122,7 @@ def build(
         return
     # First, so that the build can be cancelled (remex cancel ID) from elsewhere.
     click.echo(f"remex: build {build_id} submitted", err=True)
-    if as_json:
-        final = api.wait(build_id, timeout=timeout)
-        click.echo(json.dumps(status_json(final), indent=2))
-    else:
-
-        def wait(on_update: Callable[[BuildStatus], object], summaries: bool) -> BuildStatus:
-            return api.wait(build_id, timeout=timeout, on_update=on_update, summaries=summaries)
-
-        final = follow(wait, sys.stderr)
-        print_summary(final)
+    final = follow_build(build_id, as_json=as_json, timeout=timeout)
     sys.exit(0 if final.status == "succeeded" else 1)
 
 
@@ -401,6 +392,14 @@ def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]
 @main.command()
 @click.option("--concurrency", "-c", type=int, default=None, help="Tasks at once (threads).")
 @click.option(
+    "--fetch-concurrency",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Source downloads at once, in a second worker process on the remex.fetch "
+    "queue (default: worker.fetch-concurrency; 0: no fetch pool on this host).",
+)
+@click.option("--fetch-only", is_flag=True, hidden=True, help="Be the fetch pool.")
+@click.option(
     "--queues",
     "-Q",
     default=None,
@@ -424,36 +423,138 @@ def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]
 @handles_errors
 def worker(
     concurrency: int | None,
+    fetch_concurrency: int | None,
+    fetch_only: bool,
     queues: str | None,
     name: str | None,
     project_dir: Path | None,
     loglevel: str,
 ) -> None:
-    """Start a Celery worker for the stage tasks, with its own local CAS."""
+    """Start a Celery worker for the stage tasks, with its own local CAS.
+
+    Source downloads (``remex.fetch_source``) run in a second worker process
+    of their own (``worker.fetch-concurrency`` threads, queue ``remex.fetch``),
+    started and stopped with this one, so they never hold build slots.
+    """
     import socket
 
-    from pipeline.broker import DEFAULT_QUEUE, host_queue
+    from pipeline.broker import DEFAULT_QUEUE, FETCH_QUEUE, host_queue
     from pipeline.config import load_config
     from tasks.app import create_app
 
     config = load_config(project_dir)
     wait_for_broker(config.require_broker())
     name = name or socket.gethostname()
+    fetches = config.fetch_concurrency if fetch_concurrency is None else fetch_concurrency
+    common = ["--task-events", "--without-gossip", "--without-mingle", f"--loglevel={loglevel}"]
+    if fetch_only:
+        from pipeline.stages.fetch import remove_stale_scratch
+
+        # What a worker killed mid-download left: never a file that counts.
+        remove_stale_scratch(config.cas_dir)
+        app = create_app(config, worker_name=name)
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={max(fetches, 1)}",
+                f"--queues={FETCH_QUEUE}",
+                f"--hostname=remex-{name}-fetch@%h",
+                *common,
+            ]
+        )
+        return
     all_queues = [DEFAULT_QUEUE, host_queue(name), *(q for q in (queues or "").split(",") if q)]
+    pool = _start_fetch_pool(name, fetches, project_dir, loglevel) if fetches > 0 else None
     app = create_app(config, worker_name=name)
-    app.worker_main(
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={concurrency or config.worker_concurrency}",
+                f"--queues={','.join(all_queues)}",
+                f"--hostname=remex-{name}@%h",
+                *common,
+            ]
+        )
+    finally:
+        if pool is not None:
+            pool.stop()
+
+
+class _FetchPool:
+    """``remex worker --fetch-only`` as a child process (same output) for as
+    long as this worker runs: started again if it dies, and it dies with this
+    process (PR_SET_PDEATHSIG), so no fetch pool outlives its worker."""
+
+    RESTART_DELAY = 2.0
+
+    def __init__(self, args: list[str]) -> None:
+        import threading
+
+        self._args = args
+        self._stopping = threading.Event()
+        self._process = self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="remex-fetch-pool", daemon=True)
+        self._watcher.start()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self._args, preexec_fn=_die_with_parent)
+
+    def _watch(self) -> None:
+        # Without a fetch pool, the fetches queued on remex.fetch would wait
+        # for another host's: start it again rather than leave it dead.
+        while True:
+            code = self._process.wait()
+            if self._stopping.wait(self.RESTART_DELAY):
+                return
+            click.echo(f"remex: the fetch pool exited ({code}); starting it again", err=True)
+            self._process = self._spawn()
+
+    def stop(self) -> None:
+        """SIGTERM the fetch pool (Celery's warm shutdown), SIGKILL after a grace."""
+        self._stopping.set()
+        process = self._process
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _start_fetch_pool(
+    name: str, concurrency: int, project_dir: Path | None, loglevel: str
+) -> _FetchPool:
+    """This worker's fetch pool: ``remex worker --fetch-only`` (see :class:`_FetchPool`)."""
+    return _FetchPool(
         [
+            sys.executable,
+            "-c",
+            "from cli import main; main()",
             "worker",
-            "--pool=threads",
-            f"--concurrency={concurrency or config.worker_concurrency}",
-            f"--queues={','.join(all_queues)}",
-            f"--hostname=remex-{name}@%h",
-            "--task-events",
-            "--without-gossip",
-            "--without-mingle",
-            f"--loglevel={loglevel}",
+            "--fetch-only",
+            "--name",
+            name,
+            "--fetch-concurrency",
+            str(concurrency),
+            "--loglevel",
+            loglevel,
+            *(["-C", str(project_dir)] if project_dir is not None else []),
         ]
     )
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM when the parent dies, even by SIGKILL.
+    import contextlib
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @main.command()
@@ -469,6 +570,12 @@ def worker(
     "an Execute waits on casd, so each worker keeps up to --jobs actions running and "
     "still has threads for the other stages.",
 )
+@click.option(
+    "--fetch-concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Source downloads per worker, in its fetch pool (default: worker.fetch-concurrency).",
+)
 @click.option("--detach", is_flag=True, help="Return once everything is healthy.")
 @click.option(
     "--flower",
@@ -481,6 +588,7 @@ def up(
     workers: int,
     jobs: int,
     concurrency: int | None,
+    fetch_concurrency: int | None,
     detach: bool,
     flower: bool,
     project_dir: Path,
@@ -508,14 +616,18 @@ def up(
         jobs=jobs,
         concurrency=concurrency,
         flower=flower,
-        worker_env=cas_env(config),
+        worker_env={
+            **cas_env(config),
+            "REMEX_WORKER_FETCH_CONCURRENCY": str(fetch_concurrency or config.fetch_concurrency),
+        },
     )
     click.echo(f"remex stack up ({folder}):")
     click.echo(f"  broker     {running.broker_url}")
     if running.redis_password_file:
         click.echo(f"             (password in {running.redis_password_file})")
     click.echo(f"  execution  {running.execution_url} (buildbox-casd, also the artifact server)")
-    click.echo(f"  workers    {workers} x {concurrency} tasks")
+    fetches = fetch_concurrency or config.fetch_concurrency
+    click.echo(f"  workers    {workers} x {concurrency} tasks, {fetches} downloads (fetch pool)")
     if running.flower is not None:
         password = Path(running.flower["password_file"]).read_text().strip()
         click.echo(f"  flower     {running.flower['url']}/tasks")

@@ -11,6 +11,8 @@ then the summary, on its own line.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -83,8 +85,16 @@ def element_line(element: ElementStatus) -> tuple[str, str, str, str]:
     stage = info.get("stage", "") if running else ""
     if running and info.get("remote_stage"):
         stage += f" ({info['remote_stage'].lower()})"
+    if running and info.get("bytes_done") is not None:
+        # A fetch node downloading.
+        total = info.get("bytes_total")
+        stage += f" ({_mb(info['bytes_done'])}" + (f"/{_mb(total)})" if total else ")")
     detail = ""
-    if state == ElementState.BUILT:
+    if state == ElementState.BUILT and info.get("kind") == "fetch":
+        detail = "fetched" if info.get("downloaded") else "in the source cache"
+        if info.get("built_by"):
+            detail = "fetched by another build"
+    elif state == ElementState.BUILT:
         detail = "action cache hit" if info.get("action_cached") else "built"
         if info.get("built_by"):
             detail = "built by another build"
@@ -97,6 +107,10 @@ def element_line(element: ElementStatus) -> tuple[str, str, str, str]:
         end = info.get("finished") or time.time()
         seconds = f"{end - info['started']:.1f}s"
     return state, stage, detail, seconds
+
+
+def _mb(size: Any) -> str:
+    return f"{float(size) / 1e6:.1f} MB"
 
 
 # A build of more elements than this shows only those worth a look (running,
@@ -181,3 +195,21 @@ def status_json(status: BuildStatus) -> dict[str, Any]:
             for e in status.elements
         ],
     }
+
+
+def follow_build(build_id: str, *, as_json: bool, timeout: float | None) -> BuildStatus:
+    """Follow a submitted build to its end: progress on stderr (or, with
+    ``as_json``, the final status as JSON on stdout), then its summary."""
+    from pipeline import api
+
+    if as_json:
+        final = api.wait(build_id, timeout=timeout)
+        click.echo(json.dumps(status_json(final), indent=2))
+        return final
+
+    def wait(on_update: Callable[[BuildStatus], object], summaries: bool) -> BuildStatus:
+        return api.wait(build_id, timeout=timeout, on_update=on_update, summaries=summaries)
+
+    final = follow(wait, sys.stderr)
+    print_summary(final)
+    return final

@@ -44,6 +44,7 @@ Where settings come from, later ones winning:
 
     [worker]
     concurrency = 4
+    fetch-concurrency = 4       # source downloads at once (a pool of their own)
     heartbeat-timeout = 30      # seconds; a silent running element is then checked
     reconcile-interval = 5      # seconds between reconciler passes
 
@@ -68,6 +69,7 @@ Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
 ``REMEX_{EXECUTION,STORAGE,ACTION_CACHE,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,
 CLIENT_KEY,TOKEN_FILE,REQUEST_TIMEOUT,RETRY_LIMIT,RETRY_DELAY,KEEPALIVE_TIME}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_CAS_DOWNLOAD``, ``REMEX_WORKER_CONCURRENCY``,
+``REMEX_WORKER_FETCH_CONCURRENCY``,
 ``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
 ``REMEX_FETCH_{CONNECT_TIMEOUT,READ_TIMEOUT,RETRIES,BACKOFF,CA_BUNDLE,DEFAULT_MIRROR}``,
 ``REMEX_BOT_LOCAL_CAS`` (``true``/``false``), ``REMEX_BOT_CAS_DIR``, ``REMEX_BOT_CAS_QUOTA``,
@@ -191,6 +193,9 @@ class RemexConfig:
     """``minimal``: workers fetch Directory messages and logs, not file blobs;
     ``all``: every dependency tree and output comes whole into the local CAS."""
     worker_concurrency: int = 4
+    fetch_concurrency: int = 4
+    """Source downloads at once per worker host (``[worker] fetch-concurrency``):
+    a pool of its own on the ``remex.fetch`` queue, so downloads never hold build slots."""
     heartbeat_timeout: float = 30.0
     reconcile_interval: float = 5.0
     bot_local_cas: bool = True
@@ -406,10 +411,19 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
             _str(cas["download"], where, "cas.download"), f"{where}: cas.download"
         )
     worker = _table(data, "worker", where)
-    _known(worker, {"concurrency", "heartbeat-timeout", "reconcile-interval"}, where, "worker.")
+    _known(
+        worker,
+        {"concurrency", "fetch-concurrency", "heartbeat-timeout", "reconcile-interval"},
+        where,
+        "worker.",
+    )
     if "concurrency" in worker:
         changes["worker_concurrency"] = _positive(
             worker["concurrency"], f"{where}: worker.concurrency"
+        )
+    if "fetch-concurrency" in worker:
+        changes["fetch_concurrency"] = _positive(
+            worker["fetch-concurrency"], f"{where}: worker.fetch-concurrency"
         )
     for key, attr in (
         ("heartbeat-timeout", "heartbeat_timeout"),
@@ -524,6 +538,11 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
             env["REMEX_WORKER_CONCURRENCY"], "REMEX_WORKER_CONCURRENCY"
         )
         used.append("REMEX_WORKER_CONCURRENCY")
+    if env.get("REMEX_WORKER_FETCH_CONCURRENCY"):
+        changes["fetch_concurrency"] = _positive(
+            env["REMEX_WORKER_FETCH_CONCURRENCY"], "REMEX_WORKER_FETCH_CONCURRENCY"
+        )
+        used.append("REMEX_WORKER_FETCH_CONCURRENCY")
     for name, attr in (
         ("REMEX_HEARTBEAT_TIMEOUT", "heartbeat_timeout"),
         ("REMEX_RECONCILE_INTERVAL", "reconcile_interval"),

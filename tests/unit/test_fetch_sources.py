@@ -148,7 +148,9 @@ def test_remex_source_fetch_follows_its_build_and_exits_0_iff_all_fetched(
         calls.append((targets, deps))
         return "b7", 3
 
-    def wait(build_id: str, *, timeout: Any = None, on_update: Any = None) -> BuildStatus:
+    def wait(
+        build_id: str, *, timeout: Any = None, on_update: Any = None, summaries: bool = False
+    ) -> BuildStatus:
         final = status(overall, state)
         if on_update is not None:
             on_update(final)

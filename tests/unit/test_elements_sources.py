@@ -501,8 +501,8 @@ def test_git_url_not_a_repository(tmp_path: Path, cas: LocalCas) -> None:
     error = load_error(root, cas)
     assert (error.line, error.field) == (4, "sources[0].url")
     assert "not a git repository" in error.reason
-    root = write_project(tmp_path / "q", git_element("https://example.com/x.git", "a" * 40))
-    assert "only local git repositories" in load_error(root, cas).reason
+    root = write_project(tmp_path / "q", git_element("gopher://example.com/x.git", "a" * 40))
+    assert "git URL scheme 'gopher' is not supported" in load_error(root, cas).reason
 
 
 def test_git_url_inside_another_repository_is_not_a_repository(

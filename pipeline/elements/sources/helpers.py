@@ -6,10 +6,12 @@ implement, so that a project using one is told where that kind comes from.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import posixpath
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -21,6 +23,8 @@ __all__ = [
     "COMMON_KEYS",
     "NETWORK_SCHEMES",
     "file_url_path",
+    "loading_for_tracking",
+    "optional_ref",
     "project_path",
     "require_ref",
     "resolve_alias",
@@ -107,6 +111,33 @@ def require_ref(node: MappingNode) -> ScalarNode:
             field=node.child_path("ref"),
         )
     return ref_node
+
+
+_TRACKING: contextvars.ContextVar[bool] = contextvars.ContextVar("tracking", default=False)
+
+
+@contextlib.contextmanager
+def loading_for_tracking() -> Iterator[None]:
+    """Load sources that have a ``track`` but no ``ref`` yet (``remex source
+    track``): inside this block :func:`optional_ref` lets them load unresolved."""
+    token = _TRACKING.set(True)
+    try:
+        yield
+    finally:
+        _TRACKING.reset(token)
+
+
+def optional_ref(node: MappingNode, *, tracking: bool) -> ScalarNode | None:
+    """The source's ``ref``, or None while loading for tracking a source that
+    can track (``tracking``) and has no ref yet.
+
+    Raises:
+        LoadError: ``ref`` is missing or null otherwise (as :func:`require_ref`).
+    """
+    ref_node = node.get_scalar("ref")
+    if (ref_node is None or ref_node.value is None) and tracking and _TRACKING.get():
+        return None
+    return require_ref(node)
 
 
 NETWORK_SCHEMES = frozenset({"http", "https", "ftp"})

@@ -1,0 +1,303 @@
+"""git sources over the network: real loopback git servers (smart HTTP and git://).
+
+Repositories are bare repositories under a served folder: ``sub.git`` (one
+file, a nested submodule ``deep``), ``deep.git`` and ``super.git`` (a file, a
+symlink, and ``ext/sub`` -> ``../sub.git``, relative as projects write it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.cas import LocalCas, checkout
+from pipeline.elements import GitSource, SourceError, load_project
+from pipeline.elements.sources import FetchContext, FetchRequest
+from pipeline.testing.gitserver import GitDaemon, GitHttpServer, closed_port
+from tests.hello import file_tree
+
+
+def git(repo: Path, *args: str, stdin: str | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    result = subprocess.run(
+        ["git", "-c", "user.name=T", "-c", "user.email=t@example.com",
+         "-c", "commit.gpgsign=false", "-C", str(repo), *args],
+        check=True, capture_output=True, text=True, env=env, input=stdin,
+    )  # fmt: skip
+    return result.stdout.strip()
+
+
+def commit_files(
+    work: Path, files: dict[str, str], gitlinks: dict[str, str] | None = None, tag: str = ""
+) -> str:
+    """Commit ``files`` (and gitlinks path -> commit) in the work tree ``work``."""
+    if not (work / ".git").exists():
+        work.mkdir(parents=True, exist_ok=True)
+        git(work, "init", "-q", "-b", "main")
+    for name, text in files.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(text)
+    git(work, "add", "-A")
+    for path, commit in (gitlinks or {}).items():
+        git(work, "update-index", "--add", "--cacheinfo", f"160000,{commit},{path}")
+    git(work, "commit", "-q", "-m", "c")
+    if tag:
+        git(work, "tag", "-a", "-m", tag, tag)
+    return git(work, "rev-parse", "HEAD")
+
+
+def publish(work: Path, served: Path, name: str) -> None:
+    bare = served / name
+    if bare.exists():
+        git(work, "push", "-q", "--force", "--tags", str(bare), "main")
+    else:
+        git(served, "clone", "-q", "--bare", str(work), name)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The served folder and the commits: deep, sub, super."""
+    root = tmp_path / "served"
+    root.mkdir()
+    work = tmp_path / "work"
+    deep = commit_files(work / "deep", {"deep.txt": "deep\n"})
+    publish(work / "deep", root, "deep.git")
+    sub = commit_files(
+        work / "sub",
+        {"sub.txt": "sub\n", ".gitmodules": '[submodule "deep"]\n\tpath = deep\n'
+         "\turl = ../deep.git\n"},
+        {"deep": deep},
+    )  # fmt: skip
+    publish(work / "sub", root, "sub.git")
+    (work / "super").mkdir(parents=True)
+    (work / "super" / "link").symlink_to("top.txt")
+    top = commit_files(
+        work / "super",
+        {"top.txt": "top\n", ".gitmodules": '[submodule "sub"]\n\tpath = ext/sub\n'
+         "\turl = ../sub.git\n"},
+        {"ext/sub": sub},
+        tag="v1.0",
+    )  # fmt: skip
+    publish(work / "super", root, "super.git")
+    return root, {"deep": deep, "sub": sub, "super": top}
+
+
+def project(root: Path, url: str, source_extra: str = "", aliases: str = "") -> Path:
+    conf = "name: gitnet\nelement-path: elements\n"
+    if aliases:
+        conf += f"aliases:\n{textwrap.indent(aliases, '  ')}"
+    (root / "elements").mkdir(parents=True, exist_ok=True)
+    (root / "project.conf").write_text(conf)
+    (root / "elements" / "e.bst").write_text(
+        f"kind: import\nsources:\n- kind: git\n  url: {url}\n" + source_extra
+    )
+    return root
+
+
+def load_git(root: Path, cas: LocalCas) -> GitSource:
+    element = load_project(root, cas=cas).load_targets(["e.bst"])[0]
+    source = element.sources[0]
+    assert isinstance(source, GitSource)
+    return source
+
+
+def fetch_ctx(tmp_path: Path, cas: LocalCas) -> FetchContext:
+    work, cache = tmp_path / "fetch-work", tmp_path / "fetch-cache"
+    work.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    return FetchContext(cas=cas, workdir=work, cache_dir=cache)
+
+
+def staged_files(cas: LocalCas, request: FetchRequest, ctx: FetchContext, out: Path) -> dict:
+    digest = GitSource.fetch(request, ctx)
+    checkout(cas, digest, out)
+    return file_tree(out)
+
+
+def test_fetch_over_http_stages_the_commit_and_its_submodules(
+    tmp_path: Path, served: tuple[Path, dict[str, str]]
+) -> None:
+    # Given a project whose git source is on a smart HTTP server, through an alias
+    root, commits = served
+    cas = LocalCas(tmp_path / "cas")
+    with GitHttpServer(root) as server:
+        source = load_git(
+            project(tmp_path / "p", "srv:super.git", f"  ref: {commits['super']}\n",
+                    aliases=f"srv: {server.url}/\n"),
+            cas,
+        )  # fmt: skip
+        request = source.fetch_request("e.bst", 0, "elements/e.bst")
+        assert request is not None
+        assert request["urls"] == [f"{server.url}/super.git"]
+
+        # When a worker fetches it
+        ctx = fetch_ctx(tmp_path, cas)
+        tree = staged_files(cas, request, ctx, tmp_path / "out")
+
+        # Then the commit is staged with its submodule and the nested one, recursively
+        assert {path for path, entry in tree.items() if entry[0] != "dir"} == {
+            ".gitmodules", "top.txt", "link", "ext/sub/.gitmodules", "ext/sub/sub.txt",
+            "ext/sub/deep/deep.txt",
+        }  # fmt: skip
+        assert (tmp_path / "out" / "ext/sub/deep/deep.txt").read_text() == "deep\n"
+        assert os.readlink(tmp_path / "out" / "link") == "top.txt"
+        # And each repository has its own bare mirror under the cache, named by URL
+        mirror = ctx.cache_dir / "git" / hashlib.sha256(request["urls"][0].encode()).hexdigest()
+        assert (mirror / "HEAD").is_file()
+        assert len(list((ctx.cache_dir / "git").glob("*.lock"))) == 3
+        fetched = {name: server.fetches(name) for name in ("super.git", "sub.git", "deep.git")}
+        assert all(fetched.values()), fetched
+
+        # And a second fetch on the same host finds every commit in its mirrors
+        again = GitSource.fetch(request, ctx)
+        assert {name: server.fetches(name) for name in fetched} == fetched
+        # And a host with an empty cache stages the same tree
+        assert again == GitSource.fetch(request, fetch_ctx(tmp_path / "fresh", cas))
+
+
+def test_checkout_false_leaves_the_submodule_folder_empty(
+    tmp_path: Path, served: tuple[Path, dict[str, str]]
+) -> None:
+    root, commits = served
+    cas = LocalCas(tmp_path / "cas")
+    with GitHttpServer(root) as server:
+        # Given the submodule turned off by path, and checkout-submodules off elsewhere
+        off = load_git(
+            project(tmp_path / "p", f"{server.url}/super.git",
+                    f"  ref: {commits['super']}\n  submodules:\n    ext/sub:\n"
+                    "      checkout: false\n"),
+            cas,
+        )  # fmt: skip
+        none = load_git(
+            project(tmp_path / "q", f"{server.url}/super.git",
+                    f"  ref: {commits['super']}\n  checkout-submodules: false\n"),
+            cas,
+        )  # fmt: skip
+        deep_off = load_git(
+            project(tmp_path / "r", f"{server.url}/super.git",
+                    f"  ref: {commits['super']}\n  submodules:\n    ext/sub/deep:\n"
+                    "      checkout: false\n"),
+            cas,
+        )  # fmt: skip
+        trees = {}
+        for name, source in (("off", off), ("none", none), ("deep_off", deep_off)):
+            request = source.fetch_request("e.bst", 0, "elements/e.bst")
+            assert request is not None
+            trees[name] = staged_files(cas, request, fetch_ctx(tmp_path, cas), tmp_path / name)
+
+    # Then the gitlink is an empty folder
+    assert trees["off"]["ext/sub"] == ("dir", None) or trees["off"]["ext/sub"][0] == "dir"
+    assert not [p for p in trees["off"] if p.startswith("ext/sub/")]
+    assert trees["none"] == trees["off"]
+    # And a nested path turns off only the nested submodule
+    assert "ext/sub/sub.txt" in trees["deep_off"]
+    assert not [p for p in trees["deep_off"] if p.startswith("ext/sub/deep/")]
+    # And the settings are in the keys as buildstream-plugins keys them
+    assert off.unique_key()[2:] == [{"ext/sub": None}, {"submodule_checkout_overrides":
+                                    {"ext/sub": False}}]  # fmt: skip
+    assert none.unique_key()[2:] == [{"checkout_submodules": False}]
+    keys = {s.fetch_request("e", 0, "f")["key"] for s in (off, none, deep_off)}  # type: ignore[index]
+    assert len(keys) == 3
+
+
+def test_submodule_url_override_through_an_alias(
+    tmp_path: Path, served: tuple[Path, dict[str, str]]
+) -> None:
+    # Given the submodule's URL replaced by one through an alias, on another server
+    root, commits = served
+    cas = LocalCas(tmp_path / "cas")
+    other = tmp_path / "other"
+    other.mkdir()
+    git(other, "clone", "-q", "--bare", str(root / "sub.git"), "renamed.git")
+    git(other, "clone", "-q", "--bare", str(root / "deep.git"), "deep.git")
+    with GitHttpServer(root) as server, GitDaemon(other) as daemon:
+        source = load_git(
+            project(tmp_path / "p", f"{server.url}/super.git",
+                    f"  ref: {commits['super']}\n  submodules:\n    ext/sub:\n"
+                    "      url: mine:renamed.git\n", aliases=f"mine: {daemon.url}/\n"),
+            cas,
+        )  # fmt: skip
+        request = source.fetch_request("e.bst", 0, "elements/e.bst")
+        assert request is not None
+        tree = staged_files(cas, request, fetch_ctx(tmp_path, cas), tmp_path / "out")
+
+    # Then the submodule comes from the override (git://), and its own relative
+    # submodule is resolved against that URL
+    assert "ext/sub/sub.txt" in tree
+    assert "ext/sub/deep/deep.txt" in tree
+    assert server.fetches("sub.git") == 0
+
+
+def test_git_protocol_and_a_describe_ref(
+    tmp_path: Path, served: tuple[Path, dict[str, str]]
+) -> None:
+    # Given the repository on `git daemon` and a ref in git-describe form
+    root, commits = served
+    cas = LocalCas(tmp_path / "cas")
+    with GitDaemon(root) as daemon:
+        source = load_git(
+            project(tmp_path / "p", f"{daemon.url}/super.git",
+                    f"  ref: v1.0-0-g{commits['super']}\n  checkout-submodules: false\n"),
+            cas,
+        )  # fmt: skip
+        # When it is staged on the submitting host (a junction would do that)
+        digest = source.stage(cas, tmp_path / "scratch")
+    checkout(cas, digest, tmp_path / "out")
+
+    # Then the commit is staged, and keyed by its commit alone
+    assert (tmp_path / "out" / "top.txt").read_text() == "top\n"
+    assert source.unique_key()[:2] == [f"{daemon.url}/super.git", commits["super"]]
+
+
+def test_failover_to_the_next_url_when_the_first_is_down(
+    tmp_path: Path, served: tuple[Path, dict[str, str]]
+) -> None:
+    root, commits = served
+    cas = LocalCas(tmp_path / "cas")
+    down = f"http://127.0.0.1:{closed_port()}/super.git"
+    with GitHttpServer(root) as server:
+        source = load_git(
+            project(tmp_path / "p", f"{server.url}/super.git",
+                    f"  ref: {commits['super']}\n  checkout-submodules: false\n"),
+            cas,
+        )  # fmt: skip
+        request = source.fetch_request("e.bst", 0, "elements/e.bst")
+        assert request is not None
+        # Given a first candidate that refuses connections (as a dead mirror would)
+        request["urls"] = [down, *request["urls"]]
+        tree = staged_files(cas, request, fetch_ctx(tmp_path, cas), tmp_path / "out")
+        assert "top.txt" in tree
+        assert server.fetches("super.git") >= 1
+
+        # And a commit no candidate has is a permanent error naming the URLs
+        request["config"]["commit"] = "0" * 40
+        with pytest.raises(SourceError) as info:
+            GitSource.fetch(request, fetch_ctx(tmp_path, cas))
+    message = str(info.value)
+    assert "e.bst: sources[0]" in message
+    assert down in message and f"{server.url}/super.git" in message
+    assert "the commit is not there" in message
+    # Both URLs fail, the first one for a network reason: worth retrying later
+    assert info.value.transient
+
+
+def test_a_missing_commit_on_a_live_server_is_permanent(
+    tmp_path: Path, served: tuple[Path, dict[str, str]]
+) -> None:
+    root, _ = served
+    cas = LocalCas(tmp_path / "cas")
+    with GitHttpServer(root) as server:
+        source = load_git(
+            project(tmp_path / "p", f"{server.url}/super.git", f"  ref: {'1' * 40}\n"), cas
+        )
+        request = source.fetch_request("e.bst", 0, "elements/e.bst")
+        assert request is not None
+        with pytest.raises(SourceError) as info:
+            GitSource.fetch(request, fetch_ctx(tmp_path, cas))
+    assert not info.value.transient
+    assert f"cannot fetch commit {'1' * 40} of repository" in str(info.value)

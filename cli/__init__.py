@@ -10,5 +10,8 @@ followed (a live table on a terminal, plain lines elsewhere).
 from __future__ import annotations
 
 from cli.main import main
+from cli.source import source
+
+main.add_command(source)
 
 __all__ = ["main"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -301,3 +302,113 @@ def test_a_missing_commit_on_a_live_server_is_permanent(
             GitSource.fetch(request, fetch_ctx(tmp_path, cas))
     assert not info.value.transient
     assert f"cannot fetch commit {'1' * 40} of repository" in str(info.value)
+
+
+def remex(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "REMEX_"))}
+    env.update(REMEX_CAS_DIR=str(home / "cas"), XDG_CACHE_HOME=str(home / "cache"))
+    remex_bin = Path(sys.executable).with_name("remex")
+    return subprocess.run(
+        [str(remex_bin), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_source_track_writes_the_refs_and_keeps_the_files_otherwise(
+    tmp_path: Path, served: tuple[Path, dict[str, str]]
+) -> None:
+    root, commits = served
+    with GitHttpServer(root) as server:
+        # Given elements that track a branch and a tag, without refs, with comments
+        proj = project(tmp_path / "p", "srv:super.git", aliases=f"srv: {server.url}/\n")
+        app = (
+            "# The application.\n"
+            "kind: import\n"
+            "depends:\n- lib.bst  # the library\n"
+            "sources:\n"
+            "- kind: git  # upstream\n"
+            "  url: srv:super.git   # via the alias\n"
+            "  track: main\n"
+            "  checkout-submodules: false\n"
+            "\n"
+            "# end\n"
+        )
+        lib = (
+            "kind: import\n"
+            "sources:\n"
+            "- kind: git\n"
+            "  url: srv:super.git\n"
+            "  track: v1.0\n"
+            "  ref-format: git-describe\n"
+            '  ref: "stale-1-g{}"  # old\n'.format("a" * 40)
+        )
+        (proj / "elements" / "e.bst").write_text(app)
+        (proj / "elements" / "lib.bst").write_text(lib)
+
+        # When `remex source track --deps all` runs
+        result = remex("source", "track", "-C", str(proj), "--deps", "all", "e.bst",
+                       home=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+
+        # Then each ref is written, and nothing else in the files changed
+        top = commits["super"]
+        assert (proj / "elements" / "e.bst").read_text() == app.replace(
+            "  checkout-submodules: false\n", f"  checkout-submodules: false\n  ref: {top}\n"
+        )
+        assert (proj / "elements" / "lib.bst").read_text() == lib.replace(
+            f"stale-1-g{'a' * 40}", f"v1.0-0-g{top}"
+        )
+        assert result.stdout.splitlines() == [
+            f"elements/lib.bst:7: lib.bst: sources[0]: ref stale-1-g{'a' * 40} -> v1.0-0-g{top}",
+            f"elements/e.bst:10: e.bst: sources[0]: ref (none) -> {top}",
+            "2 ref(s) changed",
+        ]
+
+        # And the project now loads and stages with those refs
+        cas = LocalCas(tmp_path / "cas2")
+        staged = load_git(proj, cas).stage(cas, tmp_path / "scratch")
+        checkout(cas, staged, tmp_path / "out")
+        assert (tmp_path / "out" / "top.txt").read_text() == "top\n"
+
+        # When main moves on, tracking again changes only e.bst's ref
+        work = tmp_path / "work" / "super"
+        newer = commit_files(work, {"top.txt": "newer\n"})
+        publish(work, root, "super.git")
+        again = remex("source", "track", "-C", str(proj), "e.bst", home=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.splitlines() == [
+            f"elements/e.bst:10: e.bst: sources[0]: ref {top} -> {newer}",
+            "1 ref(s) changed",
+        ]
+        assert remex("source", "track", "-C", str(proj), "e.bst",
+                     home=tmp_path).stdout == "0 ref(s) changed\n"  # fmt: skip
+
+
+def test_source_track_refuses_a_junction_s_elements_as_bst(tmp_path: Path) -> None:
+    # Given a project with a junction to a local subproject whose element tracks a branch
+    proj = tmp_path / "p"
+    (proj / "elements").mkdir(parents=True)
+    (proj / "project.conf").write_text("name: top\nelement-path: elements\n")
+    (proj / "elements" / "j.bst").write_text(
+        "kind: junction\nsources:\n- kind: local\n  path: sub\n"
+    )
+    (proj / "elements" / "top.bst").write_text("kind: stack\ndepends:\n- j.bst:x.bst\n")
+    (proj / "sub" / "elements").mkdir(parents=True)
+    (proj / "sub" / "project.conf").write_text("name: sub\nelement-path: elements\n")
+    repo = tmp_path / "repo"
+    commit_files(repo, {"a": "a\n"})
+    x = f"kind: import\nsources:\n- kind: git\n  url: file://{repo}\n  track: main\n"
+    (proj / "sub" / "elements" / "x.bst").write_text(x)
+
+    # When its element is tracked, directly or across the junction
+    direct = remex("source", "track", "-C", str(proj), "j.bst:x.bst", home=tmp_path)
+    across = remex("source", "track", "-C", str(proj), "-J", "--deps", "all", "top.bst",
+                   home=tmp_path)  # fmt: skip
+    # Then bst's refusal (refs are inline), and the file is untouched
+    for result in (direct, across):
+        assert result.returncode == 2
+        assert "Untrackable sources" in result.stderr and "j.bst:x.bst" in result.stderr
+    assert (proj / "sub" / "elements" / "x.bst").read_text() == x
+    # And without -J, --deps all leaves the subproject out, as bst does
+    quiet = remex("source", "track", "-C", str(proj), "--deps", "all", "top.bst", home=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == "0 ref(s) changed\n"

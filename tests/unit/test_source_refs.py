@@ -65,7 +65,8 @@ def test_the_same_ref_leaves_the_file_untouched(tmp_path: Path) -> None:
     [
         # nested keys: after the deepest last line
         ("sources:\n- kind: git\n  submodules:\n    a:\n      checkout: false\nx: 1\n",
-         f"sources:\n- kind: git\n  submodules:\n    a:\n      checkout: false\n  ref: {NEW}\nx: 1\n"),
+         "sources:\n- kind: git\n  submodules:\n    a:\n      checkout: false\n"
+         f"  ref: {NEW}\nx: 1\n"),
         # a flow mapping
         ("sources:\n- {kind: git, url: u}  # c\n",
          f"sources:\n- {{kind: git, url: u, ref: {NEW}}}  # c\n"),

@@ -35,6 +35,7 @@ from pipeline.stages.overlaps import (
     analyse_staging,
     whitelist_regex,
 )
+from pipeline.stages.patching import apply_source_step
 from pipeline.stages.select import select_tree
 from pipeline.stages.state import (
     STAGE_KEYS,
@@ -458,7 +459,9 @@ def _dependency_path(spec: BuildSpec, index: int) -> list[str]:
 def _placed_sources(ctx: StageContext, spec: BuildSpec, *, full: bool = False) -> Digest:
     """The element's sources fetched and merged, each in its ``directory``, at ``source_root``."""
     cas = ctx.local_cas
-    placed = []
+    placed: list[Digest] = []
+    # A step that changes the files staged before it (a patch) needs them all.
+    full = full or any("apply" in source for source in spec["sources"])
     for index, source in enumerate(spec["sources"]):
         try:
             digest = digest_from_json(source["digest"])
@@ -470,9 +473,15 @@ def _placed_sources(ctx: StageContext, spec: BuildSpec, *, full: bool = False) -
             raise SourceMissingError(
                 spec["element"], index, source["kind"], digest_to_str(digest)
             ) from exc
-        placed.append(
-            place_at(cas, digest, _parts(spec, source["directory"], f"sources[{index}].directory"))
-        )
+        directory = _parts(spec, source["directory"], f"sources[{index}].directory")
+        if "apply" in source:
+            so_far = merge_trees(cas, placed).digest
+            step = source["apply"]
+            placed = [
+                apply_source_step(cas, spec["element"], index, step, directory, so_far, digest)
+            ]
+            continue
+        placed.append(place_at(cas, digest, directory))
     merged = merge_trees(cas, placed).digest
     return place_at(cas, merged, _parts(spec, spec["source_root"], "source_root"))
 

@@ -166,7 +166,7 @@ def test_unknown_source_kind_and_key(tmp_path: Path, cas: LocalCas) -> None:
     root = write_project(tmp_path / "a", "kind: import\nsources:\n- kind: svn\n  url: x\n")
     assert str(load_error(root, cas)) == (
         "elements/e.bst:3: sources[0].kind: unknown source kind 'svn' "
-        "(remex supports local, tar, git)"
+        "(remex supports local, tar, git, patch)"
     )
     root = write_project(
         tmp_path / "b", "kind: import\nsources:\n- kind: local\n  path: .\n  patch: x\n"

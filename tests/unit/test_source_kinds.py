@@ -22,6 +22,7 @@ from pipeline.elements.sources import (
     SOURCE_KINDS,
     GitSource,
     LocalSource,
+    PatchSource,
     Source,
     SourceContext,
     TarSource,
@@ -74,12 +75,15 @@ def tarball(path: Path) -> str:
 
 def test_every_kind_is_one_class_in_its_own_module() -> None:
     # Then each registered kind is a Source subclass named by its own `kind`, in its own file
-    assert {"local": LocalSource, "tar": TarSource, "git": GitSource} == SOURCE_KINDS
+    assert {
+        "local": LocalSource, "tar": TarSource, "git": GitSource, "patch": PatchSource
+    } == SOURCE_KINDS  # fmt: skip
     modules = {cls.__module__ for cls in SOURCE_KINDS.values()}
     assert modules == {
         "pipeline.elements.sources.local",
         "pipeline.elements.sources.tar",
         "pipeline.elements.sources.git",
+        "pipeline.elements.sources.patch",
     }
     for name, cls in SOURCE_KINDS.items():
         assert issubclass(cls, Source) and cls.kind == name
@@ -174,19 +178,19 @@ def test_buildstream_plugins_git_is_remex_git(tmp_path: Path, cas: LocalCas) -> 
 def test_declared_plugin_source_kind_remex_lacks_is_refused_at_its_kind_line(
     tmp_path: Path, cas: LocalCas
 ) -> None:
-    # Given buildstream-plugins' patch declared and used
+    # Given buildstream-plugins' cargo declared and used
     root = write(
         tmp_path / "p",
         {
-            "project.conf": CONF + PLUGINS.format(kinds="git, patch"),
-            "elements/e.bst": "kind: import\nsources:\n- kind: patch\n  path: x.diff\n",
+            "project.conf": CONF + PLUGINS.format(kinds="git, cargo"),
+            "elements/e.bst": "kind: import\nsources:\n- kind: cargo\n  url: x\n",
         },
     )
     # When loaded, Then the error names the kind, the package and that remex lacks it
     error = load_error(root, cas)
     assert (error.file, error.line, error.field) == ("elements/e.bst", 3, "sources[0].kind")
     assert error.reason == (
-        "source kind 'patch' from pip package buildstream-plugins (declared at "
+        "source kind 'cargo' from pip package buildstream-plugins (declared at "
         "project.conf:6, plugins[0].sources[1]) is not implemented by remex: remex runs "
         "no source plugins and does not implement it"
     )
@@ -227,7 +231,7 @@ def test_a_local_plugin_source_kind_is_refused(tmp_path: Path, cas: LocalCas) ->
     ("kind", "words"),
     [
         ("remote", "is a BuildStream core source kind that remex does not implement yet"),
-        ("patch", "comes from the plugin package buildstream-plugins, not BuildStream's core"),
+        ("cargo", "comes from the plugin package buildstream-plugins, not BuildStream's core"),
         ("zip", "comes from the plugin package buildstream-plugins"),
         ("workspace", "internal to BuildStream"),
     ],

@@ -35,6 +35,7 @@ from pipeline.elements.sources.helpers import (
     resolve_alias,
 )
 from pipeline.elements.sources.local import LocalSource
+from pipeline.elements.sources.patch import PatchSource
 from pipeline.elements.sources.settings import ProjectSources
 from pipeline.elements.sources.tar import TarSource
 
@@ -46,6 +47,7 @@ __all__ = [
     "LocalSource",
     "NetworkSettings",
     "NetworkSource",
+    "PatchSource",
     "ProjectSources",
     "Source",
     "SourceContext",
@@ -56,7 +58,7 @@ __all__ = [
     "source_cache_key",
 ]
 
-_KINDS: tuple[type[Source], ...] = (LocalSource, TarSource, GitSource)
+_KINDS: tuple[type[Source], ...] = (LocalSource, TarSource, GitSource, PatchSource)
 
 SOURCE_KINDS: dict[str, type[Source]] = {kind.kind: kind for kind in _KINDS}
 """The source kinds remex implements, by name."""

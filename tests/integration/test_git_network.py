@@ -8,6 +8,7 @@ symlink, and ``ext/sub`` -> ``../sub.git``, relative as projects write it).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -412,3 +413,61 @@ def test_source_track_refuses_a_junction_s_elements_as_bst(tmp_path: Path) -> No
     quiet = remex("source", "track", "-C", str(proj), "--deps", "all", "top.bst", home=tmp_path)
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout == "0 ref(s) changed\n"
+
+
+FETCH_SCRIPT = """\
+import json, sys
+from pathlib import Path
+from pipeline.cas import LocalCas
+from pipeline.elements.sources import FetchContext, GitSource
+request = json.loads(sys.argv[1])
+cache, work = Path(sys.argv[2]), Path(sys.argv[3])
+work.mkdir(parents=True)
+ctx = FetchContext(cas=LocalCas(work / "cas"), workdir=work, cache_dir=cache)
+print(GitSource.fetch(request, ctx).hash)
+"""
+
+
+def test_two_processes_on_a_host_fetch_a_mirror_once(
+    tmp_path: Path, served: tuple[Path, dict[str, str]]
+) -> None:
+    root, commits = served
+    cas = LocalCas(tmp_path / "cas")
+    with GitHttpServer(root) as server:
+        source = load_git(
+            project(tmp_path / "p", f"{server.url}/super.git",
+                    f"  ref: {commits['super']}\n  checkout-submodules: false\n"),
+            cas,
+        )  # fmt: skip
+        request = source.fetch_request("e.bst", 0, "elements/e.bst")
+        assert request is not None
+        # Given what one fetch into an empty mirror costs the server
+        GitSource.fetch(request, fetch_ctx(tmp_path / "alone", cas))
+        once = server.fetches("super.git")
+        assert once >= 1
+
+        # When two processes fetch the same source into one cache folder at once
+        cache = tmp_path / "shared-cache"
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    FETCH_SCRIPT,
+                    json.dumps(request),
+                    str(cache),
+                    str(tmp_path / f"worker{i}"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+
+    # Then both stage the same tree, and the server saw only one more fetch
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert outputs[0][0] == outputs[1][0]
+    assert server.fetches("super.git") == 2 * once
+    assert len(list((cache / "git").iterdir())) == 2  # the mirror and its lock file

@@ -76,7 +76,7 @@ def track_command(
     from pipeline import api
     from pipeline.cas import LocalCas
     from pipeline.config import load_config
-    from pipeline.elements.refs import write_source_ref
+    from pipeline.elements.refs import write_source_block, write_source_ref
     from pipeline.elements.show import select_elements
     from pipeline.elements.sources import FetchContext
     from pipeline.elements.sources.helpers import loading_for_tracking
@@ -129,6 +129,13 @@ def track_command(
                         f"{element.file}:{change.line}: {element.name}: "
                         f"sources[{index}]: ref {change.old or '(none)'} -> {change.new}"
                     )
+                for key, value in source.tracked_keys().items():
+                    if write_source_block(project_dir / element.file, element.file, index,
+                                          key, value):  # fmt: skip
+                        click.echo(
+                            f"{element.file}: {element.name}: sources[{index}]: {key} "
+                            f"written ({len(value)} entries)"
+                        )
         click.echo(f"{changed} ref(s) changed")
 
 

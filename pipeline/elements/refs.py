@@ -14,12 +14,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from pipeline.elements.errors import LoadError
 
-__all__ = ["RefChange", "write_source_ref"]
+__all__ = ["RefChange", "write_source_block", "write_source_ref"]
 
 
 @dataclass(frozen=True)
@@ -54,22 +55,7 @@ def write_source_ref(path: Path, display: str, index: int, ref: str) -> RefChang
             is not a mapping written in it; names the file, line and field.
     """
     field = f"sources[{index}]"
-    try:
-        text = path.read_bytes().decode("utf-8")  # newlines kept as they are
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LoadError(f"cannot read the element file: {exc}", file=display) from exc
-    try:
-        document = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise LoadError(f"cannot parse the element file: {exc}", file=display) from exc
-    source = _source_node(document, index)
-    if source is None:
-        raise LoadError(
-            "the source is not written in this file (an include or a project default?), "
-            "so its ref cannot be written here",
-            file=display,
-            field=field,
-        )
+    text, source = _read_source(path, display, index)
     for key, value in source.value:
         if isinstance(key, yaml.ScalarNode) and key.value == "ref":
             if not isinstance(value, yaml.ScalarNode):
@@ -93,19 +79,85 @@ def write_source_ref(path: Path, display: str, index: int, ref: str) -> RefChang
     if not source.value:
         raise LoadError("the source is an empty mapping", file=display, field=field)
     column = source.value[0][0].start_mark.column
-    end = _last_mark(source)
-    if end.column == 0 and end.index > 0:
-        at = end.index  # a block scalar ends at the start of the next line
-    else:
-        newline = text.find("\n", end.index)
-        if newline < 0:
-            text += "\r\n" if "\r\n" in text else "\n"
-            newline = len(text) - 1
-        at = newline + 1
+    text, at = _after(text, _last_mark(source))
     eol = "\r\n" if text[max(0, at - 2) : at] == "\r\n" else "\n"
     line = text.count("\n", 0, at) + 1
     _replace(path, text[:at] + " " * column + f"ref: {_scalar(ref, None)}{eol}" + text[at:])
     return RefChange(None, ref, line)
+
+
+def write_source_block(path: Path, display: str, index: int, key: str, value: Any) -> bool:
+    """Set ``sources[index].KEY`` to ``value`` (a list or mapping, written in block
+    style at the source's indentation); an empty value removes the key, as bst
+    does with git's ``tags``. Returns whether the file changed.
+
+    Raises:
+        LoadError: as :func:`write_source_ref`, or the source is a flow mapping.
+    """
+    field = f"sources[{index}]"
+    text, source = _read_source(path, display, index)
+    existing = next(
+        ((k, v) for k, v in source.value if isinstance(k, yaml.ScalarNode) and k.value == key),
+        None,
+    )
+    if existing is not None and _python(existing[1]) == (value or None):
+        return False
+    if existing is None and not value:
+        return False
+    if source.flow_style or not source.value:
+        raise LoadError(f"cannot write {key!r} into this source's mapping", file=display,
+                        field=field)  # fmt: skip
+    column = source.value[0][0].start_mark.column
+    eol = "\r\n" if "\r\n" in text else "\n"
+    rendered = yaml.safe_dump({key: value}, default_flow_style=False, sort_keys=False)
+    lines = [(" " * column if i else "") + line for i, line in enumerate(rendered.splitlines())]
+    block = eol.join(lines) + eol if value else ""
+    if existing is not None:
+        start = existing[0].start_mark.index
+        text, end = _after(text, _last_mark(existing[1]))
+        if not value:  # drop the whole line(s), indentation included
+            start = text.rfind("\n", 0, start) + 1
+        _replace(path, text[:start] + block + text[end:])
+        return True
+    text, at = _after(text, _last_mark(source))
+    _replace(path, text[:at] + " " * column + block + text[at:])
+    return True
+
+
+def _python(node: yaml.Node) -> Any:
+    return yaml.SafeLoader("").construct_object(node, deep=True)
+
+
+def _read_source(path: Path, display: str, index: int) -> tuple[str, yaml.MappingNode]:
+    try:
+        text = path.read_bytes().decode("utf-8")  # newlines kept as they are
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoadError(f"cannot read the element file: {exc}", file=display) from exc
+    try:
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise LoadError(f"cannot parse the element file: {exc}", file=display) from exc
+    source = _source_node(document, index)
+    if source is None:
+        raise LoadError(
+            "the source is not written in this file (an include or a project default?), "
+            "so its ref cannot be written here",
+            file=display,
+            field=f"sources[{index}]",
+        )
+    return text, source
+
+
+def _after(text: str, end: yaml.Mark) -> tuple[str, int]:
+    """Where the line after the one ``end`` is on starts (a newline is added
+    to a file that ends without one)."""
+    if end.column == 0 and end.index > 0:
+        return text, end.index  # a block scalar ends at the start of the next line
+    newline = text.find("\n", end.index)
+    if newline < 0:
+        text += "\r\n" if "\r\n" in text else "\n"
+        newline = len(text) - 1
+    return text, newline + 1
 
 
 def _source_node(document: yaml.Node | None, index: int) -> yaml.MappingNode | None:

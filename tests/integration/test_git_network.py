@@ -471,3 +471,46 @@ def test_two_processes_on_a_host_fetch_a_mirror_once(
     assert outputs[0][0] == outputs[1][0]
     assert server.fetches("super.git") == 2 * once
     assert len(list((cache / "git").iterdir())) == 2  # the mirror and its lock file
+
+
+def test_track_tags_writes_tags_and_the_build_sees_them_with_git_describe(
+    tmp_path: Path, served: tuple[Path, dict[str, str]]
+) -> None:
+    root, commits = served
+    work = tmp_path / "work" / "super"
+    newer = commit_files(work, {"top.txt": "newer\n"})
+    publish(work, root, "super.git")
+    with GitHttpServer(root) as server:
+        # Given a source tracking main with track-tags and git-describe refs
+        proj = project(tmp_path / "p", "srv:super.git", aliases=f"srv: {server.url}/\n")
+        text = (
+            "kind: import\nsources:\n- kind: git\n  url: srv:super.git\n  track: main\n"
+            "  track-tags: true\n  ref-format: git-describe\n  checkout-submodules: false\n"
+        )
+        (proj / "elements" / "e.bst").write_text(text)
+
+        # When it is tracked
+        result = remex("source", "track", "-C", str(proj), "e.bst", home=tmp_path)
+        assert result.returncode == 0, result.stderr
+
+        # Then the ref and the tags bst would write are there, after the source's keys
+        assert (proj / "elements" / "e.bst").read_text() == text + (
+            f"  ref: v1.0-1-g{newer}\n"
+            "  tags:\n"
+            "  - tag: v1.0\n"
+            f"    commit: {commits['super']}\n"
+            "    annotated: true\n"
+        )
+        assert "e.bst: sources[0]: tags written (1 entries)" in result.stdout
+        # And tracking again changes nothing
+        again = remex("source", "track", "-C", str(proj), "e.bst", home=tmp_path)
+        assert again.stdout == "0 ref(s) changed\n", again.stdout
+
+        # And the staged source holds a .git where `git describe` finds the tag
+        cas = LocalCas(tmp_path / "cas")
+        source = load_git(proj, cas)
+        assert source.unique_key()[2] == {"tags": {"v1.0": [commits["super"], True]}}
+        checkout(cas, source.stage(cas, tmp_path / "scratch"), tmp_path / "out")
+    described = git(tmp_path / "out", "describe", "--tags", "--abbrev=40")
+    assert described == f"v1.0-1-g{newer}"
+    assert (tmp_path / "out" / "top.txt").read_text() == "newer\n"

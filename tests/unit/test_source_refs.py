@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.elements import LoadError
-from pipeline.elements.refs import write_source_ref
+from pipeline.elements.refs import write_source_block, write_source_ref
 
 NEW = "0123456789abcdef0123456789abcdef01234567"
 
@@ -99,3 +99,34 @@ def test_a_source_not_in_the_file_names_file_and_field(tmp_path: Path) -> None:
     with pytest.raises(LoadError) as info:
         write_source_ref(path, "elements/e.bst", 0, NEW)
     assert str(info.value).startswith("elements/e.bst: sources[0]: the source is not written")
+
+
+TAGS = [{"tag": "v1", "commit": NEW, "annotated": True}]
+
+
+def test_tags_are_written_replaced_and_removed_as_a_block(tmp_path: Path) -> None:
+    # Given a source with a ref and no tags, and a key after the sources
+    before = f"sources:\n- kind: git  # x\n  ref: {NEW}\n\ndepends: [a.bst]\n"
+    path = write(tmp_path, before)
+
+    # When tags are written, Then they follow the source's last key, in block style
+    assert write_source_block(path, "e.bst", 0, "tags", TAGS)
+    with_tags = before.replace(
+        f"  ref: {NEW}\n",
+        f"  ref: {NEW}\n  tags:\n  - tag: v1\n    commit: {NEW}\n    annotated: true\n",
+    )
+    assert path.read_text() == with_tags
+    # And the same tags again change nothing
+    assert not write_source_block(path, "e.bst", 0, "tags", TAGS)
+
+    # When other tags replace them, Then only the block changes
+    other = [{"tag": "v2", "commit": NEW, "annotated": False}]
+    assert write_source_block(path, "e.bst", 0, "tags", other)
+    assert path.read_text() == with_tags.replace("tag: v1", "tag: v2").replace(
+        "annotated: true", "annotated: false"
+    )
+
+    # When no tags are found, Then the key goes away, as bst removes it
+    assert write_source_block(path, "e.bst", 0, "tags", [])
+    assert path.read_text() == before
+    assert not write_source_block(path, "e.bst", 0, "tags", [])

@@ -216,6 +216,11 @@ class Source(ABC):
         """
         return None
 
+    def tracked_keys(self) -> dict[str, Any]:
+        """Keys besides ``ref`` that the last :meth:`track` resolved and that
+        are written into the .bst file with it (git's ``tags``); {} for most kinds."""
+        return {}
+
     def apply_step(self) -> dict[str, Any] | None:
         """How the build applies this source's staged tree to what the element's
         earlier sources staged (JSON, the spec's ``apply``), or None when the

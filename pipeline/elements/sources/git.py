@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import tempfile
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from typing import Any, ClassVar
 from pipeline.cas import LocalCas
 from pipeline.digest import Digest
 from pipeline.elements.errors import SourceError
-from pipeline.elements.nodes import MappingNode, Mark, ScalarNode, SequenceNode
+from pipeline.elements.nodes import MappingNode, Mark, ScalarNode
 from pipeline.elements.sources.base import (
     FetchContext,
     FetchRequest,
@@ -53,6 +55,7 @@ from pipeline.elements.sources.git_mirror import (
 from pipeline.elements.sources.git_plumbing import (
     GitError,
     git,
+    git_input,
     git_path,
     read_git_blobs,
     stderr_of,
@@ -72,7 +75,9 @@ __all__ = ["GitSource", "is_network_git_url"]
 _GIT_REF_RE = re.compile(r"(?:.*-g)?([0-9a-f]{40}|[0-9a-f]{64})")
 # buildstream-plugins git keys that only feed its SourceInfo reports.
 _REPORT_ONLY_KEYS = ("version", "version-guess-pattern")
-_KEYS = ("url", "ref", "track", "submodules", "checkout-submodules", "ref-format", "track-tags")
+_KEYS = (
+    "url", "ref", "track", "submodules", "checkout-submodules", "ref-format", "track-tags", "tags"
+)  # fmt: skip
 _NETWORK_SCHEMES = frozenset({"http", "https", "git", "ssh", "git+ssh", "ssh+git", "file"})
 # git's own rule for `host:path` (scp-like ssh): a colon before any slash.
 _SCP_RE = re.compile(r"^(?:[^@/:]+@)?[^/:]+:(?!//)")
@@ -118,6 +123,7 @@ class GitSource(Source):
         track: str | None,
         ref_format: str,
         track_tags: bool,
+        tags: list[tuple[str, str, bool]],
         checkout_submodules: bool,
         submodules: dict[str, _Submodule],
         aliases: dict[str, list[str]],
@@ -135,6 +141,8 @@ class GitSource(Source):
         self.track_name = track
         self.ref_format = ref_format
         self.track_tags = track_tags
+        self.tags = tags
+        self._tracked_tags: list[tuple[str, str, bool]] | None = None
         self.checkout_submodules = checkout_submodules
         self.submodules = submodules
         self.aliases = aliases
@@ -143,13 +151,10 @@ class GitSource(Source):
     def load(cls, node: MappingNode, ctx: SourceContext) -> GitSource:
         """A network ``url`` is taken as written; a local one must hold the commit."""
         directory = source_directory(node)
-        node.validate_keys((*_KEYS, *_REPORT_ONLY_KEYS, "tags", *COMMON_KEYS))
+        node.validate_keys((*_KEYS, *_REPORT_ONLY_KEYS, *COMMON_KEYS))
         for key in _REPORT_ONLY_KEYS:
             node.get_scalar(key)  # a string if given
-        tags = node.get("tags")
-        if tags is not None and not (isinstance(tags, SequenceNode) and not tags.items):
-            raise node.key_error("tags", "git 'tags' (a .git folder staged with tags) is not "
-                                 "supported by remex")  # fmt: skip
+        tags = _tags(node, ctx)
         url_node = node.require_str("url")
         url = ctx.variables.expand_node(url_node)
         upstream = resolve_alias(url, ctx.aliases)
@@ -198,6 +203,7 @@ class GitSource(Source):
             track=track,
             ref_format=ref_format,
             track_tags=_bool(node, "track-tags", False),
+            tags=tags,
             checkout_submodules=_bool(node, "checkout-submodules", True),
             submodules=_submodules(node, ctx),
             aliases={name: ctx.url_candidates(f"{name}:") for name in ctx.aliases},
@@ -212,6 +218,8 @@ class GitSource(Source):
         """buildstream-plugins git's unique key: URL as written, commit, and the
         submodule settings that are not the defaults."""
         key: list[Any] = [self.url, self.commit]
+        if self.tags:
+            key.append({"tags": {tag: [commit, annotated] for tag, commit, annotated in self.tags}})
         if not self.checkout_submodules:
             key.append({"checkout_submodules": False})
         overrides = {path: sub.url for path, sub in self.submodules.items()}
@@ -283,9 +291,6 @@ class GitSource(Source):
         """
         if self.track_name is None:
             return None
-        if self.track_tags:
-            raise self._error("track-tags: tracking tags (the 'tags' key) is not supported "
-                              "by remex")  # fmt: skip
         try:
             mirror = fetch_all(ctx.cache_dir, self.upstream, self.urls, ctx.network)
         except GitRemoteError as exc:
@@ -297,6 +302,7 @@ class GitSource(Source):
                 f"track {self.track_name!r} names no commit in {redact(self.urls[0])}: "
                 f"{stderr_of(found)}"
             )
+        self._tracked_tags = _reachable_tags(mirror, commit, ctx) if self.track_tags else None
         if self.ref_format == "sha1":
             return commit
         described = network_git(
@@ -307,8 +313,20 @@ class GitSource(Source):
             raise self._error(f"git describe {commit} failed: {stderr_of(described)}")
         return described.stdout.decode().strip()
 
+    def tracked_keys(self) -> dict[str, Any]:
+        """With ``track-tags``: the ``tags`` the last :meth:`track` found (as bst writes them)."""
+        if self._tracked_tags is None:
+            return {}
+        return {
+            "tags": [
+                {"tag": tag, "commit": commit, "annotated": annotated}
+                for tag, commit, annotated in self._tracked_tags
+            ]
+        }
+
     def _config(self) -> dict[str, Any]:
         return {
+            "tags": [list(tag) for tag in self.tags],
             "url": self.url,
             "upstream": self.upstream,
             "commit": self.commit,
@@ -351,6 +369,8 @@ def _stage(
         where = local if first and local is not None else _mirror(repo, ctx)
         first = False
         gitlinks = _add_tree(builder, where, repo)
+        if not repo.prefix and config.get("tags"):
+            _add_git_dir(builder, where, repo.commit, config["tags"], ctx.workdir)
         for path, url in _gitmodules(where, repo.commit):
             full = "/".join([*repo.prefix, path])
             setting = config["submodules"].get(full) or {}
@@ -427,6 +447,81 @@ def _add_tree(builder: TreeBuilder, where: Path, repo: _Repo) -> dict[str, str]:
         raise _StageError(f"git cat-file in {where} failed: {exc}") from None
 
 
+def _add_git_dir(
+    builder: TreeBuilder, where: Path, commit: str, tags: list[list[Any]], scratch: Path
+) -> None:
+    """Stage a ``.git`` holding the tags and the commits between them and ``commit``
+    (commit objects only, shallow at the boundaries), so ``git describe`` works
+    in the build: buildstream-plugins' ``tags``."""
+    included: set[str] = set()
+    shallow: set[str] = set()
+    for _, tagged, _ in tags:
+        if tagged == commit:
+            shallow.add(commit)
+            continue
+        history = git(where, "rev-list", "--ancestry-path", "--boundary", f"{tagged}..{commit}")
+        if history.returncode != 0:
+            raise _StageError(f"git rev-list {tagged}..{commit} failed: {stderr_of(history)}")
+        for line in history.stdout.decode().split():
+            (shallow if line.startswith("-") else included).add(line.lstrip("-"))
+    shallow -= included
+    included |= shallow
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch) as work:
+        repo = Path(work) / "repo"
+        _checked(git(Path(work), "init", "--quiet", "--template=", str(repo)), "git init")
+        for rev in sorted(included):
+            body = git(where, "cat-file", "commit", rev)
+            _checked(body, f"git cat-file commit {rev}")
+            _checked(git_input(repo, body.stdout, "hash-object", "-w", "-t", "commit", "--stdin"),
+                     f"git hash-object {rev}")  # fmt: skip
+        dot_git = repo / ".git"
+        (dot_git / "shallow").write_text("".join(f"{rev}\n" for rev in sorted(shallow)))
+        for tag, tagged, annotated in tags:
+            target = tagged
+            if annotated:
+                data = (f"object {tagged}\ntype commit\ntag {tag}\n"
+                        "tagger Unspecified Tagger <unspecified-tagger> 0 +0000\n")  # fmt: skip
+                made = git_input(repo, data.encode(), "hash-object", "-w", "-t", "tag", "--stdin")
+                _checked(made, f"git hash-object (tag {tag})")
+                target = made.stdout.decode().strip()
+            _checked(git(repo, "tag", tag, target), f"git tag {tag}")
+        (dot_git / "HEAD").write_text(f"{commit}\n")
+        try:
+            for path in sorted(dot_git.rglob("*")):
+                parts = [".git", *path.relative_to(dot_git).parts]
+                if path.is_symlink():
+                    continue
+                if path.is_dir():
+                    builder.add_folder(parts)
+                else:
+                    builder.add_file(parts, builder.cas.put_file(path), False)
+        except UnsafeArchiveError as exc:
+            raise _StageError(f"staging .git with tags: {exc}") from None
+
+
+def _checked(result: subprocess.CompletedProcess[bytes], what: str) -> None:
+    if result.returncode != 0:
+        raise _StageError(f"{what} failed: {stderr_of(result)}")
+
+
+def _reachable_tags(mirror: Path, commit: str, ctx: FetchContext) -> list[tuple[str, str, bool]]:
+    """The tags ``git describe`` finds from ``commit`` (first parent or not, annotated
+    or not), as buildstream-plugins' ``track-tags`` collects them; sorted by name."""
+    found: set[tuple[str, str, bool]] = set()
+    for options in ([], ["--first-parent"], ["--tags"], ["--tags", "--first-parent"]):
+        described = network_git(mirror, ["describe", "--abbrev=0", commit, *options], ctx.network)
+        if described.returncode != 0:
+            continue
+        tag = described.stdout.decode().strip()
+        tagged = network_git(mirror, ["rev-parse", f"{tag}^{{commit}}"], ctx.network)
+        if tagged.returncode != 0:
+            raise GitRemoteError(f"cannot resolve tag {tag!r}: {stderr_of(tagged)}")
+        annotated = network_git(mirror, ["cat-file", "tag", tag], ctx.network).returncode == 0
+        found.add((tag, tagged.stdout.decode().strip(), annotated))
+    return sorted(found)
+
+
 def _gitmodules(where: Path, commit: str) -> list[tuple[str, str]]:
     """(path, url) of each submodule the commit's ``.gitmodules`` lists."""
     probe = git(where, "cat-file", "-e", f"{commit}:.gitmodules")
@@ -498,6 +593,26 @@ def _bool(node: MappingNode, key: str, default: bool) -> bool:
     if value in ("False", "false"):
         return False
     raise scalar.error(f"expected a boolean (true or false), got {value!r}")
+
+
+def _tags(node: MappingNode, ctx: SourceContext) -> list[tuple[str, str, bool]]:
+    sequence = node.get_sequence("tags")
+    if sequence is None:
+        return []
+    tags = []
+    for item in sequence.items:
+        if not isinstance(item, MappingNode):
+            raise item.error(f"expected a mapping (tag, commit, annotated), got {item.describe()}")
+        item.validate_keys(("tag", "commit", "annotated"))
+        tag = ctx.variables.expand_node(item.require_str("tag"))
+        commit_node = item.require_str("commit")
+        commit = ctx.variables.expand_node(commit_node)
+        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+            raise commit_node.error(f"expected a full commit id, got {commit!r}")
+        if item.get_scalar("annotated") is None:
+            raise item.error("missing required key 'annotated'", field=item.child_path("annotated"))
+        tags.append((tag, commit, _bool(item, "annotated", False)))
+    return tags
 
 
 def _submodules(node: MappingNode, ctx: SourceContext) -> dict[str, _Submodule]:

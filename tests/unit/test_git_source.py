@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from pipeline.cas import LocalCas
+from pipeline.cas import LocalCas, checkout
 from pipeline.elements import GitSource, LoadError, load_project
 from pipeline.elements.sources import source_cache_key
 from pipeline.elements.sources.git import is_network_git_url
@@ -159,3 +161,56 @@ def test_mirrors_are_named_by_url_and_credentials_never_shown(tmp_path: Path) ->
     assert mirror_path(tmp_path, "https://h/a.git") != mirror_path(tmp_path, "https://h/b.git")
     assert mirror_path(tmp_path, "https://h/a.git").parent == tmp_path / "git"
     assert redact("https://user:secret@h/a.git: failed") == "https://h/a.git: failed"
+
+
+def run_git(repo: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    return subprocess.run(
+        ["git", "-c", "user.name=T", "-c", "user.email=t@example.com",
+         "-c", "commit.gpgsign=false", "-C", str(repo), *args],
+        check=True, capture_output=True, text=True, env=env,
+    ).stdout.strip()  # fmt: skip
+
+
+def make_repo(path: Path, files: dict[str, str], gitlinks: dict[str, str] | None = None) -> str:
+    path.mkdir(parents=True)
+    run_git(path, "init", "-q", "-b", "main")
+    for name, text in files.items():
+        (path / name).write_text(text)
+    run_git(path, "add", "-A")
+    for sub_path, commit in (gitlinks or {}).items():
+        run_git(path, "update-index", "--add", "--cacheinfo", f"160000,{commit},{sub_path}")
+    run_git(path, "commit", "-q", "-m", "c")
+    return run_git(path, "rev-parse", "HEAD")
+
+
+def test_a_local_repository_stages_its_submodules_with_the_same_code(tmp_path: Path) -> None:
+    # Given a local repository (a path, staged by the submitter) whose submodules
+    # are a relative path and a URL through a project alias (file:// here)
+    repos = tmp_path / "repos"
+    one = make_repo(repos / "one", {"one.txt": "1\n"})
+    two = make_repo(repos / "two", {"two.txt": "2\n"})
+    modules = (
+        '[submodule "a"]\n\tpath = a\n\turl = ../one\n'
+        '[submodule "b"]\n\tpath = lib/b\n\turl = mine:two\n'
+    )
+    top = make_repo(repos / "top", {".gitmodules": modules}, {"a": one, "lib/b": two})
+    root = tmp_path / "p"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text(
+        f"name: g\nelement-path: elements\naliases:\n  mine: file://{repos}/\n"
+    )
+    (root / "elements" / "e.bst").write_text(
+        f"kind: import\nsources:\n- kind: git\n  url: {repos / 'top'}\n  ref: {top}\n"
+    )
+    cas = LocalCas(tmp_path / "cas")
+    source = load_project(root, cas=cas).load_targets(["e.bst"])[0].sources[0]
+    assert isinstance(source, GitSource)
+    assert source.fetch_request("e", 0, "f") is None  # the submitter stages it
+
+    # When it is staged
+    checkout(cas, source.stage(cas, tmp_path / "scratch"), tmp_path / "out")
+
+    # Then both submodules are in the tree at their gitlink commits
+    assert (tmp_path / "out" / "a" / "one.txt").read_text() == "1\n"
+    assert (tmp_path / "out" / "lib" / "b" / "two.txt").read_text() == "2\n"

@@ -139,6 +139,8 @@ def test_fetch_over_http_stages_the_commit_and_its_submodules(
 
         # When a worker fetches it
         ctx = fetch_ctx(tmp_path, cas)
+        reported: list[tuple[int, int | None]] = []
+        ctx.progress = lambda done, total: reported.append((done, total))
         tree = staged_files(cas, request, ctx, tmp_path / "out")
 
         # Then the commit is staged with its submodule and the nested one, recursively
@@ -152,6 +154,9 @@ def test_fetch_over_http_stages_the_commit_and_its_submodules(
         mirror = ctx.cache_dir / "git" / hashlib.sha256(request["urls"][0].encode()).hexdigest()
         assert (mirror / "HEAD").is_file()
         assert len(list((ctx.cache_dir / "git").glob("*.lock"))) == 3
+        # And the bytes received were reported as they came (Flower's progress)
+        assert reported and all(total is None for _, total in reported)
+        assert max(done for done, _ in reported) > 0
         fetched = {name: server.fetches(name) for name in ("super.git", "sub.git", "deep.git")}
         assert all(fetched.values()), fetched
 

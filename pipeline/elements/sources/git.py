@@ -393,7 +393,10 @@ def _stage(
 
 def _mirror(repo: _Repo, ctx: FetchContext) -> Path:
     try:
-        return fetch_commit(ctx.cache_dir, repo.upstream, repo.urls, repo.commit, ctx.network)
+        return fetch_commit(
+            ctx.cache_dir, repo.upstream, repo.urls, repo.commit, ctx.network,
+            lambda received: ctx.progress(received, None),
+        )  # fmt: skip
     except GitRemoteError as exc:
         what = "repository" if not repo.prefix else f"submodule {'/'.join(repo.prefix)}"
         # A commit that no URL has is for people to fix; a URL that did not

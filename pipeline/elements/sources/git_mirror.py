@@ -22,7 +22,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +93,18 @@ def git_network_env() -> dict[str, str]:
 
 
 def network_git(
-    cwd: Path, args: list[str], settings: NetworkSettings, *, timeout: float | None = None
+    cwd: Path,
+    args: list[str],
+    settings: NetworkSettings,
+    *,
+    timeout: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``git ARGS`` in ``cwd`` with the network settings; any exit code is returned.
+
+    Args:
+        progress: called with the bytes received so far, as ``git fetch
+            --progress`` reports them (only for a fetch).
 
     Raises:
         GitRemoteError: git could not be run, or it ran past its timeout.
@@ -108,19 +118,66 @@ def network_git(
     ]  # fmt: skip
     if settings.ca_bundle is not None:
         options += ["-c", f"http.sslCAInfo={settings.ca_bundle}"]
+    command = ["git", "--no-replace-objects", *options, *args]
+    limit = timeout if timeout is not None else _FETCH_TIMEOUT
+    if progress is not None and args[:1] == ["fetch"]:
+        command.insert(command.index("fetch") + 1, "--progress")
+        return _run_reporting(command, cwd, limit, progress)
     try:
         return subprocess.run(
-            ["git", "--no-replace-objects", *options, *args],
-            cwd=cwd,
-            capture_output=True,
-            env=git_network_env(),
-            timeout=timeout if timeout is not None else _FETCH_TIMEOUT,
+            command, cwd=cwd, capture_output=True, env=git_network_env(), timeout=limit,
             check=False,
-        )
+        )  # fmt: skip
     except subprocess.TimeoutExpired:
         raise GitRemoteError(f"git {args[0]} timed out") from None
     except OSError as exc:
         raise GitRemoteError(f"cannot run git: {exc.strerror}") from exc
+
+
+_RECEIVED_RE = re.compile(rb"Receiving objects: .*?([0-9.]+) (bytes|KiB|MiB|GiB)")
+_UNITS = {b"bytes": 1, b"KiB": 1 << 10, b"MiB": 1 << 20, b"GiB": 1 << 30}
+
+
+def _run_reporting(
+    command: list[str], cwd: Path, limit: float, progress: Callable[[int], None]
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a fetch, turning its progress lines into ``progress(bytes)`` calls."""
+    try:
+        proc = subprocess.Popen(
+            command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=git_network_env(),
+        )  # fmt: skip
+    except OSError as exc:
+        raise GitRemoteError(f"cannot run git: {exc.strerror}") from exc
+    assert proc.stderr is not None
+    fired = threading.Event()
+
+    def expire() -> None:
+        fired.set()
+        proc.kill()
+
+    timer = threading.Timer(limit, expire)
+    timer.start()
+    said = bytearray()
+    pending = b""
+    try:
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            said += chunk
+            del said[: max(0, len(said) - 65536)]  # keep the end: the error is there
+            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+            for line in lines:
+                match = _RECEIVED_RE.search(line)
+                if match:
+                    progress(int(float(match.group(1)) * _UNITS[match.group(2)]))
+        code = proc.wait()
+    finally:
+        timer.cancel()
+        proc.stderr.close()
+    if fired.is_set():
+        raise GitRemoteError("git fetch timed out")
+    # Only the last state of each progress line matters in messages.
+    text = re.sub(rb"[^\n]*\r", b"", bytes(said))
+    return subprocess.CompletedProcess(command, code, b"", text)
 
 
 def has_commit(mirror: Path, commit: str) -> bool:
@@ -136,7 +193,12 @@ def has_commit(mirror: Path, commit: str) -> bool:
 
 
 def fetch_commit(
-    cache_dir: Path, upstream: str, urls: list[str], commit: str, settings: NetworkSettings
+    cache_dir: Path,
+    upstream: str,
+    urls: list[str],
+    commit: str,
+    settings: NetworkSettings,
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
     """The mirror of ``upstream`` holding ``commit``, fetched from ``urls`` if needed.
 
@@ -154,7 +216,7 @@ def fetch_commit(
         _ensure_bare(mirror)
         failures: list[FetchFailed] = []
         for url in urls:
-            reason = _fetch_into(mirror, url, commit, settings)
+            reason = _fetch_into(mirror, url, commit, settings, progress)
             if reason is None:
                 return mirror
             failures.append(FetchFailed(url, reason))
@@ -211,20 +273,40 @@ _MISSING = "the commit is not there"
 _ALL_REFS = ("+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
 
 
-def _fetch_into(mirror: Path, url: str, commit: str, settings: NetworkSettings) -> str | None:
+def _fetch_into(
+    mirror: Path,
+    url: str,
+    commit: str,
+    settings: NetworkSettings,
+    progress: Callable[[int], None] | None,
+) -> str | None:
     """Fetch from one URL until the commit is there; None on success, else why not."""
-    result = network_git(mirror, ["fetch", "--quiet", url, *_ALL_REFS], settings)
+    quiet = [] if progress is not None else ["--quiet"]
+    before = _objects_size(mirror) if progress is not None else 0
+    result = network_git(mirror, ["fetch", *quiet, url, *_ALL_REFS], settings, progress=progress)
+    if progress is not None:
+        # git prints byte counts only on slow transfers: say what arrived.
+        progress(_objects_size(mirror) - before)
     if result.returncode == 0 and has_commit(mirror, commit):
         return None
     first = _said(result) if result.returncode != 0 else None
     # The commit may be on no branch or tag: ask for it by id (protocol v2
     # servers and uploadpack.allowReachableSHA1InWant allow that).
-    direct = network_git(mirror, ["fetch", "--quiet", url, commit], settings)
+    direct = network_git(mirror, ["fetch", *quiet, url, commit], settings, progress=progress)
     if direct.returncode == 0 and has_commit(mirror, commit):
         return None
     if first is not None:
         return first
     return _MISSING
+
+
+def _objects_size(mirror: Path) -> int:
+    total = 0
+    for path in (mirror / "objects").rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
 
 
 def _said(result: subprocess.CompletedProcess[bytes]) -> str:

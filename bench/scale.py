@@ -52,7 +52,7 @@ from pipeline.testing.dag import make_dag_project
 from pipeline.testing.sysroot import make_busybox_sysroot
 
 FORMAT = "%{name} %{key}"
-PHASES = ("load", "specs", "lookup", "snapshot", "redis", "send")
+PHASES = ("load", "specs", "lookup", "sources", "snapshot", "redis", "send")
 LOAD_SUBMIT_TARGET = 2.0  # seconds, for 10,000 elements
 BST_RATIO_TARGET = 5.0
 STATUS_TARGET = 0.3  # seconds, for a 10,000-element build

@@ -5,6 +5,7 @@ messages and exit codes in one place (:func:`cli.errors.handles_errors`)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -389,6 +390,14 @@ def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]
 @main.command()
 @click.option("--concurrency", "-c", type=int, default=None, help="Tasks at once (threads).")
 @click.option(
+    "--fetch-concurrency",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Source downloads at once, in a second worker process on the remex.fetch "
+    "queue (default: worker.fetch-concurrency; 0: no fetch pool on this host).",
+)
+@click.option("--fetch-only", is_flag=True, hidden=True, help="Be the fetch pool.")
+@click.option(
     "--queues",
     "-Q",
     default=None,
@@ -412,36 +421,107 @@ def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]
 @handles_errors
 def worker(
     concurrency: int | None,
+    fetch_concurrency: int | None,
+    fetch_only: bool,
     queues: str | None,
     name: str | None,
     project_dir: Path | None,
     loglevel: str,
 ) -> None:
-    """Start a Celery worker for the stage tasks, with its own local CAS."""
+    """Start a Celery worker for the stage tasks, with its own local CAS.
+
+    Source downloads (``remex.fetch_source``) run in a second worker process
+    of their own (``worker.fetch-concurrency`` threads, queue ``remex.fetch``),
+    started and stopped with this one, so they never hold build slots.
+    """
     import socket
 
-    from pipeline.broker import DEFAULT_QUEUE, host_queue
+    from pipeline.broker import DEFAULT_QUEUE, FETCH_QUEUE, host_queue
     from pipeline.config import load_config
     from tasks.app import create_app
 
     config = load_config(project_dir)
     wait_for_broker(config.require_broker())
     name = name or socket.gethostname()
+    fetches = config.fetch_concurrency if fetch_concurrency is None else fetch_concurrency
+    common = ["--task-events", "--without-gossip", "--without-mingle", f"--loglevel={loglevel}"]
+    if fetch_only:
+        from pipeline.stages.fetch import remove_stale_scratch
+
+        # What a worker killed mid-download left: never a file that counts.
+        remove_stale_scratch(config.cas_dir)
+        app = create_app(config, worker_name=name)
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={max(fetches, 1)}",
+                f"--queues={FETCH_QUEUE}",
+                f"--hostname=remex-{name}-fetch@%h",
+                *common,
+            ]
+        )
+        return
     all_queues = [DEFAULT_QUEUE, host_queue(name), *(q for q in (queues or "").split(",") if q)]
+    pool = _start_fetch_pool(name, fetches, project_dir, loglevel) if fetches > 0 else None
     app = create_app(config, worker_name=name)
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={concurrency or config.worker_concurrency}",
-            f"--queues={','.join(all_queues)}",
-            f"--hostname=remex-{name}@%h",
-            "--task-events",
-            "--without-gossip",
-            "--without-mingle",
-            f"--loglevel={loglevel}",
-        ]
-    )
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={concurrency or config.worker_concurrency}",
+                f"--queues={','.join(all_queues)}",
+                f"--hostname=remex-{name}@%h",
+                *common,
+            ]
+        )
+    finally:
+        if pool is not None:
+            _stop_fetch_pool(pool)
+
+
+def _start_fetch_pool(
+    name: str, concurrency: int, project_dir: Path | None, loglevel: str
+) -> subprocess.Popen[bytes]:
+    """``remex worker --fetch-only`` as a child process (same output), which
+    dies with this one (PR_SET_PDEATHSIG), so no fetch pool outlives its worker."""
+    args = [
+        sys.executable,
+        "-c",
+        "from cli import main; main()",
+        "worker",
+        "--fetch-only",
+        "--name",
+        name,
+        "--fetch-concurrency",
+        str(concurrency),
+        "--loglevel",
+        loglevel,
+        *(["-C", str(project_dir)] if project_dir is not None else []),
+    ]
+    return subprocess.Popen(args, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM when the parent dies, even by SIGKILL.
+    import contextlib
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop_fetch_pool(pool: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the fetch pool (Celery's warm shutdown), then SIGKILL after a grace."""
+    if pool.poll() is None:
+        pool.terminate()
+        try:
+            pool.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+            pool.wait()
 
 
 @main.command()

@@ -82,8 +82,16 @@ def element_line(element: ElementStatus) -> tuple[str, str, str, str]:
     stage = info.get("stage", "") if running else ""
     if running and info.get("remote_stage"):
         stage += f" ({info['remote_stage'].lower()})"
+    if running and info.get("bytes_done") is not None:
+        # A fetch node downloading.
+        total = info.get("bytes_total")
+        stage += f" ({_mb(info['bytes_done'])}" + (f"/{_mb(total)})" if total else ")")
     detail = ""
-    if state == ElementState.BUILT:
+    if state == ElementState.BUILT and info.get("kind") == "fetch":
+        detail = "fetched" if info.get("downloaded") else "in the source cache"
+        if info.get("built_by"):
+            detail = "fetched by another build"
+    elif state == ElementState.BUILT:
         detail = "action cache hit" if info.get("action_cached") else "built"
         if info.get("built_by"):
             detail = "built by another build"
@@ -96,6 +104,10 @@ def element_line(element: ElementStatus) -> tuple[str, str, str, str]:
         end = info.get("finished") or time.time()
         seconds = f"{end - info['started']:.1f}s"
     return state, stage, detail, seconds
+
+
+def _mb(size: Any) -> str:
+    return f"{float(size) / 1e6:.1f} MB"
 
 
 # A build of more elements than this shows only those worth a look (running,

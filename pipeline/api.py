@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,18 @@ from kombu.utils.url import maybe_sanitize_url
 from pipeline import __version__
 from pipeline.cas import LocalCas
 from pipeline.config import OptionSetting, RemexConfig, load_config
-from pipeline.digest import Digest
+from pipeline.digest import EMPTY_DIGEST, Digest, digest_to_json
 from pipeline.elements import load_project
 from pipeline.elements.element import Element
 from pipeline.elements.errors import LoadError
 from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
 from pipeline.elements.project import gc_paused
+from pipeline.elements.sources import FetchRequest
 from pipeline.errors import BrokerUnavailableError, RemexError
 from pipeline.scheduler import BuildStatus, Scheduler
-from pipeline.spec import BuildSpec
+from pipeline.spec import BuildSpec, source_uri
 from pipeline.stages import StageContext, lookup_artifact, snapshot_sources
+from pipeline.stages.fetch import fetch_spec, lookup_sources
 
 RECONNECT_SECONDS = 15.0
 """How long one command of the API retries a Redis that cannot be reached."""
@@ -207,14 +210,18 @@ def submit(
     ``-o NAME VALUE``); they are checked against the project's declarations.
     ``timings``, if given, receives each phase's wall time in seconds:
     ``load`` (load and key), ``specs`` (sources staged, build specs),
-    ``lookup`` (artifacts), ``snapshot`` (sources uploaded), ``redis`` (the
+    ``lookup`` (artifacts), ``sources`` (the source cache looked up for
+    network sources), ``snapshot`` (sources uploaded), ``redis`` (the
     build's state written) and ``send`` (the ready elements' chains).
 
     Everything that can be wrong with the input is found before anything is
     enqueued. Elements whose artifact exists are done at once (``cached``),
-    as far as :func:`cached_elements` looks; the others' sources are
+    as far as :func:`cached_elements` looks; the others' local sources are
     snapshotted into the artifact server's CAS, so an edit after this returns
-    does not change the build.
+    does not change the build. Their network sources are looked up in the
+    source cache: one missing becomes a fetch node of the build (a
+    ``remex.fetch_source`` task on a worker) that the elements using it wait
+    for; this host downloads nothing.
 
     Raises:
         ConfigError: no broker or execution server is configured and no stack is up.
@@ -235,29 +242,133 @@ def submit(
             elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
             clock.done("load")
             specs: list[BuildSpec] = []
-            source_trees: list[list[Digest]] = []
+            sources: list[ElementSources] = []
             with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
                 for element in elements:
-                    digests = [
-                        source.stage(ctx.local_cas, Path(workdir) / f"{len(specs)}-{i}")
-                        for i, source in enumerate(element.sources)
-                    ]
-                    spec = element.build_spec(digests)
+                    planned = stage_local_sources(ctx, element, Path(workdir) / str(len(specs)))
+                    spec = element.build_spec(planned.digests)
                     spec["priority"] = priority
                     specs.append(spec)
-                    source_trees.append(digests)
+                    sources.append(planned)
             clock.done("specs")
             found = cached_elements(ctx, elements, specs)
             cached = [element.name for element in elements if element.name in found]
             clock.done("lookup")
-            for element, digests in zip(elements, source_trees, strict=True):
-                if element.name not in found:
-                    snapshot_sources(ctx, digests)
+            # Cached elements' sources are not needed (as bst: not fetched).
+            building = [
+                (spec, planned)
+                for element, spec, planned in zip(elements, specs, sources, strict=True)
+                if element.name not in found
+            ]
+            project = _project_name(elements)
+            fetches = plan_fetches(ctx, building, project=project, priority=priority)
+            clock.done("sources")
+            for _, planned in building:
+                snapshot_sources(ctx, planned.local)
             clock.done("snapshot")
         with broker_errors(config.require_broker()):
             return _enqueue(
-                config, project_dir, targets, elements, specs, cached, options, clock, priority
+                config,
+                project_dir,
+                targets,
+                elements,
+                specs,
+                cached,
+                options,
+                clock,
+                priority,
+                fetches=fetches,
             )
+
+
+def _project_name(elements: Sequence[Element]) -> str:
+    return elements[0].project if elements else ""
+
+
+@dataclass
+class ElementSources:
+    """An element's sources as the submitter sees them.
+
+    Attributes:
+        digests: one per source: the staged tree of a local source, or a
+            placeholder (the empty tree) for a network source.
+        local: the staged trees (to snapshot into the artifact server's CAS).
+        requests: (source index, fetch request) of each network source.
+    """
+
+    digests: list[Digest] = field(default_factory=list)
+    local: list[Digest] = field(default_factory=list)
+    requests: list[tuple[int, FetchRequest]] = field(default_factory=list)
+
+
+def stage_local_sources(ctx: StageContext, element: Element, workdir: Path) -> ElementSources:
+    """Stage the element's local sources into the local CAS; note what its
+    network sources need fetched (the submitting host downloads nothing).
+
+    Raises:
+        SourceError: a local source changed since it was loaded.
+    """
+    planned = ElementSources()
+    for index, source in enumerate(element.sources):
+        request = source.fetch_request(element.name, index, element.file)
+        if request is None:
+            digest = source.stage(ctx.local_cas, workdir / str(index))
+            planned.local.append(digest)
+        else:
+            digest = EMPTY_DIGEST
+            planned.requests.append((index, request))
+        planned.digests.append(digest)
+    return planned
+
+
+@dataclass
+class FetchPlan:
+    """The fetch nodes a build needs, and which elements wait for which."""
+
+    specs: list[BuildSpec] = field(default_factory=list)
+    """One per source missing from the source cache (distinct cache keys)."""
+    waits: dict[str, list[str]] = field(default_factory=dict)
+    """Element -> the fetch nodes it build-depends on."""
+    hits: int = 0
+    """Network sources found in the source cache (nothing to fetch)."""
+
+
+def plan_fetches(
+    ctx: StageContext,
+    building: Sequence[tuple[BuildSpec, ElementSources]],
+    *,
+    project: str,
+    priority: int,
+) -> FetchPlan:
+    """Look the network sources of the elements to build up in the source
+    cache; point their specs at the tree (a hit) or at the source cache URI
+    (a miss), and make one fetch node per missing source.
+
+    Raises:
+        RemoteError: the artifact server failed (after retries).
+    """
+    keys = [request["key"] for _, planned in building for _, request in planned.requests]
+    hits = lookup_sources(ctx, keys)
+    plan = FetchPlan()
+    nodes: dict[str, str] = {}
+    for spec, planned in building:
+        for index, request in planned.requests:
+            entry = spec["sources"][index]
+            key = request["key"]
+            if key in hits:
+                entry["digest"] = digest_to_json(hits[key])
+                plan.hits += 1
+                continue
+            entry.pop("digest", None)
+            entry["uri"] = source_uri(key)
+            if key not in nodes:
+                node = fetch_spec(project, request, priority)
+                nodes[key] = node["element"]
+                plan.specs.append(node)
+            waits = plan.waits.setdefault(spec["element"], [])
+            if nodes[key] not in waits:
+                waits.append(nodes[key])
+    return plan
 
 
 def _enqueue(
@@ -270,16 +381,21 @@ def _enqueue(
     options: Mapping[str, str] | None,
     clock: _PhaseClock,
     priority: int,
+    *,
+    fetches: FetchPlan | None = None,
 ) -> str:
     scheduler = Scheduler.from_url(config.require_broker(), reconnect_seconds=RECONNECT_SECONDS)
     names = {e.name for e in elements}
+    fetches = fetches or FetchPlan()
     # An element waits for everything staged into its build: its build
-    # dependencies and their runtime closure.
+    # dependencies and their runtime closure, and the fetches of its sources.
     build_deps = {
-        e.name: [d.name for d in e.staged_dependencies() if d.name in names] for e in elements
+        e.name: [d.name for d in e.staged_dependencies() if d.name in names]
+        + fetches.waits.get(e.name, [])
+        for e in elements
     }
     build_id, ready = scheduler.create_build(
-        specs,
+        [*fetches.specs, *specs],
         build_deps,
         cached,
         {
@@ -299,6 +415,122 @@ def _enqueue(
         send_element(app, scheduler, build_id, element_name)
     clock.done("send")
     return build_id
+
+
+DEPS_CHOICES = ("none", "run", "build", "all")
+"""``--deps`` of ``remex source fetch``, as bst's."""
+
+
+def select_deps(loaded: Sequence[Element], targets: Sequence[Element], deps: str) -> list[Element]:
+    """The elements ``--deps`` picks, in plan order: ``none`` the targets,
+    ``run`` with their runtime closure, ``build`` their build scope (the
+    build dependencies and their runtime closure, not the targets), ``all``
+    everything the targets need.
+
+    Raises:
+        ValueError: an unknown ``deps``.
+    """
+    if deps not in DEPS_CHOICES:
+        raise ValueError(f"deps must be one of {', '.join(DEPS_CHOICES)}, not {deps!r}")
+    if deps == "all":
+        return list(loaded)
+    chosen: set[int] = set()
+    for target in targets:
+        if deps == "none":
+            chosen.add(id(target))
+        elif deps == "run":
+            chosen.update(id(e) for e in target.runtime_closure())
+        else:
+            chosen.update(id(e) for e in target.staged_dependencies())
+    return [e for e in loaded if id(e) in chosen]
+
+
+def submit_source_fetch(
+    project_dir: Path | str,
+    targets: Sequence[str],
+    *,
+    deps: str = "none",
+    config: RemexConfig | None = None,
+    options: Mapping[str, str] | None = None,
+    priority: int = 5,
+) -> tuple[str | None, int]:
+    """Fill the source cache with the network sources of the elements
+    ``deps`` picks from ``targets``: a build of fetch nodes only, one per
+    source the cache lacks (the workers download; this host does not).
+
+    Returns:
+        The build id (None: every source was in the cache already, or there
+        is no network source), and how many sources the cache had.
+
+    Raises:
+        ConfigError, ElementError, RemexError: as :func:`submit`.
+        ValueError: a bad ``deps`` or ``priority``.
+    """
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
+        raise ValueError(f"priority must be an integer from 0 to 9, not {priority!r}")
+    project_dir = Path(project_dir).resolve()
+    config = _config(project_dir, config)
+    config.require_broker()
+    with gc_paused(), open_context(config) as ctx, ctx.local_cas.pin():
+        loaded, target_elements = plan_targets(
+            project_dir, targets, cas=ctx.local_cas, options=options, config=config
+        )
+        selected = select_deps(loaded, target_elements, deps)
+        requests = [
+            request
+            for element in selected
+            for index, source in enumerate(element.sources)
+            if (request := source.fetch_request(element.name, index, element.file)) is not None
+        ]
+        hits = lookup_sources(ctx, (request["key"] for request in requests))
+    specs: dict[str, BuildSpec] = {}
+    for request in requests:
+        if request["key"] not in hits and request["key"] not in specs:
+            specs[request["key"]] = fetch_spec(_project_name(loaded), request, priority)
+    if not specs:
+        return None, len(hits)
+    meta = {
+        "project": _project_name(loaded),
+        "project_dir": str(project_dir),
+        "targets": list(targets),
+        "options": dict(options or {}),
+        "remex_version": __version__,
+        "priority": priority,
+        "what": "source fetch",
+    }
+    with broker_errors(config.require_broker()):
+        scheduler = Scheduler.from_url(config.require_broker(), reconnect_seconds=RECONNECT_SECONDS)
+        build_id, ready = scheduler.create_build(list(specs.values()), {}, [], meta)
+        from pipeline.broker import make_celery, send_element
+
+        app = make_celery(config)
+        for name in ready:
+            send_element(app, scheduler, build_id, name)
+    return build_id, len(hits)
+
+
+def element_source_spec(
+    ctx: StageContext,
+    element: Element,
+    workdir: Path,
+) -> tuple[BuildSpec, list[FetchRequest]]:
+    """The element's build spec with its sources as a build would stage them:
+    local ones staged into the local CAS and uploaded to the artifact
+    server's CAS, network ones from the source cache. Returns the spec and
+    the requests of the network sources the cache lacks (their entries name
+    the source cache URI).
+
+    Raises:
+        SourceError, RemoteError: a local source changed; a server failed.
+    """
+    planned = stage_local_sources(ctx, element, workdir)
+    spec = element.build_spec(planned.digests)
+    plan_fetches(ctx, [(spec, planned)], project=element.project, priority=5)
+    snapshot_sources(ctx, planned.local)
+    missing = [
+        request for index, request in planned.requests if "digest" not in spec["sources"][index]
+    ]
+    return spec, missing
 
 
 class _PhaseClock:

@@ -26,8 +26,15 @@ from pipeline.stages.policy import DEFAULT_POLICY
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE = "remex"
+FETCH_QUEUE = "remex.fetch"
+"""The queue of the ``remex.fetch_source`` tasks: consumed by each worker's
+fetch pool (``[worker] fetch-concurrency``), never by its build slots."""
 STAGES = ("stage_to_cas", "upload", "execute", "fetch_outputs", "push_artifact")
-TASK_NAMES = {stage: f"remex.{stage}" for stage in STAGES}
+FETCH_STAGE = "fetch_source"
+"""The one task of a fetch node (a spec with ``fetch``): ``remex.fetch_source``."""
+TASK_STAGES = (*STAGES, FETCH_STAGE)
+"""Every task that works on a build node, and that the scheduler tracks."""
+TASK_NAMES = {stage: f"remex.{stage}" for stage in TASK_STAGES}
 # Message priority per stage (kombu's Redis transport serves lower numbers
 # first): the short stages that finish an element go before those that start
 # one, so a worker whose threads wait on executions does not leave finished
@@ -38,6 +45,8 @@ STAGE_PRIORITY = {
     "execute": 6,
     "fetch_outputs": 0,
     "push_artifact": 0,
+    # Alone on its queue: only builds' priorities order fetches.
+    "fetch_source": 0,
 }
 # A build's priority (0-9, lower runs sooner, like REAPI's
 # ``ExecutionPolicy.priority``) orders its messages ahead of the stage
@@ -212,8 +221,10 @@ def make_celery(config: RemexConfig) -> Celery:
 
 
 def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str) -> str:
-    """Send an element's five-stage chain, unless another build is already
-    building the same artifact (then this element waits on it).
+    """Send an element's five-stage chain, or a fetch node's one
+    ``remex.fetch_source`` task (on the ``remex.fetch`` queue), unless
+    another build is already building the same artifact or fetching the
+    same source (then this node waits on it).
 
     Returns "sent", "waiting", "not sent" (the element finished or its
     build was cancelled meanwhile) or "refused" (the broker refused the
@@ -226,6 +237,8 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     if owner:
         scheduler.mark_waiting_on(build_id, element, owner)
         return "waiting"
+    if "fetch" in spec:
+        return _send_fetch(app, scheduler, build_id, element, build_priority)
     # Task ids chosen here, so the scheduler knows them before anything runs
     # (``cancel`` revokes them).
     task_ids = [uuid() for _ in STAGES]
@@ -253,6 +266,32 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     return "sent"
 
 
+def _send_fetch(
+    app: Celery, scheduler: Scheduler, build_id: str, element: str, build_priority: int
+) -> str:
+    """Send a fetch node's one ``remex.fetch_source`` task (see :func:`send_element`)."""
+    task_id = uuid()
+    attempt = scheduler.mark_queued(build_id, element, task_ids=[task_id])
+    if not attempt:
+        return "not sent"
+    payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
+    try:
+        app.send_task(
+            TASK_NAMES[FETCH_STAGE],
+            args=(payload,),
+            task_id=task_id,
+            queue=FETCH_QUEUE,
+            argsrepr=task_label(build_id, element, attempt),
+            priority=message_priority(build_priority, FETCH_STAGE),
+        )
+    except PUBLISH_ERRORS as exc:
+        log.warning(
+            "could not send %s of build %s (the reconciler will): %s", element, build_id, exc
+        )
+        return "refused"
+    return "sent"
+
+
 def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) -> None:
     """Send every (build, element) that became ready."""
     for build_id, element in ready:
@@ -269,11 +308,11 @@ def queue_lists(queue: str) -> list[str]:
 
 def queued_task_ids(scheduler: Scheduler) -> set[str]:
     """The task ids of the messages waiting in a queue some live worker consumes:
-    the default queue and the host queues of the workers whose liveness key
+    the default queue, the fetch queue and the host queues of the workers whose liveness key
     exists (a message in a dead worker's own queue is as good as lost)."""
     # An instance is NAME/PID/RANDOM.
     names = {instance.rsplit("/", 2)[0] for instance in scheduler.live_workers()}
-    lists = queue_lists(DEFAULT_QUEUE)
+    lists = queue_lists(DEFAULT_QUEUE) + queue_lists(FETCH_QUEUE)
     for name in sorted(names):
         lists += queue_lists(host_queue(name))
     pipe = scheduler.redis.pipeline()
@@ -308,7 +347,7 @@ def stage_payload(raw: str) -> tuple[str, dict[str, Any]] | None:
     except (ValueError, KeyError, TypeError, IndexError):
         return None
     payload = args[0] if isinstance(args, list) and args else None
-    if stage not in STAGES or not isinstance(payload, dict) or "attempt" not in payload:
+    if stage not in TASK_STAGES or not isinstance(payload, dict) or "attempt" not in payload:
         return None
     return stage, payload
 

@@ -40,6 +40,7 @@ Where settings come from, later ones winning:
 
     [worker]
     concurrency = 4
+    fetch-concurrency = 4       # source downloads at once (a pool of their own)
     heartbeat-timeout = 30      # seconds; a silent running element is then checked
     reconcile-interval = 5      # seconds between reconciler passes
 
@@ -52,6 +53,7 @@ Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
 ``REMEX_{EXECUTION,STORAGE,ACTION_CACHE,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,
 CLIENT_KEY,TOKEN_FILE}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_CAS_DOWNLOAD``, ``REMEX_WORKER_CONCURRENCY``,
+``REMEX_WORKER_FETCH_CONCURRENCY``,
 ``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
 ``REMEX_CONFIG`` (an explicit config file, read instead of the user's).
 """
@@ -139,6 +141,9 @@ class RemexConfig:
     (opt-in: after a worker's local CAS is wiped mid-build, the chaos benchmark
     still sees builds fail in this mode)."""
     worker_concurrency: int = 4
+    fetch_concurrency: int = 4
+    """Source downloads at once per worker host (``[worker] fetch-concurrency``):
+    a pool of its own on the ``remex.fetch`` queue, so downloads never hold build slots."""
     heartbeat_timeout: float = 30.0
     reconcile_interval: float = 5.0
     project_options: Mapping[str, Mapping[str, OptionSetting]] = field(default_factory=dict)
@@ -334,10 +339,19 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
             _str(cas["download"], where, "cas.download"), f"{where}: cas.download"
         )
     worker = _table(data, "worker", where)
-    _known(worker, {"concurrency", "heartbeat-timeout", "reconcile-interval"}, where, "worker.")
+    _known(
+        worker,
+        {"concurrency", "fetch-concurrency", "heartbeat-timeout", "reconcile-interval"},
+        where,
+        "worker.",
+    )
     if "concurrency" in worker:
         changes["worker_concurrency"] = _positive(
             worker["concurrency"], f"{where}: worker.concurrency"
+        )
+    if "fetch-concurrency" in worker:
+        changes["fetch_concurrency"] = _positive(
+            worker["fetch-concurrency"], f"{where}: worker.fetch-concurrency"
         )
     for key, attr in (
         ("heartbeat-timeout", "heartbeat_timeout"),
@@ -436,6 +450,11 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
             env["REMEX_WORKER_CONCURRENCY"], "REMEX_WORKER_CONCURRENCY"
         )
         used.append("REMEX_WORKER_CONCURRENCY")
+    if env.get("REMEX_WORKER_FETCH_CONCURRENCY"):
+        changes["fetch_concurrency"] = _positive(
+            env["REMEX_WORKER_FETCH_CONCURRENCY"], "REMEX_WORKER_FETCH_CONCURRENCY"
+        )
+        used.append("REMEX_WORKER_FETCH_CONCURRENCY")
     for name, attr in (
         ("REMEX_HEARTBEAT_TIMEOUT", "heartbeat_timeout"),
         ("REMEX_RECONCILE_INTERVAL", "reconcile_interval"),

@@ -19,6 +19,15 @@ DigestJson = dict[str, Any]
 ARTIFACT_URI_PREFIX = "urn:fdc:remex:2026:artifact:"
 FAILURE_URI_PREFIX = "urn:fdc:remex:2026:failure:"
 INTEGRATED_URI_PREFIX = "urn:fdc:remex:2026:integrated:"
+SOURCE_URI_PREFIX = "urn:fdc:remex:2026:source:"
+FETCH_KIND = "fetch"
+"""The ``kind`` of a build node that fetches one source (see :attr:`BuildSpec.fetch`)."""
+
+
+def source_uri(key: str) -> str:
+    """The Remote Asset URI of a fetched source's tree in the source cache
+    (``key``: the source cache key, see ``pipeline.elements.sources.source_cache_key``)."""
+    return f"{SOURCE_URI_PREFIX}{key}"
 
 
 def artifact_uri(project: str, normal_name: str, cache_key: str) -> str:
@@ -74,12 +83,17 @@ class DependencySpec(TypedDict):
 
 
 class SourceSpec(TypedDict):
-    """One source, snapshotted as a Directory tree in the artifact server's CAS."""
+    """One source: a Directory tree in the artifact server's CAS, named by
+    its digest (snapshotted by the submitter, or found in the source cache),
+    or by its source cache URI (fetched by a ``fetch`` node of the build
+    before this element starts)."""
 
     kind: str
     """The source's kind (for people; the tree is what counts)."""
-    digest: DigestJson
-    """Root Directory of the source's content."""
+    digest: NotRequired[DigestJson]
+    """Root Directory of the source's content (absent: see ``uri``)."""
+    uri: NotRequired[str]
+    """Without ``digest``: the source cache URI (Remote Asset) its tree is under."""
     directory: str
     """Sub-folder of the element's source tree to stage it in ("" = top)."""
     apply: NotRequired[dict[str, Any]]
@@ -140,6 +154,11 @@ class BuildSpec(TypedDict):
     priority: NotRequired[int]
     """The build's priority, 0-9, lower runs sooner (absent: the default, 5):
     orders the element's messages and is the REAPI execution priority."""
+    fetch: NotRequired[dict[str, Any]]
+    """A ``fetch`` node (``kind`` "fetch", no command, no sources): the
+    ``FetchRequest`` of the one source it downloads into the source cache;
+    its ``artifact_uri`` is that source's cache URI (so two builds fetching
+    the same source fetch it once)."""
     fatal_warnings: NotRequired[list[str]]
     """project.conf ``fatal-warnings``: staging warnings (``overlaps``,
     ``unstaged-files``) with these tokens fail the element (absent: none)."""

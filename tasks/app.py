@@ -17,8 +17,9 @@ from typing import Any
 
 from celery import Celery, bootsteps, signals
 
-from pipeline.broker import STAGES, make_celery
+from pipeline.broker import TASK_STAGES, make_celery
 from pipeline.config import RemexConfig, load_config
+from tasks.fetch import register_fetch_task
 from tasks.flower import protect_metrics
 from tasks.runtime import BackgroundLoops, RuntimeHolder, WorkerRuntime
 from tasks.stages import register_stage_tasks
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def create_app(config: RemexConfig, *, worker_name: str | None = None) -> Celery:
-    """A Celery app with remex's settings and the five stage tasks.
+    """A Celery app with remex's settings, the five stage tasks and ``remex.fetch_source``.
 
     Args:
         config: where the broker and the servers are.
@@ -46,6 +47,7 @@ def create_app(config: RemexConfig, *, worker_name: str | None = None) -> Celery
     # Read by the tasks (StageTask.runtime): late binding, no module global.
     app.remex_runtime = holder
     register_stage_tasks(app)
+    register_fetch_task(app)
     loops = BackgroundLoops(app, holder)
 
     # Signals are process-wide: act only for this app's worker.
@@ -88,7 +90,7 @@ def record_taken(holder: RuntimeHolder, request: Any) -> None:
     """A stage message arrived (maybe prefetched, maybe with a countdown):
     record this worker as its holder, so the reconciler knows whom to watch."""
     stage = str(getattr(request, "name", "") or "").removeprefix("remex.")
-    if stage not in STAGES:
+    if stage not in TASK_STAGES:
         return
     try:
         args = request.args

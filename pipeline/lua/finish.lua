@@ -63,7 +63,12 @@ for _, t in ipairs(targets) do
         end
       end
     else
-      skip_dependents(b, element, 'dependency ' .. element .. ' failed')
+      -- The dependency's error goes with it: a failed fetch says why at once.
+      local why = 'dependency ' .. element .. ' failed'
+      if type(info['error']) == 'string' and info['error'] ~= '' then
+        why = why .. ': ' .. info['error']
+      end
+      skip_dependents(b, element, why)
     end
   end
 end

@@ -15,6 +15,7 @@ __all__ = [
     "BuildFailedError",
     "DependencyArtifactMissingError",
     "SourceMissingError",
+    "SourceNotFetchedError",
     "SpecError",
     "StageError",
 ]
@@ -101,4 +102,17 @@ class ArtifactNotFoundError(StageError):
 
     def __init__(self, uri: str, what: str = "artifact") -> None:
         super().__init__(uri, f"no {what} stored under {uri}")
+        self.uri = uri
+
+
+class SourceNotFetchedError(StageError):
+    """A source given by its source cache URI is not in the source cache (its
+    fetch node did not run, or the artifact server lost it)."""
+
+    def __init__(self, element: str, index: int, kind: str, uri: str) -> None:
+        super().__init__(
+            element,
+            f"{element}: source #{index + 1} ({kind}) is not in the source cache "
+            f"({uri or 'no URI in the spec'}); fetch it first (remex source fetch {element})",
+        )
         self.uri = uri

@@ -29,6 +29,7 @@ from pipeline.stages.errors import (
     SourceMissingError,
     SpecError,
 )
+from pipeline.stages.fetch import resolve_source
 from pipeline.stages.overlaps import (
     StagedLayer,
     StagingConflictError,
@@ -66,6 +67,7 @@ __all__ = [
     "check_staging",
     "dependency_files",
     "ensure_local_action",
+    "merged_sources",
     "output_paths_in_command",
     "stage_action",
     "stage_files",
@@ -458,14 +460,33 @@ def _dependency_path(spec: BuildSpec, index: int) -> list[str]:
 
 def _placed_sources(ctx: StageContext, spec: BuildSpec, *, full: bool = False) -> Digest:
     """The element's sources fetched and merged, each in its ``directory``, at ``source_root``."""
+    merged = merged_sources(ctx, spec, full=full)
+    return place_at(ctx.local_cas, merged, _parts(spec, spec["source_root"], "source_root"))
+
+
+def merged_sources(ctx: StageContext, spec: BuildSpec, *, full: bool = False) -> Digest:
+    """The element's sources brought into the local CAS and merged, each in
+    its ``directory`` (as the build stages them, before ``source_root``).
+
+    A source given by its source cache URI (no digest: a fetch node of the
+    build downloaded it) is looked up there.
+
+    Raises:
+        SpecError: a malformed source entry.
+        SourceMissingError: a snapshotted tree is not in the artifact CAS.
+        SourceNotFetchedError: the source cache has nothing under a source's URI.
+    """
     cas = ctx.local_cas
     placed: list[Digest] = []
     # A step that changes the files staged before it (a patch) needs them all.
     full = full or any("apply" in source for source in spec["sources"])
     for index, source in enumerate(spec["sources"]):
         try:
-            digest = digest_from_json(source["digest"])
-        except ValueError as exc:
+            if "digest" in source:
+                digest = digest_from_json(source["digest"])
+            else:
+                digest = resolve_source(ctx, spec["element"], index, source)
+        except (ValueError, KeyError, TypeError) as exc:
             raise SpecError(spec["element"], f"source #{index + 1}: {exc}") from exc
         try:
             _fetch(ctx, digest, full=full)
@@ -482,8 +503,7 @@ def _placed_sources(ctx: StageContext, spec: BuildSpec, *, full: bool = False) -
             ]
             continue
         placed.append(place_at(cas, digest, directory))
-    merged = merge_trees(cas, placed).digest
-    return place_at(cas, merged, _parts(spec, spec["source_root"], "source_root"))
+    return merge_trees(cas, placed).digest
 
 
 def _parts(spec: BuildSpec, path: str, what: str) -> list[str]:

@@ -95,6 +95,10 @@ class State(TypedDict, total=False):
     reupload: bool
     reuploads: int
     transient_failures: int
+    source: DigestDict
+    """A fetch node's result: the fetched source's tree."""
+    downloaded: bool
+    """A fetch node's result: whether it downloaded (False: the cache had it)."""
 
 
 VOLATILE_KEYS = frozenset({"timings", "uploaded", "remote_cache_hit"})

@@ -24,6 +24,7 @@ from pipeline.elements import (
     TarSource,
     load_project,
 )
+from pipeline.elements.sources import source_cache_key
 
 CONF = "name: src\nelement-path: elements\n"
 
@@ -290,22 +291,27 @@ def test_tar_other_schemes_are_refused(tmp_path: Path, cas: LocalCas) -> None:
     root = write_project(tmp_path / "p", tar_element("gopher://example.com/x.tar.gz", "0" * 64))
     error = load_error(root, cas)
     assert (error.line, error.field) == (4, "sources[0].url")
-    assert "only file:// and network URLs (directly or through a project alias)" in error.reason
+    assert "only file://, http(s):// and ftp:// URLs (directly or through a project" in error.reason
 
 
-def test_a_network_tar_loads_keyed_by_its_ref_and_refuses_to_stage(
+def test_a_network_tar_loads_keyed_by_its_ref_and_is_left_to_a_worker(
     tmp_path: Path, cas: LocalCas
 ) -> None:
-    # Given a tarball by https URL (as real projects have)
-    root = write_project(tmp_path / "p", tar_element("https://example.com/x.tar.gz", "a" * 64))
+    # Given a tarball by https URL through an alias (as real projects have)
+    conf = CONF + "aliases:\n  up: https://example.com/\n"
+    root = write_project(tmp_path / "p", tar_element("up:x.tar.gz", "a" * 64), conf)
     # When the project loads, then its key comes from the ref, as in bst
     [element] = load_project(root, cas=cas).load_targets(["e.bst"])
-    assert json.loads(element.sources[0].content_key())[0] == "a" * 64
-    # And staging it (a build) is one clear error at the source, not a download
-    with pytest.raises(SourceError) as info:
-        element.sources[0].stage(cas, tmp_path / "work")
-    assert "cannot fetch https://example.com/x.tar.gz" in str(info.value)
-    assert info.value.line == 3
+    source = element.sources[0]
+    assert json.loads(source.content_key())[0] == "a" * 64
+    # And a worker fetches it: the request names the candidates and is keyed by
+    # the URL as written (not what the alias points at), the ref and base-dir
+    request = source.fetch_request("e.bst", 0, "elements/e.bst")
+    assert request is not None
+    assert request["urls"] == ["https://example.com/x.tar.gz"]
+    assert request["key"] == source_cache_key("tar", ["up:x.tar.gz", "a" * 64, "*"])
+    assert request["config"] == {"ref": "a" * 64, "base-dir": "*"}
+    assert (request["element"], request["index"], request["field"]) == ("e.bst", 0, "sources[0]")
 
 
 def test_tar_missing_file_and_missing_ref(tmp_path: Path, cas: LocalCas) -> None:

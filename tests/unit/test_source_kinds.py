@@ -295,7 +295,7 @@ def test_project_sources_default_errors_point_at_project_conf(
     # Then the error is at the line of project.conf that set it
     error = load_error(root, cas)
     assert (error.file, error.line) == ("project.conf", 6)
-    assert "only file:// and network URLs" in error.reason
+    assert "only file://, http(s):// and ftp:// URLs" in error.reason
 
 
 @pytest.mark.parametrize(

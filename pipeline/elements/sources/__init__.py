@@ -7,10 +7,11 @@ cache key and can :meth:`Source.stage` its content as a Directory tree.
 
 As in BuildStream, every string field but ``kind`` and ``directory`` has its
 ``%{variables}`` expanded, and a URL ``alias:rest`` is the project's alias
-value followed by ``rest``. A source a worker downloads gives a
-:meth:`Source.fetch_request` (git over the network, with its submodules);
-the others (local files and folders, patches, local git repositories) are
-staged by the submitter.
+value followed by ``rest``. Local files (``file://`` tarballs, local paths,
+patches, local git repositories) are staged by the submitting host; network
+sources (:class:`NetworkSource`, or a :meth:`Source.fetch_request` that is
+not None: git over the network with its submodules ...) are downloaded by
+workers.
 
 Adding a kind is adding a module here with a :class:`Source` subclass and
 listing it in ``_KINDS``; nothing else in remex switches on a source kind's

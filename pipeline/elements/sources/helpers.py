@@ -141,7 +141,7 @@ def optional_ref(node: MappingNode, *, tracking: bool) -> ScalarNode | None:
 
 
 NETWORK_SCHEMES = frozenset({"http", "https", "ftp"})
-"""URL schemes of sources remex keys by their ref but cannot stage yet."""
+"""URL schemes of sources downloaded by workers (the others are local files)."""
 
 
 def file_url_path(url: str, node: ScalarNode, refusal: str) -> Path:

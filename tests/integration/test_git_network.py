@@ -10,16 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.cas import LocalCas, checkout
 from pipeline.elements import GitSource, SourceError, load_project
-from pipeline.elements.sources import FetchContext, FetchRequest
+from pipeline.elements.sources import FetchContext, FetchRequest, NetworkSettings
 from pipeline.testing.gitserver import GitDaemon, GitHttpServer, closed_port
 from tests.hello import file_tree
 
@@ -519,3 +522,54 @@ def test_track_tags_writes_tags_and_the_build_sees_them_with_git_describe(
     described = git(tmp_path / "out", "describe", "--tags", "--abbrev=40")
     assert described == f"v1.0-1-g{newer}"
     assert (tmp_path / "out" / "top.txt").read_text() == "newer\n"
+
+
+def test_a_hung_http_server_times_out_and_the_next_url_is_tried(
+    tmp_path: Path, served: tuple[Path, dict[str, str]]
+) -> None:
+    root, commits = served
+    cas = LocalCas(tmp_path / "cas")
+    # Given a first URL whose server accepts connections and never answers
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        hung.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(hung.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        with GitHttpServer(root) as server:
+            source = load_git(
+                project(tmp_path / "p", f"{server.url}/super.git",
+                        f"  ref: {commits['super']}\n  checkout-submodules: false\n"),
+                cas,
+            )  # fmt: skip
+            request = source.fetch_request("e.bst", 0, "elements/e.bst")
+            assert request is not None
+            request["urls"] = [f"http://127.0.0.1:{hung.getsockname()[1]}/super.git",
+                               *request["urls"]]  # fmt: skip
+            ctx = fetch_ctx(tmp_path, cas)
+            ctx.network = NetworkSettings(connect_timeout=2, read_timeout=2)
+
+            # When it is fetched, Then the hung URL is given up after the read
+            # timeout and the next one gives the commit
+            started = time.monotonic()
+            tree = staged_files(cas, request, ctx, tmp_path / "out")
+            assert "top.txt" in tree
+            assert time.monotonic() - started < 30
+            assert held, "the hung server was never asked"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        hung.close()

@@ -287,16 +287,15 @@ def _fetch_into(
     if progress is not None:
         # git prints byte counts only on slow transfers: say what arrived.
         progress(_objects_size(mirror) - before)
-    if result.returncode == 0 and has_commit(mirror, commit):
+    if result.returncode != 0:
+        return _said(result)  # the server failed: asking again for one commit would too
+    if has_commit(mirror, commit):
         return None
-    first = _said(result) if result.returncode != 0 else None
     # The commit may be on no branch or tag: ask for it by id (protocol v2
     # servers and uploadpack.allowReachableSHA1InWant allow that).
     direct = network_git(mirror, ["fetch", *quiet, url, commit], settings, progress=progress)
     if direct.returncode == 0 and has_commit(mirror, commit):
         return None
-    if first is not None:
-        return first
     return _MISSING
 
 

@@ -214,3 +214,25 @@ def test_a_local_repository_stages_its_submodules_with_the_same_code(tmp_path: P
     # Then both submodules are in the tree at their gitlink commits
     assert (tmp_path / "out" / "a" / "one.txt").read_text() == "1\n"
     assert (tmp_path / "out" / "lib" / "b" / "two.txt").read_text() == "2\n"
+
+
+def test_a_relative_submodule_url_override_resolves_against_the_superproject(
+    tmp_path: Path,
+) -> None:
+    # Given .gitmodules pointing nowhere useful, and the source's override relative
+    repos = tmp_path / "repos"
+    two = make_repo(repos / "two", {"two.txt": "2\n"})
+    modules = '[submodule "b"]\n\tpath = lib/b\n\turl = https://gone.invalid/two.git\n'
+    top = make_repo(repos / "top", {".gitmodules": modules}, {"lib/b": two})
+    root = tmp_path / "p"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text("name: g\nelement-path: elements\n")
+    (root / "elements" / "e.bst").write_text(
+        f"kind: import\nsources:\n- kind: git\n  url: file://{repos / 'top'}\n  ref: {top}\n"
+        "  submodules:\n    lib/b:\n      url: ../two\n"
+    )
+    cas = LocalCas(tmp_path / "cas")
+    source = load_project(root, cas=cas).load_targets(["e.bst"])[0].sources[0]
+    # When it is staged, Then the override, resolved like a .gitmodules URL, was used
+    checkout(cas, source.stage(cas, tmp_path / "scratch"), tmp_path / "out")
+    assert (tmp_path / "out" / "lib" / "b" / "two.txt").read_text() == "2\n"

@@ -377,14 +377,18 @@ def _stage(
             checkout = setting.get("checkout")
             if not (config["checkout_submodules"] if checkout is None else checkout):
                 continue
-            commit = gitlinks.get(path)
+            # Only a path the tree has a gitlink at (so a checked, safe path):
+            # one only in .gitmodules was never added; bst warns and skips it.
+            commit = gitlinks.get(path.strip("/"))
             if commit is None:
-                continue  # in .gitmodules but never added: bst warns and skips it
-            if setting.get("urls"):
+                continue
+            written = setting.get("url")
+            if written and not written.startswith(("./", "../")):
                 upstream, candidates = setting["upstream"], list(setting["urls"])
             else:
-                upstream, candidates = _submodule_urls(url, repo, config["aliases"])
-            queue.append(_Repo([*repo.prefix, *git_path(path)], upstream, candidates, commit))
+                upstream, candidates = _submodule_urls(written or url, repo, config["aliases"])
+            parts = path.strip("/").split("/")
+            queue.append(_Repo([*repo.prefix, *parts], upstream, candidates, commit))
     try:
         return builder.finish()
     except UnsafeArchiveError as exc:

@@ -573,3 +573,22 @@ def test_a_hung_http_server_times_out_and_the_next_url_is_tried(
         for conn in held:
             conn.close()
         hung.close()
+
+
+def test_source_track_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    # Given a source tracking a branch on a server that is down
+    down = f"http://127.0.0.1:{closed_port()}/super.git"
+    proj = project(tmp_path / "p", down, "  track: main\n")
+    # When it is tracked
+    result = remex("source", "track", "-C", str(proj), "e.bst", home=tmp_path)
+    # Then one line names where the source is and what failed, and nothing is written
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "elements/e.bst:3: sources[0]: cannot fetch to track 'main'" in lines[0]
+    assert down in lines[0]
+    assert "ref:" not in (proj / "elements" / "e.bst").read_text()
+    # And an unknown element is one sentence too
+    missing = remex("source", "track", "-C", str(proj), "nope.bst", home=tmp_path)
+    assert missing.returncode == 2 and "nope.bst" in missing.stderr
+    assert "Traceback" not in missing.stderr + result.stderr

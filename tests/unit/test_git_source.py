@@ -236,3 +236,21 @@ def test_a_relative_submodule_url_override_resolves_against_the_superproject(
     # When it is staged, Then the override, resolved like a .gitmodules URL, was used
     checkout(cas, source.stage(cas, tmp_path / "scratch"), tmp_path / "out")
     assert (tmp_path / "out" / "lib" / "b" / "two.txt").read_text() == "2\n"
+
+
+def test_a_repository_by_relative_path_resolves_its_relative_submodules(tmp_path: Path) -> None:
+    # Given a repository inside the project, written as a relative path
+    root = tmp_path / "p"
+    one = make_repo(root / "repos" / "one", {"one.txt": "1\n"})
+    modules = '[submodule "a"]\n\tpath = a\n\turl = ../one\n'
+    top = make_repo(root / "repos" / "top", {".gitmodules": modules}, {"a": one})
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text("name: g\nelement-path: elements\n")
+    (root / "elements" / "e.bst").write_text(
+        f"kind: import\nsources:\n- kind: git\n  url: repos/top\n  ref: {top}\n"
+    )
+    cas = LocalCas(tmp_path / "cas")
+    source = load_project(root, cas=cas).load_targets(["e.bst"])[0].sources[0]
+    assert isinstance(source, GitSource) and source.unique_key() == ["repos/top", top]
+    checkout(cas, source.stage(cas, tmp_path / "scratch"), tmp_path / "out")
+    assert (tmp_path / "out" / "a" / "one.txt").read_text() == "1\n"

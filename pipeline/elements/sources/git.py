@@ -188,6 +188,8 @@ class GitSource(Source):
         repo = None
         if not network:
             repo = _local_repo(upstream, url_node, ctx.project_dir)
+            # Absolute: relative submodule URLs and tracking resolve against it.
+            upstream = str(repo.resolve())
             if commit is not None:
                 exists = git(repo, "cat-file", "-e", f"{commit}^{{commit}}")
                 if exists.returncode != 0:

@@ -185,6 +185,10 @@ class GitSource(Source):
                 raise format_node.error(
                     f"ref-format must be one of {', '.join(_REF_FORMATS)}, got {ref_format!r}"
                 )
+        if network and commit is not None and upstream.startswith("file://"):
+            # A repository on this host too: a missing commit is refused now,
+            # not on a worker later (one on the workers' hosts only is not checked).
+            _check_file_url_commit(upstream, commit, ref_node)
         repo = None
         if not network:
             repo = _local_repo(upstream, url_node, ctx.project_dir)
@@ -590,6 +594,18 @@ def _local_repo(url: str, node: ScalarNode, project_dir: Path) -> Path:
     if probe.returncode != 0:
         raise node.error(f"not a git repository: {repo} ({stderr_of(probe)})")
     return repo
+
+
+def _check_file_url_commit(url: str, commit: str, ref_node: ScalarNode | None) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        return
+    path = Path(urllib.parse.unquote(parts.path))
+    if not path.is_dir() or git(path, "rev-parse", "--git-dir").returncode != 0:
+        return
+    if git(path, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+        assert ref_node is not None
+        raise ref_node.error(f"commit {commit} not found in git repository {url}")
 
 
 def _bool(node: MappingNode, key: str, default: bool) -> bool:

@@ -28,20 +28,15 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import tempfile
-import time
 from pathlib import Path
 
 from pipeline.reapi.channel import Endpoint
-from pipeline.servers.casd import CasdServer
-from pipeline.servers.process import pid_alive, unmount_under
+from pipeline.servers.casd import CASD_PID_FILE, CasdServer, kill_leftover_casd
 
 __all__ = ["BotCasd", "buildbox_url", "fuse_usable", "proxy_args"]
 
 log = logging.getLogger("remex.bot")
-
-PID_FILE = "casd.pid"
 
 
 def buildbox_url(url: str) -> str:
@@ -109,7 +104,7 @@ class BotCasd:
             ServerError: it did not start (its log's tail is in the message).
         """
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        _kill_leftover(self.cache_dir)
+        kill_leftover_casd(self.cache_dir)
         # A short private folder for the socket: the kernel limits a socket
         # path to 107 bytes, and the folder's mode decides who may connect.
         self._socket_dir = Path(tempfile.mkdtemp(prefix="remex-bot-casd-"))
@@ -129,7 +124,7 @@ class BotCasd:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             raise
         self._server = server
-        (self.cache_dir / PID_FILE).write_text(f"{server.pid}\n")
+        (self.cache_dir / CASD_PID_FILE).write_text(f"{server.pid}\n")
         log.info(
             "local CAS: buildbox-casd pid %s on %s, proxying %s (staging: %s; quota %s)",
             server.pid,
@@ -146,7 +141,7 @@ class BotCasd:
             self._server.close()
             self._server = None
             with contextlib.suppress(OSError):
-                (self.cache_dir / PID_FILE).unlink()
+                (self.cache_dir / CASD_PID_FILE).unlink()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
@@ -166,28 +161,3 @@ def fuse_usable() -> bool:
         return False
     os.close(fd)
     return True
-
-
-def _kill_leftover(cache_dir: Path) -> None:
-    """SIGKILL a casd left on ``cache_dir`` by a bot that died (its recorded PID,
-    only if that process is still a buildbox-casd serving this folder)."""
-    pid_file = cache_dir / PID_FILE
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        cmdline = []
-    ours = os.fsencode(cache_dir / "cas-root")
-    if cmdline and cmdline[0].endswith(b"buildbox-casd") and ours in cmdline:
-        log.warning("killing buildbox-casd %d left on %s by a bot that died", pid, cache_dir)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10.0
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        unmount_under(cache_dir)  # what its buildbox-fuse left
-    with contextlib.suppress(OSError):
-        pid_file.unlink()

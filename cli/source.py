@@ -20,6 +20,7 @@ import click
 from cli.errors import fail, handles_errors
 from cli.main import option_option, project_option
 from cli.progress import follow_build
+from cli.source_track import track_command
 from pipeline.scheduler import BuildStatus
 
 __all__ = ["source"]
@@ -27,7 +28,11 @@ __all__ = ["source"]
 
 @click.group()
 def source() -> None:
-    """Work with elements' sources: fetch them into the source cache, check them out."""
+    """Work with elements' sources: fetch them into the source cache, check them out,
+    track them."""
+
+
+source.add_command(track_command)
 
 
 @source.command("fetch")

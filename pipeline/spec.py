@@ -96,6 +96,11 @@ class SourceSpec(TypedDict):
     """Without ``digest``: the source cache URI (Remote Asset) its tree is under."""
     directory: str
     """Sub-folder of the element's source tree to stage it in ("" = top)."""
+    apply: NotRequired[dict[str, Any]]
+    """Absent: the tree is merged in ``directory``. Present: a step applied,
+    in ``directory``, to the sources merged before it; today
+    ``{"patch": FILE, "strip": N}``: the tree's FILE applied with
+    ``patch -pN`` (a failure fails the element)."""
 
 
 class CommandSpec(TypedDict):

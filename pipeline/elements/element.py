@@ -234,6 +234,10 @@ class Element:
             {"kind": source.kind, "digest": digest_to_json(digest), "directory": source.directory}
             for source, digest in zip(self.sources, source_digests, strict=True)
         ]
+        for entry, source in zip(sources, self.sources, strict=True):
+            step = source.apply_step()  # e.g. a patch, applied to the sources before it
+            if step is not None:
+                entry["apply"] = step
         recipe = self.plugin.recipe(self)
         return {
             "project": self.project,

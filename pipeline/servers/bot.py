@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from pipeline.servers.base import Server, remex_program
+from pipeline.servers.casd import kill_leftover_casd
 
 __all__ = ["BotProcess"]
 
@@ -109,6 +110,12 @@ class BotProcess(Server):
         """Send ``signum`` to the bot process alone (not its runs)."""
         if self._pid is not None and self._alive():
             os.kill(self._pid, signum)
+
+    def _after_stop(self) -> None:
+        # The bot's own casd runs in a session of its own, so a bot that was
+        # killed leaves it (and its FUSE mounts) behind: a dead host leaves nothing.
+        super()._after_stop()
+        kill_leftover_casd(self.workdir / "work" / "casd")
 
     def wait(self, timeout: float) -> int | None:
         """Wait up to ``timeout`` s for the bot to exit; its exit code, or None."""

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import shutil
+import signal
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pipeline.servers.base import HOST, Server, ServerError, reapi_answers, require_program
-from pipeline.servers.process import mounts_under, unmount_under
+from pipeline.servers.process import mounts_under, pid_alive, unmount_under
 
-__all__ = ["MAX_SOCKET_PATH", "CasdServer", "buildbox_dir"]
+__all__ = [
+    "CASD_PID_FILE",
+    "MAX_SOCKET_PATH",
+    "CasdServer",
+    "buildbox_dir",
+    "kill_leftover_casd",
+]
+
+log = logging.getLogger(__name__)
+
+#: Where a bot's casd records its PID, in its cache folder.
+CASD_PID_FILE = "casd.pid"
 
 #: The longest unix socket path the kernel takes (``sun_path`` is 108 bytes,
 #: with the terminating NUL).
@@ -141,3 +156,29 @@ class CasdServer(Server):
                     shutil.rmtree(child, ignore_errors=True)
                 else:
                     child.unlink(missing_ok=True)
+
+
+def kill_leftover_casd(cache_dir: Path) -> None:
+    """SIGKILL a casd left on ``cache_dir`` (its PID recorded in ``CASD_PID_FILE``
+    there) by a ``remex bot`` that died, only if that process is still a
+    buildbox-casd serving this folder; then unmount what its buildbox-fuse left."""
+    pid_file = cache_dir / CASD_PID_FILE
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        cmdline = []
+    ours = os.fsencode(cache_dir / "cas-root")
+    if cmdline and cmdline[0].endswith(b"buildbox-casd") and ours in cmdline:
+        log.warning("killing buildbox-casd %d left on %s by a bot that died", pid, cache_dir)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10.0
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        unmount_under(cache_dir)  # what its buildbox-fuse left
+    with contextlib.suppress(OSError):
+        pid_file.unlink()

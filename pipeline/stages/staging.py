@@ -36,6 +36,7 @@ from pipeline.stages.overlaps import (
     analyse_staging,
     whitelist_regex,
 )
+from pipeline.stages.patching import apply_source_step
 from pipeline.stages.recovery import rederives_lost_blobs
 from pipeline.stages.select import select_tree
 from pipeline.stages.state import (
@@ -479,7 +480,9 @@ def merged_sources(ctx: StageContext, spec: BuildSpec, *, full: bool = False) ->
         SourceNotFetchedError: the source cache has nothing under a source's URI.
     """
     cas = ctx.local_cas
-    placed = []
+    placed: list[Digest] = []
+    # A step that changes the files staged before it (a patch) needs them all.
+    full = full or any("apply" in source for source in spec["sources"])
     for index, source in enumerate(spec["sources"]):
         try:
             if "digest" in source:
@@ -494,9 +497,15 @@ def merged_sources(ctx: StageContext, spec: BuildSpec, *, full: bool = False) ->
             raise SourceMissingError(
                 spec["element"], index, source["kind"], digest_to_str(digest)
             ) from exc
-        placed.append(
-            place_at(cas, digest, _parts(spec, source["directory"], f"sources[{index}].directory"))
-        )
+        directory = _parts(spec, source["directory"], f"sources[{index}].directory")
+        if "apply" in source:
+            so_far = merge_trees(cas, placed).digest
+            step = source["apply"]
+            placed = [
+                apply_source_step(cas, spec["element"], index, step, directory, so_far, digest)
+            ]
+            continue
+        placed.append(place_at(cas, digest, directory))
     return merge_trees(cas, placed).digest
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import stat
+import subprocess
+import sys
 import tarfile
 import textwrap
 import zipfile
@@ -85,6 +88,11 @@ def load_sources(root: Path, server: LoopbackHttpServer, sources: str) -> list[S
     (root / "elements").mkdir(parents=True)
     (root / "project.conf").write_text(conf)
     (root / "elements/e.bst").write_text("kind: import\nsources:\n" + textwrap.dedent(sources))
+    project = load_project(root, cas=LocalCas(root / "cas"))
+    return list(project.load_targets(["e.bst"])[0].sources)
+
+
+def load_sources_from(root: Path) -> list[Source]:
     project = load_project(root, cas=LocalCas(root / "cas"))
     return list(project.load_targets(["e.bst"])[0].sources)
 
@@ -195,3 +203,50 @@ def test_hostile_archives_over_http_are_refused_permanently(
     assert not info.value.transient
     assert server.count(file="bad") == 1
     assert list(ctx.workdir.iterdir()) == []
+
+
+def test_remex_source_track_writes_the_sha256_of_tarballs_without_a_ref(
+    served: Path, server: LoopbackHttpServer, tmp_path: Path
+) -> None:
+    # Given a tar source with no ref yet and a remote one with an old ref, with comments
+    tar_ref = make_tar(served / "t.tar.xz", [("t-1/a.txt", b"a\n")])
+    (served / "tool.sh").write_bytes(b"#!/bin/sh\n")
+    root = tmp_path / "p"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text(
+        f"name: net\nelement-path: elements\naliases:\n  srv: {server.base_url}/\n"
+    )
+    element = (
+        "kind: import  # the top\n"
+        "sources:\n"
+        "- kind: tar\n"
+        "  url: srv:t.tar.xz  # the tarball\n"
+        "- kind: remote\n"
+        "  url: srv:tool.sh\n"
+        f"  ref: {'0' * 64}  # old\n"
+    )
+    (root / "elements/e.bst").write_text(element)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMEX_")}
+    env.update(REMEX_CAS_DIR=str(tmp_path / "cas"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    remex = Path(sys.executable).with_name("remex")
+    # When `remex source track` runs
+    result = subprocess.run(
+        [str(remex), "source", "track", "-C", str(root), "e.bst"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    # Then both refs are written, the rest of the file as it was
+    assert result.returncode == 0, result.stderr
+    tool_ref = hashlib.sha256(b"#!/bin/sh\n").hexdigest()
+    assert (root / "elements/e.bst").read_text() == (
+        "kind: import  # the top\n"
+        "sources:\n"
+        "- kind: tar\n"
+        "  url: srv:t.tar.xz  # the tarball\n"
+        f"  ref: {tar_ref}\n"
+        "- kind: remote\n"
+        "  url: srv:tool.sh\n"
+        f"  ref: {tool_ref}  # old\n"
+    )
+    # And the project now loads with those refs
+    sources = load_sources_from(root)
+    assert sources[0].content_key().startswith(f'["{tar_ref}"')

@@ -167,7 +167,7 @@ def test_unknown_source_kind_and_key(tmp_path: Path, cas: LocalCas) -> None:
     root = write_project(tmp_path / "a", "kind: import\nsources:\n- kind: svn\n  url: x\n")
     assert str(load_error(root, cas)) == (
         "elements/e.bst:3: sources[0].kind: unknown source kind 'svn' "
-        "(remex supports local, tar, git, zip, remote)"
+        "(remex supports local, tar, git, zip, remote, patch)"
     )
     root = write_project(
         tmp_path / "b", "kind: import\nsources:\n- kind: local\n  path: .\n  patch: x\n"
@@ -507,8 +507,8 @@ def test_git_url_not_a_repository(tmp_path: Path, cas: LocalCas) -> None:
     error = load_error(root, cas)
     assert (error.line, error.field) == (4, "sources[0].url")
     assert "not a git repository" in error.reason
-    root = write_project(tmp_path / "q", git_element("https://example.com/x.git", "a" * 40))
-    assert "only local git repositories" in load_error(root, cas).reason
+    root = write_project(tmp_path / "q", git_element("gopher://example.com/x.git", "a" * 40))
+    assert "git URL scheme 'gopher' is not supported" in load_error(root, cas).reason
 
 
 def test_git_url_inside_another_repository_is_not_a_repository(

@@ -22,6 +22,7 @@ from pipeline.elements.sources import (
     SOURCE_KINDS,
     GitSource,
     LocalSource,
+    PatchSource,
     RemoteSource,
     Source,
     SourceContext,
@@ -82,6 +83,7 @@ def test_every_kind_is_one_class_in_its_own_module() -> None:
         "git": GitSource,
         "zip": ZipSource,
         "remote": RemoteSource,
+        "patch": PatchSource,
     } == SOURCE_KINDS
     modules = {cls.__module__ for cls in SOURCE_KINDS.values()}
     assert modules == {
@@ -90,6 +92,7 @@ def test_every_kind_is_one_class_in_its_own_module() -> None:
         "pipeline.elements.sources.git",
         "pipeline.elements.sources.zip",
         "pipeline.elements.sources.remote",
+        "pipeline.elements.sources.patch",
     }
     for name, cls in SOURCE_KINDS.items():
         assert issubclass(cls, Source) and cls.kind == name
@@ -184,19 +187,19 @@ def test_buildstream_plugins_git_is_remex_git(tmp_path: Path, cas: LocalCas) -> 
 def test_declared_plugin_source_kind_remex_lacks_is_refused_at_its_kind_line(
     tmp_path: Path, cas: LocalCas
 ) -> None:
-    # Given buildstream-plugins' patch declared and used
+    # Given buildstream-plugins' cargo declared and used
     root = write(
         tmp_path / "p",
         {
-            "project.conf": CONF + PLUGINS.format(kinds="git, patch"),
-            "elements/e.bst": "kind: import\nsources:\n- kind: patch\n  path: x.diff\n",
+            "project.conf": CONF + PLUGINS.format(kinds="git, cargo"),
+            "elements/e.bst": "kind: import\nsources:\n- kind: cargo\n  url: x\n",
         },
     )
     # When loaded, Then the error names the kind, the package and that remex lacks it
     error = load_error(root, cas)
     assert (error.file, error.line, error.field) == ("elements/e.bst", 3, "sources[0].kind")
     assert error.reason == (
-        "source kind 'patch' from pip package buildstream-plugins (declared at "
+        "source kind 'cargo' from pip package buildstream-plugins (declared at "
         "project.conf:6, plugins[0].sources[1]) is not implemented by remex: remex runs "
         "no source plugins and does not implement it"
     )
@@ -236,7 +239,7 @@ def test_a_local_plugin_source_kind_is_refused(tmp_path: Path, cas: LocalCas) ->
 @pytest.mark.parametrize(
     ("kind", "words"),
     [
-        ("patch", "comes from the plugin package buildstream-plugins, not BuildStream's core"),
+        ("cargo", "comes from the plugin package buildstream-plugins, not BuildStream's core"),
         ("pip", "comes from the plugin package buildstream-plugins"),
         ("workspace", "internal to BuildStream"),
     ],

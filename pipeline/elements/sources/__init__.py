@@ -7,9 +7,11 @@ cache key and can :meth:`Source.stage` its content as a Directory tree.
 
 As in BuildStream, every string field but ``kind`` and ``directory`` has its
 ``%{variables}`` expanded, and a URL ``alias:rest`` is the project's alias
-value followed by ``rest``. Local files (``file://`` tarballs, local paths)
-are staged by the submitting host; network sources (:class:`NetworkSource`,
-or a :meth:`Source.fetch_request` that is not None) are downloaded by workers.
+value followed by ``rest``. Local files (``file://`` tarballs, local paths,
+patches, local git repositories) are staged by the submitting host; network
+sources (:class:`NetworkSource`, or a :meth:`Source.fetch_request` that is
+not None: git over the network with its submodules ...) are downloaded by
+workers.
 
 Adding a kind is adding a module here with a :class:`Source` subclass and
 listing it in ``_KINDS``; nothing else in remex switches on a source kind's
@@ -30,12 +32,12 @@ from pipeline.elements.sources.base import (
 )
 from pipeline.elements.sources.git import GitSource
 from pipeline.elements.sources.helpers import (
-    BST_CORE_SOURCE_KINDS,
     BST_PLUGINS_SOURCE_KINDS,
     project_path,
     resolve_alias,
 )
 from pipeline.elements.sources.local import LocalSource
+from pipeline.elements.sources.patch import PatchSource
 from pipeline.elements.sources.remote import RemoteSource
 from pipeline.elements.sources.settings import ProjectSources
 from pipeline.elements.sources.tar import TarSource
@@ -49,6 +51,7 @@ __all__ = [
     "LocalSource",
     "NetworkSettings",
     "NetworkSource",
+    "PatchSource",
     "ProjectSources",
     "RemoteSource",
     "Source",
@@ -61,7 +64,14 @@ __all__ = [
     "source_cache_key",
 ]
 
-_KINDS: tuple[type[Source], ...] = (LocalSource, TarSource, GitSource, ZipSource, RemoteSource)
+_KINDS: tuple[type[Source], ...] = (
+    LocalSource,
+    TarSource,
+    GitSource,
+    ZipSource,
+    RemoteSource,
+    PatchSource,
+)
 
 SOURCE_KINDS: dict[str, type[Source]] = {kind.kind: kind for kind in _KINDS}
 """The source kinds remex implements, by name."""
@@ -109,11 +119,6 @@ def _source_class(kind_node: ScalarNode, settings: ProjectSources) -> type[Sourc
     if cls is not None:
         return cls
     supported = ", ".join(SOURCE_KINDS)
-    if kind in BST_CORE_SOURCE_KINDS:
-        raise kind_node.error(
-            f"source kind {kind!r} is a BuildStream core source kind that remex does not "
-            f"implement (remex supports {supported})"
-        )
     if kind in BST_PLUGINS_SOURCE_KINDS:
         raise kind_node.error(
             f"source kind {kind!r} comes from the plugin package buildstream-plugins, not "

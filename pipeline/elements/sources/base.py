@@ -218,6 +218,18 @@ class Source(ABC):
         """
         return None
 
+    def tracked_keys(self) -> dict[str, Any]:
+        """Keys besides ``ref`` that the last :meth:`track` resolved and that
+        are written into the .bst file with it (git's ``tags``); {} for most kinds."""
+        return {}
+
+    def apply_step(self) -> dict[str, Any] | None:
+        """How the build applies this source's staged tree to what the element's
+        earlier sources staged (JSON, the spec's ``apply``), or None when the
+        tree is merged in its ``directory`` as it is (every kind but ``patch``).
+        """
+        return None
+
     def key_description(self) -> dict[str, Any]:
         """This source's part of the cache key."""
         return {"kind": self.kind, "directory": self.directory, "content": self.content_key()}

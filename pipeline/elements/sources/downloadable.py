@@ -39,7 +39,7 @@ from pipeline.elements.sources.helpers import (
     COMMON_KEYS,
     NETWORK_SCHEMES,
     file_url_path,
-    require_ref,
+    optional_ref,
     resolve_alias,
     sha256_of,
     source_directory,
@@ -135,12 +135,14 @@ class DownloadableSource(Source):
             url, url_node, f"only file://, http(s):// and ftp:// URLs (directly or through a "
             f"project alias) are supported for {cls.kind} sources"
         )  # fmt: skip
-        ref_node = require_ref(node)
-        ref = ctx.variables.expand_node(ref_node).lower()
-        if not _SHA256_RE.fullmatch(ref):
+        # No ref only while ``remex source track`` loads the project: track()
+        # is all that is asked of the source then.
+        ref_node = optional_ref(node, tracking=True)
+        ref = "" if ref_node is None else ctx.variables.expand_node(ref_node).lower()
+        if ref_node is not None and not _SHA256_RE.fullmatch(ref):
             raise ref_node.error(f"expected the {cls.noun}'s sha256 (64 hex digits), got {ref!r}")
         options = cls.load_options(node, ctx)
-        if path is not None:
+        if path is not None and ref_node is not None:
             if not path.is_file():
                 raise url_node.error(f"{cls.noun} not found: {path}")
             try:

@@ -6,21 +6,24 @@ implement, so that a project using one is told where that kind comes from.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import posixpath
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
 from pipeline.elements.nodes import MappingNode, ScalarNode
 
 __all__ = [
-    "BST_CORE_SOURCE_KINDS",
     "BST_PLUGINS_SOURCE_KINDS",
     "COMMON_KEYS",
     "NETWORK_SCHEMES",
     "file_url_path",
+    "loading_for_tracking",
+    "optional_ref",
     "project_path",
     "require_ref",
     "resolve_alias",
@@ -30,8 +33,6 @@ __all__ = [
 
 #: Keys every source may have, whatever its kind (BuildStream's COMMON_CONFIG_KEYS).
 COMMON_KEYS = ("kind", "directory", "provenance")
-#: BuildStream 2.8.1's core source kinds (``workspace`` is internal to bst).
-BST_CORE_SOURCE_KINDS = ("local", "remote", "tar")
 #: The source kinds buildstream-plugins 2.8.0 declares (its entry points; the
 #: 2.8.0 wheel names a ``zip`` module it does not ship).
 BST_PLUGINS_SOURCE_KINDS = ("bzr", "cargo", "docker", "git", "patch", "pip", "zip")
@@ -107,6 +108,33 @@ def require_ref(node: MappingNode) -> ScalarNode:
             field=node.child_path("ref"),
         )
     return ref_node
+
+
+_TRACKING: contextvars.ContextVar[bool] = contextvars.ContextVar("tracking", default=False)
+
+
+@contextlib.contextmanager
+def loading_for_tracking() -> Iterator[None]:
+    """Load sources that have a ``track`` but no ``ref`` yet (``remex source
+    track``): inside this block :func:`optional_ref` lets them load unresolved."""
+    token = _TRACKING.set(True)
+    try:
+        yield
+    finally:
+        _TRACKING.reset(token)
+
+
+def optional_ref(node: MappingNode, *, tracking: bool) -> ScalarNode | None:
+    """The source's ``ref``, or None while loading for tracking a source that
+    can track (``tracking``) and has no ref yet.
+
+    Raises:
+        LoadError: ``ref`` is missing or null otherwise (as :func:`require_ref`).
+    """
+    ref_node = node.get_scalar("ref")
+    if (ref_node is None or ref_node.value is None) and tracking and _TRACKING.get():
+        return None
+    return require_ref(node)
 
 
 NETWORK_SCHEMES = frozenset({"http", "https", "ftp"})

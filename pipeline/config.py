@@ -43,6 +43,10 @@ Where settings come from, later ones winning:
     heartbeat-timeout = 30      # seconds; a silent running element is then checked
     reconcile-interval = 5      # seconds between reconciler passes
 
+    [build]
+    on-error = "continue"       # or "quit", "terminate": what a failed element does
+                                # to the rest of its build (as bst's --on-error)
+
     [projects.NAME.options]     # option values of the project named NAME
     debug = true                # (BuildStream's ``projects: NAME: options:``);
     flags = ["a", "b"]          # ``-o NAME VALUE`` on the command line wins
@@ -52,7 +56,7 @@ Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
 ``REMEX_{EXECUTION,STORAGE,ACTION_CACHE,ARTIFACTS}_{URL,INSTANCE_NAME,SERVER_CA,CLIENT_CERT,
 CLIENT_KEY,TOKEN_FILE}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_CAS_DOWNLOAD``, ``REMEX_WORKER_CONCURRENCY``,
-``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
+``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``, ``REMEX_BUILD_ON_ERROR``,
 ``REMEX_CONFIG`` (an explicit config file, read instead of the user's).
 """
 
@@ -69,6 +73,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pipeline.errors import ConfigError
 from pipeline.reapi.channel import Endpoint
+
+#: ``[build] on-error`` values (pipeline.scheduler.ON_ERROR_MODES): after an
+#: element fails, ``continue`` builds what does not depend on it, ``quit``
+#: starts nothing new, ``terminate`` also cancels what is running.
+ON_ERROR_MODES = ("continue", "quit", "terminate")
 
 #: ``[cas] download`` values (the same as pipeline.stages.context.DOWNLOAD_MODES).
 DOWNLOAD_MODES = ("minimal", "all")
@@ -141,6 +150,8 @@ class RemexConfig:
     worker_concurrency: int = 4
     heartbeat_timeout: float = 30.0
     reconcile_interval: float = 5.0
+    on_error: str = "continue"
+    """``[build] on-error``: a build's default on-error mode (:data:`ON_ERROR_MODES`)."""
     project_options: Mapping[str, Mapping[str, OptionSetting]] = field(default_factory=dict)
     """Project name -> option name -> its value from ``[projects.NAME.options]``."""
     sources: tuple[str, ...] = ()
@@ -302,7 +313,7 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
     where = str(path)
-    _known(data, {"broker", "remote", "cas", "worker", "projects"}, where, "")
+    _known(data, {"broker", "remote", "cas", "worker", "build", "projects"}, where, "")
     changes: dict[str, Any] = {}
     broker = _table(data, "broker", where)
     _known(broker, {"url", "result-backend", *_BROKER_TLS}, where, "broker.")
@@ -345,6 +356,12 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     ):
         if key in worker:
             changes[attr] = _seconds(worker[key], f"{where}: worker.{key}")
+    build = _table(data, "build", where)
+    _known(build, {"on-error"}, where, "build.")
+    if "on-error" in build:
+        changes["on_error"] = check_on_error(
+            _str(build["on-error"], where, "build.on-error"), f"{where}: build.on-error"
+        )
     projects = _table(data, "projects", where)
     if projects:
         changes["project_options"] = _project_options(config.project_options, projects, path)
@@ -443,6 +460,9 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
         if env.get(name):
             changes[attr] = _seconds(env[name], name)
             used.append(name)
+    if env.get("REMEX_BUILD_ON_ERROR"):
+        changes["on_error"] = check_on_error(env["REMEX_BUILD_ON_ERROR"], "REMEX_BUILD_ON_ERROR")
+        used.append("REMEX_BUILD_ON_ERROR")
     if used:
         changes["sources"] = (*config.sources, "environment: " + ", ".join(used))
     return replace(config, **changes)
@@ -480,6 +500,19 @@ def _known(data: Mapping[str, Any], keys: set[str], where: str, prefix: str) -> 
         raise ConfigError(
             f"{where}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(keys))})"
         )
+
+
+def check_on_error(value: str, where: str) -> str:
+    """An on-error mode, checked.
+
+    Raises:
+        ConfigError: not one of :data:`ON_ERROR_MODES` (naming ``where``).
+    """
+    if value not in ON_ERROR_MODES:
+        raise ConfigError(
+            f"{where}: unknown on-error mode {value!r} (one of {', '.join(ON_ERROR_MODES)})"
+        )
+    return value
 
 
 def _download(value: str, where: str) -> str:

@@ -18,5 +18,6 @@ info['handed_at'] = nil
 info['taken_at'] = nil
 put_info(b, e, info)
 redis.call('HSET', bkey(b, 'state'), e, 'queued')
+emit(b, {event = 'queued', element = e, attempt = attempt, time = now})
 redis.call('ZREM', bkey(b, 'heartbeat'), e)
 return attempt

@@ -78,8 +78,11 @@ def test_remex_build_without_a_terminal_prints_lines_then_the_summary(
     # Given a build that runs (faked) and output that is not a terminal
     priorities: list[int] = []
 
-    def submit(project_dir: Any, targets: Any, options: Any, priority: int) -> str:
+    def submit(
+        project_dir: Any, targets: Any, options: Any, priority: int, on_error: str | None
+    ) -> str:
         priorities.append(priority)
+        assert on_error is None  # the configuration's
         return "b1"
 
     monkeypatch.setattr(api, "submit", submit)
@@ -145,8 +148,11 @@ def test_a_long_builds_table_shows_failed_and_running_first_and_counts_all() -> 
 def test_remex_build_passes_its_priority(monkeypatch: pytest.MonkeyPatch) -> None:
     priorities: list[int] = []
 
-    def submit(project_dir: Any, targets: Any, options: Any, priority: int) -> str:
+    def submit(
+        project_dir: Any, targets: Any, options: Any, priority: int, on_error: str | None
+    ) -> str:
         priorities.append(priority)
+        assert on_error is None  # the configuration's
         return "b1"
 
     monkeypatch.setattr(api, "submit", submit)

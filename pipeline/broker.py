@@ -390,13 +390,21 @@ def drop_stale_unacked(scheduler: Scheduler) -> int:
     return dropped
 
 
-def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -> int:
+def reconcile(
+    app: Celery,
+    scheduler: Scheduler,
+    *,
+    lock_seconds: float = 5.0,
+    cancel_operation: Callable[[str], object] | None = None,
+) -> int:
     """Re-send elements that are ready but were never sent, lost ones (their
     holder is gone, or their message is in no queue), and those waiting on
     another build's element that stopped; drop stale unacknowledged messages.
     At most one pass per ``lock_seconds`` across all workers (a Redis lock).
     An element sent ``MAX_ATTEMPTS`` times fails instead. Returns how many
-    elements were re-sent."""
+    elements were re-sent. ``cancel_operation`` cancels a remote operation
+    (the running elements an on-error ``terminate`` stops; see
+    :func:`fail_element`)."""
     if not scheduler.try_reconciler_lock(lock_seconds):
         return 0
     resent = 0
@@ -423,6 +431,7 @@ def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -
                     build_id,
                     element,
                     {"error": f"{reason} (sent {attempts} times; giving up)"},
+                    cancel_operation=cancel_operation,
                 )
                 continue
             log.warning("re-sending %s of build %s: %s", element, build_id, reason)

@@ -47,6 +47,13 @@ element no stage is running (no fresh heartbeat) is lost, and
 attempt a chain only moves forward, so a copy of an earlier stage's message
 is stale like one of an older attempt.
 
+Events: each move appends what it changed to the build's stream
+(``B:events``) in the same script, so readers see the moves in their order
+(:meth:`Scheduler.read_events`); the build's end is its last event. On
+error: a build's ``on_error`` (meta) is applied by :meth:`Scheduler.finish`
+when an element fails: ``quit`` cancels every element not started,
+``terminate`` the running ones too, in the same atomic move.
+
 Two builds needing the same artifact (same element, same cache key: the same
 artifact URI) build it once: the first to claim the URI builds it, the others
 wait on it and are finished by the same :meth:`finish` call.

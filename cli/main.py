@@ -88,7 +88,7 @@ def _local_cas(config: RemexConfig) -> LocalCas:
 @click.option(
     "--on-error",
     "on_error",
-    metavar="MODE",
+    metavar="continue|quit|terminate",
     default=None,
     help="What a failed element does to the rest of the build (as bst): continue "
     "(build all that does not depend on it), quit (start nothing new; running "
@@ -228,7 +228,7 @@ def status(
 @click.option(
     "--state",
     default=None,
-    metavar="STATE",
+    metavar="running|failed|succeeded|cancelled",
     help="Only builds in this state: running, failed, succeeded or cancelled.",
 )
 @click.option("--json", "as_json", is_flag=True, help="A JSON list, one object per build.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import re
 import socket
 import tempfile
 import time
@@ -501,6 +502,8 @@ def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:
     return [str(info["element"]) for info in stopped]
 
 
+_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+
 #: How long one read of :func:`events` waits for the next event (XREAD
 #: BLOCK) before it checks whether the build ended without saying so.
 EVENTS_BLOCK = 2.0
@@ -541,7 +544,10 @@ def events(
         TimeoutError: ``timeout`` seconds passed first.
         BrokerUnavailableError: Redis stayed unreachable for
             ``WAIT_RECONNECT_SECONDS``.
+        ValueError: ``after`` is not an event id.
     """
+    if after is not None and not _STREAM_ID.match(after):
+        raise ValueError(f"not an event id: {after!r} (an id looks like 1764489600123-0)")
     url = _config(None, config).require_broker()
     with broker_errors(url):
         scheduler = Scheduler.from_url(url, reconnect_seconds=RECONNECT_SECONDS)

@@ -152,8 +152,9 @@ LONG_SLEEP = "47.25"
 
 
 def branches_project(root: Path, sysroot: Path, *, b_sleep: str) -> Path:
-    """Three branches: a (fails after 1 s), b1 (sleeps ``b_sleep``) -> b2,
-    c1 (sleeps 2 s) -> c2; all.bst stacks the tops."""
+    """Three branches: a (fails after 2 s), b1 (sleeps ``b_sleep``) -> b2,
+    c1 (sleeps 4 s) -> c2; all.bst stacks the tops. a, b1 and c1 start
+    together (two workers of four threads), so b1 and c1 run when a fails."""
     shutil.copytree(sysroot, root / "sysroot", symlinks=True)
     elements = root / "elements"
     elements.mkdir()
@@ -173,10 +174,10 @@ def branches_project(root: Path, sysroot: Path, *, b_sleep: str) -> Path:
         ]
         (elements / f"{name}.bst").write_text("\n".join(lines) + "\n")
 
-    manual("a", [], ["sleep 1", "exit 1"])
+    manual("a", [], ["sleep 2", "exit 1"])
     manual("b1", [], [f"sleep {b_sleep}"])
     manual("b2", ["b1.bst"], ["true"])
-    manual("c1", [], ["sleep 2"])
+    manual("c1", [], ["sleep 4"])
     manual("c2", ["c1.bst"], ["true"])
     (elements / "all.bst").write_text("kind: stack\ndepends:\n- a.bst\n- b2.bst\n- c2.bst\n")
     return root
@@ -213,7 +214,7 @@ def test_on_error_quit_starts_nothing_new(
     stack: RemexStack, tmp_path: Path, busybox_sysroot: Path
 ) -> None:
     # Given three branches whose b1 and c1 still run when a fails
-    project = branches_project(tmp_path / "p", busybox_sysroot, b_sleep="4")
+    project = branches_project(tmp_path / "p", busybox_sysroot, b_sleep="5")
     # When built with --on-error quit
     code, lines = build_with(stack, project, "quit")
     # Then the build fails; the running ones finished, nothing started after the failure

@@ -56,6 +56,11 @@ def test_submit_refuses_an_unknown_on_error_mode_before_any_work() -> None:
         api.submit("/nonexistent", [], on_error="stop")
 
 
+def test_events_refuses_a_bad_event_id_before_any_work() -> None:
+    with pytest.raises(ValueError, match="not an event id: 'last'"):
+        next(api.events("b1", after="last"))
+
+
 def test_builds_refuses_an_unknown_state_before_any_work() -> None:
     with pytest.raises(ValueError, match="unknown build state 'done'"):
         api.builds(state="done")

@@ -502,6 +502,9 @@ def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:
     return [str(info["element"]) for info in stopped]
 
 
+#: How often :func:`events` reads when its Redis user may not block (XREAD).
+EVENTS_POLL = 0.5
+
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 
 #: How long one read of :func:`events` waits for the next event (XREAD
@@ -530,7 +533,8 @@ def events(
     ``timings``, ``waiting_on``, ``built_by``, ``status``.
 
     They are read from the build's Redis stream with XREAD BLOCK (no
-    polling). A Redis restart or a broken connection is a pause: reading
+    polling; a Redis user refused XREAD, as by ``-@blocking``, reads every
+    ``EVENTS_POLL`` seconds instead). A Redis restart or a broken connection is a pause: reading
     resumes after the last event yielded, so none is lost or repeated.
 
     Args:
@@ -557,15 +561,23 @@ def events(
     last = after or "0"
     reached = time.monotonic()
     quiet_and_done = False
+    blocking = follow
     while True:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"build {build_id} not done after {timeout} s")
-        block = EVENTS_BLOCK if follow else None
+        block = EVENTS_BLOCK if blocking else None
         if block is not None and deadline is not None:
             block = max(0.001, min(block, deadline - time.monotonic()))
         try:
             batch = scheduler.read_events(build_id, last, block=block)
             ended = not batch and follow and scheduler.build_status_value(build_id) != "running"
+        except redis.exceptions.NoPermissionError:
+            if not blocking:
+                raise
+            # A Redis user refused XREAD (``-@blocking``, which keeps BRPOP
+            # from submitters): read what is there every EVENTS_POLL seconds.
+            blocking = False
+            continue
         except CONNECTION_ERRORS:
             if time.monotonic() - reached > WAIT_RECONNECT_SECONDS:
                 with broker_errors(url):
@@ -580,6 +592,8 @@ def events(
                 return
         if not batch and not follow:
             return
+        if follow and not blocking and not batch and not ended:
+            time.sleep(EVENTS_POLL)
         if ended:
             # Over without a last event (a build of an older remex, or one
             # whose stream was trimmed or expired): one more look, then stop.

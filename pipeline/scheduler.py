@@ -565,21 +565,30 @@ class Scheduler:
     ) -> list[Event]:
         """The build's events after stream id ``after`` (``"0"``: from the
         start), oldest first, at most ``count``. With ``block`` (seconds),
-        wait that long for the first one when there is none yet (XREAD BLOCK)."""
-        reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] = self.redis.xread(  # type: ignore[assignment]
-            {self.keys.events(build_id): after},
-            count=count,
-            block=None if block is None else max(1, int(block * 1000)),
-        )
+        wait that long for the first one when there is none yet (XREAD BLOCK,
+        a command of Redis's ``@blocking`` category); without, read what is
+        there (XRANGE, not ``@blocking``).
+
+        Raises:
+            redis.exceptions.NoPermissionError: ``block`` given, and the Redis
+                user may not run XREAD.
+        """
+        key = self.keys.events(build_id)
+        entries: list[tuple[str, dict[str, str]]]
+        if block is None:
+            start = "-" if after in ("0", "0-0") else f"({after}"
+            entries = cast(Any, self.redis.xrange(key, min=start, count=count))
+        else:
+            reply = cast(Any, self.redis.xread({key: after}, count=count, block=int(block * 1000)))
+            entries = [entry for _, stream in reply or () for entry in stream]
         events: list[Event] = []
-        for _, entries in reply or ():
-            for entry_id, fields in entries:
-                try:
-                    data = json.loads(fields.get("event", "{}"))
-                except json.JSONDecodeError:
-                    continue  # not written by remex
-                if isinstance(data, dict):
-                    events.append(Event(str(entry_id), data))
+        for entry_id, fields in entries:
+            try:
+                data = json.loads(fields.get("event", "{}"))
+            except json.JSONDecodeError:
+                continue  # not written by remex
+            if isinstance(data, dict):
+                events.append(Event(str(entry_id), data))
         return events
 
     def builds(self, state: str | None = None) -> list[BuildSummary]:

@@ -65,6 +65,7 @@ def test_every_state_change_is_an_event_in_order(scheduler: Scheduler) -> None:
     scheduler.finish(build, "b", "built", {"timings": {"execute": 1.5}})
     run(scheduler, build, "c", ["stage_to_cas"])
     scheduler.finish(build, "c", "failed", {"error": "exit 1", "failed_stage": "execute"})
+    scheduler.note(build, "c", {"operation": "op-late"})  # after the end: no event
     # Then the stream holds each change once, in the order they happened
     assert kinds(scheduler, build) == [
         ("submitted", None),

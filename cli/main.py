@@ -16,13 +16,22 @@ from typing import TYPE_CHECKING
 import click
 
 from cli.errors import fail, handles_errors
-from cli.progress import TABLE_ROWS, follow_build, status_json, table
+from cli.progress import (
+    TABLE_ROWS,
+    builds_lines,
+    event_line,
+    follow_build,
+    print_summary,
+    status_json,
+    table,
+)
 from pipeline import __version__
 
 if TYPE_CHECKING:
     from pipeline.cas import LocalCas
     from pipeline.config import RemexConfig
     from pipeline.elements.element import Element
+    from pipeline.scheduler import BuildStatus
     from pipeline.stages import StageContext
 
 
@@ -97,6 +106,23 @@ def _local_cas(config: RemexConfig) -> LocalCas:
     "builds with a higher number (and it is the REAPI execution priority).",
 )
 @default_mirror_option
+@click.option(
+    "--on-error",
+    "on_error",
+    metavar="continue|quit|terminate",
+    default=None,
+    help="What a failed element does to the rest of the build (as bst): continue "
+    "(build all that does not depend on it), quit (start nothing new; running "
+    "elements finish), terminate (also cancel running ones, on the server too). "
+    "Default: [build] on-error in remex.toml, REMEX_BUILD_ON_ERROR, else continue.",
+)
+@click.option(
+    "--json-lines",
+    "json_lines",
+    is_flag=True,
+    help="Print each event of the build (element state changes, as they happen) "
+    "as one JSON object per line on stdout, then the summary as one more.",
+)
 @handles_errors
 def build(
     project_dir: Path,
@@ -106,29 +132,56 @@ def build(
     as_json: bool,
     timeout: float | None,
     priority: int,
+    on_error: str | None,
+    json_lines: bool,
 ) -> None:
     """Build ELEMENTS and follow the build. Exit 0 only when every target is built.
 
     On a terminal the progress is a live table; elsewhere (CI logs, a pipe)
-    one line per element state change. Then the summary.
+    one line per element state change. Then the summary. With --json-lines,
+    JSON objects on stdout instead (one per event, then the summary).
     """
     from pipeline import api
+    from pipeline.config import ON_ERROR_MODES
 
+    if on_error is not None and on_error not in ON_ERROR_MODES:
+        fail(f"--on-error: unknown mode {on_error!r} (one of {', '.join(ON_ERROR_MODES)})")
+    if as_json and json_lines:
+        fail("--json and --json-lines: choose one")
     build_id = api.submit(
-        project_dir, list(elements), options=_options(option_pairs), priority=priority
+        project_dir,
+        list(elements),
+        options=_options(option_pairs),
+        priority=priority,
+        on_error=on_error,
     )
     if no_follow:
-        click.echo(json.dumps({"build": build_id}) if as_json else build_id)
+        click.echo(json.dumps({"build": build_id}) if as_json or json_lines else build_id)
         return
     # First, so that the build can be cancelled (remex cancel ID) from elsewhere.
     click.echo(f"remex: build {build_id} submitted", err=True)
-    final = follow_build(build_id, as_json=as_json, timeout=timeout)
+    if json_lines:
+        final = _print_json_lines(build_id, follow=True, timeout=timeout)
+    else:
+        final = follow_build(build_id, as_json=as_json, timeout=timeout)
     sys.exit(0 if final.status == "succeeded" else 1)
+
+
+def _print_json_lines(build_id: str, *, follow: bool, timeout: float | None) -> BuildStatus:
+    """Print the build's events as JSON lines on stdout (following it to its
+    end, or those so far), then its status as one more line; return the status."""
+    from pipeline import api
+
+    for event in api.events(build_id, follow=follow, timeout=timeout):
+        click.echo(json.dumps(event, sort_keys=True))
+    final = api.status(build_id)
+    click.echo(json.dumps({"event": "summary", **status_json(final)}, sort_keys=True))
+    return final
 
 
 @main.command()
 @click.argument("build_id")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@click.option("--json", "as_json", is_flag=True, help="The state now, as one JSON object.")
 @click.option(
     "--all",
     "every",
@@ -136,11 +189,49 @@ def build(
     help="Every element, in plan order (without it: the counts per state, and "
     "only the elements ready, queued, running or failed).",
 )
+@click.option(
+    "--follow",
+    "-f",
+    "following",
+    is_flag=True,
+    help="Follow the build (started anywhere) until it ends: one line per event, "
+    "then the summary; exit 0 only when it succeeded.",
+)
+@click.option(
+    "--json-lines",
+    "json_lines",
+    is_flag=True,
+    help="Its events as one JSON object per line (with --follow: until it ends), "
+    "then the summary as one more.",
+)
+@click.option("--timeout", type=float, default=None, help="With --follow: give up after N seconds.")
 @handles_errors
-def status(build_id: str, as_json: bool, every: bool) -> None:
+def status(
+    build_id: str,
+    as_json: bool,
+    every: bool,
+    following: bool,
+    json_lines: bool,
+    timeout: float | None,
+) -> None:
     """Show the state of build BUILD_ID: the counts per state and what is
     ready, queued, running or failed (a build of at most 50 elements, or
-    --all: every element)."""
+    --all: every element); or follow it (--follow)."""
+    if as_json and (json_lines or following):
+        fail("--json shows the state now; for events use --json-lines or --follow")
+    if json_lines:
+        final = _print_json_lines(build_id, follow=following, timeout=timeout)
+        if following:
+            sys.exit(0 if final.status == "succeeded" else 1)
+        return
+    if following:
+        from pipeline import api
+
+        for event in api.events(build_id, timeout=timeout):
+            click.echo(event_line(event))
+        final = api.status(build_id)
+        print_summary(final)
+        sys.exit(0 if final.status == "succeeded" else 1)
     # Not pipeline.api: reading a status needs neither grpc nor the loader,
     # whose imports would be most of the command's time.
     from pipeline.config import load_config
@@ -156,6 +247,35 @@ def status(build_id: str, as_json: bool, every: bool) -> None:
     from rich.console import Console
 
     Console().print(table(current, time.time() - float(current.meta.get("created", time.time()))))
+
+
+@main.command()
+@click.option(
+    "--state",
+    default=None,
+    metavar="running|failed|succeeded|cancelled",
+    help="Only builds in this state: running, failed, succeeded or cancelled.",
+)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list, one object per build.")
+@handles_errors
+def builds(state: str | None, as_json: bool) -> None:
+    """List the builds Redis holds, newest first: id, project, targets, who
+    submitted them, priority, on-error mode, start, duration and element
+    counts. Finished builds disappear after the result TTL (7 days)."""
+    from pipeline.config import load_config
+    from pipeline.scheduler import BUILD_STATES, Scheduler
+
+    if state is not None and state not in BUILD_STATES:
+        fail(f"--state: unknown build state {state!r} (one of {', '.join(BUILD_STATES)})")
+    found = Scheduler.from_url(load_config(None).require_broker()).builds(state)
+    if as_json:
+        click.echo(json.dumps([b.as_json() for b in found], indent=2))
+        return
+    if not found:
+        click.echo("no builds" + (f" {state}" if state else ""))
+        return
+    for line in builds_lines(found):
+        click.echo(line)
 
 
 @main.command()

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import click
 
-from pipeline.scheduler import BuildStatus, ElementState, ElementStatus
+from pipeline.scheduler import BuildStatus, BuildSummary, ElementState, ElementStatus
 
 STATE_STYLE = {
     ElementState.WAITING: "dim",
@@ -213,3 +213,85 @@ def follow_build(build_id: str, *, as_json: bool, timeout: float | None) -> Buil
     final = follow(wait, sys.stderr)
     print_summary(final)
     return final
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One event of a build (see :func:`pipeline.api.events`) as a line, as
+    ``remex status --follow`` prints it."""
+    kind = str(event.get("event", ""))
+    element = event.get("element")
+    if kind == "submitted":
+        return f"remex: build {event.get('build')} submitted ({event.get('elements', 0)} elements)"
+    if kind == "finished":
+        return f"remex: build {event.get('build')} {event.get('status')}"
+    detail = ""
+    if kind == "queued":
+        detail = f"attempt {event.get('attempt')}"
+    elif kind == "waiting":
+        owner = str(event.get("waiting_on", "")).replace("\t", " ")
+        detail = f"on build {owner}"
+    elif kind == "stage":
+        kind = "running"
+        detail = f"{event.get('stage')} on {event.get('host')}"
+    elif kind == "operation":
+        detail = str(event.get("operation", ""))
+    elif kind == "built":
+        detail = "built by another build" if event.get("built_by") else ""
+        if event.get("action_cached"):
+            detail = "action cache hit"
+        if event.get("started") and event.get("finished"):
+            seconds = float(event["finished"]) - float(event["started"])
+            detail = f"{detail}, {seconds:.1f}s" if detail else f"{seconds:.1f}s"
+    elif kind in (ElementState.FAILED, ElementState.SKIPPED, ElementState.CANCELLED):
+        error = str(event.get("error") or "")
+        detail = error.splitlines()[0][:120] if error else ""
+    return f"remex: {element}: {kind} ({detail})" if detail else f"remex: {element}: {kind}"
+
+
+def builds_lines(builds: list[BuildSummary]) -> list[str]:
+    """Builds (``remex builds``) as aligned text lines, a header first (plain
+    text: a listing is read in terminals, logs and pipes alike)."""
+    rows = [
+        [
+            "BUILD",
+            "STATUS",
+            "PROJECT",
+            "TARGETS",
+            "SUBMITTED BY",
+            "PRIO",
+            "ON-ERROR",
+            "STARTED",
+            "DURATION",
+            "ELEMENTS",
+        ]
+    ]
+    for build in builds:
+        data = build.as_json()
+        counts = " ".join(
+            f"{n} {state}"
+            for state, n in sorted(build.counts.items())
+            if n and state not in ("total", "active")
+        )
+        active = build.counts.get("active", 0)
+        elements = f"{build.counts.get('total', 0)}" + (f" ({counts})" if counts else "")
+        if active:
+            elements += f" {active} active"
+        rows.append(
+            [
+                build.build_id,
+                build.status,
+                str(data["project"]),
+                ",".join(map(str, data["targets"])) or "-",
+                f"{data['user']}@{data['host']}" if data["host"] else "-",
+                str(data["priority"] if data["priority"] is not None else "-"),
+                str(data["on_error"]),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(build.created)),
+                f"{build.duration:.1f}s",
+                elements,
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]])
+        for row in rows
+    ]

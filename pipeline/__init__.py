@@ -5,6 +5,9 @@ The scripting API (loaded on first use, so that ``import pipeline.cas`` stays li
     import pipeline
     build_id = pipeline.submit("examples/hello", ["app.bst"])
     pipeline.wait(build_id)
+    for event in pipeline.events(build_id):   # each element state change
+        ...
+    pipeline.builds(state="running")
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("submit", "wait", "status", "cancel")
+_API = ("submit", "wait", "status", "cancel", "events", "builds")
 
 
 def __getattr__(name: str) -> Any:

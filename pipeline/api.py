@@ -5,13 +5,22 @@
     status = pipeline.wait(build_id)
     assert status.status == "succeeded"
 
+    for event in pipeline.events(build_id):   # each state change, as it happens
+        print(event["event"], event.get("element"))
+    for build in pipeline.builds(state="running"):
+        print(build.build_id, build.counts)
+
 The CLI (``remex build``) is a thin layer over these functions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import importlib
+import os
+import re
+import socket
 import tempfile
 import threading
 import time
@@ -27,7 +36,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from pipeline import __version__
 from pipeline.cas import LocalCas
-from pipeline.config import OptionSetting, RemexConfig, load_config
+from pipeline.config import ON_ERROR_MODES, OptionSetting, RemexConfig, load_config
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_to_json
 from pipeline.elements import load_project
 from pipeline.elements.element import Element
@@ -36,7 +45,7 @@ from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, Sequenc
 from pipeline.elements.project import gc_paused
 from pipeline.elements.sources import FetchRequest
 from pipeline.errors import BrokerUnavailableError, RemexError
-from pipeline.scheduler import BuildStatus, Scheduler
+from pipeline.scheduler import BUILD_STATES, BuildStatus, BuildSummary, Scheduler
 from pipeline.spec import BuildSpec, source_uri
 from pipeline.stages import StageContext, lookup_artifact, snapshot_sources
 from pipeline.stages.fetch import fetch_spec, lookup_sources
@@ -201,6 +210,7 @@ def submit(
     options: Mapping[str, str] | None = None,
     timings: dict[str, float] | None = None,
     priority: int = 5,
+    on_error: str | None = None,
 ) -> str:
     """Load, key, look up, snapshot and enqueue a build; return its id.
 
@@ -208,6 +218,13 @@ def submit(
     build's chains ahead of those of builds with a higher number, and is the
     REAPI ``ExecutionPolicy.priority``/``ResultsCachePolicy.priority`` of its
     actions.
+
+    ``on_error`` (as bst's ``--on-error``; default: the configuration's
+    ``[build] on-error``, else ``continue``) says what a failed element does
+    to the rest of the build: ``continue`` builds everything that does not
+    depend on it; ``quit`` starts no new element (running ones finish, the
+    others are cancelled) and the build fails; ``terminate`` also cancels
+    the running ones, their remote operations too.
 
     ``options`` are the project's option values as strings (BuildStream's
     ``-o NAME VALUE``); they are checked against the project's declarations.
@@ -230,12 +247,16 @@ def submit(
         ConfigError: no broker or execution server is configured and no stack is up.
         ElementError: bad input (names the file, line and field).
         RemexError: a server could not be reached.
-        ValueError: ``priority`` is not an integer from 0 to 9.
+        ValueError: ``priority`` is not an integer from 0 to 9, or
+            ``on_error`` is not an on-error mode.
     """
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
         raise ValueError(f"priority must be an integer from 0 to 9, not {priority!r}")
+    if on_error is not None and on_error not in ON_ERROR_MODES:
+        raise ValueError(f"unknown on-error mode {on_error!r} (one of {', '.join(ON_ERROR_MODES)})")
     project_dir = Path(project_dir).resolve()
     config = _config(project_dir, config)
+    on_error = on_error or config.on_error
     config.require_broker()  # before any work: nowhere to enqueue it
     clock = _PhaseClock(timings)
     # Specs and the build's state are 10,000s of long-lived objects too.
@@ -286,7 +307,7 @@ def submit(
                 cached,
                 options,
                 clock,
-                priority,
+                {"priority": priority, "on_error": on_error},
                 importer,
                 fetches=fetches,
             )
@@ -400,7 +421,7 @@ def _enqueue(
     cached: list[str],
     options: Mapping[str, str] | None,
     clock: _PhaseClock,
-    priority: int,
+    settings: Mapping[str, Any],
     importer: threading.Thread | None = None,
     *,
     fetches: FetchPlan | None = None,
@@ -425,7 +446,9 @@ def _enqueue(
             "targets": list(targets),
             "options": dict(options or {}),
             "remex_version": __version__,
-            "priority": priority,
+            "host": socket.gethostname(),
+            "user": _user(),
+            **settings,
         },
     )
     clock.done("redis")
@@ -520,6 +543,8 @@ def submit_source_fetch(
         "remex_version": __version__,
         "priority": priority,
         "what": "source fetch",
+        "host": socket.gethostname(),
+        "user": _user(),
     }
     with broker_errors(config.require_broker()):
         scheduler = Scheduler.from_url(config.require_broker(), reconnect_seconds=RECONNECT_SECONDS)
@@ -554,6 +579,14 @@ def element_source_spec(
         request for index, request in planned.requests if "digest" not in spec["sources"][index]
     ]
     return spec, missing
+
+
+def _user() -> str:
+    """Who submits (for the listing of builds): the login name, else the uid."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return str(os.getuid())
 
 
 class _PhaseClock:
@@ -734,3 +767,124 @@ def cancel(build_id: str, *, config: RemexConfig | None = None) -> list[str]:
                 with contextlib.suppress(RemexError):
                     ctx.executor.cancel(name)
     return [str(info["element"]) for info in stopped]
+
+
+#: How often :func:`events` reads when its Redis user may not block (XREAD).
+EVENTS_POLL = 0.5
+
+_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+
+#: How long one read of :func:`events` waits for the next event (XREAD
+#: BLOCK) before it checks whether the build ended without saying so.
+EVENTS_BLOCK = 2.0
+
+
+def events(
+    build_id: str,
+    *,
+    after: str | None = None,
+    follow: bool = True,
+    timeout: float | None = None,
+    config: RemexConfig | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the build's events (each element state change) as they happen,
+    oldest first, ending with the build's last event (``"event":
+    "finished"``).
+
+    Each event is a dict: ``id`` (its stream id: pass it as ``after`` to
+    resume after it), ``build``, ``event`` (``submitted``, ``cached``,
+    ``queued``, ``waiting``, ``stage``, ``operation``, ``built``,
+    ``failed``, ``skipped``, ``cancelled``, ``finished``), ``time`` and,
+    as they apply, ``element``, ``attempt``, ``stage``, ``host``,
+    ``worker``, ``operation``, ``error``, ``started``, ``finished``,
+    ``timings``, ``waiting_on``, ``built_by``, ``status``.
+
+    They are read from the build's Redis stream with XREAD BLOCK (no
+    polling; a Redis user refused XREAD, as by ``-@blocking``, reads every
+    ``EVENTS_POLL`` seconds instead). A Redis restart or a broken connection is a pause: reading
+    resumes after the last event yielded, so none is lost or repeated.
+
+    Args:
+        after: start after this event id (default: the first event).
+        follow: wait for new events until the build ends (False: return
+            once the events so far are yielded).
+        timeout: give up after this many seconds (``TimeoutError``).
+
+    Raises:
+        KeyError: no such build (or it expired).
+        TimeoutError: ``timeout`` seconds passed first.
+        BrokerUnavailableError: Redis stayed unreachable for
+            ``WAIT_RECONNECT_SECONDS``.
+        ValueError: ``after`` is not an event id.
+    """
+    if after is not None and not _STREAM_ID.match(after):
+        raise ValueError(f"not an event id: {after!r} (an id looks like 1764489600123-0)")
+    url = _config(None, config).require_broker()
+    with broker_errors(url):
+        scheduler = Scheduler.from_url(url, reconnect_seconds=RECONNECT_SECONDS)
+        if not scheduler.build_exists(build_id):
+            raise KeyError(f"no build {build_id!r}")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last = after or "0"
+    reached = time.monotonic()
+    quiet_and_done = False
+    blocking = follow
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"build {build_id} not done after {timeout} s")
+        block = EVENTS_BLOCK if blocking else None
+        if block is not None and deadline is not None:
+            block = max(0.001, min(block, deadline - time.monotonic()))
+        try:
+            batch = scheduler.read_events(build_id, last, block=block)
+            ended = not batch and follow and scheduler.build_status_value(build_id) != "running"
+        except redis.exceptions.NoPermissionError:
+            if not blocking:
+                raise
+            # A Redis user refused XREAD (``-@blocking``, which keeps BRPOP
+            # from submitters): read what is there every EVENTS_POLL seconds.
+            blocking = False
+            continue
+        except CONNECTION_ERRORS:
+            if time.monotonic() - reached > WAIT_RECONNECT_SECONDS:
+                with broker_errors(url):
+                    raise
+            time.sleep(0.25)  # (the client itself waited with backoff first)
+            continue
+        reached = time.monotonic()
+        for event in batch:
+            last = event.id
+            yield {"id": event.id, "build": build_id, **event.data}
+            if event.final:
+                return
+        if not batch and not follow:
+            return
+        if follow and not blocking and not batch and not ended:
+            time.sleep(EVENTS_POLL)
+        if ended:
+            # Over without a last event (a build of an older remex, or one
+            # whose stream was trimmed or expired): one more look, then stop.
+            if quiet_and_done:
+                return
+            quiet_and_done = True
+
+
+def builds(*, state: str | None = None, config: RemexConfig | None = None) -> list[BuildSummary]:
+    """The builds Redis holds, newest first: id, project, targets, who
+    submitted them (host, user), priority, on-error mode, start, duration
+    and element counts (kept as elements finish: no element is read).
+    Builds disappear when their result TTL ends.
+
+    Args:
+        state: only builds in this state (``running``, ``succeeded``,
+            ``failed``, ``cancelled``).
+
+    Raises:
+        ValueError: ``state`` is not one of those.
+        BrokerUnavailableError: Redis stayed unreachable (retried with backoff).
+    """
+    if state is not None and state not in BUILD_STATES:
+        raise ValueError(f"unknown build state {state!r} (one of {', '.join(BUILD_STATES)})")
+    url = _config(None, config).require_broker()
+    with broker_errors(url):
+        return Scheduler.from_url(url, reconnect_seconds=RECONNECT_SECONDS).builds(state)

@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import kombu.exceptions
@@ -20,7 +21,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 
 from pipeline.config import RemexConfig
-from pipeline.scheduler import DEFAULT_KEYS, ElementState, Scheduler
+from pipeline.scheduler import DEFAULT_KEYS, ElementState, Finished, Scheduler
 from pipeline.stages.policy import DEFAULT_POLICY
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,52 @@ def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) 
         send_element(app, scheduler, build_id, element)
 
 
+def fail_element(
+    app: Celery,
+    scheduler: Scheduler,
+    build_id: str,
+    element: str,
+    info: dict[str, Any],
+    *,
+    cancel_operation: Callable[[str], object] | None = None,
+) -> Finished:
+    """Mark an element failed and act on what its build's on-error mode did
+    (see :meth:`Scheduler.finish_element`): send what became ready and the
+    other builds' elements released, revoke the task messages of the elements
+    stopped and, with ``terminate``, cancel the remote operations of those
+    that were running (``cancel_operation``; best effort, as ``remex
+    cancel``)."""
+    finished = scheduler.finish_element(build_id, element, ElementState.FAILED, info)
+    send_ready(app, scheduler, [*finished.ready, *finished.released])
+    stop_stopped(app, finished.stopped, cancel_operation)
+    return finished
+
+
+def stop_stopped(
+    app: Celery,
+    stopped: list[dict[str, Any]],
+    cancel_operation: Callable[[str], object] | None,
+) -> None:
+    """Revoke the task messages of stopped elements; cancel the remote
+    operations of those that were running (errors are logged: the operation
+    may have finished meanwhile)."""
+    task_ids = [str(t) for info in stopped for t in info.get("task_ids", []) if t]
+    if task_ids:
+        try:
+            app.control.revoke(task_ids)
+        except PUBLISH_ERRORS as exc:
+            # Their stages find the element cancelled when they start anyway.
+            log.warning("could not revoke %d task(s): %s", len(task_ids), exc)
+    if cancel_operation is None:
+        return
+    for info in stopped:
+        if info.get("was") == ElementState.RUNNING and info.get("operation"):
+            try:
+                cancel_operation(str(info["operation"]))
+            except Exception as exc:  # best effort, as remex cancel
+                log.warning("could not cancel operation %s: %s", info["operation"], exc)
+
+
 def queue_lists(queue: str) -> list[str]:
     """The Redis lists kombu keeps ``queue``'s messages in (one per priority step)."""
     return [
@@ -382,13 +429,21 @@ def drop_stale_unacked(scheduler: Scheduler) -> int:
     return dropped
 
 
-def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -> int:
+def reconcile(
+    app: Celery,
+    scheduler: Scheduler,
+    *,
+    lock_seconds: float = 5.0,
+    cancel_operation: Callable[[str], object] | None = None,
+) -> int:
     """Re-send elements that are ready but were never sent, lost ones (their
     holder is gone, or their message is in no queue), and those waiting on
     another build's element that stopped; drop stale unacknowledged messages.
     At most one pass per ``lock_seconds`` across all workers (a Redis lock).
     An element sent ``MAX_ATTEMPTS`` times fails instead. Returns how many
-    elements were re-sent."""
+    elements were re-sent. ``cancel_operation`` cancels a remote operation
+    (the running elements an on-error ``terminate`` stops; see
+    :func:`fail_element`)."""
     if not scheduler.try_reconciler_lock(lock_seconds):
         return 0
     resent = 0
@@ -409,13 +464,14 @@ def reconcile(app: Celery, scheduler: Scheduler, *, lock_seconds: float = 5.0) -
                 log.error(
                     "%s of build %s: %s, after %d attempts", element, build_id, reason, attempts
                 )
-                ready = scheduler.finish(
+                fail_element(
+                    app,
+                    scheduler,
                     build_id,
                     element,
-                    ElementState.FAILED,
                     {"error": f"{reason} (sent {attempts} times; giving up)"},
+                    cancel_operation=cancel_operation,
                 )
-                send_ready(app, scheduler, ready)
                 continue
             log.warning("re-sending %s of build %s: %s", element, build_id, reason)
             scheduler.note(build_id, element, {"resent_because": reason})

@@ -55,10 +55,15 @@ Where settings come from, later ones winning:
     backoff = 1                 # seconds before the first retry (doubled, jittered)
     ca-bundle = ""              # PEM CA bundle for https (default: the system's)
     default-mirror = ""         # project.conf mirror to try first (bst's default-mirror)
+
     [bot]                       # remex bot (BuildGrid's execution workers)
     local-cas = true            # a buildbox-casd proxying the server's CAS in front of buildbox-run
     cas-dir = ""                # its folder (default: the bot's workdir/casd)
     cas-quota = "10G"           # its LRU quota
+
+    [build]
+    on-error = "continue"       # or "quit", "terminate": what a failed element does
+                                # to the rest of its build (as bst's --on-error)
 
     [projects.NAME.options]     # option values of the project named NAME
     debug = true                # (BuildStream's ``projects: NAME: options:``);
@@ -70,7 +75,7 @@ Environment variables: ``REMEX_BROKER_URL``, ``REMEX_RESULT_BACKEND``,
 CLIENT_KEY,TOKEN_FILE,REQUEST_TIMEOUT,RETRY_LIMIT,RETRY_DELAY,KEEPALIVE_TIME}``,
 ``REMEX_CAS_DIR``, ``REMEX_CAS_QUOTA``, ``REMEX_CAS_DOWNLOAD``, ``REMEX_WORKER_CONCURRENCY``,
 ``REMEX_WORKER_FETCH_CONCURRENCY``,
-``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``,
+``REMEX_HEARTBEAT_TIMEOUT``, ``REMEX_RECONCILE_INTERVAL``, ``REMEX_BUILD_ON_ERROR``,
 ``REMEX_FETCH_{CONNECT_TIMEOUT,READ_TIMEOUT,RETRIES,BACKOFF,CA_BUNDLE,DEFAULT_MIRROR}``,
 ``REMEX_BOT_LOCAL_CAS`` (``true``/``false``), ``REMEX_BOT_CAS_DIR``, ``REMEX_BOT_CAS_QUOTA``,
 ``REMEX_CONFIG`` (an explicit config file, read instead of the user's).
@@ -90,6 +95,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pipeline.elements.sources.base import NetworkSettings
 from pipeline.errors import ConfigError
 from pipeline.reapi.channel import Endpoint
+
+#: ``[build] on-error`` values (pipeline.scheduler.ON_ERROR_MODES): after an
+#: element fails, ``continue`` builds what does not depend on it, ``quit``
+#: starts nothing new, ``terminate`` also cancels what is running.
+ON_ERROR_MODES = ("continue", "quit", "terminate")
 
 #: ``[cas] download`` values (the same as pipeline.stages.context.DOWNLOAD_MODES).
 DOWNLOAD_MODES = ("minimal", "all")
@@ -203,6 +213,8 @@ class RemexConfig:
     bot_cas_dir: Path | None = None
     """That casd's folder; None: the bot's workdir/casd."""
     bot_cas_quota_bytes: int = DEFAULT_BOT_CAS_QUOTA
+    on_error: str = "continue"
+    """``[build] on-error``: a build's default on-error mode (:data:`ON_ERROR_MODES`)."""
     project_options: Mapping[str, Mapping[str, OptionSetting]] = field(default_factory=dict)
     """Project name -> option name -> its value from ``[projects.NAME.options]``."""
     fetch: FetchConfig = field(default_factory=FetchConfig)
@@ -378,7 +390,9 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
     where = str(path)
-    _known(data, {"broker", "remote", "cas", "worker", "fetch", "bot", "projects"}, where, "")
+    _known(
+        data, {"broker", "remote", "cas", "worker", "fetch", "bot", "build", "projects"}, where, ""
+    )
     changes: dict[str, Any] = {}
     broker = _table(data, "broker", where)
     _known(broker, {"url", "result-backend", *_BROKER_TLS}, where, "broker.")
@@ -444,6 +458,12 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     if "cas-quota" in bot:
         changes["bot_cas_quota_bytes"] = parse_size(
             bot["cas-quota"], where=f"{where}: bot.cas-quota"
+        )
+    build = _table(data, "build", where)
+    _known(build, {"on-error"}, where, "build.")
+    if "on-error" in build:
+        changes["on_error"] = check_on_error(
+            _str(build["on-error"], where, "build.on-error"), f"{where}: build.on-error"
         )
     projects = _table(data, "projects", where)
     if projects:
@@ -572,6 +592,9 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
             env["REMEX_BOT_CAS_QUOTA"], where="REMEX_BOT_CAS_QUOTA"
         )
         used.append("REMEX_BOT_CAS_QUOTA")
+    if env.get("REMEX_BUILD_ON_ERROR"):
+        changes["on_error"] = check_on_error(env["REMEX_BUILD_ON_ERROR"], "REMEX_BUILD_ON_ERROR")
+        used.append("REMEX_BUILD_ON_ERROR")
     if used:
         changes["sources"] = (*config.sources, "environment: " + ", ".join(used))
     return replace(config, **changes)
@@ -697,6 +720,19 @@ def _known(data: Mapping[str, Any], keys: set[str], where: str, prefix: str) -> 
         raise ConfigError(
             f"{where}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(keys))})"
         )
+
+
+def check_on_error(value: str, where: str) -> str:
+    """An on-error mode, checked.
+
+    Raises:
+        ConfigError: not one of :data:`ON_ERROR_MODES` (naming ``where``).
+    """
+    if value not in ON_ERROR_MODES:
+        raise ConfigError(
+            f"{where}: unknown on-error mode {value!r} (one of {', '.join(ON_ERROR_MODES)})"
+        )
+    return value
 
 
 def _download(value: str, where: str) -> str:

@@ -47,6 +47,13 @@ element no stage is running (no fresh heartbeat) is lost, and
 attempt a chain only moves forward, so a copy of an earlier stage's message
 is stale like one of an older attempt.
 
+Events: each move appends what it changed to the build's stream
+(``B:events``) in the same script, so readers see the moves in their order
+(:meth:`Scheduler.read_events`); the build's end is its last event. On
+error: a build's ``on_error`` (meta) is applied by :meth:`Scheduler.finish`
+when an element fails: ``quit`` cancels every element not started,
+``terminate`` the running ones too, in the same atomic move.
+
 Two builds needing the same artifact (same element, same cache key: the same
 artifact URI) build it once: the first to claim the URI builds it, the others
 wait on it and are finished by the same :meth:`finish` call.
@@ -54,7 +61,11 @@ wait on it and are finished by the same :meth:`finish` call.
 Keys (all named by :class:`Keys`, under a prefix, ``remex`` by default;
 ``B`` = ``remex:build:<build id>``): ``B:meta`` (hash), ``B:spec``,
 ``B:state``, ``B:pending``, ``B:dependents``, ``B:info`` (hashes by element),
-``B:order`` (list), ``B:heartbeat`` (sorted set: element -> deadline);
+``B:order`` (list), ``B:heartbeat`` (sorted set: element -> deadline),
+``B:events`` (stream: one entry per element state change, see
+:meth:`Scheduler.read_events`), ``B:counts`` (hash: state -> how many
+elements are in it), ``B:live`` (set: the elements ready, queued or
+running), ``B:failed`` (set);
 ``remex:builds`` (sorted set of build ids by time), ``remex:active`` (set),
 ``remex:claim:<artifact URI>`` (string: owner ``build\\telement``),
 ``remex:waiters:<artifact URI>`` (set of waiting ``build\\telement``) and
@@ -128,6 +139,12 @@ HEARTBEAT_TIMEOUT = 30.0
 LOST_AFTER_HEARTBEATS = 10
 # An element ``ready`` this long was not sent (its sender died): send it again.
 READY_GRACE = 10.0
+# About how many events a build's stream keeps (``~`` trimming; the Lua
+# prelude's EVENTS_MAXLEN is the same): 7-8 per element, so a build of
+# 25,000 elements keeps every one. Older ones are dropped first.
+EVENTS_MAXLEN = 200_000
+# The build states a listing can filter on.
+BUILD_STATES = ("running", "succeeded", "failed", "cancelled")
 # How long a task delivery's counter is kept (longer than any redelivery).
 DELIVERY_TTL_SECONDS = 24 * 3600
 # How long a Redis command retries a refused or broken connection (a Redis
@@ -152,6 +169,10 @@ class Keys:
     def build(self, build_id: str, name: str) -> str:
         """One of a build's keys: ``meta``, ``spec``, ``state`` ..."""
         return f"{self.prefix}:build:{build_id}:{name}"
+
+    def events(self, build_id: str) -> str:
+        """The build's event stream."""
+        return self.build(build_id, "events")
 
     @property
     def builds(self) -> str:
@@ -301,6 +322,87 @@ class BuildStatus:
         return counts
 
 
+@dataclass(frozen=True)
+class Event:
+    """One entry of a build's event stream: an element's state change, or
+    the build's start (``submitted``) or end (``finished``).
+
+    ``data`` holds ``event`` (``submitted``, ``cached``, ``queued``,
+    ``waiting``, ``stage``, ``operation``, ``built``, ``failed``,
+    ``skipped``, ``cancelled``, ``finished``), ``time`` and, as they apply,
+    ``element``, ``attempt``, ``stage``, ``host``, ``worker``,
+    ``operation``, ``error``, ``started``, ``finished``, ``timings``,
+    ``waiting_on``, ``built_by``, ``status`` ...
+    """
+
+    id: str
+    """The stream entry's id (resume after it)."""
+    data: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return str(self.data.get("event", ""))
+
+    @property
+    def final(self) -> bool:
+        """The build's last event."""
+        return self.kind == "finished"
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What :meth:`Scheduler.finish_element` did."""
+
+    ready: list[tuple[str, str]]
+    """(build, element) pairs that became ready: the caller sends them."""
+    stopped: list[dict[str, Any]]
+    """Infos (with ``build`` and ``element``) of elements an on-error mode
+    cancelled while queued or running: the caller revokes their tasks (and
+    on ``terminate`` cancels their remote operations)."""
+    released: list[tuple[str, str]]
+    """(build, element) pairs of other builds that waited on a stopped
+    element: the caller sends them again."""
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """One build, as a listing shows it (read without reading its elements)."""
+
+    build_id: str
+    status: str
+    meta: dict[str, Any]
+    counts: dict[str, int]
+    """Elements in each finished state, and ``total`` and ``active``."""
+
+    @property
+    def created(self) -> float:
+        return float(self.meta.get("created") or 0.0)
+
+    @property
+    def duration(self) -> float:
+        """Seconds from submission to the end (or to now, while running)."""
+        end = self.meta.get("finished")
+        return (float(end) if end else time.time()) - self.created
+
+    def as_json(self) -> dict[str, Any]:
+        """The listing's JSON object for this build."""
+        meta = self.meta
+        return {
+            "build": self.build_id,
+            "status": self.status,
+            "project": meta.get("project", ""),
+            "targets": meta.get("targets", []),
+            "host": meta.get("host", ""),
+            "user": meta.get("user", ""),
+            "priority": meta.get("priority"),
+            "on_error": meta.get("on_error", "continue"),
+            "created": self.created,
+            "finished": float(meta["finished"]) if meta.get("finished") else None,
+            "duration": round(self.duration, 3),
+            "counts": self.counts,
+        }
+
+
 class Scheduler:
     """Reads and moves the state of builds in Redis. Thread-safe (like redis-py).
 
@@ -378,6 +480,7 @@ class Scheduler:
         build_id = build_id or uuid.uuid4().hex[:12]
         cached = set(cached)
         now = time.time()
+        meta = {"on_error": "continue", **meta, "elements": len(specs)}
         dependents: dict[str, list[str]] = {s["element"]: [] for s in specs}
         pending: dict[Any, Any] = {}
         states: dict[Any, Any] = {}
@@ -435,6 +538,14 @@ class Scheduler:
             )
             pipe.hset(self.keys.build(build_id, "info"), mapping=info)
             pipe.rpush(self.keys.build(build_id, "order"), *[s["element"] for s in specs])
+        # The stream's first events, in the same transaction as the state.
+        events = self.keys.events(build_id)
+        self._add_event(pipe, events, {"event": "submitted", "time": now, "elements": len(specs)})
+        for spec in specs:
+            if spec["element"] in cached:
+                self._add_event(
+                    pipe, events, {"event": "cached", "element": spec["element"], "time": now}
+                )
         pipe.zadd(self.keys.builds, {build_id: now})
         pipe.sadd(self.keys.active, build_id)
         pipe.execute()
@@ -519,6 +630,74 @@ class Scheduler:
     def build_status_value(self, build_id: str) -> str:
         return cast(str, self.redis.hget(self.keys.build(build_id, "meta"), "status") or "")
 
+    def read_events(
+        self, build_id: str, after: str = "0", *, block: float | None = None, count: int = 1000
+    ) -> list[Event]:
+        """The build's events after stream id ``after`` (``"0"``: from the
+        start), oldest first, at most ``count``. With ``block`` (seconds),
+        wait that long for the first one when there is none yet (XREAD BLOCK,
+        a command of Redis's ``@blocking`` category); without, read what is
+        there (XRANGE, not ``@blocking``).
+
+        Raises:
+            redis.exceptions.NoPermissionError: ``block`` given, and the Redis
+                user may not run XREAD.
+        """
+        key = self.keys.events(build_id)
+        entries: list[tuple[str, dict[str, str]]]
+        if block is None:
+            start = "-" if after in ("0", "0-0") else f"({after}"
+            entries = cast(Any, self.redis.xrange(key, min=start, count=count))
+        else:
+            reply = cast(Any, self.redis.xread({key: after}, count=count, block=int(block * 1000)))
+            entries = [entry for _, stream in reply or () for entry in stream]
+        events: list[Event] = []
+        for entry_id, fields in entries:
+            try:
+                data = json.loads(fields.get("event", "{}"))
+            except json.JSONDecodeError:
+                continue  # not written by remex
+            if isinstance(data, dict):
+                events.append(Event(str(entry_id), data))
+        return events
+
+    def builds(self, state: str | None = None) -> list[BuildSummary]:
+        """The builds Redis still holds, newest first (``state``: only those
+        whose status is that). A build's element counts are kept as its
+        elements finish, so this reads no element. Builds whose state expired
+        (the result TTL) leave the index here.
+
+        Raises:
+            ValueError: ``state`` is not one of :data:`BUILD_STATES`.
+        """
+        if state is not None and state not in BUILD_STATES:
+            raise ValueError(f"unknown build state {state!r} (one of {', '.join(BUILD_STATES)})")
+        ids = [str(b) for b in self.redis.zrevrange(self.keys.builds, 0, -1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for build_id in ids:
+            pipe.hgetall(self.keys.build(build_id, "meta"))
+            pipe.hgetall(self.keys.build(build_id, "counts"))
+        replies = pipe.execute() if ids else []
+        out: list[BuildSummary] = []
+        expired: list[str] = []
+        for index, build_id in enumerate(ids):
+            meta_raw, counts_raw = replies[2 * index], replies[2 * index + 1]
+            if not meta_raw:
+                expired.append(build_id)
+                continue
+            meta = _decode_meta(build_id, meta_raw)
+            status = str(meta.get("status", "running"))
+            if state is not None and status != state:
+                continue
+            counts = {str(k): int(v) for k, v in counts_raw.items()}
+            total = int(meta.get("elements") or 0)
+            counts["total"] = total
+            counts["active"] = max(0, total - sum(counts[s] for s in counts if s in TERMINAL))
+            out.append(BuildSummary(build_id, status, meta, counts))
+        if expired:
+            self.redis.zrem(self.keys.builds, *expired)
+        return out
+
     # --- moving ----------------------------------------------------------------
 
     def claim(self, build_id: str, element: str, artifact_uri: str) -> str:
@@ -541,7 +720,9 @@ class Scheduler:
 
     def mark_waiting_on(self, build_id: str, element: str, owner: str) -> bool:
         """The element waits on ``owner`` (``build\\telement``) building the same artifact."""
-        return bool(self._wait_on(keys=[self.keys.prefix], args=[build_id, element, owner]))
+        return bool(
+            self._wait_on(keys=[self.keys.prefix], args=[build_id, element, owner, time.time()])
+        )
 
     def take(self, build_id: str, element: str, *, attempt: int, stage: str, holder: str) -> bool:
         """A worker received the element's stage message (it may start it later);
@@ -648,18 +829,30 @@ class Scheduler:
 
     def note(self, build_id: str, element: str, changes: Mapping[str, Any]) -> None:
         """Merge ``changes`` into an element's info (operation name, progress ...)."""
-        self._note(keys=[self.keys.prefix], args=[build_id, element, json.dumps(dict(changes))])
+        self._note(
+            keys=[self.keys.prefix],
+            args=[build_id, element, json.dumps(dict(changes)), time.time()],
+        )
 
     def finish(
         self, build_id: str, element: str, outcome: str, info: Mapping[str, Any]
     ) -> list[tuple[str, str]]:
         """Mark an element ``built`` or ``failed`` (once), in this build and in
         every build waiting on the same artifact; return the (build, element)
-        pairs that became ready to send. A failure skips the dependents."""
+        pairs that became ready to send. A failure skips the dependents (and
+        applies the build's on-error mode: see :meth:`finish_element`)."""
+        return self.finish_element(build_id, element, outcome, info).ready
+
+    def finish_element(
+        self, build_id: str, element: str, outcome: str, info: Mapping[str, Any]
+    ) -> Finished:
+        """As :meth:`finish`, with what a failure stopped: in a build whose
+        on-error mode is ``quit`` every element not started is cancelled, with
+        ``terminate`` the running ones too (in one atomic move with the failure)."""
         if outcome not in (ElementState.BUILT, ElementState.FAILED):
             raise ValueError(f"outcome must be 'built' or 'failed', not {outcome!r}")
         uri = self.spec(build_id, element)["artifact_uri"]
-        flat = self._finish(
+        raw = self._finish(
             keys=[self.keys.prefix],
             args=[
                 f"{build_id}\t{element}",
@@ -670,7 +863,12 @@ class Scheduler:
                 BUILD_TTL_SECONDS,
             ],
         )
-        return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        data = json.loads(cast(str, raw))
+        return Finished(
+            ready=[(str(b), str(e)) for b, e in _as_list(data.get("ready"))],
+            stopped=[dict(i) for i in _as_list(data.get("stopped"))],
+            released=_pairs(data.get("released")),
+        )
 
     def cancel(self, build_id: str) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         """Mark a build cancelled and its unfinished elements too.
@@ -689,11 +887,7 @@ class Scheduler:
         raw = self._cancel(keys=[self.keys.prefix], args=[build_id, time.time(), BUILD_TTL_SECONDS])
         data = json.loads(cast(str, raw))
         stopped = [dict(info) for info in _as_list(data.get("stopped"))]
-        released = []
-        for waiter in _as_list(data.get("released")):
-            b, _, e = str(waiter).partition("\t")
-            released.append((b, e))
-        return stopped, released
+        return stopped, _pairs(data.get("released"))
 
     # --- reconciling -----------------------------------------------------------
 
@@ -841,8 +1035,21 @@ class Scheduler:
 
     # --- private -----------------------------------------------------------------
 
+    @staticmethod
+    def _add_event(pipe: Any, key: str, data: Mapping[str, Any]) -> None:
+        pipe.xadd(key, {"event": json.dumps(dict(data))}, maxlen=EVENTS_MAXLEN, approximate=True)
+
     def _update_build_status(self, build_id: str) -> None:
         self._status(keys=[self.keys.prefix], args=[build_id, time.time(), BUILD_TTL_SECONDS])
+
+
+def _pairs(value: Any) -> list[tuple[str, str]]:
+    """``build\\telement`` strings (from Lua) as (build, element) pairs."""
+    out = []
+    for item in _as_list(value):
+        b, _, e = str(item).partition("\t")
+        out.append((b, e))
+    return out
 
 
 def _decode_meta(build_id: str, raw: Mapping[str, str]) -> dict[str, Any]:

@@ -157,7 +157,13 @@ class BackgroundLoops:
 
     def _reconcile(self) -> None:
         rt = self._holder.get()
-        reconcile(self._app, rt.scheduler, lock_seconds=rt.config.reconcile_interval)
+        reconcile(
+            self._app,
+            rt.scheduler,
+            lock_seconds=rt.config.reconcile_interval,
+            # An element given up on in a build whose on-error is terminate.
+            cancel_operation=lambda name: rt.context.executor.cancel(name),
+        )
 
 
 def _every(interval: float, stop: threading.Event, what: str, fn: Callable[[], object]) -> None:

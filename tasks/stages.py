@@ -20,7 +20,7 @@ from typing import Any, cast
 from celery import Celery, Task
 from celery.exceptions import Ignore, Retry
 
-from pipeline.broker import host_queue, send_ready, task_label
+from pipeline.broker import fail_element, host_queue, send_ready, task_label
 from pipeline.errors import RemexError
 from pipeline.spec import BuildSpec
 from pipeline.stages import (
@@ -252,13 +252,15 @@ class StageTask(Task):  # type: ignore[misc]
 
     def fail_element(self, rt: WorkerRuntime, payload: Payload, reason: str, **extra: Any) -> None:
         """Mark the element failed (and its dependents skipped); stop the chain."""
-        ready = rt.scheduler.finish(
+        fail_element(
+            self.app,
+            rt.scheduler,
             payload["build"],
             payload["element"],
-            "failed",
             {"error": reason, "failed_stage": self.stage, **extra},
+            # (on-error terminate: the build's running operations)
+            cancel_operation=lambda name: rt.context.executor.cancel(name),
         )
-        send_ready(self.app, rt.scheduler, ready)
         raise ElementFailed(f"{payload['element']}: {reason}")
 
     def progress(self, payload: Payload, **fields: Any) -> None:

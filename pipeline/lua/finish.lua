@@ -1,7 +1,15 @@
 -- Finish one element in every build that waits on its artifact URI.
 -- ARGV[1] owner "build\telement", ARGV[2] artifact URI, ARGV[3] outcome
 -- (built|failed), ARGV[4] info JSON to merge, ARGV[5] now, ARGV[6] TTL.
--- Returns a flat list: build, element, build, element ... that became ready.
+-- A failure skips the element's dependents and then applies the build's
+-- on-error mode (meta on_error): "continue" leaves the rest be; "quit"
+-- cancels every element that has not started (running ones finish);
+-- "terminate" cancels the running ones too.
+-- Returns JSON {"ready": [[build, element] ...] (to send), "stopped": [info +
+-- element + build + was (the state it had) ...] (cancelled while queued or
+-- running: the caller revokes
+-- their tasks and, on terminate, cancels their operations), "released":
+-- ["build\telement" ...] (other builds' elements that waited on a stopped one)}.
 local owner, uri, outcome, info_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now, ttl = ARGV[5], ARGV[6]
 local targets = {owner}
@@ -11,7 +19,7 @@ redis.call('DEL', PREFIX .. ':waiters:' .. uri)
 if redis.call('GET', PREFIX .. ':claim:' .. uri) == owner then
   redis.call('DEL', PREFIX .. ':claim:' .. uri)
 end
-local ready = {}
+local ready, stopped, released = {}, {}, {}
 local touched = {}
 local function mark(b, element, state, extra)
   local old = redis.call('HGET', bkey(b, 'state'), element)
@@ -22,6 +30,7 @@ local function mark(b, element, state, extra)
   for k, v in pairs(extra) do info[k] = v end
   info['finished'] = tonumber(now)
   put_info(b, element, info)
+  emit(b, element_event(state, element, info, now))
 end
 local function skip_dependents(b, element, why)
   local stack = {element}
@@ -35,6 +44,28 @@ local function skip_dependents(b, element, why)
           mark(b, d, 'skipped', {error = why})
           table.insert(stack, d)
         end
+      end
+    end
+  end
+end
+-- on-error quit/terminate: stop what is left of build b after ELEMENT failed.
+local function stop_rest(b, element)
+  local mode = redis.call('HGET', bkey(b, 'meta'), 'on_error')
+  if mode then mode = cjson.decode(mode) end
+  if mode ~= 'quit' and mode ~= 'terminate' then return end
+  local why = element .. ' failed and on-error is ' .. mode
+  local states = redis.call('HGETALL', bkey(b, 'state'))
+  for i = 1, #states, 2 do
+    local e, st = states[i], states[i + 1]
+    if st == 'waiting' or st == 'ready' or st == 'queued'
+        or (st == 'running' and mode == 'terminate') then
+      local before = #stopped
+      stop_element(b, e, 'cancelled', why, now, stopped, released)
+      if st ~= 'queued' and st ~= 'running' then
+        table.remove(stopped, before + 1)  -- never sent: nothing to revoke
+      else
+        stopped[before + 1]['build'] = b
+        stopped[before + 1]['was'] = st
       end
     end
   end
@@ -60,8 +91,7 @@ for _, t in ipairs(targets) do
             local dinfo = get_info(b, d)
             dinfo['ready_at'] = tonumber(now)
             put_info(b, d, dinfo)
-            table.insert(ready, b)
-            table.insert(ready, d)
+            table.insert(ready, {b, d})
           end
         end
       end
@@ -72,8 +102,9 @@ for _, t in ipairs(targets) do
         why = why .. ': ' .. info['error']
       end
       skip_dependents(b, element, why)
+      stop_rest(b, element)
     end
   end
 end
 for b, _ in pairs(touched) do update_build_status(b, now, ttl) end
-return ready
+return cjson.encode({ready = ready, stopped = stopped, released = released})

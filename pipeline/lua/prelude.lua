@@ -20,7 +20,7 @@ local function split(t)
 end
 local function expire_build(b, ttl)
   for _, name in ipairs({'meta', 'spec', 'state', 'pending', 'dependents', 'info', 'order',
-                         'heartbeat', 'counts', 'live', 'failed'}) do
+                         'heartbeat', 'counts', 'live', 'failed', 'events'}) do
     redis.call('EXPIRE', bkey(b, name), ttl)
   end
 end
@@ -37,6 +37,33 @@ local function count_state(b, e, old, new)
   if LIVE[new] then redis.call('SADD', bkey(b, 'live'), e)
   elseif LIVE[old] then redis.call('SREM', bkey(b, 'live'), e) end
   if new == 'failed' then redis.call('SADD', bkey(b, 'failed'), e) end
+end
+-- The build's event stream (B:events): one entry per element state change,
+-- written by the move that makes it (so atomic with it), its one field
+-- "event" the change as JSON. Trimmed to about EVENTS_MAXLEN entries
+-- (pipeline.scheduler.EVENTS_MAXLEN says the same); it expires with the build.
+local EVENTS_MAXLEN = 200000
+local function emit(b, event)
+  redis.call('XADD', bkey(b, 'events'), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event',
+             cjson.encode(event))
+end
+-- An element's change as an event: what the info says about it now.
+local EVENT_FIELDS = {'attempt', 'stage', 'host', 'worker', 'operation', 'error', 'started',
+                      'finished', 'timings', 'built_by', 'action_cached', 'failed_stage',
+                      'exit_code', 'waiting_on'}
+local function element_event(kind, e, info, now)
+  local event = {event = kind, element = e, time = tonumber(now)}
+  for _, k in ipairs(EVENT_FIELDS) do
+    if info[k] ~= nil and info[k] ~= cjson.null then event[k] = info[k] end
+  end
+  return event
+end
+-- The build ends with STATUS: recorded, its last event, its keys set to expire.
+local function end_build(b, status, now, ttl)
+  redis.call('HSET', bkey(b, 'meta'), 'status', status, 'finished', now)
+  redis.call('SREM', PREFIX .. ':active', b)
+  emit(b, {event = 'finished', status = status, time = tonumber(now)})
+  expire_build(b, ttl)
 end
 -- A build is done when no element is active: succeeded iff all built or cached.
 -- O(1) from the counts; a build written without counts (an older remex) is scanned.
@@ -56,9 +83,37 @@ local function update_build_status(b, now, ttl)
       if s ~= 'built' and s ~= 'cached' then ok = false end
     end
   end
-  redis.call('HSET', bkey(b, 'meta'), 'status', ok and 'succeeded' or 'failed', 'finished', now)
-  redis.call('SREM', PREFIX .. ':active', b)
-  expire_build(b, ttl)
+  end_build(b, ok and 'succeeded' or 'failed', now, ttl)
+end
+-- Stop one unfinished element (cancel, on-error quit/terminate): state ->
+-- STATE, its claim on the artifact URI given up (the builds waiting on it are
+-- appended to RELEASED: their caller sends them again) and its waiter entry
+-- dropped. Appends its info (with "element") to STOPPED.
+local function stop_element(b, e, state, why, now, stopped, released)
+  local old = redis.call('HGET', bkey(b, 'state'), e)
+  redis.call('HSET', bkey(b, 'state'), e, state)
+  count_state(b, e, old, state)
+  redis.call('ZREM', bkey(b, 'heartbeat'), e)
+  local info = get_info(b, e)
+  info['finished'] = tonumber(now)
+  if why then info['error'] = why end
+  put_info(b, e, info)
+  emit(b, element_event(state, e, info, now))
+  local me = b .. '\t' .. e
+  local spec = redis.call('HGET', bkey(b, 'spec'), e)
+  if spec then
+    local uri = cjson.decode(spec)['artifact_uri']
+    redis.call('SREM', PREFIX .. ':waiters:' .. uri, me)
+    if redis.call('GET', PREFIX .. ':claim:' .. uri) == me then
+      redis.call('DEL', PREFIX .. ':claim:' .. uri)
+      for _, w in ipairs(redis.call('SMEMBERS', PREFIX .. ':waiters:' .. uri)) do
+        table.insert(released, w)
+      end
+      redis.call('DEL', PREFIX .. ':waiters:' .. uri)
+    end
+  end
+  info['element'] = e
+  table.insert(stopped, info)
 end
 -- The stages of a chain in order: within one attempt an element only moves
 -- forward, so a copy of an earlier stage's message is stale.

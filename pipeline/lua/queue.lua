@@ -19,5 +19,6 @@ info['taken_at'] = nil
 put_info(b, e, info)
 redis.call('HSET', bkey(b, 'state'), e, 'queued')
 count_state(b, e, st, 'queued')
+emit(b, {event = 'queued', element = e, attempt = attempt, time = now})
 redis.call('ZREM', bkey(b, 'heartbeat'), e)
 return attempt

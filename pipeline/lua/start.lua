@@ -12,7 +12,6 @@ if holder ~= '' then
   info['holder'] = holder
   info['taken_at'] = info['taken_at'] or now
 end
-info['stage'] = stage
 info['host'] = host
 info['worker'] = worker
 local hosts = info['hosts']
@@ -22,8 +21,16 @@ for _, h in ipairs(hosts) do if h == host then seen = true end end
 if not seen then table.insert(hosts, host) end
 info['hosts'] = hosts
 if not info['started'] then info['started'] = now end
+-- An event when a stage starts, not when it resumes (execute re-queues
+-- itself to follow its operation; a transient error retries the stage).
+local new_stage = info['stage'] ~= stage
+info['stage'] = stage
 put_info(b, e, info)
 local old_state = redis.call('HGET', bkey(b, 'state'), e)
+if new_stage then
+  emit(b, {event = 'stage', element = e, stage = stage, attempt = attempt, host = host,
+           worker = worker, time = now})
+end
 redis.call('HSET', bkey(b, 'state'), e, 'running')
 count_state(b, e, old_state, 'running')
 redis.call('ZADD', bkey(b, 'heartbeat'), deadline, e)

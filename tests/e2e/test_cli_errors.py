@@ -20,6 +20,8 @@ REMEX = str(Path(sys.executable).with_name("remex"))
 COMMANDS = {
     "show": ("show", "-C", "{project}", "a.bst"),
     "status": ("status", "0123abcd"),
+    "follow": ("status", "0123abcd", "--follow"),
+    "builds": ("builds",),
     "cancel": ("cancel", "0123abcd"),
     "checkout": ("checkout", "-C", "{project}", "a.bst", "{dest}"),
     "log": ("log", "-C", "{project}", "a.bst"),
@@ -29,7 +31,7 @@ COMMANDS = {
     "bot": ("bot",),
 }
 # What each command reaches first (the others need a broker and a server).
-NEEDS_BROKER_FIRST = {"status", "cancel", "worker"}
+NEEDS_BROKER_FIRST = {"status", "follow", "builds", "cancel", "worker"}
 
 
 def closed_port() -> int:
@@ -132,7 +134,7 @@ def test_a_closed_broker_and_server_port_is_one_sentence_exit_1(
     assert "secret" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["status", "cancel"])
+@pytest.mark.parametrize("command", ["status", "follow", "cancel"])
 def test_an_unknown_build_is_one_sentence_exit_2(
     env: dict[str, str], tmp_path: Path, command: str
 ) -> None:

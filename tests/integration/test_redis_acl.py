@@ -30,7 +30,7 @@ WORKER_RULES = (
     "-@all +@read +@write +@keyspace +@pubsub +@scripting +@transaction "
     "+@connection +time -@dangerous"
 )
-SUBMITTER_RULES = WORKER_RULES + " -@blocking"
+SUBMITTER_RULES = WORKER_RULES + " -@blocking +xread"
 
 
 @dataclass
@@ -125,6 +125,10 @@ def test_a_build_runs_with_separate_worker_and_submitter_users(acl_stack: AclSta
     assert checkout.returncode == 0, checkout.stderr
     assert (out / "usr" / "share" / "hello" / "message").read_text() == "Hello, world!\n"
     assert acl_stack.cli("status", result["build"]).returncode == 0
+    followed = acl_stack.cli("status", result["build"], "--follow", "--json-lines")
+    assert followed.returncode == 0, followed.stderr
+    assert json.loads(followed.stdout.splitlines()[-2])["event"] == "finished"
+    assert acl_stack.cli("builds").returncode == 0
     assert acl_stack.cli("cancel", result["build"]).returncode == 0
     # Then no command of either user was refused along the way
     assert acl_stack.admin.execute_command("ACL", "LOG") == []
@@ -156,3 +160,27 @@ def test_the_rules_tested_are_the_documented_ones() -> None:
     text = DOCS.read_text()
     assert WORKER_RULES in text
     assert SUBMITTER_RULES.replace(WORKER_RULES, "").strip() in text
+
+
+def test_a_submitter_refused_xread_follows_a_build_by_reading_its_events(
+    acl_stack: AclStack,
+) -> None:
+    # Given a submitter with the rules of older docs (-@blocking, no +xread)
+    set_user(acl_stack.admin, "remex-old", "old-pw", WORKER_RULES + " -@blocking")
+    env = {**acl_stack.env, "REMEX_BROKER_URL": acl_stack.url["submit"].replace(
+        "remex-submit:submit-pw", "remex-old:old-pw")}  # fmt: skip
+    process = subprocess.Popen(
+        [remex_program(), "build", "-C", str(acl_stack.project), "app.bst", "--json-lines"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stdout, stderr = process.communicate(timeout=300)
+    # Then it still follows the build to its end (XREAD refused: XRANGE reads)
+    assert process.returncode == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert lines[0]["event"] == "submitted" and lines[-2]["event"] == "finished"
+    log = acl_stack.admin.execute_command("ACL", "LOG")
+    refused = {(e.get(b"username"), e.get(b"object")) for e in log}
+    assert (b"remex-old", b"xread") in refused, log

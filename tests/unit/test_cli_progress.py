@@ -78,8 +78,11 @@ def test_remex_build_without_a_terminal_prints_lines_then_the_summary(
     # Given a build that runs (faked) and output that is not a terminal
     priorities: list[int] = []
 
-    def submit(project_dir: Any, targets: Any, options: Any, priority: int) -> str:
+    def submit(
+        project_dir: Any, targets: Any, options: Any, priority: int, on_error: str | None
+    ) -> str:
         priorities.append(priority)
+        assert on_error is None  # the configuration's
         return "b1"
 
     monkeypatch.setattr(api, "submit", submit)
@@ -173,8 +176,11 @@ def test_a_summarys_table_and_json_count_every_state_and_list_the_live_ones() ->
 def test_remex_build_passes_its_priority(monkeypatch: pytest.MonkeyPatch) -> None:
     priorities: list[int] = []
 
-    def submit(project_dir: Any, targets: Any, options: Any, priority: int) -> str:
+    def submit(
+        project_dir: Any, targets: Any, options: Any, priority: int, on_error: str | None
+    ) -> str:
         priorities.append(priority)
+        assert on_error is None  # the configuration's
         return "b1"
 
     monkeypatch.setattr(api, "submit", submit)

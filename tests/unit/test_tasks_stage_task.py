@@ -25,6 +25,7 @@ import tasks.stages as task_module
 from pipeline.cas import LocalCas
 from pipeline.config import RemexConfig
 from pipeline.errors import MissingBlobsError, RemexError, RemoteError
+from pipeline.scheduler import Finished
 from pipeline.stages import BuildFailedError, State
 from tasks.app import create_app
 from tasks.runtime import RuntimeHolder
@@ -65,6 +66,11 @@ class FakeScheduler:
     ) -> list[tuple[str, str]]:
         self.finished.append((outcome, dict(info)))
         return []
+
+    def finish_element(
+        self, build: str, element: str, outcome: str, info: dict[str, Any]
+    ) -> Finished:
+        return Finished(self.finish(build, element, outcome, info), [], [])
 
     def note(self, build: str, element: str, changes: dict[str, Any]) -> None:
         self.notes.append(dict(changes))

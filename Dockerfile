@@ -49,10 +49,11 @@ FROM debian:bookworm-slim
 # bubblewrap: the sandbox buildbox-run uses; busybox-static: the static
 # busybox of the example's action sysroot; fuse3: fusermount3, for
 # buildbox-casd staging inputs through FUSE where /dev/fuse is given (it
-# hardlinks otherwise); python3: Debian 12's Python 3.11, the virtualenv's.
+# hardlinks otherwise); python3: Debian 12's Python 3.11, the virtualenv's;
+# git and patch: the workers' git and patch sources.
 RUN apt-get update -q \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      bubblewrap busybox-static fuse3 python3 ca-certificates \
+      bubblewrap busybox-static fuse3 python3 ca-certificates git patch \
  && rm -rf /var/lib/apt/lists/*
 ENV VIRTUAL_ENV=/opt/remex/venv \
     PATH=/opt/remex/venv/bin:$PATH \

@@ -15,8 +15,10 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # redis-server: broker and result backend; bubblewrap: the sandbox buildbox-run
 # uses; busybox-static: the static busybox of the action sysroot; postgresql:
 # BuildGrid's scheduler database; fuse3: fusermount3, as buildbox-casd (root)
-# stages inputs through FUSE; python3-venv: `python3 -m venv` on Debian.
-DEBIAN_PACKAGES=(redis-server bubblewrap busybox-static postgresql fuse3 python3-venv ca-certificates)
+# stages inputs through FUSE; python3-venv: `python3 -m venv` on Debian; git:
+# git sources (workers fetch them; tests serve them with git daemon and
+# git http-backend); patch: patch sources, applied by stage_to_cas.
+DEBIAN_PACKAGES=(redis-server bubblewrap busybox-static postgresql fuse3 python3-venv ca-certificates git patch)
 # Test-only (not in the image): docker.io and debootstrap run
 # docker-compose.yml for real in tests/deploy/ (scripts/docker-engine.sh).
 # REMEX_SKIP_DOCKER=1 leaves them out (then tests/deploy/ fails, naming them).

@@ -689,7 +689,8 @@ class Scheduler:
             status = str(meta.get("status", "running"))
             if state is not None and status != state:
                 continue
-            counts = {str(k): int(v) for k, v in counts_raw.items()}
+            # The finished states (the counts keep every state as it moves).
+            counts = {str(k): int(v) for k, v in counts_raw.items() if k in TERMINAL and int(v)}
             total = int(meta.get("elements") or 0)
             counts["total"] = total
             counts["active"] = max(0, total - sum(counts[s] for s in counts if s in TERMINAL))

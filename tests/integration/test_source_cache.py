@@ -4,8 +4,8 @@ from any host, staged by URI; fetch nodes planned from it; and the
 scheduler side of fetch nodes (sent as one ``remex.fetch_source`` task on
 ``remex.fetch``, deduplicated across builds) on a real Redis.
 
-The network kind here is a fake registered only in this process: it
-"downloads" from a dict and counts its downloads.
+The network sources are ``remote`` files served by a real loopback HTTP
+server of the test's own, whose access log counts the downloads.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import redis
@@ -23,19 +23,11 @@ from celery import Celery
 
 from pipeline.api import ElementSources, plan_fetches
 from pipeline.broker import FETCH_QUEUE, make_celery, queue_lists, queued_task_ids, send_element
-from pipeline.cas import LocalCas, checkout, import_directory
+from pipeline.cas import LocalCas, checkout
 from pipeline.config import RemexConfig
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_to_json
-from pipeline.elements import sources as source_kinds
 from pipeline.elements.errors import SourceError
-from pipeline.elements.nodes import MappingNode, Mark
-from pipeline.elements.sources import (
-    FetchContext,
-    FetchRequest,
-    NetworkSource,
-    SourceContext,
-    source_cache_key,
-)
+from pipeline.elements.sources import FetchRequest, source_cache_key
 from pipeline.reapi.channel import Endpoint
 from pipeline.scheduler import Scheduler
 from pipeline.servers import CasdServer, RedisServer
@@ -44,77 +36,44 @@ from pipeline.stages import StageContext, checkout_artifact, run_stages
 from pipeline.stages.errors import SourceNotFetchedError
 from pipeline.stages.fetch import fetch_source, fetch_spec, lookup_source, lookup_sources
 from pipeline.stages.staging import merged_sources
+from pipeline.testing.httpserver import LoopbackHttpServer
 
-# --- a fake network kind ---------------------------------------------------------
+# --- a real HTTP server serving remote files -------------------------------------------
 
 
-class FakeNetSource(NetworkSource):
-    """``fakenet``: one file ``NAME`` whose content is ``CONTENT[url]``; ref = its sha256."""
-
-    kind: ClassVar[str] = "fakenet"
-    CONTENT: ClassVar[dict[str, bytes]] = {}
-    DOWNLOADS: ClassVar[list[str]] = []
-
-    def __init__(self, *, url: str, ref: str, directory: str, mark: Mark, field: str) -> None:
-        super().__init__(directory=directory, mark=mark, field=field)
-        self.url = url
-        self.ref = ref
-
-    @classmethod
-    def load(cls, node: MappingNode, ctx: SourceContext) -> FakeNetSource:
-        raise NotImplementedError  # made by hand in these tests
-
-    def content_key(self) -> str:
-        return self.ref
-
-    def fetch_request(self, element: str, index: int, file: str) -> FetchRequest:
-        return request_for(self.url, self.ref, element=element, index=index)
-
-    @classmethod
-    def fetch(cls, request: FetchRequest, ctx: FetchContext) -> Digest:
-        url = request["urls"][0]
-        cls.DOWNLOADS.append(url)
-        data = cls.CONTENT[url]
-        actual = hashlib.sha256(data).hexdigest()
-        expected = request["config"]["ref"]
-        if actual != expected:
-            raise SourceError(
-                f"{request['element']} source #{request['index'] + 1}: {url}: "
-                f"expected sha256 {expected}, got {actual}"
-            )
-        ctx.progress(len(data), len(data))
-        folder = ctx.workdir / "tree"
-        folder.mkdir()
-        (folder / url.rsplit("/", 1)[-1]).write_bytes(data)
-        return import_directory(ctx.cas, folder)
+@pytest.fixture
+def http(tmp_path: Path) -> Iterator[LoopbackHttpServer]:
+    """A loopback HTTP server of the test's own, serving ``tmp_path/www``."""
+    (tmp_path / "www").mkdir()
+    with LoopbackHttpServer(tmp_path / "www") as server:
+        yield server
 
 
 def request_for(url: str, ref: str, *, element: str = "app.bst", index: int = 0) -> FetchRequest:
+    """What a ``remote`` source of ``url`` pinned to ``ref`` asks a worker to fetch."""
+    filename = url.rsplit("/", 1)[-1]
     return FetchRequest(
-        kind="fakenet",
-        key=source_cache_key("fakenet", {"url": url, "ref": ref}),
+        kind="remote",
+        key=source_cache_key("remote", [url, ref, filename, False]),
         element=element,
         index=index,
         field=f"sources[{index}]",
         file=f"elements/{element}",
         urls=[url],
-        config={"ref": ref},
+        config={"ref": ref, "filename": filename, "executable": False},
     )
 
 
-@pytest.fixture
-def fakenet(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakeNetSource]]:
-    monkeypatch.setitem(source_kinds.SOURCE_KINDS, "fakenet", FakeNetSource)
-    FakeNetSource.CONTENT.clear()
-    FakeNetSource.DOWNLOADS.clear()
-    yield FakeNetSource
+def publish(http: LoopbackHttpServer, data: bytes) -> tuple[str, str]:
+    """A file of its own on ``http`` holding ``data``: its URL and its ref."""
+    name = f"src-{uuid.uuid4().hex[:8]}.txt"
+    (http.root / name).write_bytes(data)
+    return http.url(name), hashlib.sha256(data).hexdigest()
 
 
-def publish(data: bytes) -> tuple[str, str]:
-    """A URL of the test's own serving ``data``, and its ref."""
-    url = f"https://example.invalid/{uuid.uuid4().hex[:8]}/src-{uuid.uuid4().hex[:6]}.txt"
-    FakeNetSource.CONTENT[url] = data
-    return url, hashlib.sha256(data).hexdigest()
+def downloads(http: LoopbackHttpServer) -> list[str]:
+    """The files ``http`` served (200 answers to GET), in order."""
+    return [e.file for e in http.entries if e.method == "GET" and e.status == 200]
 
 
 # --- servers -----------------------------------------------------------------------
@@ -159,10 +118,10 @@ def import_spec(project: str, element: str, entry: dict[str, Any]) -> BuildSpec:
 
 
 def test_a_source_is_downloaded_once_and_found_from_another_host(
-    fakenet: type[FakeNetSource], tmp_path: Path, casd: CasdServer, artifact_casd: CasdServer
+    http: LoopbackHttpServer, tmp_path: Path, casd: CasdServer, artifact_casd: CasdServer
 ) -> None:
     # Given a network source nobody fetched yet
-    url, ref = publish(b"hello from the network\n")
+    url, ref = publish(http, b"hello from the network\n")
     request = request_for(url, ref)
     with (
         context(tmp_path / "host-a", casd, artifact_casd) as a,
@@ -174,11 +133,11 @@ def test_a_source_is_downloaded_once_and_found_from_another_host(
         second, downloaded_b = fetch(b, request, tmp_path)
         # Then it was downloaded once, and both have the same tree under its URI
         assert (downloaded_a, downloaded_b) == (True, False)
-        assert [url] == fakenet.DOWNLOADS
+        assert downloads(http) == [url.rsplit("/", 1)[-1]]
         assert first == second
         assert lookup_sources(b, [request["key"], "0" * 64]) == {request["key"]: first}
         # And host B stages it by URI, with the content that was downloaded
-        spec = import_spec("p", "app.bst", {"kind": "fakenet", "uri": source_uri(request["key"]),
+        spec = import_spec("p", "app.bst", {"kind": "remote", "uri": source_uri(request["key"]),
                                             "directory": "src"})  # fmt: skip
         merged = merged_sources(b, spec, full=True)
         checkout(b.local_cas, merged, tmp_path / "out")
@@ -187,29 +146,38 @@ def test_a_source_is_downloaded_once_and_found_from_another_host(
 
 
 def test_a_wrong_checksum_caches_nothing(
-    fakenet: type[FakeNetSource], tmp_path: Path, casd: CasdServer, artifact_casd: CasdServer
+    http: LoopbackHttpServer, tmp_path: Path, casd: CasdServer, artifact_casd: CasdServer
 ) -> None:
-    # Given a source whose server serves other bytes than its ref says
-    url, _ = publish(b"the real bytes")
-    request = request_for(url, hashlib.sha256(b"other bytes").hexdigest())
+    # Given a source whose server serves other bytes than its ref says (/wrong/)
+    url, ref = publish(http, b"the real bytes")
+    wrong_path = "/wrong/" + url.rsplit("/", 1)[-1]
+    wrong_url = http.url(wrong_path)
+    request = request_for(wrong_url, ref)
+    actual = hashlib.sha256(bytes([ord("t") ^ 0xFF]) + b"he real bytes").hexdigest()
     with context(tmp_path / "local", casd, artifact_casd) as ctx:
-        # When it is fetched, then the error names the element, the source and the sums
-        with pytest.raises(SourceError, match=r"app\.bst source #1: .*expected sha256"):
+        # When it is fetched, then the error names the element, the source, the
+        # URL and the sums (downloaded once: a checksum mismatch is not retried)
+        with pytest.raises(SourceError) as caught:
             fetch(ctx, request, tmp_path)
+        message = str(caught.value)
+        for part in ("element app.bst", "source 0", wrong_url, f"expected {ref}", actual):
+            assert part in message, message
+        assert not caught.value.transient
+        assert http.count(path=wrong_path) == 1
         # And the source cache has nothing under its URI
         assert lookup_source(ctx, request["key"]) is None
 
 
 def test_an_element_builds_from_a_source_given_by_its_uri(
-    fakenet: type[FakeNetSource], tmp_path: Path, casd: CasdServer, artifact_casd: CasdServer
+    http: LoopbackHttpServer, tmp_path: Path, casd: CasdServer, artifact_casd: CasdServer
 ) -> None:
     # Given a fetched source and an import element whose spec names it by URI
-    url, ref = publish(b"#!/bin/sh\necho hi\n")
+    url, ref = publish(http, b"#!/bin/sh\necho hi\n")
     request = request_for(url, ref)
     project = f"p{uuid.uuid4().hex[:10]}"
     with context(tmp_path / "local", casd, artifact_casd) as ctx:
         fetch(ctx, request, tmp_path)
-        entry = {"kind": "fakenet", "uri": source_uri(request["key"]), "directory": ""}
+        entry = {"kind": "remote", "uri": source_uri(request["key"]), "directory": ""}
         spec = import_spec(project, "app.bst", entry)
         # When it builds (in-process)
         run_stages(ctx, spec)
@@ -240,16 +208,16 @@ def test_a_source_missing_from_the_cache_fails_staging_naming_it(
 
 
 def placeholder_spec(project: str, element: str) -> BuildSpec:
-    return import_spec(project, element, {"kind": "fakenet", "digest": digest_to_json(EMPTY_DIGEST),
+    return import_spec(project, element, {"kind": "remote", "digest": digest_to_json(EMPTY_DIGEST),
                                           "directory": ""})  # fmt: skip
 
 
 def test_elements_sharing_a_missing_source_wait_for_one_fetch_node(
-    fakenet: type[FakeNetSource], tmp_path: Path, casd: CasdServer, artifact_casd: CasdServer
+    http: LoopbackHttpServer, tmp_path: Path, casd: CasdServer, artifact_casd: CasdServer
 ) -> None:
     # Given two elements using the same network source, and a third using one already fetched
-    shared_url, shared_ref = publish(b"shared tarball")
-    cached_url, cached_ref = publish(b"fetched before")
+    shared_url, shared_ref = publish(http, b"shared tarball")
+    cached_url, cached_ref = publish(http, b"fetched before")
     project = f"p{uuid.uuid4().hex[:10]}"
     specs = {name: placeholder_spec(project, name) for name in ("a.bst", "b.bst", "c.bst")}
     planned = {
@@ -259,7 +227,7 @@ def test_elements_sharing_a_missing_source_wait_for_one_fetch_node(
     }
     with context(tmp_path / "local", casd, artifact_casd) as ctx:
         fetched, _ = fetch(ctx, request_for(cached_url, cached_ref), tmp_path)
-        fakenet.DOWNLOADS.clear()
+        before = http.entries
         # When the build's fetches are planned
         plan = plan_fetches(
             ctx, [(specs[n], planned[n]) for n in specs], project=project, priority=3
@@ -277,14 +245,14 @@ def test_elements_sharing_a_missing_source_wait_for_one_fetch_node(
     # And their specs name the source by URI; the cached one by its digest, with no node
     for name in ("a.bst", "b.bst"):
         assert specs[name]["sources"][0] == {
-            "kind": "fakenet",
+            "kind": "remote",
             "uri": source_uri(key),
             "directory": "",
         }
     assert specs["c.bst"]["sources"][0]["digest"] == digest_to_json(fetched)
     assert plan.hits == 1
     # And the submitter downloaded nothing
-    assert fakenet.DOWNLOADS == []
+    assert http.entries == before
 
 
 # --- the scheduler side ---------------------------------------------------------------------

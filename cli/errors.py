@@ -16,10 +16,11 @@ R = TypeVar("R")
 
 RUNTIME_ERROR = 1
 """Exit code: the work could not be done (a server unreachable or failing, a
-build that failed)."""
+build that failed) or what was asked for is not there (an unknown build id,
+an artifact not found)."""
 USAGE_ERROR = 2
 """Exit code: bad input or bad configuration (the user's files, options,
-settings; an unknown build id)."""
+settings)."""
 TIMEOUT = 3
 """Exit code: ``--timeout`` passed before the build was done."""
 
@@ -34,8 +35,8 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn remex's errors into one line on stderr and an exit code.
 
     Exit 2 (:data:`USAGE_ERROR`): a :class:`~pipeline.errors.ConfigError`
-    (bad settings, and ElementError: bad project files) or a missing build
-    (``KeyError``). Exit 1 (:data:`RUNTIME_ERROR`): any other RemexError
+    (bad settings, and ElementError: bad project files). Exit 1
+    (:data:`RUNTIME_ERROR`): a missing build (``KeyError``), any other RemexError
     (RemoteError: a REAPI server unreachable or failing ...), a broker that
     cannot be reached (Redis or kombu connection errors), a server that
     cannot start (:class:`pipeline.servers.ServerError`). Exit 3: a
@@ -50,8 +51,8 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
             fail(str(exc))
         except RemexError as exc:
             fail(str(exc), code=RUNTIME_ERROR)
-        except KeyError as exc:
-            fail(str(exc.args[0]) if exc.args else str(exc))
+        except KeyError as exc:  # not found, as bst: exit 1
+            fail(str(exc.args[0]) if exc.args else str(exc), code=RUNTIME_ERROR)
         except TimeoutError as exc:
             fail(str(exc), code=TIMEOUT)
         except Exception as exc:

@@ -201,7 +201,7 @@ def test_no_follow_prints_a_build_id_that_status_reads(
     assert again.returncode == 0 and "build" in json.loads(again.stdout)
     # And an unknown build is an error
     unknown = remex_stack.cli("status", "no-such-build")
-    assert unknown.returncode != 0 and "no-such-build" in unknown.stderr
+    assert unknown.returncode == 1 and "no-such-build" in unknown.stderr
 
 
 # --- failures --------------------------------------------------------------------------

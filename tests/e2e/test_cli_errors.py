@@ -135,7 +135,7 @@ def test_a_closed_broker_and_server_port_is_one_sentence_exit_1(
 
 
 @pytest.mark.parametrize("command", ["status", "follow", "cancel"])
-def test_an_unknown_build_is_one_sentence_exit_2(
+def test_an_unknown_build_is_one_sentence_exit_1(
     env: dict[str, str], tmp_path: Path, command: str
 ) -> None:
     # Given a reachable broker that knows no build 0123abcd
@@ -143,8 +143,8 @@ def test_an_unknown_build_is_one_sentence_exit_2(
         env["REMEX_BROKER_URL"] = redis.url
         # When the command asks for it
         result = run(env, tmp_path, command)
-    # Then it says so in one line, exit 2
-    assert_one_sentence(result, 2, "0123abcd")
+    # Then it says so in one line, exit 1 (not found)
+    assert_one_sentence(result, 1, "0123abcd")
 
 
 def test_a_damaged_stack_record_is_one_sentence_for_down(env: dict[str, str]) -> None:

@@ -307,10 +307,10 @@ def test_builds_lists_them_with_counts(
 
 
 @pytest.mark.parametrize("args", [["--follow"], ["--json-lines"], ["--follow", "--json-lines"]])
-def test_following_an_unknown_build_is_one_sentence_exit_2(
+def test_following_an_unknown_build_is_one_sentence_exit_1(
     stack: RemexStack, args: list[str]
 ) -> None:
     result = stack.cli("status", "0123abcd", *args)
-    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.strip() == "remex: no build '0123abcd'"
     assert result.stdout == ""

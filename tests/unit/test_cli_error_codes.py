@@ -27,7 +27,7 @@ def exit_of(exc: BaseException, capsys: pytest.CaptureFixture[str]) -> tuple[int
     [
         (ConfigError("REMEX_CAS_QUOTA: not a size: 'abc'"), 2, "REMEX_CAS_QUOTA"),
         (LoadError("bad", file="elements/a.bst", line=3), 2, "elements/a.bst:3"),
-        (KeyError("no build 0123abcd"), 2, "no build 0123abcd"),
+        (KeyError("no build 0123abcd"), 1, "no build 0123abcd"),
         (RemoteError("FetchDirectory on grpc://h:1 failed: UNAVAILABLE"), 1, "UNAVAILABLE"),
         (LocalCasError("cannot write to the local CAS"), 1, "local CAS"),
         (redis.ConnectionError("Error 111 connecting to 127.0.0.1:1.\nRefused."), 1, "127.0.0.1:1"),

@@ -15,6 +15,7 @@ the staged tree (:meth:`content_key`), and how a verified file becomes a tree
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import urllib.parse
@@ -45,7 +46,7 @@ from pipeline.elements.sources.helpers import (
     source_directory,
 )
 
-__all__ = ["DownloadableSource", "StageRefused"]
+__all__ = ["ArchiveSource", "DownloadableSource", "StageRefused"]
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _INDEX_RE = re.compile(r"sources\[(\d+)\]")
@@ -248,3 +249,28 @@ class DownloadableSource(Source):
     def _index(self) -> int:
         found = _INDEX_RE.search(self.field)
         return int(found.group(1)) if found else 0
+
+
+class ArchiveSource(DownloadableSource):
+    """An archive (``tar``, ``zip``) whose ``base-dir`` (default ``*``, the
+    first top-level folder; "" for the whole archive) picks what is staged."""
+
+    option_keys: ClassVar[tuple[str, ...]] = ("base-dir",)
+
+    @property
+    def base_dir(self) -> str:
+        """The ``base-dir`` glob ("" = the whole archive)."""
+        return str(self.options["base-dir"])
+
+    @classmethod
+    def load_options(cls, node: MappingNode, ctx: SourceContext) -> dict[str, Any]:
+        base_node = node.get_scalar("base-dir")
+        base_dir = "*"  # BuildStream's default: the first top-level folder
+        if base_node is not None:
+            base_dir = ctx.variables.expand(
+                base_node.value or "", mark=base_node.mark, field=base_node.path
+            )
+        return {"base-dir": base_dir}
+
+    def content_key(self) -> str:
+        return json.dumps([self.ref, self.base_dir])

@@ -15,7 +15,6 @@ the archive says, as ``unzip`` does.)
 
 from __future__ import annotations
 
-import json
 import stat
 import tarfile
 import zipfile
@@ -24,9 +23,7 @@ from typing import Any, BinaryIO, ClassVar
 
 from pipeline.cas import LocalCas
 from pipeline.digest import Digest
-from pipeline.elements.nodes import MappingNode
-from pipeline.elements.sources.base import SourceContext
-from pipeline.elements.sources.downloadable import DownloadableSource, StageRefused
+from pipeline.elements.sources.downloadable import ArchiveSource, StageRefused
 from pipeline.elements.staging import (
     TreeBuilder,
     UnsafeArchiveError,
@@ -41,31 +38,12 @@ _UNIX = 3  # ZipInfo.create_system of archives made on Unix
 _MAX_LINK = 4096  # a symlink member's target is its content: keep it small
 
 
-class ZipSource(DownloadableSource):
+class ZipSource(ArchiveSource):
     """A zip archive by URL; ``ref`` is its sha256."""
 
     kind: ClassVar[str] = "zip"
     plugin_packages: ClassVar[frozenset[str]] = frozenset({"buildstream-plugins"})
-    option_keys: ClassVar[tuple[str, ...]] = ("base-dir",)
     noun: ClassVar[str] = "zip archive"
-
-    @property
-    def base_dir(self) -> str:
-        """The ``base-dir`` glob ("" = the whole archive)."""
-        return str(self.options["base-dir"])
-
-    @classmethod
-    def load_options(cls, node: MappingNode, ctx: SourceContext) -> dict[str, Any]:
-        base_node = node.get_scalar("base-dir")
-        base_dir = "*"
-        if base_node is not None:
-            base_dir = ctx.variables.expand(
-                base_node.value or "", mark=base_node.mark, field=base_node.path
-            )
-        return {"base-dir": base_dir}
-
-    def content_key(self) -> str:
-        return json.dumps([self.ref, self.base_dir])
 
     @classmethod
     def stage_file(cls, cas: LocalCas, f: BinaryIO, options: Mapping[str, Any], url: str) -> Digest:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import click
 
 from cli.errors import fail, handles_errors
+from cli.main import option_option, project_option
 
 if TYPE_CHECKING:
     from pipeline.elements.element import Element
@@ -30,25 +31,9 @@ __all__ = ["track_command"]
 
 
 @click.command("track")
-@click.option(
-    "-C",
-    "--directory",
-    "project_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("."),
-    show_default=True,
-    help="The project folder (holding project.conf).",
-)
+@project_option
 @click.argument("elements", nargs=-1)
-@click.option(
-    "-o",
-    "--option",
-    "option_pairs",
-    type=(str, str),
-    multiple=True,
-    metavar="NAME VALUE",
-    help="Set a project option (repeatable).",
-)
+@option_option
 @click.option(
     "--deps",
     "-d",

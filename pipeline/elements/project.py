@@ -588,14 +588,22 @@ class Project:
 
     def _junction_directory(self, file: _ElementFile, source: Source) -> Path:
         """Where the subproject is: a ``local`` source's folder, or any other
-        source staged and checked out once into a folder beside the local CAS."""
+        source staged and checked out once into a folder beside the local CAS.
+
+        A network source (its content fixed by its source cache key) is
+        fetched by the first load only: later loads find its folder by key."""
         if isinstance(source, LocalSource):
             return source.path
         scratch = self.cas.root.parent / "junctions"
         scratch.mkdir(parents=True, exist_ok=True)
+        request = source.fetch_request(file.name, 0, file.display)
+        if request is not None:
+            by_key = scratch / f"source-{request['key']}"
+            if (by_key / "project.conf").is_file():
+                return by_key
         with tempfile.TemporaryDirectory(dir=scratch) as work:
             digest = source.stage(self.cas, Path(work))
-        dest = scratch / digest.hash
+        dest = scratch / digest.hash if request is None else by_key
         if not (dest / "project.conf").is_file():
             with tempfile.TemporaryDirectory(dir=scratch) as work:
                 checkout(self.cas, digest, Path(work) / "project")

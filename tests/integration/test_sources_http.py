@@ -250,3 +250,35 @@ def test_remex_source_track_writes_the_sha256_of_tarballs_without_a_ref(
     # And the project now loads with those refs
     sources = load_sources_from(root)
     assert sources[0].content_key().startswith(f'["{tar_ref}"')
+
+
+def test_a_junction_over_http_is_downloaded_by_the_first_load_only(
+    served: Path, server: LoopbackHttpServer, tmp_path: Path
+) -> None:
+    # Given a junction whose subproject is a tarball on the server
+    sub = {
+        "sub-1/project.conf": b"name: sub\nelement-path: elements\n",
+        "sub-1/elements/lib.bst": b"kind: import\nsources:\n- kind: local\n  path: files\n",
+        "sub-1/files/lib.txt": b"lib\n",
+    }
+    ref = make_tar(served / "sub.tar.xz", list(sub.items()))
+    root = tmp_path / "p"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text(
+        f"name: top\nelement-path: elements\naliases:\n  srv: {server.base_url}/\n"
+    )
+    (root / "elements/sub.bst").write_text(
+        f"kind: junction\nsources:\n- kind: tar\n  url: srv:sub.tar.xz\n  ref: {ref}\n"
+    )
+    (root / "elements/app.bst").write_text("kind: stack\ndepends:\n- sub.bst:lib.bst\n")
+    cas = LocalCas(tmp_path / "cas")
+    # When the project is loaded twice (two submits)
+    keys = []
+    for _ in range(2):
+        project = load_project(root, cas=cas)
+        loaded = {e.name: e for e in project.load_targets(["app.bst"])}
+        keys.append((loaded["app.bst"].cache_key, loaded["sub.bst:lib.bst"].cache_key))
+    # Then the subproject's element is there, with the same key, and the
+    # tarball was downloaded once
+    assert keys[0] == keys[1]
+    assert server.count(file="sub.tar.xz") == 1

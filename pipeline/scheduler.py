@@ -766,8 +766,39 @@ class Scheduler:
         an earlier stage of this attempt, a finished element, a cancelled
         build). ``worker`` is the worker process's instance (see
         :meth:`worker_alive`), ``holder`` its ``instance#epoch``."""
+        return bool(
+            self.begin_stage(
+                build_id,
+                element,
+                attempt=attempt,
+                stage=stage,
+                host=host,
+                worker=worker,
+                holder=holder,
+            )
+        )
+
+    def begin_stage(
+        self,
+        build_id: str,
+        element: str,
+        *,
+        attempt: int,
+        stage: str,
+        host: str,
+        worker: str = "",
+        holder: str = "",
+        task_id: str = "",
+        retries: int = 0,
+    ) -> int:
+        """As :meth:`start_stage`, and count this delivery of the task message
+        (``task_id``, retry number ``retries``) in the same move (one script,
+        not :meth:`count_delivery` too). Returns how often the message was
+        delivered (1 the first time), or 0 when the task is stale. Only the
+        element's latest delivery is counted: a copy of an earlier message
+        starts its count again."""
         now = time.time()
-        started = self._start(
+        delivered = self._start(
             keys=[self.keys.prefix],
             args=[
                 build_id,
@@ -779,9 +810,10 @@ class Scheduler:
                 now,
                 now + self.heartbeat_timeout,
                 holder,
+                f"{task_id}:{retries}" if task_id else "",
             ],
         )
-        return bool(started)
+        return int(delivered)
 
     def heartbeat(self, build_id: str, element: str) -> None:
         """The element's stage is still working."""

@@ -118,6 +118,9 @@ class StageTask(Task):  # type: ignore[misc]
         """Check the delivery is current; mark the element running at this stage."""
         rt = self.runtime()
         build, element = payload["build"], payload["element"]
+        takes = getattr(self.app, "remex_takes", None)
+        if takes is not None:
+            takes.started(self.request.id or "")
         deliveries = rt.scheduler.begin_stage(
             build,
             element,

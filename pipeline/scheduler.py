@@ -26,10 +26,12 @@ runs (:meth:`Scheduler.worker_alive`); its value is the worker's *epoch*,
 new each time its consumer (re)connects to the broker. A stage keeps its
 element's heartbeat fresh.
 
-Holders: whoever has the element's current message. A worker that receives
-a stage message (prefetched, delayed or about to run) takes it
-(:meth:`Scheduler.take`: ``holder = instance#epoch``; a stale copy is not
-taken), a stage that starts takes it too, and a stage that ends hands the
+Holders: whoever has the element's current message. A stage that starts
+takes it (:meth:`Scheduler.begin_stage`: ``holder = instance#epoch``, and
+the delivery counted in the element's info); a worker that received a stage
+message which has not started within a tenth of the heartbeat timeout
+(prefetched, delayed) takes it then (:meth:`Scheduler.take`; a stale copy is
+not taken; see ``tasks.runtime.PendingTakes``), and a stage that ends hands the
 element on (:meth:`Scheduler.hand_on`: no holder) just before its next
 message (the chain's next stage, or its own re-queue) is published. An
 element no stage is running (no fresh heartbeat) is lost, and
@@ -70,7 +72,9 @@ running), ``B:failed`` (set);
 ``remex:claim:<artifact URI>`` (string: owner ``build\\telement``),
 ``remex:waiters:<artifact URI>`` (set of waiting ``build\\telement``) and
 ``remex:worker:<instance>`` (a live worker), ``remex:delivery:<task id>:<retry>``
-(how often a task message was delivered) and ``remex:reconciler`` (a lock).
+(how often a task message was delivered, :meth:`Scheduler.count_delivery`;
+stage tasks count theirs in the element's info instead) and
+``remex:reconciler`` (a lock).
 
 The moves' Lua scripts are files in ``pipeline/lua/``, read when a
 :class:`Scheduler` is made; the key prefix is passed to them as ``KEYS[1]``.

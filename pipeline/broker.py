@@ -114,19 +114,23 @@ def host_queue(worker_name: str) -> str:
 
 
 class _RedisQoS(kombu_redis.QoS):  # type: ignore[misc]
-    # See RedisTransport.
+    # See RedisTransport. kombu copies every message it delivers into
+    # ``unacked`` (ZADD, HSET) and deletes it on ack (ZREM, HDEL): four Redis
+    # commands per task, in MULTI ... EXEC six (issue 16), only so that the
+    # copy comes back after the visibility timeout. remex never needs it: the
+    # scheduler knows who holds each element's message and re-sends the
+    # elements of a holder that died, and such a late copy is stale anyway.
+    # So the bookkeeping stays in this process (kombu's virtual QoS: what
+    # Celery acks), and nothing goes to Redis.
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        kombu_virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+
     def ack(self, delivery_tag: Any) -> None:
-        if self.channel.closed:
-            # Only forget it here: its channel (and delivery tag) is gone.
-            kombu_virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
-            return
-        super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+        kombu_virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        if self.channel.closed:
-            kombu_virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
-            return
-        super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+        # (No stage task asks for a requeue: a retry is a new message.)
+        kombu_virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
 
 class _RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
@@ -148,8 +152,9 @@ class RedisTransport(kombu_redis.Transport):  # type: ignore[misc]
     the worker ("Unrecoverable error"), so a Redis restart killed every
     worker. Neither is needed: the scheduler records who holds each message,
     and a holder that stops or loses its connection is gone, so the
-    reconciler sends its elements again; the entries left in ``unacked``
-    come back after the visibility timeout as stale copies, and are dropped.
+    reconciler sends its elements again. For the same reason it keeps no copy
+    of a delivered message in Redis (``unacked``; see ``_RedisQoS``): a copy
+    would only come back after the visibility timeout, stale.
     """
 
     Channel = _RedisChannel
@@ -201,7 +206,8 @@ def celery_settings(config: RemexConfig) -> dict[str, Any]:
         "result_backend_max_sleep_between_retries_ms": 2000,
         # Events for Flower.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # No "task-sent" event: Flower shows each task from its "task-received"
+        # (one PUBLISH less per task, issue 16).
         "task_track_started": True,
         "result_expires": RESULT_EXPIRES,
         "result_extended": True,

@@ -26,10 +26,12 @@ runs (:meth:`Scheduler.worker_alive`); its value is the worker's *epoch*,
 new each time its consumer (re)connects to the broker. A stage keeps its
 element's heartbeat fresh.
 
-Holders: whoever has the element's current message. A worker that receives
-a stage message (prefetched, delayed or about to run) takes it
-(:meth:`Scheduler.take`: ``holder = instance#epoch``; a stale copy is not
-taken), a stage that starts takes it too, and a stage that ends hands the
+Holders: whoever has the element's current message. A stage that starts
+takes it (:meth:`Scheduler.begin_stage`: ``holder = instance#epoch``, and
+the delivery counted in the element's info); a worker that received a stage
+message which has not started within a tenth of the heartbeat timeout
+(prefetched, delayed) takes it then (:meth:`Scheduler.take`; a stale copy is
+not taken; see ``tasks.runtime.PendingTakes``), and a stage that ends hands the
 element on (:meth:`Scheduler.hand_on`: no holder) just before its next
 message (the chain's next stage, or its own re-queue) is published. An
 element no stage is running (no fresh heartbeat) is lost, and
@@ -70,7 +72,9 @@ running), ``B:failed`` (set);
 ``remex:claim:<artifact URI>`` (string: owner ``build\\telement``),
 ``remex:waiters:<artifact URI>`` (set of waiting ``build\\telement``) and
 ``remex:worker:<instance>`` (a live worker), ``remex:delivery:<task id>:<retry>``
-(how often a task message was delivered) and ``remex:reconciler`` (a lock).
+(how often a task message was delivered, :meth:`Scheduler.count_delivery`;
+stage tasks count theirs in the element's info instead) and
+``remex:reconciler`` (a lock).
 
 The moves' Lua scripts are files in ``pipeline/lua/``, read when a
 :class:`Scheduler` is made; the key prefix is passed to them as ``KEYS[1]``.
@@ -766,8 +770,39 @@ class Scheduler:
         an earlier stage of this attempt, a finished element, a cancelled
         build). ``worker`` is the worker process's instance (see
         :meth:`worker_alive`), ``holder`` its ``instance#epoch``."""
+        return bool(
+            self.begin_stage(
+                build_id,
+                element,
+                attempt=attempt,
+                stage=stage,
+                host=host,
+                worker=worker,
+                holder=holder,
+            )
+        )
+
+    def begin_stage(
+        self,
+        build_id: str,
+        element: str,
+        *,
+        attempt: int,
+        stage: str,
+        host: str,
+        worker: str = "",
+        holder: str = "",
+        task_id: str = "",
+        retries: int = 0,
+    ) -> int:
+        """As :meth:`start_stage`, and count this delivery of the task message
+        (``task_id``, retry number ``retries``) in the same move (one script,
+        not :meth:`count_delivery` too). Returns how often the message was
+        delivered (1 the first time), or 0 when the task is stale. Only the
+        element's latest delivery is counted: a copy of an earlier message
+        starts its count again."""
         now = time.time()
-        started = self._start(
+        delivered = self._start(
             keys=[self.keys.prefix],
             args=[
                 build_id,
@@ -779,9 +814,10 @@ class Scheduler:
                 now,
                 now + self.heartbeat_timeout,
                 holder,
+                f"{task_id}:{retries}" if task_id else "",
             ],
         )
-        return bool(started)
+        return int(delivered)
 
     def heartbeat(self, build_id: str, element: str) -> None:
         """The element's stage is still working."""

@@ -21,7 +21,7 @@ from pipeline.broker import TASK_STAGES, make_celery
 from pipeline.config import RemexConfig, load_config
 from tasks.fetch import register_fetch_task
 from tasks.flower import protect_metrics
-from tasks.runtime import BackgroundLoops, RuntimeHolder, WorkerRuntime
+from tasks.runtime import BackgroundLoops, PendingTakes, RuntimeHolder, WorkerRuntime, take_delay
 from tasks.stages import register_stage_tasks
 from tasks.stats import remex_stats  # noqa: F401  (registers the inspect command)
 
@@ -49,6 +49,8 @@ def create_app(config: RemexConfig, *, worker_name: str | None = None) -> Celery
     register_stage_tasks(app)
     register_fetch_task(app)
     loops = BackgroundLoops(app, holder)
+    # Read by StageTask.begin: a stage that starts needs no take of its own.
+    app.remex_takes = takes = PendingTakes(holder, take_delay(config))
 
     # Signals are process-wide: act only for this app's worker.
     def on_ready(sender: Any = None, **_: object) -> None:
@@ -61,7 +63,7 @@ def create_app(config: RemexConfig, *, worker_name: str | None = None) -> Celery
 
     def on_received(sender: Any = None, request: Any = None, **_: object) -> None:
         if getattr(sender, "app", None) is app and request is not None:
-            record_taken(holder, request)
+            record_taken(takes, request)
 
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
@@ -86,9 +88,10 @@ class BrokerEpoch(bootsteps.StartStopStep):  # type: ignore[misc]
             log.warning("could not start a new broker epoch: %s", exc)
 
 
-def record_taken(holder: RuntimeHolder, request: Any) -> None:
+def record_taken(takes: PendingTakes, request: Any) -> None:
     """A stage message arrived (maybe prefetched, maybe with a countdown):
-    record this worker as its holder, so the reconciler knows whom to watch."""
+    record this worker as its holder if it does not start at once (see
+    :class:`tasks.runtime.PendingTakes`), so the reconciler knows whom to watch."""
     stage = str(getattr(request, "name", "") or "").removeprefix("remex.")
     if stage not in TASK_STAGES:
         return
@@ -97,15 +100,13 @@ def record_taken(holder: RuntimeHolder, request: Any) -> None:
         payload = args[0] if args else None
         if not isinstance(payload, dict) or "attempt" not in payload:
             return
-        rt = holder.get()
-        if not rt.scheduler.take(
+        takes.received(
+            str(request.id),
             payload["build"],
             payload["element"],
-            attempt=int(payload["attempt"]),
-            stage=stage,
-            holder=rt.holder,
-        ):
-            log.info("%s of %s (build %s) is stale", stage, payload["element"], payload["build"])
+            int(payload["attempt"]),
+            stage,
+        )
     except Exception as exc:  # the reconciler copes without it
         log.warning("could not record a received task: %s", exc)
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,3 +177,87 @@ def _every(interval: float, stop: threading.Event, what: str, fn: Callable[[], o
             log.exception("%s failed", what)
         if stop.wait(interval):
             return
+
+
+@dataclass
+class _Take:
+    due: float
+    build: str
+    element: str
+    attempt: int
+    stage: str
+
+
+class PendingTakes:
+    """The stage messages this worker received and has not started yet, whose
+    holder it records only if they wait longer than ``delay`` seconds.
+
+    Most messages start the moment they arrive, and the stage's start records
+    its holder itself (:meth:`pipeline.scheduler.Scheduler.begin_stage`), so a
+    take recorded on arrival is one script and four Redis commands per stage
+    for nothing (issue 16). Only a message that waits (prefetched behind a
+    busy slot, a retry's countdown) needs one, and the reconciler takes an
+    element with no holder as lost only after a heartbeat timeout, much more
+    than ``delay``. A message whose take is due is recorded by one thread;
+    a start waits for a take under way, so that no take of a stage lands
+    after its start (and its hand-on)."""
+
+    def __init__(self, holder: RuntimeHolder, delay: float) -> None:
+        self._holder = holder
+        self.delay = delay
+        self._pending: dict[str, _Take] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def received(self, task_id: str, build: str, element: str, attempt: int, stage: str) -> None:
+        """A stage message arrived: record its holder in ``delay`` seconds unless it starts."""
+        with self._lock:
+            self._pending[task_id] = _Take(
+                time.monotonic() + self.delay, build, element, attempt, stage
+            )
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="remex-takes", daemon=True)
+                self._thread.start()
+
+    def started(self, task_id: str) -> None:
+        """The message's stage begins (it records its holder itself)."""
+        with self._lock:
+            self._pending.pop(task_id, None)
+
+    def flush(self, now: float | None = None) -> int:
+        """Record the holder of every message due by ``now``; return how many."""
+        now = time.monotonic() if now is None else now
+        done = 0
+        with self._lock:
+            due = [(tid, t) for tid, t in self._pending.items() if t.due <= now]
+            for task_id, take in due:
+                del self._pending[task_id]
+                try:
+                    rt = self._holder.get()
+                    if not rt.scheduler.take(
+                        take.build,
+                        take.element,
+                        attempt=take.attempt,
+                        stage=take.stage,
+                        holder=rt.holder,
+                    ):
+                        log.info(
+                            "%s of %s (build %s) is stale", take.stage, take.element, take.build
+                        )
+                    done += 1
+                except Exception as exc:  # the reconciler copes without it
+                    log.warning("could not record a received task: %s", exc)
+        return done
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.delay / 2)
+            self.flush()
+
+
+def take_delay(config: RemexConfig) -> float:
+    """How long a received stage message may wait before its holder is
+    recorded: a tenth of the heartbeat timeout, at most one second (the
+    reconciler waits a whole timeout before it takes a message as lost)."""
+    return max(0.05, min(1.0, config.heartbeat_timeout / 10))

@@ -118,8 +118,10 @@ class StageTask(Task):  # type: ignore[misc]
         """Check the delivery is current; mark the element running at this stage."""
         rt = self.runtime()
         build, element = payload["build"], payload["element"]
-        deliveries = rt.scheduler.count_delivery(self.request.id, self.request.retries)
-        if not rt.scheduler.start_stage(
+        takes = getattr(self.app, "remex_takes", None)
+        if takes is not None:
+            takes.started(self.request.id or "")
+        deliveries = rt.scheduler.begin_stage(
             build,
             element,
             attempt=payload["attempt"],
@@ -127,7 +129,10 @@ class StageTask(Task):  # type: ignore[misc]
             host=rt.name,
             worker=rt.instance,
             holder=rt.holder,
-        ):
+            task_id=self.request.id or "",
+            retries=int(self.request.retries or 0),
+        )
+        if not deliveries:
             log.info("%s of %s (build %s) is stale; ignored", self.stage, element, build)
             raise Ignore()
         if deliveries > self.policy.max_deliveries:

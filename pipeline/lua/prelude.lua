@@ -124,13 +124,15 @@ local function stage_before(stage, current)
   return (STAGE_ORDER[stage] or 0) < (STAGE_ORDER[current] or 0)
 end
 -- The current message of this attempt, or a stale copy (an older attempt, an
--- earlier stage, a finished element, a stopped build)?
+-- earlier stage, a finished element, a stopped build)? Returns the element's
+-- info and state, or nil. (No read of the build's status: a build stops only
+-- when none of its elements is queued or running any more, end_build, or by
+-- cancel, which moves each of them to cancelled in the same script.)
 local function current_message(b, e, attempt, stage)
-  if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return nil end
   local st = redis.call('HGET', bkey(b, 'state'), e)
   if st ~= 'queued' and st ~= 'running' then return nil end
   local info = get_info(b, e)
   if (tonumber(info['attempt']) or 0) ~= attempt or info['waiting_on'] then return nil end
   if stage_before(stage, info['stage']) then return nil end
-  return info
+  return info, st
 end

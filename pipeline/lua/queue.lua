@@ -16,6 +16,7 @@ info['stage'] = nil
 info['holder'] = nil
 info['handed_at'] = nil
 info['taken_at'] = nil
+info['delivery'] = nil
 put_info(b, e, info)
 redis.call('HSET', bkey(b, 'state'), e, 'queued')
 count_state(b, e, st, 'queued')

@@ -745,6 +745,33 @@ def test_deliveries_are_counted_per_message_and_expire(scheduler: Scheduler) -> 
     assert 0 < ttl <= 24 * 3600
 
 
+def test_a_stage_start_counts_its_delivery_in_the_same_move(scheduler: Scheduler) -> None:
+    # Given a queued element
+    build, _ = create(scheduler, {"a": []})
+    attempt = send(scheduler, build, "a")
+
+    def begin(stage: str, task_id: str, retries: int = 0) -> int:
+        return scheduler.begin_stage(
+            build, "a", attempt=attempt, stage=stage, host="w1", task_id=task_id, retries=retries
+        )
+
+    # When its first stage's message is delivered twice (its worker died)
+    # Then the second start says so
+    assert begin("stage_to_cas", "t1") == 1
+    assert begin("stage_to_cas", "t1") == 2
+    # And the next message (the next stage, a retry) counts from one
+    assert begin("upload", "t2") == 1
+    assert begin("upload", "t2", retries=1) == 1
+    assert begin("upload", "t2", retries=1) == 2
+    # And no key of its own is left behind
+    assert not list(scheduler.redis.scan_iter("remex:delivery:*"))
+    # And a stale copy (an earlier stage) counts nothing
+    assert begin("stage_to_cas", "t1") == 0
+    # And a new attempt starts afresh
+    attempt = scheduler.mark_queued(build, "a", task_ids=["t3"])
+    assert begin("stage_to_cas", "t1") == 1
+
+
 def test_wait_can_follow_with_summaries_and_ends_with_the_whole_status(
     scheduler: Scheduler, redis_server: RedisServer
 ) -> None:

@@ -46,13 +46,12 @@ class FakeScheduler:
     handed_on: list[str] = field(default_factory=list)
     heartbeat_timeout: float = 30.0
 
-    def count_delivery(self, task_id: str, retries: int) -> int:
+    def begin_stage(self, build: str, element: str, **kw: Any) -> int:
+        self.started.append(kw["stage"])
+        if not self.current:
+            return 0
         self.deliveries += 1
         return self.deliveries
-
-    def start_stage(self, build: str, element: str, **kw: Any) -> bool:
-        self.started.append(kw["stage"])
-        return self.current
 
     def hand_on(self, build: str, element: str, *, attempt: int, holder: str) -> bool:
         self.handed_on.append(holder)

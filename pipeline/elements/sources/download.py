@@ -37,12 +37,15 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-
-import requests
+from typing import TYPE_CHECKING, BinaryIO
 
 from pipeline.elements.errors import SourceError
 from pipeline.elements.sources.base import FetchContext, FetchRequest, NetworkSettings
+
+if TYPE_CHECKING:
+    # Imported where used: loading a project (remex build, show) imports this
+    # module for its kinds, and requests alone costs ~70 ms of start-up.
+    import requests
 
 __all__ = [
     "RETRY_AFTER_CAP",
@@ -195,6 +198,8 @@ def download(
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     target = ctx.workdir / name
     tried: list[_Tried] = []
+    import requests
+
     with requests.Session() as session:
         for url in urls:
             result = _download_one(session, url, ctx, sha256, sleep, rng, tried)
@@ -289,6 +294,8 @@ def _stream(session: requests.Session, url: str, attempt: _Attempt, out: BinaryI
 def _http_chunks(
     session: requests.Session, url: str, settings: NetworkSettings
 ) -> tuple[Iterator[bytes], int | None]:
+    import requests
+
     verify: bool | str = str(settings.ca_bundle) if settings.ca_bundle is not None else True
     try:
         response = session.get(
@@ -319,6 +326,8 @@ def _http_chunks(
 
 
 def _http_body(response: requests.Response) -> Iterator[bytes]:
+    import requests
+
     try:
         yield from response.raw.stream(_CHUNK, decode_content=False)
     except requests.exceptions.RequestException as exc:

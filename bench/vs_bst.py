@@ -229,6 +229,8 @@ class Result:
     # per remex run: worker -> (elements it worked on, bytes down, bytes up)
     traffic: list[dict[str, tuple[int, int, int]]] = field(default_factory=list)
     peak_rss: dict[str, int] = field(default_factory=dict)
+    # per remex run: the workers' CPU time (user + system) per element built, ms
+    cpu_per_element: list[float] = field(default_factory=list)
     elements: int = 0
 
 
@@ -254,8 +256,10 @@ def remex_run(stack: RemexStackCli, project: Path, case: Case, result: Result) -
         for host in set(element.get("hosts", [])):
             per_worker[host] = per_worker.get(host, 0) + 1
     run: dict[str, tuple[int, int, int]] = {}
+    cpu_ms = 0
     for node, now in after.items():
         then = before.get(node, {})
+        cpu_ms += now.get("cpu_ms", 0) - then.get("cpu_ms", 0)
         # Celery node "remex-NAME@host"; the scheduler records NAME.
         count = per_worker.get(node.split("@", 1)[0].removeprefix("remex-"), 0)
         run[node] = (
@@ -265,6 +269,7 @@ def remex_run(stack: RemexStackCli, project: Path, case: Case, result: Result) -
         )
         result.peak_rss[node] = max(result.peak_rss.get(node, 0), now["peak_rss_kib"])
     result.traffic.append(run)
+    result.cpu_per_element.append(cpu_ms / max(len(built), 1))
     return wall
 
 
@@ -322,6 +327,16 @@ def report(results: Sequence[Result]) -> None:
             f"| {statistics.median(r.remex):.2f} s | {ratio:.2f} "
             f"| {', '.join(f'{x:.2f}' for x in ratios)} | {stable_runs(ratios)} runs |"
         )
+    print()
+    # The load of other processes swings wall times by tens of percent; the
+    # workers' own CPU time per element hardly moves with it.
+    for r in results:
+        if r.cpu_per_element:
+            runs = ", ".join(f"{x:.1f}" for x in r.cpu_per_element)
+            print(
+                f"{r.case.name}: remex workers' CPU time per element built: median "
+                f"{statistics.median(r.cpu_per_element):.1f} ms (runs: {runs})"
+            )
     print()
     print(
         "remex workers: peak RSS, and CAS bytes (blob payloads + Directory messages) "

@@ -1,7 +1,7 @@
 """``remex_stats``: a Celery inspect command reporting this worker's resource use.
 
 ``app.control.inspect().remex_stats()`` (or ``broadcast("remex_stats",
-reply=True)``) answers, per worker: its PID, its peak resident set size and
+reply=True)``) answers, per worker: its PID, its peak resident set size, its CPU time and
 the bytes it moved to and from remote CAS servers
 (:data:`pipeline.reapi.cas.traffic.TRAFFIC`). ``bench/vs_bst.py`` reads it
 before and after each build.
@@ -21,12 +21,16 @@ __all__ = ["worker_stats"]
 
 
 def worker_stats() -> dict[str, int]:
-    """This process's PID, peak RSS (KiB) and CAS traffic totals."""
+    """This process's PID, peak RSS (KiB), CPU time (ms) and CAS traffic totals."""
     snap = TRAFFIC.snapshot()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "pid": os.getpid(),
         # Linux reports ru_maxrss in KiB.
-        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "peak_rss_kib": usage.ru_maxrss,
+        # CPU time (user + system): unlike wall time, other processes on the
+        # machine hardly change it.
+        "cpu_ms": int((usage.ru_utime + usage.ru_stime) * 1000),
         "downloaded": snap.downloaded,
         "uploaded": snap.uploaded,
         "blobs_down": snap.blobs_down,

@@ -153,6 +153,23 @@ def test_a_corrupt_zip_is_one_clear_error(tmp_path: Path, cas: LocalCas) -> None
         element.sources[0].stage(cas, tmp_path / "w")
 
 
+def test_a_member_in_a_compression_method_zipfile_cannot_read_is_refused(
+    tmp_path: Path, cas: LocalCas
+) -> None:
+    # Given a zip whose member says deflate64 (method 9), which zipfile cannot read
+    make_zip(tmp_path / "d64.zip", [("top/a.txt", b"a", stat.S_IFREG | 0o644)])
+    data = bytearray((tmp_path / "d64.zip").read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = data.index(signature)
+        data[at + offset : at + offset + 2] = (9).to_bytes(2, "little")
+    (tmp_path / "d64.zip").write_bytes(bytes(data))
+    ref = hashlib.sha256(bytes(data)).hexdigest()
+    element = load(tmp_path / "p", cas, zip_element(f"file://{tmp_path}/d64.zip", ref))
+    # When it is staged, Then it is one clear error naming the member and the method
+    with pytest.raises(SourceError, match=r"'top/a.txt' uses compression method 9"):
+        element.sources[0].stage(cas, tmp_path / "w")
+
+
 def test_zip_ref_must_match_and_be_a_sha256(tmp_path: Path, cas: LocalCas) -> None:
     make_zip(tmp_path / "a.zip", GOOD)
     error = load_error(tmp_path / "p", cas, zip_element(f"file://{tmp_path}/a.zip", "0" * 64))

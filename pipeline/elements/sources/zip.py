@@ -36,6 +36,13 @@ __all__ = ["ZipSource"]
 
 _UNIX = 3  # ZipInfo.create_system of archives made on Unix
 _MAX_LINK = 4096  # a symlink member's target is its content: keep it small
+# The compression methods Python's zipfile reads (others: deflate64, PPMd ...).
+_READABLE = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflate",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
 
 
 class ZipSource(ArchiveSource):
@@ -52,7 +59,7 @@ class ZipSource(ArchiveSource):
                 return _tree_from_zip(cas, archive, str(options["base-dir"]))
         except UnsafeArchiveError as exc:
             raise StageRefused(str(exc)) from None
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
             raise StageRefused(f"cannot read the zip archive: {exc}") from None
         except RuntimeError as exc:  # zipfile: an encrypted member, no password
             raise StageRefused(f"cannot read the zip archive: {exc}") from None
@@ -78,6 +85,11 @@ def _tree_from_zip(cas: LocalCas, archive: zipfile.ZipFile, base_dir: str) -> Di
             parts = parts[len(prefix) :]
         if info.flag_bits & 0x1:
             raise UnsafeArchiveError(f"member {info.filename!r} is encrypted")
+        if info.compress_type not in _READABLE:
+            raise UnsafeArchiveError(
+                f"member {info.filename!r} uses compression method {info.compress_type}, "
+                f"which remex cannot read (it reads {', '.join(_READABLE.values())})"
+            )
         mode = info.external_attr >> 16 if info.create_system == _UNIX else 0
         kind = stat.S_IFMT(mode)
         if info.is_dir() or kind == stat.S_IFDIR:

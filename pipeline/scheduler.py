@@ -71,10 +71,9 @@ running), ``B:failed`` (set);
 ``remex:builds`` (sorted set of build ids by time), ``remex:active`` (set),
 ``remex:claim:<artifact URI>`` (string: owner ``build\\telement``),
 ``remex:waiters:<artifact URI>`` (set of waiting ``build\\telement``) and
-``remex:worker:<instance>`` (a live worker), ``remex:delivery:<task id>:<retry>``
-(how often a task message was delivered, :meth:`Scheduler.count_delivery`;
-stage tasks count theirs in the element's info instead) and
-``remex:reconciler`` (a lock).
+``remex:worker:<instance>`` (a live worker) and ``remex:reconciler`` (a lock).
+How often a task message was delivered is counted in its element's info
+(:meth:`Scheduler.begin_stage`).
 
 The moves' Lua scripts are files in ``pipeline/lua/``, read when a
 :class:`Scheduler` is made; the key prefix is passed to them as ``KEYS[1]``.
@@ -149,8 +148,6 @@ READY_GRACE = 10.0
 EVENTS_MAXLEN = 200_000
 # The build states a listing can filter on.
 BUILD_STATES = ("running", "succeeded", "failed", "cancelled")
-# How long a task delivery's counter is kept (longer than any redelivery).
-DELIVERY_TTL_SECONDS = 24 * 3600
 # How long a Redis command retries a refused or broken connection (a Redis
 # restart takes seconds; a Redis that stays down is an error after this).
 RECONNECT_SECONDS = 30.0
@@ -200,10 +197,6 @@ class Keys:
         """The liveness key of one worker process."""
         return f"{self.prefix}:worker:{instance}"
 
-    def delivery(self, task_id: str, retries: int) -> str:
-        """How often one task message (id, retry number) was delivered."""
-        return f"{self.prefix}:delivery:{task_id}:{retries}"
-
     @property
     def reconciler(self) -> str:
         """The lock that lets one reconciler pass run at a time."""
@@ -236,7 +229,6 @@ SCRIPTS = (
     "note",
     "cancel",
     "status",
-    "deliver",
 )
 """The scripts of the moves (``pipeline/lua/NAME.lua``)."""
 
@@ -439,7 +431,6 @@ class Scheduler:
         self._note = scripts["note"]
         self._cancel = scripts["cancel"]
         self._status = scripts["status"]
-        self._deliver = scripts["deliver"]
 
     @classmethod
     def from_url(
@@ -797,7 +788,7 @@ class Scheduler:
     ) -> int:
         """As :meth:`start_stage`, and count this delivery of the task message
         (``task_id``, retry number ``retries``) in the same move (one script,
-        not :meth:`count_delivery` too). Returns how often the message was
+        not a second call). Returns how often the message was
         delivered (1 the first time), or 0 when the task is stale. Only the
         element's latest delivery is counted: a copy of an earlier message
         starts its count again."""
@@ -849,16 +840,6 @@ class Scheduler:
     def worker_gone(self, instance: str) -> None:
         """Worker process ``instance`` stops (its elements may be re-sent at once)."""
         self.redis.delete(self.keys.worker(instance))
-
-    def count_delivery(self, task_id: str, retries: int) -> int:
-        """Count one delivery of a task message (``task_id``, retry number
-        ``retries``); return how often it was delivered. Redis keeps no
-        delivery count of its own, and a message is delivered again when the
-        worker that held it died."""
-        count = self._deliver(
-            keys=[self.keys.prefix], args=[task_id, retries, DELIVERY_TTL_SECONDS]
-        )
-        return int(count)
 
     def try_reconciler_lock(self, seconds: float) -> bool:
         """Take the reconciler's lock for ``seconds`` (False: another pass holds it)."""

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import Retry
 
-from pipeline.broker import FETCH_QUEUE, FETCH_STAGE, TASK_NAMES, send_ready, task_label
+from pipeline.broker import FETCH_QUEUE, FETCH_STAGE, TASK_NAMES, send_ready
 from pipeline.config import network_settings
 from pipeline.digest import digest_to_json
 from pipeline.spec import BuildSpec
@@ -42,29 +41,9 @@ class FetchTask(StageTask):
     abstract = True
     stage = FETCH_STAGE
 
-    def requeue(
-        self,
-        rt: WorkerRuntime,
-        payload: Payload,
-        state: State,
-        countdown: float,
-        exc: Exception | None = None,
-        *,
-        holder: str = "",
-    ) -> Retry:
-        """Send this task again after ``countdown`` seconds, to any fetch pool
-        (a download has no data to stay near)."""
-        if holder:
-            self.hand_on(rt, payload, holder)
-        return self.retry(
-            args=[{**payload, "state": state}],
-            kwargs={},
-            countdown=countdown,
-            queue=FETCH_QUEUE,
-            exc=exc,
-            max_retries=None,
-            argsrepr=task_label(payload["build"], payload["element"], payload["attempt"]),
-        )
+    def retry_queue(self, rt: WorkerRuntime) -> str:
+        """Any fetch pool: a download has no data to stay near."""
+        return FETCH_QUEUE
 
 
 def fetch_source_task(self: FetchTask, payload: Payload) -> Payload:

@@ -237,23 +237,25 @@ class StageTask(Task):  # type: ignore[misc]
         *,
         holder: str = "",
     ) -> Retry:
-        """Send this task again with ``state``, after ``countdown`` seconds.
-
-        The message goes to this worker's own queue: once a chain runs on a
-        worker its next message stays with it, so the element is only taken
-        as lost when this worker is (see :mod:`pipeline.scheduler`).
-        """
+        """Send this task again with ``state``, after ``countdown`` seconds,
+        to :meth:`retry_queue`."""
         if holder:
             self.hand_on(rt, payload, holder)
         return self.retry(
             args=[{**payload, "state": state}],
             kwargs={},
             countdown=countdown,
-            queue=host_queue(rt.name),
+            queue=self.retry_queue(rt),
             exc=exc,
             max_retries=None,
             argsrepr=task_label(payload["build"], payload["element"], payload["attempt"]),
         )
+
+    def retry_queue(self, rt: WorkerRuntime) -> str:
+        """Where a retry goes: this worker's own queue. Once a chain runs on a
+        worker its next message stays with it, so the element is only taken
+        as lost when this worker is (see :mod:`pipeline.scheduler`)."""
+        return host_queue(rt.name)
 
     def fail_element(self, rt: WorkerRuntime, payload: Payload, reason: str, **extra: Any) -> None:
         """Mark the element failed (and its dependents skipped); stop the chain."""

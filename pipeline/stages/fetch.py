@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from pipeline.cas.quota import pid_alive
 from pipeline.digest import Digest
 from pipeline.elements.sources import (
     SOURCE_KINDS,
@@ -235,21 +236,11 @@ def remove_stale_scratch(cas_dir: Path) -> int:
         return 0
     for entry in root.iterdir():
         pid = int(entry.name) if entry.name.isdigit() else 0
-        if pid and pid != os.getpid() and _pid_alive(pid):
+        if pid and pid != os.getpid() and pid_alive(pid):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed += 1
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ProgressThrottle:

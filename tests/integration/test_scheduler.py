@@ -735,16 +735,6 @@ def test_only_one_reconciler_passes_at_a_time(scheduler: Scheduler, celery_app: 
     assert reconcile(celery_app, scheduler, lock_seconds=60) == 0
 
 
-def test_deliveries_are_counted_per_message_and_expire(scheduler: Scheduler) -> None:
-    # Given a task message delivered twice, and its retry once
-    assert scheduler.count_delivery("t1", 0) == 1
-    assert scheduler.count_delivery("t1", 0) == 2
-    assert scheduler.count_delivery("t1", 1) == 1
-    # Then each count lives for a day at most
-    ttl = scheduler.redis.ttl("remex:delivery:t1:0")
-    assert 0 < ttl <= 24 * 3600
-
-
 def test_a_stage_start_counts_its_delivery_in_the_same_move(scheduler: Scheduler) -> None:
     # Given a queued element
     build, _ = create(scheduler, {"a": []})

@@ -55,7 +55,6 @@ from pipeline.elements.sources.git_mirror import (
 from pipeline.elements.sources.git_plumbing import (
     GitError,
     git,
-    git_input,
     git_path,
     read_git_blobs,
     stderr_of,
@@ -486,7 +485,7 @@ def _add_git_dir(
         for rev in sorted(included):
             body = git(where, "cat-file", "commit", rev)
             _checked(body, f"git cat-file commit {rev}")
-            _checked(git_input(repo, body.stdout, "hash-object", "-w", "-t", "commit", "--stdin"),
+            _checked(git(repo, "hash-object", "-w", "-t", "commit", "--stdin", stdin=body.stdout),
                      f"git hash-object {rev}")  # fmt: skip
         dot_git = repo / ".git"
         (dot_git / "shallow").write_text("".join(f"{rev}\n" for rev in sorted(shallow)))
@@ -495,7 +494,7 @@ def _add_git_dir(
             if annotated:
                 data = (f"object {tagged}\ntype commit\ntag {tag}\n"
                         "tagger Unspecified Tagger <unspecified-tagger> 0 +0000\n")  # fmt: skip
-                made = git_input(repo, data.encode(), "hash-object", "-w", "-t", "tag", "--stdin")
+                made = git(repo, "hash-object", "-w", "-t", "tag", "--stdin", stdin=data.encode())
                 _checked(made, f"git hash-object (tag {tag})")
                 target = made.stdout.decode().strip()
             _checked(git(repo, "tag", tag, target), f"git tag {tag}")

@@ -20,7 +20,7 @@ from pipeline.digest import Digest
 from pipeline.elements.errors import LoadError
 from pipeline.elements.staging import UnsafeArchiveError, store_stream
 
-__all__ = ["GitError", "git", "git_input", "git_path", "read_git_blobs", "stderr_of"]
+__all__ = ["GitError", "git", "git_path", "read_git_blobs", "stderr_of"]
 
 # git blobs up to this size are also kept in memory: symlink targets are read
 # from them (a target longer than PATH_MAX is refused anyway).
@@ -31,8 +31,9 @@ class GitError(Exception):
     """``git cat-file --batch`` failed or answered something unexpected."""
 
 
-def git(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run ``git -C repo ARGS``; the result is returned whatever its exit code.
+def git(repo: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``git -C repo ARGS`` (``stdin`` on its standard input); the result
+    is returned whatever its exit code.
 
     Raises:
         LoadError: git cannot be run at all.
@@ -40,24 +41,7 @@ def git(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     try:
         return subprocess.run(
             ["git", "--no-replace-objects", "-C", str(repo), *args],
-            capture_output=True,
-            env=_git_env(repo),
-            check=False,
-        )
-    except OSError as exc:
-        raise LoadError(f"cannot run git: {exc.strerror}") from exc
-
-
-def git_input(repo: Path, data: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run ``git -C repo ARGS`` with ``data`` on its standard input (as :func:`git`).
-
-    Raises:
-        LoadError: git cannot be run at all.
-    """
-    try:
-        return subprocess.run(
-            ["git", "--no-replace-objects", "-C", str(repo), *args],
-            input=data,
+            input=stdin,
             capture_output=True,
             env=_git_env(repo),
             check=False,

@@ -8,8 +8,9 @@ fetch into the same mirror at once; the second one finds the commit there and
 does not fetch at all.
 
 Every command runs with a clean environment (no ``GIT_*`` of the caller), no
-terminal prompt, ssh in batch mode, and a timeout; http(s) fetches abort when
-the transfer stalls for the read timeout.
+terminal prompt, ssh in batch mode, and a timeout; a fetch is cut when it
+receives nothing for the read timeout (http.lowSpeedTime over http(s), a
+watch of git's progress over git:// and ssh).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import fcntl
 import hashlib
 import os
 import re
+import select
 import shutil
 import subprocess
 import tempfile
-import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +44,8 @@ __all__ = [
     "resolve_relative_url",
 ]
 
-# A whole fetch of a large repository can take a while; a stalled http(s)
-# transfer is cut much earlier by http.lowSpeedTime.
+# A whole fetch of a large repository can take a while; a stalled transfer
+# is cut much earlier, after the read timeout (see _run_watched).
 _FETCH_TIMEOUT = 3600.0
 _CREDENTIALS_RE = re.compile(r"(?<=://)[^/@\s]*@")
 
@@ -120,9 +122,15 @@ def network_git(
         options += ["-c", f"http.sslCAInfo={settings.ca_bundle}"]
     command = ["git", "--no-replace-objects", *options, *args]
     limit = timeout if timeout is not None else _FETCH_TIMEOUT
-    if progress is not None and args[:1] == ["fetch"]:
+    if args[:1] == ["fetch"]:
         command.insert(command.index("fetch") + 1, "--progress")
-        return _run_reporting(command, cwd, limit, progress)
+        # http(s) has http.lowSpeedTime. Over git:// and ssh, git has no
+        # such limit; with --progress the server and git report as data
+        # comes in, so silence there is a stall, cut after the read timeout
+        # (else a server that stops answering holds the fetch for the hour).
+        http = any(arg.startswith(("http://", "https://")) for arg in args)
+        stall = limit if http else settings.read_timeout
+        return _run_watched(command, cwd, limit, stall, progress)
     try:
         return subprocess.run(
             command, cwd=cwd, capture_output=True, env=git_network_env(), timeout=limit,
@@ -138,10 +146,24 @@ _RECEIVED_RE = re.compile(rb"Receiving objects: .*?([0-9.]+) (bytes|KiB|MiB|GiB)
 _UNITS = {b"bytes": 1, b"KiB": 1 << 10, b"MiB": 1 << 20, b"GiB": 1 << 30}
 
 
-def _run_reporting(
-    command: list[str], cwd: Path, limit: float, progress: Callable[[int], None]
+def _run_watched(
+    command: list[str],
+    cwd: Path,
+    limit: float,
+    stall: float,
+    progress: Callable[[int], None] | None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a fetch, turning its progress lines into ``progress(bytes)`` calls."""
+    """Run a fetch with ``--progress``: killed when it runs past ``limit``
+    seconds or says nothing for ``stall`` seconds; its progress lines become
+    ``progress(bytes)`` calls.
+
+    Returns:
+        What git did; killed, its exit code is -9 and its stderr says why
+        (the caller tries the next URL).
+
+    Raises:
+        GitRemoteError: git could not be run.
+    """
     try:
         proc = subprocess.Popen(
             command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -150,31 +172,44 @@ def _run_reporting(
     except OSError as exc:
         raise GitRemoteError(f"cannot run git: {exc.strerror}") from exc
     assert proc.stderr is not None
-    fired = threading.Event()
-
-    def expire() -> None:
-        fired.set()
-        proc.kill()
-
-    timer = threading.Timer(limit, expire)
-    timer.start()
+    fd = proc.stderr.fileno()
+    start = last = time.monotonic()
+    killed = ""
     said = bytearray()
     pending = b""
     try:
-        while chunk := os.read(proc.stderr.fileno(), 65536):
+        while True:
+            now = time.monotonic()
+            wait = min(start + limit, last + stall) - now
+            readable = select.select([fd], [], [], max(0.0, wait))[0] if wait > 0 else []
+            if not readable:
+                killed = (
+                    f"git fetch timed out after {limit:g} s"
+                    if time.monotonic() - start >= limit
+                    else f"git fetch stalled: nothing received for {stall:g} s"
+                )
+                proc.kill()
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            last = time.monotonic()
             said += chunk
             del said[: max(0, len(said) - 65536)]  # keep the end: the error is there
             *lines, pending = re.split(rb"[\r\n]", pending + chunk)
-            for line in lines:
-                match = _RECEIVED_RE.search(line)
-                if match:
-                    progress(int(float(match.group(1)) * _UNITS[match.group(2)]))
+            if progress is not None:
+                for line in lines:
+                    match = _RECEIVED_RE.search(line)
+                    if match:
+                        progress(int(float(match.group(1)) * _UNITS[match.group(2)]))
         code = proc.wait()
     finally:
-        timer.cancel()
         proc.stderr.close()
-    if fired.is_set():
-        raise GitRemoteError("git fetch timed out")
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if killed:
+        return subprocess.CompletedProcess(command, -9, b"", killed.encode())
     # Only the last state of each progress line matters in messages.
     text = re.sub(rb"[^\n]*\r", b"", bytes(said))
     return subprocess.CompletedProcess(command, code, b"", text)
@@ -237,7 +272,7 @@ def fetch_all(cache_dir: Path, upstream: str, urls: list[str], settings: Network
         _ensure_bare(mirror)
         failures: list[FetchFailed] = []
         for url in urls:
-            result = network_git(mirror, ["fetch", "--prune", "--quiet", url, *_ALL_REFS], settings)
+            result = network_git(mirror, ["fetch", "--prune", url, *_ALL_REFS], settings)
             if result.returncode == 0:
                 return mirror
             failures.append(FetchFailed(url, _said(result)))
@@ -281,9 +316,8 @@ def _fetch_into(
     progress: Callable[[int], None] | None,
 ) -> str | None:
     """Fetch from one URL until the commit is there; None on success, else why not."""
-    quiet = [] if progress is not None else ["--quiet"]
     before = _objects_size(mirror) if progress is not None else 0
-    result = network_git(mirror, ["fetch", *quiet, url, *_ALL_REFS], settings, progress=progress)
+    result = network_git(mirror, ["fetch", url, *_ALL_REFS], settings, progress=progress)
     if progress is not None:
         # git prints byte counts only on slow transfers: say what arrived.
         progress(_objects_size(mirror) - before)
@@ -293,7 +327,7 @@ def _fetch_into(
         return None
     # The commit may be on no branch or tag: ask for it by id (protocol v2
     # servers and uploadpack.allowReachableSHA1InWant allow that).
-    direct = network_git(mirror, ["fetch", *quiet, url, commit], settings, progress=progress)
+    direct = network_git(mirror, ["fetch", url, commit], settings, progress=progress)
     if direct.returncode == 0 and has_commit(mirror, commit):
         return None
     return _MISSING

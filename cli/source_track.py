@@ -60,7 +60,7 @@ def track_command(
     them into the .bst files (nothing else in them changes)."""
     from pipeline import api
     from pipeline.cas import LocalCas
-    from pipeline.config import load_config
+    from pipeline.config import load_config, network_settings
     from pipeline.elements.refs import write_source_block, write_source_ref
     from pipeline.elements.show import select_elements
     from pipeline.elements.sources import FetchContext
@@ -89,7 +89,12 @@ def track_command(
         # Tracking fetches branches and tags: keep the mirrors for the next time.
         cache = config.cas_dir.parent / "track-cache"
         cache.mkdir(parents=True, exist_ok=True)
-        ctx = FetchContext(cas=cas, workdir=Path(scratch) / "work", cache_dir=cache)
+        ctx = FetchContext(
+            cas=cas,
+            workdir=Path(scratch) / "work",
+            cache_dir=cache,
+            network=network_settings(config),  # [fetch]'s timeouts, retries, CA bundle
+        )
         ctx.workdir.mkdir()
         changed = 0
         for element in selected:

@@ -594,3 +594,27 @@ def test_source_track_errors_name_file_line_and_field(tmp_path: Path) -> None:
     missing = remex("source", "track", "-C", str(proj), "nope.bst", home=tmp_path)
     assert missing.returncode == 2 and "nope.bst" in missing.stderr
     assert "Traceback" not in missing.stderr + result.stderr
+
+
+def test_source_track_uses_the_fetch_settings(tmp_path: Path) -> None:
+    # Given a branch to track on a git:// server that accepts and never
+    # answers, and a project whose remex.toml sets a 2 s read timeout
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    proj = project(
+        tmp_path / "p", f"git://127.0.0.1:{hung.getsockname()[1]}/super.git", "  track: main\n"
+    )
+    (proj / "remex.toml").write_text("[fetch]\nread-timeout = 2\n")
+    try:
+        # When it is tracked
+        started = time.monotonic()
+        result = remex("source", "track", "-C", str(proj), "e.bst", home=tmp_path)
+        took = time.monotonic() - started
+    finally:
+        hung.close()
+    # Then the fetch is given up after the project's read timeout (the
+    # default is 60 s), and the error says why
+    assert result.returncode == 2, result.stderr
+    assert "nothing received for 2 s" in result.stderr
+    assert took < 30, took

@@ -602,5 +602,7 @@ def test_a_local_read_error_mid_stream_is_raised_as_itself(env: Env) -> None:
     data = blob(71, 3 * MiB)
     with pytest.raises(OSError, match="Input/output error"):
         env.client.upload_from(FailingSource(data), [digest_of(data)])
-    assert env.fake.calls["Write"] == 1
+    # Not retried. (A loaded machine may cancel the call before the server's
+    # handler ever runs, so the server counts 0 or 1.)
+    assert env.fake.calls["Write"] <= 1
     assert not env.fake.has(digest_of(data))

@@ -35,6 +35,7 @@ visible to every process sharing the store.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
@@ -88,6 +89,11 @@ _CHUNK = 1 << 20
 # streaming machinery, and we learn the hash before writing anything, so a
 # blob already in the store is not written again.
 _SMALL_FILE = 1 << 20
+
+# The memo of small blobs (see LocalCas._remember): Directory, Command and
+# Action messages are well under this; the memo holds at most _MEMO_BYTES.
+_MEMO_BLOB = 64 << 10
+_MEMO_BYTES = 32 << 20
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -171,6 +177,14 @@ class LocalCas:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_pid = 0
         self._executor_lock = threading.Lock()
+        # Small blobs this object wrote or read verified, by hash (LRU): a
+        # stage reads the same Directory messages many times (merging,
+        # overlap analysis, the upload's tree walk), and a read served from
+        # here costs one stat (the blob must still be stored) instead of an
+        # open, a read and a hash. Content-addressed, so never stale.
+        self._memo: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._memo_bytes = 0
+        self._memo_lock = threading.Lock()
         # The empty blob is always present, so that path() and open() work for it.
         if not self.contains(EMPTY_DIGEST):
             self.put(b"")
@@ -260,6 +274,12 @@ class LocalCas:
         Raises:
             LocalBlobMissingError: the blob is not stored (or was damaged).
         """
+        known = self._recall(digest)
+        if known is not None:
+            # Same answer as reading the file: present (stat, size) or missing.
+            if not self.contains(digest):
+                raise self._missing_error(digest)
+            return known
         fd = self._open_object(digest)
         try:
             data = _read_exactly(fd, digest.size_bytes)
@@ -268,12 +288,14 @@ class LocalCas:
         if data is None:
             # The file changed size under us: it was replaced or damaged.
             raise self._missing_error(digest)
-        if verify and digest_of(data).hash != digest.hash:
-            self.discard_damaged(digest)
-            raise LocalBlobMissingError(
-                f"blob {digest_to_str(digest)} was damaged in the local CAS at {self.root}; "
-                "removed it"
-            )
+        if verify:
+            if digest_of(data).hash != digest.hash:
+                self.discard_damaged(digest)
+                raise LocalBlobMissingError(
+                    f"blob {digest_to_str(digest)} was damaged in the local CAS at {self.root}; "
+                    "removed it"
+                )
+            self._remember(digest.hash, data)
         return data
 
     def get_message(self, digest: Digest, cls: type[M]) -> M:
@@ -300,6 +322,7 @@ class LocalCas:
         digest = digest_of(data)
         if not self.contains(digest):
             self._write_object(digest.hash, data)
+        self._remember(digest.hash, data)
         return digest
 
     def put_verified(self, data: bytes, expected: Digest) -> Digest:
@@ -315,6 +338,7 @@ class LocalCas:
             )
         if not self.contains(digest):
             self._write_object(digest.hash, data)
+        self._remember(digest.hash, data)
         return digest
 
     def put_message(self, message: Message) -> Digest:
@@ -644,10 +668,43 @@ class LocalCas:
 
     def discard_damaged(self, digest: Digest) -> None:
         """Remove an object found not to match its hash (never raises)."""
+        self._forget(digest.hash)
         with contextlib.suppress(OSError, ValueError):
             os.unlink(self._object_path(digest))
 
     # --- private ---------------------------------------------------------
+
+    def _remember(self, hash_: str, data: bytes) -> None:
+        """Keep a small blob whose hash is known to be ``hash_`` in the memo."""
+        size = len(data)
+        if size > _MEMO_BLOB:
+            return
+        with self._memo_lock:
+            if hash_ in self._memo:
+                self._memo.move_to_end(hash_)
+                return
+            self._memo[hash_] = bytes(data)
+            self._memo_bytes += size
+            while self._memo_bytes > _MEMO_BYTES:
+                _, old = self._memo.popitem(last=False)
+                self._memo_bytes -= len(old)
+
+    def _recall(self, digest: Digest) -> bytes | None:
+        """The memo's bytes of ``digest`` (hash and size), or None."""
+        if digest.size_bytes > _MEMO_BLOB:
+            return None
+        with self._memo_lock:
+            data = self._memo.get(digest.hash)
+            if data is None or len(data) != digest.size_bytes:
+                return None
+            self._memo.move_to_end(digest.hash)
+            return data
+
+    def _forget(self, hash_: str) -> None:
+        with self._memo_lock:
+            data = self._memo.pop(hash_, None)
+            if data is not None:
+                self._memo_bytes -= len(data)
 
     def _object_path(self, digest: Digest) -> str:
         hash_ = digest.hash

@@ -146,6 +146,14 @@ def _join(path: str, name: str) -> str:
     return f"{path}/{name}" if path else name
 
 
+# Hashes of Directory messages that passed check_directory. The check depends
+# on the message's content alone (the path only names it in errors), so a
+# digest checked once needs no check again: walks of the same trees (every
+# stage reads the dependencies' trees) skip it. Bounded; cleared when full.
+_CHECKED: set[str] = set()
+_CHECKED_MAX = 1 << 17
+
+
 class _DirectoryReader:
     """Reads, verifies and checks Directory messages, each digest once."""
 
@@ -157,7 +165,11 @@ class _DirectoryReader:
         directory = self.cache.get(digest.hash)
         if directory is None:
             directory = self.cas.get_message(digest, Directory)
-            check_directory(directory, path)
+            if digest.hash not in _CHECKED:
+                check_directory(directory, path)
+                if len(_CHECKED) >= _CHECKED_MAX:
+                    _CHECKED.clear()
+                _CHECKED.add(digest.hash)
             self.cache[digest.hash] = directory
         return directory
 

@@ -59,9 +59,11 @@ from pipeline.cas.quota import (
     CLEANUP_TARGET,
     Pin,
     UsageCounter,
+    blob_line,
     cleanup_lock,
     live_pins,
     pin_header,
+    tree_line,
 )
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_of, digest_to_str, new_hasher
 from pipeline.errors import DigestMismatchError, LocalBlobMissingError, LocalCasError
@@ -441,7 +443,7 @@ class LocalCas:
     # --- quota -------------------------------------------------------------
 
     @contextlib.contextmanager
-    def pin(self) -> Iterator[Pin]:
+    def pin(self, *, trees: Iterable[Digest] = (), blobs: Iterable[Digest] = ()) -> Iterator[Pin]:
         """Keep what a running stage uses from quota cleanups (of any process).
 
         ``with cas.pin() as pin: pin.add_tree(root); ...``: while the pin
@@ -451,13 +453,20 @@ class LocalCas:
         object used since it started (reads refresh the object's mtime).
         The pin follows the context (thread, or pool jobs run in a copy of
         it); a use from a thread outside any pin counts for every live pin.
+        ``trees`` and ``blobs`` are added at once (written with the pin
+        file, not appended one by one).
         """
-        os.makedirs(self._pins_dir, exist_ok=True)
         started = time.time()
         name = f"{os.getpid()}-{self._token}-{next(self._counter)}"
-        path = Path(self._pins_dir, name)
-        path.write_text(pin_header(started))
-        pin = Pin(path, started)
+        path = f"{self._pins_dir}/{name}"
+        lines = [*(tree_line(d) for d in trees), *(blob_line(d) for d in blobs)]
+        text = pin_header(started) + "".join(f"{line}\n" for line in lines)
+        try:
+            _write_new_file(path, text.encode())
+        except FileNotFoundError:
+            os.makedirs(self._pins_dir, exist_ok=True)
+            _write_new_file(path, text.encode())
+        pin = Pin(Path(path), started, lines)
         with self._pins_lock:
             self._pins[name] = pin
             self._newest_pin = max(p.started for p in self._pins.values())
@@ -470,7 +479,7 @@ class LocalCas:
                 del self._pins[name]
                 self._newest_pin = max((p.started for p in self._pins.values()), default=0.0)
             with contextlib.suppress(OSError):
-                path.unlink()
+                os.unlink(path)
             # What this stage kept from the last cleanup may go now.
             self._retry_above = 0
             self._count_written(0)
@@ -724,7 +733,7 @@ class LocalCas:
         if not self._pins:
             return
         pin = _current_pin.get()
-        if pin is not None and self._pins.get(pin.path.name) is pin:
+        if pin is not None and self._pins.get(pin.name) is pin:
             pin.note_use(hash_)
             return
         with self._pins_lock:
@@ -1012,6 +1021,15 @@ def _write_all(fd: int, view: memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _write_new_file(path: str, data: bytes) -> None:
+    """Create ``path`` (truncating any old file) holding ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, memoryview(data))
+    finally:
+        os.close(fd)
 
 
 def _read_all(fd: int, size_hint: int) -> bytes:

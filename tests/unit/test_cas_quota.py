@@ -185,8 +185,26 @@ def test_a_stage_pin_file_names_its_state_from_the_start(cas: LocalCas) -> None:
         pin.add_tree(root)
         assert len(pin.path.read_text().splitlines()) == 3
 
-    # Then the pin is gone once the stage ends
-    assert not pin.path.exists()
+    # Then the pin names nothing once the stage ends (its file is kept empty
+    # for the next stage: creating a file costs more than rewriting one)
+    assert pin.path.read_text() == ""
+    with pinned_stage(cas, {"stdout": _json(log)}) as again:
+        assert again.path == pin.path
+        assert again.path.read_text().splitlines()[1:] == [f"B {log.hash} {log.size_bytes}"]
+
+
+def test_a_kept_pin_file_removed_meanwhile_is_made_again(cas: LocalCas) -> None:
+    # Given a pin file kept empty after a stage, then removed (the store's pins wiped)
+    root, _ = make_tree(cas, 6)
+    with pinned_stage(cas, {}) as pin:
+        pass
+    pin.path.unlink()
+
+    # When the next stage pins a tree
+    with pinned_stage(cas, {"input_root": _json(root)}) as again:
+        # Then its pin is in a file of the pins folder
+        assert again.path.exists()
+        assert f"T {root.hash} {root.size_bytes}" in again.path.read_text()
 
 
 def _json(digest: Digest) -> dict[str, object]:

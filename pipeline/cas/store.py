@@ -24,6 +24,11 @@ LRU: an object's mtime is its last access time (atime is unreliable under
 ``relatime``/``noatime``). Reads refresh it only when it is older than
 ``touch_after_s`` seconds, so a hot object costs no extra syscall per read.
 
+Memory: small blobs (Directory, Command, Action messages, up to 64 KiB) that
+a :class:`LocalCas` object wrote or read verified are kept in memory (LRU,
+32 MiB); reading one again costs a ``stat`` (it must still be stored, as
+before) instead of an open, a read and a hash.
+
 Quota: with ``enforce_quota``, every new object is counted (see
 :mod:`pipeline.cas.quota`) and a store past its quota is cleaned at once
 (LRU, down to :data:`~pipeline.cas.quota.CLEANUP_TARGET` of the quota),

@@ -30,7 +30,7 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +41,13 @@ __all__ = [
     "Pin",
     "PinRecord",
     "UsageCounter",
+    "blob_line",
     "cleanup_lock",
     "live_pins",
     "pid_alive",
     "pin_header",
     "process_start",
+    "tree_line",
 ]
 
 CLEANUP_TARGET = 0.8
@@ -65,11 +67,14 @@ class Pin:
     anyway (by its mtime).
     """
 
-    def __init__(self, path: Path, started: float) -> None:
+    def __init__(self, path: Path, started: float, entries: Iterable[str] = ()) -> None:
         self.path = path
+        self.name = path.name
+        """The pin file's name (what :meth:`pipeline.cas.LocalCas.pin` keys it by)."""
         self.started = started
         self._lock = threading.Lock()
-        self._entries: set[str] = set()
+        # Lines the pin file already holds (written with its header).
+        self._entries: set[str] = set(entries)
         self._touched: set[str] = set()
 
     def touched(self) -> set[str]:
@@ -84,11 +89,11 @@ class Pin:
 
     def add_tree(self, digest: Digest) -> None:
         """Keep the tree rooted at this Directory (every object below it)."""
-        self._add(f"T {digest.hash} {digest.size_bytes}")
+        self._add(tree_line(digest))
 
     def add_blob(self, digest: Digest) -> None:
         """Keep this one blob."""
-        self._add(f"B {digest.hash} {digest.size_bytes}")
+        self._add(blob_line(digest))
 
     def _add(self, line: str) -> None:
         with self._lock:
@@ -98,6 +103,16 @@ class Pin:
             # A store wiped under a running stage has lost the data as well.
             with contextlib.suppress(FileNotFoundError), open(self.path, "a") as file:
                 file.write(line + "\n")
+
+
+def tree_line(digest: Digest) -> str:
+    """A pin file's line for a tree (see :meth:`Pin.add_tree`)."""
+    return f"T {digest.hash} {digest.size_bytes}"
+
+
+def blob_line(digest: Digest) -> str:
+    """A pin file's line for a blob (see :meth:`Pin.add_blob`)."""
+    return f"B {digest.hash} {digest.size_bytes}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -123,9 +138,18 @@ def process_start(pid: int) -> str:
         return ""
 
 
+# This process's (pid, process_start): every stage's pin names it.
+_own_start: tuple[int, str] | None = None
+
+
 def pin_header(started: float) -> str:
     """The first line of a pin file: when the stage started, and which process."""
-    return f"started {started!r} {process_start(os.getpid())}\n"
+    global _own_start
+    pid = os.getpid()
+    own = _own_start
+    if own is None or own[0] != pid:  # first pin, or a forked child
+        own = _own_start = (pid, process_start(pid))
+    return f"started {started!r} {own[1]}\n"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,11 @@ LRU: an object's mtime is its last access time (atime is unreliable under
 ``relatime``/``noatime``). Reads refresh it only when it is older than
 ``touch_after_s`` seconds, so a hot object costs no extra syscall per read.
 
+Memory: small blobs (Directory, Command, Action messages, up to 64 KiB) that
+a :class:`LocalCas` object wrote or read verified are kept in memory (LRU,
+32 MiB); reading one again costs a ``stat`` (it must still be stored, as
+before) instead of an open, a read and a hash.
+
 Quota: with ``enforce_quota``, every new object is counted (see
 :mod:`pipeline.cas.quota`) and a store past its quota is cleaned at once
 (LRU, down to :data:`~pipeline.cas.quota.CLEANUP_TARGET` of the quota),
@@ -35,6 +40,7 @@ visible to every process sharing the store.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
@@ -47,6 +53,7 @@ import secrets
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +65,11 @@ from pipeline.cas.quota import (
     CLEANUP_TARGET,
     Pin,
     UsageCounter,
+    blob_line,
     cleanup_lock,
     live_pins,
     pin_header,
+    tree_line,
 )
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_of, digest_to_str, new_hasher
 from pipeline.errors import DigestMismatchError, LocalBlobMissingError, LocalCasError
@@ -88,6 +97,14 @@ _CHUNK = 1 << 20
 # streaming machinery, and we learn the hash before writing anything, so a
 # blob already in the store is not written again.
 _SMALL_FILE = 1 << 20
+
+# The memo of small blobs (see LocalCas._remember): Directory, Command and
+# Action messages are well under this; the memo holds at most _MEMO_BYTES.
+_MEMO_BLOB = 64 << 10
+_MEMO_BYTES = 32 << 20
+
+# Empty pin files a store keeps open for its next pins (one per stage running at once).
+_IDLE_PIN_FILES = 64
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -155,6 +172,11 @@ class LocalCas:
         # Start times of this process's live pins (see _touch_if_old).
         self._pins: dict[str, Pin] = {}
         self._pins_lock = threading.Lock()
+        # Empty pin files (name, descriptor) kept for the next pins of this
+        # process (see _take_pin_file); closed when this object goes.
+        self._idle_pins: list[tuple[str, int]] = []
+        self._idle_pid = os.getpid()
+        weakref.finalize(self, _close_all, self._idle_pins)
         self._newest_pin = 0.0  # start of the newest live pin (0: none)
         self._cleaning = threading.Lock()
         self._in_flight = 0  # bytes counted, not yet written, by this process
@@ -171,6 +193,14 @@ class LocalCas:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_pid = 0
         self._executor_lock = threading.Lock()
+        # Small blobs this object wrote or read verified, by hash (LRU): a
+        # stage reads the same Directory messages many times (merging,
+        # overlap analysis, the upload's tree walk), and a read served from
+        # here costs one stat (the blob must still be stored) instead of an
+        # open, a read and a hash. Content-addressed, so never stale.
+        self._memo: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._memo_bytes = 0
+        self._memo_lock = threading.Lock()
         # The empty blob is always present, so that path() and open() work for it.
         if not self.contains(EMPTY_DIGEST):
             self.put(b"")
@@ -260,6 +290,12 @@ class LocalCas:
         Raises:
             LocalBlobMissingError: the blob is not stored (or was damaged).
         """
+        known = self._recall(digest)
+        if known is not None:
+            # Same answer as reading the file: present (stat, size) or missing.
+            if not self.contains(digest):
+                raise self._missing_error(digest)
+            return known
         fd = self._open_object(digest)
         try:
             data = _read_exactly(fd, digest.size_bytes)
@@ -268,12 +304,14 @@ class LocalCas:
         if data is None:
             # The file changed size under us: it was replaced or damaged.
             raise self._missing_error(digest)
-        if verify and digest_of(data).hash != digest.hash:
-            self.discard_damaged(digest)
-            raise LocalBlobMissingError(
-                f"blob {digest_to_str(digest)} was damaged in the local CAS at {self.root}; "
-                "removed it"
-            )
+        if verify:
+            if digest_of(data).hash != digest.hash:
+                self.discard_damaged(digest)
+                raise LocalBlobMissingError(
+                    f"blob {digest_to_str(digest)} was damaged in the local CAS at {self.root}; "
+                    "removed it"
+                )
+            self._remember(digest.hash, data)
         return data
 
     def get_message(self, digest: Digest, cls: type[M]) -> M:
@@ -300,6 +338,7 @@ class LocalCas:
         digest = digest_of(data)
         if not self.contains(digest):
             self._write_object(digest.hash, data)
+        self._remember(digest.hash, data)
         return digest
 
     def put_verified(self, data: bytes, expected: Digest) -> Digest:
@@ -315,6 +354,7 @@ class LocalCas:
             )
         if not self.contains(digest):
             self._write_object(digest.hash, data)
+        self._remember(digest.hash, data)
         return digest
 
     def put_message(self, message: Message) -> Digest:
@@ -417,7 +457,7 @@ class LocalCas:
     # --- quota -------------------------------------------------------------
 
     @contextlib.contextmanager
-    def pin(self) -> Iterator[Pin]:
+    def pin(self, *, trees: Iterable[Digest] = (), blobs: Iterable[Digest] = ()) -> Iterator[Pin]:
         """Keep what a running stage uses from quota cleanups (of any process).
 
         ``with cas.pin() as pin: pin.add_tree(root); ...``: while the pin
@@ -427,13 +467,20 @@ class LocalCas:
         object used since it started (reads refresh the object's mtime).
         The pin follows the context (thread, or pool jobs run in a copy of
         it); a use from a thread outside any pin counts for every live pin.
+        ``trees`` and ``blobs`` are added at once (written with the pin
+        file, not appended one by one).
         """
-        os.makedirs(self._pins_dir, exist_ok=True)
         started = time.time()
-        name = f"{os.getpid()}-{self._token}-{next(self._counter)}"
-        path = Path(self._pins_dir, name)
-        path.write_text(pin_header(started))
-        pin = Pin(path, started)
+        lines = [*(tree_line(d) for d in trees), *(blob_line(d) for d in blobs)]
+        text = pin_header(started) + "".join(f"{line}\n" for line in lines)
+        name, fd = self._take_pin_file()
+        path = f"{self._pins_dir}/{name}"
+        try:
+            _pwrite_all(fd, text.encode())
+        except BaseException:
+            self._release_pin_file(name, fd)
+            raise
+        pin = Pin(Path(path), started, lines)
         with self._pins_lock:
             self._pins[name] = pin
             self._newest_pin = max(p.started for p in self._pins.values())
@@ -445,11 +492,54 @@ class LocalCas:
             with self._pins_lock:
                 del self._pins[name]
                 self._newest_pin = max((p.started for p in self._pins.values()), default=0.0)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            self._release_pin_file(name, fd)
             # What this stage kept from the last cleanup may go now.
             self._retry_above = 0
             self._count_written(0)
+
+    def _take_pin_file(self) -> tuple[str, int]:
+        """An empty pin file of this process, open for writing: a kept one,
+        or a new one. Creating a file costs far more than rewriting one (up to
+        a millisecond of kernel time on a busy ext4), and a stage runs five
+        times per element."""
+        with self._pins_lock:
+            if self._idle_pid != os.getpid():
+                # A forked child: the kept files are named by its parent's pid.
+                _close_all(self._idle_pins)
+                self._idle_pid = os.getpid()
+            while self._idle_pins:
+                name, fd = self._idle_pins.pop()
+                try:
+                    if os.fstat(fd).st_nlink:
+                        return name, fd
+                except OSError:
+                    pass
+                os.close(fd)  # removed meanwhile (a wiped store): make another
+        name = f"{os.getpid()}-{self._token}-{next(self._counter)}"
+        path = f"{self._pins_dir}/{name}"
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            os.makedirs(self._pins_dir, exist_ok=True)
+            fd = os.open(path, flags, 0o644)
+        return name, fd
+
+    def _release_pin_file(self, name: str, fd: int) -> None:
+        """Empty a pin file (an empty one pins nothing: see
+        :func:`~pipeline.cas.quota.live_pins`) and keep it for the next pin."""
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        else:
+            with self._pins_lock:
+                if self._idle_pid == os.getpid() and len(self._idle_pins) < _IDLE_PIN_FILES:
+                    self._idle_pins.append((name, fd))
+                    return
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(f"{self._pins_dir}/{name}")
 
     def usage_bytes(self) -> int:
         """The store's size as counted by its writers (no scan; see
@@ -644,10 +734,43 @@ class LocalCas:
 
     def discard_damaged(self, digest: Digest) -> None:
         """Remove an object found not to match its hash (never raises)."""
+        self._forget(digest.hash)
         with contextlib.suppress(OSError, ValueError):
             os.unlink(self._object_path(digest))
 
     # --- private ---------------------------------------------------------
+
+    def _remember(self, hash_: str, data: bytes) -> None:
+        """Keep a small blob whose hash is known to be ``hash_`` in the memo."""
+        size = len(data)
+        if size > _MEMO_BLOB:
+            return
+        with self._memo_lock:
+            if hash_ in self._memo:
+                self._memo.move_to_end(hash_)
+                return
+            self._memo[hash_] = bytes(data)
+            self._memo_bytes += size
+            while self._memo_bytes > _MEMO_BYTES:
+                _, old = self._memo.popitem(last=False)
+                self._memo_bytes -= len(old)
+
+    def _recall(self, digest: Digest) -> bytes | None:
+        """The memo's bytes of ``digest`` (hash and size), or None."""
+        if digest.size_bytes > _MEMO_BLOB:
+            return None
+        with self._memo_lock:
+            data = self._memo.get(digest.hash)
+            if data is None or len(data) != digest.size_bytes:
+                return None
+            self._memo.move_to_end(digest.hash)
+            return data
+
+    def _forget(self, hash_: str) -> None:
+        with self._memo_lock:
+            data = self._memo.pop(hash_, None)
+            if data is not None:
+                self._memo_bytes -= len(data)
 
     def _object_path(self, digest: Digest) -> str:
         hash_ = digest.hash
@@ -667,7 +790,7 @@ class LocalCas:
         if not self._pins:
             return
         pin = _current_pin.get()
-        if pin is not None and self._pins.get(pin.path.name) is pin:
+        if pin is not None and self._pins.get(pin.name) is pin:
             pin.note_use(hash_)
             return
         with self._pins_lock:
@@ -955,6 +1078,22 @@ def _write_all(fd: int, view: memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _pwrite_all(fd: int, data: bytes) -> None:
+    """Write ``data`` at the start of the file."""
+    view = memoryview(data)
+    offset = 0
+    while offset < len(view):
+        offset += os.pwrite(fd, view[offset:], offset)
+
+
+def _close_all(files: list[tuple[str, int]]) -> None:
+    """Close the descriptors of kept pin files (and forget them)."""
+    for _, fd in files:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    files.clear()
 
 
 def _read_all(fd: int, size_hint: int) -> bytes:

@@ -49,6 +49,7 @@ __all__ = [
     "import_directory",
     "iter_tree",
     "merge_trees",
+    "read_checked_directory",
     "store_tree_message",
     "tree_digests",
     "tree_from_directories",
@@ -146,6 +147,14 @@ def _join(path: str, name: str) -> str:
     return f"{path}/{name}" if path else name
 
 
+# Hashes of Directory messages that passed check_directory. The check depends
+# on the message's content alone (the path only names it in errors), so a
+# digest checked once needs no check again: walks of the same trees (every
+# stage reads the dependencies' trees) skip it. Bounded; cleared when full.
+_CHECKED: set[str] = set()
+_CHECKED_MAX = 1 << 17
+
+
 class _DirectoryReader:
     """Reads, verifies and checks Directory messages, each digest once."""
 
@@ -156,10 +165,29 @@ class _DirectoryReader:
     def read(self, digest: Digest, path: str) -> Directory:
         directory = self.cache.get(digest.hash)
         if directory is None:
-            directory = self.cas.get_message(digest, Directory)
-            check_directory(directory, path)
+            directory = read_checked_directory(self.cas, digest, path)
             self.cache[digest.hash] = directory
         return directory
+
+
+def read_checked_directory(cas: LocalCas, digest: Digest, path: str = "") -> Directory:
+    """A Directory from the local CAS, verified and checked (:func:`check_directory`;
+    once per digest and process).
+
+    Args:
+        path: where it sits in its tree, for error messages.
+
+    Raises:
+        LocalBlobMissingError: it is not in the local CAS.
+        UnsafePathError, LocalCasError: it is malformed or hostile.
+    """
+    directory = cas.get_message(digest, Directory)
+    if digest.hash not in _CHECKED:
+        check_directory(directory, path)
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED.add(digest.hash)
+    return directory
 
 
 # --- import --------------------------------------------------------------------

@@ -58,6 +58,11 @@ LOG_TAIL_LINES = 40
 # A tail is also cut to this many characters: one line may be megabytes.
 LOG_TAIL_CHARS = 8000
 
+# Output Tree messages and logs up to this much in all are read into memory
+# (one BatchReadBlobs); beyond it they are downloaded into the local CAS,
+# streamed, as big blobs must be.
+_IN_MEMORY_BYTES = 1 << 20
+
 
 # --- stage 3 -------------------------------------------------------------------
 
@@ -186,10 +191,10 @@ def fetch_outputs(ctx: StageContext, spec: BuildSpec, state: State) -> State:
         raise SpecError(element, "fetch_outputs needs 'action_result' (did execute finish?)")
     result = decode_action_result(element, text)
     # The output Tree messages come with the logs, in one request.
-    stdout, stderr = _download_logs(ctx, result, _tree_messages(result))
+    stdout, stderr, trees = _download_logs(ctx, result, _tree_messages(result))
     if result.exit_code != 0:
         _fail(ctx, spec, state, result, stdout, stderr)
-    files = _download_output_tree(ctx, spec, result)
+    files = _download_output_tree(ctx, spec, result, trees)
     if spec["select_outputs"]:
         files = select_outputs(ctx, spec, digest_in(element, state, "input_root"), files)
     new.update(
@@ -210,8 +215,8 @@ def download_outputs(
     """Download the logs and the output tree of ``result`` into the local CAS
     (its Directory messages only with ``ctx.minimal``); return the artifact's
     files (for a host that lacks them)."""
-    _download_logs(ctx, result, _tree_messages(result))
-    files = _download_output_tree(ctx, spec, result)
+    _, _, trees = _download_logs(ctx, result, _tree_messages(result))
+    files = _download_output_tree(ctx, spec, result, trees)
     if spec["select_outputs"]:
         files = select_outputs(ctx, spec, input_root, files)
     return files
@@ -230,28 +235,50 @@ def log_tail(data: bytes, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def _download_logs(
-    ctx: StageContext, result: ActionResult, also: Sequence[Digest] = ()
-) -> tuple[Digest, Digest]:
-    """The logs of ``result`` in the local CAS (one download, with ``also``)."""
+    ctx: StageContext, result: ActionResult, trees: Sequence[Digest] = ()
+) -> tuple[Digest, Digest, dict[tuple[str, int], bytes]]:
+    """The logs of ``result`` in the local CAS, and the Tree messages
+    ``trees``, in one download.
+
+    Returns:
+        stdout, stderr, and the bytes of ``trees`` (verified) by ``(hash,
+        size_bytes)`` when they were read into memory; with big blobs all
+        were downloaded into the local CAS instead, and that is empty.
+    """
     cas = ctx.local_cas
     found: list[Digest] = []
-    wanted: list[Digest] = list(also)
+    logs: list[Digest] = []
     for raw_field, digest_field in (
         ("stdout_raw", "stdout_digest"),
         ("stderr_raw", "stderr_digest"),
     ):
         if result.HasField(digest_field):
             digest: Digest = getattr(result, digest_field)
-            wanted.append(digest)
+            logs.append(digest)
         else:
             digest = cas.put(getattr(result, raw_field))
         found.append(digest)
-    if wanted:
+    wanted = [*trees, *logs]
+    kept: dict[tuple[str, int], bytes] = {}
+    if sum(d.size_bytes for d in wanted) <= _IN_MEMORY_BYTES:
+        # A Tree message is parsed once and its Directory messages stored:
+        # storing the Tree blob itself too would cost a file for nothing.
+        logs = cas.missing(logs)
+        got = ctx.execution_cas.read_blobs([*trees, *logs]) if trees or logs else {}
+        for digest in logs:
+            cas.put_verified(got[(digest.hash, digest.size_bytes)], digest)
+        kept = {(d.hash, d.size_bytes): got[(d.hash, d.size_bytes)] for d in trees}
+    elif wanted:
         ctx.execution_cas.download_into(cas, wanted)
-    return found[0], found[1]
+    return found[0], found[1], kept
 
 
-def _download_output_tree(ctx: StageContext, spec: BuildSpec, result: ActionResult) -> Digest:
+def _download_output_tree(
+    ctx: StageContext,
+    spec: BuildSpec,
+    result: ActionResult,
+    trees: dict[tuple[str, int], bytes],
+) -> Digest:
     command_spec = spec["command"]
     if command_spec is None:
         raise SpecError(spec["element"], "only an element with a command has outputs")
@@ -266,7 +293,7 @@ def _download_output_tree(ctx: StageContext, spec: BuildSpec, result: ActionResu
 
     for output in result.output_directories:
         if resolved(output.path) == wanted:
-            return _download_directory(ctx, output)
+            return _download_directory(ctx, output, trees)
     if any(resolved(f.path) == wanted for f in result.output_files) or any(
         resolved(s.path) == wanted for s in result.output_symlinks
     ):
@@ -284,12 +311,18 @@ def _tree_messages(result: ActionResult) -> list[Digest]:
     ]
 
 
-def _download_directory(ctx: StageContext, output: OutputDirectory) -> Digest:
+def _download_directory(
+    ctx: StageContext, output: OutputDirectory, trees: dict[tuple[str, int], bytes]
+) -> Digest:
     """An output folder's tree in the local CAS: whole, or with ``ctx.minimal``
-    its Directory messages only (the files stay on the execution CAS)."""
+    its Directory messages only (the files stay on the execution CAS).
+    ``trees``: Tree messages already read (see :func:`_download_logs`)."""
     cas = ctx.local_cas
     if output.HasField("tree_digest") and output.tree_digest.size_bytes:
-        if cas.contains(output.tree_digest):  # fetched with the logs
+        read = trees.get((output.tree_digest.hash, output.tree_digest.size_bytes))
+        if read is not None:  # read with the logs
+            tree = ctx.execution_cas.parse_message(read, Tree, output.tree_digest)
+        elif cas.contains(output.tree_digest):  # downloaded with the logs
             tree = cas.get_message(output.tree_digest, Tree)
         else:
             tree = ctx.execution_cas.read_message(output.tree_digest, Tree)
@@ -361,7 +394,7 @@ def _fail_timeout(ctx: StageContext, spec: BuildSpec, state: State, exc: Executi
     response = getattr(exc, "response", None)
     result = response.result if response is not None else ActionResult()
     try:
-        stdout, stderr = _download_logs(ctx, result)
+        stdout, stderr, _ = _download_logs(ctx, result)
     except RemexError:
         # Partial logs are a courtesy; the timeout is the news.
         stdout = stderr = ctx.local_cas.put(b"")

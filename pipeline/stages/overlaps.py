@@ -29,7 +29,9 @@ element's own kind never matters: the spec says what is staged where.
 
 from __future__ import annotations
 
+import collections
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,6 +241,39 @@ def _ensure_folder(sandbox: _Sandbox, layer: StagedLayer, path: str) -> None:
             )
 
 
+# The entries of the trees walked so far, by root digest (LRU): each element
+# stages its dependencies' trees (the same sysroot, again and again), and a
+# tree's entries never change. Bounded by the number of entries held.
+_WALKS: collections.OrderedDict[tuple[str, int], tuple[tuple[str, str], ...]] = (
+    collections.OrderedDict()
+)
+_WALKS_MAX_ENTRIES = 1 << 18
+_walks_held = 0
+_walks_lock = threading.Lock()
+
+
+def _entries(cas: LocalCas, digest: Digest) -> tuple[tuple[str, str], ...]:
+    """(relative path, kind) of every entry of the tree (see :func:`_walk`)."""
+    global _walks_held
+    key = (digest.hash, digest.size_bytes)
+    with _walks_lock:
+        entries = _WALKS.get(key)
+        if entries is not None:
+            _WALKS.move_to_end(key)
+            return entries
+    entries = tuple(_walk(cas, digest, ""))
+    if len(entries) > _WALKS_MAX_ENTRIES:
+        return entries
+    with _walks_lock:
+        if key not in _WALKS:
+            _WALKS[key] = entries
+            _walks_held += len(entries)
+            while _walks_held > _WALKS_MAX_ENTRIES:
+                _, old = _WALKS.popitem(last=False)
+                _walks_held -= len(old)
+    return entries
+
+
 def _walk(cas: LocalCas, digest: Digest, prefix: str) -> Iterator[tuple[str, str]]:
     """(relative path, kind) of every entry, each folder before its content."""
     directory = read_directory(cas, digest)
@@ -255,7 +290,7 @@ def _walk(cas: LocalCas, digest: Digest, prefix: str) -> Iterator[tuple[str, str
 def _stage(cas: LocalCas, sandbox: _Sandbox, session: _Session, layer: StagedLayer) -> None:
     location = session.location
     _ensure_folder(sandbox, layer, location)
-    for relative, kind in _walk(cas, layer.files, ""):
+    for relative, kind in _entries(cas, layer.files):
         path = _join(location, relative)
         existing = sandbox.kinds.get(path)
         if kind == "dir":

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pipeline.cas import LocalCas, Pin
-from pipeline.digest import digest_from_json
+from pipeline.digest import Digest, digest_from_json
 
 __all__ = ["BLOB_KEYS", "TREE_KEYS", "pin_state", "pinned_stage"]
 
@@ -26,20 +26,28 @@ BLOB_KEYS = ("action", "command", "stdout", "stderr")
 def pin_state(pin: Pin, state: Mapping[str, Any]) -> None:
     """Add the trees and blobs ``state`` names to ``pin`` (what is not a
     digest is skipped: a malformed state is the stage's to report)."""
-    for keys, add in ((TREE_KEYS, pin.add_tree), (BLOB_KEYS, pin.add_blob)):
-        for key in keys:
-            value = state.get(key)
-            if not isinstance(value, dict):
-                continue
-            try:
-                add(digest_from_json(value))
-            except (ValueError, KeyError, TypeError):
-                continue
+    for digest in _digests(state, TREE_KEYS):
+        pin.add_tree(digest)
+    for digest in _digests(state, BLOB_KEYS):
+        pin.add_blob(digest)
 
 
 @contextlib.contextmanager
 def pinned_stage(cas: LocalCas, state: Mapping[str, Any]) -> Iterator[Pin]:
     """Pin ``state``'s trees and blobs, and everything used, while a stage runs."""
-    with cas.pin() as pin:
-        pin_state(pin, state)
+    # Given to the pin at once: its file is written once, not appended to per digest.
+    with cas.pin(trees=_digests(state, TREE_KEYS), blobs=_digests(state, BLOB_KEYS)) as pin:
         yield pin
+
+
+def _digests(state: Mapping[str, Any], keys: tuple[str, ...]) -> list[Digest]:
+    digests: list[Digest] = []
+    for key in keys:
+        value = state.get(key)
+        if not isinstance(value, dict):
+            continue
+        try:
+            digests.append(digest_from_json(value))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return digests

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.cas import LocalCas, check_directory, tree_digests
+from pipeline.cas import LocalCas, read_checked_directory, tree_digests
 from pipeline.digest import Digest
 from pipeline.errors import LocalCasError
 from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory, DirectoryNode
@@ -61,9 +61,7 @@ def read_directory(cas: LocalCas, digest: Digest, path: str = "") -> Directory:
         LocalBlobMissingError: it is not in the local CAS.
         UnsafePathError, LocalCasError: it is malformed or hostile.
     """
-    directory = cas.get_message(digest, Directory)
-    check_directory(directory, path)
-    return directory
+    return read_checked_directory(cas, digest, path)
 
 
 def subtree(cas: LocalCas, root: Digest, parts: Sequence[str]) -> Digest | None:

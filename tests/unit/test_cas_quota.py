@@ -168,6 +168,45 @@ def test_a_stage_state_pins_its_trees_and_blobs(cas: LocalCas) -> None:
         assert all(cas.contains(d) for d in [*objects, log])
 
 
+def test_a_stage_pin_file_names_its_state_from_the_start(cas: LocalCas) -> None:
+    # Given a stage state naming an input root and a log
+    root, _ = make_tree(cas, 5)
+    log = cas.put(b"another log\n")
+    state = {"input_root": _json(root), "stdout": _json(log), "files": "not a digest"}
+
+    # When the stage runs
+    with pinned_stage(cas, state) as pin:
+        # Then its pin file (what other processes' cleanups read) names both
+        # from the start, after the header naming this process
+        lines = pin.path.read_text().splitlines()
+        assert lines[0].startswith("started ")
+        assert lines[1:] == [f"T {root.hash} {root.size_bytes}", f"B {log.hash} {log.size_bytes}"]
+        # and a digest added again is not written twice
+        pin.add_tree(root)
+        assert len(pin.path.read_text().splitlines()) == 3
+
+    # Then the pin names nothing once the stage ends (its file is kept empty
+    # for the next stage: creating a file costs more than rewriting one)
+    assert pin.path.read_text() == ""
+    with pinned_stage(cas, {"stdout": _json(log)}) as again:
+        assert again.path == pin.path
+        assert again.path.read_text().splitlines()[1:] == [f"B {log.hash} {log.size_bytes}"]
+
+
+def test_a_kept_pin_file_removed_meanwhile_is_made_again(cas: LocalCas) -> None:
+    # Given a pin file kept empty after a stage, then removed (the store's pins wiped)
+    root, _ = make_tree(cas, 6)
+    with pinned_stage(cas, {}) as pin:
+        pass
+    pin.path.unlink()
+
+    # When the next stage pins a tree
+    with pinned_stage(cas, {"input_root": _json(root)}) as again:
+        # Then its pin is in a file of the pins folder
+        assert again.path.exists()
+        assert f"T {root.hash} {root.size_bytes}" in again.path.read_text()
+
+
 def _json(digest: Digest) -> dict[str, object]:
     return {"hash": digest.hash, "size_bytes": digest.size_bytes}
 

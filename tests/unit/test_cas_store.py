@@ -133,11 +133,52 @@ def test_damaged_object_is_detected_and_removed(cas: LocalCas) -> None:
     path.chmod(0o644)
     path.write_bytes(b"x" * digest.size_bytes)
 
-    # When it is read with verification
+    # When it is read with verification by a reader that has not seen it (another
+    # process: the writer remembers the bytes it wrote, see the memo tests below)
+    reader = LocalCas(cas.root)
     # Then it is reported missing and removed, so it can be fetched again
     with pytest.raises(LocalBlobMissingError, match="damaged"):
-        cas.get_message(digest, Directory)
+        reader.get_message(digest, Directory)
     assert not cas.contains(digest)
+
+
+def test_a_small_blob_written_is_read_again_from_memory(cas: LocalCas) -> None:
+    # Given a small blob this store wrote, then damaged on disk
+    digest = cas.put(b"small content")
+    path = cas.path(digest)
+    path.chmod(0o644)
+    path.write_bytes(b"x" * digest.size_bytes)
+
+    # When it is read again through the same object
+    # Then the bytes it wrote come back (no file read; the hash is known)
+    assert cas.get(digest, verify=True) == b"small content"
+
+
+def test_a_remembered_blob_gone_from_disk_is_missing(cas: LocalCas) -> None:
+    # Given a small blob this store wrote and read, then removed from disk (a cleanup)
+    digest = cas.put(b"evicted")
+    assert cas.get(digest) == b"evicted"
+    cas.path(digest).unlink()
+
+    # When it is read again
+    # Then it is missing, as the file is: memory does not outlive the store
+    with pytest.raises(LocalBlobMissingError):
+        cas.get(digest)
+
+
+def test_a_verified_read_is_remembered(tmp_path: Path) -> None:
+    # Given a blob written by another process's store, read verified once here
+    digest = LocalCas(tmp_path / "cas").put(b"shared")
+    reader = LocalCas(tmp_path / "cas")
+    assert reader.get(digest, verify=True) == b"shared"
+
+    # When its file is damaged afterwards
+    path = reader.path(digest)
+    path.chmod(0o644)
+    path.write_bytes(b"x" * digest.size_bytes)
+
+    # Then the reader still answers the verified bytes it read
+    assert reader.get(digest, verify=True) == b"shared"
 
 
 def test_put_repairs_an_object_of_the_wrong_size(cas: LocalCas) -> None:

@@ -619,6 +619,7 @@ def test_damaged_directory_message_is_detected(cas: LocalCas, tmp_path: Path) ->
     blob.chmod(0o644)
     blob.write_bytes(b"\0" * root.size_bytes)
 
-    # Then reading the tree fails as missing (it can be fetched again)
+    # Then reading the tree (in a process that did not write it) fails as
+    # missing (it can be fetched again)
     with pytest.raises(LocalBlobMissingError):
-        checkout(cas, root, tmp_path / "out")
+        checkout(LocalCas(cas.root), root, tmp_path / "out")

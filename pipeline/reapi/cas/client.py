@@ -197,6 +197,24 @@ class CasClient:
         """
         return self._downloader.read_blobs([digest])[digest_key(digest)]
 
+    def read_blobs(self, digests: Sequence[Digest]) -> dict[tuple[str, int], bytes]:
+        """Blobs' bytes, each verified, keyed by ``(hash, size_bytes)``; the
+        small ones in as few BatchReadBlobs as the server's limit allows.
+        Everything is held in memory: for small blobs.
+
+        Raises:
+            As :meth:`read_blob`.
+        """
+        return self._downloader.read_blobs(digests)
+
+    def parse_message(self, data: bytes, cls: type[M], digest: Digest) -> M:
+        """Parse a blob read from this server as a ``cls`` message.
+
+        Raises:
+            ProtocolError: the blob is not a valid ``cls``.
+        """
+        return parse(data, cls, digest, self._conn.where)
+
     def read_message(self, digest: Digest, cls: type[M]) -> M:
         """Read a blob and parse it as a ``cls`` message.
 

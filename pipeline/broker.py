@@ -240,19 +240,21 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     """
     spec = scheduler.spec(build_id, element)
     build_priority = int(spec.get("priority", DEFAULT_BUILD_PRIORITY))
-    owner = scheduler.claim(build_id, element, spec["artifact_uri"])
-    if owner:
-        scheduler.mark_waiting_on(build_id, element, owner)
-        return "waiting"
-    if "fetch" in spec:
-        return _send_fetch(app, scheduler, build_id, element, build_priority)
+    fetch = "fetch" in spec
     # Task ids chosen here, so the scheduler knows them before anything runs
     # (``cancel`` revokes them).
-    task_ids = [uuid() for _ in STAGES]
-    # Recorded before sending: a task that starts at once finds its attempt.
-    attempt = scheduler.mark_queued(build_id, element, task_ids=task_ids)
+    task_ids = [uuid()] if fetch else [uuid() for _ in STAGES]
+    # Claim, then wait or queue, in one move; recorded before sending: a task
+    # that starts at once finds its attempt.
+    attempt, owner = scheduler.record_send(
+        build_id, element, spec["artifact_uri"], task_ids=task_ids
+    )
+    if owner:
+        return "waiting"
     if not attempt:
         return "not sent"
+    if fetch:
+        return _send_fetch(app, build_id, element, build_priority, attempt, task_ids[0])
     payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
     label = task_label(build_id, element, attempt)
     signatures = [
@@ -261,7 +263,10 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     ]
     for stage, signature, task_id in zip(STAGES, signatures, task_ids, strict=True):
         signature.set(
-            task_id=task_id, argsrepr=label, priority=message_priority(build_priority, stage)
+            task_id=task_id,
+            argsrepr=label,
+            priority=message_priority(build_priority, stage),
+            **no_declare(app),
         )
     try:
         chain(*signatures).apply_async()
@@ -274,13 +279,9 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
 
 
 def _send_fetch(
-    app: Celery, scheduler: Scheduler, build_id: str, element: str, build_priority: int
+    app: Celery, build_id: str, element: str, build_priority: int, attempt: int, task_id: str
 ) -> str:
     """Send a fetch node's one ``remex.fetch_source`` task (see :func:`send_element`)."""
-    task_id = uuid()
-    attempt = scheduler.mark_queued(build_id, element, task_ids=[task_id])
-    if not attempt:
-        return "not sent"
     payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
     try:
         app.send_task(
@@ -290,6 +291,7 @@ def _send_fetch(
             queue=FETCH_QUEUE,
             argsrepr=task_label(build_id, element, attempt),
             priority=message_priority(build_priority, FETCH_STAGE),
+            **no_declare(app),
         )
     except PUBLISH_ERRORS as exc:
         log.warning(
@@ -297,6 +299,18 @@ def _send_fetch(
         )
         return "refused"
     return "sent"
+
+
+def no_declare(app: Celery) -> dict[str, Any]:
+    """Publish options that skip declaring the target queue, on a Redis broker.
+
+    Celery declares a message's queue on each new producer connection, and
+    kombu's Redis transport answers a declaration with the queue's length:
+    one LLEN per priority step (40 here) for nothing, since a Redis queue is
+    just a list that a publish creates (issue 16). Other brokers declare."""
+    if str(app.conf.broker_url or "").partition("://")[0] in ("redis", "rediss"):
+        return {"declare": []}
+    return {}
 
 
 def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) -> None:

@@ -1,6 +1,8 @@
 -- Finish one element in every build that waits on its artifact URI.
 -- ARGV[1] owner "build\telement", ARGV[2] artifact URI, ARGV[3] outcome
--- (built|failed), ARGV[4] info JSON to merge, ARGV[5] now, ARGV[6] TTL.
+-- (built|failed), ARGV[4] info JSON to merge, ARGV[5] now, ARGV[6] TTL,
+-- ARGV[7] (optional) the artifact index entry of the pushed artifact
+-- ("KEY PROJECT/NORMAL-NAME", see pipeline.artifact_index), added when built.
 -- A failure skips the element's dependents and then applies the build's
 -- on-error mode (meta on_error): "continue" leaves the rest be; "quit"
 -- cancels every element that has not started (running ones finish);
@@ -15,7 +17,7 @@ local now, ttl = ARGV[5], ARGV[6]
 local targets = {owner}
 local waiters = redis.call('SMEMBERS', PREFIX .. ':waiters:' .. uri)
 for _, w in ipairs(waiters) do if w ~= owner then table.insert(targets, w) end end
-redis.call('DEL', PREFIX .. ':waiters:' .. uri)
+if #waiters > 0 then redis.call('DEL', PREFIX .. ':waiters:' .. uri) end
 if redis.call('GET', PREFIX .. ':claim:' .. uri) == owner then
   redis.call('DEL', PREFIX .. ':claim:' .. uri)
 end
@@ -25,8 +27,8 @@ local function mark(b, element, state, extra)
   local old = redis.call('HGET', bkey(b, 'state'), element)
   redis.call('HSET', bkey(b, 'state'), element, state)
   count_state(b, element, old, state)
-  redis.call('ZREM', bkey(b, 'heartbeat'), element)
   local info = get_info(b, element)
+  drop_heartbeat(b, element, info)
   for k, v in pairs(extra) do info[k] = v end
   info['finished'] = tonumber(now)
   put_info(b, element, info)
@@ -105,6 +107,14 @@ for _, t in ipairs(targets) do
       stop_rest(b, element)
     end
   end
+end
+local entry = ARGV[7] or ''
+if entry ~= '' and outcome == 'built' then
+  -- The artifact index, in this move rather than a transaction of its own
+  -- (issue 16); end_build sets its expiry.
+  local by_key, by_time = index_keys()
+  redis.call('ZADD', by_key, 0, entry)
+  redis.call('ZADD', by_time, now, entry)
 end
 for b, _ in pairs(touched) do update_build_status(b, now, ttl) end
 return cjson.encode({ready = ready, stopped = stopped, released = released})

@@ -116,5 +116,10 @@ if entry ~= '' and outcome == 'built' then
   redis.call('ZADD', by_key, 0, entry)
   redis.call('ZADD', by_time, now, entry)
 end
-for b, _ in pairs(touched) do update_build_status(b, now, ttl) end
+-- (A build that has an element ready now is not done: no need to ask.)
+local has_ready = {}
+for _, r in ipairs(ready) do has_ready[r[1]] = true end
+for b, _ in pairs(touched) do
+  if not has_ready[b] then update_build_status(b, now, ttl) end
+end
 return cjson.encode({ready = ready, stopped = stopped, released = released})

@@ -72,9 +72,10 @@ Keys (all named by :class:`Keys`, under a prefix, ``remex`` by default;
 ``B:state``, ``B:pending``, ``B:dependents``, ``B:info`` (hashes by element),
 ``B:order`` (list), ``B:heartbeat`` (sorted set: element -> deadline),
 ``B:events`` (stream: one entry per element state change, see
-:meth:`Scheduler.read_events`), ``B:counts`` (hash: state -> how many
-elements are in it, for the states that are not live: a move between live
-states changes no count), ``B:live`` (set: the elements ready, queued or
+:meth:`Scheduler.read_events`), ``B:counts`` (hash: finished state -> how
+many elements are in it; the live ones are counted from ``B:live``, the
+waiting ones are the rest, so a move between live states changes no
+count), ``B:live`` (set: the elements ready, queued or
 running), ``B:failed`` (set);
 ``remex:builds`` (sorted set of build ids by time), ``remex:active`` (set),
 ``remex:claim:<artifact URI>`` (string: owner ``build\\telement``),
@@ -502,14 +503,14 @@ class Scheduler:
             else:
                 states[name] = ElementState.READY if not deps else ElementState.WAITING
         info: dict[Any, Any] = {}
-        # The states that are not live (the live ones are counted from the
-        # live set); waiting always, so that the hash exists.
-        counts: dict[Any, Any] = {ElementState.WAITING: 0}
+        # The finished states (the live ones are counted from the live set,
+        # the waiting ones are the rest); every one, so that the hash exists.
+        counts: dict[Any, Any] = dict.fromkeys(sorted(TERMINAL), 0)
         live: list[str] = []
         encode = _COMPACT_JSON.encode
         for name, state in states.items():
-            if state not in LIVE_STATES:
-                counts[state] = counts.get(state, 0) + 1
+            if state in TERMINAL:
+                counts[state] += 1
             entry: dict[str, Any] = {"attempt": 0}
             if state == ElementState.CACHED:
                 entry["finished"] = now
@@ -629,12 +630,16 @@ class Scheduler:
                 ElementStatus(name, state or "unknown", _decode_info(info))
                 for name, state, info in zip(names, states, infos, strict=True)
             ]
-        # The hash counts the states that are not live (one an older remex
-        # wrote may have live ones too: the live set is the truth for those).
-        counts = {str(state): int(n) for state, n in counts_raw.items() if state not in LIVE_STATES}
+        # The hash counts the finished states (one an older remex wrote counts
+        # the others too: the live set is the truth for those, and the
+        # waiting ones are the rest).
+        counts = {str(state): int(n) for state, n in counts_raw.items() if state in TERMINAL}
         for element in elements:
             if element.state in LIVE_STATES:
                 counts[element.state] = counts.get(element.state, 0) + 1
+        total = int(meta.get("elements") or 0)
+        unknown = sum(1 for e in elements if e.state not in LIVE_STATES and e.state not in TERMINAL)
+        counts[ElementState.WAITING] = max(0, total - sum(counts.values()) - unknown)
         return BuildStatus(
             build_id, str(meta.get("status", "running")), meta, elements, state_counts=counts
         )
@@ -1094,7 +1099,8 @@ class Scheduler:
 
     def verify_counts(self, build_id: str) -> list[str]:
         """Compare what the scripts keep as states move (``counts`` of the
-        states that are not live, ``live``, ``failed``) with the states
+        finished states, ``live``, ``failed``; the waiting elements are the
+        rest) with the states
         themselves (a scan: O(elements); for tests and checks, not for the hot
         path). Returns the differences
         found, as sentences (none: they agree, or the build keeps no counts)."""
@@ -1108,12 +1114,18 @@ class Scheduler:
             return []
         expected: dict[str, int] = {}
         for state in states.values():
-            if state not in LIVE_STATES:
+            if state in TERMINAL:
                 expected[state] = expected.get(state, 0) + 1
         counts = {k: int(v) for k, v in counts_raw.items() if int(v)}
         problems = []
         if counts != expected:
             problems.append(f"counts {counts} but states give {expected}")
+        # The waiting elements are what the others leave of the build's.
+        meta_elements = self.redis.hget(self.keys.build(build_id, "meta"), "elements")
+        left = int(json.loads(cast(str, meta_elements) or "0")) - sum(counts.values()) - len(live)
+        waiting = sum(1 for s in states.values() if s == ElementState.WAITING)
+        if left != waiting:
+            problems.append(f"{waiting} elements wait, but the counts leave {left}")
         want_live = {e for e, s in states.items() if s in LIVE_STATES}
         if set(live) != want_live:
             problems.append(f"live set differs: {sorted(set(live) ^ want_live)[:10]}")

@@ -28,11 +28,12 @@ local function expire_build(b, ttl)
 end
 -- Kept as states move (issue 16), so that status and the reconciler never scan
 -- every element: B:live (the elements ready, queued or running: what can be
--- lost), B:counts (how many elements are in each state that is not live:
--- waiting and the finished ones; the live ones are counted from B:live, whose
--- states status reads anyway) and B:failed. So a move between live states
--- (sent, started, sent again) changes no count: only entering and leaving the
--- live set does. Every script that sets an element's state calls
+-- lost), B:counts (how many elements are in each finished state) and
+-- B:failed. The live states are counted from B:live (whose states status
+-- reads anyway) and the waiting ones are what is left of the build's
+-- elements, so only entering or leaving the live set and finishing change
+-- them: a move between live states (sent, started, sent again) changes
+-- nothing. Every script that sets an element's state calls
 -- count_state(b, e, old, new) right after.
 local LIVE = {ready=true, queued=true, running=true}
 local KEEPS_COUNTS = {}
@@ -46,12 +47,12 @@ local function keeps_counts(b)
 end
 local function count_state(b, e, old, new)
   if old == new or (LIVE[old] and LIVE[new]) or not keeps_counts(b) then return end
-  if old and not LIVE[old] then redis.call('HINCRBY', bkey(b, 'counts'), old, -1) end
-  if LIVE[new] then
+  if TERMINAL[old] then redis.call('HINCRBY', bkey(b, 'counts'), old, -1) end
+  if TERMINAL[new] then redis.call('HINCRBY', bkey(b, 'counts'), new, 1) end
+  if LIVE[new] and not LIVE[old] then
     redis.call('SADD', bkey(b, 'live'), e)
-  else
-    redis.call('HINCRBY', bkey(b, 'counts'), new, 1)
-    if LIVE[old] then redis.call('SREM', bkey(b, 'live'), e) end
+  elseif LIVE[old] and not LIVE[new] then
+    redis.call('SREM', bkey(b, 'live'), e)
   end
   if new == 'failed' then redis.call('SADD', bkey(b, 'failed'), e) end
 end
@@ -118,10 +119,15 @@ local function update_build_status(b, now, ttl)
   local ok = true
   if keeps_counts(b) then
     if redis.call('SCARD', bkey(b, 'live')) > 0 then return end
-    local c = redis.call('HMGET', bkey(b, 'counts'), 'waiting', 'failed', 'skipped', 'cancelled')
-    if (tonumber(c[1]) or 0) > 0 then return end
-    for i = 2, 4 do if (tonumber(c[i]) or 0) > 0 then ok = false end end
-    if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return end
+    local c = redis.call('HMGET', bkey(b, 'counts'), 'cached', 'built', 'failed', 'skipped',
+                         'cancelled')
+    local meta = redis.call('HMGET', bkey(b, 'meta'), 'status', 'elements')
+    if meta[1] ~= 'running' then return end
+    local finished = 0
+    for i = 1, 5 do finished = finished + (tonumber(c[i]) or 0) end
+    -- (Elements neither live nor finished wait for dependencies.)
+    if finished < (tonumber(meta[2]) or 0) then return end
+    for i = 3, 5 do if (tonumber(c[i]) or 0) > 0 then ok = false end end
   else
     if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return end
     local states = redis.call('HVALS', bkey(b, 'state'))
@@ -202,10 +208,17 @@ end
 -- (finished, cancelled, still waiting for dependencies). (No read of the
 -- build's status: a stopped build has no element ready, queued or running.)
 local function queue_element(b, e, task_ids, now)
-  local st = redis.call('HGET', bkey(b, 'state'), e)
-  if not LIVE[st] then return 0 end
+  -- Ready, queued or running? From the info alone (one read less): finished
+  -- ones have "finished"; one sent before, or made ready ("ready_at"), or
+  -- made to wait on another build is live. Else (an info without those, as
+  -- an older remex wrote) the state says.
   local info = get_info(b, e)
+  if present(info['finished']) then return 0 end
   local attempt = (tonumber(info['attempt']) or 0) + 1
+  if attempt == 1 and not present(info['ready_at']) and not present(info['waiting_on'])
+      and not LIVE[redis.call('HGET', bkey(b, 'state'), e)] then
+    return 0
+  end
   info['attempt'] = attempt
   info['task_ids'] = task_ids
   info['queued_at'] = now
@@ -218,8 +231,8 @@ local function queue_element(b, e, task_ids, now)
   info['delivery'] = nil
   drop_heartbeat(b, e, info)
   put_info(b, e, info)
-  if st ~= 'queued' then redis.call('HSET', bkey(b, 'state'), e, 'queued') end
-  count_state(b, e, st, 'queued')
+  -- (From ready, queued or running: all live, so no count changes.)
+  redis.call('HSET', bkey(b, 'state'), e, 'queued')
   emit(b, {event = 'queued', element = e, attempt = attempt, time = now})
   return attempt
 end

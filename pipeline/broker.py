@@ -11,7 +11,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import kombu.exceptions
@@ -365,23 +365,31 @@ def stop_stopped(
                 log.warning("could not cancel operation %s: %s", info["operation"], exc)
 
 
-def queue_lists(queue: str) -> list[str]:
-    """The Redis lists kombu keeps ``queue``'s messages in (one per priority step)."""
-    return [
-        queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}"
-        for priority in PRIORITY_STEPS
-    ]
+def queue_lists(queue: str, build_priorities: Iterable[int] | None = None) -> list[str]:
+    """The Redis lists kombu keeps ``queue``'s messages in (one per priority
+    step), or only those the messages of builds of ``build_priorities`` go to."""
+    steps: Iterable[int] = PRIORITY_STEPS
+    if build_priorities is not None:
+        wanted = {message_priority(p, stage) for p in build_priorities for stage in STAGE_PRIORITY}
+        steps = [step for step in PRIORITY_STEPS if step in wanted]
+    return [queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}" for priority in steps]
 
 
-def queued_task_ids(scheduler: Scheduler) -> set[str]:
+def queued_task_ids(
+    scheduler: Scheduler, build_priorities: Iterable[int] | None = None
+) -> set[str]:
     """The task ids of the messages waiting in a queue some live worker consumes:
     the default queue, the fetch queue and the host queues of the workers whose liveness key
-    exists (a message in a dead worker's own queue is as good as lost)."""
+    exists (a message in a dead worker's own queue is as good as lost). With
+    ``build_priorities``, only the lists the messages of builds of those
+    priorities go to (3 per queue instead of one per priority step, 40)."""
     # An instance is NAME/PID/RANDOM.
     names = {instance.rsplit("/", 2)[0] for instance in scheduler.live_workers()}
-    lists = queue_lists(DEFAULT_QUEUE) + queue_lists(FETCH_QUEUE)
+    lists = queue_lists(DEFAULT_QUEUE, build_priorities) + queue_lists(
+        FETCH_QUEUE, build_priorities
+    )
     for name in sorted(names):
-        lists += queue_lists(host_queue(name))
+        lists += queue_lists(host_queue(name), build_priorities)
     pipe = scheduler.redis.pipeline()
     for key in lists:
         pipe.lrange(key, 0, -1)
@@ -470,14 +478,17 @@ def reconcile(
     now = time.time()
     in_queues: set[str] | None = None
 
+    active = scheduler.active_builds()
+
     def queued() -> set[str]:
-        # Read once per pass, and only when an element needs it.
+        # Read once per pass, and only when an element needs it; only the
+        # lists the active builds' messages go to.
         nonlocal in_queues
         if in_queues is None:
-            in_queues = queued_task_ids(scheduler)
+            in_queues = queued_task_ids(scheduler, scheduler.build_priorities(active))
         return in_queues
 
-    for build_id in scheduler.active_builds():
+    for build_id in active:
         for element, reason in scheduler.stalled(build_id, now, queued_task_ids=queued):
             attempts = int(scheduler.info(build_id, element).get("attempt", 0))
             if attempts >= MAX_ATTEMPTS:

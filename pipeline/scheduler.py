@@ -647,6 +647,23 @@ class Scheduler:
     def active_builds(self) -> list[str]:
         return sorted(cast(set[str], self.redis.smembers(self.keys.active)))
 
+    def build_priorities(self, build_ids: Sequence[str]) -> set[int] | None:
+        """The priorities of these builds (their messages' priorities follow
+        from them), or None when one has none recorded (every priority may be
+        in use)."""
+        if not build_ids:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for build_id in build_ids:
+            pipe.hget(self.keys.build(build_id, "meta"), "priority")
+        priorities: set[int] = set()
+        for raw in pipe.execute():
+            try:
+                priorities.add(int(json.loads(raw)))
+            except (TypeError, ValueError):
+                return None
+        return priorities
+
     def build_status_value(self, build_id: str) -> str:
         return cast(str, self.redis.hget(self.keys.build(build_id, "meta"), "status") or "")
 

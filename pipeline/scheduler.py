@@ -78,7 +78,9 @@ waiting ones are the rest, so a move between live states changes no
 count), ``B:live`` (set: the elements ready, queued or
 running), ``B:failed`` (set);
 ``remex:builds`` (sorted set of build ids by time), ``remex:active`` (set),
-``remex:claim:<artifact URI>`` (string: owner ``build\\telement``),
+``remex:claim:<artifact URI>`` (string: owner ``build\\telement``; a
+finished owner's claim is left to expire, and the next claimant takes it
+over),
 ``remex:waiters:<artifact URI>`` (set of waiting ``build\\telement``) and
 ``remex:worker:<instance>`` (a live worker) and ``remex:reconciler`` (a lock).
 How often a task message was delivered is counted in its element's info

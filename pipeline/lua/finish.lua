@@ -15,18 +15,24 @@
 local owner, uri, outcome, info_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now, ttl = ARGV[5], ARGV[6]
 local targets = {owner}
-local waiters = redis.call('SMEMBERS', PREFIX .. ':waiters:' .. uri)
-for _, w in ipairs(waiters) do if w ~= owner then table.insert(targets, w) end end
-if #waiters > 0 then redis.call('DEL', PREFIX .. ':waiters:' .. uri) end
+-- The owner's info says whether another build waits on it ("waited", set by
+-- claim_uri): only then are the waiters read (issue 16).
+local owner_b, owner_e = split(owner)
+local owner_info = get_info(owner_b, owner_e)
+if present(owner_info['waited']) then
+  local waiters = redis.call('SMEMBERS', PREFIX .. ':waiters:' .. uri)
+  for _, w in ipairs(waiters) do if w ~= owner then table.insert(targets, w) end end
+  if #waiters > 0 then redis.call('DEL', PREFIX .. ':waiters:' .. uri) end
+end
 -- (The owner's claim on the URI is left to expire: whoever claims the URI
 -- next takes it over, its owner being finished. Issue 16: two commands less.)
 local ready, stopped, released = {}, {}, {}
 local touched = {}
-local function mark(b, element, state, extra)
+local function mark(b, element, state, extra, read)
   local old = redis.call('HGET', bkey(b, 'state'), element)
   redis.call('HSET', bkey(b, 'state'), element, state)
   count_state(b, element, old, state)
-  local info = get_info(b, element)
+  local info = read or get_info(b, element)
   drop_heartbeat(b, element, info)
   for k, v in pairs(extra) do info[k] = v end
   info['finished'] = tonumber(now)
@@ -80,7 +86,7 @@ for _, t in ipairs(targets) do
     local extra = {}
     for k, v in pairs(info) do extra[k] = v end
     if t ~= owner then extra['built_by'] = owner end
-    mark(b, element, outcome, extra)
+    mark(b, element, outcome, extra, t == owner and owner_info or nil)
     if outcome == 'built' then
       local deps = redis.call('HGET', bkey(b, 'dependents'), element)
       if deps then

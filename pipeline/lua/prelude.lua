@@ -263,6 +263,12 @@ local function claim_uri(me, uri, ttl)
     if LIVE[redis.call('HGET', bkey(ob, 'state'), oe)] then
       redis.call('SADD', PREFIX .. ':waiters:' .. uri, me)
       redis.call('EXPIRE', PREFIX .. ':waiters:' .. uri, ttl)
+      -- (Its finish reads the waiters only when this says so.)
+      local oinfo = get_info(ob, oe)
+      if not present(oinfo['waited']) then
+        oinfo['waited'] = 1
+        put_info(ob, oe, oinfo)
+      end
       return owner
     end
   end

@@ -91,14 +91,19 @@ for _, t in ipairs(targets) do
       local deps = redis.call('HGET', bkey(b, 'dependents'), element)
       if deps then
         for _, d in ipairs(cjson.decode(deps)) do
+          -- The counter reaches 0 once (each dependency is finished once);
+          -- then the dependent waited, unless it finished meanwhile (skipped,
+          -- cancelled: its info says so, no state read).
           local left = redis.call('HINCRBY', bkey(b, 'pending'), d, -1)
-          if left <= 0 and redis.call('HGET', bkey(b, 'state'), d) == 'waiting' then
-            redis.call('HSET', bkey(b, 'state'), d, 'ready')
-            count_state(b, d, 'waiting', 'ready')
+          if left == 0 then
             local dinfo = get_info(b, d)
-            dinfo['ready_at'] = tonumber(now)
-            put_info(b, d, dinfo)
-            table.insert(ready, {b, d})
+            if not present(dinfo['finished']) then
+              redis.call('HSET', bkey(b, 'state'), d, 'ready')
+              count_state(b, d, 'waiting', 'ready')
+              dinfo['ready_at'] = tonumber(now)
+              put_info(b, d, dinfo)
+              table.insert(ready, {b, d})
+            end
           end
         end
       end

@@ -105,6 +105,10 @@ class BatchedTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
     event loop's next turn, which is one message per event here.
 
     The worker's own events (``worker-heartbeat`` ...) are sent as before.
+    The batches are sent from the consumer's event loop (a timer, as Celery
+    sends its own buffered events), so a flush never races the consumer's
+    restart after a lost connection (the timer goes with the connection and
+    comes back with the next); a worker without an event loop uses a thread.
     """
 
     requires = {"celery.worker.consumer.events:Events"}
@@ -125,7 +129,10 @@ class BatchedTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
         dispatcher.on_send_buffered = None
         # Read by StageTask.progress: its events join the batches.
         c.app.remex_events = dispatcher
-        if self._thread is None:
+        hub = getattr(c, "hub", None)
+        if hub is not None:
+            hub.call_repeatedly(EVENT_FLUSH_SECONDS, self.flush)
+        elif self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="remex-task-events", daemon=True)
             self._thread.start()

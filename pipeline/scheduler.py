@@ -804,9 +804,12 @@ class Scheduler:
         return bool(taken)
 
     def hand_on(self, build_id: str, element: str, *, attempt: int, holder: str) -> bool:
-        """A stage of ``holder`` ended and the element's next message is about to
-        be sent (the chain's next stage, or a re-queue): no one holds it until a
-        worker takes that message. False when ``holder`` no longer held it."""
+        """``holder`` holds the element no more: its next message goes to a
+        queue other workers consume (a re-queue of a fetch), or could not be
+        published (Redis refused it). No one holds it until a worker takes a
+        message of it; the reconciler sends it again when none is in a queue.
+        False when ``holder`` no longer held it. (A chain's next stage goes to
+        its holder's own queue: no hand-on.)"""
         handed = self._hand_on(
             keys=[self.keys.prefix], args=[build_id, element, attempt, holder, time.time()]
         )
@@ -1021,8 +1024,8 @@ class Scheduler:
           connection and so dropped what it had taken but not started;
         * ``queued`` or ``running`` with no holder for longer than the
           heartbeat timeout, whose message is in no queue a live worker
-          consumes (a send or a chain's hand-on was refused while Redis was
-          down): ``queued_task_ids`` returns the task ids of every such
+          consumes (a send or a chain's next stage was refused while Redis
+          was down): ``queued_task_ids`` returns the task ids of every such
           message (None: none are);
         * ``running`` with an expired heartbeat whose worker is gone (or, after
           LOST_AFTER_HEARTBEATS timeouts and with its message in no queue,

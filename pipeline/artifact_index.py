@@ -3,8 +3,11 @@
 Remote Asset v1 resolves names but cannot enumerate them, so ``remex artifact
 list --key PREFIX`` (and artifact refs with wildcards) need a list of what was
 pushed. Each worker adds an entry when its ``push_artifact`` stage has named an
-artifact; ``remex artifact delete`` removes it. Entries expire with the build
-state (:data:`~pipeline.scheduler.BUILD_TTL_SECONDS` after their last push).
+artifact (in the scheduler's move that marks the element built:
+``pipeline/lua/finish.lua``, given :func:`index_entry`); ``remex artifact
+delete`` removes it. Entries expire with the build state
+(:data:`~pipeline.scheduler.BUILD_TTL_SECONDS` after their last push; the
+scheduler drops them when a build ends, readers too).
 
 The index is a hint, never the truth: every entry listed is looked up on the
 artifact server (a deleted or expired artifact drops out), and an artifact
@@ -29,7 +32,7 @@ from typing import Any
 
 from pipeline.spec import artifact_uri
 
-__all__ = ["ArtifactIndex", "ArtifactRef", "parse_ref"]
+__all__ = ["ArtifactIndex", "ArtifactRef", "index_entry", "parse_ref"]
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -141,6 +144,11 @@ class ArtifactIndex:
 def _member(ref: ArtifactRef) -> str:
     # Key first: ZRANGEBYLEX over equal scores finds a key prefix.
     return f"{ref.cache_key} {ref.project}/{ref.normal_name}"
+
+
+def index_entry(ref: ArtifactRef) -> str:
+    """``ref``'s member in both sorted sets (what the scheduler's finish adds)."""
+    return _member(ref)
 
 
 def _ref(member: str | bytes) -> ArtifactRef | None:

@@ -11,7 +11,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import kombu.exceptions
@@ -240,19 +240,21 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     """
     spec = scheduler.spec(build_id, element)
     build_priority = int(spec.get("priority", DEFAULT_BUILD_PRIORITY))
-    owner = scheduler.claim(build_id, element, spec["artifact_uri"])
-    if owner:
-        scheduler.mark_waiting_on(build_id, element, owner)
-        return "waiting"
-    if "fetch" in spec:
-        return _send_fetch(app, scheduler, build_id, element, build_priority)
+    fetch = "fetch" in spec
     # Task ids chosen here, so the scheduler knows them before anything runs
     # (``cancel`` revokes them).
-    task_ids = [uuid() for _ in STAGES]
-    # Recorded before sending: a task that starts at once finds its attempt.
-    attempt = scheduler.mark_queued(build_id, element, task_ids=task_ids)
+    task_ids = [uuid()] if fetch else [uuid() for _ in STAGES]
+    # Claim, then wait or queue, in one move; recorded before sending: a task
+    # that starts at once finds its attempt.
+    attempt, owner = scheduler.record_send(
+        build_id, element, spec["artifact_uri"], task_ids=task_ids
+    )
+    if owner:
+        return "waiting"
     if not attempt:
         return "not sent"
+    if fetch:
+        return _send_fetch(app, build_id, element, build_priority, attempt, task_ids[0])
     payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
     label = task_label(build_id, element, attempt)
     signatures = [
@@ -261,7 +263,10 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     ]
     for stage, signature, task_id in zip(STAGES, signatures, task_ids, strict=True):
         signature.set(
-            task_id=task_id, argsrepr=label, priority=message_priority(build_priority, stage)
+            task_id=task_id,
+            argsrepr=label,
+            priority=message_priority(build_priority, stage),
+            **no_declare(app),
         )
     try:
         chain(*signatures).apply_async()
@@ -274,13 +279,9 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
 
 
 def _send_fetch(
-    app: Celery, scheduler: Scheduler, build_id: str, element: str, build_priority: int
+    app: Celery, build_id: str, element: str, build_priority: int, attempt: int, task_id: str
 ) -> str:
     """Send a fetch node's one ``remex.fetch_source`` task (see :func:`send_element`)."""
-    task_id = uuid()
-    attempt = scheduler.mark_queued(build_id, element, task_ids=[task_id])
-    if not attempt:
-        return "not sent"
     payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
     try:
         app.send_task(
@@ -290,6 +291,7 @@ def _send_fetch(
             queue=FETCH_QUEUE,
             argsrepr=task_label(build_id, element, attempt),
             priority=message_priority(build_priority, FETCH_STAGE),
+            **no_declare(app),
         )
     except PUBLISH_ERRORS as exc:
         log.warning(
@@ -297,6 +299,18 @@ def _send_fetch(
         )
         return "refused"
     return "sent"
+
+
+def no_declare(app: Celery) -> dict[str, Any]:
+    """Publish options that skip declaring the target queue, on a Redis broker.
+
+    Celery declares a message's queue on each new producer connection, and
+    kombu's Redis transport answers a declaration with the queue's length:
+    one LLEN per priority step (40 here) for nothing, since a Redis queue is
+    just a list that a publish creates (issue 16). Other brokers declare."""
+    if str(app.conf.broker_url or "").partition("://")[0] in ("redis", "rediss"):
+        return {"declare": []}
+    return {}
 
 
 def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) -> None:
@@ -351,23 +365,31 @@ def stop_stopped(
                 log.warning("could not cancel operation %s: %s", info["operation"], exc)
 
 
-def queue_lists(queue: str) -> list[str]:
-    """The Redis lists kombu keeps ``queue``'s messages in (one per priority step)."""
-    return [
-        queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}"
-        for priority in PRIORITY_STEPS
-    ]
+def queue_lists(queue: str, build_priorities: Iterable[int] | None = None) -> list[str]:
+    """The Redis lists kombu keeps ``queue``'s messages in (one per priority
+    step), or only those the messages of builds of ``build_priorities`` go to."""
+    steps: Iterable[int] = PRIORITY_STEPS
+    if build_priorities is not None:
+        wanted = {message_priority(p, stage) for p in build_priorities for stage in STAGE_PRIORITY}
+        steps = [step for step in PRIORITY_STEPS if step in wanted]
+    return [queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}" for priority in steps]
 
 
-def queued_task_ids(scheduler: Scheduler) -> set[str]:
+def queued_task_ids(
+    scheduler: Scheduler, build_priorities: Iterable[int] | None = None
+) -> set[str]:
     """The task ids of the messages waiting in a queue some live worker consumes:
     the default queue, the fetch queue and the host queues of the workers whose liveness key
-    exists (a message in a dead worker's own queue is as good as lost)."""
+    exists (a message in a dead worker's own queue is as good as lost). With
+    ``build_priorities``, only the lists the messages of builds of those
+    priorities go to (3 per queue instead of one per priority step, 40)."""
     # An instance is NAME/PID/RANDOM.
     names = {instance.rsplit("/", 2)[0] for instance in scheduler.live_workers()}
-    lists = queue_lists(DEFAULT_QUEUE) + queue_lists(FETCH_QUEUE)
+    lists = queue_lists(DEFAULT_QUEUE, build_priorities) + queue_lists(
+        FETCH_QUEUE, build_priorities
+    )
     for name in sorted(names):
-        lists += queue_lists(host_queue(name))
+        lists += queue_lists(host_queue(name), build_priorities)
     pipe = scheduler.redis.pipeline()
     for key in lists:
         pipe.lrange(key, 0, -1)
@@ -456,14 +478,17 @@ def reconcile(
     now = time.time()
     in_queues: set[str] | None = None
 
+    active = scheduler.active_builds()
+
     def queued() -> set[str]:
-        # Read once per pass, and only when an element needs it.
+        # Read once per pass, and only when an element needs it; only the
+        # lists the active builds' messages go to.
         nonlocal in_queues
         if in_queues is None:
-            in_queues = queued_task_ids(scheduler)
+            in_queues = queued_task_ids(scheduler, scheduler.build_priorities(active))
         return in_queues
 
-    for build_id in scheduler.active_builds():
+    for build_id in active:
         for element, reason in scheduler.stalled(build_id, now, queued_task_ids=queued):
             attempts = int(scheduler.info(build_id, element).get("attempt", 0))
             if attempts >= MAX_ATTEMPTS:

@@ -23,19 +23,26 @@ task waits on another.
 
 Liveness: a worker keeps a key ``remex:worker:<instance>`` alive while it
 runs (:meth:`Scheduler.worker_alive`); its value is the worker's *epoch*,
-new each time its consumer (re)connects to the broker. A stage keeps its
-element's heartbeat fresh.
+new each time its consumer (re)connects to the broker. A stage that runs
+longer than a heartbeat interval keeps its element's heartbeat fresh
+(:meth:`Scheduler.heartbeat`); until then the stage's start (``stage_at`` in
+the info) stands for one, so the many short stages write none (issue 16).
 
 Holders: whoever has the element's current message. A stage that starts
 takes it (:meth:`Scheduler.begin_stage`: ``holder = instance#epoch``, and
 the delivery counted in the element's info); a worker that received a stage
 message which has not started within a tenth of the heartbeat timeout
 (prefetched, delayed) takes it then (:meth:`Scheduler.take`; a stale copy is
-not taken; see ``tasks.runtime.PendingTakes``), and a stage that ends hands the
-element on (:meth:`Scheduler.hand_on`: no holder) just before its next
-message (the chain's next stage, or its own re-queue) is published. An
-element no stage is running (no fresh heartbeat) is lost, and
-:meth:`Scheduler.stalled` returns it for the reconciler to send again, when
+not taken; see ``tasks.runtime.PendingTakes``). A chain's later stages and a
+stage's re-queues go to the queue of the worker that ran its first stage
+(``remex.host.NAME``, which only that worker consumes), so a stage that ends
+keeps holding the element until the next one starts: nothing is written
+between two stages (issue 16). Only when that next message cannot be
+published (Redis refused it, after retrying) does the stage hand the element
+on (:meth:`Scheduler.hand_on`: no holder). An element no stage is running
+(no fresh heartbeat, no stage started within a heartbeat timeout) is lost,
+and :meth:`Scheduler.stalled` returns it for the reconciler to send again,
+when
 
 * its holder is gone: the liveness key expired, or holds a newer epoch
   (Celery drops what it took but had not started when its connection
@@ -44,10 +51,10 @@ element no stage is running (no fresh heartbeat) is lost, and
   queue a live worker consumes (a publish refused while Redis was down, a
   message Redis handed to a worker that died before reading it).
 
-(A ``running`` element whose live holder sends no heartbeat for
-``LOST_AFTER_HEARTBEATS`` heartbeat periods is re-sent anyway.) Within an
-attempt a chain only moves forward, so a copy of an earlier stage's message
-is stale like one of an older attempt.
+(A ``running`` element whose live holder shows no sign of life for
+``LOST_AFTER_HEARTBEATS`` heartbeat periods, and whose message is in no
+queue, is re-sent anyway.) Within an attempt a chain only moves forward, so
+a copy of an earlier stage's message is stale like one of an older attempt.
 
 Events: each move appends what it changed to the build's stream
 (``B:events``) in the same script, so readers see the moves in their order
@@ -65,11 +72,15 @@ Keys (all named by :class:`Keys`, under a prefix, ``remex`` by default;
 ``B:state``, ``B:pending``, ``B:dependents``, ``B:info`` (hashes by element),
 ``B:order`` (list), ``B:heartbeat`` (sorted set: element -> deadline),
 ``B:events`` (stream: one entry per element state change, see
-:meth:`Scheduler.read_events`), ``B:counts`` (hash: state -> how many
-elements are in it), ``B:live`` (set: the elements ready, queued or
+:meth:`Scheduler.read_events`), ``B:counts`` (hash: finished state -> how
+many elements are in it; the live ones are counted from ``B:live``, the
+waiting ones are the rest, so a move between live states changes no
+count), ``B:live`` (set: the elements ready, queued or
 running), ``B:failed`` (set);
 ``remex:builds`` (sorted set of build ids by time), ``remex:active`` (set),
-``remex:claim:<artifact URI>`` (string: owner ``build\\telement``),
+``remex:claim:<artifact URI>`` (string: owner ``build\\telement``; a
+finished owner's claim is left to expire, and the next claimant takes it
+over),
 ``remex:waiters:<artifact URI>`` (set of waiting ``build\\telement``) and
 ``remex:worker:<instance>`` (a live worker) and ``remex:reconciler`` (a lock).
 How often a task message was delivered is counted in its element's info
@@ -219,6 +230,8 @@ def load_script(name: str) -> str:
 
 SCRIPTS = (
     "finish",
+    "send",
+    "beat",
     "claim",
     "queue",
     "wait_on",
@@ -421,6 +434,8 @@ class Scheduler:
         # Read once, when the scheduler starts; redis-py runs them by SHA.
         scripts = {name: client.register_script(load_script(name)) for name in SCRIPTS}
         self._finish = scripts["finish"]
+        self._send = scripts["send"]
+        self._beat = scripts["beat"]
         self._claim = scripts["claim"]
         self._queue = scripts["queue"]
         self._wait_on = scripts["wait_on"]
@@ -490,11 +505,14 @@ class Scheduler:
             else:
                 states[name] = ElementState.READY if not deps else ElementState.WAITING
         info: dict[Any, Any] = {}
-        counts: dict[Any, Any] = {}
+        # The finished states (the live ones are counted from the live set,
+        # the waiting ones are the rest); every one, so that the hash exists.
+        counts: dict[Any, Any] = dict.fromkeys(sorted(TERMINAL), 0)
         live: list[str] = []
         encode = _COMPACT_JSON.encode
         for name, state in states.items():
-            counts[state] = counts.get(state, 0) + 1
+            if state in TERMINAL:
+                counts[state] += 1
             entry: dict[str, Any] = {"attempt": 0}
             if state == ElementState.CACHED:
                 entry["finished"] = now
@@ -614,13 +632,39 @@ class Scheduler:
                 ElementStatus(name, state or "unknown", _decode_info(info))
                 for name, state, info in zip(names, states, infos, strict=True)
             ]
-        counts = {str(state): int(n) for state, n in counts_raw.items()}
+        # The hash counts the finished states (one an older remex wrote counts
+        # the others too: the live set is the truth for those, and the
+        # waiting ones are the rest).
+        counts = {str(state): int(n) for state, n in counts_raw.items() if state in TERMINAL}
+        for element in elements:
+            if element.state in LIVE_STATES:
+                counts[element.state] = counts.get(element.state, 0) + 1
+        total = int(meta.get("elements") or 0)
+        unknown = sum(1 for e in elements if e.state not in LIVE_STATES and e.state not in TERMINAL)
+        counts[ElementState.WAITING] = max(0, total - sum(counts.values()) - unknown)
         return BuildStatus(
             build_id, str(meta.get("status", "running")), meta, elements, state_counts=counts
         )
 
     def active_builds(self) -> list[str]:
         return sorted(cast(set[str], self.redis.smembers(self.keys.active)))
+
+    def build_priorities(self, build_ids: Sequence[str]) -> set[int] | None:
+        """The priorities of these builds (their messages' priorities follow
+        from them), or None when one has none recorded (every priority may be
+        in use)."""
+        if not build_ids:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for build_id in build_ids:
+            pipe.hget(self.keys.build(build_id, "meta"), "priority")
+        priorities: set[int] = set()
+        for raw in pipe.execute():
+            try:
+                priorities.add(int(json.loads(raw)))
+            except (TypeError, ValueError):
+                return None
+        return priorities
 
     def build_status_value(self, build_id: str) -> str:
         return cast(str, self.redis.hget(self.keys.build(build_id, "meta"), "status") or "")
@@ -705,6 +749,34 @@ class Scheduler:
         )
         return cast(str, owner)
 
+    def record_send(
+        self, build_id: str, element: str, artifact_uri: str, *, task_ids: list[str]
+    ) -> tuple[int, str]:
+        """:meth:`claim`, then :meth:`mark_waiting_on` or :meth:`mark_queued`, in
+        one move (what sending an element records).
+
+        Returns:
+            (attempt, owner): the new attempt and "" when the element's chain
+            is to be sent; 0 and the owner (``build\\telement``) when it waits
+            on another build building the same artifact; (0, "") when it must
+            not be sent (finished, cancelled, not ready).
+        """
+        attempt, owner = cast(
+            list[Any],
+            self._send(
+                keys=[self.keys.prefix],
+                args=[
+                    build_id,
+                    element,
+                    artifact_uri,
+                    BUILD_TTL_SECONDS,
+                    json.dumps(task_ids),
+                    time.time(),
+                ],
+            ),
+        )
+        return int(attempt), str(owner or "")
+
     def mark_queued(self, build_id: str, element: str, *, task_ids: list[str]) -> int:
         """Record that the element's chain is about to be sent; return its new
         attempt number, or 0 when it must not be sent (finished, cancelled, or
@@ -732,9 +804,12 @@ class Scheduler:
         return bool(taken)
 
     def hand_on(self, build_id: str, element: str, *, attempt: int, holder: str) -> bool:
-        """A stage of ``holder`` ended and the element's next message is about to
-        be sent (the chain's next stage, or a re-queue): no one holds it until a
-        worker takes that message. False when ``holder`` no longer held it."""
+        """``holder`` holds the element no more: its next message goes to a
+        queue other workers consume (a re-queue of a fetch), or could not be
+        published (Redis refused it). No one holds it until a worker takes a
+        message of it; the reconciler sends it again when none is in a queue.
+        False when ``holder`` no longer held it. (A chain's next stage goes to
+        its holder's own queue: no hand-on.)"""
         handed = self._hand_on(
             keys=[self.keys.prefix], args=[build_id, element, attempt, holder, time.time()]
         )
@@ -810,12 +885,16 @@ class Scheduler:
         )
         return int(delivered)
 
-    def heartbeat(self, build_id: str, element: str) -> None:
-        """The element's stage is still working."""
-        self.redis.zadd(
-            self.keys.build(build_id, "heartbeat"),
-            {element: time.time() + self.heartbeat_timeout},
-            xx=True,
+    def heartbeat(self, build_id: str, element: str) -> bool:
+        """The element's stage is still working (a stage that runs longer than a
+        heartbeat interval says so; until then its start time stands for a
+        heartbeat). Nothing is written for an element that does not run (a
+        late beat of a finished stage). Returns whether it runs."""
+        return bool(
+            self._beat(
+                keys=[self.keys.prefix],
+                args=[build_id, element, time.time() + self.heartbeat_timeout],
+            )
         )
 
     def worker_alive(self, instance: str, epoch: str = "1") -> None:
@@ -853,23 +932,43 @@ class Scheduler:
         )
 
     def finish(
-        self, build_id: str, element: str, outcome: str, info: Mapping[str, Any]
+        self,
+        build_id: str,
+        element: str,
+        outcome: str,
+        info: Mapping[str, Any],
+        *,
+        artifact_uri: str | None = None,
+        index_entry: str = "",
     ) -> list[tuple[str, str]]:
         """Mark an element ``built`` or ``failed`` (once), in this build and in
         every build waiting on the same artifact; return the (build, element)
         pairs that became ready to send. A failure skips the dependents (and
-        applies the build's on-error mode: see :meth:`finish_element`)."""
-        return self.finish_element(build_id, element, outcome, info).ready
+        applies the build's on-error mode: see :meth:`finish_element`).
+
+        ``artifact_uri``: the element's (read from its spec when not given);
+        ``index_entry``: the pushed artifact's entry in the artifact index
+        (:func:`pipeline.artifact_index.index_entry`), added in the same move."""
+        return self.finish_element(
+            build_id, element, outcome, info, artifact_uri=artifact_uri, index_entry=index_entry
+        ).ready
 
     def finish_element(
-        self, build_id: str, element: str, outcome: str, info: Mapping[str, Any]
+        self,
+        build_id: str,
+        element: str,
+        outcome: str,
+        info: Mapping[str, Any],
+        *,
+        artifact_uri: str | None = None,
+        index_entry: str = "",
     ) -> Finished:
         """As :meth:`finish`, with what a failure stopped: in a build whose
         on-error mode is ``quit`` every element not started is cancelled, with
         ``terminate`` the running ones too (in one atomic move with the failure)."""
         if outcome not in (ElementState.BUILT, ElementState.FAILED):
             raise ValueError(f"outcome must be 'built' or 'failed', not {outcome!r}")
-        uri = self.spec(build_id, element)["artifact_uri"]
+        uri = artifact_uri or self.spec(build_id, element)["artifact_uri"]
         raw = self._finish(
             keys=[self.keys.prefix],
             args=[
@@ -879,6 +978,7 @@ class Scheduler:
                 json.dumps(dict(info)),
                 time.time(),
                 BUILD_TTL_SECONDS,
+                index_entry,
             ],
         )
         data = json.loads(cast(str, raw))
@@ -924,11 +1024,14 @@ class Scheduler:
           connection and so dropped what it had taken but not started;
         * ``queued`` or ``running`` with no holder for longer than the
           heartbeat timeout, whose message is in no queue a live worker
-          consumes (a send or a chain's hand-on was refused while Redis was
-          down): ``queued_task_ids`` returns the task ids of every such
+          consumes (a send or a chain's next stage was refused while Redis
+          was down): ``queued_task_ids`` returns the task ids of every such
           message (None: none are);
         * ``running`` with an expired heartbeat whose worker is gone (or, after
-          LOST_AFTER_HEARTBEATS timeouts, whatever the reason);
+          LOST_AFTER_HEARTBEATS timeouts and with its message in no queue,
+          whatever the reason); a stage's start counts as a heartbeat
+          (``stage_at``: a stage writes heartbeats only once it has run a
+          heartbeat interval);
         * ``queued`` waiting on another build's element that stopped without
           finishing (that build was cancelled or expired).
         """
@@ -939,6 +1042,8 @@ class Scheduler:
             self.redis.zrange(self.keys.build(build_id, "heartbeat"), 0, -1, withscores=True),
         )
         deadlines = {str(e): float(deadline) for e, deadline in heartbeat_pairs}
+        # (A running element without a heartbeat may have started its stage
+        # lately: its info says, so it is read.)
         candidates = [
             e
             for e, s in states.items()
@@ -971,8 +1076,14 @@ class Scheduler:
                 ):
                     out.append((element, f"the build it waited on ({b}) stopped"))
                 continue
+            # The last sign of life of a running element: its last heartbeat,
+            # or its stage's start.
             deadline = deadlines.get(element)
-            silent = (now - deadline + self.heartbeat_timeout) if deadline else 0.0
+            beat = deadline - self.heartbeat_timeout if deadline else 0.0
+            last = max(beat, float(info.get("stage_at") or 0))
+            if state == ElementState.RUNNING and now - last <= self.heartbeat_timeout:
+                continue
+            silent = now - last if last else 0.0
             holder = str(info.get("holder") or "")
             worker = str(info.get("worker") or "")
             if holder:
@@ -980,7 +1091,13 @@ class Scheduler:
                     instance, _ = split_holder(holder)
                     out.append((element, f"worker {instance}, which had taken it, is gone"))
                 elif silent > LOST_AFTER_HEARTBEATS * self.heartbeat_timeout:
-                    out.append((element, f"no heartbeat for {silent:.0f} s"))
+                    # Its holder is alive: lost only if its message waits in no
+                    # queue (a chain's next stage stays with its holder, and may
+                    # wait behind others in its queue).
+                    if in_queues is None:
+                        in_queues = queued_task_ids() if queued_task_ids is not None else set()
+                    if in_queues.isdisjoint(str(t) for t in info.get("task_ids", [])):
+                        out.append((element, f"no heartbeat for {silent:.0f} s"))
             elif state == ElementState.RUNNING and worker:
                 # Started without a holder (a worker of an older remex).
                 if not self.redis.exists(self.keys.worker(worker)):
@@ -1003,9 +1120,11 @@ class Scheduler:
         return out
 
     def verify_counts(self, build_id: str) -> list[str]:
-        """Compare what the scripts keep as states move (``counts``, ``live``,
-        ``failed``) with the states themselves (a scan: O(elements); for
-        tests and checks, not for the hot path). Returns the differences
+        """Compare what the scripts keep as states move (``counts`` of the
+        finished states, ``live``, ``failed``; the waiting elements are the
+        rest) with the states
+        themselves (a scan: O(elements); for tests and checks, not for the hot
+        path). Returns the differences
         found, as sentences (none: they agree, or the build keeps no counts)."""
         pipe = self.redis.pipeline()
         pipe.hgetall(self.keys.build(build_id, "state"))
@@ -1017,11 +1136,18 @@ class Scheduler:
             return []
         expected: dict[str, int] = {}
         for state in states.values():
-            expected[state] = expected.get(state, 0) + 1
+            if state in TERMINAL:
+                expected[state] = expected.get(state, 0) + 1
         counts = {k: int(v) for k, v in counts_raw.items() if int(v)}
         problems = []
         if counts != expected:
             problems.append(f"counts {counts} but states give {expected}")
+        # The waiting elements are what the others leave of the build's.
+        meta_elements = self.redis.hget(self.keys.build(build_id, "meta"), "elements")
+        left = int(json.loads(cast(str, meta_elements) or "0")) - sum(counts.values()) - len(live)
+        waiting = sum(1 for s in states.values() if s == ElementState.WAITING)
+        if left != waiting:
+            problems.append(f"{waiting} elements wait, but the counts leave {left}")
         want_live = {e for e, s in states.items() if s in LIVE_STATES}
         if set(live) != want_live:
             problems.append(f"live set differs: {sorted(set(live) ^ want_live)[:10]}")

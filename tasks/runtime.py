@@ -200,7 +200,7 @@ class PendingTakes:
     element with no holder as lost only after a heartbeat timeout, much more
     than ``delay``. A message whose take is due is recorded by one thread;
     a start waits for a take under way, so that no take of a stage lands
-    after its start (and its hand-on)."""
+    after its start."""
 
     def __init__(self, holder: RuntimeHolder, delay: float) -> None:
         self._holder = holder

@@ -18,9 +18,17 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from celery import Celery, Task
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Ignore, Reject, Retry
 
-from pipeline.broker import fail_element, host_queue, send_ready, task_label
+from pipeline.artifact_index import ArtifactRef, index_entry
+from pipeline.broker import (
+    PUBLISH_ERRORS,
+    fail_element,
+    host_queue,
+    no_declare,
+    send_ready,
+    task_label,
+)
 from pipeline.errors import RemexError
 from pipeline.spec import BuildSpec
 from pipeline.stages import (
@@ -159,8 +167,12 @@ class StageTask(Task):  # type: ignore[misc]
             still_running: called when ``fn`` returned with its remote
                 operation still running (see :func:`pipeline.stages.is_pending`);
                 the task then re-queues itself to follow it later.
-            last: the chain's last stage (nothing to hand the element on to:
-                the caller finishes it).
+            last: the chain's last stage (the caller finishes the element).
+
+        A stage that ends keeps holding the element: its chain's next message
+        goes to this worker's own queue (see :meth:`retry_queue`), and the
+        stage that takes it holds it next. Only a refused publish hands it on
+        (:meth:`on_failure`).
         """
         rt, spec = self.begin(payload)
         holder = rt.holder
@@ -178,17 +190,34 @@ class StageTask(Task):  # type: ignore[misc]
         if still_running is not None and is_pending(state):
             still_running(rt, payload, state)
             raise self.requeue(rt, payload, state, 0.0, holder=holder)
-        if not last:
-            self.hand_on(rt, payload, holder)
+        del last  # (the chain's next stage, if any, is published by Celery)
         return {**payload, "state": state}
 
     def hand_on(self, rt: WorkerRuntime, payload: Payload, holder: str) -> None:
-        """The element's next message is about to be sent: this worker holds
-        it no more (whoever takes the next message does; if its publish is
-        refused, the reconciler finds it in no queue and sends it again)."""
+        """This worker holds the element no more: its next message goes to a
+        queue other workers consume, or its publish was refused (then the
+        reconciler finds it in no queue and sends the element again)."""
         rt.scheduler.hand_on(
             payload["build"], payload["element"], attempt=payload["attempt"], holder=holder
         )
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Celery could not publish the chain's next stage (Redis refused it,
+        after retrying): hand the element on, so that the reconciler sends it
+        again. (The stages' own errors never get here: they become a re-queue
+        or :class:`ElementFailed`.)"""
+        if not isinstance(exc, PUBLISH_ERRORS):
+            return
+        payload = args[0] if args else None
+        if not isinstance(payload, dict) or "attempt" not in payload:
+            return
+        try:
+            rt = self.runtime()
+            self.hand_on(rt, payload, rt.holder)
+        except Exception as error:  # the reconciler finds it after LOST_AFTER_HEARTBEATS
+            log.warning("could not hand %s on: %s", payload.get("element"), error)
 
     def handle_failure(
         self, rt: WorkerRuntime, payload: Payload, state: State, exc: Exception, holder: str = ""
@@ -238,18 +267,30 @@ class StageTask(Task):  # type: ignore[misc]
         holder: str = "",
     ) -> Retry:
         """Send this task again with ``state``, after ``countdown`` seconds,
-        to :meth:`retry_queue`."""
-        if holder:
+        to :meth:`retry_queue`. This worker keeps holding the element when
+        that is its own queue; else, or when the publish is refused, it hands
+        the element on."""
+        queue = self.retry_queue(rt)
+        own = queue == host_queue(rt.name)
+        if holder and not own:
             self.hand_on(rt, payload, holder)
-        return self.retry(
-            args=[{**payload, "state": state}],
-            kwargs={},
-            countdown=countdown,
-            queue=self.retry_queue(rt),
-            exc=exc,
-            max_retries=None,
-            argsrepr=task_label(payload["build"], payload["element"], payload["attempt"]),
-        )
+        try:
+            return self.retry(
+                args=[{**payload, "state": state}],
+                kwargs={},
+                countdown=countdown,
+                queue=queue,
+                exc=exc,
+                max_retries=None,
+                argsrepr=task_label(payload["build"], payload["element"], payload["attempt"]),
+                **no_declare(self.app),
+            )
+        except Reject:
+            # Celery could not publish the re-queue.
+            if holder and own:
+                with contextlib.suppress(Exception):
+                    self.hand_on(rt, payload, holder)
+            raise
 
     def retry_queue(self, rt: WorkerRuntime) -> str:
         """Where a retry goes: this worker's own queue. Once a chain runs on a
@@ -272,14 +313,20 @@ class StageTask(Task):  # type: ignore[misc]
 
     def progress(self, payload: Payload, **fields: Any) -> None:
         """A ``task-progress`` event (Flower's event stream shows it live)."""
+        fields = {
+            "build": payload["build"],
+            "element": payload["element"],
+            "stage": self.stage,
+            **fields,
+        }
         with contextlib.suppress(Exception):  # monitoring must never fail a build
-            self.send_event(
-                "task-progress",
-                build=payload["build"],
-                element=payload["element"],
-                stage=self.stage,
-                **fields,
-            )
+            # The worker's batched task events (tasks.app.BatchedTaskEvents),
+            # else a message of its own.
+            dispatcher = getattr(self.app, "remex_events", None)
+            if dispatcher is not None and dispatcher.enabled:
+                dispatcher.send("task-progress", uuid=self.request.id, **fields)
+            else:
+                self.send_event("task-progress", **fields)
 
 
 def exc_log_tail(exc: BuildFailedError) -> str:
@@ -292,7 +339,9 @@ def exc_log_tail(exc: BuildFailedError) -> str:
 
 @contextlib.contextmanager
 def heartbeat(rt: WorkerRuntime, payload: Payload) -> Iterator[None]:
-    """Keep the element's heartbeat fresh while a stage runs."""
+    """Keep the element's heartbeat fresh while a stage runs: from one
+    heartbeat interval after its start (until then the start stands for a
+    heartbeat; most stages end before, and write none)."""
     stop = threading.Event()
 
     def beat() -> None:
@@ -306,6 +355,9 @@ def heartbeat(rt: WorkerRuntime, payload: Payload) -> Iterator[None]:
         yield
     finally:
         stop.set()
+        # A beat under way lands before the stage's next move (its first beat
+        # marks the element's info, which that move reads to remove it).
+        thread.join(timeout=rt.heartbeat_interval)
 
 
 # --- the tasks ---------------------------------------------------------------------
@@ -383,26 +435,30 @@ def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
         "action_cached": bool(state.get("cached") or state.get("remote_cache_hit")),
         "timings": state.get("timings"),
     }
-    ready = rt.scheduler.finish(payload["build"], payload["element"], "built", info)
+    spec = _SPECS.get(rt, payload["build"], payload["element"])
+    # The artifact index entry goes with the move (one script, issue 16).
+    ready = rt.scheduler.finish(
+        payload["build"],
+        payload["element"],
+        "built",
+        info,
+        artifact_uri=spec["artifact_uri"],
+        index_entry=artifact_index_entry(spec),
+    )
     send_ready(self.app, rt.scheduler, ready)
-    index_artifact(rt, _SPECS.get(rt, payload["build"], payload["element"]))
     return result
 
 
-def index_artifact(rt: WorkerRuntime, spec: BuildSpec) -> None:
-    """Add the pushed artifact to the index ``remex artifact list --key`` reads
-    (:mod:`pipeline.artifact_index`). The index is a hint: failing to write it
-    fails nothing."""
-    from pipeline.artifact_index import ArtifactIndex, ArtifactRef
+def artifact_index_entry(spec: BuildSpec) -> str:
+    """The pushed artifact's entry in the index ``remex artifact list --key``
+    reads (:mod:`pipeline.artifact_index`), or "" for an artifact that is not
+    an element's (an integrated checkout)."""
     from pipeline.spec import normal_name
 
     ref = ArtifactRef(spec["project"], normal_name(spec["element"]), spec["cache_key"])
     if ref.uri != spec["artifact_uri"]:
-        return  # not an element's artifact (an integrated checkout)
-    try:
-        ArtifactIndex(rt.scheduler.redis, prefix=rt.scheduler.keys.prefix).add(ref)
-    except Exception as exc:
-        log.warning("could not add %s to the artifact index: %s", ref, exc)
+        return ""
+    return index_entry(ref)
 
 
 STAGE_TASKS: dict[str, Callable[[StageTask, Payload], Payload]] = {

@@ -1,6 +1,8 @@
 -- Finish one element in every build that waits on its artifact URI.
 -- ARGV[1] owner "build\telement", ARGV[2] artifact URI, ARGV[3] outcome
--- (built|failed), ARGV[4] info JSON to merge, ARGV[5] now, ARGV[6] TTL.
+-- (built|failed), ARGV[4] info JSON to merge, ARGV[5] now, ARGV[6] TTL,
+-- ARGV[7] (optional) the artifact index entry of the pushed artifact
+-- ("KEY PROJECT/NORMAL-NAME", see pipeline.artifact_index), added when built.
 -- A failure skips the element's dependents and then applies the build's
 -- on-error mode (meta on_error): "continue" leaves the rest be; "quit"
 -- cancels every element that has not started (running ones finish);
@@ -13,20 +15,25 @@
 local owner, uri, outcome, info_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now, ttl = ARGV[5], ARGV[6]
 local targets = {owner}
-local waiters = redis.call('SMEMBERS', PREFIX .. ':waiters:' .. uri)
-for _, w in ipairs(waiters) do if w ~= owner then table.insert(targets, w) end end
-redis.call('DEL', PREFIX .. ':waiters:' .. uri)
-if redis.call('GET', PREFIX .. ':claim:' .. uri) == owner then
-  redis.call('DEL', PREFIX .. ':claim:' .. uri)
+-- The owner's info says whether another build waits on it ("waited", set by
+-- claim_uri): only then are the waiters read (issue 16).
+local owner_b, owner_e = split(owner)
+local owner_info = get_info(owner_b, owner_e)
+if present(owner_info['waited']) then
+  local waiters = redis.call('SMEMBERS', PREFIX .. ':waiters:' .. uri)
+  for _, w in ipairs(waiters) do if w ~= owner then table.insert(targets, w) end end
+  if #waiters > 0 then redis.call('DEL', PREFIX .. ':waiters:' .. uri) end
 end
+-- (The owner's claim on the URI is left to expire: whoever claims the URI
+-- next takes it over, its owner being finished. Issue 16: two commands less.)
 local ready, stopped, released = {}, {}, {}
 local touched = {}
-local function mark(b, element, state, extra)
+local function mark(b, element, state, extra, read)
   local old = redis.call('HGET', bkey(b, 'state'), element)
   redis.call('HSET', bkey(b, 'state'), element, state)
   count_state(b, element, old, state)
-  redis.call('ZREM', bkey(b, 'heartbeat'), element)
-  local info = get_info(b, element)
+  local info = read or get_info(b, element)
+  drop_heartbeat(b, element, info)
   for k, v in pairs(extra) do info[k] = v end
   info['finished'] = tonumber(now)
   put_info(b, element, info)
@@ -79,19 +86,24 @@ for _, t in ipairs(targets) do
     local extra = {}
     for k, v in pairs(info) do extra[k] = v end
     if t ~= owner then extra['built_by'] = owner end
-    mark(b, element, outcome, extra)
+    mark(b, element, outcome, extra, t == owner and owner_info or nil)
     if outcome == 'built' then
       local deps = redis.call('HGET', bkey(b, 'dependents'), element)
       if deps then
         for _, d in ipairs(cjson.decode(deps)) do
+          -- The counter reaches 0 once (each dependency is finished once);
+          -- then the dependent waited, unless it finished meanwhile (skipped,
+          -- cancelled: its info says so, no state read).
           local left = redis.call('HINCRBY', bkey(b, 'pending'), d, -1)
-          if left <= 0 and redis.call('HGET', bkey(b, 'state'), d) == 'waiting' then
-            redis.call('HSET', bkey(b, 'state'), d, 'ready')
-            count_state(b, d, 'waiting', 'ready')
+          if left == 0 then
             local dinfo = get_info(b, d)
-            dinfo['ready_at'] = tonumber(now)
-            put_info(b, d, dinfo)
-            table.insert(ready, {b, d})
+            if not present(dinfo['finished']) then
+              redis.call('HSET', bkey(b, 'state'), d, 'ready')
+              count_state(b, d, 'waiting', 'ready')
+              dinfo['ready_at'] = tonumber(now)
+              put_info(b, d, dinfo)
+              table.insert(ready, {b, d})
+            end
           end
         end
       end
@@ -106,5 +118,18 @@ for _, t in ipairs(targets) do
     end
   end
 end
-for b, _ in pairs(touched) do update_build_status(b, now, ttl) end
+local entry = ARGV[7] or ''
+if entry ~= '' and outcome == 'built' then
+  -- The artifact index, in this move rather than a transaction of its own
+  -- (issue 16); end_build sets its expiry.
+  local by_key, by_time = index_keys()
+  redis.call('ZADD', by_key, 0, entry)
+  redis.call('ZADD', by_time, now, entry)
+end
+-- (A build that has an element ready now is not done: no need to ask.)
+local has_ready = {}
+for _, r in ipairs(ready) do has_ready[r[1]] = true end
+for b, _ in pairs(touched) do
+  if not has_ready[b] then update_build_status(b, now, ttl) end
+end
 return cjson.encode({ready = ready, stopped = stopped, released = released})

@@ -6,6 +6,8 @@
 local PREFIX = KEYS[1]
 local function bkey(b, name) return PREFIX .. ':build:' .. b .. ':' .. name end
 local TERMINAL = {cached=true, built=true, failed=true, skipped=true, cancelled=true}
+-- A field of a decoded info that is set (cjson decodes JSON null as cjson.null, a true value).
+local function present(v) return v ~= nil and v ~= cjson.null end
 local function get_info(b, e)
   local cur = redis.call('HGET', bkey(b, 'info'), e)
   if cur then return cjson.decode(cur) end
@@ -25,18 +27,43 @@ local function expire_build(b, ttl)
   end
 end
 -- Kept as states move (issue 16), so that status and the reconciler never scan
--- every element: B:counts (state -> how many), B:live (the elements ready,
--- queued or running: what can be lost) and B:failed. Every script that sets
--- an element's state calls count_state(b, e, old, new) right after.
+-- every element: B:live (the elements ready, queued or running: what can be
+-- lost), B:counts (how many elements are in each finished state) and
+-- B:failed. The live states are counted from B:live (whose states status
+-- reads anyway) and the waiting ones are what is left of the build's
+-- elements, so only entering or leaving the live set and finishing change
+-- them: a move between live states (sent, started, sent again) changes
+-- nothing. Every script that sets an element's state calls
+-- count_state(b, e, old, new) right after.
 local LIVE = {ready=true, queued=true, running=true}
+local KEEPS_COUNTS = {}
+-- (A build an older remex wrote has no counts: it keeps none, and is scanned.
+-- Asked once per build and script.)
+local function keeps_counts(b)
+  if KEEPS_COUNTS[b] == nil then
+    KEEPS_COUNTS[b] = redis.call('EXISTS', bkey(b, 'counts')) == 1
+  end
+  return KEEPS_COUNTS[b]
+end
 local function count_state(b, e, old, new)
-  -- (A build an older remex wrote has no counts: it keeps none, and is scanned.)
-  if old == new or redis.call('EXISTS', bkey(b, 'counts')) == 0 then return end
-  if old then redis.call('HINCRBY', bkey(b, 'counts'), old, -1) end
-  redis.call('HINCRBY', bkey(b, 'counts'), new, 1)
-  if LIVE[new] then redis.call('SADD', bkey(b, 'live'), e)
-  elseif LIVE[old] then redis.call('SREM', bkey(b, 'live'), e) end
+  if old == new or (LIVE[old] and LIVE[new]) or not keeps_counts(b) then return end
+  if TERMINAL[old] then redis.call('HINCRBY', bkey(b, 'counts'), old, -1) end
+  if TERMINAL[new] then redis.call('HINCRBY', bkey(b, 'counts'), new, 1) end
+  if LIVE[new] and not LIVE[old] then
+    redis.call('SADD', bkey(b, 'live'), e)
+  elseif LIVE[old] and not LIVE[new] then
+    redis.call('SREM', bkey(b, 'live'), e)
+  end
   if new == 'failed' then redis.call('SADD', bkey(b, 'failed'), e) end
+end
+-- A stage's heartbeat (B:heartbeat) is written only by a stage that runs
+-- longer than a heartbeat interval (beat.lua), which marks the element's info
+-- ("beat"): only then does a move need to remove it.
+local function drop_heartbeat(b, e, info)
+  if info['beat'] then
+    redis.call('ZREM', bkey(b, 'heartbeat'), e)
+    info['beat'] = nil
+  end
 end
 -- The build's event stream (B:events): one entry per element state change,
 -- written by the move that makes it (so atomic with it), its one field
@@ -58,24 +85,51 @@ local function element_event(kind, e, info, now)
   end
   return event
 end
+-- The artifact index (pipeline.artifact_index): its two sorted sets, which
+-- finish.lua adds to. They expire a TTL after the last build that ended, and
+-- entries past the TTL are dropped then (readers drop them too).
+local function index_keys()
+  return PREFIX .. ':artifacts:bykey', PREFIX .. ':artifacts:bytime'
+end
+local function sweep_index(now, ttl)
+  local by_key, by_time = index_keys()
+  -- (At most 1000 a time: unpack's limit. What is left goes with the next end.)
+  local old = redis.call('ZRANGEBYSCORE', by_time, '-inf', tonumber(now) - tonumber(ttl),
+                         'LIMIT', 0, 1000)
+  if #old > 0 then
+    redis.call('ZREM', by_key, unpack(old))
+    redis.call('ZREM', by_time, unpack(old))
+  end
+  redis.call('EXPIRE', by_key, tonumber(ttl) + 1)
+  redis.call('EXPIRE', by_time, tonumber(ttl) + 1)
+end
 -- The build ends with STATUS: recorded, its last event, its keys set to expire.
 local function end_build(b, status, now, ttl)
   redis.call('HSET', bkey(b, 'meta'), 'status', status, 'finished', now)
   redis.call('SREM', PREFIX .. ':active', b)
   emit(b, {event = 'finished', status = status, time = tonumber(now)})
   expire_build(b, ttl)
+  sweep_index(now, ttl)
 end
 -- A build is done when no element is active: succeeded iff all built or cached.
--- O(1) from the counts; a build written without counts (an older remex) is scanned.
+-- O(1) from the live set and the counts (the live set first: while it is not
+-- empty, that is the only read); a build written without counts (an older
+-- remex) is scanned.
 local function update_build_status(b, now, ttl)
-  if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return end
   local ok = true
-  if redis.call('EXISTS', bkey(b, 'counts')) == 1 then
-    local c = redis.call('HMGET', bkey(b, 'counts'), 'waiting', 'ready', 'queued', 'running',
-                         'failed', 'skipped', 'cancelled')
-    for i = 1, 4 do if (tonumber(c[i]) or 0) > 0 then return end end
-    for i = 5, 7 do if (tonumber(c[i]) or 0) > 0 then ok = false end end
+  if keeps_counts(b) then
+    if redis.call('SCARD', bkey(b, 'live')) > 0 then return end
+    local c = redis.call('HMGET', bkey(b, 'counts'), 'cached', 'built', 'failed', 'skipped',
+                         'cancelled')
+    local meta = redis.call('HMGET', bkey(b, 'meta'), 'status', 'elements')
+    if meta[1] ~= 'running' then return end
+    local finished = 0
+    for i = 1, 5 do finished = finished + (tonumber(c[i]) or 0) end
+    -- (Elements neither live nor finished wait for dependencies.)
+    if finished < (tonumber(meta[2]) or 0) then return end
+    for i = 3, 5 do if (tonumber(c[i]) or 0) > 0 then ok = false end end
   else
+    if redis.call('HGET', bkey(b, 'meta'), 'status') ~= 'running' then return end
     local states = redis.call('HVALS', bkey(b, 'state'))
     if #states == 0 then return end
     for _, s in ipairs(states) do
@@ -93,8 +147,8 @@ local function stop_element(b, e, state, why, now, stopped, released)
   local old = redis.call('HGET', bkey(b, 'state'), e)
   redis.call('HSET', bkey(b, 'state'), e, state)
   count_state(b, e, old, state)
-  redis.call('ZREM', bkey(b, 'heartbeat'), e)
   local info = get_info(b, e)
+  drop_heartbeat(b, e, info)
   info['finished'] = tonumber(now)
   if why then info['error'] = why end
   put_info(b, e, info)
@@ -135,4 +189,89 @@ local function current_message(b, e, attempt, stage)
   if (tonumber(info['attempt']) or 0) ~= attempt or info['waiting_on'] then return nil end
   if stage_before(stage, info['stage']) then return nil end
   return info, st
+end
+-- As current_message, from the element's info alone (one read less, for the
+-- moves every stage makes): every move to a finished state records
+-- "finished" in the info, an element never sent has attempt 0, and one sent
+-- is queued until its first stage of the attempt starts (queue.lua clears
+-- "stage"), running after. Returns the info and the state, or nil.
+local function current_from_info(b, e, attempt, stage)
+  local info = get_info(b, e)
+  if present(info['finished']) or present(info['waiting_on']) then return nil end
+  if (tonumber(info['attempt']) or 0) ~= attempt or attempt < 1 then return nil end
+  if stage_before(stage, info['stage']) then return nil end
+  if not present(info['stage']) then return info, 'queued' end
+  return info, 'running'
+end
+-- Record a send of element e: the next attempt number, the task ids; state
+-- -> queued. Returns the new attempt, or 0 when the element must not be sent
+-- (finished, cancelled, still waiting for dependencies). (No read of the
+-- build's status: a stopped build has no element ready, queued or running.)
+local function queue_element(b, e, task_ids, now)
+  -- Ready, queued or running? From the info alone (one read less): finished
+  -- ones have "finished"; one sent before, or made ready ("ready_at"), or
+  -- made to wait on another build is live. Else (an info without those, as
+  -- an older remex wrote) the state says.
+  local info = get_info(b, e)
+  if present(info['finished']) then return 0 end
+  local attempt = (tonumber(info['attempt']) or 0) + 1
+  if attempt == 1 and not present(info['ready_at']) and not present(info['waiting_on'])
+      and not LIVE[redis.call('HGET', bkey(b, 'state'), e)] then
+    return 0
+  end
+  info['attempt'] = attempt
+  info['task_ids'] = task_ids
+  info['queued_at'] = now
+  info['waiting_on'] = nil
+  info['stage'] = nil
+  info['stage_at'] = nil
+  info['holder'] = nil
+  info['handed_at'] = nil
+  info['taken_at'] = nil
+  info['delivery'] = nil
+  drop_heartbeat(b, e, info)
+  put_info(b, e, info)
+  -- (From ready, queued or running: all live, so no count changes.)
+  redis.call('HSET', bkey(b, 'state'), e, 'queued')
+  emit(b, {event = 'queued', element = e, attempt = attempt, time = now})
+  return attempt
+end
+-- Element e waits on OWNER ("build\telement", another build building the same
+-- artifact): state -> queued, info.waiting_on = owner. Returns 1, or 0 if
+-- not active.
+local function wait_on_owner(b, e, owner, now)
+  local st = redis.call('HGET', bkey(b, 'state'), e)
+  if not LIVE[st] then return 0 end
+  local info = get_info(b, e)
+  info['waiting_on'] = owner
+  drop_heartbeat(b, e, info)
+  put_info(b, e, info)
+  redis.call('HSET', bkey(b, 'state'), e, 'queued')
+  count_state(b, e, st, 'queued')
+  emit(b, {event = 'waiting', element = e, waiting_on = owner, time = now})
+  return 1
+end
+-- Claim building artifact URI for ME ("build\telement"), or find its
+-- current builder (another build's element that is ready, queued or
+-- running). Returns "" when ME owns it now, else the owner.
+local function claim_uri(me, uri, ttl)
+  local key = PREFIX .. ':claim:' .. uri
+  local owner = redis.call('GET', key)
+  if owner == me then return '' end
+  if owner then
+    local ob, oe = split(owner)
+    if LIVE[redis.call('HGET', bkey(ob, 'state'), oe)] then
+      redis.call('SADD', PREFIX .. ':waiters:' .. uri, me)
+      redis.call('EXPIRE', PREFIX .. ':waiters:' .. uri, ttl)
+      -- (Its finish reads the waiters only when this says so.)
+      local oinfo = get_info(ob, oe)
+      if not present(oinfo['waited']) then
+        oinfo['waited'] = 1
+        put_info(ob, oe, oinfo)
+      end
+      return owner
+    end
+  end
+  redis.call('SET', key, me, 'EX', ttl)
+  return ''
 end

@@ -5,10 +5,14 @@
 -- delivery: "task id:retry number" ("" counts none). Returns how often this
 -- delivery has begun (1 the first time), or 0 when the task is stale (an older
 -- attempt or an earlier stage: a copy).
+-- Issue 16: one read (the info) and one write (the info; the state too on
+-- the attempt's first stage). No heartbeat: the stage's start time
+-- ("stage_at") stands for one until the stage has run a heartbeat interval
+-- (beat.lua); only a start without a holder (an older worker) writes one.
 local b, e, attempt, stage, host, worker, now, deadline, holder, delivery =
   ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8],
   ARGV[9], ARGV[10] or ''
-local info, old_state = current_message(b, e, attempt, stage)
+local info, old_state = current_from_info(b, e, attempt, stage)
 if not info then return 0 end
 -- Redis keeps no delivery count, and a message comes back when the worker
 -- that held it died: counted here, in the info the move writes anyway, not
@@ -28,6 +32,7 @@ if holder ~= '' then
 end
 info['host'] = host
 info['worker'] = worker
+info['stage_at'] = now
 local hosts = info['hosts']
 if type(hosts) ~= 'table' then hosts = {} end
 local seen = false
@@ -39,6 +44,10 @@ if not info['started'] then info['started'] = now end
 -- itself to follow its operation; a transient error retries the stage).
 local new_stage = info['stage'] ~= stage
 info['stage'] = stage
+if holder == '' then
+  redis.call('ZADD', bkey(b, 'heartbeat'), deadline, e)
+  info['beat'] = 1
+end
 put_info(b, e, info)
 if new_stage then
   emit(b, {event = 'stage', element = e, stage = stage, attempt = attempt, host = host,
@@ -48,5 +57,4 @@ if old_state ~= 'running' then
   redis.call('HSET', bkey(b, 'state'), e, 'running')
   count_state(b, e, old_state, 'running')
 end
-redis.call('ZADD', bkey(b, 'heartbeat'), deadline, e)
 return deliveries

@@ -4,7 +4,7 @@
 -- ARGV[6] now. Returns 1, or 0 when the message is stale.
 local b, e, attempt, stage, holder, now =
   ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
-local info = current_message(b, e, attempt, stage)
+local info = current_from_info(b, e, attempt, stage)
 if not info then return 0 end
 info['holder'] = holder
 info['taken_at'] = now

@@ -789,3 +789,82 @@ def test_wait_can_follow_with_summaries_and_ends_with_the_whole_status(
     # And the final status is whole
     assert final.status == "succeeded" and not final.summary
     assert [e.element for e in final.elements] == ["a", "b", "c"]
+
+
+# --- fewer commands per element (issue 16) -----------------------------------------
+
+
+def test_a_stage_start_stands_for_a_heartbeat_until_the_stage_beats(
+    scheduler: Scheduler,
+) -> None:
+    # Given an element whose first stage started on a worker (holder recorded)
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    scheduler.worker_alive("w1/1/x", "e1")
+    assert scheduler.start_stage(
+        build, "a", attempt=1, stage="stage_to_cas", host="w1", worker="w1/1/x", holder="w1/1/x#e1"
+    )
+    heartbeats = f"remex:build:{build}:heartbeat"
+    # Then the start wrote no heartbeat
+    assert scheduler.redis.zscore(heartbeats, "a") is None
+    # And when the worker's connection epoch changes (its hold is over), the
+    # stage that started lately is still not lost: its start is its sign of life
+    scheduler.worker_alive("w1/1/x", "e2")
+    now = time.time()
+    assert scheduler.stalled(build, now) == []
+    later = now + scheduler.heartbeat_timeout + 1
+    assert [e for e, _ in scheduler.stalled(build, later)] == ["a"]
+    # When the stage runs long enough to beat, its heartbeat counts from the beat
+    assert scheduler.heartbeat(build, "a")
+    assert scheduler.redis.zscore(heartbeats, "a") is not None
+    assert scheduler.info(build, "a")["beat"] == 1
+    assert scheduler.stalled(build, time.time() + 1) == []
+    # And the move that ends it removes the heartbeat
+    scheduler.finish(build, "a", "built", {})
+    assert scheduler.redis.zscore(heartbeats, "a") is None
+    assert "beat" not in scheduler.info(build, "a")
+    # And a late beat of the finished element writes nothing
+    assert not scheduler.heartbeat(build, "a")
+    assert scheduler.redis.zscore(heartbeats, "a") is None
+
+
+def test_a_live_holder_silent_for_long_is_lost_only_if_its_message_is_in_no_queue(
+    scheduler: Scheduler,
+) -> None:
+    # Given an element whose stage ended long ago on a live worker, which
+    # still holds it (its next message waits in that worker's own queue)
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    scheduler.worker_alive("w1/1/x", "e1")
+    assert scheduler.start_stage(
+        build, "a", attempt=1, stage="upload", host="w1", worker="w1/1/x", holder="w1/1/x#e1"
+    )
+    much_later = time.time() + (LOST_AFTER_HEARTBEATS + 2) * scheduler.heartbeat_timeout
+    # Then while its message waits in a queue a live worker consumes, it is not lost
+    assert scheduler.stalled(build, much_later, queued_task_ids=lambda: {"a-task"}) == []
+    # But with its message in no queue, it is
+    [(element, reason)] = scheduler.stalled(build, much_later, queued_task_ids=set)
+    assert element == "a" and "no heartbeat" in reason
+
+
+def test_a_send_claims_and_queues_or_waits_in_one_move(scheduler: Scheduler) -> None:
+    # Given two builds of the same element (the same artifact)
+    first, _ = create(scheduler, {"lib": []})
+    second, _ = create(scheduler, {"lib": []})
+    uri = scheduler.spec(first, "lib")["artifact_uri"]
+    # When the first sends it, it claims the artifact and is queued
+    assert scheduler.record_send(first, "lib", uri, task_ids=["t1"]) == (1, "")
+    assert scheduler.state(first, "lib") == "queued"
+    assert scheduler.info(first, "lib")["task_ids"] == ["t1"]
+    # And the second waits on the first
+    assert scheduler.record_send(second, "lib", uri, task_ids=["t2"]) == (0, f"{first}\tlib")
+    assert scheduler.info(second, "lib")["waiting_on"] == f"{first}\tlib"
+    # And sending the first again is a new attempt of the same claim
+    assert scheduler.record_send(first, "lib", uri, task_ids=["t3"]) == (2, "")
+    # And once it is built (with its artifact index entry), both builds are
+    scheduler.finish(first, "lib", "built", {}, index_entry="k1 p/lib")
+    assert scheduler.state(second, "lib") == "built"
+    assert scheduler.record_send(first, "lib", uri, task_ids=["t4"]) == (0, "")
+    # And the index has the entry, expiring once the builds ended
+    assert scheduler.redis.zscore("remex:artifacts:bykey", "k1 p/lib") == 0
+    assert scheduler.redis.ttl("remex:artifacts:bytime") > 0

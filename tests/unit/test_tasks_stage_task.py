@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import kombu.exceptions
 import pytest
 from celery.exceptions import Ignore, Retry
 
@@ -146,7 +147,23 @@ def test_a_stage_that_succeeds_passes_its_state_on(
     assert result == {**PAYLOAD, "state": {"uploaded": {"blobs": 1}}}
     assert runtime.scheduler.started == ["upload"]
     assert runtime.scheduler.finished == []
-    # And it handed the element on to the next stage's message
+    # And it keeps holding the element (the next stage's message goes to its
+    # own queue): nothing is written between two stages
+    assert runtime.scheduler.handed_on == []
+
+
+def test_a_refused_publish_of_the_next_stage_hands_the_element_on(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
+) -> None:
+    # When Celery could not publish the chain's next stage (Redis refused it)
+    task = stage_tasks["upload"]
+    exc = kombu.exceptions.OperationalError("refused")
+    task.on_failure(exc, "task-1", [PAYLOAD], {}, None)
+    # Then the element is handed on: the reconciler finds its message in no
+    # queue and sends it again
+    assert runtime.scheduler.handed_on == ["w1/1/x#e1"]
+    # But another failure hands nothing on
+    task.on_failure(ValueError("bug"), "task-1", [PAYLOAD], {}, None)
     assert runtime.scheduler.handed_on == ["w1/1/x#e1"]
 
 
@@ -162,7 +179,20 @@ def test_a_transient_error_requeues_on_the_own_queue_with_backoff(
     assert 0.5 <= float(retry.when) <= 1.0
     assert retry.sig.options["queue"] == "remex.host.w1"
     assert retry.sig.args[0]["state"] == {"transient_failures": 1}
-    # And the element was handed on first (whoever takes the re-queue holds it)
+    # And this worker keeps holding the element (the re-queue is its own)
+    assert runtime.scheduler.handed_on == []
+
+
+def test_a_requeue_to_a_shared_queue_hands_the_element_on(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a task whose retries go to a queue every worker consumes (fetches)
+    task = stage_tasks["upload"]
+    monkeypatch.setattr(task, "retry_queue", lambda rt: "remex.fetch")
+    # When it fails transiently
+    with pytest.raises(Retry):
+        run(task, raising(RemoteError("away", transient=True)))
+    # Then it handed the element on first (whoever takes the re-queue holds it)
     assert runtime.scheduler.handed_on == ["w1/1/x#e1"]
 
 

@@ -113,7 +113,12 @@ class Element:
         self.fatal_warnings = tuple(sorted(set(fatal_warnings)))
         self.sources = sources
         self._cache_key: str | None = None
+        self._artifact_uri: str | None = None
         self._staged: list[Element] | None = None
+        # Read once per dependent's spec: computed on first use (the public
+        # data and the plugin do not change once loaded).
+        self._integration: list[str] | None = None
+        self._overlap_whitelist: list[str] | None = None
 
     def __repr__(self) -> str:
         return f"<Element {self.name} ({self.kind})>"
@@ -152,7 +157,9 @@ class Element:
     def integration_commands(self) -> list[str]:
         """The commands that integrate this element where it is staged at ``/``:
         ``public.bst.integration-commands``, expanded, as its kind passes them on."""
-        return self.plugin.integration_commands(self)
+        if self._integration is None:
+            self._integration = self.plugin.integration_commands(self)
+        return list(self._integration)
 
     @property
     def split_rules(self) -> dict[str, list[str]]:
@@ -172,11 +179,15 @@ class Element:
     def set_cache_key(self, key: str) -> None:
         """Record the cache key (done by the project loader, dependencies first)."""
         self._cache_key = key
+        self._artifact_uri = None
 
     @property
     def artifact_uri(self) -> str:
         """The Remote Asset URI of this element's artifact."""
-        return spec.artifact_uri(self.project, self.normal_name, self.cache_key)
+        # Asked for by every dependent's spec: made once.
+        if self._artifact_uri is None:
+            self._artifact_uri = spec.artifact_uri(self.project, self.normal_name, self.cache_key)
+        return self._artifact_uri
 
     @property
     def runs_commands(self) -> bool:
@@ -210,8 +221,10 @@ class Element:
     def overlap_whitelist(self) -> list[str]:
         """``public.bst.overlap-whitelist``: globs of the paths this element may
         overwrite when staged after others, its variables expanded."""
-        bst = self.public.get("bst") or {}
-        return [str(glob) for glob in bst.get("overlap-whitelist") or []]
+        if self._overlap_whitelist is None:
+            bst = self.public.get("bst") or {}
+            self._overlap_whitelist = [str(glob) for glob in bst.get("overlap-whitelist") or []]
+        return list(self._overlap_whitelist)
 
     # --- the build -----------------------------------------------------------
 

@@ -106,6 +106,11 @@ class MappingNode(Node):
 
     entries: dict[str, Node] = field(default_factory=dict)
     key_marks: dict[str, Mark] = field(default_factory=dict)
+    plain: bool = field(default=False, compare=False, repr=False)
+    """True only on a file's top mapping as :func:`load_yaml` returns it, when
+    no key anywhere in the file is a directive (``(@)``, ``(?)``, ``(!)``,
+    ``(=)``, ``(<)``, ``(>)``): the loader then skips walking the file for
+    them. Copies and changed nodes say False (unknown)."""
 
     description: ClassVar[str] = "a mapping"
 
@@ -210,8 +215,11 @@ class MappingNode(Node):
         return result
 
 
-def load_yaml(path: Path, display: str) -> MappingNode:
+def load_yaml(path: Path | str, display: str) -> MappingNode:
     """Read a YAML file whose document is a mapping (an empty file is an empty mapping).
+
+    The mapping's :attr:`MappingNode.plain` says whether the file holds no
+    directive key.
 
     Args:
         path: the file to read.
@@ -222,7 +230,8 @@ def load_yaml(path: Path, display: str) -> MappingNode:
             a refused construct, or is not a mapping; the message names the line.
     """
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as file:
+            data = file.read()
     except OSError as exc:
         raise LoadError(f"cannot read file: {exc.strerror}", file=display) from exc
     cache = parsed_cache_dir()
@@ -274,7 +283,20 @@ def _parse(data: bytes, display: str) -> MappingNode:
     node = _convert(root, display, "")
     if not isinstance(node, MappingNode):
         raise node.error(f"expected a mapping at the top of the file, got {node.describe()}")
+    node.plain = not _has_directive_key(node)
     return node
+
+
+def _has_directive_key(node: Node) -> bool:
+    """Whether a key anywhere in ``node``'s tree starts with ``(`` (a directive
+    or a key the loader will refuse: either way, the tree must be walked)."""
+    if type(node) is MappingNode:
+        for key, value in node.entries.items():
+            if key[:1] == "(" or _has_directive_key(value):
+                return True
+    elif type(node) is SequenceNode:
+        return any(_has_directive_key(item) for item in node.items)
+    return False
 
 
 # --- the parsed-file cache -----------------------------------------------------
@@ -335,7 +357,12 @@ def _read_entry(entry: str, display: str) -> MappingNode | None:
         node = _decode(json.loads(body), display, "", {})
     except (ValueError, TypeError, IndexError, KeyError, RecursionError):
         return None
-    return node if isinstance(node, MappingNode) else None
+    if not isinstance(node, MappingNode):
+        return None
+    # A key starting with "(" is written '"(' by json.dumps (which never
+    # escapes "("); a string value may be too, which only costs a walk.
+    node.plain = b'"(' not in body
+    return node
 
 
 def _write_entry(entry: str, node: MappingNode) -> None:
@@ -379,20 +406,16 @@ def _encode(node: Node) -> list[Any]:
 
 def _decode(data: list[Any], file: str, path: str, marks: dict[int, Mark]) -> Node:
     tag, line, body = data
-    # Marks are immutable: one per line, shared by every node written on it.
-    mark = marks.get(line)
-    if mark is None:
-        if type(line) is not int:
-            raise TypeError("a line must be a number")
-        mark = marks[line] = Mark(file, line)
+    mark = _mark(line, file, marks)
     if tag == 0:
         if body is not None and type(body) is not str:
             raise TypeError("a scalar must be a string or null")
         return ScalarNode(mark, path, body)
     if tag == 1:
-        return SequenceNode(
-            mark, path, [_decode(item, file, f"{path}[{i}]", marks) for i, item in enumerate(body)]
-        )
+        items: list[Node] = []
+        for i, item in enumerate(body):
+            items.append(_decode_child(item, file, f"{path}[{i}]", marks))
+        return SequenceNode(mark, path, items)
     if tag != 2:
         raise ValueError("unknown node tag")
     entries: dict[str, Node] = {}
@@ -402,10 +425,33 @@ def _decode(data: list[Any], file: str, path: str, marks: dict[int, Mark]) -> No
         key = body[index]
         if type(key) is not str or key in entries:
             raise TypeError("a key must be a new string")
-        child = _decode(body[index + 1], file, prefix + key, marks)
+        child = _decode_child(body[index + 1], file, prefix + key, marks)
         entries[key] = child
         key_marks[key] = child.mark
     return MappingNode(mark, path, entries, key_marks)
+
+
+def _decode_child(data: list[Any], file: str, path: str, marks: dict[int, Mark]) -> Node:
+    # Most nodes are scalars: decoded here without a second call.
+    if data[0] == 0:
+        _, line, body = data
+        mark = marks.get(line)
+        if mark is None:
+            mark = _mark(line, file, marks)
+        if body is not None and type(body) is not str:
+            raise TypeError("a scalar must be a string or null")
+        return ScalarNode(mark, path, body)
+    return _decode(data, file, path, marks)
+
+
+def _mark(line: int, file: str, marks: dict[int, Mark]) -> Mark:
+    # Marks are immutable: one per line, shared by every node written on it.
+    mark = marks.get(line)
+    if mark is None:
+        if type(line) is not int:
+            raise TypeError("a line must be a number")
+        mark = marks[line] = Mark(file, line)
+    return mark
 
 
 class _RefusedError(Exception):

@@ -325,6 +325,7 @@ class Project:
         self.name = name
         self.directory = directory
         self.element_path = element_path
+        self._element_dir = str(element_path)
         self.cas = cas
         self.aliases = aliases
         self.mirrors = mirrors
@@ -482,8 +483,9 @@ class Project:
             file = self._files.get(name)
             if file is None:
                 owner, local = self._locate(name, error)
-                path = owner.element_path / local
-                if not path.is_file():
+                # Strings, not Paths: once per element file.
+                path = os.path.join(owner._element_dir, local)
+                if not os.path.isfile(path):
                     missing = f"no file {self._display(path)}"
                     raise error(f"{what} {name!r} not found ({missing})")
                 file = self._read(name, owner, local, path)
@@ -618,7 +620,7 @@ class Project:
             raise node.error(f"include {junction}:{file}: no file {file} in the subproject")
         return path, f"{junction}:{file}"
 
-    def _display(self, path: Path) -> str:
+    def _display(self, path: Path | str) -> str:
         # On strings (both sides are normalised Paths): once per element file,
         # and pathlib's relative_to is slow.
         text = str(path)
@@ -628,14 +630,16 @@ class Project:
                 return text[len(prefix) :]
         return text
 
-    def _read(self, name: str, owner: Project, local: str, path: Path) -> _ElementFile:
+    def _read(self, name: str, owner: Project, local: str, path: str) -> _ElementFile:
         """Read ``owner``'s element file ``local`` into this (root) project's graph as ``name``."""
         display = self._display(path)
         node = load_yaml(path, display)
-        # As BuildStream: conditionals first (with the project's options),
-        # then includes (each included file through its conditionals first).
-        owner.options.process_node(node)
-        owner.includes.process(node, (display,))
+        if not node.plain:
+            # As BuildStream: conditionals first (with the project's options),
+            # then includes (each included file through its conditionals first).
+            # (A file without directives, the usual case, needs neither walk.)
+            owner.options.process_node(node)
+            owner.includes.process(node, (display,))
         node.validate_keys(_ELEMENT_KEYS)
         kind_node = node.require_str("kind")
         kind = kind_node.as_str()

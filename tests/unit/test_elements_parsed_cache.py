@@ -275,3 +275,58 @@ def test_an_element_redefining_a_variable_into_a_cycle_is_refused() -> None:
 def test_a_broken_shared_layer_is_refused_when_shared() -> None:
     with pytest.raises(LoadError, match="undefined variable 'nope'"):
         SharedVariables(definitions(a="%{nope}"))
+
+
+@pytest.mark.parametrize(
+    ("text", "plain", "plain_when_cached"),
+    [
+        (TEXT, True, True),
+        ("kind: manual\nconfig:\n  (?):\n  - debug:\n      x: y\n", False, False),
+        ("kind: manual\n(@): inc.yml\n", False, False),
+        ("kind: manual\nconfig:\n  build-commands:\n    (>):\n    - make\n", False, False),
+        ("kind: manual\nsources:\n- kind: local\n  x:\n  - {(!): no}\n", False, False),
+        # A value starting with "(" looks like a key in an entry: walked, to be safe.
+        ('kind: manual\ndescription: "(?) is only text here"\n', True, False),
+    ],
+)
+def test_a_file_says_whether_it_holds_directives_parsed_or_cached(
+    tmp_path: Path, cache: Path, text: str, plain: bool, plain_when_cached: bool
+) -> None:
+    # Given a file with or without a directive key (at any depth)
+    path = tmp_path / "a.bst"
+    path.write_text(text)
+
+    # When it is parsed (a miss), then read from its cache entry (a hit)
+    parsed = load_yaml(path, "a.bst")
+    cached = load_yaml(path, "a.bst")
+
+    # Then both say so (a hit may only err towards "walk it", never miss a
+    # directive); a copy never claims it
+    assert parsed.plain is plain
+    assert cached.plain is plain_when_cached
+    from pipeline.elements.composition import clone_mapping
+
+    assert clone_mapping(parsed).plain is False
+
+
+def test_a_directive_deep_in_a_cached_file_is_still_applied(tmp_path: Path, cache: Path) -> None:
+    # Given an element whose conditional sits below the top, loaded twice
+    # (the second time from its cache entry)
+    from pipeline.cas import LocalCas
+    from pipeline.elements import load_project
+
+    root = tmp_path / "project"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text(
+        "name: test\nelement-path: elements\n"
+        "options:\n  debug:\n    type: bool\n    description: d\n    default: 'False'\n"
+    )
+    (root / "elements" / "a.bst").write_text(
+        "kind: manual\nvariables:\n  mode: plain\n  (?):\n  - debug:\n      mode: debug\n"
+    )
+    for _ in range(2):
+        # When it is loaded with the option set
+        project = load_project(root, cas=LocalCas(tmp_path / "cas"), options={"debug": "true"})
+        element = project.load_targets(["a.bst"])[-1]
+        # Then the conditional applied both times
+        assert element.variables.as_dict()["mode"] == "debug"

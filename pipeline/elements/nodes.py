@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,18 +341,27 @@ def _cache_dir(setting: str | None, cache_home: str | None) -> Path | None:
     return Path(home) / "remex" / "parsed"
 
 
+def _checked_body(raw: bytes, header: bytes) -> bytes | None:
+    """The body of a cache file (``header``, the body's hex BLAKE2b, a newline,
+    the body); None when it is torn or damaged."""
+    newline = raw.find(b"\n")
+    if newline < 0 or not raw.startswith(header):
+        return None
+    body = raw[newline + 1 :]
+    checksum = hashlib.blake2b(body, digest_size=16).hexdigest().encode()
+    if raw[len(header) : newline] != checksum:
+        return None
+    return body
+
+
 def _read_entry(entry: str, display: str) -> MappingNode | None:
     try:
         with open(entry, "rb") as file:
             raw = file.read()
     except OSError:
         return None
-    newline = raw.find(b"\n")
-    if newline < 0 or not raw.startswith(_ENTRY_HEADER):
-        return None
-    body = raw[newline + 1 :]
-    checksum = hashlib.blake2b(body, digest_size=16).hexdigest().encode()
-    if raw[len(_ENTRY_HEADER) : newline] != checksum:
+    body = _checked_body(raw, _ENTRY_HEADER)
+    if body is None:
         return None
     try:
         node = _decode(json.loads(body), display, "", {})
@@ -366,8 +376,12 @@ def _read_entry(entry: str, display: str) -> MappingNode | None:
 
 
 def _write_entry(entry: str, node: MappingNode) -> None:
-    # Best effort: a cache that cannot be written only makes the next load slower.
     body = json.dumps(_encode(node), ensure_ascii=False, separators=(",", ":")).encode()
+    _write_file(entry, _ENTRY_HEADER, body)
+
+
+def _write_file(entry: str, header: bytes, body: bytes) -> None:
+    # Best effort: a cache that cannot be written only makes the next load slower.
     checksum = hashlib.blake2b(body, digest_size=16).hexdigest().encode()
     try:
         folder = os.path.dirname(entry)
@@ -375,7 +389,7 @@ def _write_entry(entry: str, node: MappingNode) -> None:
         fd, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as out:
-                out.write(_ENTRY_HEADER + checksum + b"\n" + body)
+                out.write(header + checksum + b"\n" + body)
             os.replace(temporary, entry)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -452,6 +466,119 @@ def _mark(line: int, file: str, marks: dict[int, Mark]) -> Mark:
             raise TypeError("a line must be a number")
         mark = marks[line] = Mark(file, line)
     return mark
+
+
+# --- a folder's parsed files, by stat -------------------------------------------
+#
+# Loading a large project still reads every file twice (the file, to hash it,
+# then its entry). FolderCache keeps, in one file per folder (a project's
+# element-path), each file's stat (size, mtime, ctime, inode) beside its
+# encoded nodes: a file whose stat is unchanged is not read at all, and the
+# folder's entries come in one read. Only "settled" stats are kept (the file
+# last changed more than a few seconds before it was looked at), so a file
+# rewritten within the file system's timestamp granularity, with the same
+# size, is never mistaken for the one kept: the same rule as git's index.
+# Any other file goes through load_yaml (and its per-file entry) as before.
+
+_FOLDER_HEADER = b"remex-parsed-folder 1 "
+# How long after its last change a file's stat is trusted to identify it.
+SETTLED_NS = 3_000_000_000
+# Entries of files not read by a load are kept, up to this many in all.
+_FOLDER_MAX_ENTRIES = 200_000
+
+
+class FolderCache:
+    """The parsed files of one folder as last loaded, known by their stat.
+
+    Made by :meth:`open` (None when the parsed-file cache is off); read with
+    :meth:`load`, written back once with :meth:`save`. Not thread-safe (one
+    per project load)."""
+
+    def __init__(self, file: str, entries: dict[str, list[Any]], now_ns: int) -> None:
+        self.file = file
+        self._entries = entries
+        self._settled_before = now_ns - SETTLED_NS
+        self._changed = False
+
+    @classmethod
+    def open(cls, folder: str) -> FolderCache | None:
+        """The cache of ``folder`` (empty when there is none or it is damaged)."""
+        cache = parsed_cache_dir()
+        if cache is None:
+            return None
+        name = hashlib.blake2b(
+            os.fsencode(folder), digest_size=20, person=_CACHE_FORMAT, key=_cache_version()
+        ).hexdigest()
+        file = os.path.join(cache, "folders", name)
+        return cls(file, _read_folder(file), time.time_ns())
+
+    def load(self, path: str, display: str) -> MappingNode:
+        """:func:`load_yaml` of ``path``, without reading it when its stat is
+        the one kept with its nodes.
+
+        Raises:
+            LoadError: as :func:`load_yaml`.
+        """
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return load_yaml(path, display)  # which says why it cannot be read
+        key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        entry = self._entries.get(path)
+        if entry is not None and entry[:4] == key:
+            try:
+                node = _decode(entry[5], display, "", {})
+            except (ValueError, TypeError, IndexError, KeyError, RecursionError):
+                node = None
+            if isinstance(node, MappingNode):
+                node.plain = entry[4] is True
+                return node
+        node = load_yaml(path, display)
+        if max(stat.st_mtime_ns, stat.st_ctime_ns) < self._settled_before:
+            # Encoded now: the loader changes the nodes it is given.
+            self._entries[path] = [*key, node.plain, _encode(node)]
+            self._changed = True
+        elif entry is not None:
+            del self._entries[path]
+            self._changed = True
+        return node
+
+    def save(self) -> None:
+        """Write the entries back if any changed (best effort, atomically)."""
+        if not self._changed:
+            return
+        self._changed = False
+        entries = self._entries
+        if len(entries) > _FOLDER_MAX_ENTRIES:
+            entries = dict(list(entries.items())[-_FOLDER_MAX_ENTRIES:])
+        body = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode()
+        _write_file(self.file, _FOLDER_HEADER, body)
+
+
+def _read_folder(file: str) -> dict[str, list[Any]]:
+    try:
+        with open(file, "rb") as stream:
+            raw = stream.read()
+    except OSError:
+        return {}
+    body = _checked_body(raw, _FOLDER_HEADER)
+    if body is None:
+        return {}
+    try:
+        entries = json.loads(body)
+    except ValueError:
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    # Entries of the wrong shape are dropped here; a bad node is a miss in load.
+    return {
+        path: entry
+        for path, entry in entries.items()
+        if isinstance(entry, list)
+        and len(entry) == 6
+        and all(type(n) is int for n in entry[:4])
+        and type(entry[4]) is bool
+    }
 
 
 class _RefusedError(Exception):

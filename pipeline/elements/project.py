@@ -59,7 +59,15 @@ from pipeline.elements.kinds import (
     build_element_kind,
 )
 from pipeline.elements.kinds.base import data_to_node, expand_data
-from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.nodes import (
+    FolderCache,
+    MappingNode,
+    Mark,
+    Node,
+    ScalarNode,
+    SequenceNode,
+    load_yaml,
+)
 from pipeline.elements.options import PROJECT_RESTRICTED_KEYS, OptionPool
 from pipeline.elements.plugins import declare_plugins
 from pipeline.elements.project_keys import (
@@ -326,6 +334,9 @@ class Project:
         self.directory = directory
         self.element_path = element_path
         self._element_dir = str(element_path)
+        # Element files by stat (opened by the first load_targets).
+        self._folder_cache: FolderCache | None = None
+        self._folder_cache_opened = False
         self.cas = cas
         self.aliases = aliases
         self.mirrors = mirrors
@@ -413,7 +424,11 @@ class Project:
                 the message names the file, the line and the field.
         """
         with gc_paused():
-            return self._load_targets(targets)
+            plan = self._load_targets(targets)
+        for project in (self, *self._junction_projects.values()):
+            if project._folder_cache is not None:
+                project._folder_cache.save()
+        return plan
 
     def _load_targets(self, targets: list[str]) -> list[Element]:
         roots = [self._read_target(target) for target in targets]
@@ -633,7 +648,13 @@ class Project:
     def _read(self, name: str, owner: Project, local: str, path: str) -> _ElementFile:
         """Read ``owner``'s element file ``local`` into this (root) project's graph as ``name``."""
         display = self._display(path)
-        node = load_yaml(path, display)
+        if not owner._folder_cache_opened:
+            owner._folder_cache = FolderCache.open(owner._element_dir)
+            owner._folder_cache_opened = True
+        if owner._folder_cache is not None:
+            node = owner._folder_cache.load(path, display)
+        else:
+            node = load_yaml(path, display)
         if not node.plain:
             # As BuildStream: conditionals first (with the project's options),
             # then includes (each included file through its conditionals first).

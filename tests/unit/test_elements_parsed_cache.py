@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import pytest
 
+from pipeline.elements import nodes
 from pipeline.elements.errors import LoadError
-from pipeline.elements.nodes import load_yaml
+from pipeline.elements.nodes import FolderCache, MappingNode, load_yaml
 from pipeline.elements.variables import Definition, SharedVariables, Variables
 
 TEXT = """\
@@ -330,3 +332,149 @@ def test_a_directive_deep_in_a_cached_file_is_still_applied(tmp_path: Path, cach
         element = project.load_targets(["a.bst"])[-1]
         # Then the conditional applied both times
         assert element.variables.as_dict()["mode"] == "debug"
+
+
+# --- a folder's files by stat (FolderCache) ------------------------------------------
+
+
+@pytest.fixture
+def settled_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Files written by a test are seconds old at most: trust their stat at once.
+    monkeypatch.setattr(nodes, "SETTLED_NS", 0)
+
+
+def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files FolderCache hands to load_yaml (those it could not skip)."""
+    reads: list[str] = []
+    real = nodes.load_yaml
+
+    def load(path: Path | str, display: str) -> MappingNode:
+        reads.append(display)
+        return real(path, display)
+
+    monkeypatch.setattr(nodes, "load_yaml", load)
+    return reads
+
+
+def test_an_unchanged_folder_is_loaded_without_reading_its_files(
+    tmp_path: Path, cache: Path, settled_now: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a folder's files loaded once through its FolderCache, saved
+    (tmp_path / "a.bst").write_text(TEXT)
+    (tmp_path / "b.bst").write_text("kind: stack\n")
+    first = FolderCache.open(str(tmp_path))
+    assert first is not None
+    loaded = {n: first.load(str(tmp_path / n), n) for n in ("a.bst", "b.bst")}
+    first.save()
+    reads = counting_reads(monkeypatch)
+
+    # When a new one loads them again
+    again = FolderCache.open(str(tmp_path))
+    assert again is not None
+    reloaded = {n: again.load(str(tmp_path / n), n) for n in ("a.bst", "b.bst")}
+
+    # Then no file was read, and the nodes, marks and flags are the same
+    assert reads == []
+    assert reloaded == loaded
+    assert reloaded["a.bst"].mark == loaded["a.bst"].mark
+    assert [n.plain for n in reloaded.values()] == [True, True]
+
+
+def test_an_edit_keeping_size_and_mtime_is_read_again(
+    tmp_path: Path, cache: Path, settled_now: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a file kept by its stat
+    path = tmp_path / "a.bst"
+    path.write_text("kind: manual\nvariables:\n  x: '1'\n")
+    folder = FolderCache.open(str(tmp_path))
+    assert folder is not None
+    folder.load(str(path), "a.bst")
+    folder.save()
+    before = path.stat()
+
+    # When it is rewritten with the same size, its mtime put back (its ctime moves)
+    path.write_text("kind: manual\nvariables:\n  x: '2'\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    reads = counting_reads(monkeypatch)
+    again = FolderCache.open(str(tmp_path))
+    assert again is not None
+    node = again.load(str(path), "a.bst")
+
+    # Then it was read, and the new value is loaded
+    assert reads == ["a.bst"]
+    variables = node.get_mapping("variables")
+    assert variables is not None and variables.get_str("x") == "2"
+
+
+def test_a_file_changed_moments_ago_is_not_kept_by_its_stat(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a file just written (its stat could be that of a later rewrite
+    # within the file system's timestamp granularity)
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    folder = FolderCache.open(str(tmp_path))
+    assert folder is not None
+    folder.load(str(path), "a.bst")
+    folder.save()
+
+    # When it is loaded again
+    reads = counting_reads(monkeypatch)
+    again = FolderCache.open(str(tmp_path))
+    assert again is not None
+    again.load(str(path), "a.bst")
+
+    # Then it was read (through its content-addressed entry)
+    assert reads == ["a.bst"]
+
+
+def test_a_damaged_folder_cache_is_ignored_and_rewritten(
+    tmp_path: Path, cache: Path, settled_now: None
+) -> None:
+    # Given a folder cache file that was damaged
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    folder = FolderCache.open(str(tmp_path))
+    assert folder is not None
+    expected = folder.load(str(path), "a.bst")
+    folder.save()
+    kept = Path(folder.file)
+    kept.write_bytes(kept.read_bytes()[:-7] + b"garbage")
+
+    # When the folder is loaded again
+    again = FolderCache.open(str(tmp_path))
+    assert again is not None
+
+    # Then the file is read as if there were no cache, and the cache is rewritten
+    assert again.load(str(path), "a.bst") == expected
+    again.save()
+    third = FolderCache.open(str(tmp_path))
+    assert third is not None and third._entries.keys() == {str(path)}
+
+
+def test_an_edited_element_changes_its_key_through_the_folder_cache(
+    tmp_path: Path, cache: Path, settled_now: None
+) -> None:
+    # Given a project loaded once (its element files kept by stat)
+    from pipeline.cas import LocalCas
+    from pipeline.elements import load_project
+
+    root = tmp_path / "project"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text("name: test\nelement-path: elements\n")
+    element = root / "elements" / "a.bst"
+    element.write_text("kind: manual\nconfig:\n  build-commands:\n  - echo 1\n")
+
+    def key() -> str:
+        project = load_project(root, cas=LocalCas(tmp_path / "cas"))
+        return project.load_targets(["a.bst"])[-1].cache_key
+
+    first = key()
+    assert key() == first
+
+    # When the element is edited (same size)
+    element.write_text("kind: manual\nconfig:\n  build-commands:\n  - echo 2\n")
+
+    # Then its key changes, as without the cache
+    assert key() != first

@@ -451,7 +451,9 @@ def _decode_child(data: list[Any], file: str, path: str, marks: dict[int, Mark])
         _, line, body = data
         mark = marks.get(line)
         if mark is None:
-            mark = _mark(line, file, marks)
+            if type(line) is not int:
+                raise TypeError("a line must be a number")
+            mark = marks[line] = Mark(file, line)
         if body is not None and type(body) is not str:
             raise TypeError("a scalar must be a string or null")
         return ScalarNode(mark, path, body)
@@ -512,17 +514,18 @@ class FolderCache:
         file = os.path.join(cache, "folders", name)
         return cls(file, _read_folder(file), time.time_ns())
 
-    def load(self, path: str, display: str) -> MappingNode:
-        """:func:`load_yaml` of ``path``, without reading it when its stat is
-        the one kept with its nodes.
+    def load(self, path: str, display: str, stat: os.stat_result | None = None) -> MappingNode:
+        """:func:`load_yaml` of ``path``, without reading it when its stat
+        (``stat``, if the caller has it) is the one kept with its nodes.
 
         Raises:
             LoadError: as :func:`load_yaml`.
         """
-        try:
-            stat = os.stat(path)
-        except OSError:
-            return load_yaml(path, display)  # which says why it cannot be read
+        if stat is None:
+            try:
+                stat = os.stat(path)
+            except OSError:
+                return load_yaml(path, display)  # which says why it cannot be read
         key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
         entry = self._entries.get(path)
         if entry is not None and entry[:4] == key:

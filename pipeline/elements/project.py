@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, cast
 
 from pipeline import spec
@@ -500,10 +501,14 @@ class Project:
                 owner, local = self._locate(name, error)
                 # Strings, not Paths: once per element file.
                 path = os.path.join(owner._element_dir, local)
-                if not os.path.isfile(path):
+                try:
+                    stat: os.stat_result | None = os.stat(path)
+                except (OSError, ValueError):
+                    stat = None
+                if stat is None or not S_ISREG(stat.st_mode):
                     missing = f"no file {self._display(path)}"
                     raise error(f"{what} {name!r} not found ({missing})")
-                file = self._read(name, owner, local, path)
+                file = self._read(name, owner, local, path, stat)
             if file.kind != "link":
                 return file
             seen.append(name)
@@ -645,14 +650,16 @@ class Project:
                 return text[len(prefix) :]
         return text
 
-    def _read(self, name: str, owner: Project, local: str, path: str) -> _ElementFile:
+    def _read(
+        self, name: str, owner: Project, local: str, path: str, stat: os.stat_result
+    ) -> _ElementFile:
         """Read ``owner``'s element file ``local`` into this (root) project's graph as ``name``."""
         display = self._display(path)
         if not owner._folder_cache_opened:
             owner._folder_cache = FolderCache.open(owner._element_dir)
             owner._folder_cache_opened = True
         if owner._folder_cache is not None:
-            node = owner._folder_cache.load(path, display)
+            node = owner._folder_cache.load(path, display, stat)
         else:
             node = load_yaml(path, display)
         if not node.plain:
@@ -798,8 +805,10 @@ class Project:
         overlay = node.get_mapping("config")
         base_config = defaults.get_mapping("config")
         # A copy when the element adds nothing: the kind's defaults are shared.
+        # The kind's defaults are checked for leftover directives once (when
+        # composed); a file without directive keys adds none.
         config = (
-            _compose_mappings(base_config, overlay)
+            _compose_mappings(base_config, overlay, check=not node.plain)
             if overlay is not None or base_config is None
             else clone_mapping(base_config)
         )
@@ -1248,13 +1257,17 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _compose_mappings(base: MappingNode | None, overlay: MappingNode | None) -> MappingNode | None:
+def _compose_mappings(
+    base: MappingNode | None, overlay: MappingNode | None, *, check: bool = True
+) -> MappingNode | None:
     """``overlay`` composed onto ``base`` as BuildStream composes (list directives
-    applied), then checked for leftover directives; None when both are absent."""
+    applied), then (``check``) checked for leftover directives; None when both
+    are absent."""
     if overlay is None:
         return base
     if base is None:
         base = MappingNode(mark=overlay.mark, path=overlay.path)
     composed = compose(base, overlay)
-    assert_fully_composited(composed)
+    if check:
+        assert_fully_composited(composed)
     return composed

@@ -115,6 +115,7 @@ class Element:
         self._cache_key: str | None = None
         self._artifact_uri: str | None = None
         self._staged: list[Element] | None = None
+        self._runtime: list[Element] | None = None
         # Read once per dependent's spec: computed on first use (the public
         # data and the plugin do not change once loaded).
         self._integration: list[str] | None = None
@@ -133,7 +134,13 @@ class Element:
     @property
     def runtime_dependencies(self) -> list[Element]:
         """Direct runtime dependencies, in order."""
-        return [dep.element for dep in self.dependencies if dep.runtime]
+        return list(self._runtime_dependencies())
+
+    def _runtime_dependencies(self) -> list[Element]:
+        # Walked for every dependent's staged closure: made once (not to be changed).
+        if self._runtime is None:
+            self._runtime = [dep.element for dep in self.dependencies if dep.runtime]
+        return self._runtime
 
     def runtime_closure(self) -> list[Element]:
         """This element and everything it needs at run time, dependencies first.
@@ -148,7 +155,7 @@ class Element:
         # Asked for by the key, the spec and submit: walked once (the
         # dependencies of a loaded element do not change).
         if self._staged is None:
-            self._staged = _post_order(self.build_dependencies, lambda e: e.runtime_dependencies)
+            self._staged = _post_order(self.build_dependencies, Element._runtime_dependencies)
         return list(self._staged)
 
     # --- public data ---------------------------------------------------------

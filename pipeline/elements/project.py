@@ -365,6 +365,7 @@ class Project:
         self._shared_by_kind: dict[str, tuple[MappingNode, SharedVariables | None]] = {}
         self._base_definitions: dict[int, tuple[MappingNode, dict[str, Definition]]] = {}
         self._sandbox_conf = conf.get_mapping("sandbox")
+        self._sandbox_by_defaults: dict[int, tuple[MappingNode, dict[str, ScalarNode]]] = {}
         self.fatal_warnings = tuple(n.as_str() for n in conf.get_str_list("fatal-warnings") or [])
         # Looked up when an element uses the kind, as bst does.
         self._plugins = declare_plugins(conf.get("plugins"), directory)
@@ -824,8 +825,7 @@ class Project:
         plugin.configure(kind_context)
         public = self._expanded_public(defaults, node, variables)
         sandbox = _sandbox(
-            (self._sandbox_conf, defaults.get_mapping("sandbox"), node.get_mapping("sandbox")),
-            variables,
+            _sandbox_values(self._kind_sandbox(defaults), node.get_mapping("sandbox")), variables
         )
         sources = self._sources(file, plugin, variables)
         element = Element(
@@ -868,6 +868,18 @@ class Project:
         public = cast("dict[str, Any]", expand_data(public_node, variables))
         variables.share_value("public", public, _strings(public_node))
         return public
+
+    def _kind_sandbox(self, defaults: MappingNode) -> dict[str, ScalarNode]:
+        """The ``sandbox:`` values of project.conf and of a kind's defaults, as
+        :func:`_sandbox_values` layers them: the same for every element of the
+        kind, so checked and layered once."""
+        cached = self._sandbox_by_defaults.get(id(defaults))
+        if cached is None or cached[0] is not defaults:
+            base = _sandbox_values(
+                _sandbox_values({}, self._sandbox_conf), defaults.get_mapping("sandbox")
+            )
+            cached = self._sandbox_by_defaults[id(defaults)] = (defaults, base)
+        return cached[1]
 
     def _kind_defaults(self, kind: str) -> MappingNode:
         """The kind's defaults, with the project's split rules under its own and
@@ -1138,19 +1150,26 @@ class _SandboxConfig:
     build_gid: int | None
 
 
-def _sandbox(layers: tuple[MappingNode | None, ...], variables: Variables) -> _SandboxConfig:
-    """The element's ``sandbox:`` as BuildStream composes it: project.conf's, then
-    the kind's defaults (with project.conf ``elements: KIND: sandbox``), then
-    the element's; each key's value comes from the last layer setting it."""
-    values: dict[str, ScalarNode] = {}
-    for node in layers:
-        if node is None:
-            continue
-        node.validate_keys(_SANDBOX_KEYS, unsupported=_SANDBOX_UNSUPPORTED)
-        for key in _SANDBOX_KEYS:
-            scalar = node.get_scalar(key)
-            if scalar is not None:
-                values[key] = scalar
+def _sandbox_values(
+    below: dict[str, ScalarNode], node: MappingNode | None
+) -> dict[str, ScalarNode]:
+    """A ``sandbox:`` layer (checked) over the values of the layers below it:
+    each key's value comes from the last layer setting it."""
+    if node is None:
+        return below
+    node.validate_keys(_SANDBOX_KEYS, unsupported=_SANDBOX_UNSUPPORTED)
+    values = dict(below)
+    for key in _SANDBOX_KEYS:
+        scalar = node.get_scalar(key)
+        if scalar is not None:
+            values[key] = scalar
+    return values
+
+
+def _sandbox(values: dict[str, ScalarNode], variables: Variables) -> _SandboxConfig:
+    """The element's ``sandbox:`` as BuildStream composes it (the values of
+    :func:`_sandbox_values` over project.conf's, then the kind's defaults
+    (with project.conf ``elements: KIND: sandbox``), then the element's)."""
     os_node = values.get("build-os")
     arch_node = values.get("build-arch")
     build_os = host_os()

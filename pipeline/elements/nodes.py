@@ -197,11 +197,13 @@ class MappingNode(Node):
         node = self.entries.get(key)
         if node is None or (isinstance(node, ScalarNode) and node.value is None):
             return None
-        if not isinstance(node, SequenceNode) or not all(
-            isinstance(item, ScalarNode) and item.value is not None for item in node.items
-        ):
+        if not isinstance(node, SequenceNode):
             raise node.error("expected a list of strings")
-        return [item for item in node.items if isinstance(item, ScalarNode)]
+        # A loop, not all() over a generator: asked several times per element.
+        for item in node.items:
+            if not isinstance(item, ScalarNode) or item.value is None:
+                raise node.error("expected a list of strings")
+        return list(node.items)  # type: ignore[arg-type]  # (all scalars: checked)
 
     def get_str_mapping(self, key: str) -> dict[str, ScalarNode]:
         """A mapping of string values (variables, environment); empty when absent."""

@@ -924,7 +924,13 @@ class Project:
                     f"variable {protected!r} is set by remex; it cannot be redefined"
                 )
         definitions = self._variable_definitions(defaults, element_variables, file.local)
-        variables = Variables(definitions, shared=self._shared_variables(file.kind, defaults))
+        # The shared layer is the same definitions but for the element's own
+        # variables and the two names _finish_definitions sets per element.
+        variables = Variables(
+            definitions,
+            shared=self._shared_variables(file.kind, defaults),
+            changed=[*element_variables, "element-name", "max-jobs"],
+        )
         variables.check()
         return variables
 

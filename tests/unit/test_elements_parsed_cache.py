@@ -478,3 +478,49 @@ def test_an_edited_element_changes_its_key_through_the_folder_cache(
 
     # Then its key changes, as without the cache
     assert key() != first
+
+
+def test_elements_redefining_shared_variables_load_as_without_sharing(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given elements of one kind that share its variables, some redefining
+    # one (notparallel both ways, a variable others use, a new one)
+    from pipeline.cas import LocalCas
+    from pipeline.elements import load_project
+    from pipeline.elements.project import Project
+
+    root = tmp_path / "project"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text(
+        "name: test\nelement-path: elements\n"
+        "variables:\n  prefix: /usr\n  tool: '%{prefix}/bin/x'\n  notparallel: 'true'\n"
+    )
+    own = {
+        "a.bst": "",
+        "b.bst": "variables:\n  notparallel: 'false'\n",
+        "c.bst": "variables:\n  prefix: /opt\n",
+        "d.bst": "variables:\n  extra: '%{tool} %{element-name}'\n",
+    }
+    for name, text in own.items():
+        (root / "elements" / name).write_text(
+            "kind: manual\n" + text + "config:\n  build-commands:\n  - '%{tool} -j%{max-jobs}'\n"
+        )
+
+    def loaded() -> list[tuple[str, dict[str, str], str]]:
+        project = load_project(root, cas=LocalCas(tmp_path / "cas"))
+        return [
+            (e.name, e.variables.as_dict(), e.cache_key) for e in project.load_targets(list(own))
+        ]
+
+    # When they are loaded with the shared layer, and without it
+    shared = loaded()
+    monkeypatch.setattr(Project, "_shared_variables", lambda self, kind, defaults: None)
+    unshared = loaded()
+
+    # Then every variable and key is the same
+    assert shared == unshared
+    by_name = {name: variables for name, variables, _ in shared}
+    assert by_name["a.bst"]["max-jobs"] == "1"
+    assert by_name["b.bst"]["max-jobs"] != "1"
+    assert by_name["c.bst"]["tool"] == "/opt/bin/x"
+    assert by_name["d.bst"]["extra"] == "/usr/bin/x d.bst"

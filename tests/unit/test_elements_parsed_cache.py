@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -392,7 +393,10 @@ def test_an_edit_keeping_size_and_mtime_is_read_again(
     folder.save()
     before = path.stat()
 
-    # When it is rewritten with the same size, its mtime put back (its ctime moves)
+    # When it is rewritten with the same size, its mtime put back (its ctime
+    # moves: a later tick of the kernel's coarse clock, hence the pause;
+    # within one tick only the settling delay, off here, protects)
+    time.sleep(0.05)
     path.write_text("kind: manual\nvariables:\n  x: '2'\n")
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert path.stat().st_size == before.st_size
@@ -473,7 +477,8 @@ def test_an_edited_element_changes_its_key_through_the_folder_cache(
     first = key()
     assert key() == first
 
-    # When the element is edited (same size)
+    # When the element is edited (same size; a later clock tick, see above)
+    time.sleep(0.05)
     element.write_text("kind: manual\nconfig:\n  build-commands:\n  - echo 2\n")
 
     # Then its key changes, as without the cache

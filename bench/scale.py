@@ -16,6 +16,7 @@ a user runs them (wall time of the whole command)::
                                   parsed-file cache ("cold"), then warm
     bst show --deps all --format '%{name} %{key}' all.bst  (this venv's bst)
     remex build -C PROJECT all.bst --no-follow             (load, key, submit)
+                                  once with an empty parsed-file cache, then warm
 
 then ``remex status BUILD`` (the table, and ``--json``) of that build,
 and, in this process, ``pipeline.submit`` with its phases (load and key,
@@ -69,6 +70,7 @@ class Case:
     bst_cpu: list[float] = field(default_factory=list)
     build: list[float] = field(default_factory=list)
     build_cpu: list[float] = field(default_factory=list)
+    build_cold: tuple[float, float] = (0.0, 0.0)
     status: list[tuple[float, float]] = field(default_factory=list)
     status_json: list[tuple[float, float]] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
@@ -144,6 +146,10 @@ def run_case(
         if names_of(result.stdout) != names_of(remex_out):
             case.notes.append("warning: remex show and bst show list different elements")
     build = [remex_program(), "build", "-C", str(project), "all.bst", "--no-follow"]
+    # Once with an empty parsed-file cache of its own (what a first load costs).
+    cold_env = {**env, "REMEX_PARSED_CACHE": str(work / f"parsed-{case.shape}-cold")}
+    wall, cpu, _ = timed(build, cold_env)
+    case.build_cold = (wall, cpu)
     build_id = ""
     for _ in range(repeat):
         wall, cpu, out = timed(build, env)
@@ -185,6 +191,8 @@ def report(cases: Sequence[Case]) -> None:
             f"{bst / case.show:>5.1f} ({bst_cpu / show_cpu:>4.1f}) "
             f"{case.submit:>8.2f}s ({med(case.build_cpu):>5.2f})"
         )
+    print("build --no-follow with an empty parsed-file cache (one run): " + "; ".join(
+        f"{c.shape} {c.build_cold[0]:.2f}s ({c.build_cold[1]:.2f})" for c in cases))  # fmt: skip
     print()
     print("in-process submit, wall s per phase; CPU s; Redis commands (INFO commandstats)")
     for case in cases:

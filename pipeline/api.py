@@ -269,7 +269,12 @@ def submit(
             sources: list[ElementSources] = []
             with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
                 for element in elements:
-                    planned = stage_local_sources(ctx, element, Path(workdir) / str(len(specs)))
+                    # (Most elements have no sources: no folder to name.)
+                    planned = (
+                        stage_local_sources(ctx, element, Path(workdir) / str(len(specs)))
+                        if element.sources
+                        else ElementSources()
+                    )
                     spec = element.build_spec(planned.digests)
                     spec["priority"] = priority
                     specs.append(spec)

@@ -113,7 +113,13 @@ class Element:
         self.fatal_warnings = tuple(sorted(set(fatal_warnings)))
         self.sources = sources
         self._cache_key: str | None = None
+        self._artifact_uri: str | None = None
         self._staged: list[Element] | None = None
+        self._runtime: list[Element] | None = None
+        # Read once per dependent's spec: computed on first use (the public
+        # data and the plugin do not change once loaded).
+        self._integration: list[str] | None = None
+        self._overlap_whitelist: list[str] | None = None
 
     def __repr__(self) -> str:
         return f"<Element {self.name} ({self.kind})>"
@@ -128,7 +134,13 @@ class Element:
     @property
     def runtime_dependencies(self) -> list[Element]:
         """Direct runtime dependencies, in order."""
-        return [dep.element for dep in self.dependencies if dep.runtime]
+        return list(self._runtime_dependencies())
+
+    def _runtime_dependencies(self) -> list[Element]:
+        # Walked for every dependent's staged closure: made once (not to be changed).
+        if self._runtime is None:
+            self._runtime = [dep.element for dep in self.dependencies if dep.runtime]
+        return self._runtime
 
     def runtime_closure(self) -> list[Element]:
         """This element and everything it needs at run time, dependencies first.
@@ -143,7 +155,7 @@ class Element:
         # Asked for by the key, the spec and submit: walked once (the
         # dependencies of a loaded element do not change).
         if self._staged is None:
-            self._staged = _post_order(self.build_dependencies, lambda e: e.runtime_dependencies)
+            self._staged = _post_order(self.build_dependencies, Element._runtime_dependencies)
         return list(self._staged)
 
     # --- public data ---------------------------------------------------------
@@ -152,7 +164,9 @@ class Element:
     def integration_commands(self) -> list[str]:
         """The commands that integrate this element where it is staged at ``/``:
         ``public.bst.integration-commands``, expanded, as its kind passes them on."""
-        return self.plugin.integration_commands(self)
+        if self._integration is None:
+            self._integration = self.plugin.integration_commands(self)
+        return list(self._integration)
 
     @property
     def split_rules(self) -> dict[str, list[str]]:
@@ -172,11 +186,15 @@ class Element:
     def set_cache_key(self, key: str) -> None:
         """Record the cache key (done by the project loader, dependencies first)."""
         self._cache_key = key
+        self._artifact_uri = None
 
     @property
     def artifact_uri(self) -> str:
         """The Remote Asset URI of this element's artifact."""
-        return spec.artifact_uri(self.project, self.normal_name, self.cache_key)
+        # Asked for by every dependent's spec: made once.
+        if self._artifact_uri is None:
+            self._artifact_uri = spec.artifact_uri(self.project, self.normal_name, self.cache_key)
+        return self._artifact_uri
 
     @property
     def runs_commands(self) -> bool:
@@ -210,8 +228,10 @@ class Element:
     def overlap_whitelist(self) -> list[str]:
         """``public.bst.overlap-whitelist``: globs of the paths this element may
         overwrite when staged after others, its variables expanded."""
-        bst = self.public.get("bst") or {}
-        return [str(glob) for glob in bst.get("overlap-whitelist") or []]
+        if self._overlap_whitelist is None:
+            bst = self.public.get("bst") or {}
+            self._overlap_whitelist = [str(glob) for glob in bst.get("overlap-whitelist") or []]
+        return list(self._overlap_whitelist)
 
     # --- the build -----------------------------------------------------------
 

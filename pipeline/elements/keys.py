@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,9 +36,31 @@ _CANONICAL = json.JSONEncoder(
 )
 
 
+# The C encoder behind _CANONICAL, made once: JSONEncoder.encode makes one per
+# call, a third of the time of encoding a key's description.
+_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODER = (
+    _MAKE_ENCODER(
+        None,  # no cycle check, as check_circular=False
+        _CANONICAL.default,
+        json.encoder.encode_basestring,  # ensure_ascii=False
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        True,
+    )
+    if _MAKE_ENCODER is not None
+    else None
+)
+
+
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: equal values give equal text."""
-    return _CANONICAL.encode(value)
+    if _C_ENCODER is None:
+        return _CANONICAL.encode(value)
+    return "".join(_C_ENCODER(value, 0))
 
 
 def key_description(element: Element) -> dict[str, Any]:

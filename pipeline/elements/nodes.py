@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,11 @@ class MappingNode(Node):
 
     entries: dict[str, Node] = field(default_factory=dict)
     key_marks: dict[str, Mark] = field(default_factory=dict)
+    plain: bool = field(default=False, compare=False, repr=False)
+    """True only on a file's top mapping as :func:`load_yaml` returns it, when
+    no key anywhere in the file is a directive (``(@)``, ``(?)``, ``(!)``,
+    ``(=)``, ``(<)``, ``(>)``): the loader then skips walking the file for
+    them. Copies and changed nodes say False (unknown)."""
 
     description: ClassVar[str] = "a mapping"
 
@@ -191,11 +197,13 @@ class MappingNode(Node):
         node = self.entries.get(key)
         if node is None or (isinstance(node, ScalarNode) and node.value is None):
             return None
-        if not isinstance(node, SequenceNode) or not all(
-            isinstance(item, ScalarNode) and item.value is not None for item in node.items
-        ):
+        if not isinstance(node, SequenceNode):
             raise node.error("expected a list of strings")
-        return [item for item in node.items if isinstance(item, ScalarNode)]
+        # A loop, not all() over a generator: asked several times per element.
+        for item in node.items:
+            if not isinstance(item, ScalarNode) or item.value is None:
+                raise node.error("expected a list of strings")
+        return list(node.items)  # type: ignore[arg-type]  # (all scalars: checked)
 
     def get_str_mapping(self, key: str) -> dict[str, ScalarNode]:
         """A mapping of string values (variables, environment); empty when absent."""
@@ -210,8 +218,11 @@ class MappingNode(Node):
         return result
 
 
-def load_yaml(path: Path, display: str) -> MappingNode:
+def load_yaml(path: Path | str, display: str) -> MappingNode:
     """Read a YAML file whose document is a mapping (an empty file is an empty mapping).
+
+    The mapping's :attr:`MappingNode.plain` says whether the file holds no
+    directive key.
 
     Args:
         path: the file to read.
@@ -222,7 +233,8 @@ def load_yaml(path: Path, display: str) -> MappingNode:
             a refused construct, or is not a mapping; the message names the line.
     """
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as file:
+            data = file.read()
     except OSError as exc:
         raise LoadError(f"cannot read file: {exc.strerror}", file=display) from exc
     cache = parsed_cache_dir()
@@ -274,7 +286,20 @@ def _parse(data: bytes, display: str) -> MappingNode:
     node = _convert(root, display, "")
     if not isinstance(node, MappingNode):
         raise node.error(f"expected a mapping at the top of the file, got {node.describe()}")
+    node.plain = not _has_directive_key(node)
     return node
+
+
+def _has_directive_key(node: Node) -> bool:
+    """Whether a key anywhere in ``node``'s tree starts with ``(`` (a directive
+    or a key the loader will refuse: either way, the tree must be walked)."""
+    if type(node) is MappingNode:
+        for key, value in node.entries.items():
+            if key[:1] == "(" or _has_directive_key(value):
+                return True
+    elif type(node) is SequenceNode:
+        return any(_has_directive_key(item) for item in node.items)
+    return False
 
 
 # --- the parsed-file cache -----------------------------------------------------
@@ -318,29 +343,47 @@ def _cache_dir(setting: str | None, cache_home: str | None) -> Path | None:
     return Path(home) / "remex" / "parsed"
 
 
+def _checked_body(raw: bytes, header: bytes) -> bytes | None:
+    """The body of a cache file (``header``, the body's hex BLAKE2b, a newline,
+    the body); None when it is torn or damaged."""
+    newline = raw.find(b"\n")
+    if newline < 0 or not raw.startswith(header):
+        return None
+    body = raw[newline + 1 :]
+    checksum = hashlib.blake2b(body, digest_size=16).hexdigest().encode()
+    if raw[len(header) : newline] != checksum:
+        return None
+    return body
+
+
 def _read_entry(entry: str, display: str) -> MappingNode | None:
     try:
         with open(entry, "rb") as file:
             raw = file.read()
     except OSError:
         return None
-    newline = raw.find(b"\n")
-    if newline < 0 or not raw.startswith(_ENTRY_HEADER):
-        return None
-    body = raw[newline + 1 :]
-    checksum = hashlib.blake2b(body, digest_size=16).hexdigest().encode()
-    if raw[len(_ENTRY_HEADER) : newline] != checksum:
+    body = _checked_body(raw, _ENTRY_HEADER)
+    if body is None:
         return None
     try:
         node = _decode(json.loads(body), display, "", {})
     except (ValueError, TypeError, IndexError, KeyError, RecursionError):
         return None
-    return node if isinstance(node, MappingNode) else None
+    if not isinstance(node, MappingNode):
+        return None
+    # A key starting with "(" is written '"(' by json.dumps (which never
+    # escapes "("); a string value may be too, which only costs a walk.
+    node.plain = b'"(' not in body
+    return node
 
 
 def _write_entry(entry: str, node: MappingNode) -> None:
-    # Best effort: a cache that cannot be written only makes the next load slower.
     body = json.dumps(_encode(node), ensure_ascii=False, separators=(",", ":")).encode()
+    _write_file(entry, _ENTRY_HEADER, body)
+
+
+def _write_file(entry: str, header: bytes, body: bytes) -> None:
+    # Best effort: a cache that cannot be written only makes the next load slower.
     checksum = hashlib.blake2b(body, digest_size=16).hexdigest().encode()
     try:
         folder = os.path.dirname(entry)
@@ -348,7 +391,7 @@ def _write_entry(entry: str, node: MappingNode) -> None:
         fd, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as out:
-                out.write(_ENTRY_HEADER + checksum + b"\n" + body)
+                out.write(header + checksum + b"\n" + body)
             os.replace(temporary, entry)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -379,20 +422,16 @@ def _encode(node: Node) -> list[Any]:
 
 def _decode(data: list[Any], file: str, path: str, marks: dict[int, Mark]) -> Node:
     tag, line, body = data
-    # Marks are immutable: one per line, shared by every node written on it.
-    mark = marks.get(line)
-    if mark is None:
-        if type(line) is not int:
-            raise TypeError("a line must be a number")
-        mark = marks[line] = Mark(file, line)
+    mark = _mark(line, file, marks)
     if tag == 0:
         if body is not None and type(body) is not str:
             raise TypeError("a scalar must be a string or null")
         return ScalarNode(mark, path, body)
     if tag == 1:
-        return SequenceNode(
-            mark, path, [_decode(item, file, f"{path}[{i}]", marks) for i, item in enumerate(body)]
-        )
+        items: list[Node] = []
+        for i, item in enumerate(body):
+            items.append(_decode_child(item, file, f"{path}[{i}]", marks))
+        return SequenceNode(mark, path, items)
     if tag != 2:
         raise ValueError("unknown node tag")
     entries: dict[str, Node] = {}
@@ -402,10 +441,149 @@ def _decode(data: list[Any], file: str, path: str, marks: dict[int, Mark]) -> No
         key = body[index]
         if type(key) is not str or key in entries:
             raise TypeError("a key must be a new string")
-        child = _decode(body[index + 1], file, prefix + key, marks)
+        child = _decode_child(body[index + 1], file, prefix + key, marks)
         entries[key] = child
         key_marks[key] = child.mark
     return MappingNode(mark, path, entries, key_marks)
+
+
+def _decode_child(data: list[Any], file: str, path: str, marks: dict[int, Mark]) -> Node:
+    # Most nodes are scalars: decoded here without a second call.
+    if data[0] == 0:
+        _, line, body = data
+        mark = marks.get(line)
+        if mark is None:
+            if type(line) is not int:
+                raise TypeError("a line must be a number")
+            mark = marks[line] = Mark(file, line)
+        if body is not None and type(body) is not str:
+            raise TypeError("a scalar must be a string or null")
+        return ScalarNode(mark, path, body)
+    return _decode(data, file, path, marks)
+
+
+def _mark(line: int, file: str, marks: dict[int, Mark]) -> Mark:
+    # Marks are immutable: one per line, shared by every node written on it.
+    mark = marks.get(line)
+    if mark is None:
+        if type(line) is not int:
+            raise TypeError("a line must be a number")
+        mark = marks[line] = Mark(file, line)
+    return mark
+
+
+# --- a folder's parsed files, by stat -------------------------------------------
+#
+# Loading a large project still reads every file twice (the file, to hash it,
+# then its entry). FolderCache keeps, in one file per folder (a project's
+# element-path), each file's stat (size, mtime, ctime, inode) beside its
+# encoded nodes: a file whose stat is unchanged is not read at all, and the
+# folder's entries come in one read. Only "settled" stats are kept (the file
+# last changed more than a few seconds before it was looked at), so a file
+# rewritten within the file system's timestamp granularity, with the same
+# size, is never mistaken for the one kept: the same rule as git's index.
+# Any other file goes through load_yaml (and its per-file entry) as before.
+
+_FOLDER_HEADER = b"remex-parsed-folder 1 "
+# How long after its last change a file's stat is trusted to identify it.
+SETTLED_NS = 3_000_000_000
+# Entries of files not read by a load are kept, up to this many in all.
+_FOLDER_MAX_ENTRIES = 200_000
+
+
+class FolderCache:
+    """The parsed files of one folder as last loaded, known by their stat.
+
+    Made by :meth:`open` (None when the parsed-file cache is off); read with
+    :meth:`load`, written back once with :meth:`save`. Not thread-safe (one
+    per project load)."""
+
+    def __init__(self, file: str, entries: dict[str, list[Any]], now_ns: int) -> None:
+        self.file = file
+        self._entries = entries
+        self._settled_before = now_ns - SETTLED_NS
+        self._changed = False
+
+    @classmethod
+    def open(cls, folder: str) -> FolderCache | None:
+        """The cache of ``folder`` (empty when there is none or it is damaged)."""
+        cache = parsed_cache_dir()
+        if cache is None:
+            return None
+        name = hashlib.blake2b(
+            os.fsencode(folder), digest_size=20, person=_CACHE_FORMAT, key=_cache_version()
+        ).hexdigest()
+        file = os.path.join(cache, "folders", name)
+        return cls(file, _read_folder(file), time.time_ns())
+
+    def load(self, path: str, display: str, stat: os.stat_result | None = None) -> MappingNode:
+        """:func:`load_yaml` of ``path``, without reading it when its stat
+        (``stat``, if the caller has it) is the one kept with its nodes.
+
+        Raises:
+            LoadError: as :func:`load_yaml`.
+        """
+        if stat is None:
+            try:
+                stat = os.stat(path)
+            except OSError:
+                return load_yaml(path, display)  # which says why it cannot be read
+        key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        entry = self._entries.get(path)
+        if entry is not None and entry[:4] == key:
+            try:
+                node = _decode(entry[5], display, "", {})
+            except (ValueError, TypeError, IndexError, KeyError, RecursionError):
+                node = None
+            if isinstance(node, MappingNode):
+                node.plain = entry[4] is True
+                return node
+        node = load_yaml(path, display)
+        if max(stat.st_mtime_ns, stat.st_ctime_ns) < self._settled_before:
+            # Encoded now: the loader changes the nodes it is given.
+            self._entries[path] = [*key, node.plain, _encode(node)]
+            self._changed = True
+        elif entry is not None:
+            del self._entries[path]
+            self._changed = True
+        return node
+
+    def save(self) -> None:
+        """Write the entries back if any changed (best effort, atomically)."""
+        if not self._changed:
+            return
+        self._changed = False
+        entries = self._entries
+        if len(entries) > _FOLDER_MAX_ENTRIES:
+            entries = dict(list(entries.items())[-_FOLDER_MAX_ENTRIES:])
+        body = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode()
+        _write_file(self.file, _FOLDER_HEADER, body)
+
+
+def _read_folder(file: str) -> dict[str, list[Any]]:
+    try:
+        with open(file, "rb") as stream:
+            raw = stream.read()
+    except OSError:
+        return {}
+    body = _checked_body(raw, _FOLDER_HEADER)
+    if body is None:
+        return {}
+    try:
+        entries = json.loads(body)
+    except ValueError:
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    # Entries of the wrong shape are dropped here; a bad node is a miss in load.
+    return {
+        path: entry
+        for path, entry in entries.items()
+        if isinstance(entry, list)
+        and len(entry) == 6
+        and all(type(n) is int for n in entry[:4])
+        and type(entry[4]) is bool
+    }
 
 
 class _RefusedError(Exception):

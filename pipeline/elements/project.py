@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, cast
 
 from pipeline import spec
@@ -59,7 +60,15 @@ from pipeline.elements.kinds import (
     build_element_kind,
 )
 from pipeline.elements.kinds.base import data_to_node, expand_data
-from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.nodes import (
+    FolderCache,
+    MappingNode,
+    Mark,
+    Node,
+    ScalarNode,
+    SequenceNode,
+    load_yaml,
+)
 from pipeline.elements.options import PROJECT_RESTRICTED_KEYS, OptionPool
 from pipeline.elements.plugins import declare_plugins
 from pipeline.elements.project_keys import (
@@ -325,6 +334,10 @@ class Project:
         self.name = name
         self.directory = directory
         self.element_path = element_path
+        self._element_dir = str(element_path)
+        # Element files by stat (opened by the first load_targets).
+        self._folder_cache: FolderCache | None = None
+        self._folder_cache_opened = False
         self.cas = cas
         self.aliases = aliases
         self.mirrors = mirrors
@@ -352,6 +365,7 @@ class Project:
         self._shared_by_kind: dict[str, tuple[MappingNode, SharedVariables | None]] = {}
         self._base_definitions: dict[int, tuple[MappingNode, dict[str, Definition]]] = {}
         self._sandbox_conf = conf.get_mapping("sandbox")
+        self._sandbox_by_defaults: dict[int, tuple[MappingNode, dict[str, ScalarNode]]] = {}
         self.fatal_warnings = tuple(n.as_str() for n in conf.get_str_list("fatal-warnings") or [])
         # Looked up when an element uses the kind, as bst does.
         self._plugins = declare_plugins(conf.get("plugins"), directory)
@@ -412,7 +426,11 @@ class Project:
                 the message names the file, the line and the field.
         """
         with gc_paused():
-            return self._load_targets(targets)
+            plan = self._load_targets(targets)
+        for project in (self, *self._junction_projects.values()):
+            if project._folder_cache is not None:
+                project._folder_cache.save()
+        return plan
 
     def _load_targets(self, targets: list[str]) -> list[Element]:
         roots = [self._read_target(target) for target in targets]
@@ -482,11 +500,16 @@ class Project:
             file = self._files.get(name)
             if file is None:
                 owner, local = self._locate(name, error)
-                path = owner.element_path / local
-                if not path.is_file():
+                # Strings, not Paths: once per element file.
+                path = os.path.join(owner._element_dir, local)
+                try:
+                    stat: os.stat_result | None = os.stat(path)
+                except (OSError, ValueError):
+                    stat = None
+                if stat is None or not S_ISREG(stat.st_mode):
                     missing = f"no file {self._display(path)}"
                     raise error(f"{what} {name!r} not found ({missing})")
-                file = self._read(name, owner, local, path)
+                file = self._read(name, owner, local, path, stat)
             if file.kind != "link":
                 return file
             seen.append(name)
@@ -618,7 +641,7 @@ class Project:
             raise node.error(f"include {junction}:{file}: no file {file} in the subproject")
         return path, f"{junction}:{file}"
 
-    def _display(self, path: Path) -> str:
+    def _display(self, path: Path | str) -> str:
         # On strings (both sides are normalised Paths): once per element file,
         # and pathlib's relative_to is slow.
         text = str(path)
@@ -628,14 +651,24 @@ class Project:
                 return text[len(prefix) :]
         return text
 
-    def _read(self, name: str, owner: Project, local: str, path: Path) -> _ElementFile:
+    def _read(
+        self, name: str, owner: Project, local: str, path: str, stat: os.stat_result
+    ) -> _ElementFile:
         """Read ``owner``'s element file ``local`` into this (root) project's graph as ``name``."""
         display = self._display(path)
-        node = load_yaml(path, display)
-        # As BuildStream: conditionals first (with the project's options),
-        # then includes (each included file through its conditionals first).
-        owner.options.process_node(node)
-        owner.includes.process(node, (display,))
+        if not owner._folder_cache_opened:
+            owner._folder_cache = FolderCache.open(owner._element_dir)
+            owner._folder_cache_opened = True
+        if owner._folder_cache is not None:
+            node = owner._folder_cache.load(path, display, stat)
+        else:
+            node = load_yaml(path, display)
+        if not node.plain:
+            # As BuildStream: conditionals first (with the project's options),
+            # then includes (each included file through its conditionals first).
+            # (A file without directives, the usual case, needs neither walk.)
+            owner.options.process_node(node)
+            owner.includes.process(node, (display,))
         node.validate_keys(_ELEMENT_KEYS)
         kind_node = node.require_str("kind")
         kind = kind_node.as_str()
@@ -773,8 +806,10 @@ class Project:
         overlay = node.get_mapping("config")
         base_config = defaults.get_mapping("config")
         # A copy when the element adds nothing: the kind's defaults are shared.
+        # The kind's defaults are checked for leftover directives once (when
+        # composed); a file without directive keys adds none.
         config = (
-            _compose_mappings(base_config, overlay)
+            _compose_mappings(base_config, overlay, check=not node.plain)
             if overlay is not None or base_config is None
             else clone_mapping(base_config)
         )
@@ -790,8 +825,7 @@ class Project:
         plugin.configure(kind_context)
         public = self._expanded_public(defaults, node, variables)
         sandbox = _sandbox(
-            (self._sandbox_conf, defaults.get_mapping("sandbox"), node.get_mapping("sandbox")),
-            variables,
+            _sandbox_values(self._kind_sandbox(defaults), node.get_mapping("sandbox")), variables
         )
         sources = self._sources(file, plugin, variables)
         element = Element(
@@ -834,6 +868,18 @@ class Project:
         public = cast("dict[str, Any]", expand_data(public_node, variables))
         variables.share_value("public", public, _strings(public_node))
         return public
+
+    def _kind_sandbox(self, defaults: MappingNode) -> dict[str, ScalarNode]:
+        """The ``sandbox:`` values of project.conf and of a kind's defaults, as
+        :func:`_sandbox_values` layers them: the same for every element of the
+        kind, so checked and layered once."""
+        cached = self._sandbox_by_defaults.get(id(defaults))
+        if cached is None or cached[0] is not defaults:
+            base = _sandbox_values(
+                _sandbox_values({}, self._sandbox_conf), defaults.get_mapping("sandbox")
+            )
+            cached = self._sandbox_by_defaults[id(defaults)] = (defaults, base)
+        return cached[1]
 
     def _kind_defaults(self, kind: str) -> MappingNode:
         """The kind's defaults, with the project's split rules under its own and
@@ -878,7 +924,13 @@ class Project:
                     f"variable {protected!r} is set by remex; it cannot be redefined"
                 )
         definitions = self._variable_definitions(defaults, element_variables, file.local)
-        variables = Variables(definitions, shared=self._shared_variables(file.kind, defaults))
+        # The shared layer is the same definitions but for the element's own
+        # variables and the two names _finish_definitions sets per element.
+        variables = Variables(
+            definitions,
+            shared=self._shared_variables(file.kind, defaults),
+            changed=[*element_variables, "element-name", "max-jobs"],
+        )
         variables.check()
         return variables
 
@@ -1104,19 +1156,26 @@ class _SandboxConfig:
     build_gid: int | None
 
 
-def _sandbox(layers: tuple[MappingNode | None, ...], variables: Variables) -> _SandboxConfig:
-    """The element's ``sandbox:`` as BuildStream composes it: project.conf's, then
-    the kind's defaults (with project.conf ``elements: KIND: sandbox``), then
-    the element's; each key's value comes from the last layer setting it."""
-    values: dict[str, ScalarNode] = {}
-    for node in layers:
-        if node is None:
-            continue
-        node.validate_keys(_SANDBOX_KEYS, unsupported=_SANDBOX_UNSUPPORTED)
-        for key in _SANDBOX_KEYS:
-            scalar = node.get_scalar(key)
-            if scalar is not None:
-                values[key] = scalar
+def _sandbox_values(
+    below: dict[str, ScalarNode], node: MappingNode | None
+) -> dict[str, ScalarNode]:
+    """A ``sandbox:`` layer (checked) over the values of the layers below it:
+    each key's value comes from the last layer setting it."""
+    if node is None:
+        return below
+    node.validate_keys(_SANDBOX_KEYS, unsupported=_SANDBOX_UNSUPPORTED)
+    values = dict(below)
+    for key in _SANDBOX_KEYS:
+        scalar = node.get_scalar(key)
+        if scalar is not None:
+            values[key] = scalar
+    return values
+
+
+def _sandbox(values: dict[str, ScalarNode], variables: Variables) -> _SandboxConfig:
+    """The element's ``sandbox:`` as BuildStream composes it (the values of
+    :func:`_sandbox_values` over project.conf's, then the kind's defaults
+    (with project.conf ``elements: KIND: sandbox``), then the element's)."""
     os_node = values.get("build-os")
     arch_node = values.get("build-arch")
     build_os = host_os()
@@ -1223,13 +1282,17 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _compose_mappings(base: MappingNode | None, overlay: MappingNode | None) -> MappingNode | None:
+def _compose_mappings(
+    base: MappingNode | None, overlay: MappingNode | None, *, check: bool = True
+) -> MappingNode | None:
     """``overlay`` composed onto ``base`` as BuildStream composes (list directives
-    applied), then checked for leftover directives; None when both are absent."""
+    applied), then (``check``) checked for leftover directives; None when both
+    are absent."""
     if overlay is None:
         return base
     if base is None:
         base = MappingNode(mark=overlay.mark, path=overlay.path)
     composed = compose(base, overlay)
-    assert_fully_composited(composed)
+    if check:
+        assert_fully_composited(composed)
     return composed

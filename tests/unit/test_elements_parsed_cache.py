@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from pipeline.elements import nodes
 from pipeline.elements.errors import LoadError
-from pipeline.elements.nodes import load_yaml
+from pipeline.elements.nodes import FolderCache, MappingNode, load_yaml
 from pipeline.elements.variables import Definition, SharedVariables, Variables
 
 TEXT = """\
@@ -275,3 +278,254 @@ def test_an_element_redefining_a_variable_into_a_cycle_is_refused() -> None:
 def test_a_broken_shared_layer_is_refused_when_shared() -> None:
     with pytest.raises(LoadError, match="undefined variable 'nope'"):
         SharedVariables(definitions(a="%{nope}"))
+
+
+@pytest.mark.parametrize(
+    ("text", "plain", "plain_when_cached"),
+    [
+        (TEXT, True, True),
+        ("kind: manual\nconfig:\n  (?):\n  - debug:\n      x: y\n", False, False),
+        ("kind: manual\n(@): inc.yml\n", False, False),
+        ("kind: manual\nconfig:\n  build-commands:\n    (>):\n    - make\n", False, False),
+        ("kind: manual\nsources:\n- kind: local\n  x:\n  - {(!): no}\n", False, False),
+        # A value starting with "(" looks like a key in an entry: walked, to be safe.
+        ('kind: manual\ndescription: "(?) is only text here"\n', True, False),
+    ],
+)
+def test_a_file_says_whether_it_holds_directives_parsed_or_cached(
+    tmp_path: Path, cache: Path, text: str, plain: bool, plain_when_cached: bool
+) -> None:
+    # Given a file with or without a directive key (at any depth)
+    path = tmp_path / "a.bst"
+    path.write_text(text)
+
+    # When it is parsed (a miss), then read from its cache entry (a hit)
+    parsed = load_yaml(path, "a.bst")
+    cached = load_yaml(path, "a.bst")
+
+    # Then both say so (a hit may only err towards "walk it", never miss a
+    # directive); a copy never claims it
+    assert parsed.plain is plain
+    assert cached.plain is plain_when_cached
+    from pipeline.elements.composition import clone_mapping
+
+    assert clone_mapping(parsed).plain is False
+
+
+def test_a_directive_deep_in_a_cached_file_is_still_applied(tmp_path: Path, cache: Path) -> None:
+    # Given an element whose conditional sits below the top, loaded twice
+    # (the second time from its cache entry)
+    from pipeline.cas import LocalCas
+    from pipeline.elements import load_project
+
+    root = tmp_path / "project"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text(
+        "name: test\nelement-path: elements\n"
+        "options:\n  debug:\n    type: bool\n    description: d\n    default: 'False'\n"
+    )
+    (root / "elements" / "a.bst").write_text(
+        "kind: manual\nvariables:\n  mode: plain\n  (?):\n  - debug:\n      mode: debug\n"
+    )
+    for _ in range(2):
+        # When it is loaded with the option set
+        project = load_project(root, cas=LocalCas(tmp_path / "cas"), options={"debug": "true"})
+        element = project.load_targets(["a.bst"])[-1]
+        # Then the conditional applied both times
+        assert element.variables.as_dict()["mode"] == "debug"
+
+
+# --- a folder's files by stat (FolderCache) ------------------------------------------
+
+
+@pytest.fixture
+def settled_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Files written by a test are seconds old at most: trust their stat at once.
+    monkeypatch.setattr(nodes, "SETTLED_NS", 0)
+
+
+def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files FolderCache hands to load_yaml (those it could not skip)."""
+    reads: list[str] = []
+    real = nodes.load_yaml
+
+    def load(path: Path | str, display: str) -> MappingNode:
+        reads.append(display)
+        return real(path, display)
+
+    monkeypatch.setattr(nodes, "load_yaml", load)
+    return reads
+
+
+def test_an_unchanged_folder_is_loaded_without_reading_its_files(
+    tmp_path: Path, cache: Path, settled_now: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a folder's files loaded once through its FolderCache, saved
+    (tmp_path / "a.bst").write_text(TEXT)
+    (tmp_path / "b.bst").write_text("kind: stack\n")
+    first = FolderCache.open(str(tmp_path))
+    assert first is not None
+    loaded = {n: first.load(str(tmp_path / n), n) for n in ("a.bst", "b.bst")}
+    first.save()
+    reads = counting_reads(monkeypatch)
+
+    # When a new one loads them again
+    again = FolderCache.open(str(tmp_path))
+    assert again is not None
+    reloaded = {n: again.load(str(tmp_path / n), n) for n in ("a.bst", "b.bst")}
+
+    # Then no file was read, and the nodes, marks and flags are the same
+    assert reads == []
+    assert reloaded == loaded
+    assert reloaded["a.bst"].mark == loaded["a.bst"].mark
+    assert [n.plain for n in reloaded.values()] == [True, True]
+
+
+def test_an_edit_keeping_size_and_mtime_is_read_again(
+    tmp_path: Path, cache: Path, settled_now: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a file kept by its stat
+    path = tmp_path / "a.bst"
+    path.write_text("kind: manual\nvariables:\n  x: '1'\n")
+    folder = FolderCache.open(str(tmp_path))
+    assert folder is not None
+    folder.load(str(path), "a.bst")
+    folder.save()
+    before = path.stat()
+
+    # When it is rewritten with the same size, its mtime put back (its ctime
+    # moves: a later tick of the kernel's coarse clock, hence the pause;
+    # within one tick only the settling delay, off here, protects)
+    time.sleep(0.05)
+    path.write_text("kind: manual\nvariables:\n  x: '2'\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    reads = counting_reads(monkeypatch)
+    again = FolderCache.open(str(tmp_path))
+    assert again is not None
+    node = again.load(str(path), "a.bst")
+
+    # Then it was read, and the new value is loaded
+    assert reads == ["a.bst"]
+    variables = node.get_mapping("variables")
+    assert variables is not None and variables.get_str("x") == "2"
+
+
+def test_a_file_changed_moments_ago_is_not_kept_by_its_stat(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a file just written (its stat could be that of a later rewrite
+    # within the file system's timestamp granularity)
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    folder = FolderCache.open(str(tmp_path))
+    assert folder is not None
+    folder.load(str(path), "a.bst")
+    folder.save()
+
+    # When it is loaded again
+    reads = counting_reads(monkeypatch)
+    again = FolderCache.open(str(tmp_path))
+    assert again is not None
+    again.load(str(path), "a.bst")
+
+    # Then it was read (through its content-addressed entry)
+    assert reads == ["a.bst"]
+
+
+def test_a_damaged_folder_cache_is_ignored_and_rewritten(
+    tmp_path: Path, cache: Path, settled_now: None
+) -> None:
+    # Given a folder cache file that was damaged
+    path = tmp_path / "a.bst"
+    path.write_text(TEXT)
+    folder = FolderCache.open(str(tmp_path))
+    assert folder is not None
+    expected = folder.load(str(path), "a.bst")
+    folder.save()
+    kept = Path(folder.file)
+    kept.write_bytes(kept.read_bytes()[:-7] + b"garbage")
+
+    # When the folder is loaded again
+    again = FolderCache.open(str(tmp_path))
+    assert again is not None
+
+    # Then the file is read as if there were no cache, and the cache is rewritten
+    assert again.load(str(path), "a.bst") == expected
+    again.save()
+    third = FolderCache.open(str(tmp_path))
+    assert third is not None and third._entries.keys() == {str(path)}
+
+
+def test_an_edited_element_changes_its_key_through_the_folder_cache(
+    tmp_path: Path, cache: Path, settled_now: None
+) -> None:
+    # Given a project loaded once (its element files kept by stat)
+    from pipeline.cas import LocalCas
+    from pipeline.elements import load_project
+
+    root = tmp_path / "project"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text("name: test\nelement-path: elements\n")
+    element = root / "elements" / "a.bst"
+    element.write_text("kind: manual\nconfig:\n  build-commands:\n  - echo 1\n")
+
+    def key() -> str:
+        project = load_project(root, cas=LocalCas(tmp_path / "cas"))
+        return project.load_targets(["a.bst"])[-1].cache_key
+
+    first = key()
+    assert key() == first
+
+    # When the element is edited (same size; a later clock tick, see above)
+    time.sleep(0.05)
+    element.write_text("kind: manual\nconfig:\n  build-commands:\n  - echo 2\n")
+
+    # Then its key changes, as without the cache
+    assert key() != first
+
+
+def test_elements_redefining_shared_variables_load_as_without_sharing(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given elements of one kind that share its variables, some redefining
+    # one (notparallel both ways, a variable others use, a new one)
+    from pipeline.cas import LocalCas
+    from pipeline.elements import load_project
+    from pipeline.elements.project import Project
+
+    root = tmp_path / "project"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text(
+        "name: test\nelement-path: elements\n"
+        "variables:\n  prefix: /usr\n  tool: '%{prefix}/bin/x'\n  notparallel: 'true'\n"
+    )
+    own = {
+        "a.bst": "",
+        "b.bst": "variables:\n  notparallel: 'false'\n",
+        "c.bst": "variables:\n  prefix: /opt\n",
+        "d.bst": "variables:\n  extra: '%{tool} %{element-name}'\n",
+    }
+    for name, text in own.items():
+        (root / "elements" / name).write_text(
+            "kind: manual\n" + text + "config:\n  build-commands:\n  - '%{tool} -j%{max-jobs}'\n"
+        )
+
+    def loaded() -> list[tuple[str, dict[str, str], str]]:
+        project = load_project(root, cas=LocalCas(tmp_path / "cas"))
+        return [
+            (e.name, e.variables.as_dict(), e.cache_key) for e in project.load_targets(list(own))
+        ]
+
+    # When they are loaded with the shared layer, and without it
+    shared = loaded()
+    monkeypatch.setattr(Project, "_shared_variables", lambda self, kind, defaults: None)
+    unshared = loaded()
+
+    # Then every variable and key is the same
+    assert shared == unshared
+    by_name = {name: variables for name, variables, _ in shared}
+    assert by_name["a.bst"]["max-jobs"] == "1"
+    assert by_name["b.bst"]["max-jobs"] != "1"
+    assert by_name["c.bst"]["tool"] == "/opt/bin/x"
+    assert by_name["d.bst"]["extra"] == "/usr/bin/x d.bst"

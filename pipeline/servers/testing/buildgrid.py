@@ -55,6 +55,10 @@ schedulers:
     session-expiry-timer-interval: 2
     poll-interval: 0.25
     bot-poll-interval: 0.25
+    # A bot's UpdateBotSession takes queued jobs up to its free capacity in
+    # the same call (the one reporting a finished lease, or a heartbeat),
+    # instead of waiting for the assigner thread to notice the free slot.
+    proactive-fetch-to-capacity: {proactive_fetch}
     property-set: !dynamic-property-set
       match-property-keys: [OSFamily, ISA]
       # Sent by elements with sandbox build-uid/build-gid; buildbox-run
@@ -126,8 +130,10 @@ class BuildGridServer(Server):
         bot_session_keepalive_timeout: int = 10,
         thread_pool_size: int = 128,
         failure_backoff: float = 0.25,
+        proactive_fetch: bool = True,
     ) -> None:
         super().__init__(workdir)
+        self.proactive_fetch = proactive_fetch
         self.thread_pool_size = thread_pool_size
         self.failure_backoff = failure_backoff
         self.postgres = postgres
@@ -163,6 +169,7 @@ class BuildGridServer(Server):
                 keepalive=self.bot_session_keepalive_timeout,
                 thread_pool_size=self.thread_pool_size,
                 failure_backoff=self.failure_backoff,
+                proactive_fetch="true" if self.proactive_fetch else "false",
             )
         )
         self._popen([bgd, "server", "start", str(self.config_path)], env)

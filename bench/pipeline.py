@@ -604,27 +604,17 @@ def remex_stack(
 
 @contextlib.contextmanager
 def grid_stack(
-    work: Path,
-    workers: int,
-    concurrency: int,
-    bots: int,
-    capacity: int,
-    bot_local_cas: str = "on",
-    proactive_fetch: str = "on",
+    work: Path, workers: int, concurrency: int, bots: int, capacity: int, bot_local_cas: str = "on"
 ) -> Iterator[tuple[RemexConfig, dict[str, str], list[BotProcess]]]:
     """PostgreSQL + BuildGrid 0.4.4 (execution, CAS, ActionCache), a casd as
     the artifact server, redis, ``bots`` x ``remex bot --capacity CAPACITY``
     (buildbox-run) and ``workers`` x ``remex worker`` (production settings).
     Everything is stopped by PID (SIGTERM, then SIGKILL), the last started first.
-    ``bot_local_cas`` ``off`` runs the bots without their local casd;
-    ``proactive_fetch`` ``off`` leaves every assignment to BuildGrid's
-    assigner thread (``proactive-fetch-to-capacity: false``)."""
+    ``bot_local_cas`` ``off`` runs the bots without their local casd."""
     root = work / "grid-stack"
     with (
         PostgresServer(root / "postgres") as postgres,
-        BuildGridServer(
-            root / "buildgrid", postgres, proactive_fetch=proactive_fetch == "on"
-        ) as grid,
+        BuildGridServer(root / "buildgrid", postgres) as grid,
         RemexStack(
             root,
             execution=grid,
@@ -652,12 +642,6 @@ def main() -> int:
         choices=("on", "off"),
         default="on",
         help="the bots' buildbox-casd in front of buildbox-run (off: --disable-localcas)",
-    )
-    parser.add_argument(
-        "--proactive-fetch",
-        choices=("on", "off"),
-        default="on",
-        help="BuildGrid's proactive-fetch-to-capacity (off: its assigner thread alone)",
     )
     parser.add_argument("--wide", type=int, default=32)
     parser.add_argument("--chain", type=int, default=20)
@@ -697,17 +681,11 @@ def main() -> int:
             stacks.append(
                 f"BuildGrid stack: BuildGrid 0.4.4 on PostgreSQL, casd (artifacts), redis, "
                 f"{args.bots} remex bots x capacity {args.capacity} (buildbox-run, local CAS "
-                f"{args.bot_local_cas}; proactive fetch {args.proactive_fetch}), "
+                f"{args.bot_local_cas}), "
                 f"{args.workers} workers x {args.concurrency} threads"
             )
             with grid_stack(
-                work,
-                args.workers,
-                args.concurrency,
-                args.bots,
-                args.capacity,
-                args.bot_local_cas,
-                args.proactive_fetch,
+                work, args.workers, args.concurrency, args.bots, args.capacity, args.bot_local_cas
             ) as (
                 config,
                 env,

@@ -31,6 +31,10 @@ no-op rebuild):
    shown as the stack's own floor; the notes give the bots' timeline
    (ExecutedActionMetadata: queued, worker start/completed, the command) and
    how many actions each bot ran.
+5. chain-buildgrid: the chain of case 2 on that BuildGrid stack (each
+   action waits for BuildGrid to hand it to an idle bot: its assigner's
+   interval shows here); its floor is the chain built in-process against
+   BuildGrid.
 
 Every build uses a fresh salt (an environment variable of every command), so
 runs never hit each other's caches. Wall time is submit start to the build's
@@ -40,7 +44,7 @@ salts); the table shows the median run, the notes every run's wall time.
 Other processes on the machine skew the figures: the header shows the load.
 
 Run: ``.venv/bin/python -m bench.pipeline [--repeat 3]
-[--cases wide,chain,noop,wide-buildgrid] [--workers 2] [--concurrency 8] [--jobs 8]
+[--cases wide,chain,noop,wide-buildgrid,chain-buildgrid] [--workers 2] [--concurrency 8] [--jobs 8]
 [--bots 2] [--capacity 4] [--wide 32] [--chain 20] [--noop 100] [--keep]``
 """
 
@@ -90,7 +94,7 @@ WAIT_POLL = 0.02
 BUILD_TIMEOUT = 600.0
 STAGES = ("stage_to_cas", "upload", "execute", "fetch_outputs", "push_artifact")
 CASD_CASES = ("wide", "chain", "noop")
-GRID_CASES = ("wide-buildgrid",)
+GRID_CASES = ("wide-buildgrid", "chain-buildgrid")
 # Production settings for the workers (the tests use shorter ones).
 HEARTBEAT_TIMEOUT = 30.0
 RECONCILE_INTERVAL = 5.0
@@ -444,7 +448,7 @@ def _seconds(timestamp: Any) -> float:
     return float(timestamp.ToNanoseconds()) / 1e9
 
 
-def case_chain(bench: Bench, n: int) -> list[Row]:
+def case_chain(bench: Bench, n: int, case: str = "chain") -> list[Row]:
     project = bench.project(n, "chain")
     api_build(project.path, ["base.bst"], bench.config)
     names = project.elements
@@ -466,7 +470,7 @@ def case_chain(bench: Bench, n: int) -> list[Row]:
     stage_means = {s: statistics.mean(float(i["timings"].get(s, 0)) for i in infos) for s in STAGES}
     rows = [
         Row(
-            f"chain: {n} trivial elements in a row",
+            f"{case}: {n} trivial elements in a row",
             n,
             run.wall,
             "< 150 ms/element on top of the action",
@@ -498,7 +502,7 @@ def case_chain(bench: Bench, n: int) -> list[Row]:
         raise RuntimeError(f"in-process chain build failed: {bad}")
     rows.append(
         Row(
-            f"chain floor: same {n} in-process, no Celery",
+            f"{case} floor: same {n} in-process, no Celery",
             n,
             floor,
             "reference",
@@ -679,7 +683,7 @@ def main() -> int:
                     rows += repeated(lambda: case_chain(bench, args.chain), args.repeat, key=0)
                 if "noop" in cases:
                     rows += repeated(lambda: case_noop(bench, args.noop), args.repeat, key=1)
-        if "wide-buildgrid" in cases:
+        if set(cases) & set(GRID_CASES):
             stacks.append(
                 f"BuildGrid stack: BuildGrid 0.4.4 on PostgreSQL, casd (artifacts), redis, "
                 f"{args.bots} remex bots x capacity {args.capacity} (buildbox-run, local CAS "
@@ -704,9 +708,14 @@ def main() -> int:
                     label="bots",
                     bots=bots,
                 )
-                rows += repeated(
-                    lambda: case_wide(bench, args.wide, "wide-buildgrid"), args.repeat, key=1
-                )
+                if "wide-buildgrid" in cases:
+                    rows += repeated(
+                        lambda: case_wide(bench, args.wide, "wide-buildgrid"), args.repeat, key=1
+                    )
+                if "chain-buildgrid" in cases:
+                    rows += repeated(
+                        lambda: case_chain(bench, args.chain, "chain-buildgrid"), args.repeat, key=0
+                    )
     finally:
         if args.keep:
             print(f"work folder kept: {work}", file=sys.stderr)

@@ -7,6 +7,7 @@ CAS of tests/fakeserver.py.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2
 
+from bot import runners
 from bot.errors import BadActionError, LeaseCancelled, MissingInputsError, RunnerError
 from bot.lease import LeaseRunner
 from bot.localcas import proxy_args
@@ -460,3 +462,37 @@ def test_a_cancelled_buildbox_run_is_killed_with_its_children(setup: Setup, tmp_
         _run(runner, setup, setup.action("true"), cancel)
     child = int(pid_file.read_text())
     assert not pid_alive(child)
+
+
+# --------------------------------------------------------------------------- waiting for a run
+
+
+def test_a_run_that_exits_is_seen_at_once_not_at_the_next_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With a pidfd the exit wakes the wait: a poll interval far longer than
+    # the command shows it is not what ends the wait.
+    monkeypatch.setattr(runners, "POLL_INTERVAL", 30.0)
+    proc = subprocess.Popen(["sleep", "0.1"], start_new_session=True)
+    began = time.monotonic()
+    how = runners._wait(proc, threading.Event(), None)
+    assert how == "exited"
+    assert time.monotonic() - began < 10.0
+    assert proc.returncode == 0
+
+
+def test_without_a_pidfd_a_run_is_polled_to_its_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runners, "_open_pidfd", lambda pid: None)
+    proc = subprocess.Popen(["sh", "-c", "exit 3"], start_new_session=True)
+    assert runners._wait(proc, threading.Event(), None) == "exited"
+    assert proc.returncode == 3
+
+
+def test_a_cancelled_wait_kills_the_run_even_with_a_pidfd() -> None:
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    began = time.monotonic()
+    assert runners._wait(proc, cancel, None) == "cancelled"
+    assert time.monotonic() - began < 30.0
+    assert proc.returncode is not None

@@ -31,6 +31,7 @@ import yaml
 from cli import main as remex_cli
 from pipeline.config import load_config
 from pipeline.servers import buildbox_dir
+from pipeline.servers.testing.buildgrid import buildgrid_config as stack_grid_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -561,6 +562,24 @@ def test_buildgrid_config_has_the_test_stack_settings() -> None:
     env = service_env(services()["buildgrid"])
     assert env["BGD_DATABASE_URL"].startswith("postgresql+psycopg2://bgd:")
     assert env["BGD_DATABASE_URL"].endswith("@postgres:5432/bgd")
+
+
+def test_buildgrid_config_schedules_like_the_test_stack() -> None:
+    # Given deploy/buildgrid.yml and the config the tests and benches run
+    # BuildGrid with (pipeline/servers/testing/buildgrid.py, its defaults)
+    tested = yaml.load(
+        stack_grid_config("127.0.0.1:1", "postgresql+psycopg2://bgd@127.0.0.1:1/bgd"),
+        Loader=_TaggedLoader,
+    )
+    deployed = buildgrid_config()
+    # Then both schedule alike: the same scheduler timings, assigner and
+    # thread pool (what the speed of a build on BuildGrid hangs on)
+    refs = {"kind", "sql", "storage", "action-cache"}
+    scheduler, expected = deployed["schedulers"][0], tested["schedulers"][0]
+    assert {k: v for k, v in scheduler.items() if k not in refs} == {
+        k: v for k, v in expected.items() if k not in refs
+    }
+    assert deployed["thread-pool-size"] == tested["thread-pool-size"]
 
 
 # --------------------------------------------------------------------------- Dockerfile

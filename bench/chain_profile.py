@@ -1,13 +1,19 @@
 """Where a chain's time goes, stage by stage, without Celery: RPCs per stage.
 
 Starts a buildbox-casd (execution, CAS, ActionCache, Remote Asset), makes a
-chain of ``--n`` trivial elements (:func:`pipeline.testing.dag.make_dag_project`),
-and builds it in-process with the five stage functions, counting every RPC
+chain (or ``--shape dag``) of ``--n`` trivial elements
+(:func:`pipeline.testing.dag.make_dag_project`), and builds it in-process
+with the five stage functions, counting every RPC
 (``Remote.call``, by what it did) and the CAS bytes moved
 (:data:`pipeline.reapi.cas.traffic.TRAFFIC`) per stage. Prints, per stage:
 mean time, RPCs per element by kind, bytes down/up per element.
 
-Run: ``.venv/bin/python -m bench.chain_profile [--n 20] [--download minimal|all]``
+``--workers 2`` builds as two workers would: two contexts, each with its own
+local CAS and connections, the elements dealt to them in turn, so that a
+dependency built on the other worker costs what it costs a real worker.
+
+Run: ``.venv/bin/python -m bench.chain_profile [--n 20] [--shape chain|dag]
+[--workers 1|2] [--download minimal|all]``
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--download", choices=("minimal", "all"), default=None)
+    parser.add_argument("--shape", choices=("chain", "dag"), default="chain")
+    parser.add_argument("--workers", type=int, choices=(1, 2), default=1)
     args = parser.parse_args(argv)
     from bench.pipeline import prepared_specs
 
@@ -71,14 +79,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     casd = CasdServer(work / "casd", jobs=8)
     try:
         casd.start()
-        project = make_dag_project(work / "chain", n=args.n, shape="chain")
+        project = make_dag_project(work / "project", n=args.n, shape=args.shape)
         endpoint = Endpoint(casd.url)
         kwargs: dict[str, Any] = {}
         if args.download is not None:
             kwargs["download"] = args.download
-        ctx = StageContext(
-            LocalCas(work / "cas"), Remote(endpoint), Remote(endpoint), owns_remotes=True, **kwargs
-        )
+        contexts = [
+            StageContext(
+                LocalCas(work / f"cas{i}"),
+                Remote(endpoint),
+                Remote(endpoint),
+                owns_remotes=True,
+                **kwargs,
+            )
+            for i in range(args.workers)
+        ]
+        ctx = contexts[0]
         specs = prepared_specs(ctx, project.path, ["all.bst"])
         stages: list[tuple[str, StageFn]] = [
             ("stage_to_cas", stage_to_cas),
@@ -92,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         up: dict[str, int] = collections.defaultdict(int)
         chain = [s for s in specs if s["command"] is not None]
         with counting():
-            for spec in specs:
+            for index, spec in enumerate(specs):
+                ctx = contexts[index % len(contexts)]
                 measured = spec["command"] is not None
                 state: State = State()
                 for name, fn in stages:
@@ -106,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         down[name] += delta.downloaded
                         up[name] += delta.uploaded
         n = len(chain)
-        print(f"{n} chained elements, in-process, download={ctx_download(ctx)}")
+        print(
+            f"{n} elements ({args.shape}), {args.workers} worker(s), in-process, "
+            f"download={ctx_download(ctx)}"
+        )
         print("| stage | mean | RPCs per element | down / element | up / element |")
         print("|---|---|---|---|---|")
         for name, _ in stages:
@@ -116,8 +136,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"| {down[name] / n / 1024:.1f} KiB | {up[name] / n / 1024:.1f} KiB |"
             )
         total = sum(seconds.values())
+        unary = sum(sum(CALLS[name].values()) for name, _ in stages)
         print(f"total {total:.2f} s, {total / n * 1000:.0f} ms per element")
-        ctx.close()
+        print(f"unary RPCs per element (+ the Execute stream): {unary / n:.2f}")
+        for each in contexts:
+            each.close()
     finally:
         casd.stop()
         shutil.rmtree(work, ignore_errors=True)

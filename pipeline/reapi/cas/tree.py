@@ -8,6 +8,7 @@ stored.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.cas.store import LocalCas
@@ -49,11 +50,13 @@ class TreeReader:
         """See :meth:`CasClient.get_tree`."""
         return [entry.directory for entry in self._tree_directories(root)]
 
-    def fetch_tree(self, local_cas: LocalCas, root: Digest) -> int:
+    def fetch_tree(
+        self, local_cas: LocalCas, root: Digest, prefetched: Sequence[re_pb2.Directory] = ()
+    ) -> int:
         """See :meth:`CasClient.fetch_tree`."""
         if local_cas.contains(root) and _complete_locally(local_cas, root):
             return 0
-        entries = self._tree_directories(root)
+        entries = self._tree_directories(root, prefetched)
         files = [f.digest for e in entries for f in e.directory.files]
         stats = self.downloader.download_into(local_cas, files)
         stored = 0
@@ -64,7 +67,9 @@ class TreeReader:
                 stored += 1
         return stats.blobs_fetched + stored
 
-    def fetch_directories(self, local_cas: LocalCas, root: Digest) -> int:
+    def fetch_directories(
+        self, local_cas: LocalCas, root: Digest, prefetched: Sequence[re_pb2.Directory] = ()
+    ) -> int:
         """See :meth:`CasClient.fetch_directories`."""
         incarnation = local_cas.incarnation()
         memo = (str(local_cas.root), incarnation or (0, 0), digest_key(root))
@@ -75,7 +80,7 @@ class TreeReader:
         stored = 0
         if not _directories_locally(local_cas, root):
             # Children before parents (reverse breadth-first order), root last.
-            for entry in reversed(self._tree_directories(root)):
+            for entry in reversed(self._tree_directories(root, prefetched)):
                 if not local_cas.contains(entry.digest):
                     local_cas.put_verified(entry.data, entry.digest)
                     stored += 1
@@ -94,10 +99,18 @@ class TreeReader:
 
     # --- private -----------------------------------------------------------
 
-    def _tree_directories(self, root: Digest) -> list[_TreeDirectory]:
-        """All directories under ``root``, breadth-first, verified and checked."""
-        answered: list[re_pb2.Directory] = []
-        if root.size_bytes != 0:  # the empty Directory needs no server
+    def _tree_directories(
+        self, root: Digest, prefetched: Sequence[re_pb2.Directory] = ()
+    ) -> list[_TreeDirectory]:
+        """All directories under ``root``, breadth-first, verified and checked.
+
+        ``prefetched``: Directory messages already had from this server (a
+        GetTree of a tree that holds ``root``): used instead of asking again.
+        They are identified by hashing, as a GetTree answer is, and what they
+        lack is read as blobs.
+        """
+        answered: list[re_pb2.Directory] = list(prefetched)
+        if root.size_bytes != 0 and not answered:  # the empty Directory needs no server
             try:
                 answered = self._get_tree_pages(root)
             except RemoteError as exc:

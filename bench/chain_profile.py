@@ -6,7 +6,8 @@ chain (or ``--shape dag``) of ``--n`` trivial elements
 with the five stage functions, counting every RPC
 (``Remote.call``, by what it did) and the CAS bytes moved
 (:data:`pipeline.reapi.cas.traffic.TRAFFIC`) per stage. Prints, per stage:
-mean time, RPCs per element by kind, bytes down/up per element.
+mean time, this process's CPU time, RPCs per element by kind, bytes
+down/up per element.
 
 ``--workers 2`` builds as two workers would: two contexts, each with its own
 local CAS and connections, the elements dealt to them in turn, so that a
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ("push_artifact", push_artifact),
         ]
         seconds: dict[str, float] = collections.defaultdict(float)
+        cpu: dict[str, float] = collections.defaultdict(float)
         down: dict[str, int] = collections.defaultdict(int)
         up: dict[str, int] = collections.defaultdict(int)
         chain = [s for s in specs if s["command"] is not None]
@@ -115,10 +117,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for name, fn in stages:
                     _current.stage = name if measured else "(other)"
                     before = TRAFFIC.snapshot()
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     state = fn(ctx, spec, state)
                     if measured:
                         seconds[name] += time.perf_counter() - t0
+                        cpu[name] += time.process_time() - c0
                         delta = TRAFFIC.snapshot() - before
                         down[name] += delta.downloaded
                         up[name] += delta.uploaded
@@ -127,17 +130,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{n} elements ({args.shape}), {args.workers} worker(s), in-process, "
             f"download={ctx_download(ctx)}"
         )
-        print("| stage | mean | RPCs per element | down / element | up / element |")
-        print("|---|---|---|---|---|")
+        print("| stage | mean | CPU | RPCs per element | down / element | up / element |")
+        print("|---|---|---|---|---|---|")
         for name, _ in stages:
             rpcs = ", ".join(f"{k} {v / n:.1f}" for k, v in sorted(CALLS[name].items()))
             print(
-                f"| {name} | {seconds[name] / n * 1000:.0f} ms | {rpcs} "
+                f"| {name} | {seconds[name] / n * 1000:.0f} ms | {cpu[name] / n * 1000:.1f} ms "
+                f"| {rpcs} "
                 f"| {down[name] / n / 1024:.1f} KiB | {up[name] / n / 1024:.1f} KiB |"
             )
         total = sum(seconds.values())
         unary = sum(sum(CALLS[name].values()) for name, _ in stages)
-        print(f"total {total:.2f} s, {total / n * 1000:.0f} ms per element")
+        print(
+            f"total {total:.2f} s, {total / n * 1000:.0f} ms per element, "
+            f"this process's CPU {sum(cpu.values()) / n * 1000:.1f} ms per element"
+        )
         print(f"unary RPCs per element (+ the Execute stream): {unary / n:.2f}")
         for each in contexts:
             each.close()

@@ -344,12 +344,6 @@ def artifact_files(ctx: StageContext, root: Digest, uri: str, *, whole: bool = T
     return files
 
 
-def artifact_files_digest(ctx: StageContext, root: Digest, uri: str) -> Digest:
-    """The digest of the ``files/`` Directory of the artifact ``root`` (read
-    from the artifact server; nothing is stored locally)."""
-    return _child(_remote_directory(ctx, root, ""), "files", uri)
-
-
 # --- private -----------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from pipeline.cas import LocalCas, import_directory
+from pipeline.digest import digest_to_json
 from pipeline.reapi.channel import Endpoint
 from pipeline.reapi.remote import Remote
 from pipeline.servers import CasdServer
@@ -27,6 +28,9 @@ from pipeline.stages import (
     StageContext,
     checkout_artifact,
     execute,
+    fetch_outputs,
+    lookup_artifact,
+    push_artifact,
     run_stages,
     snapshot_sources,
     stage_to_cas,
@@ -209,3 +213,29 @@ def test_inputs_the_server_lacks_are_sent_by_the_re_upload(
     assert state["exit_code"] == 0
     checkout_artifact(ctx, app, tmp_path / "out")
     assert (tmp_path / "out/usr/share/x/greeting.txt").read_text() == src_text(tmp_path)
+
+
+def test_push_without_the_check_saves_the_lookup_and_still_names_a_whole_artifact(
+    ctx: StageContext, project: str, base: BuildSpec, tmp_path: Path, rpcs: RpcCounter
+) -> None:
+    # Given an element built up to its last stage
+    run_stages(ctx, base)
+    src = make_sources(ctx, tmp_path / "src", {"greeting.txt": f"{uuid.uuid4()}\n"})
+    app = manual_spec(project, "app.bst", APP_SCRIPT, depends=[base], sources=[src])
+    state = stage_to_cas(ctx, app, {})
+    for stage in (upload, execute, fetch_outputs):
+        state = stage(ctx, app, state)
+
+    # When it is pushed by a caller that knows it is the first push
+    rpcs.take()
+    pushed = push_artifact(ctx, app, state, check_existing=False)
+    counts = rpcs.take()
+    # Then no FetchDirectory was made, and the artifact is there and whole
+    assert not counts.get("FetchDirectory") and counts.get("PushDirectory") == 1, counts
+    assert pushed["artifact"] == digest_to_json(lookup_artifact(ctx, app))  # type: ignore[arg-type]
+    checkout_artifact(ctx, app, tmp_path / "out")
+    assert (tmp_path / "out/usr/share/x/greeting.txt").read_text() == src_text(tmp_path)
+    # And the default looks first, and keeps what is there
+    rpcs.take()
+    assert push_artifact(ctx, app, state)["artifact"] == pushed["artifact"]
+    assert rpcs.take().get("FetchDirectory") == 1

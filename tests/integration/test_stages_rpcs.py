@@ -40,6 +40,7 @@ from pipeline.stages.policy import Decision, FailurePolicy, Verdict
 from tests.integration.test_stages import (
     APP_SCRIPT,
     import_spec,
+    lose_blobs,
     make_sources,
     manual_spec,
     src_text,
@@ -239,3 +240,26 @@ def test_push_without_the_check_saves_the_lookup_and_still_names_a_whole_artifac
     rpcs.take()
     assert push_artifact(ctx, app, state)["artifact"] == pushed["artifact"]
     assert rpcs.take().get("FetchDirectory") == 1
+
+
+def test_a_wiped_local_cas_before_each_stage_still_builds_on_one_server(
+    ctx: StageContext, project: str, base: BuildSpec, tmp_path: Path
+) -> None:
+    # Given a base built and a manual element staged on this worker (which
+    # remembers the trees it staged, and would upload without asking)
+    run_stages(ctx, base)
+    src = make_sources(ctx, tmp_path / "src", {"greeting.txt": f"{uuid.uuid4()}\n"})
+    app = manual_spec(project, "app.bst", APP_SCRIPT, depends=[base], sources=[src])
+    state = stage_to_cas(ctx, app, {})
+
+    # When the whole local CAS is wiped before each later stage
+    for stage in (upload, execute, fetch_outputs, push_artifact):
+        lose_blobs(ctx.local_cas)
+        state = stage(ctx, app, state)
+
+    # Then the element is built, and its artifact is whole and right
+    assert state["exit_code"] == 0
+    assert state["artifact"] == digest_to_json(lookup_artifact(ctx, app))  # type: ignore[arg-type]
+    lose_blobs(ctx.local_cas)
+    checkout_artifact(ctx, app, tmp_path / "out")
+    assert (tmp_path / "out/usr/share/x/greeting.txt").read_text() == src_text(tmp_path)

@@ -335,12 +335,12 @@ def artifact_files(ctx: StageContext, root: Digest, uri: str, *, whole: bool = T
         BlobNotFoundError: the server lacks part of the artifact.
         UnsafePathError, DigestMismatchError, RemoteError: as the CAS client.
     """
-    directories = ctx.artifact_cas.get_tree(root)  # root first, each checked
-    files = _child(directories[0], "files", uri)
+    tree = ctx.artifact_cas.read_tree(root)  # verified and checked
+    files = _child(tree.directories[0], "files", uri)
     if whole:
-        ctx.artifact_cas.fetch_tree(ctx.local_cas, files, prefetched=directories)
+        ctx.artifact_cas.fetch_tree(ctx.local_cas, files, within=tree)
     else:
-        ctx.artifact_cas.fetch_directories(ctx.local_cas, files, prefetched=directories)
+        ctx.artifact_cas.fetch_directories(ctx.local_cas, files, within=tree)
     return files
 
 

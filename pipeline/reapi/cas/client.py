@@ -20,7 +20,7 @@ from pipeline.reapi.cas.connection import (
 )
 from pipeline.reapi.cas.copy import BlobCopier
 from pipeline.reapi.cas.download import Downloader, DownloadStats
-from pipeline.reapi.cas.tree import TreeReader
+from pipeline.reapi.cas.tree import RemoteTree, TreeReader
 from pipeline.reapi.cas.upload import BlobSource, Uploader, UploadStats
 from pipeline.reapi.remote import Remote
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -256,23 +256,32 @@ class CasClient:
             DigestMismatchError, ProtocolError: the server sent something wrong.
             RemoteError: the server failed (after retries).
         """
-        return self._trees.get_tree(root)
+        return self.read_tree(root).directories
+
+    def read_tree(self, root: Digest) -> RemoteTree:
+        """As :meth:`get_tree`, kept as a :class:`RemoteTree`: a subtree of it
+        can then be fetched (:meth:`fetch_tree`, :meth:`fetch_directories`
+        with ``within``) without asking the server again.
+
+        Raises:
+            As :meth:`get_tree`.
+        """
+        return self._trees.read_tree(root)
 
     def fetch_tree(
         self,
         local_cas: LocalCas,
         root: Digest,
         *,
-        prefetched: Sequence[re_pb2.Directory] = (),
+        within: RemoteTree | None = None,
     ) -> int:
         """Make the whole tree under Directory ``root`` present in the local CAS.
 
         All directories are fetched and checked before anything is stored; the
         files come next and the directories last, so a stored root means a
-        complete tree. ``prefetched``: Directory messages already read from
-        this server (:meth:`get_tree` of a tree holding ``root``), used
-        instead of a GetTree; each is identified by its hash, so a wrong one
-        is merely unused.
+        complete tree. ``within``: a tree read from this server
+        (:meth:`read_tree`) that holds ``root``: its folders are not asked
+        for again.
 
         Returns:
             How many blobs (files and directories) were fetched.
@@ -282,7 +291,7 @@ class CasClient:
             BlobNotFoundError, DigestMismatchError, ProtocolError, RemoteError:
                 as :meth:`download_into` and :meth:`get_tree`.
         """
-        return self._trees.fetch_tree(local_cas, root, prefetched)
+        return self._trees.fetch_tree(local_cas, root, within)
 
     def forget_local(self) -> None:
         """Forget what this client remembers of local CAS contents (the roots
@@ -295,11 +304,11 @@ class CasClient:
         local_cas: LocalCas,
         root: Digest,
         *,
-        prefetched: Sequence[re_pb2.Directory] = (),
+        within: RemoteTree | None = None,
     ) -> int:
         """Make the Directory messages of the tree under ``root`` present in the
-        local CAS, not its files (build without the bytes). ``prefetched``: as
-        for :meth:`fetch_tree`.
+        local CAS, not its files (build without the bytes). ``within``: as for
+        :meth:`fetch_tree`.
 
         Cheap when they already are: this client remembers the roots it made
         complete (and checks the local CAS still holds the root, in the same
@@ -311,4 +320,4 @@ class CasClient:
         Raises:
             As :meth:`get_tree`.
         """
-        return self._trees.fetch_directories(local_cas, root, prefetched)
+        return self._trees.fetch_directories(local_cas, root, within)

@@ -319,21 +319,29 @@ def resolve_artifact(ctx: StageContext, uri: str) -> Digest:
     return root
 
 
-def artifact_files(ctx: StageContext, root: Digest, uri: str) -> Digest:
+def artifact_files(ctx: StageContext, root: Digest, uri: str, *, whole: bool = True) -> Digest:
     """Fetch the ``files/`` tree of the artifact ``root`` into the local CAS; its digest.
+
+    One GetTree of the artifact's root gives every Directory of the artifact
+    (files/, logs/, meta/: a few more small messages than files/ alone), so
+    the root need not be read first. ``whole``: the files too, or only the
+    Directory messages (build without the bytes).
 
     The artifact's root Directory is read from the server, not stored locally:
     a stored Directory should mean a complete tree there.
+
+    Raises:
+        ProtocolError: the artifact has no ``files/`` folder.
+        BlobNotFoundError: the server lacks part of the artifact.
+        UnsafePathError, DigestMismatchError, RemoteError: as the CAS client.
     """
-    files = artifact_files_digest(ctx, root, uri)
-    ctx.artifact_cas.fetch_tree(ctx.local_cas, files)
+    tree = ctx.artifact_cas.read_tree(root)  # verified and checked
+    files = _child(tree.directories[0], "files", uri)
+    if whole:
+        ctx.artifact_cas.fetch_tree(ctx.local_cas, files, within=tree)
+    else:
+        ctx.artifact_cas.fetch_directories(ctx.local_cas, files, within=tree)
     return files
-
-
-def artifact_files_digest(ctx: StageContext, root: Digest, uri: str) -> Digest:
-    """The digest of the ``files/`` Directory of the artifact ``root`` (read
-    from the artifact server; nothing is stored locally)."""
-    return _child(_remote_directory(ctx, root, ""), "files", uri)
 
 
 # --- private -----------------------------------------------------------------

@@ -30,7 +30,9 @@ __all__ = ["artifact_meta", "push_artifact"]
 
 
 @rederives_lost_blobs
-def push_artifact(ctx: StageContext, spec: BuildSpec, state: State) -> State:
+def push_artifact(
+    ctx: StageContext, spec: BuildSpec, state: State, *, check_existing: bool = True
+) -> State:
     """Stage 5: build the artifact (``files/``, ``logs/``, ``meta/``), upload its
     blobs to the artifact CAS, then name it by the artifact URI (PushDirectory).
     With ``ctx.minimal`` the output files are not on this host: only what the
@@ -39,6 +41,13 @@ def push_artifact(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     Done already when the URI resolves (another run, another host): that
     artifact is kept and returned. On a host that lacks the outputs, they are
     fetched (or, without a command, derived) again first.
+
+    Args:
+        check_existing: look the URI up first (one FetchDirectory). A caller
+            that knows this is the element's first push (the first delivery
+            of its chain's first attempt) may pass False to save the round
+            trip: pushing again under a URI that resolves would only name
+            an equivalent artifact (the same files and logs, another meta).
 
     Returns:
         The state with ``artifact`` (the root digest).
@@ -49,7 +58,7 @@ def push_artifact(ctx: StageContext, spec: BuildSpec, state: State) -> State:
     started = time.monotonic()
     new = state.copy()
     # A deleted (withdrawn) artifact counts as absent: it is made again.
-    existing = fetch_artifact_root(ctx, spec["artifact_uri"])
+    existing = fetch_artifact_root(ctx, spec["artifact_uri"]) if check_existing else None
     if existing is not None:
         new["artifact"] = dj(existing)
         return with_timing(new, "push_artifact", time.monotonic() - started)

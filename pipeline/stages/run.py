@@ -72,7 +72,12 @@ def run_stages(
                 if verdict.decision is not Decision.REUPLOAD:
                     raise
                 reuploads += 1
-                state = upload(ctx, spec, without_operation(state))
+                # As the task runner does: ``reupload`` makes upload ask the
+                # server what it lacks instead of trusting what staging knows.
+                again = without_operation(state)
+                again["reupload"] = True
+                state = upload(ctx, spec, again)
+                state.pop("reupload", None)
         state = fetch_outputs(ctx, spec, state)
         pin_state(pin, state)
         return push_artifact(ctx, spec, state)

@@ -16,12 +16,12 @@ from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 
-from pipeline.cas import merge_trees, tree_digests
+from pipeline.cas import LocalCas, merge_trees, tree_digests
 from pipeline.digest import Digest, digest_from_json, digest_to_str
-from pipeline.errors import BlobNotFoundError, LocalBlobMissingError
+from pipeline.errors import BlobNotFoundError, LocalBlobMissingError, LocalCasError
 from pipeline.reapi.cas import UploadStats
 from pipeline.spec import BuildSpec, CommandSpec
-from pipeline.stages.artifacts import artifact_files_digest, fetch_artifact_root
+from pipeline.stages.artifacts import artifact_files, fetch_artifact_root
 from pipeline.stages.context import StageContext
 from pipeline.stages.errors import (
     BuildFailedError,
@@ -59,6 +59,7 @@ from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
     Action,
     ActionResult,
     Command,
+    Directory,
     Platform,
 )
 
@@ -68,6 +69,7 @@ __all__ = [
     "check_staging",
     "dependency_files",
     "ensure_local_action",
+    "made_by_staging",
     "merged_sources",
     "output_paths_in_command",
     "stage_action",
@@ -410,6 +412,18 @@ def _upload_action(ctx: StageContext, spec: BuildSpec, state: State) -> UploadSt
     action = digest_in(element, state, "action")
     cas = ctx.local_cas
     message = cas.get_message(action, Action)
+    if not state.get("reupload") and not state.get("reuploads"):
+        made = made_by_staging(ctx, spec, message.input_root_digest)
+        if made is not None:
+            # What staging made is sent without asking (one BatchUpdateBlobs,
+            # no FindMissingBlobs); the rest of the input root is the
+            # artifacts' and sources' trees, on the server they came from,
+            # which is the execution CAS. Should the server have lost some
+            # of it, Execute says so and the policy's re-upload (``reupload``
+            # set) takes the path below, which asks the server.
+            return ctx.execution_cas.upload_unless_recent(
+                cas, [*made, message.command_digest, action]
+            )
     # One FindMissingBlobs and (usually) one BatchUpdateBlobs for the whole
     # action: each round trip is a noticeable part of a small element's time.
     # Files the local CAS does not hold (built without the bytes) are on the
@@ -419,6 +433,78 @@ def _upload_action(ctx: StageContext, spec: BuildSpec, state: State) -> UploadSt
         [*tree_digests(cas, message.input_root_digest), message.command_digest, action],
         fallback=None if ctx.artifacts_on_storage else ctx.artifact_cas,
     )
+
+
+def made_by_staging(ctx: StageContext, spec: BuildSpec, input_root: Digest) -> list[Digest] | None:
+    """The Directory messages of ``input_root`` that staging made (merged
+    folders, the folders a tree was placed in): those not in any of the trees
+    staged (the dependencies' artifact files and the sources), which were
+    read from the artifact server.
+
+    None when that cannot be told from this host's memory and local CAS
+    alone, or when the artifact server is not the execution CAS, or when a
+    source step (a patch) made files: then the caller asks the server what
+    it lacks.
+    """
+    if not ctx.artifacts_on_storage:
+        return None
+    layers: list[Digest] = []
+    for dependency in spec["dependencies"]:
+        files = ctx.known_artifact_files(dependency["artifact_uri"])
+        if files is None:
+            return None
+        layers.append(files)
+    for source in spec["sources"]:
+        if "apply" in source or not isinstance(source.get("digest"), dict):
+            return None
+        try:
+            layers.append(digest_from_json(source["digest"]))
+        except ValueError:
+            return None
+    cas = ctx.local_cas
+    try:
+        known_dirs, known_files = _layer_contents(cas, layers)
+        made: list[Digest] = []
+        seen: set[tuple[str, int]] = set()
+        pending = [input_root]
+        while pending:
+            digest = pending.pop()
+            key = (digest.hash, digest.size_bytes)
+            if key in seen or key in known_dirs or digest.size_bytes == 0:
+                continue
+            seen.add(key)
+            made.append(digest)
+            directory = cas.get_message(digest, Directory)
+            for node in directory.files:
+                if node.digest.size_bytes and (
+                    (node.digest.hash, node.digest.size_bytes) not in known_files
+                ):
+                    return None  # a file staging did not take from a tree
+            pending.extend(node.digest for node in directory.directories)
+    except LocalCasError:
+        return None
+    return made
+
+
+def _layer_contents(
+    cas: LocalCas, roots: list[Digest]
+) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """The Directory and file digests (as keys) of the trees under ``roots``."""
+    dirs: set[tuple[str, int]] = set()
+    files: set[tuple[str, int]] = set()
+    pending = list(roots)
+    while pending:
+        digest = pending.pop()
+        key = (digest.hash, digest.size_bytes)
+        if key in dirs:
+            continue
+        dirs.add(key)
+        if digest.size_bytes == 0:
+            continue
+        directory = cas.get_message(digest, Directory)
+        files.update((n.digest.hash, n.digest.size_bytes) for n in directory.files)
+        pending.extend(n.digest for n in directory.directories)
+    return dirs, files
 
 
 def dependency_files(
@@ -434,14 +520,18 @@ def dependency_files(
     dependency = spec["dependencies"][index]
     uri = dependency["artifact_uri"]
     files = ctx.known_artifact_files(uri)
-    if files is None:
-        root = fetch_artifact_root(ctx, uri)
-        if root is None:
-            raise DependencyArtifactMissingError(spec["element"], dependency["element"], uri)
-        files = artifact_files_digest(ctx, root, uri)
-        ctx.remember_artifact_files(uri, files)
     try:
-        _fetch(ctx, files, full=full)
+        if files is None:
+            # Built elsewhere: FetchDirectory, then one GetTree of the
+            # artifact's root brings its files/ tree (not a read of the root
+            # and a GetTree of files/).
+            root = fetch_artifact_root(ctx, uri)
+            if root is None:
+                raise DependencyArtifactMissingError(spec["element"], dependency["element"], uri)
+            files = artifact_files(ctx, root, uri, whole=full or not ctx.minimal)
+            ctx.remember_artifact_files(uri, files)
+        else:
+            _fetch(ctx, files, full=full)
     except BlobNotFoundError as exc:
         ctx.forget_artifacts()
         raise DependencyArtifactMissingError(spec["element"], dependency["element"], uri) from exc

@@ -39,6 +39,8 @@ Keys (see the stage functions for when each is set):
     values may differ when a stage runs twice.
 ``reupload``, ``reuploads``, ``transient_failures``
     kept by the task runner across re-queues (see :mod:`pipeline.stages.policy`).
+    With ``reupload`` or ``reuploads`` set, ``upload`` asks the server what
+    it lacks (FindMissingBlobs) instead of sending only what staging made.
 """
 
 from __future__ import annotations

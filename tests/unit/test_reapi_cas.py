@@ -606,3 +606,52 @@ def test_a_local_read_error_mid_stream_is_raised_as_itself(env: Env) -> None:
     # handler ever runs, so the server counts 0 or 1.)
     assert env.fake.calls["Write"] <= 1
     assert not env.fake.has(digest_of(data))
+
+
+def test_a_subtree_of_a_get_tree_answer_is_fetched_without_asking_again(env: Env) -> None:
+    # Given a tree placed in a folder of a bigger tree, on the server
+    inner, files = make_tree(env.local)
+    outer = env.local.put_message(
+        re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="files", digest=inner)])
+    )
+    env.client.upload_tree(env.local, outer)
+    answer = env.client.read_tree(outer)
+    calls = sum(env.fake.calls.values())
+    # When the inner tree's folders are fetched from that answer
+    other = env.other_local()
+    env.client.fetch_directories(other, inner, within=answer)
+    # Then nothing was asked, and the folders (not the files) are there
+    assert sum(env.fake.calls.values()) == calls
+    assert other.contains(inner) and not other.contains(outer)
+    assert not any(other.contains(digest_of(data)) for data in files.values() if data)
+    # And a whole fetch from it asks only for the files
+    whole = env.other_local("whole")
+    env.client.fetch_tree(whole, inner, within=answer)
+    assert env.fake.calls["GetTree"] == 1 and not whole.missing(tree_digests(env.local, inner))
+
+
+def test_a_tree_read_before_that_lacks_folders_is_completed_by_reading_them(env: Env) -> None:
+    # Given a tree on the server, and one of its folders read as a tree
+    root, _ = make_tree(env.local)
+    env.client.upload_tree(env.local, root)
+    top = env.local.get_message(root, re_pb2.Directory)
+    sub = next(node.digest for node in top.directories if node.name == "sub")
+    partial = env.client.read_tree(sub)
+    # When the whole tree is fetched with it, then no GetTree is asked again:
+    # the folders it lacks (the root, other/) are read as blobs
+    other = env.other_local()
+    env.client.fetch_tree(other, root, within=partial)
+    assert env.fake.calls["GetTree"] == 1 and env.fake.calls["BatchReadBlobs"] >= 1
+    assert not other.missing(tree_digests(env.local, root))
+
+
+def test_upload_unless_recent_sends_without_asking_and_not_twice(env: Env) -> None:
+    made = [env.local.put(b"made here"), env.local.put(b"and this")]
+    # When blobs just made are sent
+    stats = env.client.upload_unless_recent(env.local, [*made, EMPTY_DIGEST])
+    # Then no FindMissingBlobs was made, and one batch sent both
+    assert env.fake.calls["FindMissingBlobs"] == 0 and env.fake.batch_update_counts == [2]
+    assert stats.blobs_sent == 2 and all(env.fake.has(d) for d in made)
+    # And sending them again at once sends nothing
+    assert env.client.upload_unless_recent(env.local, made).blobs_sent == 0
+    assert env.fake.batch_update_counts == [2]

@@ -20,7 +20,7 @@ from pipeline.reapi.cas.connection import (
 )
 from pipeline.reapi.cas.copy import BlobCopier
 from pipeline.reapi.cas.download import Downloader, DownloadStats
-from pipeline.reapi.cas.tree import TreeReader
+from pipeline.reapi.cas.tree import RemoteTree, TreeReader
 from pipeline.reapi.cas.upload import BlobSource, Uploader, UploadStats
 from pipeline.reapi.remote import Remote
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -88,6 +88,22 @@ class CasClient:
             RemoteError: the server refused a blob or failed (after retries).
         """
         return self._uploader.upload_from(local_cas, digests)
+
+    def upload_unless_recent(self, local_cas: BlobSource, digests: Iterable[Digest]) -> UploadStats:
+        """Send the given blobs without asking the server first (no
+        FindMissingBlobs), except those this client sent in the last
+        :data:`~pipeline.reapi.cas.upload.RECENT_UPLOAD_TTL` seconds.
+
+        For blobs the caller has just made and the server most likely lacks:
+        a round trip saved. A blob the server lost since this client sent it
+        is not sent again: the caller must have a way back (an Execute that
+        reports missing inputs is followed by :meth:`upload_missing_from`).
+
+        Raises:
+            LocalBlobMissingError: a blob is not in the local CAS.
+            RemoteError: the server refused a blob or failed (after retries).
+        """
+        return self._uploader.upload_unless_recent(local_cas, digests)
 
     def upload_missing(self, local_cas: BlobSource, digests: Iterable[Digest]) -> UploadStats:
         """Send those of the given blobs that the server lacks.
@@ -240,14 +256,32 @@ class CasClient:
             DigestMismatchError, ProtocolError: the server sent something wrong.
             RemoteError: the server failed (after retries).
         """
-        return self._trees.get_tree(root)
+        return self.read_tree(root).directories
 
-    def fetch_tree(self, local_cas: LocalCas, root: Digest) -> int:
+    def read_tree(self, root: Digest) -> RemoteTree:
+        """As :meth:`get_tree`, kept as a :class:`RemoteTree`: a subtree of it
+        can then be fetched (:meth:`fetch_tree`, :meth:`fetch_directories`
+        with ``within``) without asking the server again.
+
+        Raises:
+            As :meth:`get_tree`.
+        """
+        return self._trees.read_tree(root)
+
+    def fetch_tree(
+        self,
+        local_cas: LocalCas,
+        root: Digest,
+        *,
+        within: RemoteTree | None = None,
+    ) -> int:
         """Make the whole tree under Directory ``root`` present in the local CAS.
 
         All directories are fetched and checked before anything is stored; the
         files come next and the directories last, so a stored root means a
-        complete tree.
+        complete tree. ``within``: a tree read from this server
+        (:meth:`read_tree`) that holds ``root``: its folders are not asked
+        for again.
 
         Returns:
             How many blobs (files and directories) were fetched.
@@ -257,7 +291,7 @@ class CasClient:
             BlobNotFoundError, DigestMismatchError, ProtocolError, RemoteError:
                 as :meth:`download_into` and :meth:`get_tree`.
         """
-        return self._trees.fetch_tree(local_cas, root)
+        return self._trees.fetch_tree(local_cas, root, within)
 
     def forget_local(self) -> None:
         """Forget what this client remembers of local CAS contents (the roots
@@ -265,9 +299,16 @@ class CasClient:
         found gone from the local CAS (wiped, cleaned by another process)."""
         self._trees.forget_local()
 
-    def fetch_directories(self, local_cas: LocalCas, root: Digest) -> int:
+    def fetch_directories(
+        self,
+        local_cas: LocalCas,
+        root: Digest,
+        *,
+        within: RemoteTree | None = None,
+    ) -> int:
         """Make the Directory messages of the tree under ``root`` present in the
-        local CAS, not its files (build without the bytes).
+        local CAS, not its files (build without the bytes). ``within``: as for
+        :meth:`fetch_tree`.
 
         Cheap when they already are: this client remembers the roots it made
         complete (and checks the local CAS still holds the root, in the same
@@ -279,4 +320,4 @@ class CasClient:
         Raises:
             As :meth:`get_tree`.
         """
-        return self._trees.fetch_directories(local_cas, root)
+        return self._trees.fetch_directories(local_cas, root, within)

@@ -32,6 +32,22 @@ class _TreeDirectory:
     """Bytes that hash to ``digest`` (what the local CAS stores)."""
 
 
+@dataclass(frozen=True)
+class RemoteTree:
+    """Every Directory of a tree on one server, read once (verified by hash and
+    checked for hostile names): a subtree of it can be fetched without asking
+    the server for its folders again (:meth:`TreeReader.fetch_tree` ``within``)."""
+
+    root: Digest
+    entries: tuple[_TreeDirectory, ...]
+    """Breadth-first, the root first, each once."""
+
+    @property
+    def directories(self) -> list[re_pb2.Directory]:
+        """The Directory messages, the root first."""
+        return [entry.directory for entry in self.entries]
+
+
 class TreeReader:
     """The tree part of :class:`pipeline.reapi.cas.CasClient` (see there)."""
 
@@ -45,15 +61,17 @@ class TreeReader:
         self._directories_known: set[tuple[str, tuple[int, int], Key]] = set()
         self._known_lock = threading.Lock()
 
-    def get_tree(self, root: Digest) -> list[re_pb2.Directory]:
-        """See :meth:`CasClient.get_tree`."""
-        return [entry.directory for entry in self._tree_directories(root)]
+    def read_tree(self, root: Digest) -> RemoteTree:
+        """See :meth:`CasClient.read_tree`."""
+        return RemoteTree(root, tuple(self._tree_directories(root)))
 
-    def fetch_tree(self, local_cas: LocalCas, root: Digest) -> int:
+    def fetch_tree(
+        self, local_cas: LocalCas, root: Digest, within: RemoteTree | None = None
+    ) -> int:
         """See :meth:`CasClient.fetch_tree`."""
         if local_cas.contains(root) and _complete_locally(local_cas, root):
             return 0
-        entries = self._tree_directories(root)
+        entries = self._tree_directories(root, within)
         files = [f.digest for e in entries for f in e.directory.files]
         stats = self.downloader.download_into(local_cas, files)
         stored = 0
@@ -64,7 +82,9 @@ class TreeReader:
                 stored += 1
         return stats.blobs_fetched + stored
 
-    def fetch_directories(self, local_cas: LocalCas, root: Digest) -> int:
+    def fetch_directories(
+        self, local_cas: LocalCas, root: Digest, within: RemoteTree | None = None
+    ) -> int:
         """See :meth:`CasClient.fetch_directories`."""
         incarnation = local_cas.incarnation()
         memo = (str(local_cas.root), incarnation or (0, 0), digest_key(root))
@@ -75,7 +95,7 @@ class TreeReader:
         stored = 0
         if not _directories_locally(local_cas, root):
             # Children before parents (reverse breadth-first order), root last.
-            for entry in reversed(self._tree_directories(root)):
+            for entry in reversed(self._tree_directories(root, within)):
                 if not local_cas.contains(entry.digest):
                     local_cas.put_verified(entry.data, entry.digest)
                     stored += 1
@@ -94,19 +114,28 @@ class TreeReader:
 
     # --- private -----------------------------------------------------------
 
-    def _tree_directories(self, root: Digest) -> list[_TreeDirectory]:
-        """All directories under ``root``, breadth-first, verified and checked."""
-        answered: list[re_pb2.Directory] = []
-        if root.size_bytes != 0:  # the empty Directory needs no server
+    def _tree_directories(
+        self, root: Digest, within: RemoteTree | None = None
+    ) -> list[_TreeDirectory]:
+        """All directories under ``root``, breadth-first, verified and checked.
+
+        ``within``: a tree already read from this server that holds ``root``:
+        its folders are used instead of asking again (what it lacks is read
+        as blobs).
+        """
+        known: dict[Key, _TreeDirectory] = {}
+        if within is not None:
+            known = {digest_key(entry.digest): entry for entry in within.entries}
+        elif root.size_bytes != 0:  # the empty Directory needs no server
+            answered: list[re_pb2.Directory] = []
             try:
                 answered = self._get_tree_pages(root)
             except RemoteError as exc:
                 if exc.code != "UNIMPLEMENTED":
                     raise self.conn.not_found(exc, root) from exc
-        known: dict[Key, _TreeDirectory] = {}
-        for directory in answered:
-            digest, data = digest_of_message(directory)
-            known.setdefault(digest_key(digest), _TreeDirectory(digest, directory, data))
+            for directory in answered:
+                digest, data = digest_of_message(directory)
+                known.setdefault(digest_key(digest), _TreeDirectory(digest, directory, data))
 
         result: list[_TreeDirectory] = []
         seen: set[Key] = set()

@@ -101,6 +101,13 @@ class Uploader:
         stats = self._upload_once(source, [d for d in wanted if d.size_bytes != 0], since)
         return UploadStats(stats.blobs_sent, stats.bytes_sent, len(wanted) - stats.blobs_sent)
 
+    def upload_unless_recent(self, source: BlobSource, digests: Iterable[Digest]) -> UploadStats:
+        """See :meth:`CasClient.upload_unless_recent`."""
+        since = time.monotonic() - RECENT_UPLOAD_TTL
+        wanted = unique(digests)
+        stats = self._upload_once(source, [d for d in wanted if d.size_bytes != 0], since)
+        return UploadStats(stats.blobs_sent, stats.bytes_sent, len(wanted) - stats.blobs_sent)
+
     def upload_missing(self, source: BlobSource, digests: Iterable[Digest]) -> UploadStats:
         """See :meth:`CasClient.upload_missing`."""
         # Taken before asking the server: an upload by another thread that

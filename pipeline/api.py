@@ -622,34 +622,46 @@ def cached_elements(
     cannot start before then anyway, and its own chain finds its artifact
     (its push keeps an existing artifact; its action is in the ActionCache).
     So a new project costs a lookup per element that could start now, not
-    one per element. The others are looked up a wave at a time (an element's
-    wave comes after its dependencies'), each wave's lookups in parallel.
+    one per element. The others are looked up a wave at a time (an element
+    joins the wave after the one that found the last of its staged
+    dependencies), each wave's lookups in parallel.
 
     Raises:
         RemoteError: the artifact server failed (after retries).
     """
-    depth: dict[str, int] = {}
-    staged: dict[str, list[str]] = {}
-    waves: list[list[int]] = []
-    for index, element in enumerate(elements):  # dependencies first
-        names = [d.name for d in element.staged_dependencies()]
-        staged[element.name] = names
-        level = 1 + max((depth[n] for n in names if n in depth), default=-1)
-        depth[element.name] = level
-        if level == len(waves):
-            waves.append([])
-        waves[level].append(index)
     found: set[str] = set()
+    wave = [index for index, element in enumerate(elements) if not element.staged_dependencies()]
+    # Element index -> how many of its staged dependencies are not found yet,
+    # and who waits for whom: made only once a lookup hits (a new project's
+    # first wave finds nothing, and nothing else is looked up).
+    missing: dict[int, int] = {}
+    dependents: dict[str, list[int]] | None = None
 
     def lookup(index: int) -> bool:
         return lookup_artifact(ctx, specs[index]) is not None
 
     with ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="remex-lookup") as pool:
-        for wave in waves:
-            ready = [i for i in wave if all(n in found for n in staged[elements[i].name])]
-            for index, hit in zip(ready, pool.map(lookup, ready), strict=True):
-                if hit:
-                    found.add(elements[index].name)
+        while wave:
+            hits = [index for index, hit in zip(wave, pool.map(lookup, wave), strict=True) if hit]
+            if not hits:
+                break
+            if dependents is None:
+                dependents = {}
+                for index, element in enumerate(elements):
+                    names = {d.name for d in element.staged_dependencies()}
+                    if names:
+                        missing[index] = len(names)
+                        for name in names:
+                            dependents.setdefault(name, []).append(index)
+            ready: list[int] = []
+            for index in hits:
+                name = elements[index].name
+                found.add(name)
+                for waiting in dependents.get(name, ()):
+                    missing[waiting] -= 1
+                    if missing[waiting] == 0:
+                        ready.append(waiting)
+            wave = sorted(ready)  # plan order
     return found
 
 

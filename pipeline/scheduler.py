@@ -93,6 +93,7 @@ The moves' Lua scripts are files in ``pipeline/lua/``, read when a
 from __future__ import annotations
 
 import json
+import json.encoder
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -109,6 +110,33 @@ from pipeline.spec import BuildSpec
 
 # Specs, infos and dependents written at submit: compact, no cycle check (plain data).
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+# The C encoder behind _COMPACT_JSON, made once: JSONEncoder.encode makes one
+# per call, which is most of the cost of encoding a small value (a build
+# encodes three per element).
+_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_C_COMPACT = (
+    _MAKE_ENCODER(
+        None,  # no cycle check, as check_circular=False
+        _COMPACT_JSON.default,
+        json.encoder.encode_basestring_ascii,  # ensure_ascii=True
+        None,
+        ":",
+        ",",
+        False,  # sort_keys
+        False,  # skipkeys
+        True,  # allow_nan
+    )
+    if _MAKE_ENCODER is not None
+    else None
+)
+
+
+def _compact_json(value: Any) -> str:
+    """``_COMPACT_JSON.encode(value)``, through the encoder made once."""
+    if _C_COMPACT is None:
+        return _COMPACT_JSON.encode(value)
+    return "".join(_C_COMPACT(value, 0))
+
 
 DEFAULT_PREFIX = "remex"
 """The namespace of every key remex writes (see :class:`Keys`)."""
@@ -509,7 +537,7 @@ class Scheduler:
         # the waiting ones are the rest); every one, so that the hash exists.
         counts: dict[Any, Any] = dict.fromkeys(sorted(TERMINAL), 0)
         live: list[str] = []
-        encode = _COMPACT_JSON.encode
+        encode = _compact_json
         for name, state in states.items():
             if state in TERMINAL:
                 counts[state] += 1

@@ -114,6 +114,9 @@ class Element:
         self.sources = sources
         self._cache_key: str | None = None
         self._artifact_uri: str | None = None
+        #: This element's entry in its dependents' key descriptions, as
+        #: canonical JSON (made by pipeline.elements.keys once its key is set).
+        self.key_entry_text: str | None = None
         self._staged: list[Element] | None = None
         self._runtime: list[Element] | None = None
         # Read once per dependent's spec: computed on first use (the public
@@ -187,6 +190,7 @@ class Element:
         """Record the cache key (done by the project loader, dependencies first)."""
         self._cache_key = key
         self._artifact_uri = None
+        self.key_entry_text = None
 
     @property
     def artifact_uri(self) -> str:

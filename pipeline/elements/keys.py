@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.elements.element import Element
 
-__all__ = ["KEY_FORMAT_VERSION", "cache_key", "canonical_json", "key_description"]
+__all__ = ["KEY_FORMAT_VERSION", "cache_key", "canonical_json", "key_description", "key_text"]
 
 KEY_FORMAT_VERSION = 1
 """Bump when the description changes, so that old artifacts are not reused."""
@@ -63,8 +63,9 @@ def canonical_json(value: Any) -> str:
     return "".join(_C_ENCODER(value, 0))
 
 
-def key_description(element: Element) -> dict[str, Any]:
-    """Everything the element's cache key covers, as a JSON-able dict.
+def key_description(element: Element, *, with_dependencies: bool = True) -> dict[str, Any]:
+    """Everything the element's cache key covers, as a JSON-able dict
+    (``with_dependencies=False``: all but ``dependencies``).
 
     Raises:
         ValueError: a staged dependency has no cache key yet.
@@ -74,11 +75,12 @@ def key_description(element: Element) -> dict[str, Any]:
         "kind": element.kind,
         "config": element.key_config(),
         "sources": [source.key_description() for source in element.sources],
-        "dependencies": [
+    }
+    if with_dependencies:
+        description["dependencies"] = [
             {"element": dep.name, "cache_key": dep.cache_key}
             for dep in element.staged_dependencies()
-        ],
-    }
+        ]
     if element.fatal_warnings:
         # As BuildStream: a fatal warning can fail a build that would pass.
         description["fatal-warnings"] = list(element.fatal_warnings)
@@ -99,5 +101,64 @@ def key_description(element: Element) -> dict[str, Any]:
 
 def cache_key(element: Element) -> str:
     """The element's cache key: 64 hex digits."""
-    text = canonical_json(key_description(element))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(key_text(element).encode("utf-8")).hexdigest()
+
+
+def key_text(element: Element) -> str:
+    """``canonical_json(key_description(element))``, made in parts: the public
+    data most elements share (one object, see :attr:`Element.public`) is
+    encoded once, and each dependency's entry once per dependency, not once
+    per dependent.
+
+    Raises:
+        ValueError: a staged dependency has no cache key yet.
+    """
+    description = key_description(element, with_dependencies=False)
+    description["dependencies"] = None  # its text is made below
+    parts = []
+    # The top-level names are plain ASCII: '"name":' is what the encoder writes.
+    for name in sorted(description):
+        if name == "dependencies":
+            text = "[" + ",".join(_dependency_text(d) for d in element.staged_dependencies()) + "]"
+        elif name == "public":
+            text = _SHARED_TEXTS.text(description[name])
+        else:
+            text = canonical_json(description[name])
+        parts.append(f'"{name}":{text}')
+    return "{" + ",".join(parts) + "}"
+
+
+def _dependency_text(dependency: Element) -> str:
+    """``canonical_json({"element": name, "cache_key": key})`` of a dependency,
+    made once per element (it is in the key of every dependent)."""
+    text = dependency.key_entry_text
+    if text is None:
+        text = canonical_json({"element": dependency.name, "cache_key": dependency.cache_key})
+        dependency.key_entry_text = text
+    return text
+
+
+class _SharedTexts:
+    """Canonical JSON of values that many elements share (by identity).
+
+    An entry keeps its value alive, so an id is never reused while it is
+    here; a few entries at most (one per kind and variables layer), cleared
+    when full, as values not shared would only pass through."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._texts: dict[int, tuple[Any, str]] = {}
+
+    def text(self, value: Any) -> str:
+        hit = self._texts.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        text = canonical_json(value)
+        if len(self._texts) >= self._size:
+            self._texts.clear()
+        self._texts[id(value)] = (value, text)
+        return text
+
+
+# Values are read-only once an element holds them (Element.public says so).
+_SHARED_TEXTS = _SharedTexts(64)

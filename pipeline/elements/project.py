@@ -740,7 +740,8 @@ class Project:
             # BuildStream's order for the same input order. Sorted once only:
             # sorting again with such a comparison could move things.
             if not file.deps_sorted:
-                file.deps.sort(key=functools.cmp_to_key(self._compare_dependencies))
+                if len(file.deps) > 1:  # (most files: nothing to compare)
+                    file.deps.sort(key=functools.cmp_to_key(self._compare_dependencies))
                 file.deps_sorted = True
 
     def _compare_dependencies(self, a: _DepRef, b: _DepRef) -> int:

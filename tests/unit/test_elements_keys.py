@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.cas import LocalCas
 from pipeline.elements import KEY_FORMAT_VERSION, canonical_json, key_description, load_project
+from pipeline.elements.keys import key_text
 
 CONF = "name: keys\nelement-path: elements\n"
 
@@ -226,3 +227,32 @@ def test_description_is_canonical_json(tmp_path: Path) -> None:
         description, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
     assert element.cache_key == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_key_text_is_the_canonical_json_of_the_description(tmp_path: Path) -> None:
+    # Given elements sharing their kind's public data (b, c), one with public
+    # data of its own and a non-ASCII name (d), dependencies shared by several
+    # dependents, and a fatal warning
+    root = tmp_path / "p"
+    (root / "elements").mkdir(parents=True)
+    (root / "project.conf").write_text(CONF + "fatal-warnings: [overlaps]\n")
+    (root / "elements/a.bst").write_text("kind: manual\nconfig:\n  build-commands: [make]\n")
+    (root / "elements/b.bst").write_text("kind: manual\nbuild-depends: [a.bst]\n")
+    (root / "elements/c.bst").write_text("kind: manual\nbuild-depends: [a.bst, b.bst]\n")
+    (root / "elements/dé.bst").write_text(
+        "kind: manual\nbuild-depends: [a.bst, c.bst]\n"
+        "public:\n  bst:\n    integration-commands: [ldconfig é]\n  other: {z: 1, a: [x]}\n"
+    )
+    (root / "elements/e.bst").write_text("kind: stack\ndepends: [dé.bst, c.bst]\n")
+    project = load_project(root, cas=LocalCas(tmp_path / "cas"))
+    elements = project.load_targets(["e.bst"])
+    by_name = {e.name: e for e in elements}
+
+    # Then each key is the SHA-256 of the description's canonical JSON, made whole
+    assert by_name["b.bst"].public is by_name["c.bst"].public
+    for element in elements:
+        text = canonical_json(key_description(element))
+        assert key_text(element) == text
+        assert element.cache_key == hashlib.sha256(text.encode()).hexdigest()
+    assert '"public":' in key_text(by_name["dé.bst"])
+    assert '"fatal-warnings":["overlaps"]' in key_text(by_name["a.bst"])

@@ -17,15 +17,11 @@ def collector_paused() -> Iterator[None]:
     that live as long as the process and form few cycles: the collector,
     triggered every 700 allocations, walked them again and again (20-40 ms
     of a ``remex build`` on this machine). It runs again afterwards,
-    unless it was off already, blind to what exists then (``gc.freeze``)."""
+    unless it was off already."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
-        if enabled:
-            # Out of the collector's sight for good: else the first
-            # collection after this would walk them all at once.
-            gc.freeze()
     finally:
         if enabled:
             gc.enable()

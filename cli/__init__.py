@@ -9,11 +9,8 @@ the worker's app or the bot; :mod:`cli.source` the ``source`` group),
 
 from __future__ import annotations
 
-from cli.startup import collector_paused
-
-with collector_paused():
-    from cli.main import main
-    from cli.source import source
+from cli.main import main
+from cli.source import source
 
 # Groups in modules of their own join ``remex`` here (they import cli.main).
 main.add_command(source)

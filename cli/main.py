@@ -25,7 +25,6 @@ from cli.progress import (
     status_json,
     table,
 )
-from cli.startup import collector_paused
 from pipeline import __version__
 
 if TYPE_CHECKING:
@@ -142,9 +141,8 @@ def build(
     one line per element state change. Then the summary. With --json-lines,
     JSON objects on stdout instead (one per event, then the summary).
     """
-    with collector_paused():
-        from pipeline import api
-        from pipeline.config import ON_ERROR_MODES
+    from pipeline import api
+    from pipeline.config import ON_ERROR_MODES
 
     if on_error is not None and on_error not in ON_ERROR_MODES:
         fail(f"--on-error: unknown mode {on_error!r} (one of {', '.join(ON_ERROR_MODES)})")

@@ -141,6 +141,39 @@ class _RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
     max_priority = PRIORITY_STEPS[-1]
     QoS = _RedisQoS
 
+    # How many packed BRPOP commands a channel keeps (one per order of its
+    # queues, which kombu rotates, and connection): a bound, not a tuning.
+    _BRPOP_CACHE_SIZE = 64
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        # kombu builds and packs the BRPOP command again for every message a
+        # worker takes: one key per queue and priority step (30 steps, so 60
+        # or more keys), each through ``_q_for_pri``'s bisect, then RESP
+        # packing, about a tenth of the consumer loop's CPU (issue 17). The
+        # command only changes with the order of the queues (kombu rotates
+        # it), the timeout and the connection, so it is packed once for each.
+        conn = self.client.connection
+        if self.global_keyprefix or not isinstance(conn, redis.connection.AbstractConnection):
+            super()._brpop_start(timeout)
+            return
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        cache: dict[tuple[int, tuple[str, ...], float], tuple[Any, Any]]
+        cache = self.__dict__.setdefault("_brpop_packed", {})
+        key = (id(conn), tuple(queues), timeout or 0)
+        entry = cache.get(key)
+        if entry is None or entry[0] is not conn:
+            keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+            if len(cache) >= self._BRPOP_CACHE_SIZE:
+                cache.clear()
+            entry = cache[key] = (conn, conn.pack_command("BRPOP", *keys, timeout or 0))
+        self._in_poll = conn
+        self._brpop_sent_at = time.monotonic()
+        conn.send_packed_command(entry[1])
+
 
 class RedisTransport(kombu_redis.Transport):  # type: ignore[misc]
     """kombu's Redis transport, except that a closing channel does not put

@@ -154,7 +154,7 @@ class _RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
         # it), the timeout and the connection, so it is packed once for each.
         conn = self.client.connection
         if self.global_keyprefix or not isinstance(conn, redis.connection.AbstractConnection):
-            super()._brpop_start(timeout)
+            super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
             return
         if timeout is None:
             timeout = self.brpop_timeout
@@ -166,12 +166,17 @@ class _RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
         key = (id(conn), tuple(queues), timeout or 0)
         entry = cache.get(key)
         if entry is None or entry[0] is not conn:
-            keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+            keys = [
+                self._q_for_pri(queue, pri)  # type: ignore[no-untyped-call]
+                for pri in self.priority_steps
+                for queue in queues
+            ]
             if len(cache) >= self._BRPOP_CACHE_SIZE:
                 cache.clear()
-            entry = cache[key] = (conn, conn.pack_command("BRPOP", *keys, timeout or 0))
+            packed = conn.pack_command("BRPOP", *keys, timeout or 0)  # type: ignore[no-untyped-call]
+            entry = cache[key] = (conn, packed)
         self._in_poll = conn
-        self._brpop_sent_at = time.monotonic()
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
         conn.send_packed_command(entry[1])
 
 

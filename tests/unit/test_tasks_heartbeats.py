@@ -1,0 +1,111 @@
+"""A worker's stage heartbeats (one thread for all its stages) and its log lines per task."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.app import TASK_LINE_LOGGERS, quiet_task_lines
+from tasks.stages import Heartbeats
+
+
+@dataclass
+class Recorder:
+    """A scheduler that records heartbeats (and may take its time over one)."""
+
+    delay: float = 0.0
+    beats: list[tuple[str, float]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def heartbeat(self, build: str, element: str) -> None:
+        time.sleep(self.delay)
+        with self.lock:
+            self.beats.append((element, time.monotonic()))
+
+    def of(self, element: str) -> list[float]:
+        with self.lock:
+            return [t for e, t in self.beats if e == element]
+
+
+@dataclass
+class Runtime:
+    scheduler: Any
+    heartbeat_interval: float
+
+
+def payload(element: str) -> dict[str, Any]:
+    return {"build": "b1", "element": element, "attempt": 1, "state": {}}
+
+
+def beat_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "remex-heartbeat"]
+
+
+def test_stages_running_at_once_are_beaten_by_one_thread() -> None:
+    beats = Heartbeats()
+    sched = Recorder()
+    rt = Runtime(sched, heartbeat_interval=0.05)
+    before = len(beat_threads())
+    # Given two stages running at once, the second starting later
+    with beats.kept(rt, payload("a.bst")):
+        time.sleep(0.03)
+        with beats.kept(rt, payload("b.bst")):
+            time.sleep(0.3)
+            # Then one thread more beats both
+            assert len(beat_threads()) == before + 1
+        a, b = sched.of("a.bst"), sched.of("b.bst")
+    # And each element was beaten about every interval, the first one interval after its start
+    assert len(a) >= 4 and len(b) >= 3
+    # And none after its stage ended
+    time.sleep(0.15)
+    assert sched.of("a.bst") == a and sched.of("b.bst") == b
+
+
+def test_a_stage_that_ends_quickly_writes_no_heartbeat() -> None:
+    beats = Heartbeats()
+    sched = Recorder()
+    rt = Runtime(sched, heartbeat_interval=0.2)
+    for _ in range(20):
+        with beats.kept(rt, payload("a.bst")):
+            pass
+    time.sleep(0.3)
+    assert sched.beats == []
+
+
+def test_a_stage_ends_after_its_beat_under_way() -> None:
+    beats = Heartbeats()
+    # A beat that takes 0.1 s (Redis slow), due 0.2 s after the start
+    sched = Recorder(delay=0.1)
+    rt = Runtime(sched, heartbeat_interval=0.2)
+    with beats.kept(rt, payload("a.bst")):
+        time.sleep(0.25)  # the beat is under way now
+    # Then the stage's end waited for it: it landed before the stage moved on
+    assert len(sched.of("a.bst")) == 1
+
+
+def test_a_stage_waits_for_a_stuck_beat_at_most_an_interval() -> None:
+    beats = Heartbeats()
+    sched = Recorder(delay=1.0)
+    rt = Runtime(sched, heartbeat_interval=0.05)
+    start = time.monotonic()
+    with beats.kept(rt, payload("a.bst")):
+        time.sleep(0.08)
+    assert time.monotonic() - start < 0.5
+
+
+def test_celerys_task_lines_are_dropped_unless_the_worker_logs_at_debug() -> None:
+    try:
+        quiet_task_lines(loglevel=logging.INFO)
+        assert all(
+            not logging.getLogger(name).isEnabledFor(logging.INFO) for name in TASK_LINE_LOGGERS
+        )
+        # A failure is still logged
+        assert logging.getLogger("celery.app.trace").isEnabledFor(logging.ERROR)
+        quiet_task_lines(loglevel="DEBUG")
+        assert all(logging.getLogger(name).level == logging.NOTSET for name in TASK_LINE_LOGGERS)
+    finally:
+        for name in TASK_LINE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)

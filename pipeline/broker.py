@@ -8,10 +8,11 @@ sends them with a Celery app configured here, which the worker's app
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import kombu.exceptions
@@ -140,6 +141,25 @@ class _RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
     # build and stage priorities go up to the last step.
     max_priority = PRIORITY_STEPS[-1]
     QoS = _RedisQoS
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        # kombu builds a new redis-py client (whose constructor is costly in
+        # redis 8) for every message it publishes: a task's LPUSH, the
+        # chain's next stage, each batch of task events (issue 17). One
+        # client per channel and connection pool does: a redis-py client is
+        # safe to share between threads (each command takes a connection
+        # from the pool), and a new pool (kombu makes one after a fork or a
+        # lost connection) gets a client of its own.
+        if client:
+            yield client
+            return
+        pool = self.pool
+        shared = self.__dict__.get("_shared_client")
+        if shared is None or shared[0] is not pool:
+            made = self._create_client()  # type: ignore[no-untyped-call]
+            shared = self.__dict__["_shared_client"] = (pool, made)
+        yield shared[1]
 
     # How many packed BRPOP commands a channel keeps (one per order of its
     # queues, which kombu rotates, and connection): a bound, not a tuning.

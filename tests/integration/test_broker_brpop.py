@@ -91,3 +91,28 @@ def test_a_message_is_taken_through_the_cached_brpop(channel: Any) -> None:
         conn.drain_events(timeout=5)
     # Then it received the message
     assert got == [{"n": 1}]
+
+
+def test_a_channel_publishes_through_one_redis_client(channel: Any) -> None:
+    # Given a channel that counts the redis-py clients it makes
+    made: list[Any] = []
+    real = channel.Client
+
+    def counting(**kwargs: Any) -> Any:
+        made.append(real(**kwargs))
+        return made[-1]
+
+    channel.Client = counting
+    # When it publishes three messages and an event
+    message = {"body": "x", "properties": {"priority": 0}, "headers": {}}
+    for _ in range(3):
+        channel._put("remex.test", message)
+    channel._put_fanout("celeryev", message, "task.multi")
+    # Then they went through one client
+    assert len(made) == 1
+    assert channel.client.llen("remex.test") == 3
+    # And a new connection pool (kombu makes one after a fork) gets a client of its own
+    channel._disconnect_pools()
+    channel._put("remex.test", message)
+    assert len(made) == 2
+    assert channel.client.llen("remex.test") == 4

@@ -159,20 +159,21 @@ class BatchedTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
             self.flush()
 
 
-TASK_LINE_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
-"""The loggers of Celery's two INFO lines per task ("Task ... received",
-"Task ... succeeded in ...")."""
+TASK_LINE_LOGGERS = ("celery.worker.strategy",)
+"""The logger of Celery's INFO line for each task a worker receives ("Task
+... received")."""
 
 
 def quiet_task_lines(loglevel: Any = None, **_: object) -> None:
-    """Drop Celery's two INFO lines per task unless the worker logs at DEBUG.
+    """Drop Celery's "Task ... received" line unless the worker logs at DEBUG.
 
-    Formatting and writing them cost the worker's consumer loop about a
-    twentieth of its CPU (issue 17), and they say what Flower shows from
-    the task events. A task's failure (ERROR) and remex's own lines (a
-    stale stage, a transient error's retry) are still logged. Connected to Celery's
-    ``after_setup_logger``: the level is read when the worker builds its
-    strategies and tracers, after its logging is set up."""
+    Formatting and writing it cost the worker's consumer loop about a
+    twentieth of its CPU (issue 17), and Flower shows the same from the
+    ``task-received`` event. The line each task's end writes ("Task ...
+    succeeded in ...", from the pool's threads) stays: it is the worker's
+    record of what it ran (the fault tests count pushes by it). Connected to
+    Celery's ``after_setup_logger``: the worker reads the level when it
+    builds its task strategies, after its logging is set up."""
     level = (
         loglevel
         if isinstance(loglevel, int)

@@ -8,7 +8,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.app import TASK_LINE_LOGGERS, quiet_task_lines
+from celery.app.trace import LOG_SUCCESS
+
+from tasks.app import RECEIVED_LOGGER, SUCCESS_LOGGER, quiet_task_lines
 from tasks.stages import Heartbeats
 
 
@@ -96,14 +98,45 @@ def test_a_stage_waits_for_a_stuck_beat_at_most_an_interval() -> None:
     assert time.monotonic() - start < 0.5
 
 
-def test_celerys_received_lines_are_dropped_unless_the_worker_logs_at_debug() -> None:
+def success_line(name: str) -> logging.LogRecord:
+    """Celery's "succeeded" record of a task named ``name`` (as celery.app.trace logs it)."""
+    context = {
+        "id": "t1",
+        "name": name,
+        "return_value": "{}",
+        "runtime": 0.1,
+        "args": "",
+        "kwargs": "",
+    }
+    record = logging.getLogger(SUCCESS_LOGGER).makeRecord(
+        SUCCESS_LOGGER,
+        logging.INFO,
+        __file__,
+        1,
+        LOG_SUCCESS,
+        (context,),
+        None,
+        extra={"data": context},
+    )
+    return record
+
+
+def test_celerys_task_lines_are_dropped_unless_the_worker_logs_at_debug() -> None:
+    success = logging.getLogger(SUCCESS_LOGGER)
     try:
         quiet_task_lines(loglevel=logging.INFO)
-        assert not logging.getLogger("celery.worker.strategy").isEnabledFor(logging.INFO)
-        # The line of each task's end stays (the worker's record of what it ran)
-        assert "celery.app.trace" not in TASK_LINE_LOGGERS
+        # No "received" line
+        assert not logging.getLogger(RECEIVED_LOGGER).isEnabledFor(logging.INFO)
+        # A "succeeded" line only for a node's last task
+        assert success.filter(success_line("remex.push_artifact"))
+        assert success.filter(success_line("remex.fetch_source"))
+        assert not success.filter(success_line("remex.upload"))
+        # Failures and other lines pass
+        other = success.makeRecord(SUCCESS_LOGGER, logging.ERROR, __file__, 1, "boom", (), None)
+        assert success.filter(other)
+        # At DEBUG, every line
         quiet_task_lines(loglevel="DEBUG")
-        assert all(logging.getLogger(name).level == logging.NOTSET for name in TASK_LINE_LOGGERS)
+        assert logging.getLogger(RECEIVED_LOGGER).level == logging.NOTSET
+        assert success.filter(success_line("remex.upload"))
     finally:
-        for name in TASK_LINE_LOGGERS:
-            logging.getLogger(name).setLevel(logging.NOTSET)
+        quiet_task_lines(loglevel="DEBUG")

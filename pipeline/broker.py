@@ -8,10 +8,11 @@ sends them with a Celery app configured here, which the worker's app
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import kombu.exceptions
@@ -140,6 +141,63 @@ class _RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
     # build and stage priorities go up to the last step.
     max_priority = PRIORITY_STEPS[-1]
     QoS = _RedisQoS
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        # kombu builds a new redis-py client (whose constructor is costly in
+        # redis 8) for every message it publishes: a task's LPUSH, the
+        # chain's next stage, each batch of task events (issue 17). One
+        # client per channel and connection pool does: a redis-py client is
+        # safe to share between threads (each command takes a connection
+        # from the pool), and a new pool (kombu makes one after a fork or a
+        # lost connection) gets a client of its own.
+        if client:
+            yield client
+            return
+        pool = self.pool
+        shared = self.__dict__.get("_shared_client")
+        if shared is None or shared[0] is not pool:
+            made = self._create_client()  # type: ignore[no-untyped-call]
+            shared = self.__dict__["_shared_client"] = (pool, made)
+        yield shared[1]
+
+    # How many packed BRPOP commands a channel keeps (one per order of its
+    # queues, which kombu rotates, and connection): a bound, not a tuning.
+    _BRPOP_CACHE_SIZE = 64
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        # kombu builds and packs the BRPOP command again for every message a
+        # worker takes: one key per queue and priority step (30 steps, so 60
+        # or more keys), each through ``_q_for_pri``'s bisect, then RESP
+        # packing, about a tenth of the consumer loop's CPU (issue 17). The
+        # command only changes with the order of the queues (kombu rotates
+        # it), the timeout and the connection, so it is packed once for each.
+        conn = self.client.connection
+        if self.global_keyprefix or not isinstance(conn, redis.connection.AbstractConnection):
+            super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
+            return
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        cache: dict[tuple[int, tuple[str, ...], float], tuple[Any, Any]]
+        cache = self.__dict__.setdefault("_brpop_packed", {})
+        key = (id(conn), tuple(queues), timeout or 0)
+        entry = cache.get(key)
+        if entry is None or entry[0] is not conn:
+            keys = [
+                self._q_for_pri(queue, pri)  # type: ignore[no-untyped-call]
+                for pri in self.priority_steps
+                for queue in queues
+            ]
+            if len(cache) >= self._BRPOP_CACHE_SIZE:
+                cache.clear()
+            packed = conn.pack_command("BRPOP", *keys, timeout or 0)  # type: ignore[no-untyped-call]
+            entry = cache[key] = (conn, packed)
+        self._in_poll = conn
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
+        conn.send_packed_command(entry[1])
 
 
 class RedisTransport(kombu_redis.Transport):  # type: ignore[misc]

@@ -16,6 +16,7 @@ import threading
 from typing import Any
 
 from celery import Celery, bootsteps, signals
+from celery.app import trace as celery_trace
 
 from pipeline.broker import TASK_STAGES, make_celery
 from pipeline.config import RemexConfig, load_config
@@ -74,6 +75,7 @@ def create_app(config: RemexConfig, *, worker_name: str | None = None) -> Celery
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
     signals.task_received.connect(on_received, weak=False)
+    signals.after_setup_logger.connect(quiet_task_lines, weak=False)
     app.steps["consumer"].add(BrokerEpoch)
     app.steps["consumer"].add(BatchedTaskEvents)
     return app
@@ -156,6 +158,56 @@ class BatchedTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
     def _run(self) -> None:
         while not self._stop.wait(EVENT_FLUSH_SECONDS):
             self.flush()
+
+
+RECEIVED_LOGGER = "celery.worker.strategy"
+"""The logger of Celery's INFO line for each task a worker receives."""
+SUCCESS_LOGGER = "celery.app.trace"
+"""The logger of Celery's INFO line for each task that ends ("Task ...
+succeeded in ...", and failures, retries)."""
+SUCCESS_LINES_KEPT = frozenset({"remex.push_artifact", "remex.fetch_source"})
+"""The tasks whose "succeeded" line a worker writes at INFO: a node's last
+task (the worker's record of what it built; the fault tests count pushes by
+it)."""
+
+
+class _NodeEndsOnly(logging.Filter):
+    """Lets through every record but the "succeeded" line of a task not in
+    :data:`SUCCESS_LINES_KEPT`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        data = getattr(record, "data", None)
+        if record.msg != celery_trace.LOG_SUCCESS or not isinstance(data, dict):
+            return True
+        return data.get("name") in SUCCESS_LINES_KEPT
+
+
+_NODE_ENDS_ONLY = _NodeEndsOnly()
+
+
+def quiet_task_lines(loglevel: Any = None, **_: object) -> None:
+    """Unless the worker logs at DEBUG, drop Celery's "Task ... received"
+    line and its "succeeded" line of every stage but a node's last.
+
+    Formatting and writing them (a write to the worker's log each) cost a
+    worker about a tenth of its CPU per element (issue 17), and Flower
+    shows the same from the task events. Failures, retries, the
+    ``push_artifact`` and ``fetch_source`` ends and remex's own lines stay.
+    Connected to Celery's ``after_setup_logger``: the worker reads the
+    levels when it builds its task strategies and tracers, after its logging
+    is set up."""
+    level = (
+        loglevel
+        if isinstance(loglevel, int)
+        else logging.getLevelName(str(loglevel or "INFO").upper())
+    )
+    quiet = not isinstance(level, int) or level > logging.DEBUG
+    logging.getLogger(RECEIVED_LOGGER).setLevel(logging.WARNING if quiet else logging.NOTSET)
+    success = logging.getLogger(SUCCESS_LOGGER)
+    if quiet:
+        success.addFilter(_NODE_ENDS_ONLY)
+    else:
+        success.removeFilter(_NODE_ENDS_ONLY)
 
 
 def record_taken(takes: PendingTakes, request: Any) -> None:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 from celery import Celery, Task
@@ -49,7 +53,14 @@ from tasks.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXECUTE_WAIT", "ElementFailed", "StageTask", "register_stage_tasks"]
+__all__ = [
+    "EXECUTE_WAIT",
+    "HEARTBEATS",
+    "ElementFailed",
+    "Heartbeats",
+    "StageTask",
+    "register_stage_tasks",
+]
 
 # The execute task follows an operation this long, then re-queues itself.
 EXECUTE_WAIT = 10.0
@@ -337,27 +348,100 @@ def exc_log_tail(exc: BuildFailedError) -> str:
     return "\n".join(parts)
 
 
-@contextlib.contextmanager
-def heartbeat(rt: WorkerRuntime, payload: Payload) -> Iterator[None]:
-    """Keep the element's heartbeat fresh while a stage runs: from one
-    heartbeat interval after its start (until then the start stands for a
-    heartbeat; most stages end before, and write none)."""
-    stop = threading.Event()
+@dataclass
+class _Beat:
+    scheduler: Any
+    build: str
+    element: str
+    interval: float
+    due: float
 
-    def beat() -> None:
-        while not stop.wait(rt.heartbeat_interval):
-            with contextlib.suppress(Exception):
-                rt.scheduler.heartbeat(payload["build"], payload["element"])
 
-    thread = threading.Thread(target=beat, name="remex-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        # A beat under way lands before the stage's next move (its first beat
-        # marks the element's info, which that move reads to remove it).
-        thread.join(timeout=rt.heartbeat_interval)
+class Heartbeats:
+    """The heartbeats of the stages this worker process runs, all kept by
+    one thread: a thread started and joined for each stage cost more than
+    the rest of the task layer's bookkeeping (issue 17), and most stages end
+    before their first beat.
+
+    A stage's element is beaten every heartbeat interval from one interval
+    after its start (until then the start stands for a heartbeat). A stage
+    that ends while its own beat is under way waits for that beat (at most
+    an interval: a beat may wait on a restarting Redis), so no beat lands
+    after the stage's next move (its first beat marks the element's info,
+    which that move reads to remove it)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._beats: dict[int, _Beat] = {}
+        self._beating: set[int] = set()
+        self._tokens = itertools.count()
+        self._wake_at = math.inf
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def kept(self, rt: WorkerRuntime, payload: Payload) -> Iterator[None]:
+        """Keep the payload's element's heartbeat fresh while the block runs."""
+        interval = rt.heartbeat_interval
+        beat = _Beat(
+            rt.scheduler,
+            payload["build"],
+            payload["element"],
+            interval,
+            time.monotonic() + interval,
+        )
+        with self._cond:
+            token = next(self._tokens)
+            self._beats[token] = beat
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="remex-heartbeat", daemon=True
+                )
+                self._thread.start()
+            elif beat.due < self._wake_at:
+                self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                del self._beats[token]
+                deadline = time.monotonic() + interval
+                while token in self._beating:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due = [(token, b) for token, b in self._beats.items() if b.due <= now]
+                if not due:
+                    self._wake_at = min((b.due for b in self._beats.values()), default=math.inf)
+                    self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
+                    continue
+                self._wake_at = now
+                for token, b in due:
+                    b.due = now + b.interval
+                    self._beating.add(token)
+                self._cond.release()
+                try:
+                    for _, b in due:
+                        with contextlib.suppress(Exception):  # the next beat tries again
+                            b.scheduler.heartbeat(b.build, b.element)
+                finally:
+                    self._cond.acquire()
+                    self._beating.difference_update(token for token, _ in due)
+                    self._cond.notify_all()
+
+
+HEARTBEATS = Heartbeats()
+"""This worker process's heartbeats (one thread for all its stages)."""
+
+
+def heartbeat(rt: WorkerRuntime, payload: Payload) -> contextlib.AbstractContextManager[None]:
+    """Keep the element's heartbeat fresh while a stage runs (see :class:`Heartbeats`)."""
+    return HEARTBEATS.kept(rt, payload)
 
 
 # --- the tasks ---------------------------------------------------------------------

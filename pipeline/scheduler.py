@@ -1085,6 +1085,9 @@ class Scheduler:
         )
         infos = dict(zip(candidates, raw_infos, strict=True))
         in_queues: set[str] | None = None
+        # Many elements share a holder (a worker holds all it runs): one
+        # read of each holder's liveness per pass, not one per element.
+        alive: dict[str, bool] = {}
         out: list[tuple[str, str]] = []
         for element in candidates:
             state = states[element]
@@ -1115,7 +1118,9 @@ class Scheduler:
             holder = str(info.get("holder") or "")
             worker = str(info.get("worker") or "")
             if holder:
-                if not self.holder_alive(holder):
+                if holder not in alive:
+                    alive[holder] = self.holder_alive(holder)
+                if not alive[holder]:
                     instance, _ = split_holder(holder)
                     out.append((element, f"worker {instance}, which had taken it, is gone"))
                 elif silent > LOST_AFTER_HEARTBEATS * self.heartbeat_timeout:

@@ -868,3 +868,21 @@ def test_a_send_claims_and_queues_or_waits_in_one_move(scheduler: Scheduler) -> 
     # And the index has the entry, expiring once the builds ended
     assert scheduler.redis.zscore("remex:artifacts:bykey", "k1 p/lib") == 0
     assert scheduler.redis.ttl("remex:artifacts:bytime") > 0
+
+
+def test_a_reconciler_pass_reads_each_holders_liveness_once(scheduler: Scheduler) -> None:
+    # Given 30 elements taken by one worker that is gone and 30 by a live one
+    names = [f"e{i:02d}" for i in range(60)]
+    build, _ = create(scheduler, {n: [] for n in names})
+    scheduler.worker_alive("live/1/x", "e1")
+    for i, name in enumerate(names):
+        send(scheduler, build, name)
+        holder = "dead/1/x#e1" if i < 30 else "live/1/x#e1"
+        assert scheduler.take(build, name, attempt=1, stage="stage_to_cas", holder=holder)
+    scheduler.redis.config_resetstat()
+    # When a pass looks for lost elements
+    stalled = dict(scheduler.stalled(build))
+    # Then the dead worker's 30 are found, and each holder's key was read once
+    assert sorted(stalled) == names[:30]
+    gets = scheduler.redis.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+    assert gets == 2

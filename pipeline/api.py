@@ -459,11 +459,10 @@ def _enqueue(
     clock.done("redis")
     if importer is not None:
         importer.join()  # (one thread imports celery at a time)
-    from pipeline.broker import make_celery, send_element
+    from pipeline.broker import make_celery, send_ready
 
     app = make_celery(config)
-    for element_name in ready:
-        send_element(app, scheduler, build_id, element_name)
+    send_ready(app, scheduler, [(build_id, name) for name in ready])
     clock.done("send")
     return build_id
 

@@ -371,9 +371,27 @@ def no_declare(app: Celery) -> dict[str, Any]:
     return {}
 
 
+# A list of ready elements longer than this (a wide layer) tells the
+# reconciler it is being sent; a shorter one is sent well within READY_GRACE.
+LONG_SEND = 50
+SENDING_EVERY = 1.0
+"""Seconds between two "still sending" marks of a long list."""
+
+
 def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) -> None:
-    """Send every (build, element) that became ready."""
+    """Send every (build, element) that became ready.
+
+    Sending 10,000 chains takes a while (a wide layer made ready by one
+    element, or submitted at once): the build is marked as being sent, again
+    every second, so that the reconciler does not take the elements not sent
+    yet for ones whose sender died (and send them a second time).
+    """
+    marked: dict[str, float] = {}
+    long = len(ready) > LONG_SEND
     for build_id, element in ready:
+        if long and time.monotonic() - marked.get(build_id, -SENDING_EVERY) >= SENDING_EVERY:
+            scheduler.sending(build_id)
+            marked[build_id] = time.monotonic()
         send_element(app, scheduler, build_id, element)
 
 
@@ -530,8 +548,26 @@ def reconcile(
     elements were re-sent. ``cancel_operation`` cancels a remote operation
     (the running elements an on-error ``terminate`` stops; see
     :func:`fail_element`)."""
-    if not scheduler.try_reconciler_lock(lock_seconds):
+    # Held for the whole pass (a pass re-sending thousands of elements takes
+    # longer than the interval: two at once would send them twice each),
+    # then for the interval.
+    if not scheduler.try_reconciler_lock(max(lock_seconds, PASS_LOCK_SECONDS)):
         return 0
+    try:
+        return _reconcile_pass(app, scheduler, cancel_operation)
+    finally:
+        with contextlib.suppress(Exception):
+            scheduler.hold_reconciler_lock(lock_seconds)
+
+
+# The longest a reconciler pass may hold the lock (a worker killed mid-pass
+# holds it this long).
+PASS_LOCK_SECONDS = 30.0
+
+
+def _reconcile_pass(
+    app: Celery, scheduler: Scheduler, cancel_operation: Callable[[str], object] | None
+) -> int:
     resent = 0
     now = time.time()
     in_queues: set[str] | None = None

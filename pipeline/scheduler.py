@@ -952,6 +952,20 @@ class Scheduler:
         """Take the reconciler's lock for ``seconds`` (False: another pass holds it)."""
         return bool(self.redis.set(self.keys.reconciler, "1", nx=True, px=int(seconds * 1000)))
 
+    def hold_reconciler_lock(self, seconds: float) -> None:
+        """The pass that holds the lock ended: keep it ``seconds`` more, so
+        passes start at most once per ``seconds`` however long one takes."""
+        self.redis.pexpire(self.keys.reconciler, int(seconds * 1000))
+
+    def sending(self, build_id: str) -> None:
+        """A process is sending this build's ready elements (a long list):
+        the reconciler leaves its ready elements alone for a heartbeat
+        timeout. Said again while the sending goes on, so that a sender
+        that dies mid-list is noticed a timeout later."""
+        self.redis.set(
+            self.keys.build(build_id, "sending"), "1", px=int(self.heartbeat_timeout * 1000)
+        )
+
     def note(self, build_id: str, element: str, changes: Mapping[str, Any]) -> None:
         """Merge ``changes`` into an element's info (operation name, progress ...)."""
         self._note(
@@ -1065,6 +1079,9 @@ class Scheduler:
         """
         now = time.time() if now is None else now
         states = self._live_states(build_id)
+        # Someone is sending a long list of this build's ready elements (a
+        # wide layer made ready at once): they are not lost, only not sent yet.
+        senders_busy = bool(self.redis.exists(self.keys.build(build_id, "sending")))
         heartbeat_pairs = cast(
             list[tuple[str, float]],
             self.redis.zrange(self.keys.build(build_id, "heartbeat"), 0, -1, withscores=True),
@@ -1094,7 +1111,7 @@ class Scheduler:
             info = _decode_info(infos[element])
             if state == ElementState.READY:
                 since = float(info.get("ready_at") or info.get("queued_at") or 0)
-                if now - since > READY_GRACE:
+                if now - since > READY_GRACE and not senders_busy:
                     out.append((element, "ready but never sent"))
                 continue
             if info.get("waiting_on"):

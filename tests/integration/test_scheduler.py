@@ -886,3 +886,36 @@ def test_a_reconciler_pass_reads_each_holders_liveness_once(scheduler: Scheduler
     assert sorted(stalled) == names[:30]
     gets = scheduler.redis.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
     assert gets == 2
+
+
+def test_ready_elements_being_sent_are_not_taken_for_lost(scheduler: Scheduler) -> None:
+    # Given a wide layer of 60 elements ready for longer than the grace
+    build, _ = create(scheduler, {f"e{i:02d}": [] for i in range(60)})
+    later = time.time() + READY_GRACE + 1
+    # While a sender says it is sending them, none is stalled
+    scheduler.sending(build)
+    assert scheduler.stalled(build, later) == []
+    # When it stops saying so (it died: the mark expires), all of them are
+    scheduler.redis.delete(scheduler.keys.build(build, "sending"))
+    assert len(scheduler.stalled(build, later)) == 60
+
+
+def test_a_reconciler_pass_holds_its_lock_to_its_end_then_for_the_interval(
+    scheduler: Scheduler,
+) -> None:
+    app = Celery("t", broker="memory://")
+    seen: list[int] = []
+    original = scheduler.stalled
+
+    def slow_stalled(*args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        # During the pass, another worker's pass is refused
+        seen.append(reconcile(app, scheduler, lock_seconds=0.2))
+        return original(*args, **kwargs)
+
+    create(scheduler, {"a": []})
+    scheduler.stalled = slow_stalled  # type: ignore[method-assign]
+    reconcile(app, scheduler, lock_seconds=0.2)
+    assert seen == [0]
+    # After the pass, the lock lasts the interval, not the pass's bound
+    ttl = scheduler.redis.pttl(scheduler.keys.reconciler)
+    assert 0 < ttl <= 200

@@ -158,16 +158,13 @@ class PostgresServer(Server):
             log.write(("$ " + " ".join(args) + "\n").encode())
             log.flush()
             result = subprocess.run(
-                list(args),
+                as_user(owner, args),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self._base,
                 env=self._env(),
                 check=False,
-                user=owner,
-                group=owner,
-                extra_groups=[] if owner is not None else None,
             )
         if check and result.returncode != 0:
             raise ServerError(
@@ -185,8 +182,8 @@ class PostgresServer(Server):
     def _owner_can_write(self, folder: Path) -> bool:
         assert self._run_as is not None
         result = subprocess.run(
-            ["test", "-w", str(folder), "-a", "-x", str(folder)],
-            user=self._run_as, group=self._run_as, extra_groups=[], cwd="/", check=False,
+            as_user(self._run_as, ["test", "-w", str(folder), "-a", "-x", str(folder)]),
+            cwd="/", check=False,
         )  # fmt: skip
         return result.returncode == 0
 
@@ -293,3 +290,17 @@ def _traversable_tmp() -> str:
         if mode & 0o001:  # others may traverse it
             return candidate
     raise ServerError("no temp folder the postgres user can reach (tried $TMPDIR and /tmp)")
+
+
+def as_user(user: str | None, args: Sequence[str]) -> list[str]:
+    """``args`` run as ``user`` (its group, no other groups) through
+    ``setpriv``, or as they are when ``user`` is None.
+
+    Not ``subprocess``'s ``user=``: a process that asks for it is made by
+    ``fork`` (not ``vfork``), which runs gRPC's fork handlers in the child;
+    with gRPC channels open in this process, the child crashed (SIGSEGV)
+    now and then before it could exec.
+    """
+    if user is None:
+        return list(args)
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *args]

@@ -93,7 +93,6 @@ The moves' Lua scripts are files in ``pipeline/lua/``, read when a
 from __future__ import annotations
 
 import json
-import json.encoder
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -106,36 +105,12 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from pipeline import jsonenc
 from pipeline.spec import BuildSpec
 
-# Specs, infos and dependents written at submit: compact, no cycle check (plain data).
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
-# The C encoder behind _COMPACT_JSON, made once: JSONEncoder.encode makes one
-# per call, which is most of the cost of encoding a small value (a build
-# encodes three per element).
-_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
-_C_COMPACT = (
-    _MAKE_ENCODER(
-        None,  # no cycle check, as check_circular=False
-        _COMPACT_JSON.default,
-        json.encoder.encode_basestring_ascii,  # ensure_ascii=True
-        None,
-        ":",
-        ",",
-        False,  # sort_keys
-        False,  # skipkeys
-        True,  # allow_nan
-    )
-    if _MAKE_ENCODER is not None
-    else None
-)
-
-
-def _compact_json(value: Any) -> str:
-    """``_COMPACT_JSON.encode(value)``, through the encoder made once."""
-    if _C_COMPACT is None:
-        return _COMPACT_JSON.encode(value)
-    return "".join(_C_COMPACT(value, 0))
+# Specs, infos and dependents written at submit: compact, made once (a build
+# encodes three values per element).
+_compact_json = jsonenc.encoder(sort_keys=False, ensure_ascii=True)
 
 
 DEFAULT_PREFIX = "remex"

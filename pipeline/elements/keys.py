@@ -16,9 +16,9 @@ the JSON is written with sorted keys and no spaces.
 from __future__ import annotations
 
 import hashlib
-import json
-import json.encoder
 from typing import TYPE_CHECKING, Any
+
+from pipeline import jsonenc
 
 if TYPE_CHECKING:
     from pipeline.elements.element import Element
@@ -29,38 +29,9 @@ KEY_FORMAT_VERSION = 1
 """Bump when the description changes, so that old artifacts are not reused."""
 
 
-# One encoder for every key (made once: json.dumps with options makes one per
-# call); no cycle check: a description is plain data built by key_description.
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False
-)
-
-
-# The C encoder behind _CANONICAL, made once: JSONEncoder.encode makes one per
-# call, a third of the time of encoding a key's description.
-_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
-_C_ENCODER = (
-    _MAKE_ENCODER(
-        None,  # no cycle check, as check_circular=False
-        _CANONICAL.default,
-        json.encoder.encode_basestring,  # ensure_ascii=False
-        None,
-        ":",
-        ",",
-        True,
-        False,
-        True,
-    )
-    if _MAKE_ENCODER is not None
-    else None
-)
-
-
-def canonical_json(value: Any) -> str:
-    """JSON with sorted keys and no whitespace: equal values give equal text."""
-    if _C_ENCODER is None:
-        return _CANONICAL.encode(value)
-    return "".join(_C_ENCODER(value, 0))
+# One encoder for every key, made once: keys are compared as text.
+canonical_json = jsonenc.encoder(sort_keys=True, ensure_ascii=False)
+"""JSON with sorted keys and no whitespace: equal values give equal text."""
 
 
 def key_description(element: Element, *, with_dependencies: bool = True) -> dict[str, Any]:

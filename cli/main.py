@@ -520,6 +520,9 @@ def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]
 )
 @click.option("--fetch-only", is_flag=True, hidden=True, help="Be the fetch pool.")
 @click.option(
+    "--parent-pid", type=int, default=None, hidden=True, help="Exit when this process dies."
+)
+@click.option(
     "--queues",
     "-Q",
     default=None,
@@ -545,6 +548,7 @@ def worker(
     concurrency: int | None,
     fetch_concurrency: int | None,
     fetch_only: bool,
+    parent_pid: int | None,
     queues: str | None,
     name: str | None,
     project_dir: Path | None,
@@ -569,6 +573,9 @@ def worker(
     common = ["--task-events", "--without-gossip", "--without-mingle", f"--loglevel={loglevel}"]
     if fetch_only:
         from pipeline.stages.fetch import remove_stale_scratch
+
+        if parent_pid is not None:
+            _die_with_parent(parent_pid)
 
         # What a worker killed mid-download left: never a file that counts.
         remove_stale_scratch(config.cas_dir)
@@ -620,7 +627,10 @@ class _FetchPool:
         self._watcher.start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self._args, preexec_fn=_die_with_parent)
+        # (No preexec_fn: it makes CPython fork rather than vfork, which runs
+        # gRPC's fork handlers in the child of a process with channels open;
+        # the child sets its death signal itself, --parent-pid.)
+        return subprocess.Popen([*self._args, "--parent-pid", str(os.getpid())])
 
     def _watch(self) -> None:
         # Without a fetch pool, the fetches queued on remex.fetch would wait
@@ -667,14 +677,17 @@ def _start_fetch_pool(
     )
 
 
-def _die_with_parent() -> None:
-    # Linux: the child gets SIGTERM when the parent dies, even by SIGKILL.
+def _die_with_parent(parent: int) -> None:
+    """Get SIGTERM when PARENT dies, even by SIGKILL (Linux), and exit now if
+    it died already (before the death signal was set)."""
     import contextlib
     import ctypes
     import signal
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        raise SystemExit(0)
 
 
 @main.command()

@@ -28,7 +28,7 @@ import pytest
 from pipeline.broker import make_celery
 from pipeline.config import RemexConfig
 from pipeline.servers import RemexStack, RemexWorker
-from pipeline.servers.process import process_tree
+from pipeline.servers.process import pid_alive, process_tree
 from pipeline.stages.fetch import scratch_root
 from pipeline.testing.httpserver import LoopbackHttpServer
 from tests.integration.test_pipeline import wait_for
@@ -394,6 +394,21 @@ def test_a_fetch_pool_that_dies_is_started_again(
     out = tmp_path / "checkout"
     assert fetch_stack.cli("checkout", "-C", project.path, "e0.bst", out).returncode == 0
     assert (out / "out" / "e0.txt").read_bytes() == again
+
+
+def test_a_worker_killed_takes_its_fetch_pool_with_it(fetch_stack: RemexStack) -> None:
+    # Given one more worker, its fetch pool running
+    worker = fetch_stack.add_worker("pdeath")
+    try:
+        (pool,) = wait_for("the fetch pool", lambda: fetch_pool_pids(worker), timeout=30)
+        # When the worker alone is killed (SIGKILL: no chance to stop its pool)
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        # Then the pool exits too (its death signal), not left consuming remex.fetch
+        wait_for("the orphaned fetch pool to exit", lambda: not pid_alive(pool), timeout=30)
+    finally:
+        worker.kill()
+        fetch_stack.workers.remove(worker)
 
 
 def test_a_cached_elements_sources_are_not_fetched(

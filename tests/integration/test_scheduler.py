@@ -768,9 +768,17 @@ def test_wait_can_follow_with_summaries_and_ends_with_the_whole_status(
     from pipeline import api
 
     # Given a running build of three independent elements, finished one by one
+    # (after the follower's first look, however slow the machine)
     build, _ = create(scheduler, {"a": [], "b": [], "c": []})
+    seen: list[BuildStatus] = []
+    looked = threading.Event()
+
+    def on_update(status: BuildStatus) -> None:
+        seen.append(status)
+        looked.set()
 
     def finish_all() -> None:
+        assert looked.wait(60)
         for element in ("a", "b", "c"):
             time.sleep(0.2)
             scheduler.finish(build, element, "built", {})
@@ -778,9 +786,8 @@ def test_wait_can_follow_with_summaries_and_ends_with_the_whole_status(
     finisher = threading.Thread(target=finish_all)
     finisher.start()
     # When it is followed with summaries
-    seen: list[BuildStatus] = []
     config = RemexConfig(broker_url=f"redis://{redis_server.address}/{DB}")
-    final = api.wait(build, config=config, poll=0.05, on_update=seen.append, summaries=True)
+    final = api.wait(build, config=config, poll=0.05, on_update=on_update, summaries=True)
     finisher.join()
     # Then each update while it ran was a summary listing only the live elements
     running = [s for s in seen if not s.done]

@@ -36,7 +36,13 @@ from kombu.utils.url import maybe_sanitize_url
 
 from pipeline import __version__
 from pipeline.cas import LocalCas
-from pipeline.config import ON_ERROR_MODES, OptionSetting, RemexConfig, load_config
+from pipeline.config import (
+    ON_ERROR_MODES,
+    OptionSetting,
+    RemexConfig,
+    load_config,
+    network_settings,
+)
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_to_json
 from pipeline.elements import load_project
 from pipeline.elements.element import Element
@@ -128,6 +134,8 @@ def plan_targets(
         option_values=configured_option_values(project_dir, config),
         default_mirror=config.fetch.default_mirror if config is not None else None,
     )
+    if config is not None:
+        project.network = network_settings(config)  # a junction's network source
     # No targets: as bst, project.conf `defaults: targets:` or every element.
     names = list(targets) or project.default_targets()
     loaded = project.load_targets(names)

@@ -79,6 +79,7 @@ from pipeline.elements.project_keys import (
 )
 from pipeline.elements.sources import (
     LocalSource,
+    NetworkSettings,
     ProjectSources,
     Source,
     SourceContext,
@@ -342,6 +343,9 @@ class Project:
         self.aliases = aliases
         self.mirrors = mirrors
         self.default_mirror = default_mirror
+        # How a junction's network source downloads on this host ([fetch]):
+        # set by the caller that has the configuration (None: the defaults).
+        self.network: NetworkSettings | None = None
         self.max_jobs = max_jobs
         self._variables = variables
         self._option_variables = option_variables or {}
@@ -607,6 +611,7 @@ class Project:
         )
         sub.prefix = file.name + ":"
         sub.root = self.root
+        sub.network = self.network
         return sub
 
     def _junction_directory(self, file: _ElementFile, source: Source) -> Path:
@@ -625,7 +630,7 @@ class Project:
             if (by_key / "project.conf").is_file():
                 return by_key
         with tempfile.TemporaryDirectory(dir=scratch) as work:
-            digest = source.stage(self.cas, Path(work))
+            digest = source.stage(self.cas, Path(work), network=self.network)
         dest = scratch / digest.hash if request is None else by_key
         if not (dest / "project.conf").is_file():
             with tempfile.TemporaryDirectory(dir=scratch) as work:

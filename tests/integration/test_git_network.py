@@ -618,3 +618,33 @@ def test_source_track_uses_the_fetch_settings(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "nothing received for 2 s" in result.stderr
     assert took < 30, took
+
+
+def test_a_junction_fetched_by_the_submitter_uses_the_fetch_settings(tmp_path: Path) -> None:
+    # Given a junction to a subproject on a git:// server that accepts and
+    # never answers, and a project whose remex.toml sets a 2 s read timeout
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    proj = tmp_path / "p"
+    (proj / "elements").mkdir(parents=True)
+    (proj / "project.conf").write_text("name: top\nelement-path: elements\n")
+    (proj / "elements" / "j.bst").write_text(
+        "kind: junction\nsources:\n- kind: git\n"
+        f"  url: git://127.0.0.1:{hung.getsockname()[1]}/sub.git\n  ref: {'a' * 40}\n"
+    )
+    (proj / "elements" / "top.bst").write_text("kind: stack\ndepends:\n- j.bst:x.bst\n")
+    (proj / "remex.toml").write_text("[fetch]\nread-timeout = 2\n")
+    try:
+        # When the project is loaded (the junction's subproject is fetched here)
+        started = time.monotonic()
+        result = remex("show", "-C", str(proj), "top.bst", home=tmp_path)
+        took = time.monotonic() - started
+    finally:
+        hung.close()
+    # Then the fetch is given up after the project's read timeout (the
+    # default is 60 s), and the error names the junction and says why
+    assert result.returncode == 2, result.stderr
+    assert "j.bst" in result.stderr and "nothing received for 2 s" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert took < 30, took

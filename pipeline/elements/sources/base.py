@@ -177,12 +177,14 @@ class Source(ABC):
         """What identifies the content, for the element's cache key."""
 
     @abstractmethod
-    def stage(self, cas: LocalCas, workdir: Path) -> Digest:
+    def stage(self, cas: LocalCas, workdir: Path, network: NetworkSettings | None = None) -> Digest:
         """Store the content as a Directory tree in ``cas``; return the root digest.
 
         Args:
             cas: the store to write to.
             workdir: scratch space (the built-in kinds need none).
+            network: how a network source downloads, on the submitting host
+                (``[fetch]``; default: NetworkSettings()).
 
         Raises:
             SourceError: the content is refused or changed since the project was loaded.
@@ -251,9 +253,14 @@ class NetworkSource(Source):
     def fetch_request(self, element: str, index: int, file: str) -> FetchRequest:
         """What a worker fetches for this source."""
 
-    def stage(self, cas: LocalCas, workdir: Path) -> Digest:
+    def stage(self, cas: LocalCas, workdir: Path, network: NetworkSettings | None = None) -> Digest:
         request = self.fetch_request("", 0, self.mark.file or "")
-        ctx = FetchContext(cas=cas, workdir=workdir / "fetch", cache_dir=workdir / "cache")
+        ctx = FetchContext(
+            cas=cas,
+            workdir=workdir / "fetch",
+            cache_dir=workdir / "cache",
+            network=network or NetworkSettings(),
+        )
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         return self.fetch(request, ctx)

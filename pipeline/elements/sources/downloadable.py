@@ -31,6 +31,7 @@ from pipeline.elements.nodes import MappingNode, Mark
 from pipeline.elements.sources.base import (
     FetchContext,
     FetchRequest,
+    NetworkSettings,
     Source,
     SourceContext,
     source_cache_key,
@@ -207,12 +208,17 @@ class DownloadableSource(Source):
         finally:
             got.path.unlink(missing_ok=True)
 
-    def stage(self, cas: LocalCas, workdir: Path) -> Digest:
+    def stage(self, cas: LocalCas, workdir: Path, network: NetworkSettings | None = None) -> Digest:
         """A ``file://`` file from the disk (checked again); a network one as a worker does."""
         if self.path is None:
             request = self.fetch_request("", self._index(), self.mark.file or "")
             assert request is not None
-            ctx = FetchContext(cas=cas, workdir=workdir / "fetch", cache_dir=workdir / "cache")
+            ctx = FetchContext(
+                cas=cas,
+                workdir=workdir / "fetch",
+                cache_dir=workdir / "cache",
+                network=network or NetworkSettings(),
+            )
             return self.fetch(request, ctx)
         try:
             with open(self.path, "rb") as f:

@@ -40,6 +40,7 @@ from pipeline.elements.nodes import MappingNode, Mark, ScalarNode
 from pipeline.elements.sources.base import (
     FetchContext,
     FetchRequest,
+    NetworkSettings,
     Source,
     SourceContext,
     source_cache_key,
@@ -276,12 +277,17 @@ class GitSource(Source):
             error.transient = exc.transient
             raise error from None
 
-    def stage(self, cas: LocalCas, workdir: Path) -> Digest:
+    def stage(self, cas: LocalCas, workdir: Path, network: NetworkSettings | None = None) -> Digest:
         """Stage the commit: a local repository directly, a network one through
         :meth:`fetch` with a scratch cache."""
         if self.commit is None:
             raise self._error("no ref: run 'remex source track' or write the ref")
-        ctx = FetchContext(cas=cas, workdir=workdir / "fetch", cache_dir=workdir / "cache")
+        ctx = FetchContext(
+            cas=cas,
+            workdir=workdir / "fetch",
+            cache_dir=workdir / "cache",
+            network=network or NetworkSettings(),
+        )
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         try:
             return _stage(self.repo, self.urls, self._config(), ctx)

@@ -8,7 +8,7 @@ from typing import ClassVar
 from pipeline.cas import LocalCas, import_directory
 from pipeline.digest import Digest, digest_to_str
 from pipeline.elements.nodes import MappingNode, Mark
-from pipeline.elements.sources.base import Source, SourceContext
+from pipeline.elements.sources.base import NetworkSettings, Source, SourceContext
 from pipeline.elements.sources.helpers import COMMON_KEYS, project_path, source_directory
 from pipeline.errors import LocalCasError
 from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory, FileNode
@@ -50,7 +50,7 @@ class LocalSource(Source):
         """The tree digest of the content, taken when the project was loaded."""
         return digest_to_str(self._digest)
 
-    def stage(self, cas: LocalCas, workdir: Path) -> Digest:
+    def stage(self, cas: LocalCas, workdir: Path, network: NetworkSettings | None = None) -> Digest:
         """Import the path again; it must not have changed since it was loaded."""
         digest = self._import(cas)
         if digest != self._digest:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from pipeline.cas import LocalCas
 from pipeline.digest import Digest
 from pipeline.elements.nodes import MappingNode, Mark
-from pipeline.elements.sources.base import Source, SourceContext
+from pipeline.elements.sources.base import NetworkSettings, Source, SourceContext
 from pipeline.elements.sources.helpers import COMMON_KEYS, project_path, source_directory
 from pipeline.errors import LocalCasError
 from protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory, FileNode
@@ -80,7 +80,7 @@ class PatchSource(Source):
         """buildstream-plugins' unique key: the path, the file's sha256, the strip level."""
         return json.dumps([self.relative, self._sha256, self.strip_level])
 
-    def stage(self, cas: LocalCas, workdir: Path) -> Digest:
+    def stage(self, cas: LocalCas, workdir: Path, network: NetworkSettings | None = None) -> Digest:
         """The patch file as a one-file tree; it must not have changed since loading."""
         digest, sha256 = self._snapshot(cas)
         if sha256 != self._sha256:

@@ -39,10 +39,20 @@ from pipeline.cas import LocalCas
 from pipeline.config import ON_ERROR_MODES, OptionSetting, RemexConfig, load_config
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_to_json
 from pipeline.elements import load_project
+from pipeline.elements.defaults import DEFAULT_MAX_JOBS
 from pipeline.elements.element import Element
 from pipeline.elements.errors import LoadError
-from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.nodes import (
+    MappingNode,
+    Mark,
+    Node,
+    ScalarNode,
+    SequenceNode,
+    load_yaml,
+    recording_reads,
+)
 from pipeline.elements.project import gc_paused
+from pipeline.elements.resolved import PlannedElement, ResolvedCache, spec_text
 from pipeline.elements.sources import FetchRequest
 from pipeline.errors import BrokerUnavailableError, RemexError
 from pipeline.scheduler import BUILD_STATES, BuildStatus, BuildSummary, Scheduler
@@ -263,10 +273,13 @@ def submit(
     with gc_paused():
         # Pinned: workers sharing this local CAS (cas.dir) never clean what it uses.
         with open_context(config) as ctx, ctx.local_cas.pin():
-            elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
+            elements, keep = _submit_plan(
+                project_dir, targets, cas=ctx.local_cas, options=options, config=config
+            )
             clock.done("load")
             specs: list[BuildSpec] = []
             sources: list[ElementSources] = []
+            kept_specs: list[str] = []
             with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
                 for element in elements:
                     # (Most elements have no sources: no folder to name.)
@@ -276,9 +289,14 @@ def submit(
                         else ElementSources()
                     )
                     spec = element.build_spec(planned.digests)
+                    if keep is not None:
+                        # As loaded (staging refused any change): the next load's spec.
+                        kept_specs.append(spec_text(spec))
                     spec["priority"] = priority
                     specs.append(spec)
                     sources.append(planned)
+            if keep is not None:
+                keep(kept_specs)
             clock.done("specs")
             # Celery (to send the first chains) is imported while this thread
             # waits on the artifact server and on Redis, not after.
@@ -318,6 +336,55 @@ def submit(
             )
 
 
+def _submit_plan(
+    project_dir: Path,
+    targets: Sequence[str],
+    *,
+    cas: LocalCas,
+    options: Mapping[str, str] | None,
+    config: RemexConfig,
+) -> tuple[Sequence[PlannedElement], Callable[[Sequence[str]], None] | None]:
+    """As :func:`plan`, through the plan kept by the last submit of this
+    project when nothing it depends on changed (see
+    :mod:`pipeline.elements.resolved`). Returns the plan, and (after a load)
+    what keeps it: call it with the elements' specs as loaded.
+
+    Raises:
+        ElementError: bad input (names the file, line and field).
+    """
+    option_values = configured_option_values(project_dir, config)
+    default_mirror = config.fetch.default_mirror
+    cache = ResolvedCache.open(
+        project_dir,
+        targets,
+        options=options,
+        option_values=option_values,
+        default_mirror=default_mirror,
+        max_jobs=DEFAULT_MAX_JOBS,
+    )
+    if cache is not None:
+        kept = cache.load(cas)
+        if kept is not None:
+            return kept, None
+    with recording_reads() as reads:
+        project = load_project(
+            project_dir,
+            cas=cas,
+            options=options,
+            option_values=option_values,
+            default_mirror=default_mirror,
+        )
+        loaded = project.load_targets(list(targets) or project.default_targets())
+    if cache is None:
+        return loaded, None
+    saver = cache
+
+    def keep(specs: Sequence[str]) -> None:
+        saver.save(project, loaded, specs, reads)
+
+    return loaded, keep
+
+
 def _import_in_background(module: str) -> threading.Thread:
     """Start importing ``module`` in a thread; join it before using the module."""
     thread = threading.Thread(
@@ -327,7 +394,7 @@ def _import_in_background(module: str) -> threading.Thread:
     return thread
 
 
-def _project_name(elements: Sequence[Element]) -> str:
+def _project_name(elements: Sequence[PlannedElement]) -> str:
     return elements[0].project if elements else ""
 
 
@@ -347,7 +414,9 @@ class ElementSources:
     requests: list[tuple[int, FetchRequest]] = field(default_factory=list)
 
 
-def stage_local_sources(ctx: StageContext, element: Element, workdir: Path) -> ElementSources:
+def stage_local_sources(
+    ctx: StageContext, element: PlannedElement, workdir: Path
+) -> ElementSources:
     """Stage the element's local sources into the local CAS; note what its
     network sources need fetched (the submitting host downloads nothing).
 
@@ -421,7 +490,7 @@ def _enqueue(
     config: RemexConfig,
     project_dir: Path,
     targets: Sequence[str],
-    elements: list[Element],
+    elements: Sequence[PlannedElement],
     specs: list[BuildSpec],
     cached: list[str],
     options: Mapping[str, str] | None,
@@ -612,7 +681,7 @@ LOOKUP_THREADS = 16
 
 
 def cached_elements(
-    ctx: StageContext, elements: Sequence[Element], specs: Sequence[BuildSpec]
+    ctx: StageContext, elements: Sequence[PlannedElement], specs: Sequence[BuildSpec]
 ) -> set[str]:
     """The elements whose artifact the artifact server has, from those whose
     staged dependencies all have theirs.

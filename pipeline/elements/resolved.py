@@ -261,11 +261,9 @@ def _plan_body(
                  source.field, digest.hash, digest.size_bytes]
             )  # fmt: skip
         staged = [index[d.name] for d in element.staged_dependencies()]
-        head = json.dumps(
-            [element.name, element.file, element.cache_key, staged, sources], ensure_ascii=True
-        )
+        head = spec_text([element.name, element.file, element.cache_key, staged, sources])
         parts.append(f"{head[:-1]},{spec}]")
-    head = json.dumps({"project": project.name, "files": reads}, ensure_ascii=True)
+    head = spec_text({"project": project.name, "files": reads})
     return f'{head[:-1]},"elements":[{",".join(parts)}]}}'
 
 

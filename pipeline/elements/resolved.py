@@ -21,11 +21,12 @@ without reading, resolving or keying anything; anything else is a miss,
 and the project is loaded as usual (then kept again). Only loads that
 worked are kept, so a hit never hides an error; warnings are not kept
 either, as loading prints none. Plans are kept only when checking them is
-that simple: no junction, no source but ``local`` ones, every file's stat
-settled (see :data:`pipeline.elements.nodes.SETTLED_NS`). A damaged, torn
-or foreign file is a miss (header, checksum and shape are checked); writers
-write a temporary file and rename it, so concurrent submits never see half
-a file.
+that simple: no junction, no source but ``local`` ones, no ``element-mask``
+option (its values are the element files present), targets named (the
+default targets are the files present), every file's stat settled (see
+:data:`pipeline.elements.nodes.SETTLED_NS`). A damaged, torn or foreign
+file is a miss (header, checksum and shape are checked); writers write a
+temporary file and rename it, so concurrent submits never see half a file.
 
 JSON only (never pickle): the folder is as trusted as the user's home.
 """
@@ -239,6 +240,8 @@ def _plan_body(
     """The JSON text of a kept plan; None when it is not to be kept."""
     if not elements or project.uses_junctions or len(specs) != len(elements):
         return None
+    if any(option.type == "element-mask" for option in project.options.options.values()):
+        return None  # (its values are the element files present, not only those read)
     settled_before = time.time_ns() - nodes.SETTLED_NS
     for stat in reads.values():
         # A file changed within the timestamp granularity may change again

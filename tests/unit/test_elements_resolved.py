@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -411,3 +412,58 @@ def test_a_kept_element_is_a_planned_element(project: Path, cas: LocalCas, cache
     assert [e.name for e in planned] == ["base.bst", "a.bst", "b.bst", "all.bst"]
     with pytest.raises(ValueError, match="source"):
         planned[0].build_spec([])
+
+
+def test_an_element_mask_option_keeps_nothing(
+    project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project with an element-mask option (its values are the files present)
+    conf = project / "project.conf"
+    conf.write_text(
+        conf.read_text().replace(
+            "options:\n",
+            "options:\n  mask:\n    type: element-mask\n    description: m\n    default: []\n",
+        )
+    )
+    loads = Loads(monkeypatch)
+    # When it is submitted twice
+    submit_plan(project, cas)
+    submit_plan(project, cas)
+    # Then both loaded it
+    assert loads.count == 2
+    assert not (cache / "resolved").exists()
+
+
+def test_concurrent_submits_keep_a_whole_plan(
+    project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a plan loaded, and two submits keeping it at once (each writes a
+    # temporary file and renames it)
+    config = load_config(project, environ={})
+    first = submit_plan(project, cas)
+    file = cache_file(cache)
+    file.unlink()
+    keeps = []
+    for _ in range(2):
+        elements, keep = api._submit_plan(
+            project, ["all.bst"], cas=cas, options=None, config=config
+        )
+        assert keep is not None
+        keeps.append((elements, keep))
+    ctx: Any = SimpleNamespace(local_cas=cas)
+    texts = [
+        resolved.spec_text(
+            e.build_spec(api.stage_local_sources(ctx, e, project.parent / "w").digests)
+        )
+        for e in keeps[0][0]
+    ]
+    threads = [threading.Thread(target=keep, args=(texts,)) for _, keep in keeps for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Then the kept file is whole (taken by the next submit), no temporary file is left
+    loads = Loads(monkeypatch)
+    assert submit_plan(project, cas) == first
+    assert loads.count == 0
+    assert [p.name for p in (cache / "resolved").iterdir()] == [file.name]

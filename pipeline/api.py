@@ -52,7 +52,7 @@ from pipeline.elements.nodes import (
     recording_reads,
 )
 from pipeline.elements.project import gc_paused
-from pipeline.elements.resolved import PlannedElement, ResolvedCache, spec_text
+from pipeline.elements.resolved import PlannedElement, ResolvedCache
 from pipeline.elements.sources import FetchRequest
 from pipeline.errors import BrokerUnavailableError, RemexError
 from pipeline.scheduler import BUILD_STATES, BuildStatus, BuildSummary, Scheduler
@@ -279,7 +279,6 @@ def submit(
             clock.done("load")
             specs: list[BuildSpec] = []
             sources: list[ElementSources] = []
-            kept_specs: list[str] = []
             with tempfile.TemporaryDirectory(prefix="remex-sources-") as workdir:
                 for element in elements:
                     # (Most elements have no sources: no folder to name.)
@@ -289,14 +288,9 @@ def submit(
                         else ElementSources()
                     )
                     spec = element.build_spec(planned.digests)
-                    if keep is not None:
-                        # As loaded (staging refused any change): the next load's spec.
-                        kept_specs.append(spec_text(spec))
                     spec["priority"] = priority
                     specs.append(spec)
                     sources.append(planned)
-            if keep is not None:
-                keep(kept_specs)
             clock.done("specs")
             # Celery (to send the first chains) is imported while this thread
             # waits on the artifact server and on Redis, not after.
@@ -321,7 +315,7 @@ def submit(
                 snapshot_sources(ctx, planned.local)
             clock.done("snapshot")
         with broker_errors(config.require_broker()):
-            return _enqueue(
+            build_id = _enqueue(
                 config,
                 project_dir,
                 targets,
@@ -334,6 +328,13 @@ def submit(
                 importer,
                 fetches=fetches,
             )
+        if keep is not None:
+            # Kept once the build is sent (it delays no element). The specs as
+            # loaded (staging refused any change), without this build's priority.
+            for spec in specs:
+                del spec["priority"]
+            keep(specs)
+    return build_id
 
 
 def _submit_plan(
@@ -343,7 +344,7 @@ def _submit_plan(
     cas: LocalCas,
     options: Mapping[str, str] | None,
     config: RemexConfig,
-) -> tuple[Sequence[PlannedElement], Callable[[Sequence[str]], None] | None]:
+) -> tuple[Sequence[PlannedElement], Callable[[Sequence[BuildSpec]], None] | None]:
     """As :func:`plan`, through the plan kept by the last submit of this
     project when nothing it depends on changed (see
     :mod:`pipeline.elements.resolved`). Returns the plan, and (after a load)
@@ -379,7 +380,7 @@ def _submit_plan(
         return loaded, None
     saver = cache
 
-    def keep(specs: Sequence[str]) -> None:
+    def keep(specs: Sequence[BuildSpec]) -> None:
         saver.save(project, loaded, specs, reads)
 
     return loaded, keep

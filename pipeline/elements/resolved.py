@@ -213,11 +213,11 @@ class ResolvedCache:
         self,
         project: Project,
         elements: Sequence[Element],
-        specs: Sequence[str],
+        specs: Sequence[BuildSpec],
         reads: Mapping[str, FileStat],
     ) -> None:
-        """Keep ``elements`` (a plan just loaded, with ``specs`` its build specs
-        as :data:`spec_text` wrote them, made from the sources as loaded) and
+        """Keep ``elements`` (a plan just loaded, with ``specs`` their build
+        specs, made from the sources as loaded) and
         the files their load read (``reads``, from
         :func:`~pipeline.elements.nodes.recording_reads`). A plan that cannot
         be checked simply (see the module's docstring) is not kept, and a
@@ -234,7 +234,7 @@ class ResolvedCache:
 def _plan_body(
     project: Project,
     elements: Sequence[Element],
-    specs: Sequence[str],
+    specs: Sequence[BuildSpec],
     reads: Mapping[str, FileStat],
 ) -> str | None:
     """The JSON text of a kept plan; None when it is not to be kept."""
@@ -265,7 +265,7 @@ def _plan_body(
             )  # fmt: skip
         staged = [index[d.name] for d in element.staged_dependencies()]
         head = spec_text([element.name, element.file, element.cache_key, staged, sources])
-        parts.append(f"{head[:-1]},{spec}]")
+        parts.append(f"{head[:-1]},{spec_text(spec)}]")
     head = spec_text({"project": project.name, "files": reads})
     return f'{head[:-1]},"elements":[{",".join(parts)}]}}'
 

@@ -128,14 +128,11 @@ def submit_plan(
     )
     ctx: Any = SimpleNamespace(local_cas=cas)
     specs = []
-    texts = []
     for index, element in enumerate(elements):
         planned = api.stage_local_sources(ctx, element, project.parent / f"work{index}")
-        spec = element.build_spec(planned.digests)
-        texts.append(resolved.spec_text(spec))
-        specs.append(spec)
+        specs.append(element.build_spec(planned.digests))
     if keep is not None:
-        keep(texts)
+        keep(specs)
     staged = [[d.name for d in e.staged_dependencies()] for e in elements]
     return [e.name for e in elements], specs, staged
 
@@ -451,13 +448,11 @@ def test_concurrent_submits_keep_a_whole_plan(
         assert keep is not None
         keeps.append((elements, keep))
     ctx: Any = SimpleNamespace(local_cas=cas)
-    texts = [
-        resolved.spec_text(
-            e.build_spec(api.stage_local_sources(ctx, e, project.parent / "w").digests)
-        )
+    specs = [
+        e.build_spec(api.stage_local_sources(ctx, e, project.parent / "w").digests)
         for e in keeps[0][0]
     ]
-    threads = [threading.Thread(target=keep, args=(texts,)) for _, keep in keeps for _ in range(4)]
+    threads = [threading.Thread(target=keep, args=(specs,)) for _, keep in keeps for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:

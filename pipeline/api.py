@@ -244,6 +244,10 @@ def submit(
     network sources), ``snapshot`` (sources uploaded), ``redis`` (the
     build's state written) and ``send`` (the ready elements' chains).
 
+    A project unchanged since the last submit of the same targets and
+    options is not loaded again: its plan (keys and specs) is taken as that
+    submit kept it (see :mod:`pipeline.elements.resolved`).
+
     Everything that can be wrong with the input is found before anything is
     enqueued. Elements whose artifact exists are done at once (``cached``),
     as far as :func:`cached_elements` looks; the others' local sources are

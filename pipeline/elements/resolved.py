@@ -61,8 +61,9 @@ __all__ = ["KeptElement", "PlannedElement", "ResolvedCache", "spec_text"]
 
 _HEADER = b"remex-resolved 1 "
 _PERSON = b"remex-resolved-1"
-# The modules (besides pipeline/elements) whose code decides keys and specs.
-_CODE_FILES = ("__init__.py", "spec.py", "digest.py", "jsonenc.py")
+# The modules (besides pipeline/elements) whose code decides keys and specs,
+# or what a submit loads (api: its inputs; config: remex.toml's option values).
+_CODE_FILES = ("__init__.py", "spec.py", "digest.py", "jsonenc.py", "api.py", "config.py")
 
 spec_text = jsonenc.encoder(sort_keys=False, ensure_ascii=True)
 """How a kept spec is written (compact, in its own key order)."""

@@ -59,8 +59,8 @@ from pipeline.spec import BuildSpec
 
 __all__ = ["KeptElement", "PlannedElement", "ResolvedCache", "spec_text"]
 
-_HEADER = b"remex-resolved 1 "
-_PERSON = b"remex-resolved-1"
+_HEADER = b"remex-resolved 2 "
+_PERSON = b"remex-resolved-2"
 # The modules (besides pipeline/elements) whose code decides keys and specs,
 # or what a submit loads (api: its inputs; config: remex.toml's option values).
 _CODE_FILES = ("__init__.py", "spec.py", "digest.py", "jsonenc.py", "api.py", "config.py")
@@ -250,6 +250,8 @@ def _plan_body(
         if stat is not None and max(stat[1], stat[2]) >= settled_before:
             return None
     index = {element.name: i for i, element in enumerate(elements)}
+    entries = [_dependency_entry(element.name, spec, element.overlap_whitelist)
+               for element, spec in zip(elements, specs, strict=True)]  # fmt: skip
     parts = []
     for element, spec in zip(elements, specs, strict=True):
         if element.project != project.name:
@@ -265,7 +267,17 @@ def _plan_body(
                  source.field, digest.hash, digest.size_bytes]
             )  # fmt: skip
         staged = [index[d.name] for d in element.staged_dependencies()]
-        head = spec_text([element.name, element.file, element.cache_key, staged, sources])
+        head = spec_text(
+            [element.name, element.file, element.cache_key, staged, sources,
+             element.overlap_whitelist]
+        )  # fmt: skip
+        # A dependency's usual entry (most of a large plan's bytes) is written
+        # as the dependency's index, and made once when read.
+        dependencies = []
+        for entry in spec["dependencies"]:
+            at = index.get(entry["element"])
+            dependencies.append(at if at is not None and entry == entries[at] else entry)
+        spec = {**spec, "dependencies": dependencies}  # type: ignore[typeddict-item]
         parts.append(f"{head[:-1]},{spec_text(spec)}]")
     head = spec_text({"project": project.name, "files": reads})
     return f'{head[:-1]},"elements":[{",".join(parts)}]}}'
@@ -285,7 +297,9 @@ def _kept_plan(data: dict[str, Any], cas: LocalCas) -> list[KeptElement] | None:
         if file_stat(stat) != kept:
             return None
     plan: list[KeptElement] = []
-    for name, file, key, staged, sources, spec in data["elements"]:
+    # Each element's usual entry in its dependents' specs (shared: read-only).
+    entries: list[dict[str, Any]] = []
+    for name, file, key, staged, sources, whitelist, spec in data["elements"]:
         if (
             type(name) is not str
             or type(file) is not str
@@ -315,6 +329,17 @@ def _kept_plan(data: dict[str, Any], cas: LocalCas) -> list[KeptElement] | None:
         deps = [plan[i] for i in staged if type(i) is int and 0 <= i < count]
         if len(deps) != len(staged):
             return None
+        dependencies = spec["dependencies"]
+        for at, entry in enumerate(dependencies):
+            if type(entry) is int:
+                if not 0 <= entry < count:
+                    return None
+                dependencies[at] = entries[entry]
+            elif type(entry) is not dict:
+                return None
+        if type(whitelist) is not list:
+            return None
+        entries.append(_dependency_entry(name, spec, whitelist))
         element = KeptElement(
             project=project, name=name, file=file, cache_key=key, sources=local,
             spec=cast(BuildSpec, spec),
@@ -322,6 +347,19 @@ def _kept_plan(data: dict[str, Any], cas: LocalCas) -> list[KeptElement] | None:
         )  # fmt: skip
         plan.append(element)
     return plan
+
+
+def _dependency_entry(name: str, spec: Any, whitelist: list[str]) -> dict[str, Any]:
+    """An element's usual entry in its dependents' specs (as
+    :meth:`Element.build_spec` makes it, in its key order), from its own spec."""
+    return {
+        "element": name,
+        "cache_key": spec["cache_key"],
+        "artifact_uri": spec["artifact_uri"],
+        "path": "",
+        "select": None,
+        "overlap_whitelist": whitelist,
+    }
 
 
 def _code_stats() -> list[Any]:

@@ -462,3 +462,27 @@ def test_concurrent_submits_keep_a_whole_plan(
     assert submit_plan(project, cas) == first
     assert loads.count == 0
     assert [p.name for p in (cache / "resolved").iterdir()] == [file.name]
+
+
+@pytest.mark.parametrize("name", ["kinds", "overlaps"])
+def test_dependency_entries_of_every_shape_come_back_the_same(
+    tmp_path: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # Given a project whose specs stage dependencies elsewhere (script
+    # locations), select parts of them (filter) or whitelist overlaps
+    project = tmp_path / name
+    shutil.copytree(PROJECTS / name, project)
+    (project / "sysroot/usr/bin").mkdir(parents=True)
+    (project / "sysroot/usr/bin/sh").write_text("#!/bin/true\n")
+    targets = sorted(p.name for p in (project / "elements").glob("*.bst"))
+    loads = Loads(monkeypatch)
+    # When it is submitted twice (loaded and kept, then taken as kept)
+    first = submit_plan(project, cas, targets=targets)
+    again = submit_plan(project, cas, targets=targets)
+    # Then the kept plan gives what a load without caches gives
+    assert loads.count == 1
+    monkeypatch.setenv("REMEX_PARSED_CACHE", "off")
+    assert first == again == submit_plan(project, cas, targets=targets)
+    whitelists = [d["overlap_whitelist"] for s in first[1] for d in s["dependencies"]]
+    locations = [d["path"] for s in first[1] for d in s["dependencies"]]
+    assert any(whitelists) if name == "overlaps" else any(locations)

@@ -50,6 +50,7 @@ from pipeline.digest import Digest, digest_to_json
 from pipeline.elements import nodes
 from pipeline.elements.defaults import host_arch, host_os
 from pipeline.elements.element import Element
+from pipeline.elements.errors import LoadError
 from pipeline.elements.keys import KEY_FORMAT_VERSION
 from pipeline.elements.nodes import FileStat, MappingNode, Mark, file_stat
 from pipeline.elements.options import host_os_name
@@ -168,6 +169,10 @@ class ResolvedCache:
         cache = nodes.parsed_cache_dir()
         if cache is None or not targets:
             return None
+        try:
+            host = [host_os(), host_arch(), host_os_name()]
+        except LoadError:
+            return None  # (a host bst knows no name for: the load says so, or not)
         folder = str(Path(project_dir).resolve())
         inputs = {
             "remex": pipeline.__version__,
@@ -180,7 +185,7 @@ class ResolvedCache:
             "option-values": _node_data(option_values),
             "default-mirror": default_mirror,
             "max-jobs": max_jobs,
-            "host": [host_os(), host_arch(), host_os_name()],
+            "host": host,
         }
         name = hashlib.blake2b(os.fsencode(folder), digest_size=20, person=_PERSON).hexdigest()
         digest = hashlib.blake2b(

@@ -45,10 +45,20 @@ from pipeline.config import (
 )
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_to_json
 from pipeline.elements import load_project
+from pipeline.elements.defaults import DEFAULT_MAX_JOBS
 from pipeline.elements.element import Element
 from pipeline.elements.errors import LoadError
-from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.nodes import (
+    MappingNode,
+    Mark,
+    Node,
+    ScalarNode,
+    SequenceNode,
+    load_yaml,
+    recording_reads,
+)
 from pipeline.elements.project import gc_paused
+from pipeline.elements.resolved import PlannedElement, ResolvedCache
 from pipeline.elements.sources import FetchRequest
 from pipeline.errors import BrokerUnavailableError, RemexError
 from pipeline.scheduler import BUILD_STATES, BuildStatus, BuildSummary, Scheduler
@@ -242,6 +252,10 @@ def submit(
     network sources), ``snapshot`` (sources uploaded), ``redis`` (the
     build's state written) and ``send`` (the ready elements' chains).
 
+    A project unchanged since the last submit of the same targets and
+    options is not loaded again: its plan (keys and specs) is taken as that
+    submit kept it (see :mod:`pipeline.elements.resolved`).
+
     Everything that can be wrong with the input is found before anything is
     enqueued. Elements whose artifact exists are done at once (``cached``),
     as far as :func:`cached_elements` looks; the others' local sources are
@@ -271,7 +285,9 @@ def submit(
     with gc_paused():
         # Pinned: workers sharing this local CAS (cas.dir) never clean what it uses.
         with open_context(config) as ctx, ctx.local_cas.pin():
-            elements = plan(project_dir, targets, cas=ctx.local_cas, options=options, config=config)
+            elements, keep = _submit_plan(
+                project_dir, targets, cas=ctx.local_cas, options=options, config=config
+            )
             clock.done("load")
             specs: list[BuildSpec] = []
             sources: list[ElementSources] = []
@@ -311,7 +327,7 @@ def submit(
                 snapshot_sources(ctx, planned.local)
             clock.done("snapshot")
         with broker_errors(config.require_broker()):
-            return _enqueue(
+            build_id = _enqueue(
                 config,
                 project_dir,
                 targets,
@@ -324,6 +340,62 @@ def submit(
                 importer,
                 fetches=fetches,
             )
+        if keep is not None:
+            # Kept once the build is sent (it delays no element). The specs as
+            # loaded (staging refused any change), without this build's priority.
+            for spec in specs:
+                del spec["priority"]
+            keep(specs)
+    return build_id
+
+
+def _submit_plan(
+    project_dir: Path,
+    targets: Sequence[str],
+    *,
+    cas: LocalCas,
+    options: Mapping[str, str] | None,
+    config: RemexConfig,
+) -> tuple[Sequence[PlannedElement], Callable[[Sequence[BuildSpec]], None] | None]:
+    """As :func:`plan`, through the plan kept by the last submit of this
+    project when nothing it depends on changed (see
+    :mod:`pipeline.elements.resolved`). Returns the plan, and (after a load)
+    what keeps it: call it with the elements' specs as loaded.
+
+    Raises:
+        ElementError: bad input (names the file, line and field).
+    """
+    option_values = configured_option_values(project_dir, config)
+    default_mirror = config.fetch.default_mirror
+    cache = ResolvedCache.open(
+        project_dir,
+        targets,
+        options=options,
+        option_values=option_values,
+        default_mirror=default_mirror,
+        max_jobs=DEFAULT_MAX_JOBS,
+    )
+    if cache is not None:
+        kept = cache.load(cas)
+        if kept is not None:
+            return kept, None
+    with recording_reads() as reads:
+        project = load_project(
+            project_dir,
+            cas=cas,
+            options=options,
+            option_values=option_values,
+            default_mirror=default_mirror,
+        )
+        loaded = project.load_targets(list(targets) or project.default_targets())
+    if cache is None:
+        return loaded, None
+    saver = cache
+
+    def keep(specs: Sequence[BuildSpec]) -> None:
+        saver.save(project, loaded, specs, reads)
+
+    return loaded, keep
 
 
 def _import_in_background(module: str) -> threading.Thread:
@@ -335,7 +407,7 @@ def _import_in_background(module: str) -> threading.Thread:
     return thread
 
 
-def _project_name(elements: Sequence[Element]) -> str:
+def _project_name(elements: Sequence[PlannedElement]) -> str:
     return elements[0].project if elements else ""
 
 
@@ -355,7 +427,9 @@ class ElementSources:
     requests: list[tuple[int, FetchRequest]] = field(default_factory=list)
 
 
-def stage_local_sources(ctx: StageContext, element: Element, workdir: Path) -> ElementSources:
+def stage_local_sources(
+    ctx: StageContext, element: PlannedElement, workdir: Path
+) -> ElementSources:
     """Stage the element's local sources into the local CAS; note what its
     network sources need fetched (the submitting host downloads nothing).
 
@@ -429,7 +503,7 @@ def _enqueue(
     config: RemexConfig,
     project_dir: Path,
     targets: Sequence[str],
-    elements: list[Element],
+    elements: Sequence[PlannedElement],
     specs: list[BuildSpec],
     cached: list[str],
     options: Mapping[str, str] | None,
@@ -620,7 +694,7 @@ LOOKUP_THREADS = 16
 
 
 def cached_elements(
-    ctx: StageContext, elements: Sequence[Element], specs: Sequence[BuildSpec]
+    ctx: StageContext, elements: Sequence[PlannedElement], specs: Sequence[BuildSpec]
 ) -> set[str]:
     """The elements whose artifact the artifact server has, from those whose
     staged dependencies all have theirs.

@@ -14,6 +14,7 @@ keys; :mod:`pipeline.elements.composition` and
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -235,6 +236,8 @@ def load_yaml(path: Path | str, display: str) -> MappingNode:
     try:
         with open(path, "rb") as file:
             data = file.read()
+            if _READS.get() is not None:
+                note_read(os.fspath(path), os.fstat(file.fileno()))
     except OSError as exc:
         raise LoadError(f"cannot read file: {exc.strerror}", file=display) from exc
     cache = parsed_cache_dir()
@@ -300,6 +303,52 @@ def _has_directive_key(node: Node) -> bool:
     elif type(node) is SequenceNode:
         return any(_has_directive_key(item) for item in node.items)
     return False
+
+
+# --- what a load read ------------------------------------------------------------
+#
+# A resolved plan kept between loads (pipeline.elements.resolved) is valid
+# only while every file its load read is unchanged: while one is recorded,
+# every file read through load_yaml or FolderCache (and the plugin files
+# plugins.py reads) is noted with its stat, or None when it was missing.
+
+FileStat = list[int] | None
+"""A file as :func:`file_stat` knows it: size, mtime, ctime and inode (ns), or None."""
+
+_READS: contextvars.ContextVar[dict[str, FileStat] | None] = contextvars.ContextVar(
+    "remex_reads", default=None
+)
+
+
+def file_stat(stat: os.stat_result | None) -> FileStat:
+    """What identifies a file's content while it is unchanged (as git's index)."""
+    if stat is None:
+        return None
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def note_read(path: str, stat: os.stat_result | None) -> None:
+    """Note that the load being recorded read ``path`` (``stat`` None: it was
+    looked for and missing). Does nothing when no load is recorded."""
+    reads = _READS.get()
+    if reads is not None:
+        reads[path] = file_stat(stat)
+
+
+def reading() -> bool:
+    """Whether a load is being recorded (callers skip a stat otherwise)."""
+    return _READS.get() is not None
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[dict[str, FileStat]]:
+    """Record the files read inside the block: path -> :func:`file_stat`."""
+    reads: dict[str, FileStat] = {}
+    token = _READS.set(reads)
+    try:
+        yield reads
+    finally:
+        _READS.reset(token)
 
 
 # --- the parsed-file cache -----------------------------------------------------
@@ -529,6 +578,8 @@ class FolderCache:
             except OSError:
                 return load_yaml(path, display)  # which says why it cannot be read
         key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        if _READS.get() is not None:
+            note_read(path, stat)
         entry = self._entries.get(path)
         if entry is not None and entry[:4] == key:
             try:

@@ -42,7 +42,16 @@ from typing import Any, Literal
 
 from pipeline.elements.composition import clone_mapping
 from pipeline.elements.errors import LoadError
-from pipeline.elements.nodes import MappingNode, Mark, Node, ScalarNode, SequenceNode, load_yaml
+from pipeline.elements.nodes import (
+    MappingNode,
+    Mark,
+    Node,
+    ScalarNode,
+    SequenceNode,
+    load_yaml,
+    note_read,
+    reading,
+)
 
 __all__ = [
     "CORE_KIND_NAMES",
@@ -131,6 +140,8 @@ class PluginDeclaration:
         if yaml_file is not None and yaml_file.is_file():
             defaults = load_yaml(yaml_file, display)
         else:
+            if yaml_file is not None:
+                note_read(str(yaml_file), None)  # (missing: a kept plan needs it still missing)
             defaults = MappingNode(mark=Mark(display, 1), path="")
         return PluginKind(self.kind, origin, defaults, build_element)
 
@@ -432,6 +443,8 @@ def _is_build_element(plugin: Path, error: _ErrorFactory) -> bool:
     was imported or renamed).
     """
     try:
+        if reading():
+            note_read(str(plugin), plugin.stat())
         tree = ast.parse(plugin.read_bytes(), filename=str(plugin))
     except (OSError, SyntaxError, ValueError) as exc:
         raise error(f"cannot read plugin {plugin.name}: {exc}") from None

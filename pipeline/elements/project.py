@@ -391,6 +391,11 @@ class Project:
     def __repr__(self) -> str:
         return f"<Project {self.name} at {self.directory}>"
 
+    @property
+    def uses_junctions(self) -> bool:
+        """Whether a load went through a junction (loaded a subproject)."""
+        return bool(self.root._junction_projects)
+
     def element_names(self) -> list[str]:
         """Every ``.bst`` file under element-path, as element names, sorted."""
         names = []

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: list[tuple[str, ...]] = [
     ("protos",),
     # Leaves every layer shares: the exception root, digests, the build spec,
-    # the package itself (``__version__``).
-    ("=pipeline", "pipeline.errors", "pipeline.digest", "pipeline.spec"),
+    # the JSON encoders (keys, kept plans, the scheduler), the package itself
+    # (``__version__``).
+    ("=pipeline", "pipeline.errors", "pipeline.digest", "pipeline.spec", "pipeline.jsonenc"),
     ("pipeline.cas", "pipeline.reapi"),
     ("pipeline.elements",),
     ("pipeline.stages",),

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from pipeline.cas import LocalCas, import_directory
 from pipeline.digest import Digest, digest_to_str
+from pipeline.elements.errors import SourceError
 from pipeline.elements.nodes import MappingNode, Mark
 from pipeline.elements.sources.base import NetworkSettings, Source, SourceContext
 from pipeline.elements.sources.helpers import COMMON_KEYS, project_path, source_directory
@@ -45,6 +46,38 @@ class LocalSource(Source):
             mark=node.mark,
             field=node.path,
         )
+
+    @classmethod
+    def kept(
+        cls,
+        *,
+        path: Path,
+        relative: str,
+        digest: Digest,
+        directory: str,
+        mark: Mark,
+        field: str,
+    ) -> LocalSource:
+        """The source as an earlier load found it (its tree's digest then),
+        without importing it: :meth:`stage` and :meth:`unchanged` compare with it."""
+        source = cls.__new__(cls)
+        Source.__init__(source, directory=directory, mark=mark, field=field)
+        source.path = path
+        source.relative = relative
+        source._digest = digest
+        return source
+
+    @property
+    def digest(self) -> Digest:
+        """The tree digest of the content, taken when the project was loaded."""
+        return self._digest
+
+    def unchanged(self, cas: LocalCas) -> bool:
+        """Whether the path, imported again, is still the tree it was when loaded."""
+        try:
+            return self._import(cas) == self._digest
+        except SourceError:
+            return False
 
     def content_key(self) -> str:
         """The tree digest of the content, taken when the project was loaded."""

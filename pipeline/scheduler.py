@@ -93,8 +93,10 @@ The moves' Lua scripts are files in ``pipeline/lua/``, read when a
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -169,6 +171,35 @@ RECONNECT_SECONDS = 30.0
 NO_HOLDER = "its message is in no queue a live worker consumes, and no worker holds it"
 RECONNECT_BACKOFF_CAP = 2.0
 RECONNECT_BACKOFF_BASE = 0.1
+# The stages of a chain in order (the Lua prelude's STAGE_ORDER): within one
+# attempt an element only moves forward, so a copy of an earlier stage's
+# message is stale.
+STAGE_ORDER = {"stage_to_cas": 1, "upload": 2, "execute": 3, "fetch_outputs": 4, "push_artifact": 5}
+# How many element specs a Scheduler keeps once read (see Scheduler.spec).
+SPEC_CACHE_SIZE = 4096
+# How many stage starts one script records at most (Lua's unpack limit).
+STARTS_PER_SCRIPT = 500
+
+
+def take_delay(heartbeat_timeout: float) -> float:
+    """How long a worker may hold a received stage message before it records
+    its holder (see ``tasks.runtime.PendingTakes``): a tenth of the heartbeat
+    timeout, at most one second."""
+    return max(0.05, min(1.0, heartbeat_timeout / 10))
+
+
+def start_flush_interval(heartbeat_timeout: float) -> float:
+    """How often a worker process records the stage starts it batched (see
+    :meth:`Scheduler.record_starts`): a twentieth of the heartbeat timeout,
+    at most a quarter of a second."""
+    return max(0.02, min(0.25, heartbeat_timeout / 20))
+
+
+def confirm_delay(heartbeat_timeout: float) -> float:
+    """How long the reconciler waits before it looks a second time at an
+    element whose message it found in no queue: long enough for a worker that
+    had just received it to record its take or its start."""
+    return 1.5 * take_delay(heartbeat_timeout) + start_flush_interval(heartbeat_timeout) + 0.1
 
 
 @dataclass(frozen=True)
@@ -240,6 +271,7 @@ SCRIPTS = (
     "wait_on",
     "take",
     "start",
+    "starts",
     "hand_on",
     "stale",
     "note",
@@ -361,6 +393,54 @@ class Event:
         return self.kind == "finished"
 
 
+@dataclass
+class StageStart:
+    """One stage start a worker process records later, in a batch (see
+    :meth:`Scheduler.record_starts`)."""
+
+    build: str
+    element: str
+    attempt: int
+    stage: str
+    host: str
+    worker: str
+    holder: str
+    at: float
+    """When the stage started (epoch seconds)."""
+    first: float = 0.0
+    """When the first stage of the same batch started (0: ``at``)."""
+    take: bool = False
+    """Not a start: the message was received, not started yet (see
+    :meth:`Scheduler.take`); only its holder and ``taken_at`` are recorded."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "b": self.build,
+            "e": self.element,
+            "attempt": self.attempt,
+            "stage": self.stage,
+            "host": self.host,
+            "worker": self.worker,
+            "holder": self.holder,
+            "at": self.at,
+            "first": self.first or self.at,
+            "take": self.take,
+        }
+
+
+def info_current(info: Mapping[str, Any], attempt: int, stage: str | None) -> bool:
+    """Whether a message of ``stage`` for ``attempt`` is current by the
+    element's info (the Lua prelude's ``info_current``): the element is not
+    finished nor waiting on another build, the attempt is its latest, and
+    the stage is not before the one it reached."""
+    if info.get("finished") is not None or info.get("waiting_on") is not None:
+        return False
+    if attempt < 1 or int(info.get("attempt") or 0) != attempt:
+        return False
+    current = info.get("stage")
+    return not (stage and current and STAGE_ORDER.get(stage, 0) < STAGE_ORDER.get(current, 0))
+
+
 @dataclass(frozen=True)
 class Finished:
     """What :meth:`Scheduler.finish_element` did."""
@@ -434,6 +514,8 @@ class Scheduler:
         self.redis = client
         self.heartbeat_timeout = heartbeat_timeout
         self.keys = Keys(prefix)
+        self._specs: OrderedDict[tuple[str, str], BuildSpec] = OrderedDict()
+        self._specs_lock = threading.Lock()
         # Read once, when the scheduler starts; redis-py runs them by SHA.
         scripts = {name: client.register_script(load_script(name)) for name in SCRIPTS}
         self._finish = scripts["finish"]
@@ -444,6 +526,7 @@ class Scheduler:
         self._wait_on = scripts["wait_on"]
         self._take = scripts["take"]
         self._start = scripts["start"]
+        self._starts = scripts["starts"]
         self._hand_on = scripts["hand_on"]
         self._stale = scripts["stale"]
         self._note = scripts["note"]
@@ -572,10 +655,28 @@ class Scheduler:
     # --- reading -------------------------------------------------------------
 
     def spec(self, build_id: str, element: str) -> BuildSpec:
+        """An element's spec. A spec never changes once its build is
+        submitted: the last SPEC_CACHE_SIZE read are kept (the sender of an
+        element and its stages, in one worker process, read it once).
+
+        Raises:
+            KeyError: no such element (or build).
+        """
+        key = (build_id, element)
+        with self._specs_lock:
+            cached = self._specs.get(key)
+            if cached is not None:
+                self._specs.move_to_end(key)
+                return cached
         raw = self.redis.hget(self.keys.build(build_id, "spec"), element)
         if raw is None:
             raise KeyError(f"build {build_id} has no element {element!r}")
-        return cast(BuildSpec, json.loads(cast(str, raw)))
+        spec = cast(BuildSpec, json.loads(cast(str, raw)))
+        with self._specs_lock:
+            self._specs[key] = spec
+            while len(self._specs) > SPEC_CACHE_SIZE:
+                self._specs.popitem(last=False)
+        return spec
 
     def state(self, build_id: str, element: str) -> str | None:
         return cast("str | None", self.redis.hget(self.keys.build(build_id, "state"), element))
@@ -676,10 +777,11 @@ class Scheduler:
         self, build_id: str, after: str = "0", *, block: float | None = None, count: int = 1000
     ) -> list[Event]:
         """The build's events after stream id ``after`` (``"0"``: from the
-        start), oldest first, at most ``count``. With ``block`` (seconds),
-        wait that long for the first one when there is none yet (XREAD BLOCK,
-        a command of Redis's ``@blocking`` category); without, read what is
-        there (XRANGE, not ``@blocking``).
+        start), oldest first, at most ``count`` stream entries (an entry may
+        hold the events of many elements: each is yielded, all with its id).
+        With ``block`` (seconds), wait that long for the first one when
+        there is none yet (XREAD BLOCK, a command of Redis's ``@blocking``
+        category); without, read what is there (XRANGE, not ``@blocking``).
 
         Raises:
             redis.exceptions.NoPermissionError: ``block`` given, and the Redis
@@ -696,11 +798,18 @@ class Scheduler:
         events: list[Event] = []
         for entry_id, fields in entries:
             try:
-                data = json.loads(fields.get("event", "{}"))
+                if "events" in fields:
+                    # One entry for the moves of many elements (a batch of
+                    # stage starts, a finish and the sends it made): each is
+                    # an event of its own, all with the entry's id.
+                    batch = json.loads(fields["events"])
+                else:
+                    batch = [json.loads(fields.get("event", "{}"))]
             except json.JSONDecodeError:
                 continue  # not written by remex
-            if isinstance(data, dict):
-                events.append(Event(str(entry_id), data))
+            for data in _as_list(batch):
+                if isinstance(data, dict):
+                    events.append(Event(str(entry_id), data))
         return events
 
     def builds(self, state: str | None = None) -> list[BuildSummary]:
@@ -887,6 +996,32 @@ class Scheduler:
             ],
         )
         return int(delivered)
+
+    def is_current(self, build_id: str, element: str, *, attempt: int, stage: str) -> bool:
+        """Whether a message of ``stage`` for ``attempt`` is current (not an
+        older attempt's, nor an earlier stage's, nor one of a finished
+        element): one read of the element's info, no write. A stage that
+        starts checks this, and records its start later in a batch
+        (:meth:`record_starts`), which checks again."""
+        return info_current(self.info(build_id, element), attempt, stage)
+
+    def record_starts(self, starts: Sequence[StageStart]) -> list[tuple[str, str]]:
+        """Record stage starts that a worker process batched (one script per
+        STARTS_PER_SCRIPT of them; per build in it, one read and one write of
+        the infos, one write of the states and one stream entry of the
+        events): each element's holder, host, stage and the time its stage
+        started, as :meth:`begin_stage` does, without counting deliveries.
+        A start whose message is stale by now records nothing.
+
+        Returns:
+            The (build, element) pairs of the stale ones.
+        """
+        stale: list[tuple[str, str]] = []
+        for i in range(0, len(starts), STARTS_PER_SCRIPT):
+            chunk = [start.as_json() for start in starts[i : i + STARTS_PER_SCRIPT]]
+            raw = self._starts(keys=[self.keys.prefix], args=[json.dumps(chunk)])
+            stale += _pairs(json.loads(cast(str, raw)))
+        return stale
 
     def heartbeat(self, build_id: str, element: str) -> bool:
         """The element's stage is still working (a stage that runs longer than a
@@ -1081,6 +1216,8 @@ class Scheduler:
         # read of each holder's liveness per pass, not one per element.
         alive: dict[str, bool] = {}
         out: list[tuple[str, str]] = []
+        # Lost only if their info is the same a moment later (_confirm_lost).
+        suspects: list[tuple[str, str]] = []
         for element in candidates:
             state = states[element]
             info = _decode_info(infos[element])
@@ -1100,10 +1237,11 @@ class Scheduler:
                     out.append((element, f"the build it waited on ({b}) stopped"))
                 continue
             # The last sign of life of a running element: its last heartbeat,
-            # or its stage's start.
+            # its stage's start, or its message's take (a message that waited
+            # behind a backlog in its holder's queue, prefetched now).
             deadline = deadlines.get(element)
             beat = deadline - self.heartbeat_timeout if deadline else 0.0
-            last = max(beat, float(info.get("stage_at") or 0))
+            last = max(beat, float(info.get("stage_at") or 0), float(info.get("taken_at") or 0))
             if state == ElementState.RUNNING and now - last <= self.heartbeat_timeout:
                 continue
             silent = now - last if last else 0.0
@@ -1122,7 +1260,7 @@ class Scheduler:
                     if in_queues is None:
                         in_queues = queued_task_ids() if queued_task_ids is not None else set()
                     if in_queues.isdisjoint(str(t) for t in info.get("task_ids", [])):
-                        out.append((element, f"no heartbeat for {silent:.0f} s"))
+                        suspects.append((element, f"no heartbeat for {silent:.0f} s"))
             elif state == ElementState.RUNNING and worker:
                 # Started without a holder (a worker of an older remex).
                 if not self.redis.exists(self.keys.worker(worker)):
@@ -1138,11 +1276,28 @@ class Scheduler:
                 if in_queues is None:
                     in_queues = queued_task_ids() if queued_task_ids is not None else set()
                 if in_queues.isdisjoint(str(t) for t in info.get("task_ids", [])):
-                    # Taken meanwhile (the queue was read after the info)?
-                    if self._holder(build_id, element):
-                        continue
-                    out.append((element, NO_HOLDER))
-        return out
+                    suspects.append((element, NO_HOLDER))
+        return out + self._confirm_lost(build_id, suspects, infos)
+
+    def _confirm_lost(
+        self,
+        build_id: str,
+        suspects: list[tuple[str, str]],
+        infos: Mapping[str, str | None],
+    ) -> list[tuple[str, str]]:
+        """The elements whose message was in no queue and whose info is the
+        same a :func:`confirm_delay` later. A worker that had just popped
+        the message from its queue (prefetched after it waited behind a
+        backlog, or started with its start not yet recorded: see
+        :meth:`record_starts`) records its take or start within that delay,
+        which changes the info; one that did not has lost it. (A 10,000-element
+        build re-sent 166 elements of live holders once without this look.)"""
+        if not suspects:
+            return []
+        time.sleep(confirm_delay(self.heartbeat_timeout))
+        names = [element for element, _ in suspects]
+        again = cast(list["str | None"], self.redis.hmget(self.keys.build(build_id, "info"), names))
+        return [pair for pair, raw in zip(suspects, again, strict=True) if raw == infos[pair[0]]]
 
     def verify_counts(self, build_id: str) -> list[str]:
         """Compare what the scripts keep as states move (``counts`` of the
@@ -1198,9 +1353,6 @@ class Scheduler:
         key = self.keys.build(build_id, "state")
         states = cast(list["str | None"], self.redis.hmget(key, names))
         return {name: state for name, state in zip(names, states, strict=True) if state}
-
-    def _holder(self, build_id: str, element: str) -> str:
-        return str(self.info(build_id, element).get("holder") or "")
 
     # --- private -----------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from pipeline.broker import (
     task_label,
 )
 from pipeline.errors import RemexError
+from pipeline.scheduler import StageStart
 from pipeline.spec import BuildSpec
 from pipeline.stages import (
     BuildFailedError,
@@ -140,6 +141,26 @@ class StageTask(Task):  # type: ignore[misc]
         takes = getattr(self.app, "remex_takes", None)
         if takes is not None:
             takes.started(self.request.id or "")
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        if rt.starts is not None and not redelivered:
+            # Checked now (one read, or none for a later stage of a chain this
+            # process runs), recorded within a fraction of a second in a batch
+            # (issue 16). Only a message Redis delivered again is counted,
+            # at once (max_deliveries).
+            start = StageStart(
+                build,
+                element,
+                int(payload["attempt"]),
+                self.stage,
+                rt.name,
+                rt.instance,
+                rt.holder,
+                time.time(),
+            )
+            if not rt.starts.begin(start):
+                log.info("%s of %s (build %s) is stale; ignored", self.stage, element, build)
+                raise Ignore()
+            return rt, _SPECS.get(rt, build, element)
         deliveries = rt.scheduler.begin_stage(
             build,
             element,
@@ -208,6 +229,9 @@ class StageTask(Task):  # type: ignore[misc]
         """This worker holds the element no more: its next message goes to a
         queue other workers consume, or its publish was refused (then the
         reconciler finds it in no queue and sends the element again)."""
+        if rt.starts is not None:
+            # (Its start, if not recorded yet, must not land after the hand-on.)
+            rt.starts.flush()
         rt.scheduler.hand_on(
             payload["build"], payload["element"], attempt=payload["attempt"], holder=holder
         )
@@ -311,6 +335,9 @@ class StageTask(Task):  # type: ignore[misc]
 
     def fail_element(self, rt: WorkerRuntime, payload: Payload, reason: str, **extra: Any) -> None:
         """Mark the element failed (and its dependents skipped); stop the chain."""
+        if rt.starts is not None:
+            # (Its start, if not recorded yet, goes with the failure.)
+            extra = {**rt.starts.forget(payload["build"], payload["element"]), **extra}
         fail_element(
             self.app,
             rt.scheduler,
@@ -520,6 +547,9 @@ def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
         "timings": state.get("timings"),
     }
     spec = _SPECS.get(rt, payload["build"], payload["element"])
+    if rt.starts is not None:
+        # Finished here: its start, if not recorded yet, goes with the finish.
+        info = {**rt.starts.forget(payload["build"], payload["element"]), **info}
     # The artifact index entry goes with the move (one script, issue 16).
     ready = rt.scheduler.finish(
         payload["build"],

@@ -28,12 +28,23 @@ end
 -- next takes it over, its owner being finished. Issue 16: two commands less.)
 local ready, stopped, released = {}, {}, {}
 local touched = {}
-local function mark(b, element, state, extra, read)
-  local old = redis.call('HGET', bkey(b, 'state'), element)
+-- (OLD: the state the caller read.)
+local function mark(b, element, old, state, extra, read)
   redis.call('HSET', bkey(b, 'state'), element, state)
   count_state(b, element, old, state)
   local info = read or get_info(b, element)
   drop_heartbeat(b, element, info)
+  -- (A start the worker had not recorded yet comes with the finish: the
+  -- first start of the attempt stays, its host joins the hosts.)
+  if present(extra['started']) and present(info['started']) then extra['started'] = nil end
+  if type(extra['host']) == 'string' then
+    local hosts = info['hosts']
+    if type(hosts) ~= 'table' then hosts = {} end
+    local seen = false
+    for _, h in ipairs(hosts) do if h == extra['host'] then seen = true end end
+    if not seen then table.insert(hosts, extra['host']) end
+    info['hosts'] = hosts
+  end
   for k, v in pairs(extra) do info[k] = v end
   info['finished'] = tonumber(now)
   put_info(b, element, info)
@@ -48,7 +59,7 @@ local function skip_dependents(b, element, why)
       for _, d in ipairs(cjson.decode(deps)) do
         local st = redis.call('HGET', bkey(b, 'state'), d)
         if st == 'waiting' or st == 'ready' then
-          mark(b, d, 'skipped', {error = why})
+          mark(b, d, st, 'skipped', {error = why})
           table.insert(stack, d)
         end
       end
@@ -78,15 +89,26 @@ local function stop_rest(b, element)
   end
 end
 local info = cjson.decode(info_json)
+-- The owner's state, from its info (one read less): finished ones have
+-- "finished"; else, once its chain was sent, it is queued or running.
+local function owner_state()
+  if present(owner_info['finished']) then return 'built' end
+  if (tonumber(owner_info['attempt']) or 0) < 1 then
+    return redis.call('HGET', bkey(owner_b, 'state'), owner_e)  -- never sent
+  end
+  if present(owner_info['stage']) then return 'running' end
+  return 'queued'
+end
 for _, t in ipairs(targets) do
   local b, element = split(t)
-  local st = redis.call('HGET', bkey(b, 'state'), element)
+  local st
+  if t == owner then st = owner_state() else st = redis.call('HGET', bkey(b, 'state'), element) end
   if st and not TERMINAL[st] then
     touched[b] = true
     local extra = {}
     for k, v in pairs(info) do extra[k] = v end
     if t ~= owner then extra['built_by'] = owner end
-    mark(b, element, outcome, extra, t == owner and owner_info or nil)
+    mark(b, element, st, outcome, extra, t == owner and owner_info or nil)
     if outcome == 'built' then
       local deps = redis.call('HGET', bkey(b, 'dependents'), element)
       if deps then
@@ -122,9 +144,10 @@ local entry = ARGV[7] or ''
 if entry ~= '' and outcome == 'built' then
   -- The artifact index, in this move rather than a transaction of its own
   -- (issue 16); end_build sets its expiry.
+  -- (An entry new to one set is new to both: they gain and lose members
+  -- together. A known one only gets its time, issue 16.)
   local by_key, by_time = index_keys()
-  redis.call('ZADD', by_key, 0, entry)
-  redis.call('ZADD', by_time, now, entry)
+  if redis.call('ZADD', by_time, now, entry) == 1 then redis.call('ZADD', by_key, 0, entry) end
 end
 -- (A build that has an element ready now is not done: no need to ask.)
 local has_ready = {}

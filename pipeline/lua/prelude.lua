@@ -46,14 +46,20 @@ local function keeps_counts(b)
   return KEEPS_COUNTS[b]
 end
 local function count_state(b, e, old, new)
-  if old == new or (LIVE[old] and LIVE[new]) or not keeps_counts(b) then return end
+  if old == new or (LIVE[old] and LIVE[new]) then return end
+  if LIVE[old] and not LIVE[new] then
+    -- Leaving the live set: that the element was in it says that the build
+    -- keeps counts (one read less than asking).
+    local removed = redis.call('SREM', bkey(b, 'live'), e) == 1
+    if removed then KEEPS_COUNTS[b] = true end
+    if not removed and not keeps_counts(b) then return end
+  elseif not keeps_counts(b) then
+    return
+  elseif LIVE[new] then
+    redis.call('SADD', bkey(b, 'live'), e)
+  end
   if TERMINAL[old] then redis.call('HINCRBY', bkey(b, 'counts'), old, -1) end
   if TERMINAL[new] then redis.call('HINCRBY', bkey(b, 'counts'), new, 1) end
-  if LIVE[new] and not LIVE[old] then
-    redis.call('SADD', bkey(b, 'live'), e)
-  elseif LIVE[old] and not LIVE[new] then
-    redis.call('SREM', bkey(b, 'live'), e)
-  end
   if new == 'failed' then redis.call('SADD', bkey(b, 'failed'), e) end
 end
 -- A stage's heartbeat (B:heartbeat) is written only by a stage that runs
@@ -195,13 +201,27 @@ end
 -- "finished" in the info, an element never sent has attempt 0, and one sent
 -- is queued until its first stage of the attempt starts (queue.lua clears
 -- "stage"), running after. Returns the info and the state, or nil.
-local function current_from_info(b, e, attempt, stage)
-  local info = get_info(b, e)
+local function info_current(info, attempt, stage)
   if present(info['finished']) or present(info['waiting_on']) then return nil end
   if (tonumber(info['attempt']) or 0) ~= attempt or attempt < 1 then return nil end
   if stage_before(stage, info['stage']) then return nil end
-  if not present(info['stage']) then return info, 'queued' end
-  return info, 'running'
+  if not present(info['stage']) then return 'queued' end
+  return 'running'
+end
+local function current_from_info(b, e, attempt, stage)
+  local info = get_info(b, e)
+  local st = info_current(info, attempt, stage)
+  if not st then return nil end
+  return info, st
+end
+-- A batch of events as one stream entry (its field "events": a JSON list;
+-- pipeline.scheduler.Scheduler.read_events yields each): one XADD for the
+-- moves of many elements (issue 16).
+local function emit_many(b, events)
+  if #events == 1 then return emit(b, events[1]) end
+  if #events == 0 then return end
+  redis.call('XADD', bkey(b, 'events'), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'events',
+             cjson.encode(events))
 end
 -- Record a send of element e: the next attempt number, the task ids; state
 -- -> queued. Returns the new attempt, or 0 when the element must not be sent
@@ -256,11 +276,14 @@ end
 -- running). Returns "" when ME owns it now, else the owner.
 local function claim_uri(me, uri, ttl)
   local key = PREFIX .. ':claim:' .. uri
-  local owner = redis.call('GET', key)
+  -- Claimed in one command (SET ... GET), given back in the rare case that
+  -- its owner still builds it (issue 16: one command less).
+  local owner = redis.call('SET', key, me, 'EX', ttl, 'GET')
   if owner == me then return '' end
   if owner then
     local ob, oe = split(owner)
     if LIVE[redis.call('HGET', bkey(ob, 'state'), oe)] then
+      redis.call('SET', key, owner, 'EX', ttl)
       redis.call('SADD', PREFIX .. ':waiters:' .. uri, me)
       redis.call('EXPIRE', PREFIX .. ':waiters:' .. uri, ttl)
       -- (Its finish reads the waiters only when this says so.)
@@ -272,6 +295,5 @@ local function claim_uri(me, uri, ttl)
       return owner
     end
   end
-  redis.call('SET', key, me, 'EX', ttl)
   return ''
 end

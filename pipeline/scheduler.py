@@ -98,7 +98,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
 from typing import Any, cast
@@ -265,6 +265,7 @@ def load_script(name: str) -> str:
 SCRIPTS = (
     "finish",
     "send",
+    "send_many",
     "beat",
     "claim",
     "queue",
@@ -442,6 +443,23 @@ def info_current(info: Mapping[str, Any], attempt: int, stage: str | None) -> bo
 
 
 @dataclass(frozen=True)
+class RecordedSend:
+    """A send recorded in Redis (:meth:`Scheduler.record_sends`, or a finish
+    that sent the dependents it made ready): the caller publishes its tasks
+    when ``attempt`` is set."""
+
+    build: str
+    element: str
+    attempt: int
+    """The new attempt; 0 when it is not to be sent (see ``owner``)."""
+    owner: str
+    """``build\\telement`` it waits on (another build builds the same
+    artifact), or ""; with attempt 0 and no owner it must not be sent."""
+    spec: BuildSpec | None
+    task_ids: list[str]
+
+
+@dataclass(frozen=True)
 class Finished:
     """What :meth:`Scheduler.finish_element` did."""
 
@@ -454,6 +472,9 @@ class Finished:
     released: list[tuple[str, str]]
     """(build, element) pairs of other builds that waited on a stopped
     element: the caller sends them again."""
+    sent: list[RecordedSend] = field(default_factory=list)
+    """With ``send=True``: the dependents made ready, their sends recorded
+    in the same move (not in ``ready``): the caller publishes them."""
 
 
 @dataclass(frozen=True)
@@ -520,6 +541,7 @@ class Scheduler:
         scripts = {name: client.register_script(load_script(name)) for name in SCRIPTS}
         self._finish = scripts["finish"]
         self._send = scripts["send"]
+        self._send_many = scripts["send_many"]
         self._beat = scripts["beat"]
         self._claim = scripts["claim"]
         self._queue = scripts["queue"]
@@ -889,6 +911,38 @@ class Scheduler:
         )
         return int(attempt), str(owner or "")
 
+    def record_sends(
+        self, sends: Sequence[tuple[str, str, list[str]]], *, chunk: int = 200
+    ) -> list[RecordedSend]:
+        """:meth:`record_send` for many (build, element, task ids), in one
+        script per ``chunk`` of them (per build in it: one read of their
+        specs and infos, one write of their infos and states, one event
+        entry). Returns a RecordedSend for each (grouped by build), whose
+        spec saves the caller a read."""
+        out: list[RecordedSend] = []
+        for i in range(0, len(sends), chunk):
+            part = [list(item) for item in sends[i : i + chunk]]
+            raw = self._send_many(
+                keys=[self.keys.prefix], args=[time.time(), BUILD_TTL_SECONDS, json.dumps(part)]
+            )
+            out += [self._recorded(item) for item in _as_list(json.loads(cast(str, raw)))]
+        return out
+
+    def _recorded(self, item: Sequence[Any]) -> RecordedSend:
+        build, element, attempt, owner, raw_spec, task_ids = item
+        spec = cast(BuildSpec, json.loads(raw_spec)) if raw_spec else None
+        if spec is not None:
+            with self._specs_lock:
+                self._specs[(str(build), str(element))] = spec
+        return RecordedSend(
+            str(build),
+            str(element),
+            int(attempt),
+            str(owner or ""),
+            spec,
+            [str(t) for t in _as_list(task_ids)],
+        )
+
     def mark_queued(self, build_id: str, element: str, *, task_ids: list[str]) -> int:
         """Record that the element's chain is about to be sent; return its new
         attempt number, or 0 when it must not be sent (finished, cancelled, or
@@ -1114,10 +1168,16 @@ class Scheduler:
         *,
         artifact_uri: str | None = None,
         index_entry: str = "",
+        send: bool = False,
     ) -> Finished:
         """As :meth:`finish`, with what a failure stopped: in a build whose
         on-error mode is ``quit`` every element not started is cancelled, with
-        ``terminate`` the running ones too (in one atomic move with the failure)."""
+        ``terminate`` the running ones too (in one atomic move with the failure).
+
+        ``send``: the dependents made ready are sent in the same move
+        (:attr:`Finished.sent`, for the caller to publish; their task ids
+        derived from build, element and attempt) instead of made ready
+        (issue 16: no ready state to write, no send of their own)."""
         if outcome not in (ElementState.BUILT, ElementState.FAILED):
             raise ValueError(f"outcome must be 'built' or 'failed', not {outcome!r}")
         uri = artifact_uri or self.spec(build_id, element)["artifact_uri"]
@@ -1131,11 +1191,13 @@ class Scheduler:
                 time.time(),
                 BUILD_TTL_SECONDS,
                 index_entry,
+                "1" if send else "",
             ],
         )
         data = json.loads(cast(str, raw))
         return Finished(
             ready=[(str(b), str(e)) for b, e in _as_list(data.get("ready"))],
+            sent=[self._recorded(item) for item in _as_list(data.get("sent"))],
             stopped=[dict(i) for i in _as_list(data.get("stopped"))],
             released=_pairs(data.get("released")),
         )
@@ -1271,7 +1333,8 @@ class Scheduler:
                     out.append((element, f"no heartbeat for {silent:.0f} s"))
             else:
                 since = max(float(info.get("queued_at") or 0), float(info.get("handed_at") or 0))
-                if now - since <= self.heartbeat_timeout:
+                # (A long list of sends is recorded before it is published.)
+                if now - since <= self.heartbeat_timeout or senders_busy:
                     continue
                 if in_queues is None:
                     in_queues = queued_task_ids() if queued_task_ids is not None else set()

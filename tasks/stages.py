@@ -30,6 +30,7 @@ from pipeline.broker import (
     fail_element,
     host_queue,
     no_declare,
+    publish_sends,
     send_ready,
     task_label,
 )
@@ -551,15 +552,19 @@ def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
         # Finished here: its start, if not recorded yet, goes with the finish.
         info = {**rt.starts.forget(payload["build"], payload["element"]), **info}
     # The artifact index entry goes with the move (one script, issue 16).
-    ready = rt.scheduler.finish(
+    # The dependents it makes ready are sent in the same move (issue 16),
+    # then published here.
+    finished = rt.scheduler.finish_element(
         payload["build"],
         payload["element"],
         "built",
         info,
         artifact_uri=spec["artifact_uri"],
         index_entry=artifact_index_entry(spec),
+        send=True,
     )
-    send_ready(self.app, rt.scheduler, ready)
+    send_ready(self.app, rt.scheduler, finished.ready)
+    publish_sends(self.app, rt.scheduler, finished.sent)
     return result
 
 

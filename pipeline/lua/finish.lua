@@ -27,6 +27,21 @@ end
 -- (The owner's claim on the URI is left to expire: whoever claims the URI
 -- next takes it over, its owner being finished. Issue 16: two commands less.)
 local ready, stopped, released = {}, {}, {}
+-- ARGV[8] "1": send the dependents made ready in this move (returned as
+-- "sent": [build, element, attempt, owner, spec JSON, task ids] for the
+-- caller to publish), else make them ready (returned as "ready").
+local send_ready = ARGV[8] == '1'
+local to_send, send_order = {}, {}
+-- The events of this move per build, written as one entry each at the end.
+local pending_events = {}
+local function events_of(b)
+  if not pending_events[b] then pending_events[b] = {} end
+  return pending_events[b]
+end
+local function flush_events()
+  for b, events in pairs(pending_events) do emit_many(b, events) end
+  pending_events = {}
+end
 local touched = {}
 -- (OLD: the state the caller read.)
 local function mark(b, element, old, state, extra, read)
@@ -48,7 +63,7 @@ local function mark(b, element, old, state, extra, read)
   for k, v in pairs(extra) do info[k] = v end
   info['finished'] = tonumber(now)
   put_info(b, element, info)
-  emit(b, element_event(state, element, info, now))
+  table.insert(events_of(b), element_event(state, element, info, now))
 end
 local function skip_dependents(b, element, why)
   local stack = {element}
@@ -71,6 +86,7 @@ local function stop_rest(b, element)
   local mode = redis.call('HGET', bkey(b, 'meta'), 'on_error')
   if mode then mode = cjson.decode(mode) end
   if mode ~= 'quit' and mode ~= 'terminate' then return end
+  flush_events()  -- (stop_element writes its events itself, after these)
   local why = element .. ' failed and on-error is ' .. mode
   local states = redis.call('HGETALL', bkey(b, 'state'))
   for i = 1, #states, 2 do
@@ -117,7 +133,14 @@ for _, t in ipairs(targets) do
           -- then the dependent waited, unless it finished meanwhile (skipped,
           -- cancelled: its info says so, no state read).
           local left = redis.call('HINCRBY', bkey(b, 'pending'), d, -1)
-          if left == 0 then
+          if left == 0 and send_ready then
+            -- Sent in this move (below), not made ready first (issue 16).
+            if not to_send[b] then
+              to_send[b] = {}
+              table.insert(send_order, b)
+            end
+            table.insert(to_send[b], {e = d})
+          elseif left == 0 then
             local dinfo = get_info(b, d)
             if not present(dinfo['finished']) then
               redis.call('HSET', bkey(b, 'state'), d, 'ready')
@@ -149,10 +172,20 @@ if entry ~= '' and outcome == 'built' then
   local by_key, by_time = index_keys()
   if redis.call('ZADD', by_time, now, entry) == 1 then redis.call('ZADD', by_key, 0, entry) end
 end
--- (A build that has an element ready now is not done: no need to ask.)
+-- The dependents made ready, sent: one read and one write of their specs,
+-- infos and states per build, their events with the finish's.
+local sent = {}
+for _, b in ipairs(send_order) do
+  for _, r in ipairs(send_elements(b, to_send[b], tonumber(now), tonumber(ttl), events_of(b), true)) do
+    table.insert(sent, {b, r[1], r[2], r[3], r[4], r[5]})
+  end
+end
+flush_events()
+-- (A build that has an element ready or sent now is not done: no need to ask.)
 local has_ready = {}
 for _, r in ipairs(ready) do has_ready[r[1]] = true end
+for _, r in ipairs(sent) do has_ready[r[1]] = true end
 for b, _ in pairs(touched) do
   if not has_ready[b] then update_build_status(b, now, ttl) end
 end
-return cjson.encode({ready = ready, stopped = stopped, released = released})
+return cjson.encode({ready = ready, sent = sent, stopped = stopped, released = released})

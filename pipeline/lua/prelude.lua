@@ -297,3 +297,84 @@ local function claim_uri(me, uri, ttl)
   end
   return ''
 end
+-- The task ids of a send a script makes (a finish sends the dependents it
+-- made ready): derived from the build, element, attempt and stage number,
+-- and recorded in the info like those a sender chose.
+local function derived_task_id(b, e, attempt, i)
+  local h = redis.sha1hex(b .. '\t' .. e .. '\t' .. attempt .. '\t' .. i)
+  return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-' .. string.sub(h, 13, 16)
+         .. '-' .. string.sub(h, 17, 20) .. '-' .. string.sub(h, 21, 32)
+end
+-- Send elements of build b in one move: for each, what send.lua does (claim
+-- its artifact URI; wait on the build that builds it, or record the send),
+-- with one read of their specs and infos, one write of their infos and
+-- states, and their events appended to EVENTS (the caller writes them as one
+-- entry). ITEMS: a list of {e = element, ids = task ids (nil: derived)};
+-- FROM_WAITING: they were waiting until now (made ready by a finish: they
+-- join the live set). Returns a list of {element, attempt, owner, spec JSON,
+-- task ids}: attempt 0 and the owner when it waits on another build; the
+-- new attempt and "" when its tasks are to be sent; 0 and "" when it must not
+-- be sent (finished, cancelled, not ready).
+local function send_elements(b, items, now, ttl, events, from_waiting)
+  local out = {}
+  if #items == 0 then return out end
+  local names = {}
+  for i, it in ipairs(items) do names[i] = it.e end
+  local specs = redis.call('HMGET', bkey(b, 'spec'), unpack(names))
+  local raw = redis.call('HMGET', bkey(b, 'info'), unpack(names))
+  local infos, states, joined = {}, {}, {}
+  for i, it in ipairs(items) do
+    local e = it.e
+    local info = raw[i] and cjson.decode(raw[i]) or {}
+    local spec = specs[i] and cjson.decode(specs[i]) or nil
+    local attempt, owner, ids = 0, '', {}
+    if spec and not present(info['finished']) then
+      local next_attempt = (tonumber(info['attempt']) or 0) + 1
+      -- (As queue_element: never sent, never made ready nor made to wait, and
+      -- not live: it waits for dependencies.)
+      local may = from_waiting or next_attempt > 1 or present(info['ready_at'])
+                  or present(info['waiting_on'])
+                  or LIVE[redis.call('HGET', bkey(b, 'state'), e)]
+      if may then
+        owner = claim_uri(b .. '\t' .. e, spec['artifact_uri'], ttl)
+        if owner ~= '' then
+          info['waiting_on'] = owner
+          drop_heartbeat(b, e, info)
+          table.insert(events, {event = 'waiting', element = e, waiting_on = owner, time = now})
+        else
+          attempt = next_attempt
+          local n = present(spec['fetch']) and 1 or 5
+          for k = 1, n do
+            ids[k] = (type(it.ids) == 'table' and it.ids[k]) or derived_task_id(b, e, attempt, k)
+          end
+          info['attempt'] = attempt
+          info['task_ids'] = ids
+          info['queued_at'] = now
+          info['waiting_on'] = nil
+          info['stage'] = nil
+          info['stage_at'] = nil
+          info['holder'] = nil
+          info['handed_at'] = nil
+          info['taken_at'] = nil
+          info['delivery'] = nil
+          drop_heartbeat(b, e, info)
+          table.insert(events, {event = 'queued', element = e, attempt = attempt, time = now})
+        end
+        table.insert(infos, e)
+        table.insert(infos, cjson.encode(info))
+        table.insert(states, e)
+        table.insert(states, 'queued')
+        if from_waiting then table.insert(joined, e) end
+      end
+    end
+    out[i] = {e, attempt, owner, specs[i] or '', ids}
+  end
+  if #infos > 0 then
+    redis.call('HSET', bkey(b, 'info'), unpack(infos))
+    redis.call('HSET', bkey(b, 'state'), unpack(states))
+  end
+  -- (waiting -> queued joins the live set; a move between live states
+  -- changes no count.)
+  if #joined > 0 and keeps_counts(b) then redis.call('SADD', bkey(b, 'live'), unpack(joined)) end
+  return out
+end

@@ -413,6 +413,10 @@ class StageStart:
     take: bool = False
     """Not a start: the message was received, not started yet (see
     :meth:`Scheduler.take`); only its holder and ``taken_at`` are recorded."""
+    note: bool = False
+    """Not a start: only :attr:`notes` are recorded."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Changes to merge into the info (see :meth:`Scheduler.note`)."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -426,6 +430,8 @@ class StageStart:
             "at": self.at,
             "first": self.first or self.at,
             "take": self.take,
+            "note": self.note,
+            "notes": self.notes,
         }
 
 

@@ -342,8 +342,10 @@ class StartBatch:
             return False
         with self._lock:
             earlier = self._pending.get(key)
-            if earlier is not None and not earlier.take and earlier.attempt == start.attempt:
-                start.first = earlier.first or earlier.at
+            if earlier is not None and earlier.attempt == start.attempt:
+                start.notes = {**earlier.notes, **start.notes}
+                if not (earlier.take or earlier.note):
+                    start.first = earlier.first or earlier.at
             self._pending[key] = start
             self._memo[key] = (start.attempt, rank, now)
             self._memo.move_to_end(key)
@@ -365,11 +367,38 @@ class StartBatch:
         key = (build, element)
         with self._lock:
             noted = self._pending.get(key)
-            if noted is not None and not noted.take and noted.attempt == attempt:
+            if noted is not None and noted.attempt == attempt and not (noted.take or noted.note):
                 return
+            notes = noted.notes if noted is not None and noted.attempt == attempt else {}
             self._pending[key] = StageStart(
-                build, element, attempt, stage, "", "", holder, time.time(), take=True
+                build, element, attempt, stage, "", "", holder, time.time(), take=True, notes=notes
             )
+            self._ensure_thread()
+
+    def note(
+        self, build: str, element: str, *, attempt: int, stage: str, changes: dict[str, Any]
+    ) -> None:
+        """Merge ``changes`` into the element's info with the next flush (as
+        :meth:`pipeline.scheduler.Scheduler.note` does at once): a remote
+        operation's name, what a stage that runs long says."""
+        key = (build, element)
+        with self._lock:
+            noted = self._pending.get(key)
+            if noted is not None and noted.attempt == attempt:
+                noted.notes = {**noted.notes, **changes}
+            else:
+                self._pending[key] = StageStart(
+                    build,
+                    element,
+                    attempt,
+                    stage,
+                    "",
+                    "",
+                    "",
+                    time.time(),
+                    note=True,
+                    notes=dict(changes),
+                )
             self._ensure_thread()
 
     def forget(self, build: str, element: str) -> dict[str, Any]:
@@ -380,9 +409,12 @@ class StartBatch:
         with self._lock:
             noted = self._pending.pop((build, element), None)
             self._memo.pop((build, element), None)
-        if noted is None or noted.take:
+        if noted is None:
             return {}
+        if noted.take or noted.note:
+            return dict(noted.notes)
         return {
+            **noted.notes,
             "started": noted.first or noted.at,
             "host": noted.host,
             "worker": noted.worker,

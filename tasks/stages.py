@@ -510,9 +510,7 @@ def execute_task(self: StageTask, payload: Payload) -> Payload:
             max_wait=EXECUTE_WAIT,
             # Recorded as soon as the server names it: status shows it and
             # cancel can cancel it while this task still follows it.
-            on_operation=lambda name: rt.scheduler.note(
-                payload["build"], payload["element"], {"operation": name}
-            ),
+            on_operation=lambda name: note(rt, payload, {"operation": name}),
         )
 
     def still_running(rt: WorkerRuntime, payload: Payload, state: State) -> None:
@@ -522,13 +520,28 @@ def execute_task(self: StageTask, payload: Payload) -> Payload:
             remote_stage=state.get("remote_stage"),
             waited_seconds=round(float(state.get("timings", {}).get("execute", 0.0)), 1),
         )
-        rt.scheduler.note(
-            payload["build"],
-            payload["element"],
+        note(
+            rt,
+            payload,
             {"operation": state.get("operation"), "remote_stage": state.get("remote_stage")},
         )
 
     return self.run_stage(payload, run, still_running=still_running)
+
+
+def note(rt: WorkerRuntime, payload: Payload, changes: dict[str, Any]) -> None:
+    """Merge ``changes`` into the element's info: with this process's next
+    batch of starts (a fraction of a second later, issue 16), else at once."""
+    if rt.starts is None:
+        rt.scheduler.note(payload["build"], payload["element"], changes)
+        return
+    rt.starts.note(
+        payload["build"],
+        payload["element"],
+        attempt=int(payload["attempt"]),
+        stage="execute",
+        changes=changes,
+    )
 
 
 def fetch_outputs_task(self: StageTask, payload: Payload) -> Payload:

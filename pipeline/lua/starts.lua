@@ -4,7 +4,9 @@
 -- same flush are coalesced into it). ARGV[1] a JSON list of records
 -- {b, e, attempt, stage, host, worker, holder, at (when the stage started),
 -- first (when the first coalesced stage started), take (true: a message
--- received but not started, see take.lua: only its holder is recorded)}. A record of a message
+-- received but not started, see take.lua: only its holder is recorded),
+-- note (true: no start, only its notes), notes (changes to merge into the
+-- info, as note.lua: what the stage noted, its remote operation ...)}. A record of a message
 -- that is stale by now (an older attempt, an earlier stage, an element that
 -- finished meanwhile) writes nothing.
 -- Per build in the batch: one HMGET of the infos, one HSET of them, one HSET
@@ -32,13 +34,13 @@ for _, b in ipairs(order) do
     local st = info and info_current(info, attempt, r.stage)
     if not st then
       table.insert(stale, b .. '\t' .. r.e)
-    elseif r.take then
-      -- A message received and not started yet (prefetched, a countdown):
-      -- its holder, and a sign of life for the reconciler.
-      info['holder'] = r.holder
-      info['taken_at'] = tonumber(r.at)
-      table.insert(infos, r.e)
-      table.insert(infos, cjson.encode(info))
+    elseif r.take or r.note then
+      if r.take then
+        -- A message received and not started yet (prefetched, a countdown):
+        -- its holder, and a sign of life for the reconciler.
+        info['holder'] = r.holder
+        info['taken_at'] = tonumber(r.at)
+      end
     else
       local at = tonumber(r.at)
       info['holder'] = r.holder
@@ -58,13 +60,26 @@ for _, b in ipairs(order) do
                               host = r.host, worker = r.worker, time = at})
       end
       info['stage'] = r.stage
-      table.insert(infos, r.e)
-      table.insert(infos, cjson.encode(info))
       -- (queued -> running: both live, so no count changes.)
       if st ~= 'running' then
         table.insert(states, r.e)
         table.insert(states, 'running')
       end
+    end
+    if st then
+      -- What the stage noted (note.lua's changes: a remote operation's name
+      -- is an event).
+      if type(r.notes) == 'table' then
+        for k, v in pairs(r.notes) do
+          if k == 'operation' and present(v) and v ~= info['operation'] then
+            table.insert(events, {event = 'operation', element = r.e, operation = v,
+                                  stage = info['stage'], attempt = attempt, time = tonumber(r.at)})
+          end
+          info[k] = v
+        end
+      end
+      table.insert(infos, r.e)
+      table.insert(infos, cjson.encode(info))
     end
   end
   if #infos > 0 then redis.call('HSET', bkey(b, 'info'), unpack(infos)) end

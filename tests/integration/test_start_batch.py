@@ -186,3 +186,92 @@ def test_a_live_holders_message_taken_during_the_pass_is_not_sent_again(
     # But an element whose info stays the same is
     [(element, reason)] = scheduler.stalled(build, much_later, queued_task_ids=set)
     assert element == "a" and "no heartbeat" in reason
+
+
+# --- sends recorded in the finish's move, and many at a time ----------------------------------
+
+
+def test_a_finish_sends_the_dependents_it_makes_ready_in_the_same_move(
+    scheduler: Scheduler,
+) -> None:
+    # Given a diamond whose root was sent
+    build, _ = create(scheduler, {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]})
+    send(scheduler, build, "a")
+    before_finish = scheduler.read_events(build)[-1].id
+    # When the root is built, with its dependents sent in the same move
+    finished = scheduler.finish_element(build, "a", "built", {"timings": {}}, send=True)
+    # Then b and c are queued (not ready), each with a first attempt and
+    # five task ids derived from it, and returned with their specs to publish
+    assert finished.ready == []
+    sent = {r.element: r for r in finished.sent}
+    assert sorted(sent) == ["b", "c"]
+    for element, recorded in sent.items():
+        assert (recorded.attempt, recorded.owner) == (1, "")
+        assert recorded.spec is not None and recorded.spec["element"] == element
+        assert len(recorded.task_ids) == 5 and len(set(recorded.task_ids)) == 5
+        assert all(len(t) == 36 and t.count("-") == 4 for t in recorded.task_ids)
+        info = scheduler.info(build, element)
+        assert scheduler.state(build, element) == "queued"
+        assert info["task_ids"] == recorded.task_ids and info["queued_at"] > 0
+    # And the finish and the sends are one stream entry, in that order
+    events = scheduler.read_events(build, before_finish)
+    assert [(e.kind, e.data["element"]) for e in events] == [
+        ("built", "a"),
+        ("queued", "b"),
+        ("queued", "c"),
+    ]
+    assert len({e.id for e in events}) == 1
+    # And the ids differ from one build or attempt to the next
+    finished_again = scheduler.finish_element(build, "a", "built", {}, send=True)
+    assert finished_again.sent == []
+    # And sending b again (the reconciler) is a second attempt, with the ids given
+    [again] = scheduler.record_sends([(build, "b", ["t1", "t2", "t3", "t4", "t5"])])
+    assert (again.attempt, again.task_ids) == (2, ["t1", "t2", "t3", "t4", "t5"])
+    assert not set(again.task_ids) & set(sent["b"].task_ids)
+
+
+def test_many_sends_are_one_script_with_one_read_and_write_per_build(
+    scheduler: Scheduler,
+) -> None:
+    # Given a wide build of 20 ready elements, and one element waiting
+    deps: dict[str, list[str]] = {f"e{i:02}": [] for i in range(20)}
+    deps["top"] = list(deps)
+    build, ready = create(scheduler, deps)
+    assert len(ready) == 20
+    items = [(build, e, [f"{e}-{i}" for i in range(5)]) for e in [*ready, "top"]]
+    scheduler.record_sends(items[:1])  # (the script loaded)
+    # When they are all sent at once
+    before = calls(scheduler)
+    recorded = scheduler.record_sends(items[1:])
+    commands = ran(before, calls(scheduler))
+    # Then the ready ones are queued, the waiting one is not sent
+    assert [r.attempt for r in recorded] == [1] * 19 + [0]
+    assert scheduler.state(build, "top") == "waiting"
+    # In one script: one claim each, one read and one write per build
+    assert commands.pop("set") == 19
+    assert commands.pop("hget") == 1  # (top: is it live? it has no trace of a send)
+    assert commands == {"evalsha": 1, "hmget": 2, "hset": 2, "xadd": 1}
+
+
+def test_a_stages_notes_go_with_the_batch_and_name_the_operation_once(
+    scheduler: Scheduler,
+) -> None:
+    # Given an element whose execute stage started and named its operation
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    batch = StartBatch(scheduler, interval=3600.0)
+    assert batch.begin(start(build, "a", "execute"))
+    batch.note(build, "a", attempt=1, stage="execute", changes={"operation": "op-1"})
+    before = scheduler.read_events(build)[-1].id
+    batch.flush()
+    # Then the info names it, and one event says so
+    assert scheduler.info(build, "a")["operation"] == "op-1"
+    kinds = [(e.kind, e.data.get("operation")) for e in scheduler.read_events(build, before)]
+    assert kinds == [("stage", None), ("operation", "op-1")]
+    # And a later note alone (the operation still runs) is recorded too
+    batch.note(build, "a", attempt=1, stage="execute", changes={"remote_stage": "EXECUTING"})
+    assert batch.flush() == 1
+    assert scheduler.info(build, "a")["remote_stage"] == "EXECUTING"
+    # And a note not flushed yet goes with the finish
+    batch.note(build, "a", attempt=1, stage="execute", changes={"operation": "op-2"})
+    assert batch.forget(build, "a") == {"operation": "op-2"}

@@ -69,7 +69,9 @@ wait on it and are finished by the same :meth:`finish` call.
 
 Keys (all named by :class:`Keys`, under a prefix, ``remex`` by default;
 ``B`` = ``remex:build:<build id>``): ``B:meta`` (hash), ``B:spec``,
-``B:state``, ``B:pending``, ``B:dependents``, ``B:info`` (hashes by element),
+``B:state``, ``B:pending``, ``B:info`` (hashes by element; an info also
+holds the element's dependents, which only the scripts read; a build of an
+older remex has them in ``B:dependents``),
 ``B:order`` (list), ``B:heartbeat`` (sorted set: element -> deadline),
 ``B:events`` (stream: one entry per element state change, see
 :meth:`Scheduler.read_events`), ``B:counts`` (hash: finished state -> how
@@ -638,6 +640,9 @@ class Scheduler:
             entry = info[s["element"]]
             entry["cache_key"] = s["cache_key"]
             entry["kind"] = s["kind"]
+            # (In the info, which the finish reads anyway: issue 16. Readers
+            # of the info never see them, see _decode_info.)
+            entry["dependents"] = dependents[s["element"]]
             info[s["element"]] = encode(entry)
         pipe = self.redis.pipeline()
         pipe.hset(
@@ -659,10 +664,6 @@ class Scheduler:
             if live:
                 pipe.sadd(self.keys.build(build_id, "live"), *live)
             pipe.hset(self.keys.build(build_id, "pending"), mapping=pending)
-            pipe.hset(
-                self.keys.build(build_id, "dependents"),
-                mapping={k: encode(v) for k, v in dependents.items()},
-            )
             pipe.hset(self.keys.build(build_id, "info"), mapping=info)
             pipe.rpush(self.keys.build(build_id, "order"), *[s["element"] for s in specs])
         # The stream's first events, in the same transaction as the state.
@@ -1460,6 +1461,8 @@ def _decode_info(raw: str | None) -> dict[str, Any]:
     info = json.loads(raw)
     if not isinstance(info, dict):
         return {}
+    # (The scripts' own: the finish reads them from the info.)
+    info.pop("dependents", None)
     for key in ("hosts", "task_ids"):
         if key in info:
             info[key] = _as_list(info[key])

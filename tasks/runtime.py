@@ -401,6 +401,15 @@ class StartBatch:
                 )
             self._ensure_thread()
 
+    def expect(self, build: str, element: str, attempt: int) -> None:
+        """This process just recorded a send of the element (``attempt``):
+        if its first stage starts here, that needs no read either."""
+        with self._lock:
+            self._memo[(build, element)] = (attempt, 0, time.monotonic())
+            self._memo.move_to_end((build, element))
+            while len(self._memo) > self.MEMO_SIZE:
+                self._memo.popitem(last=False)
+
     def forget(self, build: str, element: str) -> dict[str, Any]:
         """The element finishes (or fails) here: its start needs no record of
         its own. Returns what that record would have said (``started``,

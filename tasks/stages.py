@@ -577,6 +577,10 @@ def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
         send=True,
     )
     send_ready(self.app, rt.scheduler, finished.ready)
+    if rt.starts is not None:
+        for recorded in finished.sent:
+            if recorded.attempt:
+                rt.starts.expect(recorded.build, recorded.element, recorded.attempt)
     publish_sends(self.app, rt.scheduler, finished.sent)
     return result
 

@@ -43,9 +43,42 @@ local function flush_events()
   pending_events = {}
 end
 local touched = {}
--- (OLD: the state the caller read.)
-local function mark(b, element, old, state, extra, read)
-  redis.call('HSET', bkey(b, 'state'), element, state)
+-- The writes of the built path per build ({infos = {e, json ...}, states =
+-- {e, state ...}}), made at the end as one HSET each with those of the
+-- sends (issue 16). (A failure writes at once: skip_dependents reads the
+-- states it writes.)
+local writes = {}
+local function writes_of(b)
+  if not writes[b] then writes[b] = {infos = {}, states = {}} end
+  return writes[b]
+end
+local function flush_writes()
+  for b, w in pairs(writes) do
+    if #w.infos > 0 then redis.call('HSET', bkey(b, 'info'), unpack(w.infos)) end
+    if #w.states > 0 then redis.call('HSET', bkey(b, 'state'), unpack(w.states)) end
+  end
+  writes = {}
+end
+-- An element's dependents: in its info (issue 16: no read of their own);
+-- a build an older remex wrote keeps them in B:dependents.
+local function dependents_of(b, e, info)
+  if info['dependents'] ~= nil then
+    if type(info['dependents']) == 'table' then return info['dependents'] end
+    return {}
+  end
+  local deps = redis.call('HGET', bkey(b, 'dependents'), e)
+  if deps then return cjson.decode(deps) end
+  return {}
+end
+-- (OLD: the state the caller read; DEFER: write with the others at the end.)
+-- Returns the element's info.
+local function mark(b, element, old, state, extra, read, defer)
+  if defer then
+    table.insert(writes_of(b).states, element)
+    table.insert(writes_of(b).states, state)
+  else
+    redis.call('HSET', bkey(b, 'state'), element, state)
+  end
   count_state(b, element, old, state)
   local info = read or get_info(b, element)
   drop_heartbeat(b, element, info)
@@ -62,21 +95,24 @@ local function mark(b, element, old, state, extra, read)
   end
   for k, v in pairs(extra) do info[k] = v end
   info['finished'] = tonumber(now)
-  put_info(b, element, info)
+  if defer then
+    table.insert(writes_of(b).infos, element)
+    table.insert(writes_of(b).infos, cjson.encode(info))
+  else
+    put_info(b, element, info)
+  end
   table.insert(events_of(b), element_event(state, element, info, now))
+  return info
 end
 local function skip_dependents(b, element, why)
   local stack = {element}
   while #stack > 0 do
     local e = table.remove(stack)
-    local deps = redis.call('HGET', bkey(b, 'dependents'), e)
-    if deps then
-      for _, d in ipairs(cjson.decode(deps)) do
-        local st = redis.call('HGET', bkey(b, 'state'), d)
-        if st == 'waiting' or st == 'ready' then
-          mark(b, d, st, 'skipped', {error = why})
-          table.insert(stack, d)
-        end
+    for _, d in ipairs(dependents_of(b, e, get_info(b, e))) do
+      local st = redis.call('HGET', bkey(b, 'state'), d)
+      if st == 'waiting' or st == 'ready' then
+        mark(b, d, st, 'skipped', {error = why})
+        table.insert(stack, d)
       end
     end
   end
@@ -124,11 +160,12 @@ for _, t in ipairs(targets) do
     local extra = {}
     for k, v in pairs(info) do extra[k] = v end
     if t ~= owner then extra['built_by'] = owner end
-    mark(b, element, st, outcome, extra, t == owner and owner_info or nil)
-    if outcome == 'built' then
-      local deps = redis.call('HGET', bkey(b, 'dependents'), element)
-      if deps then
-        for _, d in ipairs(cjson.decode(deps)) do
+    local built = outcome == 'built'
+    local finished_info = mark(b, element, st, outcome, extra,
+                               t == owner and owner_info or nil, built)
+    if built then
+      do
+        for _, d in ipairs(dependents_of(b, element, finished_info)) do
           -- The counter reaches 0 once (each dependency is finished once);
           -- then the dependent waited, unless it finished meanwhile (skipped,
           -- cancelled: its info says so, no state read).
@@ -176,10 +213,13 @@ end
 -- infos and states per build, their events with the finish's.
 local sent = {}
 for _, b in ipairs(send_order) do
-  for _, r in ipairs(send_elements(b, to_send[b], tonumber(now), tonumber(ttl), events_of(b), true)) do
+  local w = writes_of(b)
+  for _, r in ipairs(send_elements(b, to_send[b], tonumber(now), tonumber(ttl), events_of(b), true,
+                                   w.infos, w.states)) do
     table.insert(sent, {b, r[1], r[2], r[3], r[4], r[5]})
   end
 end
+flush_writes()
 flush_events()
 -- (A build that has an element ready or sent now is not done: no need to ask.)
 local has_ready = {}

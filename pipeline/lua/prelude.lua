@@ -315,14 +315,18 @@ end
 -- task ids}: attempt 0 and the owner when it waits on another build; the
 -- new attempt and "" when its tasks are to be sent; 0 and "" when it must not
 -- be sent (finished, cancelled, not ready).
-local function send_elements(b, items, now, ttl, events, from_waiting)
+-- INFOS, STATES (optional): lists of field, value to add the writes to (the
+-- caller writes them, with its own); else they are written here.
+local function send_elements(b, items, now, ttl, events, from_waiting, infos, states)
   local out = {}
   if #items == 0 then return out end
+  local own_writes = infos == nil
+  if own_writes then infos, states = {}, {} end
   local names = {}
   for i, it in ipairs(items) do names[i] = it.e end
   local specs = redis.call('HMGET', bkey(b, 'spec'), unpack(names))
   local raw = redis.call('HMGET', bkey(b, 'info'), unpack(names))
-  local infos, states, joined = {}, {}, {}
+  local joined = {}
   for i, it in ipairs(items) do
     local e = it.e
     local info = raw[i] and cjson.decode(raw[i]) or {}
@@ -369,7 +373,7 @@ local function send_elements(b, items, now, ttl, events, from_waiting)
     end
     out[i] = {e, attempt, owner, specs[i] or '', ids}
   end
-  if #infos > 0 then
+  if own_writes and #infos > 0 then
     redis.call('HSET', bkey(b, 'info'), unpack(infos))
     redis.call('HSET', bkey(b, 'state'), unpack(states))
   end

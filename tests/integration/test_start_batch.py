@@ -5,6 +5,7 @@ no queue; against a real Redis, no workers (issue 16)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -275,3 +276,25 @@ def test_a_stages_notes_go_with_the_batch_and_name_the_operation_once(
     # And a note not flushed yet goes with the finish
     batch.note(build, "a", attempt=1, stage="execute", changes={"operation": "op-2"})
     assert batch.forget(build, "a") == {"operation": "op-2"}
+
+
+def test_a_build_of_an_older_remex_keeps_its_dependents_apart_and_still_finishes(
+    scheduler: Scheduler,
+) -> None:
+    # Given a build whose dependents are in B:dependents, not in the infos
+    build, _ = create(scheduler, {"a": [], "b": ["a"], "c": ["b"]})
+    key = f"remex:build:{build}"
+    for element in ("a", "b", "c"):
+        info = json.loads(scheduler.redis.hget(f"{key}:info", element) or "{}")
+        deps = info.pop("dependents")
+        scheduler.redis.hset(f"{key}:info", element, json.dumps(info))
+        scheduler.redis.hset(f"{key}:dependents", element, json.dumps(deps))
+    # Then finishing a makes b ready, and a failure of b skips c
+    send(scheduler, build, "a")
+    assert scheduler.finish(build, "a", "built", {}) == [(build, "b")]
+    send(scheduler, build, "b")
+    scheduler.finish(build, "b", "failed", {"error": "boom"})
+    assert scheduler.state(build, "c") == "skipped"
+    assert scheduler.status(build).status == "failed"
+    # (And the dependents kept in an info are never shown.)
+    assert "dependents" not in scheduler.info(build, "a")

@@ -193,8 +193,9 @@ def take_delay(heartbeat_timeout: float) -> float:
 def start_flush_interval(heartbeat_timeout: float) -> float:
     """How often a worker process records the stage starts it batched (see
     :meth:`Scheduler.record_starts`): a twentieth of the heartbeat timeout,
-    at most a quarter of a second."""
-    return max(0.02, min(0.25, heartbeat_timeout / 20))
+    at most half a second (the longer, the more starts one flush records,
+    and the more of them are of elements that finish meanwhile)."""
+    return max(0.02, min(0.5, heartbeat_timeout / 20))
 
 
 def confirm_delay(heartbeat_timeout: float) -> float:

@@ -35,7 +35,7 @@ from pipeline.stages import StageContext
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BackgroundLoops", "RuntimeHolder", "StartBatch", "WorkerRuntime"]
+__all__ = ["BackgroundLoops", "RuntimeHolder", "StartBatch", "WorkerRuntime", "start_batch"]
 
 # A worker's Redis commands wait this long for a restarting Redis: a stage
 # that finished its work waits to record it rather than be run again.
@@ -250,9 +250,9 @@ class PendingTakes:
                 del self._pending[task_id]
                 try:
                     rt = self._holder.get()
-                    if rt.starts is not None:
+                    if (starts := start_batch(rt)) is not None:
                         # With the next batch of starts (issue 16).
-                        rt.starts.take(
+                        starts.take(
                             take.build,
                             take.element,
                             attempt=take.attempt,
@@ -285,6 +285,13 @@ def take_delay(config: RemexConfig) -> float:
     recorded: a tenth of the heartbeat timeout, at most one second (the
     reconciler waits a whole timeout before it takes a message as lost)."""
     return _take_delay(config.heartbeat_timeout)
+
+
+def start_batch(rt: Any) -> StartBatch | None:
+    """The runtime's batch of stage starts (None: a runtime without one, as
+    test doubles are: the stages then record each start at once)."""
+    starts = getattr(rt, "starts", None)
+    return starts if isinstance(starts, StartBatch) else None
 
 
 class StartBatch:

@@ -51,7 +51,7 @@ from pipeline.stages import (
 from pipeline.stages.pins import pinned_stage
 from pipeline.stages.policy import DEFAULT_POLICY, Decision, FailurePolicy
 from pipeline.stages.state import without_operation
-from tasks.runtime import WorkerRuntime
+from tasks.runtime import WorkerRuntime, start_batch
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ class StageTask(Task):  # type: ignore[misc]
         if takes is not None:
             takes.started(self.request.id or "")
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-        if rt.starts is not None and not redelivered:
+        starts = start_batch(rt)
+        if starts is not None and not redelivered:
             # Checked now (one read, or none for a later stage of a chain this
             # process runs), recorded within a fraction of a second in a batch
             # (issue 16). Only a message Redis delivered again is counted,
@@ -158,7 +159,7 @@ class StageTask(Task):  # type: ignore[misc]
                 rt.holder,
                 time.time(),
             )
-            if not rt.starts.begin(start):
+            if not starts.begin(start):
                 log.info("%s of %s (build %s) is stale; ignored", self.stage, element, build)
                 raise Ignore()
             return rt, _SPECS.get(rt, build, element)
@@ -230,9 +231,9 @@ class StageTask(Task):  # type: ignore[misc]
         """This worker holds the element no more: its next message goes to a
         queue other workers consume, or its publish was refused (then the
         reconciler finds it in no queue and sends the element again)."""
-        if rt.starts is not None:
+        if (starts := start_batch(rt)) is not None:
             # (Its start, if not recorded yet, must not land after the hand-on.)
-            rt.starts.flush()
+            starts.flush()
         rt.scheduler.hand_on(
             payload["build"], payload["element"], attempt=payload["attempt"], holder=holder
         )
@@ -336,9 +337,9 @@ class StageTask(Task):  # type: ignore[misc]
 
     def fail_element(self, rt: WorkerRuntime, payload: Payload, reason: str, **extra: Any) -> None:
         """Mark the element failed (and its dependents skipped); stop the chain."""
-        if rt.starts is not None:
+        if (starts := start_batch(rt)) is not None:
             # (Its start, if not recorded yet, goes with the failure.)
-            extra = {**rt.starts.forget(payload["build"], payload["element"]), **extra}
+            extra = {**starts.forget(payload["build"], payload["element"]), **extra}
         fail_element(
             self.app,
             rt.scheduler,
@@ -532,10 +533,10 @@ def execute_task(self: StageTask, payload: Payload) -> Payload:
 def note(rt: WorkerRuntime, payload: Payload, changes: dict[str, Any]) -> None:
     """Merge ``changes`` into the element's info: with this process's next
     batch of starts (a fraction of a second later, issue 16), else at once."""
-    if rt.starts is None:
+    if (starts := start_batch(rt)) is None:
         rt.scheduler.note(payload["build"], payload["element"], changes)
         return
-    rt.starts.note(
+    starts.note(
         payload["build"],
         payload["element"],
         attempt=int(payload["attempt"]),
@@ -561,9 +562,9 @@ def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
         "timings": state.get("timings"),
     }
     spec = _SPECS.get(rt, payload["build"], payload["element"])
-    if rt.starts is not None:
+    if (starts := start_batch(rt)) is not None:
         # Finished here: its start, if not recorded yet, goes with the finish.
-        info = {**rt.starts.forget(payload["build"], payload["element"]), **info}
+        info = {**starts.forget(payload["build"], payload["element"]), **info}
     # The artifact index entry goes with the move (one script, issue 16).
     # The dependents it makes ready are sent in the same move (issue 16),
     # then published here.
@@ -577,10 +578,10 @@ def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
         send=True,
     )
     send_ready(self.app, rt.scheduler, finished.ready)
-    if rt.starts is not None:
+    if (starts := start_batch(rt)) is not None:
         for recorded in finished.sent:
             if recorded.attempt:
-                rt.starts.expect(recorded.build, recorded.element, recorded.attempt)
+                starts.expect(recorded.build, recorded.element, recorded.attempt)
     publish_sends(self.app, rt.scheduler, finished.sent)
     return result
 

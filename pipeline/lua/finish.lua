@@ -218,13 +218,19 @@ for _, b in ipairs(send_order) do
                                    w.infos, w.states)) do
     table.insert(sent, {b, r[1], r[2], r[3], r[4], r[5]})
   end
+  -- (Written before the next build's sends: one of those may find this
+  -- build's element the builder of its artifact, and reads its state.)
+  flush_writes()
 end
 flush_writes()
 flush_events()
 -- (A build that has an element ready or sent now is not done: no need to ask.)
 local has_ready = {}
 for _, r in ipairs(ready) do has_ready[r[1]] = true end
-for _, r in ipairs(sent) do has_ready[r[1]] = true end
+-- (A dependent not sent, being finished already, says nothing.)
+for _, r in ipairs(sent) do
+  if r[3] ~= 0 or r[4] ~= '' then has_ready[r[1]] = true end
+end
 for b, _ in pairs(touched) do
   if not has_ready[b] then update_build_status(b, now, ttl) end
 end

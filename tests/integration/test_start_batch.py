@@ -298,3 +298,41 @@ def test_a_build_of_an_older_remex_keeps_its_dependents_apart_and_still_finishes
     assert scheduler.status(build).status == "failed"
     # (And the dependents kept in an info are never shown.)
     assert "dependents" not in scheduler.info(build, "a")
+
+
+def test_a_finish_that_sends_in_two_builds_builds_a_shared_dependent_once(
+    scheduler: Scheduler,
+) -> None:
+    # Given two builds of lib -> app, the second's lib waiting on the first's
+    first, _ = create(scheduler, {"lib": [], "app": ["lib"]})
+    second, _ = create(scheduler, {"lib": [], "app": ["lib"]})
+    send(scheduler, first, "lib")
+    assert send(scheduler, second, "lib") == 0
+    # When the first's lib is built, sending both builds' app in one move
+    finished = scheduler.finish_element(first, "lib", "built", {}, send=True)
+    # Then one app is sent and the other waits on it
+    by_build = {r.build: r for r in finished.sent}
+    assert sorted(by_build) == sorted([first, second])
+    builders = [r for r in finished.sent if r.attempt]
+    [waiter] = [r for r in finished.sent if r.owner]
+    assert len(builders) == 1 and waiter.owner == f"{builders[0].build}\tapp"
+    assert scheduler.info(waiter.build, "app")["waiting_on"] == waiter.owner
+
+
+def test_a_finish_whose_dependent_was_cancelled_still_ends_the_build(
+    scheduler: Scheduler,
+) -> None:
+    # Given a build with on-error quit: a fails while b1 runs, so b2 (after b1) is cancelled
+    specs_deps = {"a": [], "b1": [], "b2": ["b1"]}
+    build, _ = create(scheduler, specs_deps)
+    scheduler.redis.hset(f"remex:build:{build}:meta", "on_error", json.dumps("quit"))
+    send(scheduler, build, "a")
+    send(scheduler, build, "b1")
+    assert scheduler.start_stage(build, "b1", attempt=1, stage="upload", host="w1")
+    scheduler.finish_element(build, "a", "failed", {"error": "boom"}, send=True)
+    assert scheduler.state(build, "b2") == "cancelled"
+    # When b1 finishes (it was running), sending nothing
+    finished = scheduler.finish_element(build, "b1", "built", {}, send=True)
+    assert [r.attempt for r in finished.sent] == [0]
+    # Then the build ends
+    assert scheduler.status(build).status == "failed"

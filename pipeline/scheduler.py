@@ -29,8 +29,12 @@ longer than a heartbeat interval keeps its element's heartbeat fresh
 the info) stands for one, so the many short stages write none (issue 16).
 
 Holders: whoever has the element's current message. A stage that starts
-takes it (:meth:`Scheduler.begin_stage`: ``holder = instance#epoch``, and
-the delivery counted in the element's info); a worker that received a stage
+takes it: a worker process checks the message is current (one read,
+:meth:`Scheduler.is_current`, or none for a later stage of a chain it
+runs) and records its starts in batches (:meth:`Scheduler.record_starts`,
+``holder = instance#epoch``; ``tasks.runtime.StartBatch``), a message Redis
+delivered again at once (:meth:`Scheduler.begin_stage`, which counts the
+delivery in the element's info); a worker that received a stage
 message which has not started within a tenth of the heartbeat timeout
 (prefetched, delayed) takes it then (:meth:`Scheduler.take`; a stale copy is
 not taken; see ``tasks.runtime.PendingTakes``). A chain's later stages and a
@@ -51,14 +55,19 @@ when
   queue a live worker consumes (a publish refused while Redis was down, a
   message Redis handed to a worker that died before reading it).
 
-(A ``running`` element whose live holder shows no sign of life for
-``LOST_AFTER_HEARTBEATS`` heartbeat periods, and whose message is in no
-queue, is re-sent anyway.) Within an attempt a chain only moves forward, so
+(A ``running`` element whose live holder shows no sign of life, no
+heartbeat, stage start or take, for ``LOST_AFTER_HEARTBEATS`` heartbeat
+periods, and whose message is in no queue, is re-sent anyway.) An element
+whose message is in no queue is re-sent only if its info is the same a
+:func:`confirm_delay` later: a worker that had just popped the message
+records its take or start by then. Within an attempt a chain only moves forward, so
 a copy of an earlier stage's message is stale like one of an older attempt.
 
 Events: each move appends what it changed to the build's stream
 (``B:events``) in the same script, so readers see the moves in their order
-(:meth:`Scheduler.read_events`); the build's end is its last event. On
+(:meth:`Scheduler.read_events`); the build's end is its last event. A move
+of many elements (a batch of starts or sends, a finish with the sends it
+made) writes one entry whose ``events`` field lists them. On
 error: a build's ``on_error`` (meta) is applied by :meth:`Scheduler.finish`
 when an element fails: ``quit`` cancels every element not started,
 ``terminate`` the running ones too, in the same atomic move.

@@ -164,6 +164,11 @@ class BackgroundLoops:
         self._stop.set()
         rt = self._holder.built
         if rt is not None:
+            starts = start_batch(rt)
+            if starts is not None:
+                # (What the last stages noted, before the worker goes.)
+                with contextlib.suppress(Exception):
+                    starts.flush()
             with contextlib.suppress(Exception):
                 rt.scheduler.worker_gone(rt.instance)
 

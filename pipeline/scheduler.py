@@ -201,10 +201,11 @@ def take_delay(heartbeat_timeout: float) -> float:
 
 def start_flush_interval(heartbeat_timeout: float) -> float:
     """How often a worker process records the stage starts it batched (see
-    :meth:`Scheduler.record_starts`): a twentieth of the heartbeat timeout,
-    at most half a second (the longer, the more starts one flush records,
-    and the more of them are of elements that finish meanwhile)."""
-    return max(0.02, min(0.5, heartbeat_timeout / 20))
+    :meth:`Scheduler.record_starts`): a tenth of the heartbeat timeout, at
+    most half a second (the longer, the more starts one flush records, and
+    the more of them are of elements that finish meanwhile; a stage's first
+    heartbeat, a third of the timeout after its start, comes later)."""
+    return max(0.02, min(0.5, heartbeat_timeout / 10))
 
 
 def confirm_delay(heartbeat_timeout: float) -> float:

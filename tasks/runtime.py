@@ -74,6 +74,8 @@ class WorkerRuntime:
         """The consumer (re)connected: older holds end (see :meth:`Scheduler.holder_alive`)."""
         self.epoch = uuid.uuid4().hex[:8]
         log.info("connected to the broker: epoch %s", self.epoch)
+        if self.starts is not None:
+            self.starts.clear()
         try:
             self.scheduler.worker_alive(self.instance, self.epoch)
         except Exception as exc:  # the liveness loop writes it again
@@ -325,8 +327,12 @@ class StartBatch:
         self.interval = interval
         # How long this process trusts what it knows about an element it
         # holds: within it, a later stage needs no read (a message that
-        # waited longer, behind a backlog, is checked).
-        self.memo_seconds = max(interval * 4, scheduler.heartbeat_timeout / 2)
+        # waited longer, behind a backlog, is checked). While it holds the
+        # element, only the reconciler moves it, and only once this process
+        # seems gone (a new broker connection clears what it knows: see
+        # clear) or silent for LOST_AFTER_HEARTBEATS timeouts; a flush that
+        # finds a start stale clears it too.
+        self.memo_seconds = max(interval * 4, scheduler.heartbeat_timeout * 5)
         self._pending: dict[tuple[str, str], StageStart] = {}
         # (build, element) -> (attempt, stage rank, when): what this process started.
         self._memo: OrderedDict[tuple[str, str], tuple[int, int, float]] = OrderedDict()
@@ -412,6 +418,12 @@ class StartBatch:
                     notes=dict(changes),
                 )
             self._ensure_thread()
+
+    def clear(self) -> None:
+        """Forget what this process knows of the elements it holds (its
+        broker connection is new: the reconciler may re-send them)."""
+        with self._lock:
+            self._memo.clear()
 
     def expect(self, build: str, element: str, attempt: int) -> None:
         """This process just recorded a send of the element (``attempt``):

@@ -22,7 +22,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 
 from pipeline.config import RemexConfig
-from pipeline.scheduler import DEFAULT_KEYS, ElementState, Finished, Scheduler
+from pipeline.scheduler import DEFAULT_KEYS, ElementState, Finished, RecordedSend, Scheduler
 from pipeline.stages.policy import DEFAULT_POLICY
 
 log = logging.getLogger(__name__)
@@ -296,22 +296,26 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     message after retrying: the element stays ``queued`` with no message and
     no holder, and the reconciler sends it again once Redis is back).
     """
-    spec = scheduler.spec(build_id, element)
-    build_priority = int(spec.get("priority", DEFAULT_BUILD_PRIORITY))
-    fetch = "fetch" in spec
     # Task ids chosen here, so the scheduler knows them before anything runs
-    # (``cancel`` revokes them).
-    task_ids = [uuid()] if fetch else [uuid() for _ in STAGES]
-    # Claim, then wait or queue, in one move; recorded before sending: a task
-    # that starts at once finds its attempt.
-    attempt, owner = scheduler.record_send(
-        build_id, element, spec["artifact_uri"], task_ids=task_ids
-    )
-    if owner:
+    # (``cancel`` revokes them; a fetch node uses the first). Claim, then
+    # wait or queue, in one move; recorded before sending: a task that
+    # starts at once finds its attempt.
+    [recorded] = scheduler.record_sends([(build_id, element, [uuid() for _ in STAGES])])
+    return publish_send(app, recorded)
+
+
+def publish_send(app: Celery, recorded: RecordedSend) -> str:
+    """Publish the tasks of a send the scheduler recorded
+    (:meth:`Scheduler.record_sends`, or a finish that sent the dependents it
+    made ready); returns as :func:`send_element`."""
+    if recorded.owner:
         return "waiting"
-    if not attempt:
+    if not recorded.attempt or recorded.spec is None:
         return "not sent"
-    if fetch:
+    build_id, element, attempt = recorded.build, recorded.element, recorded.attempt
+    spec, task_ids = recorded.spec, recorded.task_ids
+    build_priority = int(spec.get("priority", DEFAULT_BUILD_PRIORITY))
+    if "fetch" in spec:
         return _send_fetch(app, build_id, element, build_priority, attempt, task_ids[0])
     payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
     label = task_label(build_id, element, attempt)
@@ -375,6 +379,8 @@ def no_declare(app: Celery) -> dict[str, Any]:
 # reconciler it is being sent; a shorter one is sent well within READY_GRACE.
 LONG_SEND = 50
 SENDING_EVERY = 1.0
+# How many sends one script records (see send_ready).
+SEND_CHUNK = 200
 """Seconds between two "still sending" marks of a long list."""
 
 
@@ -386,13 +392,24 @@ def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) 
     every second, so that the reconciler does not take the elements not sent
     yet for ones whose sender died (and send them a second time).
     """
+    # Recorded SEND_CHUNK at a time (one script each, issue 16), then published.
+    sends = [(b, e, [uuid() for _ in STAGES]) for b, e in ready]
+    for i in range(0, len(sends), SEND_CHUNK):
+        publish_sends(app, scheduler, scheduler.record_sends(sends[i : i + SEND_CHUNK]))
+
+
+def publish_sends(app: Celery, scheduler: Scheduler, sends: list[RecordedSend]) -> None:
+    """Publish recorded sends (see :func:`publish_send`). A long list takes
+    a while: the build is marked as being sent, again every second, so that
+    the reconciler does not take the elements not published yet for lost."""
     marked: dict[str, float] = {}
-    long = len(ready) > LONG_SEND
-    for build_id, element in ready:
+    long = len(sends) > LONG_SEND
+    for recorded in sends:
+        build_id = recorded.build
         if long and time.monotonic() - marked.get(build_id, -SENDING_EVERY) >= SENDING_EVERY:
             scheduler.sending(build_id)
             marked[build_id] = time.monotonic()
-        send_element(app, scheduler, build_id, element)
+        publish_send(app, recorded)
 
 
 def fail_element(

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +24,18 @@ import redis
 from pipeline.broker import reconcile
 from pipeline.cas import LocalCas
 from pipeline.config import RemexConfig
-from pipeline.scheduler import Scheduler
+from pipeline.scheduler import (
+    STAGE_ORDER,
+    Scheduler,
+    StageStart,
+    start_flush_interval,
+)
+from pipeline.scheduler import take_delay as _take_delay
 from pipeline.stages import StageContext
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BackgroundLoops", "RuntimeHolder", "WorkerRuntime"]
+__all__ = ["BackgroundLoops", "RuntimeHolder", "StartBatch", "WorkerRuntime", "start_batch"]
 
 # A worker's Redis commands wait this long for a restarting Redis: a stage
 # that finished its work waits to record it rather than be run again.
@@ -49,6 +56,14 @@ class WorkerRuntime:
     """This process's current broker connection (a new one on every reconnect):
     the value of its liveness key. What it took under an older epoch, and did
     not start, Celery has dropped."""
+    starts: StartBatch | None = None
+    """The stage starts this process records in batches (built with the runtime)."""
+
+    def __post_init__(self) -> None:
+        if self.starts is None:
+            self.starts = StartBatch(
+                self.scheduler, start_flush_interval(self.scheduler.heartbeat_timeout)
+            )
 
     @property
     def holder(self) -> str:
@@ -59,6 +74,8 @@ class WorkerRuntime:
         """The consumer (re)connected: older holds end (see :meth:`Scheduler.holder_alive`)."""
         self.epoch = uuid.uuid4().hex[:8]
         log.info("connected to the broker: epoch %s", self.epoch)
+        if self.starts is not None:
+            self.starts.clear()
         try:
             self.scheduler.worker_alive(self.instance, self.epoch)
         except Exception as exc:  # the liveness loop writes it again
@@ -149,6 +166,11 @@ class BackgroundLoops:
         self._stop.set()
         rt = self._holder.built
         if rt is not None:
+            starts = start_batch(rt)
+            if starts is not None:
+                # (What the last stages noted, before the worker goes.)
+                with contextlib.suppress(Exception):
+                    starts.flush()
             with contextlib.suppress(Exception):
                 rt.scheduler.worker_gone(rt.instance)
 
@@ -235,7 +257,16 @@ class PendingTakes:
                 del self._pending[task_id]
                 try:
                     rt = self._holder.get()
-                    if not rt.scheduler.take(
+                    if (starts := start_batch(rt)) is not None:
+                        # With the next batch of starts (issue 16).
+                        starts.take(
+                            take.build,
+                            take.element,
+                            attempt=take.attempt,
+                            stage=take.stage,
+                            holder=rt.holder,
+                        )
+                    elif not rt.scheduler.take(
                         take.build,
                         take.element,
                         attempt=take.attempt,
@@ -260,4 +291,198 @@ def take_delay(config: RemexConfig) -> float:
     """How long a received stage message may wait before its holder is
     recorded: a tenth of the heartbeat timeout, at most one second (the
     reconciler waits a whole timeout before it takes a message as lost)."""
-    return max(0.05, min(1.0, config.heartbeat_timeout / 10))
+    return _take_delay(config.heartbeat_timeout)
+
+
+def start_batch(rt: Any) -> StartBatch | None:
+    """The runtime's batch of stage starts (None: a runtime without one, as
+    test doubles are: the stages then record each start at once)."""
+    starts = getattr(rt, "starts", None)
+    return starts if isinstance(starts, StartBatch) else None
+
+
+class StartBatch:
+    """The stage starts of one worker process, recorded in batches (issue 16).
+
+    A stage that starts checks that its message is current (one read of the
+    element's info, or none when this process started an earlier stage of
+    the same attempt a moment ago: it holds the element, so nothing else
+    moved it), then :meth:`begin` notes the start here, and a thread records
+    what is noted every ``interval`` seconds in one script
+    (:meth:`pipeline.scheduler.Scheduler.record_starts`). Only the latest
+    stage of each element is recorded; an element that finished before the
+    flush needs no record at all (:meth:`forget`). The script checks each
+    start again, atomically: a start never lands after its element's finish.
+
+    Until the flush the element reads ``queued`` (status, the reconciler): the
+    reconciler takes a message in no queue for lost only when its element's
+    info stays the same a while later (``pipeline.scheduler.confirm_delay``),
+    longer than ``interval``.
+    """
+
+    MEMO_SIZE = 10_000
+
+    def __init__(self, scheduler: Scheduler, interval: float) -> None:
+        self._scheduler = scheduler
+        self.interval = interval
+        # How long this process trusts what it knows about an element it
+        # holds: within it, a later stage needs no read (a message that
+        # waited longer, behind a backlog, is checked). While it holds the
+        # element, only the reconciler moves it, and only once this process
+        # seems gone (a new broker connection clears what it knows: see
+        # clear) or silent for LOST_AFTER_HEARTBEATS timeouts; a flush that
+        # finds a start stale clears it too.
+        self.memo_seconds = max(interval * 4, scheduler.heartbeat_timeout * 5)
+        self._pending: dict[tuple[str, str], StageStart] = {}
+        # (build, element) -> (attempt, stage rank, when): what this process started.
+        self._memo: OrderedDict[tuple[str, str], tuple[int, int, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, start: StageStart) -> bool:
+        """A stage starts: False when its message is stale (an older attempt,
+        an earlier stage, a finished element); else its start is noted for
+        the next flush."""
+        key = (start.build, start.element)
+        rank = STAGE_ORDER.get(start.stage, 0)
+        now = time.monotonic()
+        with self._lock:
+            memo = self._memo.get(key)
+        known = (
+            memo is not None
+            and memo[0] == start.attempt
+            and rank >= memo[1]
+            and now - memo[2] < self.memo_seconds
+        )
+        if not known and not self._scheduler.is_current(
+            start.build, start.element, attempt=start.attempt, stage=start.stage
+        ):
+            return False
+        with self._lock:
+            earlier = self._pending.get(key)
+            if earlier is not None and earlier.attempt == start.attempt:
+                start.notes = {**earlier.notes, **start.notes}
+                if not (earlier.take or earlier.note):
+                    start.first = earlier.first or earlier.at
+            self._pending[key] = start
+            self._memo[key] = (start.attempt, rank, now)
+            self._memo.move_to_end(key)
+            while len(self._memo) > self.MEMO_SIZE:
+                self._memo.popitem(last=False)
+            self._ensure_thread()
+        return True
+
+    def _ensure_thread(self) -> None:
+        # (Called with the lock held.)
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="remex-starts", daemon=True)
+            self._thread.start()
+
+    def take(self, build: str, element: str, *, attempt: int, stage: str, holder: str) -> None:
+        """A message received here has waited a while without starting:
+        record its holder with the next flush (unless a start of the element
+        is noted, which records it)."""
+        key = (build, element)
+        with self._lock:
+            noted = self._pending.get(key)
+            if noted is not None and noted.attempt == attempt and not (noted.take or noted.note):
+                return
+            notes = noted.notes if noted is not None and noted.attempt == attempt else {}
+            self._pending[key] = StageStart(
+                build, element, attempt, stage, "", "", holder, time.time(), take=True, notes=notes
+            )
+            self._ensure_thread()
+
+    def note(
+        self, build: str, element: str, *, attempt: int, stage: str, changes: dict[str, Any]
+    ) -> None:
+        """Merge ``changes`` into the element's info with the next flush (as
+        :meth:`pipeline.scheduler.Scheduler.note` does at once): a remote
+        operation's name, what a stage that runs long says."""
+        key = (build, element)
+        with self._lock:
+            noted = self._pending.get(key)
+            if noted is not None and noted.attempt == attempt:
+                noted.notes = {**noted.notes, **changes}
+            else:
+                self._pending[key] = StageStart(
+                    build,
+                    element,
+                    attempt,
+                    stage,
+                    "",
+                    "",
+                    "",
+                    time.time(),
+                    note=True,
+                    notes=dict(changes),
+                )
+            self._ensure_thread()
+
+    def clear(self) -> None:
+        """Forget what this process knows of the elements it holds (its
+        broker connection is new: the reconciler may re-send them)."""
+        with self._lock:
+            self._memo.clear()
+
+    def expect(self, build: str, element: str, attempt: int) -> None:
+        """This process just recorded a send of the element (``attempt``):
+        if its first stage starts here, that needs no read either."""
+        with self._lock:
+            self._memo[(build, element)] = (attempt, 0, time.monotonic())
+            self._memo.move_to_end((build, element))
+            while len(self._memo) > self.MEMO_SIZE:
+                self._memo.popitem(last=False)
+
+    def forget(self, build: str, element: str) -> dict[str, Any]:
+        """The element finishes (or fails) here: its start needs no record of
+        its own. Returns what that record would have said (``started``,
+        ``host``, ``worker``, ``holder``, ``stage``, ``stage_at``; nothing
+        when none was noted), for the finish to record instead."""
+        with self._lock:
+            noted = self._pending.pop((build, element), None)
+            self._memo.pop((build, element), None)
+        if noted is None:
+            return {}
+        if noted.take or noted.note:
+            return dict(noted.notes)
+        return {
+            **noted.notes,
+            "started": noted.first or noted.at,
+            "host": noted.host,
+            "worker": noted.worker,
+            "holder": noted.holder,
+            "stage": noted.stage,
+            "stage_at": noted.at,
+        }
+
+    def flush(self) -> int:
+        """Record the starts noted so far; return how many were sent. Those
+        a refused write kept are noted again (unless a newer start replaced
+        them meanwhile)."""
+        with self._lock:
+            batch, self._pending = self._pending, {}
+        if not batch:
+            return 0
+        try:
+            stale = self._scheduler.record_starts(list(batch.values()))
+        except Exception:
+            with self._lock:
+                for key, start in batch.items():
+                    self._pending.setdefault(key, start)
+            raise
+        with self._lock:
+            # A later stage of these must read again (and is dropped then).
+            for key in stale:
+                self._memo.pop(key, None)
+        return len(batch)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            try:
+                self.flush()
+            except redis.exceptions.ConnectionError as exc:  # Redis restarting: a pause
+                log.warning("could not record stage starts, trying again: %s", exc)
+            except Exception:  # a bug must not end the loop
+                log.exception("could not record stage starts")

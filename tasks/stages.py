@@ -30,10 +30,12 @@ from pipeline.broker import (
     fail_element,
     host_queue,
     no_declare,
+    publish_sends,
     send_ready,
     task_label,
 )
 from pipeline.errors import RemexError
+from pipeline.scheduler import StageStart
 from pipeline.spec import BuildSpec
 from pipeline.stages import (
     BuildFailedError,
@@ -49,7 +51,7 @@ from pipeline.stages import (
 from pipeline.stages.pins import pinned_stage
 from pipeline.stages.policy import DEFAULT_POLICY, Decision, FailurePolicy
 from pipeline.stages.state import without_operation
-from tasks.runtime import WorkerRuntime
+from tasks.runtime import WorkerRuntime, start_batch
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,27 @@ class StageTask(Task):  # type: ignore[misc]
         takes = getattr(self.app, "remex_takes", None)
         if takes is not None:
             takes.started(self.request.id or "")
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        starts = start_batch(rt)
+        if starts is not None and not redelivered:
+            # Checked now (one read, or none for a later stage of a chain this
+            # process runs), recorded within a fraction of a second in a batch
+            # (issue 16). Only a message Redis delivered again is counted,
+            # at once (max_deliveries).
+            start = StageStart(
+                build,
+                element,
+                int(payload["attempt"]),
+                self.stage,
+                rt.name,
+                rt.instance,
+                rt.holder,
+                time.time(),
+            )
+            if not starts.begin(start):
+                log.info("%s of %s (build %s) is stale; ignored", self.stage, element, build)
+                raise Ignore()
+            return rt, _SPECS.get(rt, build, element)
         deliveries = rt.scheduler.begin_stage(
             build,
             element,
@@ -208,6 +231,9 @@ class StageTask(Task):  # type: ignore[misc]
         """This worker holds the element no more: its next message goes to a
         queue other workers consume, or its publish was refused (then the
         reconciler finds it in no queue and sends the element again)."""
+        if (starts := start_batch(rt)) is not None:
+            # (Its start, if not recorded yet, must not land after the hand-on.)
+            starts.flush()
         rt.scheduler.hand_on(
             payload["build"], payload["element"], attempt=payload["attempt"], holder=holder
         )
@@ -311,6 +337,9 @@ class StageTask(Task):  # type: ignore[misc]
 
     def fail_element(self, rt: WorkerRuntime, payload: Payload, reason: str, **extra: Any) -> None:
         """Mark the element failed (and its dependents skipped); stop the chain."""
+        if (starts := start_batch(rt)) is not None:
+            # (Its start, if not recorded yet, goes with the failure.)
+            extra = {**starts.forget(payload["build"], payload["element"]), **extra}
         fail_element(
             self.app,
             rt.scheduler,
@@ -482,9 +511,7 @@ def execute_task(self: StageTask, payload: Payload) -> Payload:
             max_wait=EXECUTE_WAIT,
             # Recorded as soon as the server names it: status shows it and
             # cancel can cancel it while this task still follows it.
-            on_operation=lambda name: rt.scheduler.note(
-                payload["build"], payload["element"], {"operation": name}
-            ),
+            on_operation=lambda name: note(rt, payload, {"operation": name}),
         )
 
     def still_running(rt: WorkerRuntime, payload: Payload, state: State) -> None:
@@ -494,13 +521,28 @@ def execute_task(self: StageTask, payload: Payload) -> Payload:
             remote_stage=state.get("remote_stage"),
             waited_seconds=round(float(state.get("timings", {}).get("execute", 0.0)), 1),
         )
-        rt.scheduler.note(
-            payload["build"],
-            payload["element"],
+        note(
+            rt,
+            payload,
             {"operation": state.get("operation"), "remote_stage": state.get("remote_stage")},
         )
 
     return self.run_stage(payload, run, still_running=still_running)
+
+
+def note(rt: WorkerRuntime, payload: Payload, changes: dict[str, Any]) -> None:
+    """Merge ``changes`` into the element's info: with this process's next
+    batch of starts (a fraction of a second later, issue 16), else at once."""
+    if (starts := start_batch(rt)) is None:
+        rt.scheduler.note(payload["build"], payload["element"], changes)
+        return
+    starts.note(
+        payload["build"],
+        payload["element"],
+        attempt=int(payload["attempt"]),
+        stage="execute",
+        changes=changes,
+    )
 
 
 def fetch_outputs_task(self: StageTask, payload: Payload) -> Payload:
@@ -520,16 +562,27 @@ def push_artifact_task(self: StageTask, payload: Payload) -> Payload:
         "timings": state.get("timings"),
     }
     spec = _SPECS.get(rt, payload["build"], payload["element"])
+    if (starts := start_batch(rt)) is not None:
+        # Finished here: its start, if not recorded yet, goes with the finish.
+        info = {**starts.forget(payload["build"], payload["element"]), **info}
     # The artifact index entry goes with the move (one script, issue 16).
-    ready = rt.scheduler.finish(
+    # The dependents it makes ready are sent in the same move (issue 16),
+    # then published here.
+    finished = rt.scheduler.finish_element(
         payload["build"],
         payload["element"],
         "built",
         info,
         artifact_uri=spec["artifact_uri"],
         index_entry=artifact_index_entry(spec),
+        send=True,
     )
-    send_ready(self.app, rt.scheduler, ready)
+    send_ready(self.app, rt.scheduler, finished.ready)
+    if (starts := start_batch(rt)) is not None:
+        for recorded in finished.sent:
+            if recorded.attempt:
+                starts.expect(recorded.build, recorded.element, recorded.attempt)
+    publish_sends(self.app, rt.scheduler, finished.sent)
     return result
 
 

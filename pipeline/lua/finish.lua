@@ -27,30 +27,92 @@ end
 -- (The owner's claim on the URI is left to expire: whoever claims the URI
 -- next takes it over, its owner being finished. Issue 16: two commands less.)
 local ready, stopped, released = {}, {}, {}
+-- ARGV[8] "1": send the dependents made ready in this move (returned as
+-- "sent": [build, element, attempt, owner, spec JSON, task ids] for the
+-- caller to publish), else make them ready (returned as "ready").
+local send_ready = ARGV[8] == '1'
+local to_send, send_order = {}, {}
+-- The events of this move per build, written as one entry each at the end.
+local pending_events = {}
+local function events_of(b)
+  if not pending_events[b] then pending_events[b] = {} end
+  return pending_events[b]
+end
+local function flush_events()
+  for b, events in pairs(pending_events) do emit_many(b, events) end
+  pending_events = {}
+end
 local touched = {}
-local function mark(b, element, state, extra, read)
-  local old = redis.call('HGET', bkey(b, 'state'), element)
-  redis.call('HSET', bkey(b, 'state'), element, state)
+-- The writes of the built path per build ({infos = {e, json ...}, states =
+-- {e, state ...}}), made at the end as one HSET each with those of the
+-- sends (issue 16). (A failure writes at once: skip_dependents reads the
+-- states it writes.)
+local writes = {}
+local function writes_of(b)
+  if not writes[b] then writes[b] = {infos = {}, states = {}} end
+  return writes[b]
+end
+local function flush_writes()
+  for b, w in pairs(writes) do
+    if #w.infos > 0 then redis.call('HSET', bkey(b, 'info'), unpack(w.infos)) end
+    if #w.states > 0 then redis.call('HSET', bkey(b, 'state'), unpack(w.states)) end
+  end
+  writes = {}
+end
+-- An element's dependents: in its info (issue 16: no read of their own);
+-- a build an older remex wrote keeps them in B:dependents.
+local function dependents_of(b, e, info)
+  if info['dependents'] ~= nil then
+    if type(info['dependents']) == 'table' then return info['dependents'] end
+    return {}
+  end
+  local deps = redis.call('HGET', bkey(b, 'dependents'), e)
+  if deps then return cjson.decode(deps) end
+  return {}
+end
+-- (OLD: the state the caller read; DEFER: write with the others at the end.)
+-- Returns the element's info.
+local function mark(b, element, old, state, extra, read, defer)
+  if defer then
+    table.insert(writes_of(b).states, element)
+    table.insert(writes_of(b).states, state)
+  else
+    redis.call('HSET', bkey(b, 'state'), element, state)
+  end
   count_state(b, element, old, state)
   local info = read or get_info(b, element)
   drop_heartbeat(b, element, info)
+  -- (A start the worker had not recorded yet comes with the finish: the
+  -- first start of the attempt stays, its host joins the hosts.)
+  if present(extra['started']) and present(info['started']) then extra['started'] = nil end
+  if type(extra['host']) == 'string' then
+    local hosts = info['hosts']
+    if type(hosts) ~= 'table' then hosts = {} end
+    local seen = false
+    for _, h in ipairs(hosts) do if h == extra['host'] then seen = true end end
+    if not seen then table.insert(hosts, extra['host']) end
+    info['hosts'] = hosts
+  end
   for k, v in pairs(extra) do info[k] = v end
   info['finished'] = tonumber(now)
-  put_info(b, element, info)
-  emit(b, element_event(state, element, info, now))
+  if defer then
+    table.insert(writes_of(b).infos, element)
+    table.insert(writes_of(b).infos, cjson.encode(info))
+  else
+    put_info(b, element, info)
+  end
+  table.insert(events_of(b), element_event(state, element, info, now))
+  return info
 end
 local function skip_dependents(b, element, why)
   local stack = {element}
   while #stack > 0 do
     local e = table.remove(stack)
-    local deps = redis.call('HGET', bkey(b, 'dependents'), e)
-    if deps then
-      for _, d in ipairs(cjson.decode(deps)) do
-        local st = redis.call('HGET', bkey(b, 'state'), d)
-        if st == 'waiting' or st == 'ready' then
-          mark(b, d, 'skipped', {error = why})
-          table.insert(stack, d)
-        end
+    for _, d in ipairs(dependents_of(b, e, get_info(b, e))) do
+      local st = redis.call('HGET', bkey(b, 'state'), d)
+      if st == 'waiting' or st == 'ready' then
+        mark(b, d, st, 'skipped', {error = why})
+        table.insert(stack, d)
       end
     end
   end
@@ -60,6 +122,7 @@ local function stop_rest(b, element)
   local mode = redis.call('HGET', bkey(b, 'meta'), 'on_error')
   if mode then mode = cjson.decode(mode) end
   if mode ~= 'quit' and mode ~= 'terminate' then return end
+  flush_events()  -- (stop_element writes its events itself, after these)
   local why = element .. ' failed and on-error is ' .. mode
   local states = redis.call('HGETALL', bkey(b, 'state'))
   for i = 1, #states, 2 do
@@ -78,24 +141,43 @@ local function stop_rest(b, element)
   end
 end
 local info = cjson.decode(info_json)
+-- The owner's state, from its info (one read less): finished ones have
+-- "finished"; else, once its chain was sent, it is queued or running.
+local function owner_state()
+  if present(owner_info['finished']) then return 'built' end
+  if (tonumber(owner_info['attempt']) or 0) < 1 then
+    return redis.call('HGET', bkey(owner_b, 'state'), owner_e)  -- never sent
+  end
+  if present(owner_info['stage']) then return 'running' end
+  return 'queued'
+end
 for _, t in ipairs(targets) do
   local b, element = split(t)
-  local st = redis.call('HGET', bkey(b, 'state'), element)
+  local st
+  if t == owner then st = owner_state() else st = redis.call('HGET', bkey(b, 'state'), element) end
   if st and not TERMINAL[st] then
     touched[b] = true
     local extra = {}
     for k, v in pairs(info) do extra[k] = v end
     if t ~= owner then extra['built_by'] = owner end
-    mark(b, element, outcome, extra, t == owner and owner_info or nil)
-    if outcome == 'built' then
-      local deps = redis.call('HGET', bkey(b, 'dependents'), element)
-      if deps then
-        for _, d in ipairs(cjson.decode(deps)) do
+    local built = outcome == 'built'
+    local finished_info = mark(b, element, st, outcome, extra,
+                               t == owner and owner_info or nil, built)
+    if built then
+      do
+        for _, d in ipairs(dependents_of(b, element, finished_info)) do
           -- The counter reaches 0 once (each dependency is finished once);
           -- then the dependent waited, unless it finished meanwhile (skipped,
           -- cancelled: its info says so, no state read).
           local left = redis.call('HINCRBY', bkey(b, 'pending'), d, -1)
-          if left == 0 then
+          if left == 0 and send_ready then
+            -- Sent in this move (below), not made ready first (issue 16).
+            if not to_send[b] then
+              to_send[b] = {}
+              table.insert(send_order, b)
+            end
+            table.insert(to_send[b], {e = d})
+          elseif left == 0 then
             local dinfo = get_info(b, d)
             if not present(dinfo['finished']) then
               redis.call('HSET', bkey(b, 'state'), d, 'ready')
@@ -122,14 +204,34 @@ local entry = ARGV[7] or ''
 if entry ~= '' and outcome == 'built' then
   -- The artifact index, in this move rather than a transaction of its own
   -- (issue 16); end_build sets its expiry.
+  -- (An entry new to one set is new to both: they gain and lose members
+  -- together. A known one only gets its time, issue 16.)
   local by_key, by_time = index_keys()
-  redis.call('ZADD', by_key, 0, entry)
-  redis.call('ZADD', by_time, now, entry)
+  if redis.call('ZADD', by_time, now, entry) == 1 then redis.call('ZADD', by_key, 0, entry) end
 end
--- (A build that has an element ready now is not done: no need to ask.)
+-- The dependents made ready, sent: one read and one write of their specs,
+-- infos and states per build, their events with the finish's.
+local sent = {}
+for _, b in ipairs(send_order) do
+  local w = writes_of(b)
+  for _, r in ipairs(send_elements(b, to_send[b], tonumber(now), tonumber(ttl), events_of(b), true,
+                                   w.infos, w.states)) do
+    table.insert(sent, {b, r[1], r[2], r[3], r[4], r[5]})
+  end
+  -- (Written before the next build's sends: one of those may find this
+  -- build's element the builder of its artifact, and reads its state.)
+  flush_writes()
+end
+flush_writes()
+flush_events()
+-- (A build that has an element ready or sent now is not done: no need to ask.)
 local has_ready = {}
 for _, r in ipairs(ready) do has_ready[r[1]] = true end
+-- (A dependent not sent, being finished already, says nothing.)
+for _, r in ipairs(sent) do
+  if r[3] ~= 0 or r[4] ~= '' then has_ready[r[1]] = true end
+end
 for b, _ in pairs(touched) do
   if not has_ready[b] then update_build_status(b, now, ttl) end
 end
-return cjson.encode({ready = ready, stopped = stopped, released = released})
+return cjson.encode({ready = ready, sent = sent, stopped = stopped, released = released})

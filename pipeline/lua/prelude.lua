@@ -46,14 +46,20 @@ local function keeps_counts(b)
   return KEEPS_COUNTS[b]
 end
 local function count_state(b, e, old, new)
-  if old == new or (LIVE[old] and LIVE[new]) or not keeps_counts(b) then return end
+  if old == new or (LIVE[old] and LIVE[new]) then return end
+  if LIVE[old] and not LIVE[new] then
+    -- Leaving the live set: that the element was in it says that the build
+    -- keeps counts (one read less than asking).
+    local removed = redis.call('SREM', bkey(b, 'live'), e) == 1
+    if removed then KEEPS_COUNTS[b] = true end
+    if not removed and not keeps_counts(b) then return end
+  elseif not keeps_counts(b) then
+    return
+  elseif LIVE[new] then
+    redis.call('SADD', bkey(b, 'live'), e)
+  end
   if TERMINAL[old] then redis.call('HINCRBY', bkey(b, 'counts'), old, -1) end
   if TERMINAL[new] then redis.call('HINCRBY', bkey(b, 'counts'), new, 1) end
-  if LIVE[new] and not LIVE[old] then
-    redis.call('SADD', bkey(b, 'live'), e)
-  elseif LIVE[old] and not LIVE[new] then
-    redis.call('SREM', bkey(b, 'live'), e)
-  end
   if new == 'failed' then redis.call('SADD', bkey(b, 'failed'), e) end
 end
 -- A stage's heartbeat (B:heartbeat) is written only by a stage that runs
@@ -195,13 +201,27 @@ end
 -- "finished" in the info, an element never sent has attempt 0, and one sent
 -- is queued until its first stage of the attempt starts (queue.lua clears
 -- "stage"), running after. Returns the info and the state, or nil.
-local function current_from_info(b, e, attempt, stage)
-  local info = get_info(b, e)
+local function info_current(info, attempt, stage)
   if present(info['finished']) or present(info['waiting_on']) then return nil end
   if (tonumber(info['attempt']) or 0) ~= attempt or attempt < 1 then return nil end
   if stage_before(stage, info['stage']) then return nil end
-  if not present(info['stage']) then return info, 'queued' end
-  return info, 'running'
+  if not present(info['stage']) then return 'queued' end
+  return 'running'
+end
+local function current_from_info(b, e, attempt, stage)
+  local info = get_info(b, e)
+  local st = info_current(info, attempt, stage)
+  if not st then return nil end
+  return info, st
+end
+-- A batch of events as one stream entry (its field "events": a JSON list;
+-- pipeline.scheduler.Scheduler.read_events yields each): one XADD for the
+-- moves of many elements (issue 16).
+local function emit_many(b, events)
+  if #events == 1 then return emit(b, events[1]) end
+  if #events == 0 then return end
+  redis.call('XADD', bkey(b, 'events'), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'events',
+             cjson.encode(events))
 end
 -- Record a send of element e: the next attempt number, the task ids; state
 -- -> queued. Returns the new attempt, or 0 when the element must not be sent
@@ -256,11 +276,14 @@ end
 -- running). Returns "" when ME owns it now, else the owner.
 local function claim_uri(me, uri, ttl)
   local key = PREFIX .. ':claim:' .. uri
-  local owner = redis.call('GET', key)
+  -- Claimed in one command (SET ... GET), given back in the rare case that
+  -- its owner still builds it (issue 16: one command less).
+  local owner = redis.call('SET', key, me, 'EX', ttl, 'GET')
   if owner == me then return '' end
   if owner then
     local ob, oe = split(owner)
     if LIVE[redis.call('HGET', bkey(ob, 'state'), oe)] then
+      redis.call('SET', key, owner, 'EX', ttl)
       redis.call('SADD', PREFIX .. ':waiters:' .. uri, me)
       redis.call('EXPIRE', PREFIX .. ':waiters:' .. uri, ttl)
       -- (Its finish reads the waiters only when this says so.)
@@ -272,6 +295,90 @@ local function claim_uri(me, uri, ttl)
       return owner
     end
   end
-  redis.call('SET', key, me, 'EX', ttl)
   return ''
+end
+-- The task ids of a send a script makes (a finish sends the dependents it
+-- made ready): derived from the build, element, attempt and stage number,
+-- and recorded in the info like those a sender chose.
+local function derived_task_id(b, e, attempt, i)
+  local h = redis.sha1hex(b .. '\t' .. e .. '\t' .. attempt .. '\t' .. i)
+  return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-' .. string.sub(h, 13, 16)
+         .. '-' .. string.sub(h, 17, 20) .. '-' .. string.sub(h, 21, 32)
+end
+-- Send elements of build b in one move: for each, what send.lua does (claim
+-- its artifact URI; wait on the build that builds it, or record the send),
+-- with one read of their specs and infos, one write of their infos and
+-- states, and their events appended to EVENTS (the caller writes them as one
+-- entry). ITEMS: a list of {e = element, ids = task ids (nil: derived)};
+-- FROM_WAITING: they were waiting until now (made ready by a finish: they
+-- join the live set). Returns a list of {element, attempt, owner, spec JSON,
+-- task ids}: attempt 0 and the owner when it waits on another build; the
+-- new attempt and "" when its tasks are to be sent; 0 and "" when it must not
+-- be sent (finished, cancelled, not ready).
+-- INFOS, STATES (optional): lists of field, value to add the writes to (the
+-- caller writes them, with its own); else they are written here.
+local function send_elements(b, items, now, ttl, events, from_waiting, infos, states)
+  local out = {}
+  if #items == 0 then return out end
+  local own_writes = infos == nil
+  if own_writes then infos, states = {}, {} end
+  local names = {}
+  for i, it in ipairs(items) do names[i] = it.e end
+  local specs = redis.call('HMGET', bkey(b, 'spec'), unpack(names))
+  local raw = redis.call('HMGET', bkey(b, 'info'), unpack(names))
+  local joined = {}
+  for i, it in ipairs(items) do
+    local e = it.e
+    local info = raw[i] and cjson.decode(raw[i]) or {}
+    local spec = specs[i] and cjson.decode(specs[i]) or nil
+    local attempt, owner, ids = 0, '', {}
+    if spec and not present(info['finished']) then
+      local next_attempt = (tonumber(info['attempt']) or 0) + 1
+      -- (As queue_element: never sent, never made ready nor made to wait, and
+      -- not live: it waits for dependencies.)
+      local may = from_waiting or next_attempt > 1 or present(info['ready_at'])
+                  or present(info['waiting_on'])
+                  or LIVE[redis.call('HGET', bkey(b, 'state'), e)]
+      if may then
+        owner = claim_uri(b .. '\t' .. e, spec['artifact_uri'], ttl)
+        if owner ~= '' then
+          info['waiting_on'] = owner
+          drop_heartbeat(b, e, info)
+          table.insert(events, {event = 'waiting', element = e, waiting_on = owner, time = now})
+        else
+          attempt = next_attempt
+          local n = present(spec['fetch']) and 1 or 5
+          for k = 1, n do
+            ids[k] = (type(it.ids) == 'table' and it.ids[k]) or derived_task_id(b, e, attempt, k)
+          end
+          info['attempt'] = attempt
+          info['task_ids'] = ids
+          info['queued_at'] = now
+          info['waiting_on'] = nil
+          info['stage'] = nil
+          info['stage_at'] = nil
+          info['holder'] = nil
+          info['handed_at'] = nil
+          info['taken_at'] = nil
+          info['delivery'] = nil
+          drop_heartbeat(b, e, info)
+          table.insert(events, {event = 'queued', element = e, attempt = attempt, time = now})
+        end
+        table.insert(infos, e)
+        table.insert(infos, cjson.encode(info))
+        table.insert(states, e)
+        table.insert(states, 'queued')
+        if from_waiting then table.insert(joined, e) end
+      end
+    end
+    out[i] = {e, attempt, owner, specs[i] or '', ids}
+  end
+  if own_writes and #infos > 0 then
+    redis.call('HSET', bkey(b, 'info'), unpack(infos))
+    redis.call('HSET', bkey(b, 'state'), unpack(states))
+  end
+  -- (waiting -> queued joins the live set; a move between live states
+  -- changes no count.)
+  if #joined > 0 and keeps_counts(b) then redis.call('SADD', bkey(b, 'live'), unpack(joined)) end
+  return out
 end

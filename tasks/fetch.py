@@ -29,7 +29,7 @@ from pipeline.stages.fetch import (
     fetch_source,
     redact_url,
 )
-from tasks.runtime import WorkerRuntime
+from tasks.runtime import WorkerRuntime, start_batch
 from tasks.stages import Payload, StageTask
 
 __all__ = ["FetchTask", "register_fetch_task"]
@@ -81,7 +81,13 @@ def fetch_source_task(self: FetchTask, payload: Payload) -> Payload:
 
     result = self.run_stage(payload, run, last=True)
     state = result["state"]
-    info = {"source": state.get("source"), "downloaded": bool(state.get("downloaded"))}
+    info: dict[str, Any] = {
+        "source": state.get("source"),
+        "downloaded": bool(state.get("downloaded")),
+    }
+    if (starts := start_batch(rt)) is not None:
+        # Finished here: its start, if not recorded yet, goes with the finish.
+        info = {**starts.forget(build, element), **info}
     ready = rt.scheduler.finish(build, element, "built", info)
     send_ready(self.app, rt.scheduler, ready)
     return result

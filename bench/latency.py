@@ -84,12 +84,12 @@ class ElementTimes:
 
 def element_times(scheduler: Scheduler, build_id: str) -> dict[str, ElementTimes]:
     """Every element's times from the build's events, infos and dependents."""
-    raw = scheduler.redis.hgetall(scheduler.keys.build(build_id, "dependents"))
+    raw: Any = scheduler.redis.hgetall(scheduler.keys.build(build_id, "dependents"))
     deps: dict[str, list[str]] = {}
-    for element, encoded in dict(raw).items():
-        deps.setdefault(str(element), [])
+    for name, encoded in dict(raw).items():
+        deps.setdefault(str(name), [])
         for dependent in json.loads(encoded) if encoded else []:
-            deps.setdefault(str(dependent), []).append(str(element))
+            deps.setdefault(str(dependent), []).append(str(name))
     times = {name: ElementTimes(name, d) for name, d in deps.items()}
     after = "0"
     while True:
@@ -113,9 +113,9 @@ def element_times(scheduler: Scheduler, build_id: str) -> dict[str, ElementTimes
             elif kind == "built":
                 t.finished = when
     for element in scheduler.status(build_id).elements:
-        t = times.get(element.element)
-        if t is not None:
-            t.timings = {
+        found = times.get(element.element)
+        if found is not None:
+            found.timings = {
                 k: float(v) for k, v in (element.info.get("timings") or {}).items() if v is not None
             }
     return times

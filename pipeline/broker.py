@@ -324,6 +324,7 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
             task_id=task_id,
             argsrepr=label,
             priority=message_priority(build_priority, stage),
+            **no_result(),
             **no_declare(app),
         )
     try:
@@ -349,6 +350,7 @@ def _send_fetch(
             queue=FETCH_QUEUE,
             argsrepr=task_label(build_id, element, attempt),
             priority=message_priority(build_priority, FETCH_STAGE),
+            **no_result(),
             **no_declare(app),
         )
     except PUBLISH_ERRORS as exc:
@@ -357,6 +359,19 @@ def _send_fetch(
         )
         return "refused"
     return "sent"
+
+
+def no_result() -> dict[str, Any]:
+    """Publish options saying the sender will never read the task's result.
+
+    The stage tasks store none (``StageTask.ignore_result``), but a sender
+    that does not know the task classes (``remex build``, a script: it names
+    them by string) would otherwise have Celery's Redis result backend
+    SUBSCRIBE to each task's result channel as it sends it: one more command
+    and round trip per element sent, and a subscription Redis keeps until the
+    sender exits (issue 17). The option also rides in the chain's later
+    messages, where it changes nothing."""
+    return {"ignore_result": True}
 
 
 def no_declare(app: Celery) -> dict[str, Any]:

@@ -10,7 +10,14 @@ import pytest
 import redis
 from celery import Celery
 
-from pipeline.broker import DEFAULT_QUEUE, make_celery, queue_lists, send_element
+from pipeline.broker import (
+    DEFAULT_QUEUE,
+    SEND_BATCH,
+    make_celery,
+    queue_lists,
+    send_element,
+    send_ready,
+)
 from pipeline.config import RemexConfig
 from pipeline.scheduler import Scheduler
 from pipeline.servers import RedisServer
@@ -82,3 +89,26 @@ def test_sending_chains_subscribes_to_no_result_channel(
     stats = scheduler.redis.info("commandstats")
     assert "cmdstat_subscribe" not in stats
     assert stats["cmdstat_lpush"]["calls"] == 3
+
+
+def test_a_list_of_ready_elements_is_sent_in_batches(
+    scheduler: Scheduler, celery_app: Celery
+) -> None:
+    # Given a build of 20 independent elements, more than one batch
+    names = [f"e{i:02d}" for i in range(20)]
+    assert len(names) > SEND_BATCH
+    build, ready = scheduler.create_build([spec(n) for n in names], {n: [] for n in names}, [], {})
+    scheduler.redis.config_resetstat()
+    # When they are sent as one list (what a finishing element or submit does)
+    send_ready(celery_app, scheduler, [(build, n) for n in ready])
+    # Then every element's first message is queued once, under the task id
+    # the scheduler recorded for it
+    ids = [
+        json.loads(raw)["headers"]["id"]
+        for key in queue_lists(DEFAULT_QUEUE)
+        for raw in scheduler.redis.lrange(key, 0, -1)
+    ]
+    assert sorted(ids) == sorted(scheduler.info(build, n)["task_ids"][0] for n in names)
+    assert all(scheduler.state(build, n) == "queued" for n in names)
+    # And the specs were read in one command, not one each
+    assert scheduler.redis.info("commandstats")["cmdstat_hmget"]["calls"] == 1

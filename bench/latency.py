@@ -138,6 +138,13 @@ def critical_path(times: Mapping[str, ElementTimes]) -> list[tuple[ElementTimes,
     return path
 
 
+def ready_time(times: Mapping[str, ElementTimes], t: ElementTimes) -> float | None:
+    """When the element's last dependency built in this build finished
+    (None: none was, they were all cached)."""
+    done = [f for d in t.deps if d in times and (f := times[d].finished) is not None]
+    return max(done) if done else None
+
+
 def report(times: Mapping[str, ElementTimes], label: str = "") -> list[str]:
     """Lines: the critical path's segments (sum and per element on it) and
     every element's medians."""
@@ -150,16 +157,7 @@ def report(times: Mapping[str, ElementTimes], label: str = "") -> list[str]:
     every = [
         seg
         for t in times.values()
-        if (
-            seg := t.segments(
-                max(
-                    (times[d].finished or 0.0 for d in t.deps if d in times),
-                    default=None,
-                )
-            )
-        )
-        is not None
-        and t.deps
+        if (seg := t.segments(ready_time(times, t))) is not None and t.deps
     ]
     if on_path:
         total = sum(sum(s.values()) for s in on_path)

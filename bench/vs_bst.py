@@ -32,7 +32,7 @@ Celery inspect command before and after each build) per element it worked on.
 
 Run: ``.venv/bin/python -m bench.vs_bst [--runs 3] [--cases wide,chain,dag,toolchain]
 [--jobs 8] [--workers 2] [--concurrency N] [--toolchain-sysroot DIR]
-[--download minimal|all] [--keep]``
+[--download minimal|all] [--keep] [--latency] [--remex-only]``
 """
 
 from __future__ import annotations
@@ -168,10 +168,24 @@ class RemexStackCli:
         if download:
             # The workers inherit it from `remex up` ([cas] download).
             self.env["REMEX_CAS_DOWNLOAD"] = download
+        self.jobs = jobs
         self.args = ["--workers", str(workers), "--jobs", str(jobs)]
         if concurrency:
             self.args += ["--concurrency", str(concurrency)]
         self._app: Any = None
+        self._scheduler: Any = None
+
+    def scheduler(self) -> Any:
+        """A :class:`pipeline.scheduler.Scheduler` on the stack's Redis."""
+        if self._scheduler is None:
+            from pipeline.scheduler import Scheduler
+            from pipeline.stack import read_stack, stack_broker_url
+
+            state = read_stack(self.folder / "stack")
+            if state is None:
+                raise SystemExit("the remex stack is not up")
+            self._scheduler = Scheduler.from_url(stack_broker_url(state))
+        return self._scheduler
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -232,6 +246,8 @@ class Result:
     # per remex run: the workers' CPU time (user + system) per element built, ms
     cpu_per_element: list[float] = field(default_factory=list)
     elements: int = 0
+    # per remex run: the latency breakdown's lines (``--latency``)
+    latency: list[list[str]] = field(default_factory=list)
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -240,7 +256,9 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def remex_run(stack: RemexStackCli, project: Path, case: Case, result: Result) -> float:
+def remex_run(
+    stack: RemexStackCli, project: Path, case: Case, result: Result, latency: bool = False
+) -> float:
     before = stack.worker_stats()
     holder: dict[str, Any] = {}
 
@@ -270,10 +288,31 @@ def remex_run(stack: RemexStackCli, project: Path, case: Case, result: Result) -
         result.peak_rss[node] = max(result.peak_rss.get(node, 0), now["peak_rss_kib"])
     result.traffic.append(run)
     result.cpu_per_element.append(cpu_ms / max(len(built), 1))
+    if latency:
+        from bench.latency import element_times, executor_timeline
+        from bench.latency import report as latency_report
+        from pipeline.api import open_context
+        from pipeline.config import load_config
+
+        build_id = str(holder["out"]["build"])
+        times = element_times(stack.scheduler(), build_id)
+        lines = latency_report(times)
+        with open_context(load_config(environ=stack.env)) as ctx:
+            lines += executor_timeline(ctx, stack.scheduler(), build_id, times, stack.jobs)
+        result.latency.append(lines)
     return wall
 
 
-def run_case(case: Case, runs: int, work: Path, stack: RemexStackCli, bst_config: str) -> Result:
+def run_case(
+    case: Case,
+    runs: int,
+    work: Path,
+    stack: RemexStackCli,
+    bst_config: str,
+    *,
+    latency: bool = False,
+    only_remex: bool = False,
+) -> Result:
     result = Result(case)
     for i in range(runs):
         salt = uuid.uuid4().hex[:12]
@@ -285,16 +324,21 @@ def run_case(case: Case, runs: int, work: Path, stack: RemexStackCli, bst_config
             bst.run("build", *case.targets, timeout=BUILD_TIMEOUT)
 
         order = ["bst", "remex"] if i % 2 == 0 else ["remex", "bst"]
+        if only_remex:
+            order = ["remex"]
         for tool in order:
             if tool == "bst":
                 result.bst.append(timed(bst_once))
             else:
-                result.remex.append(remex_run(stack, project, case, result))
+                result.remex.append(remex_run(stack, project, case, result, latency))
             print(
                 f"  {case.name} run {i + 1}/{runs}: {tool} "
                 f"{(result.bst if tool == 'bst' else result.remex)[-1]:.2f} s",
                 flush=True,
             )
+            if tool == "remex" and result.latency:
+                for line in result.latency[-1]:
+                    print(f"    {line}", flush=True)
         shutil.rmtree(project, ignore_errors=True)
     return result
 
@@ -320,6 +364,12 @@ def report(results: Sequence[Result]) -> None:
     print("| case | bst median | remex median | remex / bst | per-run ratios | stable after |")
     print("|---|---|---|---|---|---|")
     for r in results:
+        if not r.bst:
+            print(
+                f"| {r.case.name}: {r.case.describe} | - | {statistics.median(r.remex):.2f} s "
+                f"| - | - | - |"
+            )
+            continue
         ratios = [x / y for x, y in zip(r.remex, r.bst, strict=True)]
         ratio = statistics.median(r.remex) / statistics.median(r.bst)
         print(
@@ -387,6 +437,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the remex workers' [cas] download (default: the configuration's default)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="after each remex build, where its time went (bench.latency: the critical "
+        "path's sender gaps, pickups, stages and hops)",
+    )
+    parser.add_argument(
+        "--remex-only", action="store_true", help="build with remex only (no bst, no ratio)"
+    )
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(CASES)
@@ -423,7 +482,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in cases:
             case = makers[name]()
             print(f"{name}: {case.describe}", flush=True)
-            results.append(run_case(case, args.runs, work, stack, bst_config))
+            results.append(
+                run_case(
+                    case,
+                    args.runs,
+                    work,
+                    stack,
+                    bst_config,
+                    latency=args.latency,
+                    only_remex=args.remex_only,
+                )
+            )
     finally:
         stack.down()
         casd.stop()

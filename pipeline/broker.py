@@ -8,6 +8,7 @@ sends them with a Celery app configured here, which the worker's app
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import json
 import logging
@@ -16,8 +17,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import kombu.exceptions
+import kombu.messaging
 import redis
-from celery import Celery, chain, uuid
+from celery import Celery, uuid
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 
@@ -97,6 +99,16 @@ PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     ConnectionError,
+)
+# What a batch of publishes that failed raises (kombu 5.7: delivery
+# uncertain, or a later publish into the failed batch), or a refused publish.
+BATCH_ERRORS: tuple[type[BaseException], ...] = (
+    *PUBLISH_ERRORS,
+    *(
+        (kombu.exceptions.BatchPublishError,)
+        if hasattr(kombu.exceptions, "BatchPublishError")
+        else ()
+    ),
 )
 RECONCILE_LOCK = DEFAULT_KEYS.reconciler
 MAX_ATTEMPTS = DEFAULT_POLICY.max_sends
@@ -285,7 +297,12 @@ def make_celery(config: RemexConfig) -> Celery:
     return app
 
 
-def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str) -> str:
+def send_element(
+    app: Celery,
+    scheduler: Scheduler,
+    build_id: str,
+    element: str,
+) -> str:
     """Send an element's five-stage chain, or a fetch node's one
     ``remex.fetch_source`` task (on the ``remex.fetch`` queue), unless
     another build is already building the same artifact or fetching the
@@ -304,10 +321,13 @@ def send_element(app: Celery, scheduler: Scheduler, build_id: str, element: str)
     return publish_send(app, recorded)
 
 
-def publish_send(app: Celery, recorded: RecordedSend) -> str:
+def publish_send(app: Celery, recorded: RecordedSend, *, producer: Any = None) -> str:
     """Publish the tasks of a send the scheduler recorded
     (:meth:`Scheduler.record_sends`, or a finish that sent the dependents it
-    made ready); returns as :func:`send_element`."""
+    made ready); returns as :func:`send_element`. ``producer``: a kombu
+    producer to publish with (:func:`publish_sends` passes one whose
+    publishes are batched); default: one from the app's pool, each message
+    its own round trip."""
     if recorded.owner:
         return "waiting"
     if not recorded.attempt or recorded.spec is None:
@@ -315,23 +335,42 @@ def publish_send(app: Celery, recorded: RecordedSend) -> str:
     build_id, element, attempt = recorded.build, recorded.element, recorded.attempt
     spec, task_ids = recorded.spec, recorded.task_ids
     build_priority = int(spec.get("priority", DEFAULT_BUILD_PRIORITY))
+    publish = {"producer": producer} if producer is not None else {}
     if "fetch" in spec:
-        return _send_fetch(app, build_id, element, build_priority, attempt, task_ids[0])
+        return _send_fetch(app, build_id, element, build_priority, attempt, task_ids[0], publish)
     payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
     label = task_label(build_id, element, attempt)
-    signatures = [
-        app.signature(TASK_NAMES["stage_to_cas"], args=(payload,)),
-        *(app.signature(TASK_NAMES[stage]) for stage in STAGES[1:]),
-    ]
-    for stage, signature, task_id in zip(STAGES, signatures, task_ids, strict=True):
-        signature.set(
-            task_id=task_id,
-            argsrepr=label,
-            priority=message_priority(build_priority, stage),
-            **no_declare(app),
+    options = {"argsrepr": label, **no_result(), **no_declare(app)}
+    # The chain's later stages ride in the first message, last first, as
+    # Celery's chain puts them (each worker publishes the next one when its
+    # stage ends). Sent as the first task with its ``chain`` rather than
+    # through ``celery.chain``, which freezes every step (results, parent and
+    # root ids) first: half of the sender's CPU per element (issue 17).
+    rest = [
+        dict(
+            app.signature(
+                TASK_NAMES[stage],
+                options={
+                    "task_id": task_id,
+                    "priority": message_priority(build_priority, stage),
+                    **options,
+                },
+            )
         )
+        for stage, task_id in zip(STAGES[1:], task_ids[1:], strict=True)
+    ]
+    rest.reverse()
     try:
-        chain(*signatures).apply_async()
+        app.send_task(
+            TASK_NAMES["stage_to_cas"],
+            args=(payload,),
+            task_id=task_ids[0],
+            root_id=task_ids[0],
+            priority=message_priority(build_priority, "stage_to_cas"),
+            chain=rest,
+            **options,
+            **publish,
+        )
     except PUBLISH_ERRORS as exc:
         log.warning(
             "could not send %s of build %s (the reconciler will): %s", element, build_id, exc
@@ -341,7 +380,13 @@ def publish_send(app: Celery, recorded: RecordedSend) -> str:
 
 
 def _send_fetch(
-    app: Celery, build_id: str, element: str, build_priority: int, attempt: int, task_id: str
+    app: Celery,
+    build_id: str,
+    element: str,
+    build_priority: int,
+    attempt: int,
+    task_id: str,
+    publish: dict[str, Any],
 ) -> str:
     """Send a fetch node's one ``remex.fetch_source`` task (see :func:`send_element`)."""
     payload = {"build": build_id, "element": element, "attempt": attempt, "state": {}}
@@ -353,7 +398,9 @@ def _send_fetch(
             queue=FETCH_QUEUE,
             argsrepr=task_label(build_id, element, attempt),
             priority=message_priority(build_priority, FETCH_STAGE),
+            **no_result(),
             **no_declare(app),
+            **publish,
         )
     except PUBLISH_ERRORS as exc:
         log.warning(
@@ -361,6 +408,19 @@ def _send_fetch(
         )
         return "refused"
     return "sent"
+
+
+def no_result() -> dict[str, Any]:
+    """Publish options saying the sender will never read the task's result.
+
+    The stage tasks store none (``StageTask.ignore_result``), but a sender
+    that does not know the task classes (``remex build``, a script: it names
+    them by string) would otherwise have Celery's Redis result backend
+    SUBSCRIBE to each task's result channel as it sends it: one more command
+    and round trip per element sent, and a subscription Redis keeps until the
+    sender exits (issue 17). The option also rides in the chain's later
+    messages, where it changes nothing."""
+    return {"ignore_result": True}
 
 
 def no_declare(app: Celery) -> dict[str, Any]:
@@ -384,6 +444,12 @@ SEND_CHUNK = 200
 """Seconds between two "still sending" marks of a long list."""
 
 
+SEND_BATCH = 8
+""":func:`send_ready` publishes the chains of a list of elements this many
+to a Redis round trip (a pipeline): enough to save most round trips of a
+wide layer, few enough that the first chains go out at once."""
+
+
 def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) -> None:
     """Send every (build, element) that became ready.
 
@@ -391,6 +457,15 @@ def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) 
     element, or submitted at once): the build is marked as being sent, again
     every second, so that the reconciler does not take the elements not sent
     yet for ones whose sender died (and send them a second time).
+
+    Several elements cost fewer round trips to Redis than one each (issue
+    17; on a loaded machine each round trip waits for Redis's and then this
+    process's turn on a core): their specs are read in one HMGET per build,
+    and their first messages published :data:`SEND_BATCH` to a pipeline.
+    Each element is still recorded as sent (its task ids known) before its
+    message can go out. A batch that Redis refuses leaves its elements
+    ``queued`` with no message, as a refused publish does: the reconciler
+    sends them again.
     """
     # Recorded SEND_CHUNK at a time (one script each, issue 16), then published.
     sends = [(b, e, [uuid() for _ in STAGES]) for b, e in ready]
@@ -399,17 +474,42 @@ def send_ready(app: Celery, scheduler: Scheduler, ready: list[tuple[str, str]]) 
 
 
 def publish_sends(app: Celery, scheduler: Scheduler, sends: list[RecordedSend]) -> None:
-    """Publish recorded sends (see :func:`publish_send`). A long list takes
-    a while: the build is marked as being sent, again every second, so that
-    the reconciler does not take the elements not published yet for lost."""
+    """Publish recorded sends (see :func:`publish_send`), :data:`SEND_BATCH`
+    to a Redis round trip. A long list takes a while: the build is marked as
+    being sent, again every second, so that the reconciler does not take the
+    elements not published yet for lost."""
+    if len(sends) <= 1 or not _batches_publishes(app):
+        for recorded in sends:
+            publish_send(app, recorded)
+        return
     marked: dict[str, float] = {}
     long = len(sends) > LONG_SEND
-    for recorded in sends:
-        build_id = recorded.build
-        if long and time.monotonic() - marked.get(build_id, -SENDING_EVERY) >= SENDING_EVERY:
-            scheduler.sending(build_id)
-            marked[build_id] = time.monotonic()
-        publish_send(app, recorded)
+    pending = collections.deque(sends)
+    try:
+        with app.producer_or_acquire() as producer, producer.batch(SEND_BATCH):
+            while pending:
+                recorded = pending.popleft()
+                build_id = recorded.build
+                if long and time.monotonic() - marked.get(build_id, -SENDING_EVERY) >= (
+                    SENDING_EVERY
+                ):
+                    scheduler.sending(build_id)
+                    marked[build_id] = time.monotonic()
+                publish_send(app, recorded, producer=producer)
+    except BATCH_ERRORS as exc:
+        # The elements of the failed batch stay queued with no message (the
+        # reconciler sends them again); the rest go one at a time, each
+        # publish retried as usual.
+        log.warning("could not send a batch of chains (the reconciler will): %s", exc)
+        while pending:
+            publish_send(app, pending.popleft())
+
+
+def _batches_publishes(app: Celery) -> bool:
+    """Whether publishes can be batched in a pipeline (kombu 5.7's
+    ``Producer.batch``, which its Redis transport implements)."""
+    redis_broker = str(app.conf.broker_url or "").partition("://")[0] in ("redis", "rediss")
+    return redis_broker and hasattr(kombu.messaging.Producer, "batch")
 
 
 def fail_element(

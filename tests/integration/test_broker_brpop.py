@@ -116,3 +116,21 @@ def test_a_channel_publishes_through_one_redis_client(channel: Any) -> None:
     channel._put("remex.test", message)
     assert len(made) == 2
     assert channel.client.llen("remex.test") == 4
+
+
+def test_a_declare_that_makes_a_queue_reads_no_length_a_passive_one_does(channel: Any) -> None:
+    # Given a queue with two messages
+    queue = kombu.Queue("remex.declared", channel=channel)
+    producer = kombu.Producer(channel)
+    for _ in range(2):
+        producer.publish({"x": 1}, routing_key="remex.declared", serializer="json")
+    channel.client.config_resetstat()
+    # When a worker declares it, as it does at each start (not passive)
+    queue.declare()
+    # Then Redis was asked nothing (no LLEN per priority step)
+    stats = channel.client.info("commandstats")
+    assert "cmdstat_llen" not in stats
+    # And a passive declare, a question about the queue, still gets its length
+    _, count, _ = channel.queue_declare("remex.declared", passive=True)
+    assert count == 2
+    assert channel.client.info("commandstats")["cmdstat_llen"]["calls"] == len(PRIORITY_STEPS)

@@ -93,6 +93,13 @@ local function mark(b, element, old, state, extra, read, defer)
     if not seen then table.insert(hosts, extra['host']) end
     info['hosts'] = hosts
   end
+  -- (A remote operation the worker had not recorded yet is an event, as
+  -- starts.lua makes it, before the finish.)
+  if present(extra['operation']) and extra['operation'] ~= info['operation'] then
+    table.insert(events_of(b), {event = 'operation', element = element,
+                                operation = extra['operation'], stage = 'execute',
+                                attempt = info['attempt'], time = tonumber(now)})
+  end
   for k, v in pairs(extra) do info[k] = v end
   info['finished'] = tonumber(now)
   if defer then

@@ -336,3 +336,22 @@ def test_a_finish_whose_dependent_was_cancelled_still_ends_the_build(
     assert [r.attempt for r in finished.sent] == [0]
     # Then the build ends
     assert scheduler.status(build).status == "failed"
+
+
+def test_an_operation_not_recorded_before_the_finish_is_an_event_of_the_finish(
+    scheduler: Scheduler,
+) -> None:
+    # Given an element whose whole chain ran within one flush: its execute
+    # named an operation, and nothing was recorded yet
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    batch = StartBatch(scheduler, interval=3600.0)
+    assert batch.begin(start(build, "a", "execute"))
+    batch.note(build, "a", attempt=1, stage="execute", changes={"operation": "op-9"})
+    before = scheduler.read_events(build)[-1].id
+    # When it finishes, with what the batch held
+    scheduler.finish(build, "a", "built", batch.forget(build, "a"))
+    # Then the operation is an event, before the element's built
+    kinds = [(e.kind, e.data.get("operation")) for e in scheduler.read_events(build, before)]
+    assert kinds[:2] == [("operation", "op-9"), ("built", "op-9")]
+    assert scheduler.info(build, "a")["operation"] == "op-9"

@@ -307,7 +307,7 @@ def test_a_damaged_file_is_a_miss(
     elif damage == "truncate":
         raw = raw[: len(raw) - 100]
     elif damage == "header":
-        raw = raw.replace(b"remex-resolved 2", b"remex-resolved 9", 1)
+        raw = raw.replace(resolved._HEADER, b"remex-resolved 9 ", 1)
     elif damage == "empty":
         raw = b""
     else:

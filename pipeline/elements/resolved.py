@@ -4,26 +4,41 @@ Submitting a large project spends most of its time loading it: reading its
 files (even from the parsed-file cache), resolving every element and
 computing its cache key. Most submits load a project that did not change
 since the last one. :class:`ResolvedCache` keeps, per project folder, the
-last plan a submit loaded: every element's name, file, cache key, staged
-dependencies, local sources and build spec, with what that load depended on:
+last plan a submit loaded: every element's project, name, file, cache key,
+staged dependencies, sources and build spec, with what that load depended on:
 
 - the inputs given to it (targets, options, option values from remex.toml,
-  default mirror, ``max-jobs``, the host's OS and architecture) and remex's
-  own code (its version, the key format, the stat of each module of
-  ``pipeline/elements``);
+  the configuration's ``[fetch]`` as resolved from files and environment,
+  default mirror included, ``max-jobs``, the host's OS and architecture)
+  and remex's own code (its version, the key format, the stat of each
+  module of ``pipeline/elements``);
 - the stat of every file the load read (project.conf, its includes, every
-  element file, plugin files; missing ones as missing);
-- the tree digest of every local source.
+  element file, plugin files; missing ones as missing), in the project and
+  in every subproject a junction leads to: a ``local`` junction's folder,
+  or the folder a network junction's source was staged into beside the
+  local CAS (by its source key), so a removed or restaged folder is a miss;
+- the tree digest of every ``local`` source, the sha256 of every ``patch``.
+
+A network source (``tar``, ``zip``, ``remote``, ``git`` by URL) is kept as
+its fetch request: its URLs (aliases resolved, mirrors in order), the
+kind's settings and its source cache key, all made from the files read and
+the default mirror, so they are checked with them. The URLs may carry
+credentials (``user:password@`` in an alias): so do project.conf and its
+entry in the parsed-file cache beside the plan; the plan file is written
+mode 0600, as every file of that cache (~/.netrc, proxies and ``[fetch]``'s
+CA bundle are read by the workers that download, never put in a request).
 
 A later load with the same inputs whose files all have the same stat and
-whose local sources import to the same trees takes the plan as kept,
-without reading, resolving or keying anything; anything else is a miss,
-and the project is loaded as usual (then kept again). Only loads that
-worked are kept, so a hit never hides an error; warnings are not kept
-either, as loading prints none. Plans are kept only when checking them is
-that simple: no junction, no source but ``local`` ones, no ``element-mask``
-option (its values are the element files present), targets named (the
-default targets are the files present), every file's stat settled (see
+whose local sources are the same takes the plan as kept, without reading,
+resolving or keying anything; anything else is a miss, and the project is
+loaded as usual (then kept again). Only loads that worked are kept, so a
+hit never hides an error; warnings are not kept either, as loading prints
+none. Plans are kept only when checking them is that simple: no source the
+submitting host stages from files the load does not record (a ``file://``
+tarball, a git repository on this host), neither in an element nor as a
+junction's; no ``element-mask`` option in any project (its values are the
+element files present); targets named (the default targets are the files
+present); every file's stat settled (see
 :data:`pipeline.elements.nodes.SETTLED_NS`). A damaged, torn or foreign
 file is a miss (header, checksum and shape are checked); writers write a
 temporary file and rename it, so concurrent submits never see half a file.

@@ -126,9 +126,10 @@ def submit_plan(
     targets: Sequence[str] = ("all.bst",),
     options: dict[str, str] | None = None,
     config: Any = None,
-) -> tuple[list[str], list[dict[str, Any]], list[list[str]], str]:
+) -> tuple[list[str], list[dict[str, Any]], list[list[str]], str, str]:
     """What submit makes of the plan: names, specs (as sent), staged
-    dependencies, and the fetch requests of its network sources (as JSON)."""
+    dependencies, the fetch requests of its network sources (as JSON), and
+    the specs as JSON (their bytes, keys in order)."""
     config = config or load_config(project, environ={})
     elements, keep = api._submit_plan(
         project, list(targets), cas=cas, options=options, config=config
@@ -146,11 +147,12 @@ def submit_plan(
             entry.pop("digest")
             entry["uri"] = "urn:example"
     # (Compared before keep: what was sent, not what keep made of it.)
-    sent = json.loads(json.dumps(specs))
+    text = json.dumps(specs)
+    sent = json.loads(text)
     if keep is not None:
         keep(specs)
     staged = [[d.name for d in e.staged_dependencies()] for e in elements]
-    return [e.name for e in elements], sent, staged, json.dumps(requests)
+    return [e.name for e in elements], sent, staged, json.dumps(requests), text
 
 
 def test_an_unchanged_project_is_taken_as_kept_with_the_same_specs(
@@ -832,3 +834,58 @@ def test_a_file_tarball_junction_keeps_nothing(
     first = submit_plan(project, cas)
     assert submit_plan(project, cas) == first
     assert loads.count == 2
+
+
+@pytest.mark.parametrize(
+    "name", ["examples/hello", "examples/toolchain", "tests/projects/junctions"]
+)
+def test_kept_plans_of_the_shipped_projects_are_their_loads(
+    tmp_path: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # Given a copy of a shipped project (with the folders its scripts make)
+    project = tmp_path / "copy"
+    shutil.copytree(PROJECTS.parents[1] / name, project)
+    for folder in ("sysroot", "subproject/sysroot", "amhello"):
+        if (project / folder).parent.is_dir():
+            (project / folder / "usr/bin").mkdir(parents=True, exist_ok=True)
+            (project / folder / "usr/bin/sh").write_text("#!/bin/true\n")
+    targets = sorted(
+        p.name
+        for p in (project / "elements").glob("*.bst")
+        if "kind: junction" not in p.read_text()
+    )
+    loads = Loads(monkeypatch)
+    # When it is submitted twice (loaded and kept, then taken as kept)
+    first = submit_plan(project, cas, targets=targets)
+    again = submit_plan(project, cas, targets=targets)
+    # Then the kept plan is what a load without caches gives
+    assert loads.count == 1
+    monkeypatch.setenv("REMEX_PARSED_CACHE", "off")
+    assert first == again == submit_plan(project, cas, targets=targets)
+
+
+def test_a_kept_network_spec_is_as_loaded_whatever_submit_made_of_it(
+    net_project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a plan kept by a submit that pointed its network sources at the
+    # source cache (a URI, the digest dropped: see submit_plan)
+    submit_plan(net_project, cas)
+    config = load_config(net_project, environ={})
+    ctx: Any = SimpleNamespace(local_cas=cas)
+
+    def specs() -> str:
+        elements, _ = api._submit_plan(
+            net_project, ["all.bst"], cas=cas, options=None, config=config
+        )
+        return json.dumps(
+            [
+                e.build_spec(api.stage_local_sources(ctx, e, net_project.parent / "w").digests)
+                for e in elements
+            ]
+        )
+
+    # When the kept plan's specs are made, before submit changes them
+    kept = specs()
+    # Then they are the bytes a load gives
+    monkeypatch.setenv("REMEX_PARSED_CACHE", "off")
+    assert kept == specs()

@@ -376,6 +376,7 @@ def _submit_plan(
         default_mirror=default_mirror,
         max_jobs=DEFAULT_MAX_JOBS,
         fetch=_fetch_inputs(config),
+        junctions_dir=str(cas.root.parent / "junctions"),
     )
     if cache is not None:
         kept = cache.load(cas)

@@ -248,6 +248,7 @@ class ResolvedCache:
         default_mirror: str | None,
         max_jobs: int,
         fetch: Mapping[str, Any] | None = None,
+        junctions_dir: str | None = None,
     ) -> ResolvedCache | None:
         """The kept plan of ``project_dir`` for these inputs; None when plans
         are not kept (no parsed-file cache, or no targets named: the
@@ -256,7 +257,9 @@ class ResolvedCache:
         ``fetch`` is the configuration's ``[fetch]`` as resolved (files and
         ``REMEX_FETCH_*`` alike; JSON values): how a junction's source is
         fetched by the load, and the default mirror that orders the URLs of
-        every fetch request. A change is a miss."""
+        every fetch request. A change is a miss. ``junctions_dir`` is where
+        the load stages network junctions (beside the local CAS): a load with
+        another local CAS reads its subprojects from another folder."""
         cache = nodes.parsed_cache_dir()
         if cache is None or not targets:
             return None
@@ -276,6 +279,7 @@ class ResolvedCache:
             "option-values": _node_data(option_values),
             "default-mirror": default_mirror,
             "fetch": dict(fetch or {}),
+            "junctions": junctions_dir,
             "max-jobs": max_jobs,
             "host": host,
         }

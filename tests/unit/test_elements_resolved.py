@@ -889,3 +889,20 @@ def test_a_kept_network_spec_is_as_loaded_whatever_submit_made_of_it(
     # Then they are the bytes a load gives
     monkeypatch.setenv("REMEX_PARSED_CACHE", "off")
     assert kept == specs()
+
+
+def test_another_local_cas_is_another_input(
+    tmp_path: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project with a network junction kept with one local CAS
+    project, staged = network_junction(tmp_path)
+    loads = Loads(monkeypatch)
+    first = submit_plan(project, cas)
+    # When it is submitted with another (whose junctions folder has the
+    # subproject too)
+    other = LocalCas(tmp_path / "other/cas")
+    shutil.copytree(staged, tmp_path / "other/junctions" / staged.name)
+    after = submit_plan(project, other)
+    # Then it is loaded (its subproject read from there), the same plan
+    assert loads.count == 2
+    assert after == first

@@ -20,6 +20,13 @@ a user runs them (wall time of the whole command)::
                                   with it warm (the project loaded, its plan
                                   kept), then with the plan kept (nothing loaded)
 
+With ``--sources``, every ``eNNN.bst`` also gets a ``tar`` source by URL
+through a project alias with two mirrors (a made-up host: nothing is
+fetched, ``--no-follow`` only submits; the source cache is looked up and
+each source becomes a fetch node no worker runs), and every second one a
+``git`` source too, as real projects have (bst show is then not run: its
+``git`` is a plugin package's).
+
 then ``remex status BUILD`` (the table, and ``--json``) of that build,
 and, in this process, ``pipeline.submit`` with its phases (load and key,
 build specs, artifact lookups, source snapshots, the Redis writes, the
@@ -29,12 +36,14 @@ The targets of issue 16: load + submit of 10,000 elements <= 2 s, and
 the machine skew the figures: the header prints the load average.
 
     .venv/bin/python -m bench.scale [--elements 10000] [--chain 1000]
-        [--shapes wide,chain,dag] [--repeat 3] [--bst-repeat 1] [--no-bst] [--keep]
+        [--shapes wide,chain,dag] [--repeat 3] [--bst-repeat 1] [--no-bst] [--sources]
+        [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import resource
 import shutil
@@ -178,6 +187,41 @@ def run_case(
     case.redis_commands = redis_calls(stack) - before - 1  # the INFO itself
 
 
+SOURCES_CONF = """\
+aliases:
+  upstream: https://downloads.example.invalid/pub/
+  forge: https://git.example.invalid/
+mirrors:
+- name: near
+  aliases:
+    upstream: [https://near.example.invalid/pub/]
+- name: far
+  aliases:
+    upstream: [https://far.example.invalid/pub/]
+"""
+
+
+def add_network_sources(project: Path) -> int:
+    """Give every ``eNNN.bst`` of a generated project a tar source by URL (a
+    made-up host, refs made from the name) and every second one a git
+    source too; return how many sources were added."""
+    with open(project / "project.conf", "a") as conf:
+        conf.write(SOURCES_CONF)
+    added = 0
+    for index, path in enumerate(sorted((project / "elements").glob("e*.bst"))):
+        name = path.stem
+        ref = hashlib.sha256(name.encode()).hexdigest()
+        text = f"sources:\n- kind: tar\n  url: upstream:{name}.tar.gz\n  ref: {ref}\n"
+        added += 1
+        if index % 2 == 0:
+            commit = hashlib.sha1(name.encode()).hexdigest()
+            text += f"- kind: git\n  url: forge:{name}.git\n  ref: {commit}\n"
+            added += 1
+        with open(path, "a") as element:
+            element.write(text)
+    return added
+
+
 def med(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -264,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--bst-repeat", type=int, default=1)
     parser.add_argument("--no-bst", action="store_true", help="do not run bst show")
+    parser.add_argument(
+        "--sources", action="store_true", help="tar and git sources by URL (see above)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
@@ -271,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"scale (a): shapes {', '.join(shapes)}; {args.elements} elements "
         f"(chain {args.chain}); {args.repeat} runs, median; load {os.getloadavg()[0]:.2f}; "
-        f"bst {'-' if args.no_bst else BST}",
+        f"bst {'-' if args.no_bst or args.sources else BST}"
+        f"{'; network sources' if args.sources else ''}",
         flush=True,
     )
     try:
@@ -284,13 +332,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     work / shape, n, shape=shape, layers=args.layers, sysroot=sysroot
                 ).path
                 case = Case(shape, n + 2)  # base.bst and all.bst too
+                if args.sources:
+                    count = add_network_sources(project)
+                    case.notes.append(f"{count} network sources (tar, git)")
                 run_case(
                     case,
                     project,
                     stack,
                     work,
                     repeat=args.repeat,
-                    bst_repeat=0 if args.no_bst else args.bst_repeat,
+                    bst_repeat=0 if args.no_bst or args.sources else args.bst_repeat,
                 )
                 cases.append(case)
                 print(f"  {shape}: done", file=sys.stderr, flush=True)

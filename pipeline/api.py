@@ -16,6 +16,7 @@ The CLI (``remex build``) is a thin layer over these functions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import importlib
 import os
@@ -374,6 +375,8 @@ def _submit_plan(
         option_values=option_values,
         default_mirror=default_mirror,
         max_jobs=DEFAULT_MAX_JOBS,
+        fetch=_fetch_inputs(config),
+        junctions_dir=str(cas.root.parent / "junctions"),
     )
     if cache is not None:
         kept = cache.load(cas)
@@ -387,6 +390,7 @@ def _submit_plan(
             option_values=option_values,
             default_mirror=default_mirror,
         )
+        project.network = network_settings(config)  # a junction's network source
         loaded = project.load_targets(list(targets) or project.default_targets())
     if cache is None:
         return loaded, None
@@ -396,6 +400,15 @@ def _submit_plan(
         saver.save(project, loaded, specs, reads)
 
     return loaded, keep
+
+
+def _fetch_inputs(config: RemexConfig) -> dict[str, Any]:
+    """``[fetch]`` as resolved (files and environment alike), as JSON values:
+    an input of a kept plan (see :meth:`ResolvedCache.open`)."""
+    return {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in dataclasses.asdict(config.fetch).items()
+    }
 
 
 def _import_in_background(module: str) -> threading.Thread:

@@ -346,6 +346,8 @@ class Project:
         # How a junction's network source downloads on this host ([fetch]):
         # set by the caller that has the configuration (None: the defaults).
         self.network: NetworkSettings | None = None
+        # A subproject's: the junction's source it was staged from (None: the root).
+        self.junction_source: Source | None = None
         self.max_jobs = max_jobs
         self._variables = variables
         self._option_variables = option_variables or {}
@@ -395,6 +397,10 @@ class Project:
     def uses_junctions(self) -> bool:
         """Whether a load went through a junction (loaded a subproject)."""
         return bool(self.root._junction_projects)
+
+    def subprojects(self) -> list[Project]:
+        """Every project a load reached through a junction (of the root's graph)."""
+        return list(self.root._junction_projects.values())
 
     def element_names(self) -> list[str]:
         """Every ``.bst`` file under element-path, as element names, sorted."""
@@ -617,6 +623,7 @@ class Project:
         sub.prefix = file.name + ":"
         sub.root = self.root
         sub.network = self.network
+        sub.junction_source = sources[0]
         return sub
 
     def _junction_directory(self, file: _ElementFile, source: Source) -> Path:

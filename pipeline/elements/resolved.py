@@ -4,26 +4,41 @@ Submitting a large project spends most of its time loading it: reading its
 files (even from the parsed-file cache), resolving every element and
 computing its cache key. Most submits load a project that did not change
 since the last one. :class:`ResolvedCache` keeps, per project folder, the
-last plan a submit loaded: every element's name, file, cache key, staged
-dependencies, local sources and build spec, with what that load depended on:
+last plan a submit loaded: every element's project, name, file, cache key,
+staged dependencies, sources and build spec, with what that load depended on:
 
 - the inputs given to it (targets, options, option values from remex.toml,
-  default mirror, ``max-jobs``, the host's OS and architecture) and remex's
-  own code (its version, the key format, the stat of each module of
-  ``pipeline/elements``);
+  the configuration's ``[fetch]`` as resolved from files and environment,
+  default mirror included, ``max-jobs``, the host's OS and architecture)
+  and remex's own code (its version, the key format, the stat of each
+  module of ``pipeline/elements``);
 - the stat of every file the load read (project.conf, its includes, every
-  element file, plugin files; missing ones as missing);
-- the tree digest of every local source.
+  element file, plugin files; missing ones as missing), in the project and
+  in every subproject a junction leads to: a ``local`` junction's folder,
+  or the folder a network junction's source was staged into beside the
+  local CAS (by its source key), so a removed or restaged folder is a miss;
+- the tree digest of every ``local`` source, the sha256 of every ``patch``.
+
+A network source (``tar``, ``zip``, ``remote``, ``git`` by URL) is kept as
+its fetch request: its URLs (aliases resolved, mirrors in order), the
+kind's settings and its source cache key, all made from the files read and
+the default mirror, so they are checked with them. The URLs may carry
+credentials (``user:password@`` in an alias): so do project.conf and its
+entry in the parsed-file cache beside the plan; the plan file is written
+mode 0600, as every file of that cache (~/.netrc, proxies and ``[fetch]``'s
+CA bundle are read by the workers that download, never put in a request).
 
 A later load with the same inputs whose files all have the same stat and
-whose local sources import to the same trees takes the plan as kept,
-without reading, resolving or keying anything; anything else is a miss,
-and the project is loaded as usual (then kept again). Only loads that
-worked are kept, so a hit never hides an error; warnings are not kept
-either, as loading prints none. Plans are kept only when checking them is
-that simple: no junction, no source but ``local`` ones, no ``element-mask``
-option (its values are the element files present), targets named (the
-default targets are the files present), every file's stat settled (see
+whose local sources are the same takes the plan as kept, without reading,
+resolving or keying anything; anything else is a miss, and the project is
+loaded as usual (then kept again). Only loads that worked are kept, so a
+hit never hides an error; warnings are not kept either, as loading prints
+none. Plans are kept only when checking them is that simple: no source the
+submitting host stages from files the load does not record (a ``file://``
+tarball, a git repository on this host), neither in an element nor as a
+junction's; no ``element-mask`` option in any project (its values are the
+element files present); targets named (the default targets are the files
+present); every file's stat settled (see
 :data:`pipeline.elements.nodes.SETTLED_NS`). A damaged, torn or foreign
 file is a miss (header, checksum and shape are checked); writers write a
 temporary file and rename it, so concurrent submits never see half a file.
@@ -46,7 +61,7 @@ from typing import Any, Protocol, cast
 import pipeline
 from pipeline import jsonenc
 from pipeline.cas import LocalCas
-from pipeline.digest import Digest, digest_to_json
+from pipeline.digest import EMPTY_DIGEST, Digest, digest_to_json
 from pipeline.elements import nodes
 from pipeline.elements.defaults import host_arch, host_os
 from pipeline.elements.element import Element
@@ -55,13 +70,24 @@ from pipeline.elements.keys import KEY_FORMAT_VERSION
 from pipeline.elements.nodes import FileStat, MappingNode, Mark, file_stat
 from pipeline.elements.options import host_os_name
 from pipeline.elements.project import Project
-from pipeline.elements.sources import LocalSource, Source
+from pipeline.elements.sources import (
+    SOURCE_KINDS,
+    FetchContext,
+    FetchRequest,
+    LocalSource,
+    NetworkSettings,
+    PatchSource,
+    Source,
+    SourceContext,
+)
 from pipeline.spec import BuildSpec
 
-__all__ = ["KeptElement", "PlannedElement", "ResolvedCache", "spec_text"]
+__all__ = ["KeptElement", "KeptFetchSource", "PlannedElement", "ResolvedCache", "spec_text"]
 
-_HEADER = b"remex-resolved 2 "
-_PERSON = b"remex-resolved-2"
+_HEADER = b"remex-resolved 3 "
+_PERSON = b"remex-resolved-3"
+# A kept spec's source entries hold this until build_spec gives the real digest.
+_PLACEHOLDER = digest_to_json(EMPTY_DIGEST)
 # The modules (besides pipeline/elements) whose code decides keys and specs,
 # or what a submit loads (api: its inputs; config: remex.toml's option values).
 _CODE_FILES = ("__init__.py", "spec.py", "digest.py", "jsonenc.py", "api.py", "config.py")
@@ -106,7 +132,7 @@ class KeptElement:
         name: str,
         file: str,
         cache_key: str,
-        sources: list[LocalSource],
+        sources: list[Source],
         spec: BuildSpec,
         staged: list[KeptElement],
     ) -> None:
@@ -142,6 +168,65 @@ class KeptElement:
         return self._spec
 
 
+class KeptFetchSource(Source):
+    """A network source of a kept plan: the fetch request its load made (the
+    URLs in the order the mirrors give, the kind's settings, the source cache
+    key), given back as it was; a worker fetches it, as any network source."""
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        key: str,
+        urls: list[str],
+        config: dict[str, Any],
+        directory: str,
+        mark: Mark,
+        field: str,
+    ) -> None:
+        super().__init__(directory=directory, mark=mark, field=field)
+        # (An instance attribute: one class for every network kind.)
+        self.kind = kind  # type: ignore[misc]
+        self.key = key
+        self.urls = urls
+        self.config = config
+
+    @classmethod
+    def load(cls, node: MappingNode, ctx: SourceContext) -> Source:
+        """Never: a kept source is not loaded from a file."""
+        raise TypeError("a kept source is made from a kept plan, not loaded")
+
+    def content_key(self) -> str:
+        """The source cache key (the element's key was kept with the plan)."""
+        return self.key
+
+    def fetch_request(self, element: str, index: int, file: str) -> FetchRequest:
+        """As the loaded source's (a new request each time: the caller owns it)."""
+        return FetchRequest(
+            kind=self.kind,
+            key=self.key,
+            element=element,
+            index=index,
+            field=self.field,
+            file=file,
+            urls=list(self.urls),
+            config=json.loads(json.dumps(self.config)),
+        )
+
+    def stage(self, cas: LocalCas, workdir: Path, network: NetworkSettings | None = None) -> Digest:
+        """Fetch it here, as a worker would (see :meth:`Source.fetch`)."""
+        request = self.fetch_request("", 0, self.mark.file or "")
+        ctx = FetchContext(
+            cas=cas,
+            workdir=workdir / "fetch",
+            cache_dir=workdir / "cache",
+            network=network or NetworkSettings(),
+        )
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+        return SOURCE_KINDS[self.kind].fetch(request, ctx)
+
+
 class ResolvedCache:
     """The plan kept for one project folder (see the module's docstring).
 
@@ -162,10 +247,19 @@ class ResolvedCache:
         option_values: MappingNode | None,
         default_mirror: str | None,
         max_jobs: int,
+        fetch: Mapping[str, Any] | None = None,
+        junctions_dir: str | None = None,
     ) -> ResolvedCache | None:
         """The kept plan of ``project_dir`` for these inputs; None when plans
         are not kept (no parsed-file cache, or no targets named: the
-        project's default targets depend on the files present)."""
+        project's default targets depend on the files present).
+
+        ``fetch`` is the configuration's ``[fetch]`` as resolved (files and
+        ``REMEX_FETCH_*`` alike; JSON values): how a junction's source is
+        fetched by the load, and the default mirror that orders the URLs of
+        every fetch request. A change is a miss. ``junctions_dir`` is where
+        the load stages network junctions (beside the local CAS): a load with
+        another local CAS reads its subprojects from another folder."""
         cache = nodes.parsed_cache_dir()
         if cache is None or not targets:
             return None
@@ -184,6 +278,8 @@ class ResolvedCache:
             "options": sorted((options or {}).items()),
             "option-values": _node_data(option_values),
             "default-mirror": default_mirror,
+            "fetch": dict(fetch or {}),
+            "junctions": junctions_dir,
             "max-jobs": max_jobs,
             "host": host,
         }
@@ -244,10 +340,13 @@ def _plan_body(
     reads: Mapping[str, FileStat],
 ) -> str | None:
     """The JSON text of a kept plan; None when it is not to be kept."""
-    if not elements or project.uses_junctions or len(specs) != len(elements):
+    if not elements or len(specs) != len(elements):
         return None
-    if any(option.type == "element-mask" for option in project.options.options.values()):
-        return None  # (its values are the element files present, not only those read)
+    for each in (project, *project.subprojects()):
+        if any(option.type == "element-mask" for option in each.options.options.values()):
+            return None  # (its values are the element files present, not only those read)
+        if each.junction_source is not None and _source_entry(each.junction_source) is None:
+            return None  # (a file:// tarball, a local git repository: read, not recorded)
     settled_before = time.time_ns() - nodes.SETTLED_NS
     for stat in reads.values():
         # A file changed within the timestamp granularity may change again
@@ -259,21 +358,15 @@ def _plan_body(
                for element, spec in zip(elements, specs, strict=True)]  # fmt: skip
     parts = []
     for element, spec in zip(elements, specs, strict=True):
-        if element.project != project.name:
-            return None
         sources = []
         for source in element.sources:
-            if type(source) is not LocalSource:
-                return None  # (its key may depend on more than its file)
-            digest = source.digest
-            where = source.mark
-            sources.append(
-                [str(source.path), source.relative, source.directory, where.file, where.line,
-                 source.field, digest.hash, digest.size_bytes]
-            )  # fmt: skip
+            kept = _source_entry(source)
+            if kept is None:
+                return None
+            sources.append(kept)
         staged = [index[d.name] for d in element.staged_dependencies()]
         head = spec_text(
-            [element.name, element.file, element.cache_key, staged, sources,
+            [element.project, element.name, element.file, element.cache_key, staged, sources,
              element.overlap_whitelist]
         )  # fmt: skip
         # A dependency's usual entry (most of a large plan's bytes) is written
@@ -282,17 +375,56 @@ def _plan_body(
         for entry in spec["dependencies"]:
             at = index.get(entry["element"])
             dependencies.append(at if at is not None and entry == entries[at] else entry)
-        spec = {**spec, "dependencies": dependencies}  # type: ignore[typeddict-item]
+        # Source entries as loaded: submit points network ones at the source
+        # cache (a digest found, or a URI) in place; build_spec fills them.
+        kept_sources = [_kept_source_entry(each) for each in spec["sources"]]
+        spec = {**spec, "dependencies": dependencies, "sources": kept_sources}  # type: ignore[typeddict-item]
         parts.append(f"{head[:-1]},{spec_text(spec)}]")
-    head = spec_text({"project": project.name, "files": reads})
+    head = spec_text({"files": reads})
     return f'{head[:-1]},"elements":[{",".join(parts)}]}}'
+
+
+def _kept_source_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec's source entry as :meth:`Element.build_spec` makes it (in its
+    key order), with the placeholder digest."""
+    kept = {"kind": entry["kind"], "digest": _PLACEHOLDER, "directory": entry["directory"]}
+    if "apply" in entry:
+        kept["apply"] = entry["apply"]
+    return kept
+
+
+def _source_entry(source: Source) -> list[Any] | None:
+    """How a source is kept; None when a plan with it is not kept.
+
+    A ``local`` or ``patch`` source is checked again by its content (its
+    tree; the patch's sha256). A network source is kept as its fetch
+    request: everything in it comes from the files the load read (URLs,
+    aliases, mirrors) and the inputs (the default mirror). Other sources the
+    submitting host stages itself (a ``file://`` tarball, a local git
+    repository) read files that are not recorded: not kept."""
+    where = source.mark
+    if type(source) is LocalSource:
+        digest = source.digest
+        return ["local", str(source.path), source.relative, source.directory, where.file,
+                where.line, source.field, digest.hash, digest.size_bytes]  # fmt: skip
+    if type(source) is PatchSource:
+        digest = source.digest
+        return ["patch", str(source.path), source.relative, source.strip_level,
+                source.directory, where.file, where.line, source.field, digest.hash,
+                digest.size_bytes, source.sha256]  # fmt: skip
+    request = source.fetch_request("", 0, "")
+    if request is None or SOURCE_KINDS.get(request["kind"]) is not type(source):
+        return None
+    if any(url.startswith("file:") for url in request["urls"]):
+        return None  # (a repository on this host: its load checks the commit there)
+    return ["fetch", request["kind"], request["key"], list(request["urls"]), request["config"],
+            source.directory, where.file, where.line, source.field]  # fmt: skip
 
 
 def _kept_plan(data: dict[str, Any], cas: LocalCas) -> list[KeptElement] | None:
     """The plan ``data`` holds, if every file and local source is as it was."""
-    project = data["project"]
     files = data["files"]
-    if type(project) is not str or type(files) is not dict:
+    if type(files) is not dict:
         return None
     for path, kept in files.items():
         try:
@@ -304,9 +436,10 @@ def _kept_plan(data: dict[str, Any], cas: LocalCas) -> list[KeptElement] | None:
     plan: list[KeptElement] = []
     # Each element's usual entry in its dependents' specs (shared: read-only).
     entries: list[dict[str, Any]] = []
-    for name, file, key, staged, sources, whitelist, spec in data["elements"]:
+    for project, name, file, key, staged, sources, whitelist, spec in data["elements"]:
         if (
-            type(name) is not str
+            type(project) is not str
+            or type(name) is not str
             or type(file) is not str
             or type(key) is not str
             or type(spec) is not dict
@@ -316,19 +449,12 @@ def _kept_plan(data: dict[str, Any], cas: LocalCas) -> list[KeptElement] | None:
             or len(spec["sources"]) != len(sources)
         ):
             return None
-        local = []
-        for path, relative, directory, mark_file, line, field, hash_, size in sources:
-            source = LocalSource.kept(
-                path=Path(path),
-                relative=str(relative),
-                digest=Digest(hash=str(hash_), size_bytes=int(size)),
-                directory=str(directory),
-                mark=Mark(str(mark_file), int(line)),
-                field=str(field),
-            )
-            if not source.unchanged(cas):
+        kept_sources = []
+        for entry in sources:
+            source = _kept_source(entry, cas)
+            if source is None:
                 return None
-            local.append(source)
+            kept_sources.append(source)
         count = len(plan)
         # Dependencies come first: an index past this element is damage.
         deps = [plan[i] for i in staged if type(i) is int and 0 <= i < count]
@@ -346,12 +472,58 @@ def _kept_plan(data: dict[str, Any], cas: LocalCas) -> list[KeptElement] | None:
             return None
         entries.append(_dependency_entry(name, spec, whitelist))
         element = KeptElement(
-            project=project, name=name, file=file, cache_key=key, sources=local,
+            project=project, name=name, file=file, cache_key=key, sources=kept_sources,
             spec=cast(BuildSpec, spec),
             staged=deps,
         )  # fmt: skip
         plan.append(element)
     return plan
+
+
+def _kept_source(entry: list[Any], cas: LocalCas) -> Source | None:
+    """The source a kept entry names; None when it changed (a local source's
+    tree, a patch's bytes) or the entry is damaged."""
+    tag = entry[0]
+    if tag == "fetch":
+        _, kind, key, urls, config, directory, mark_file, line, field = entry
+        if (
+            SOURCE_KINDS.get(kind) is None
+            or type(key) is not str
+            or type(urls) is not list
+            or not all(type(url) is str for url in urls)
+            or type(config) is not dict
+        ):
+            return None
+        return KeptFetchSource(
+            kind=kind, key=key, urls=urls, config=config, directory=str(directory),
+            mark=Mark(str(mark_file), int(line)), field=str(field),
+        )  # fmt: skip
+    source: LocalSource | PatchSource
+    if tag == "local":
+        _, path, relative, directory, mark_file, line, field, hash_, size = entry
+        source = LocalSource.kept(
+            path=Path(path),
+            relative=str(relative),
+            digest=Digest(hash=str(hash_), size_bytes=int(size)),
+            directory=str(directory),
+            mark=Mark(str(mark_file), int(line)),
+            field=str(field),
+        )
+    elif tag == "patch":
+        _, path, relative, strip, directory, mark_file, line, field, hash_, size, sha256 = entry
+        source = PatchSource.kept(
+            path=Path(path),
+            relative=str(relative),
+            strip_level=int(strip),
+            digest=Digest(hash=str(hash_), size_bytes=int(size)),
+            sha256=str(sha256),
+            directory=str(directory),
+            mark=Mark(str(mark_file), int(line)),
+            field=str(field),
+        )
+    else:
+        return None
+    return source if source.unchanged(cas) else None
 
 
 def _dependency_entry(name: str, spec: Any, whitelist: list[str]) -> dict[str, Any]:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import shutil
+import stat
+import tarfile
 import threading
 import time
 from collections.abc import Sequence
@@ -20,6 +25,7 @@ from pipeline.elements import nodes, resolved
 from pipeline.elements.errors import LoadError, SourceError
 from pipeline.elements.project import Project
 from pipeline.elements.resolved import KeptElement, PlannedElement
+from pipeline.elements.sources import source_cache_key
 
 PROJECTS = Path(__file__).resolve().parents[1] / "projects"
 
@@ -120,21 +126,33 @@ def submit_plan(
     targets: Sequence[str] = ("all.bst",),
     options: dict[str, str] | None = None,
     config: Any = None,
-) -> tuple[list[str], list[dict[str, Any]], list[list[str]]]:
-    """What submit makes of the plan: names, specs (as sent), staged dependencies."""
+) -> tuple[list[str], list[dict[str, Any]], list[list[str]], str, str]:
+    """What submit makes of the plan: names, specs (as sent), staged
+    dependencies, the fetch requests of its network sources (as JSON), and
+    the specs as JSON (their bytes, keys in order)."""
     config = config or load_config(project, environ={})
     elements, keep = api._submit_plan(
         project, list(targets), cas=cas, options=options, config=config
     )
     ctx: Any = SimpleNamespace(local_cas=cas)
     specs = []
+    requests = []
     for index, element in enumerate(elements):
         planned = api.stage_local_sources(ctx, element, project.parent / f"work{index}")
         specs.append(element.build_spec(planned.digests))
+        requests.extend(request for _, request in planned.requests)
+        # As submit does: a network source found in the source cache, or not.
+        for at, _ in planned.requests:
+            entry = specs[-1]["sources"][at]
+            entry.pop("digest")
+            entry["uri"] = "urn:example"
+    # (Compared before keep: what was sent, not what keep made of it.)
+    text = json.dumps(specs)
+    sent = json.loads(text)
     if keep is not None:
         keep(specs)
     staged = [[d.name for d in e.staged_dependencies()] for e in elements]
-    return [e.name for e in elements], specs, staged
+    return [e.name for e in elements], sent, staged, json.dumps(requests), text
 
 
 def test_an_unchanged_project_is_taken_as_kept_with_the_same_specs(
@@ -307,7 +325,7 @@ def test_a_damaged_file_is_a_miss(
     elif damage == "truncate":
         raw = raw[: len(raw) - 100]
     elif damage == "header":
-        raw = raw.replace(b"remex-resolved 2", b"remex-resolved 9", 1)
+        raw = raw.replace(resolved._HEADER, b"remex-resolved 9 ", 1)
     elif damage == "empty":
         raw = b""
     else:
@@ -486,3 +504,405 @@ def test_dependency_entries_of_every_shape_come_back_the_same(
     whitelists = [d["overlap_whitelist"] for s in first[1] for d in s["dependencies"]]
     locations = [d["path"] for s in first[1] for d in s["dependencies"]]
     assert any(whitelists) if name == "overlaps" else any(locations)
+
+
+# --- network sources -------------------------------------------------------------
+
+NET_CONF = """\
+name: net
+element-path: elements
+aliases:
+  upstream: https://user:secret@downloads.example/pub/
+  forge: https://git.example/
+mirrors:
+- name: near
+  aliases:
+    upstream: [https://near.example/pub/]
+- name: far
+  aliases:
+    upstream: [https://far.example/pub/]
+"""
+TARBALL_REF = hashlib.sha256(b"lib-1.0").hexdigest()
+NET_ELEMENTS = {
+    "base.bst": BASE,
+    "lib.bst": f"""\
+kind: manual
+build-depends: [base.bst]
+sources:
+- kind: tar
+  url: upstream:lib-1.0.tar.gz
+  ref: {TARBALL_REF}
+- kind: patch
+  path: patches/fix.patch
+config:
+  install-commands: [make install]
+""",
+    "tool.bst": """\
+kind: manual
+build-depends: [base.bst, lib.bst]
+sources:
+- kind: git
+  url: forge:tool.git
+  ref: 0123456789abcdef0123456789abcdef01234567
+""",
+    "all.bst": "kind: stack\ndepends: [lib.bst, tool.bst]\n",
+}
+
+
+@pytest.fixture
+def net_project(tmp_path: Path) -> Path:
+    # Tarballs and git repositories by URL (never fetched: only their
+    # requests are made), through aliases and mirrors; a patch of the project.
+    root = tmp_path / "net"
+    files = {f"elements/{name}": text for name, text in NET_ELEMENTS.items()}
+    files.update({"project.conf": NET_CONF, "files/etc/hello": "hi\n",
+                  "patches/fix.patch": "--- a/x\n+++ b/x\n"})  # fmt: skip
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_network_sources_are_kept_with_their_fetch_requests(
+    net_project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project of tar, git and patch sources submitted once
+    loads = Loads(monkeypatch)
+    first = submit_plan(net_project, cas)
+    # When it is submitted again, unchanged
+    again = submit_plan(net_project, cas)
+    # Then it was not loaded again: specs and fetch requests are the same,
+    # and the same as with the caches off
+    assert loads.count == 1
+    assert again == first
+    monkeypatch.setenv("REMEX_PARSED_CACHE", "off")
+    assert submit_plan(net_project, cas) == first
+    requests = json.loads(first[3])
+    assert [r["kind"] for r in requests] == ["tar", "git"]
+    assert requests[0]["urls"] == [
+        "https://near.example/pub/lib-1.0.tar.gz",
+        "https://far.example/pub/lib-1.0.tar.gz",
+        "https://user:secret@downloads.example/pub/lib-1.0.tar.gz",
+    ]
+    assert requests[0]["element"] == "lib.bst" and requests[1]["field"] == "sources[0]"
+
+
+def test_the_kept_plan_is_the_users_own(net_project: Path, cas: LocalCas, cache: Path) -> None:
+    # (Its fetch requests hold URLs with credentials, as project.conf and
+    # the parsed-file cache beside it do.)
+    submit_plan(net_project, cas)
+    assert stat.S_IMODE(cache_file(cache).stat().st_mode) == 0o600
+    assert b"user:secret@" in cache_file(cache).read_bytes()
+
+
+def edit_alias_credential(project: Path, environ: dict[str, str]) -> None:
+    conf = project / "project.conf"
+    conf.write_text(conf.read_text().replace("user:secret", "user:other"))
+
+
+def edit_mirror(project: Path, environ: dict[str, str]) -> None:
+    conf = project / "project.conf"
+    conf.write_text(conf.read_text().replace("near.example", "nearer.example"))
+
+
+def default_mirror_variable(project: Path, environ: dict[str, str]) -> None:
+    environ["REMEX_FETCH_DEFAULT_MIRROR"] = "far"
+
+
+def default_mirror_file(project: Path, environ: dict[str, str]) -> None:
+    (project / "remex.toml").write_text('[fetch]\ndefault-mirror = "far"\n')
+
+
+def fetch_setting(project: Path, environ: dict[str, str]) -> None:
+    (project / "remex.toml").write_text("[fetch]\nretries = 7\n")
+
+
+def user_config(project: Path, environ: dict[str, str]) -> None:
+    user = project.parent / "user.toml"
+    user.write_text("[fetch]\nread-timeout = 5\n")
+    environ["REMEX_CONFIG"] = str(user)
+
+
+def edit_patch(project: Path, environ: dict[str, str]) -> None:
+    (project / "patches/fix.patch").write_text("--- a/y\n+++ b/y\n")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [edit_alias_credential, edit_mirror, default_mirror_variable, default_mirror_file,
+     fetch_setting, user_config, edit_patch],
+)  # fmt: skip
+def test_what_makes_a_fetch_request_is_an_input(
+    net_project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch, change: Any
+) -> None:
+    # Given a project of network sources kept by a submit
+    loads = Loads(monkeypatch)
+    first = submit_plan(net_project, cas)
+    # When what its fetch requests are made of changes (the project's
+    # aliases and mirrors, the configuration from a file or the environment)
+    environ: dict[str, str] = {}
+    change(net_project, environ)
+    config = load_config(net_project, environ=environ)
+    after = submit_plan(net_project, cas, config=config)
+    # Then it is loaded again, and gives what a load without caches gives
+    assert loads.count == 2
+    monkeypatch.setenv("REMEX_PARSED_CACHE", "off")
+    assert after == submit_plan(net_project, cas, config=config)
+    if change in (fetch_setting, user_config):
+        assert after == first  # (nothing sent changed: a miss costs a load only)
+    elif change is edit_patch:
+        assert after[1] != first[1]
+    else:
+        assert after[3] != first[3]
+
+
+def test_a_git_repository_on_this_host_keeps_nothing(
+    net_project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (Loading a file:// git URL checks the commit in that repository.)
+    tool = net_project / "elements/tool.bst"
+    tool.write_text(tool.read_text().replace("forge:tool.git", "file:///nowhere/tool.git"))
+    monkeypatch.setattr("pipeline.elements.sources.git._check_file_url_commit", lambda *a: None)
+    loads = Loads(monkeypatch)
+    submit_plan(net_project, cas)
+    submit_plan(net_project, cas)
+    assert loads.count == 2
+
+
+# --- junctions -------------------------------------------------------------------
+
+
+@pytest.fixture
+def junctions(tmp_path: Path) -> Path:
+    # The junctions project (a local junction to subproject/, which has its
+    # own to deeper/, an include through the junction, a link)
+    root = tmp_path / "junctions"
+    shutil.copytree(PROJECTS / "junctions", root)
+    (root / "subproject/sysroot/usr/bin").mkdir(parents=True)
+    (root / "subproject/sysroot/usr/bin/sh").write_text("#!/bin/true\n")
+    return root
+
+
+def test_a_project_with_local_junctions_is_kept(
+    junctions: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the junctions project submitted once
+    loads = Loads(monkeypatch)
+    first = submit_plan(junctions, cas)
+    # When it is submitted again, unchanged
+    again = submit_plan(junctions, cas)
+    # Then it was taken as kept, the same as with the caches off
+    assert loads.count == 1
+    assert again == first
+    assert "sub.bst:deeper.bst:leaf.bst" in first[0]
+    monkeypatch.setenv("REMEX_PARSED_CACHE", "off")
+    assert submit_plan(junctions, cas) == first
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new"),
+    [
+        ("subproject/elements/lib.bst", "mkdir -p", "mkdir -vp"),
+        ("subproject/project.conf", "hello, fancy", "hello, very fancy"),
+        ("subproject/include/common.yml", "", "\n# edited\n"),
+        ("subproject/deeper/elements/leaf.bst", "", "\n# edited\n"),
+        ("subproject/deeper/files/leaf/leaf", "", "more\n"),
+    ],
+)
+def test_a_changed_subproject_file_is_loaded_again(
+    junctions: Path,
+    cas: LocalCas,
+    cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    old: str,
+    new: str,
+) -> None:
+    # Given the junctions project kept
+    loads = Loads(monkeypatch)
+    first = submit_plan(junctions, cas)
+    # When a file of a subproject changes (its project.conf, an element, an
+    # include, a local source)
+    file = junctions / path
+    text = file.read_text()
+    file.write_text(text.replace(old, new, 1) if old else text + new)
+    after = submit_plan(junctions, cas)
+    # Then it is loaded again, as without caches
+    assert loads.count == 2
+    monkeypatch.setenv("REMEX_PARSED_CACHE", "off")
+    assert after == submit_plan(junctions, cas)
+    if "common.yml" not in path and "leaf.bst" not in path:
+        assert after != first
+
+
+SUB_CONF = "name: sub\nmin-version: 2.0\nelement-path: elements\n"
+SUB_ELEMENT = "kind: stack\n"
+
+
+def network_junction(tmp_path: Path) -> tuple[Path, Path]:
+    """A project with a junction to a tarball by URL, and the folder a
+    first load would have staged it into (beside the local CAS)."""
+    url = "https://downloads.example/sub.tar.gz"
+    ref = hashlib.sha256(b"sub").hexdigest()
+    root = tmp_path / "top"
+    for name, text in {
+        "project.conf": "name: top\nmin-version: 2.0\nelement-path: elements\n",
+        "elements/sub.bst": f"kind: junction\nsources:\n- kind: tar\n  url: {url}\n  ref: {ref}\n",
+        "elements/all.bst": "kind: stack\ndepends:\n- sub.bst:thing.bst\n",
+    }.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    key = source_cache_key("tar", [url, ref, "*"])
+    staged = tmp_path / "junctions" / f"source-{key}"
+    (staged / "elements").mkdir(parents=True)
+    (staged / "project.conf").write_text(SUB_CONF)
+    (staged / "elements/thing.bst").write_text(SUB_ELEMENT)
+    return root, staged
+
+
+def test_a_network_junction_is_kept_while_its_staged_folder_is(
+    tmp_path: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project whose junction's tarball was staged by an earlier load
+    project, staged = network_junction(tmp_path)
+    loads = Loads(monkeypatch)
+    first = submit_plan(project, cas)
+    assert first[0] == ["sub.bst:thing.bst", "all.bst"]
+    # When it is submitted again
+    again = submit_plan(project, cas)
+    # Then it is taken as kept (the staged subproject's files are its inputs)
+    assert loads.count == 1
+    assert again == first
+    assert str(staged / "elements/thing.bst").encode() in cache_file(cache).read_bytes()
+    # When the staged folder is removed and staged again (as a fetch would)
+    shutil.rmtree(staged)
+    (staged / "elements").mkdir(parents=True)
+    (staged / "project.conf").write_text(SUB_CONF)
+    (staged / "elements/thing.bst").write_text(SUB_ELEMENT)
+    after = submit_plan(project, cas)
+    # Then the kept plan is not taken (its files are others), and the load
+    # gives what it gave
+    assert loads.count == 2
+    assert after == first
+
+
+def test_a_missing_staged_junction_is_a_miss(
+    tmp_path: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project with a network junction kept
+    project, staged = network_junction(tmp_path)
+    submit_plan(project, cas)
+    # When the staged folder is gone
+    shutil.rmtree(staged)
+    # Then the next submit loads the project (which fetches the junction:
+    # here, it is staged in place by the stub)
+    fetched: list[str] = []
+
+    def stage_again(self: Any, file: Any, source: Any) -> Path:
+        fetched.append(file.name)
+        (staged / "elements").mkdir(parents=True)
+        (staged / "project.conf").write_text(SUB_CONF)
+        (staged / "elements/thing.bst").write_text(SUB_ELEMENT)
+        return staged
+
+    monkeypatch.setattr(Project, "_junction_directory", stage_again)
+    submit_plan(project, cas)
+    assert fetched == ["sub.bst"]
+
+
+def test_a_file_tarball_junction_keeps_nothing(
+    tmp_path: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (The load reads the tarball to check its sha256: not a recorded file.)
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:gz") as tar:
+        for name, text in {
+            "sub/project.conf": SUB_CONF,
+            "sub/elements/thing.bst": SUB_ELEMENT,
+        }.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    tarball = tmp_path / "sub.tar.gz"
+    tarball.write_bytes(data.getvalue())
+    project, _ = network_junction(tmp_path)
+    ref = hashlib.sha256(data.getvalue()).hexdigest()
+    (project / "elements/sub.bst").write_text(
+        f"kind: junction\nsources:\n- kind: tar\n  url: file://{tarball}\n  ref: {ref}\n"
+    )
+    loads = Loads(monkeypatch)
+    first = submit_plan(project, cas)
+    assert submit_plan(project, cas) == first
+    assert loads.count == 2
+
+
+@pytest.mark.parametrize(
+    "name", ["examples/hello", "examples/toolchain", "tests/projects/junctions"]
+)
+def test_kept_plans_of_the_shipped_projects_are_their_loads(
+    tmp_path: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # Given a copy of a shipped project (with the folders its scripts make)
+    project = tmp_path / "copy"
+    shutil.copytree(PROJECTS.parents[1] / name, project)
+    for folder in ("sysroot", "subproject/sysroot", "amhello"):
+        if (project / folder).parent.is_dir():
+            (project / folder / "usr/bin").mkdir(parents=True, exist_ok=True)
+            (project / folder / "usr/bin/sh").write_text("#!/bin/true\n")
+    targets = sorted(
+        p.name
+        for p in (project / "elements").glob("*.bst")
+        if "kind: junction" not in p.read_text()
+    )
+    loads = Loads(monkeypatch)
+    # When it is submitted twice (loaded and kept, then taken as kept)
+    first = submit_plan(project, cas, targets=targets)
+    again = submit_plan(project, cas, targets=targets)
+    # Then the kept plan is what a load without caches gives
+    assert loads.count == 1
+    monkeypatch.setenv("REMEX_PARSED_CACHE", "off")
+    assert first == again == submit_plan(project, cas, targets=targets)
+
+
+def test_a_kept_network_spec_is_as_loaded_whatever_submit_made_of_it(
+    net_project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a plan kept by a submit that pointed its network sources at the
+    # source cache (a URI, the digest dropped: see submit_plan)
+    submit_plan(net_project, cas)
+    config = load_config(net_project, environ={})
+    ctx: Any = SimpleNamespace(local_cas=cas)
+
+    def specs() -> str:
+        elements, _ = api._submit_plan(
+            net_project, ["all.bst"], cas=cas, options=None, config=config
+        )
+        return json.dumps(
+            [
+                e.build_spec(api.stage_local_sources(ctx, e, net_project.parent / "w").digests)
+                for e in elements
+            ]
+        )
+
+    # When the kept plan's specs are made, before submit changes them
+    kept = specs()
+    # Then they are the bytes a load gives
+    monkeypatch.setenv("REMEX_PARSED_CACHE", "off")
+    assert kept == specs()
+
+
+def test_another_local_cas_is_another_input(
+    tmp_path: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a project with a network junction kept with one local CAS
+    project, staged = network_junction(tmp_path)
+    loads = Loads(monkeypatch)
+    first = submit_plan(project, cas)
+    # When it is submitted with another (whose junctions folder has the
+    # subproject too)
+    other = LocalCas(tmp_path / "other/cas")
+    shutil.copytree(staged, tmp_path / "other/junctions" / staged.name)
+    after = submit_plan(project, other)
+    # Then it is loaded (its subproject read from there), the same plan
+    assert loads.count == 2
+    assert after == first

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from pipeline.cas import LocalCas
 from pipeline.digest import Digest
+from pipeline.elements.errors import SourceError
 from pipeline.elements.nodes import MappingNode, Mark
 from pipeline.elements.sources.base import NetworkSettings, Source, SourceContext
 from pipeline.elements.sources.helpers import COMMON_KEYS, project_path, source_directory
@@ -75,6 +76,46 @@ class PatchSource(Source):
             mark=node.mark,
             field=node.path,
         )
+
+    @classmethod
+    def kept(
+        cls,
+        *,
+        path: Path,
+        relative: str,
+        strip_level: int,
+        digest: Digest,
+        sha256: str,
+        directory: str,
+        mark: Mark,
+        field: str,
+    ) -> PatchSource:
+        """The source as an earlier load found it (its tree and sha256 then),
+        without reading the file: :meth:`stage` and :meth:`unchanged` compare with it."""
+        source = cls.__new__(cls)
+        Source.__init__(source, directory=directory, mark=mark, field=field)
+        source.path = path
+        source.relative = relative
+        source.strip_level = strip_level
+        source._digest, source._sha256 = digest, sha256
+        return source
+
+    @property
+    def digest(self) -> Digest:
+        """The patch as a one-file tree, taken when the project was loaded."""
+        return self._digest
+
+    @property
+    def sha256(self) -> str:
+        """The patch file's sha256, taken when the project was loaded."""
+        return self._sha256
+
+    def unchanged(self, cas: LocalCas) -> bool:
+        """Whether the file, read again, is still the patch it was when loaded."""
+        try:
+            return self._snapshot(cas) == (self._digest, self._sha256)
+        except SourceError:
+            return False
 
     def content_key(self) -> str:
         """buildstream-plugins' unique key: the path, the file's sha256, the strip level."""

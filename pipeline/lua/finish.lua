@@ -158,6 +158,35 @@ local function owner_state()
   if present(owner_info['stage']) then return 'running' end
   return 'queued'
 end
+-- One dependency fewer for each of DEPS (element names) in build b: returns
+-- them (each once) and the counts left, in the same order. One HINCRBY for
+-- one dependent; for more, one read and one write of the counts, not a
+-- command each (issue 16; a dependent listed twice is counted twice), in
+-- chunks of 1000 (unpack's limit).
+local function decrement_pending(b, deps)
+  local key = bkey(b, 'pending')
+  if #deps == 1 then return deps, {redis.call('HINCRBY', key, deps[1], -1)} end
+  local times, unique = {}, {}
+  for _, d in ipairs(deps) do
+    if not times[d] then table.insert(unique, d) end
+    times[d] = (times[d] or 0) + 1
+  end
+  local lefts = {}
+  for i = 1, #unique, 1000 do
+    local chunk = {}
+    for j = i, math.min(i + 999, #unique) do table.insert(chunk, unique[j]) end
+    local raw = redis.call('HMGET', key, unpack(chunk))
+    local writes = {}
+    for j, d in ipairs(chunk) do
+      local left = (tonumber(raw[j]) or 0) - times[d]
+      lefts[i + j - 1] = left
+      table.insert(writes, d)
+      table.insert(writes, left)
+    end
+    redis.call('HSET', key, unpack(writes))
+  end
+  return unique, lefts
+end
 for _, t in ipairs(targets) do
   local b, element = split(t)
   local st
@@ -172,11 +201,12 @@ for _, t in ipairs(targets) do
                                t == owner and owner_info or nil, built)
     if built then
       do
-        for _, d in ipairs(dependents_of(b, element, finished_info)) do
+        local deps, lefts = decrement_pending(b, dependents_of(b, element, finished_info))
+        for i, d in ipairs(deps) do
           -- The counter reaches 0 once (each dependency is finished once);
           -- then the dependent waited, unless it finished meanwhile (skipped,
           -- cancelled: its info says so, no state read).
-          local left = redis.call('HINCRBY', bkey(b, 'pending'), d, -1)
+          local left = lefts[i]
           if left == 0 and send_ready then
             -- Sent in this move (below), not made ready first (issue 16).
             if not to_send[b] then

@@ -355,3 +355,31 @@ def test_an_operation_not_recorded_before_the_finish_is_an_event_of_the_finish(
     kinds = [(e.kind, e.data.get("operation")) for e in scheduler.read_events(build, before)]
     assert kinds[:2] == [("operation", "op-9"), ("built", "op-9")]
     assert scheduler.info(build, "a")["operation"] == "op-9"
+
+
+def test_a_finish_counts_down_many_dependents_in_one_read_and_one_write(
+    scheduler: Scheduler,
+) -> None:
+    # Given a root with 1,500 dependents (more than one chunk), one of which
+    # also waits on a second root
+    names = [f"d{i:04d}" for i in range(1500)]
+    graph: dict[str, list[str]] = {"r": [], "s": [], **{n: ["r"] for n in names}}
+    graph["d0000"] = ["r", "s"]
+    build, _ = create(scheduler, graph)
+    send(scheduler, build, "r")
+    before = calls(scheduler)
+    # When the root is built
+    finished = scheduler.finish_element(build, "r", "built", {}, send=True)
+    # Then every dependent with nothing else to wait for is sent, the other is not
+    assert sorted(r.element for r in finished.sent) == names[1:]
+    assert scheduler.state(build, "d0000") == "waiting"
+    # And the counts were read and written a chunk of 1,000 at a time, not
+    # one HINCRBY per dependent
+    commands = ran(before, calls(scheduler))
+    assert commands.get("hincrby", 0) <= 1  # (the finished states' count)
+    pending = f"remex:build:{build}:pending"
+    assert scheduler.redis.hget(pending, "d0000") == "1"
+    assert scheduler.redis.hget(pending, "d1499") == "0"
+    # And a dependent with one dependency left is counted down by itself
+    finished = scheduler.finish_element(build, "s", "built", {}, send=True)
+    assert [r.element for r in finished.sent] == ["d0000"]

@@ -72,13 +72,13 @@ from pipeline.elements.options import host_os_name
 from pipeline.elements.project import Project
 from pipeline.elements.sources import (
     SOURCE_KINDS,
-    FetchContext,
     FetchRequest,
     LocalSource,
     NetworkSettings,
     PatchSource,
     Source,
     SourceContext,
+    fetch_here,
 )
 from pipeline.spec import BuildSpec
 
@@ -216,15 +216,7 @@ class KeptFetchSource(Source):
     def stage(self, cas: LocalCas, workdir: Path, network: NetworkSettings | None = None) -> Digest:
         """Fetch it here, as a worker would (see :meth:`Source.fetch`)."""
         request = self.fetch_request("", 0, self.mark.file or "")
-        ctx = FetchContext(
-            cas=cas,
-            workdir=workdir / "fetch",
-            cache_dir=workdir / "cache",
-            network=network or NetworkSettings(),
-        )
-        ctx.workdir.mkdir(parents=True, exist_ok=True)
-        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
-        return SOURCE_KINDS[self.kind].fetch(request, ctx)
+        return fetch_here(SOURCE_KINDS[self.kind].fetch, request, cas, workdir, network)
 
 
 class ResolvedCache:

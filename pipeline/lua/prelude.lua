@@ -223,6 +223,21 @@ local function emit_many(b, events)
   redis.call('XADD', bkey(b, 'events'), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'events',
              cjson.encode(events))
 end
+-- A send's new attempt in the element's info (the caller writes it): its
+-- number and task ids, and nothing of the last attempt's stages.
+local function begin_attempt(b, e, info, attempt, task_ids, now)
+  info['attempt'] = attempt
+  info['task_ids'] = task_ids
+  info['queued_at'] = now
+  info['waiting_on'] = nil
+  info['stage'] = nil
+  info['stage_at'] = nil
+  info['holder'] = nil
+  info['handed_at'] = nil
+  info['taken_at'] = nil
+  info['delivery'] = nil
+  drop_heartbeat(b, e, info)
+end
 -- Record a send of element e: the next attempt number, the task ids; state
 -- -> queued. Returns the new attempt, or 0 when the element must not be sent
 -- (finished, cancelled, still waiting for dependencies). (No read of the
@@ -239,17 +254,7 @@ local function queue_element(b, e, task_ids, now)
       and not LIVE[redis.call('HGET', bkey(b, 'state'), e)] then
     return 0
   end
-  info['attempt'] = attempt
-  info['task_ids'] = task_ids
-  info['queued_at'] = now
-  info['waiting_on'] = nil
-  info['stage'] = nil
-  info['stage_at'] = nil
-  info['holder'] = nil
-  info['handed_at'] = nil
-  info['taken_at'] = nil
-  info['delivery'] = nil
-  drop_heartbeat(b, e, info)
+  begin_attempt(b, e, info, attempt, task_ids, now)
   put_info(b, e, info)
   -- (From ready, queued or running: all live, so no count changes.)
   redis.call('HSET', bkey(b, 'state'), e, 'queued')
@@ -351,17 +356,7 @@ local function send_elements(b, items, now, ttl, events, from_waiting, infos, st
           for k = 1, n do
             ids[k] = (type(it.ids) == 'table' and it.ids[k]) or derived_task_id(b, e, attempt, k)
           end
-          info['attempt'] = attempt
-          info['task_ids'] = ids
-          info['queued_at'] = now
-          info['waiting_on'] = nil
-          info['stage'] = nil
-          info['stage_at'] = nil
-          info['holder'] = nil
-          info['handed_at'] = nil
-          info['taken_at'] = nil
-          info['delivery'] = nil
-          drop_heartbeat(b, e, info)
+          begin_attempt(b, e, info, attempt, ids, now)
           table.insert(events, {event = 'queued', element = e, attempt = attempt, time = now})
         end
         table.insert(infos, e)

@@ -28,6 +28,7 @@ from pipeline.elements.sources.base import (
     NetworkSource,
     Source,
     SourceContext,
+    fetch_here,
     source_cache_key,
 )
 from pipeline.elements.sources.git import GitSource
@@ -58,6 +59,7 @@ __all__ = [
     "SourceContext",
     "TarSource",
     "ZipSource",
+    "fetch_here",
     "load_source",
     "project_path",
     "resolve_alias",

@@ -32,6 +32,7 @@ __all__ = [
     "NetworkSettings",
     "Source",
     "SourceContext",
+    "fetch_here",
     "source_cache_key",
 ]
 
@@ -255,12 +256,25 @@ class NetworkSource(Source):
 
     def stage(self, cas: LocalCas, workdir: Path, network: NetworkSettings | None = None) -> Digest:
         request = self.fetch_request("", 0, self.mark.file or "")
-        ctx = FetchContext(
-            cas=cas,
-            workdir=workdir / "fetch",
-            cache_dir=workdir / "cache",
-            network=network or NetworkSettings(),
-        )
-        ctx.workdir.mkdir(parents=True, exist_ok=True)
-        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
-        return self.fetch(request, ctx)
+        return fetch_here(self.fetch, request, cas, workdir, network)
+
+
+def fetch_here(
+    fetch: Callable[[FetchRequest, FetchContext], Digest],
+    request: FetchRequest,
+    cas: LocalCas,
+    workdir: Path,
+    network: NetworkSettings | None = None,
+) -> Digest:
+    """``fetch(request)`` on this host, as a worker would, with scratch and
+    cache folders under ``workdir`` (a junction's project, a kept plan's
+    source staged by the submitter)."""
+    ctx = FetchContext(
+        cas=cas,
+        workdir=workdir / "fetch",
+        cache_dir=workdir / "cache",
+        network=network or NetworkSettings(),
+    )
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+    return fetch(request, ctx)

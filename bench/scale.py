@@ -286,7 +286,10 @@ def report(cases: Sequence[Case]) -> None:
             f"{worst_cpu:.2f} s CPU): {verdict}"
         )
     if big:
-        worst = max(med([w for w, _ in c.status + c.status_json]) for c in big)
+        # (Each of the two against the target: the table and --json alike.)
+        worst = max(
+            max(med([w for w, _ in c.status]), med([w for w, _ in c.status_json])) for c in big
+        )
         verdict = "met" if worst <= STATUS_TARGET else "NOT met"
         print(f"target remex status of 10,000 <= {STATUS_TARGET} s (table and --json, "
               f"slowest {worst:.2f} s wall): {verdict}")  # fmt: skip

@@ -89,12 +89,16 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pipeline.elements.sources.base import NetworkSettings
 from pipeline.errors import ConfigError
 from pipeline.reapi.channel import Endpoint
+
+if TYPE_CHECKING:
+    # (Not at run time: importing pipeline.elements loads the whole loader,
+    # a tenth of a second every command that reads the configuration pays.)
+    from pipeline.elements.sources.base import NetworkSettings
 
 #: ``[build] on-error`` values (pipeline.scheduler.ON_ERROR_MODES): after an
 #: element fails, ``continue`` builds what does not depend on it, ``quit``
@@ -274,6 +278,8 @@ class RemexConfig:
 
 def network_settings(config: RemexConfig) -> NetworkSettings:
     """How this host downloads sources, from ``config``'s ``[fetch]`` section."""
+    from pipeline.elements.sources.base import NetworkSettings
+
     fetch = config.fetch
     return NetworkSettings(
         connect_timeout=fetch.connect_timeout,

@@ -31,6 +31,13 @@ local ready, stopped, released = {}, {}, {}
 -- "sent": [build, element, attempt, owner, spec JSON, task ids] for the
 -- caller to publish), else make them ready (returned as "ready").
 local send_ready = ARGV[8] == '1'
+-- At most this many dependents of a build are sent in this move; the rest
+-- of a wider layer are made ready, for the caller to send SEND_CHUNK to a
+-- script (pipeline.broker.send_ready, which also marks the build as being
+-- sent). One command's arguments are bounded (unpack: a 10,000-element
+-- layer failed the script half-way, its writes made and its dependents
+-- never sent), and a shorter move holds Redis up less.
+local SEND_IN_MOVE = 200
 local to_send, send_order = {}, {}
 -- The events of this move per build, written as one entry each at the end.
 local pending_events = {}
@@ -207,7 +214,7 @@ for _, t in ipairs(targets) do
           -- then the dependent waited, unless it finished meanwhile (skipped,
           -- cancelled: its info says so, no state read).
           local left = lefts[i]
-          if left == 0 and send_ready then
+          if left == 0 and send_ready and #(to_send[b] or {}) < SEND_IN_MOVE then
             -- Sent in this move (below), not made ready first (issue 16).
             if not to_send[b] then
               to_send[b] = {}

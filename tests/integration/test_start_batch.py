@@ -370,8 +370,12 @@ def test_a_finish_counts_down_many_dependents_in_one_read_and_one_write(
     before = calls(scheduler)
     # When the root is built
     finished = scheduler.finish_element(build, "r", "built", {}, send=True)
-    # Then every dependent with nothing else to wait for is sent, the other is not
-    assert sorted(r.element for r in finished.sent) == names[1:]
+    # Then every dependent with nothing else to wait for is sent in the move
+    # (the first 200) or made ready for the caller to send, the other waits
+    sent = [r.element for r in finished.sent]
+    assert len(sent) == 200 and all(r.attempt == 1 for r in finished.sent)
+    assert sorted(sent + [e for _, e in finished.ready]) == names[1:]
+    assert all(scheduler.state(build, e) == "ready" for _, e in finished.ready)
     assert scheduler.state(build, "d0000") == "waiting"
     # And the counts were read and written a chunk of 1,000 at a time, not
     # one HINCRBY per dependent
@@ -383,3 +387,22 @@ def test_a_finish_counts_down_many_dependents_in_one_read_and_one_write(
     # And a dependent with one dependency left is counted down by itself
     finished = scheduler.finish_element(build, "s", "built", {}, send=True)
     assert [r.element for r in finished.sent] == ["d0000"]
+
+
+def test_a_finish_that_makes_a_wide_layer_ready_sends_part_and_leaves_the_rest_ready(
+    scheduler: Scheduler,
+) -> None:
+    # Given a root with 5,000 dependents (their writes in one command would
+    # pass the scripts' limit on one command's arguments)
+    names = [f"d{i:04d}" for i in range(5000)]
+    build, _ = create(scheduler, {"r": [], **{n: ["r"] for n in names}})
+    send(scheduler, build, "r")
+    # When the root is built, sending what it makes ready in the same move
+    finished = scheduler.finish_element(build, "r", "built", {}, send=True)
+    # Then the move went through: some sent, the others ready, none left waiting
+    assert len(finished.sent) == 200
+    assert len(finished.ready) == 4800
+    states = scheduler.redis.hgetall(f"remex:build:{build}:state")
+    assert sorted(states.values()) == sorted(["built"] + ["queued"] * 200 + ["ready"] * 4800)
+    # And all 5,000 are live (what the reconciler and status read)
+    assert scheduler.redis.scard(f"remex:build:{build}:live") == 5000

@@ -47,8 +47,14 @@ DB = 7
 
 @pytest.fixture
 def scheduler(redis_server: RedisServer) -> Iterator[Scheduler]:
+    yield from scheduler_on(redis_server, DB)
+
+
+def scheduler_on(redis_server: RedisServer, db: int) -> Iterator[Scheduler]:
+    """A scheduler on Redis database ``db``, emptied before and after; at the
+    end, the counts the scripts keep are checked against the states."""
     client = redis.Redis(
-        host=redis_server.host, port=redis_server.port, db=DB, decode_responses=True
+        host=redis_server.host, port=redis_server.port, db=db, decode_responses=True
     )
     client.flushdb()
     made = Scheduler(client, heartbeat_timeout=5.0)

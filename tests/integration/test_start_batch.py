@@ -10,12 +10,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import redis
 
 from pipeline.scheduler import LOST_AFTER_HEARTBEATS, Scheduler, StageStart
 from pipeline.servers import RedisServer
 from tasks.runtime import StartBatch
-from tests.integration.test_scheduler import create, send
+from tests.integration.test_scheduler import create, scheduler_on, send
 
 DB = 8
 HOLDER = "w1/1/x#e1"
@@ -23,17 +22,7 @@ HOLDER = "w1/1/x#e1"
 
 @pytest.fixture
 def scheduler(redis_server: RedisServer) -> Iterator[Scheduler]:
-    client = redis.Redis(
-        host=redis_server.host, port=redis_server.port, db=DB, decode_responses=True
-    )
-    client.flushdb()
-    made = Scheduler(client, heartbeat_timeout=5.0)
-    yield made
-    for key in client.scan_iter("remex:build:*:counts"):
-        build = key.removeprefix("remex:build:").removesuffix(":counts")
-        assert made.verify_counts(build) == [], build
-    client.flushdb()
-    client.close()
+    yield from scheduler_on(redis_server, DB)
 
 
 def start(build: str, element: str, stage: str, attempt: int = 1) -> StageStart:

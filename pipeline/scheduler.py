@@ -448,6 +448,17 @@ class StageStart:
         }
 
 
+@dataclass
+class RecordedStarts:
+    """What :meth:`Scheduler.record_starts` found."""
+
+    stale: list[tuple[str, str]]
+    """The (build, element) pairs whose starts were stale (nothing recorded)."""
+    orphans: list[str]
+    """Remote operations named by stale starts of cancelled elements, that no
+    one recorded, so no one cancelled them."""
+
+
 def info_current(info: Mapping[str, Any], attempt: int, stage: str | None) -> bool:
     """Whether a message of ``stage`` for ``attempt`` is current by the
     element's info (the Lua prelude's ``info_current``): the element is not
@@ -1077,7 +1088,7 @@ class Scheduler:
         (:meth:`record_starts`), which checks again."""
         return info_current(self.info(build_id, element), attempt, stage)
 
-    def record_starts(self, starts: Sequence[StageStart]) -> list[tuple[str, str]]:
+    def record_starts(self, starts: Sequence[StageStart]) -> RecordedStarts:
         """Record stage starts that a worker process batched (one script per
         STARTS_PER_SCRIPT of them; per build in it, one read and one write of
         the infos, one write of the states and one stream entry of the
@@ -1086,14 +1097,19 @@ class Scheduler:
         A start whose message is stale by now records nothing.
 
         Returns:
-            The (build, element) pairs of the stale ones.
+            The (build, element) pairs of the stale ones, and the remote
+            operations they named that were never recorded because their
+            element was cancelled first (the caller cancels them: whoever
+            cancelled the element could not see them).
         """
-        stale: list[tuple[str, str]] = []
+        recorded = RecordedStarts([], [])
         for i in range(0, len(starts), STARTS_PER_SCRIPT):
             chunk = [start.as_json() for start in starts[i : i + STARTS_PER_SCRIPT]]
             raw = self._starts(keys=[self.keys.prefix], args=[json.dumps(chunk)])
-            stale += _pairs(json.loads(cast(str, raw)))
-        return stale
+            data = json.loads(cast(str, raw))
+            recorded.stale += _pairs(data.get("stale"))
+            recorded.orphans += [str(op) for op in _as_list(data.get("orphans"))]
+        return recorded
 
     def heartbeat(self, build_id: str, element: str) -> bool:
         """The element's stage is still working (a stage that runs longer than a

@@ -62,7 +62,9 @@ class WorkerRuntime:
     def __post_init__(self) -> None:
         if self.starts is None:
             self.starts = StartBatch(
-                self.scheduler, start_flush_interval(self.scheduler.heartbeat_timeout)
+                self.scheduler,
+                start_flush_interval(self.scheduler.heartbeat_timeout),
+                cancel_operation=lambda name: self.context.executor.cancel(name),
             )
 
     @property
@@ -322,9 +324,18 @@ class StartBatch:
 
     MEMO_SIZE = 10_000
 
-    def __init__(self, scheduler: Scheduler, interval: float) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        interval: float,
+        *,
+        cancel_operation: Callable[[str], object] | None = None,
+    ) -> None:
         self._scheduler = scheduler
         self.interval = interval
+        # Cancels a remote operation this process started for an element
+        # cancelled before the operation's name was recorded (see flush).
+        self._cancel_operation = cancel_operation
         # How long this process trusts what it knows about an element it
         # holds: within it, a later stage needs no read (a message that
         # waited longer, behind a backlog, is checked). While it holds the
@@ -465,7 +476,7 @@ class StartBatch:
         if not batch:
             return 0
         try:
-            stale = self._scheduler.record_starts(list(batch.values()))
+            recorded = self._scheduler.record_starts(list(batch.values()))
         except Exception:
             with self._lock:
                 for key, start in batch.items():
@@ -473,8 +484,21 @@ class StartBatch:
             raise
         with self._lock:
             # A later stage of these must read again (and is dropped then).
-            for key in stale:
+            for key in recorded.stale:
                 self._memo.pop(key, None)
+        # An element cancelled (remex cancel, on-error terminate) between its
+        # operation's start and this flush: the canceller cancelled the
+        # operations it could see in Redis, not this one, which would run on
+        # for nothing. Cancel it here.
+        for name in recorded.orphans:
+            if self._cancel_operation is None:
+                log.warning("operation %s of a cancelled element runs on", name)
+                continue
+            try:
+                self._cancel_operation(name)
+                log.info("cancelled operation %s: its element was cancelled", name)
+            except Exception as exc:  # the server may have finished it already
+                log.warning("could not cancel operation %s: %s", name, exc)
         return len(batch)
 
     def _run(self) -> None:

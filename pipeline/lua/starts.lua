@@ -11,7 +11,11 @@
 -- finished meanwhile) writes nothing.
 -- Per build in the batch: one HMGET of the infos, one HSET of them, one HSET
 -- of the states that become running, one XADD of the stage events.
--- Returns a JSON list of the stale records' "build\telement".
+-- Returns JSON {stale: the stale records' "build\telement", orphans: the
+-- remote operations stale records name that nobody will cancel: their
+-- element was cancelled (a cancel, or a failure with on-error terminate)
+-- before this flush recorded the operation, so the canceller could not see
+-- it; the worker process that started it cancels it.}
 local records = cjson.decode(ARGV[1])
 local builds, order = {}, {}
 for _, r in ipairs(records) do
@@ -21,7 +25,7 @@ for _, r in ipairs(records) do
   end
   table.insert(builds[r.b], r)
 end
-local stale = {}
+local stale, orphans = {}, {}
 for _, b in ipairs(order) do
   local rs = builds[b]
   local names = {}
@@ -34,6 +38,11 @@ for _, b in ipairs(order) do
     local st = info and info_current(info, attempt, r.stage)
     if not st then
       table.insert(stale, b .. '\t' .. r.e)
+      local op = type(r.notes) == 'table' and r.notes['operation'] or nil
+      if present(op) and info and info['operation'] ~= op
+          and redis.call('HGET', bkey(b, 'state'), r.e) == 'cancelled' then
+        table.insert(orphans, op)
+      end
     elseif r.take or r.note then
       if r.take then
         -- A message received and not started yet (prefetched, a countdown):
@@ -86,4 +95,4 @@ for _, b in ipairs(order) do
   if #states > 0 then redis.call('HSET', bkey(b, 'state'), unpack(states)) end
   emit_many(b, events)
 end
-return cjson.encode(stale)
+return cjson.encode({stale = stale, orphans = orphans})

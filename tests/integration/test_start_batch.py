@@ -57,7 +57,7 @@ def test_a_batch_records_the_latest_stage_of_each_element_in_one_script(
     assert scheduler.state(build, "a") == "queued" and "stage" not in scheduler.info(build, "a")
     after_send = scheduler.read_events(build)[-1].id
     # When it flushes (the script loaded already)
-    assert scheduler.record_starts([start(build, "none", "upload")]) == [(build, "none")]
+    assert scheduler.record_starts([start(build, "none", "upload")]).stale == [(build, "none")]
     before = calls(scheduler)
     assert batch.flush() == 2
     # Then one script read and wrote both in a few commands
@@ -265,6 +265,41 @@ def test_a_stages_notes_go_with_the_batch_and_name_the_operation_once(
     # And a note not flushed yet goes with the finish
     batch.note(build, "a", attempt=1, stage="execute", changes={"operation": "op-2"})
     assert batch.forget(build, "a") == {"operation": "op-2"}
+
+
+def test_an_operation_named_after_its_element_was_cancelled_is_cancelled_by_the_flush(
+    scheduler: Scheduler,
+) -> None:
+    # Given two elements whose execute stages started in this process: one
+    # named its operation in a flush before the build was cancelled, the
+    # other names it only after (the canceller could not see that one)
+    build, _ = create(scheduler, {"a": [], "b": []})
+    send(scheduler, build, "a")
+    send(scheduler, build, "b")
+    cancelled: list[str] = []
+    batch = StartBatch(scheduler, interval=3600.0, cancel_operation=cancelled.append)
+    assert batch.begin(start(build, "a", "execute"))
+    assert batch.begin(start(build, "b", "execute"))
+    batch.note(build, "a", attempt=1, stage="execute", changes={"operation": "op-a"})
+    batch.flush()
+    stopped, _ = scheduler.cancel(build)
+    assert sorted(info.get("operation") or "-" for info in stopped) == ["-", "op-a"]
+    batch.note(build, "b", attempt=1, stage="execute", changes={"operation": "op-b"})
+    # When the batch flushes
+    batch.flush()
+    # Then it cancels the operation nobody else knew of, and only that one
+    assert cancelled == ["op-b"]
+    assert scheduler.state(build, "b") == "cancelled"
+    assert "operation" not in scheduler.info(build, "b")
+    # And an operation of an element that finished (not cancelled) is left alone
+    build2, _ = create(scheduler, {"c": []})
+    send(scheduler, build2, "c")
+    assert batch.begin(start(build2, "c", "execute"))
+    batch.flush()
+    scheduler.finish(build2, "c", "built", {})
+    batch.note(build2, "c", attempt=1, stage="execute", changes={"operation": "op-c"})
+    batch.flush()
+    assert cancelled == ["op-b"]
 
 
 def test_a_build_of_an_older_remex_keeps_its_dependents_apart_and_still_finishes(

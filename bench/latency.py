@@ -95,12 +95,25 @@ class ElementTimes:
 
 def element_times(scheduler: Scheduler, build_id: str) -> dict[str, ElementTimes]:
     """Every element's times from the build's events, infos and dependents."""
-    raw: Any = scheduler.redis.hgetall(scheduler.keys.build(build_id, "dependents"))
     deps: dict[str, list[str]] = {}
-    for name, encoded in dict(raw).items():
+    # Each element's dependents are in its raw info (issue 16), which
+    # Scheduler.status leaves out; a build of an older remex has them in
+    # B:dependents.
+    infos: Any = scheduler.redis.hgetall(scheduler.keys.build(build_id, "info"))
+    for name, encoded in dict(infos).items():
         deps.setdefault(str(name), [])
-        for dependent in json.loads(encoded) if encoded else []:
+        try:
+            dependents = json.loads(encoded).get("dependents") or []
+        except (ValueError, AttributeError):
+            continue
+        for dependent in dependents:
             deps.setdefault(str(dependent), []).append(str(name))
+    if not any(deps.values()):
+        raw: Any = scheduler.redis.hgetall(scheduler.keys.build(build_id, "dependents"))
+        for name, encoded in dict(raw).items():
+            deps.setdefault(str(name), [])
+            for dependent in json.loads(encoded) if encoded else []:
+                deps.setdefault(str(dependent), []).append(str(name))
     times = {name: ElementTimes(name, d) for name, d in deps.items()}
     after = "0"
     while True:

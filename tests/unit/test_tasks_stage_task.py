@@ -361,3 +361,17 @@ def test_only_the_first_delivery_of_the_first_attempt_pushes_without_a_lookup(
         assert task_module.first_push(task, {**PAYLOAD, "attempt": attempt}) is first
     finally:
         task.pop_request()
+
+
+def test_a_stage_result_repr_is_short_but_names_the_element(
+    stage_tasks: dict[str, StageTask],
+) -> None:
+    # Given a stage result with a large state
+    from celery.utils.saferepr import saferepr
+
+    task = stage_tasks["push_artifact"]
+    result = {**PAYLOAD, "state": {f"key{i}": "x" * 40 for i in range(100)}}
+    # Then the repr Celery sends in its events is cut short, and still names the element
+    text = saferepr(result, task.resultrepr_maxsize)
+    assert len(text) <= task.resultrepr_maxsize + 16
+    assert "'element': 'a.bst'" in text and "'build': 'b1'" in text

@@ -65,31 +65,55 @@ class ElementTimes:
     timings: dict[str, float] = field(default_factory=dict)
 
     def segments(self, ready: float | None) -> dict[str, float] | None:
-        """Seconds per segment (None: the element was not built here)."""
+        """Seconds per segment (None: the element was not built here).
+
+        A worker records a stage's start in a batch, and only the latest
+        stage of an element per batch (or none, when the element finishes
+        before the batch goes out): a stage whose start was not recorded is
+        taken to start when the one before it ended, and the wait before it
+        is counted in the next hop whose end is known (or the tail). The
+        segments still add up to queued -> finished."""
         if self.queued is None or self.finished is None:
-            return None
-        if any(s not in self.stage_start for s in STAGES):
             return None
         out: dict[str, float] = {}
         out["sender"] = self.queued - ready if ready is not None else 0.0
-        out["pickup"] = self.stage_start[STAGES[0]] - self.queued
-        for stage, after in zip(STAGES, (*STAGES[1:], ""), strict=True):
+        cursor = self.queued
+        for index, stage in enumerate(STAGES):
+            before = "pickup" if index == 0 else f"hop->{stage}"
+            start = self.stage_start.get(stage)
+            if start is not None and start >= cursor:
+                out[before] = start - cursor
+                cursor = start
+            else:
+                out[before] = 0.0
             work = self.timings.get(stage, 0.0)
             out[stage] = work
-            end = self.stage_start[stage] + work
-            nxt = self.stage_start[after] if after else self.finished
-            out[f"hop->{after}" if after else "tail"] = nxt - end
+            cursor += work
+        out["tail"] = self.finished - cursor
         return out
 
 
 def element_times(scheduler: Scheduler, build_id: str) -> dict[str, ElementTimes]:
     """Every element's times from the build's events, infos and dependents."""
-    raw: Any = scheduler.redis.hgetall(scheduler.keys.build(build_id, "dependents"))
     deps: dict[str, list[str]] = {}
-    for name, encoded in dict(raw).items():
+    # Each element's dependents are in its raw info (issue 16), which
+    # Scheduler.status leaves out; a build of an older remex has them in
+    # B:dependents.
+    infos: Any = scheduler.redis.hgetall(scheduler.keys.build(build_id, "info"))
+    for name, encoded in dict(infos).items():
         deps.setdefault(str(name), [])
-        for dependent in json.loads(encoded) if encoded else []:
+        try:
+            dependents = json.loads(encoded).get("dependents") or []
+        except (ValueError, AttributeError):
+            continue
+        for dependent in dependents:
             deps.setdefault(str(dependent), []).append(str(name))
+    if not any(deps.values()):
+        raw: Any = scheduler.redis.hgetall(scheduler.keys.build(build_id, "dependents"))
+        for name, encoded in dict(raw).items():
+            deps.setdefault(str(name), [])
+            for dependent in json.loads(encoded) if encoded else []:
+                deps.setdefault(str(dependent), []).append(str(name))
     times = {name: ElementTimes(name, d) for name, d in deps.items()}
     after = "0"
     while True:
@@ -197,6 +221,7 @@ def executor_timeline(
     from pipeline.stages import read_artifact_meta
 
     spans: list[tuple[float, float]] = []
+    errors: list[str] = []
     # the execute stage's start -> the server's worker start; the worker's
     # completion -> the execute stage's end
     sides: dict[str, list[float]] = {
@@ -210,7 +235,8 @@ def executor_timeline(
             uri = scheduler.spec(build_id, name)["artifact_uri"]
             timings = read_artifact_meta(ctx, uri).get("timings") or {}
             start, end = timings.get("worker_start"), timings.get("worker_completed")
-        except Exception:
+        except Exception as exc:
+            errors.append(f"{name}: {exc}")
             continue
         if not (start and end):
             continue
@@ -223,7 +249,8 @@ def executor_timeline(
     queued = [t.queued for t in times.values() if t.queued is not None]
     finished = [t.finished for t in times.values() if t.finished is not None]
     if not spans or not queued or not finished:
-        return ["executor: no ExecutedActionMetadata"]
+        why = f" (first error: {errors[0]})" if errors else ""
+        return [f"executor: no ExecutedActionMetadata{why}"]
     first, last = min(queued), max(finished)
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
     running, full, area, prev = 0, 0.0, 0.0, first

@@ -538,3 +538,95 @@ def test_reads_refresh_access_time_only_when_stale(cas: LocalCas) -> None:
     assert after == before
     stale_mtime = os.stat(cas.root / "objects" / stale.hash[:2] / stale.hash[2:]).st_mtime
     assert time.time() - stale_mtime < 60
+
+
+# --- deferred small writes (issue 17) -------------------------------------------
+
+
+def test_deferred_small_blob_is_found_and_read_without_a_file(cas: LocalCas) -> None:
+    # Given a store that defers small writes
+    cas.defer_small_writes()
+    before = _objects_on_disk(cas)
+    # When a small blob and a message are put
+    blob = cas.put(b"a small blob")
+    message = cas.put_message(Directory(files=[FileNode(name="a", digest=blob)]))
+    # Then both are present and readable, and no file was created for them
+    assert cas.contains(blob) and cas.contains(message)
+    assert cas.missing([blob, message]) == []
+    assert cas.get(blob) == b"a small blob"
+    assert cas.get_message(message, Directory).files[0].name == "a"
+    assert _objects_on_disk(cas) == before
+    assert _temp_files(cas) == []
+
+
+def test_deferred_blob_is_written_when_its_file_is_asked_for(cas: LocalCas) -> None:
+    # Given a deferred blob
+    cas.defer_small_writes()
+    digest = cas.put(b"needs a file")
+    # When its path is asked for (a checkout, a streamed read)
+    path = cas.path(digest)
+    # Then the file exists with the content, and open/copy_to work
+    assert path.read_bytes() == b"needs a file"
+    with cas.open(digest) as f:
+        assert f.read() == b"needs a file"
+    # And another store on the same folder (another process) now sees it
+    assert LocalCas(cas.root).get(digest) == b"needs a file"
+
+
+def test_deferred_blob_is_unseen_by_other_processes_until_written(cas: LocalCas) -> None:
+    # Given a deferred blob
+    cas.defer_small_writes()
+    digest = cas.put(b"only in memory")
+    other = LocalCas(cas.root)
+    # Then another store on the same folder finds it missing (as after a cleanup)
+    assert not other.contains(digest)
+    # When the deferred blobs are written
+    assert cas.write_deferred() == 1
+    # Then it sees it, and writing again writes nothing
+    assert other.get(digest) == b"only in memory"
+    assert cas.write_deferred() == 0
+
+
+def test_turning_deferral_off_writes_what_was_kept(cas: LocalCas) -> None:
+    cas.defer_small_writes()
+    digest = cas.put(b"kept")
+    cas.defer_small_writes(False)
+    assert LocalCas(cas.root).get(digest) == b"kept"
+    # And later puts are written at once
+    later = cas.put(b"written at once")
+    assert LocalCas(cas.root).contains(later)
+
+
+def test_deferred_blob_evicted_from_the_memo_is_written(
+    cas: LocalCas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a memo of room for two 10-byte blobs
+    import pipeline.cas.store as store
+
+    monkeypatch.setattr(store, "_MEMO_BYTES", 20)
+    cas.defer_small_writes()
+    first = cas.put(b"0123456789")
+    cas.put(b"abcdefghij")
+    assert not LocalCas(cas.root).contains(first)
+    # When a third pushes the first out
+    cas.put(b"ABCDEFGHIJ")
+    # Then the first was written to its file, and is still found
+    assert LocalCas(cas.root).get(first) == b"0123456789"
+    assert cas.contains(first)
+
+
+def test_large_blobs_are_written_at_once_when_deferring(cas: LocalCas) -> None:
+    import pipeline.cas.store as store
+
+    cas.defer_small_writes()
+    big = cas.put(b"x" * (store._MEMO_BLOB + 1))
+    assert LocalCas(cas.root).contains(big)
+
+
+def test_a_damaged_deferred_blob_is_discarded(cas: LocalCas) -> None:
+    cas.defer_small_writes()
+    digest = cas.put(b"to discard")
+    cas.discard_damaged(digest)
+    assert not cas.contains(digest)
+    with pytest.raises(LocalBlobMissingError):
+        cas.get(digest)

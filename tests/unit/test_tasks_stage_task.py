@@ -334,3 +334,44 @@ def test_a_running_stage_pins_the_trees_of_its_state(
     # after (a pin file is kept empty for the next stage)
     assert len(seen) == 1 and f"T {root['hash']} 10" in seen[0]
     assert not any(p.read_text() for p in (runtime.context.local_cas.root / "pins").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("attempt", "retries", "redelivered", "first"),
+    [
+        (1, 0, False, True),
+        (2, 0, False, False),  # sent again (its worker died, ...): look first
+        (1, 1, False, False),  # push_artifact retried after a transient error
+        (1, 0, True, False),  # the broker delivered the message again
+    ],
+)
+def test_only_the_first_delivery_of_the_first_attempt_pushes_without_a_lookup(
+    stage_tasks: dict[str, StageTask], attempt: int, retries: int, redelivered: bool, first: bool
+) -> None:
+    # Given push_artifact's request as a worker gets it
+    task = stage_tasks["push_artifact"]
+    task.push_request(
+        id="task-1",
+        retries=retries,
+        called_directly=False,
+        delivery_info={"redelivered": redelivered},
+    )
+    try:
+        # Then only a first push skips the artifact lookup (FetchDirectory)
+        assert task_module.first_push(task, {**PAYLOAD, "attempt": attempt}) is first
+    finally:
+        task.pop_request()
+
+
+def test_a_stage_result_repr_is_short_but_names_the_element(
+    stage_tasks: dict[str, StageTask],
+) -> None:
+    # Given a stage result with a large state
+    from celery.utils.saferepr import saferepr
+
+    task = stage_tasks["push_artifact"]
+    result = {**PAYLOAD, "state": {f"key{i}": "x" * 40 for i in range(100)}}
+    # Then the repr Celery sends in its events is cut short, and still names the element
+    text = saferepr(result, task.resultrepr_maxsize)
+    assert len(text) <= task.resultrepr_maxsize + 16
+    assert "'element': 'a.bst'" in text and "'build': 'b1'" in text

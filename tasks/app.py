@@ -26,7 +26,7 @@ from tasks.runtime import BackgroundLoops, PendingTakes, RuntimeHolder, WorkerRu
 from tasks.stages import register_stage_tasks
 from tasks.stats import remex_stats  # noqa: F401  (registers the inspect command)
 
-__all__ = ["connect_runtime", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def create_app(config: RemexConfig, *, worker_name: str | None = None) -> Celery
     """
     name = worker_name or socket.gethostname()
     app = make_celery(config)
-    holder = RuntimeHolder(lambda: connect_runtime(config, name))
+    holder = RuntimeHolder(lambda: WorkerRuntime.connect(config, name))
     # Read by the tasks (StageTask.runtime): late binding, no module global.
     app.remex_runtime = holder
     register_stage_tasks(app)
@@ -79,17 +79,6 @@ def create_app(config: RemexConfig, *, worker_name: str | None = None) -> Celery
     app.steps["consumer"].add(BrokerEpoch)
     app.steps["consumer"].add(BatchedTaskEvents)
     return app
-
-
-def connect_runtime(config: RemexConfig, name: str) -> WorkerRuntime:
-    """This worker's runtime, its local CAS deferring small writes: an
-    element's stages make Directory, Command and Action messages that the
-    next stages read in this same process, and a file created for each cost
-    more kernel time than any other part of a stage (issue 17; see
-    :meth:`pipeline.cas.LocalCas.defer_small_writes`)."""
-    runtime = WorkerRuntime.connect(config, name)
-    runtime.context.local_cas.defer_small_writes()
-    return runtime
 
 
 class BrokerEpoch(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -29,16 +29,6 @@ a :class:`LocalCas` object wrote or read verified are kept in memory (LRU,
 32 MiB); reading one again costs a ``stat`` (it must still be stored, as
 before) instead of an open, a read and a hash.
 
-Deferred writes (:meth:`LocalCas.defer_small_writes`, what a worker's
-stages use): a small blob put by this object is kept in the memo alone, and
-written to a file only when the memo lets it go, or when something needs its
-file (:meth:`LocalCas.path`, :meth:`LocalCas.open`, :meth:`LocalCas.copy_to`).
-Creating a file costs the kernel 0.1-0.9 ms on a busy ext4 (inode and
-directory-entry allocation): about 18 of them per element built, most for
-Directory messages a stage makes and the next stage reads in the same
-process (issue 17). Other processes sharing the store do not see such a blob:
-for them it is missing, as after a cleanup, and fetched or derived again.
-
 Quota: with ``enforce_quota``, every new object is counted (see
 :mod:`pipeline.cas.quota`) and a store past its quota is cleaned at once
 (LRU, down to :data:`~pipeline.cas.quota.CLEANUP_TARGET` of the quota),
@@ -211,33 +201,12 @@ class LocalCas:
         self._memo: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._memo_bytes = 0
         self._memo_lock = threading.Lock()
-        # Hashes of memo entries not written to a file yet (defer_small_writes).
-        self._unwritten: set[str] = set()
-        self._deferring = False
         # The empty blob is always present, so that path() and open() work for it.
         if not self.contains(EMPTY_DIGEST):
             self.put(b"")
 
     def __repr__(self) -> str:
         return f"LocalCas({str(self.root)!r})"
-
-    def defer_small_writes(self, enabled: bool = True) -> None:
-        """Keep the small blobs this object puts in memory, unwritten, until the
-        memo lets them go or their file is asked for (see the module
-        docstring). For a process whose stages make and read their own
-        Directory, Command and Action messages: one worker. Turning it off
-        writes what is still unwritten."""
-        self._deferring = enabled
-        if not enabled:
-            self.write_deferred()
-
-    def write_deferred(self) -> int:
-        """Write every blob still kept unwritten to its file; return how many."""
-        with self._memo_lock:
-            pending = [(h, self._memo[h]) for h in self._unwritten if h in self._memo]
-        for hash_, data in pending:
-            self._write_deferred(hash_, data)
-        return len(pending)
 
     # --- reading ---------------------------------------------------------
 
@@ -250,9 +219,6 @@ class LocalCas:
             ValueError: the digest's hash is not 64 lowercase hex digits.
         """
         path = self._object_path(digest)
-        if self._unwritten and self._held(digest):
-            self._note_use(digest.hash)
-            return True
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -301,7 +267,6 @@ class LocalCas:
         """
         if not self.contains(digest):
             raise self._missing_error(digest)
-        self._write_if_held(digest)
         return Path(self._object_path(digest))
 
     def open(self, digest: Digest) -> BinaryIO:
@@ -371,7 +336,9 @@ class LocalCas:
     def put(self, data: bytes) -> Digest:
         """Store ``data``; return its digest. Storing an existing blob is cheap."""
         digest = digest_of(data)
-        self._store(digest, data)
+        if not self.contains(digest):
+            self._write_object(digest.hash, data)
+        self._remember(digest.hash, data)
         return digest
 
     def put_verified(self, data: bytes, expected: Digest) -> Digest:
@@ -385,7 +352,9 @@ class LocalCas:
             raise DigestMismatchError(
                 f"data is {digest_to_str(digest)}, expected {digest_to_str(expected)}"
             )
-        self._store(digest, data)
+        if not self.contains(digest):
+            self._write_object(digest.hash, data)
+        self._remember(digest.hash, data)
         return digest
 
     def put_message(self, message: Message) -> Digest:
@@ -771,67 +740,20 @@ class LocalCas:
 
     # --- private ---------------------------------------------------------
 
-    def _store(self, digest: Digest, data: bytes) -> None:
-        """Store verified ``data`` as ``digest``: written now, or with
-        deferred writes kept in the memo unwritten."""
-        deferred = self._deferring and 0 < digest.size_bytes <= _MEMO_BLOB
-        if self.contains(digest):
-            self._remember(digest.hash, data)
-        elif deferred:
-            self._remember(digest.hash, data, unwritten=True)
-        else:
-            self._write_object(digest.hash, data)
-            self._remember(digest.hash, data)
-
-    def _held(self, digest: Digest) -> bool:
-        """Whether the memo holds ``digest`` unwritten."""
-        with self._memo_lock:
-            if digest.hash not in self._unwritten:
-                return False
-            data = self._memo.get(digest.hash)
-            return data is not None and len(data) == digest.size_bytes
-
-    def _write_if_held(self, digest: Digest) -> None:
-        """Write a blob kept unwritten to its file (its file is asked for)."""
-        if not self._unwritten:
-            return
-        with self._memo_lock:
-            data = self._memo.get(digest.hash) if digest.hash in self._unwritten else None
-        if data is not None:
-            self._write_deferred(digest.hash, data)
-
-    def _write_deferred(self, hash_: str, data: bytes) -> None:
-        # Written first, then no longer unwritten: a reader in between finds
-        # it either way.
-        self._write_object(hash_, data)
-        with self._memo_lock:
-            self._unwritten.discard(hash_)
-
-    def _remember(self, hash_: str, data: bytes, *, unwritten: bool = False) -> None:
-        """Keep a small blob whose hash is known to be ``hash_`` in the memo
-        (``unwritten``: its only copy, see :meth:`defer_small_writes`)."""
+    def _remember(self, hash_: str, data: bytes) -> None:
+        """Keep a small blob whose hash is known to be ``hash_`` in the memo."""
         size = len(data)
         if size > _MEMO_BLOB:
             return
-        evicted: list[tuple[str, bytes]] = []
         with self._memo_lock:
             if hash_ in self._memo:
                 self._memo.move_to_end(hash_)
                 return
             self._memo[hash_] = bytes(data)
             self._memo_bytes += size
-            if unwritten:
-                self._unwritten.add(hash_)
             while self._memo_bytes > _MEMO_BYTES:
-                old_hash, old = self._memo.popitem(last=False)
+                _, old = self._memo.popitem(last=False)
                 self._memo_bytes -= len(old)
-                if old_hash in self._unwritten:
-                    self._unwritten.discard(old_hash)
-                    evicted.append((old_hash, old))
-        for old_hash, old in evicted:
-            # Its file now. Until it is written another thread finds it
-            # missing, as after a cleanup, and fetches or derives it again.
-            self._write_object(old_hash, old)
 
     def _recall(self, digest: Digest) -> bytes | None:
         """The memo's bytes of ``digest`` (hash and size), or None."""
@@ -846,7 +768,6 @@ class LocalCas:
 
     def _forget(self, hash_: str) -> None:
         with self._memo_lock:
-            self._unwritten.discard(hash_)
             data = self._memo.pop(hash_, None)
             if data is not None:
                 self._memo_bytes -= len(data)
@@ -893,7 +814,6 @@ class LocalCas:
 
     def _open_object(self, digest: Digest) -> int:
         path = self._object_path(digest)
-        self._write_if_held(digest)
         try:
             fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
         except FileNotFoundError:

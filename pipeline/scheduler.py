@@ -1335,7 +1335,10 @@ class Scheduler:
         (``scan_count`` to an HSCAN) and the waiting ones' counts read. A
         build written without counts (an older remex) is left alone.
         """
-        pipe = self.redis.pipeline()
+        # (No transaction: with nothing live, nothing of the build moves
+        # but by the reconciler, which runs one pass at a time, or by a
+        # cancel, which ends it; while something is live, the rest is moot.)
+        pipe = self.redis.pipeline(transaction=False)
         pipe.scard(self.keys.build(build_id, "live"))
         pipe.hmget(self.keys.build(build_id, "counts"), sorted(TERMINAL))
         pipe.hmget(self.keys.build(build_id, "meta"), ["status", "elements"])

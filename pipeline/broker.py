@@ -718,7 +718,7 @@ def _reconcile_pass(
     for build_id in active:
         # Waiting with no dependency left (a move that failed half-way):
         # made ready, then sent like any ready element.
-        woken = scheduler.wake_stuck(build_id)
+        stalled, woken = scheduler.reconcile_build(build_id, now, queued_task_ids=queued)
         if woken:
             log.warning(
                 "build %s: %d element(s) waited with no dependency left (%s); sending them",
@@ -728,7 +728,7 @@ def _reconcile_pass(
             )
             send_ready(app, scheduler, [(build_id, e) for e in woken])
             resent += len(woken)
-        for element, reason in scheduler.stalled(build_id, now, queued_task_ids=queued):
+        for element, reason in stalled:
             attempts = int(scheduler.info(build_id, element).get("attempt", 0))
             if attempts >= MAX_ATTEMPTS:
                 log.error(

@@ -1226,8 +1226,36 @@ class Scheduler:
         * ``queued`` waiting on another build's element that stopped without
           finishing (that build was cancelled or expired).
         """
+        return self._stalled_in(build_id, self._live_states(build_id), now, queued_task_ids)
+
+    def reconcile_build(
+        self,
+        build_id: str,
+        now: float | None = None,
+        *,
+        queued_task_ids: Callable[[], set[str]] | None = None,
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """What a reconciler pass finds in one build: the elements to send
+        again (:meth:`stalled`) and those it made ready because they waited
+        with no dependency left (:meth:`wake_stuck`), which the caller
+        sends. One read of the live set for both: only a build whose live
+        set is empty (which no move leaves so while it runs) is checked for
+        stuck elements, so a pass over a build that runs well costs nothing
+        more."""
+        kept, states = self._live_view(build_id)
+        if kept and not states:
+            return [], self.wake_stuck(build_id)
+        return self._stalled_in(build_id, states, now, queued_task_ids), []
+
+    def _stalled_in(
+        self,
+        build_id: str,
+        states: Mapping[str, str],
+        now: float | None,
+        queued_task_ids: Callable[[], set[str]] | None,
+    ) -> list[tuple[str, str]]:
+        """:meth:`stalled`, from the live elements' states already read."""
         now = time.time() if now is None else now
-        states = self._live_states(build_id)
         # Someone is sending a long list of this build's ready elements (a
         # wide layer made ready at once): they are not lost, only not sent yet.
         senders_busy = bool(self.redis.exists(self.keys.build(build_id, "sending")))
@@ -1427,18 +1455,25 @@ class Scheduler:
         from the set the scripts keep: a pass costs O(live elements), however
         many have finished. A build written without that set (an older remex)
         is scanned whole."""
+        return self._live_view(build_id)[1]
+
+    def _live_view(self, build_id: str) -> tuple[bool, dict[str, str]]:
+        """As :meth:`_live_states`, and whether the build keeps counts (and
+        the live set)."""
         pipe = self.redis.pipeline()
         pipe.exists(self.keys.build(build_id, "counts"))
         pipe.smembers(self.keys.build(build_id, "live"))
         kept, live = pipe.execute()
         if not kept:
-            return cast(dict[str, str], self.redis.hgetall(self.keys.build(build_id, "state")))
+            return False, cast(
+                dict[str, str], self.redis.hgetall(self.keys.build(build_id, "state"))
+            )
         names = sorted(live)
         if not names:
-            return {}
+            return True, {}
         key = self.keys.build(build_id, "state")
         states = cast(list["str | None"], self.redis.hmget(key, names))
-        return {name: state for name, state in zip(names, states, strict=True) if state}
+        return True, {name: state for name, state in zip(names, states, strict=True) if state}
 
     # --- private -----------------------------------------------------------------
 

@@ -791,6 +791,14 @@ def test_a_build_with_nothing_left_to_do_but_still_running_is_ended(
     assert build not in scheduler.active_builds()
 
 
+def ran(scheduler: Scheduler) -> dict[str, int]:
+    """The commands Redis ran since its counts were reset, by name."""
+    stats = scheduler.redis.info("commandstats")
+    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+    calls.pop("config|resetstat", None)
+    return calls
+
+
 def test_the_check_for_stuck_elements_costs_the_same_however_many_finished(
     scheduler: Scheduler,
 ) -> None:
@@ -804,10 +812,12 @@ def test_the_check_for_stuck_elements_costs_the_same_however_many_finished(
     # When the reconciler checks it for stuck elements
     assert scheduler.wake_stuck(build) == []
     # Then it read the live set's size, the counts and the meta: nothing per element
-    stats = scheduler.redis.info("commandstats")
-    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
-    calls.pop("config|resetstat", None)
-    assert calls == {"scard": 1, "hmget": 2}
+    assert ran(scheduler) == {"scard": 1, "hmget": 2}
+    # And a reconciler pass, which reads the live set anyway, checks no more
+    # than it did before (only a build with nothing live is checked)
+    scheduler.redis.config_resetstat()
+    assert scheduler.reconcile_build(build) == ([], [])
+    assert "scard" not in ran(scheduler)
 
 
 def test_only_one_reconciler_passes_at_a_time(scheduler: Scheduler, celery_app: Celery) -> None:
@@ -1001,15 +1011,15 @@ def test_a_reconciler_pass_holds_its_lock_to_its_end_then_for_the_interval(
 ) -> None:
     app = Celery("t", broker="memory://")
     seen: list[int] = []
-    original = scheduler.stalled
+    original = scheduler.reconcile_build
 
-    def slow_stalled(*args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+    def slow_pass(*args: Any, **kwargs: Any) -> tuple[list[tuple[str, str]], list[str]]:
         # During the pass, another worker's pass is refused
         seen.append(reconcile(app, scheduler, lock_seconds=0.2))
         return original(*args, **kwargs)
 
     create(scheduler, {"a": []})
-    scheduler.stalled = slow_stalled  # type: ignore[method-assign]
+    scheduler.reconcile_build = slow_pass  # type: ignore[method-assign]
     reconcile(app, scheduler, lock_seconds=0.2)
     assert seen == [0]
     # After the pass, the lock lasts the interval, not the pass's bound

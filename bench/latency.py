@@ -5,7 +5,7 @@ workers' and the sender's clocks, one machine here):
 
 ``ready``      its last build dependency finished (``built`` event)
 ``queued``     its chain was sent (``queued`` event: the finishing worker's
-               ``finish`` script, then ``record_send`` and the publish)
+               ``finish`` script, which records the send, then the publish)
 ``stage S``    each stage task began (``stage`` event, ``start.lua``)
 ``timings``    each stage's own run time, measured by the stage
                (``info["timings"]``)

@@ -672,8 +672,10 @@ def reconcile(
     cancel_operation: Callable[[str], object] | None = None,
 ) -> int:
     """Re-send elements that are ready but were never sent, lost ones (their
-    holder is gone, or their message is in no queue), and those waiting on
-    another build's element that stopped; drop stale unacknowledged messages.
+    holder is gone, or their message is in no queue), those waiting on
+    another build's element that stopped, and those left waiting with no
+    dependency left (:meth:`Scheduler.wake_stuck`); drop stale
+    unacknowledged messages.
     At most one pass per ``lock_seconds`` across all workers (a Redis lock).
     An element sent ``MAX_ATTEMPTS`` times fails instead. Returns how many
     elements were re-sent. ``cancel_operation`` cancels a remote operation
@@ -714,7 +716,19 @@ def _reconcile_pass(
         return in_queues
 
     for build_id in active:
-        for element, reason in scheduler.stalled(build_id, now, queued_task_ids=queued):
+        # Waiting with no dependency left (a move that failed half-way):
+        # made ready, then sent like any ready element.
+        stalled, woken = scheduler.reconcile_build(build_id, now, queued_task_ids=queued)
+        if woken:
+            log.warning(
+                "build %s: %d element(s) waited with no dependency left (%s); sending them",
+                build_id,
+                len(woken),
+                ", ".join(woken[:5]) + (" ..." if len(woken) > 5 else ""),
+            )
+            send_ready(app, scheduler, [(build_id, e) for e in woken])
+            resent += len(woken)
+        for element, reason in stalled:
             attempts = int(scheduler.info(build_id, element).get("attempt", 0))
             if attempts >= MAX_ATTEMPTS:
                 log.error(

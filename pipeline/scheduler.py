@@ -14,12 +14,16 @@ One build is a set of elements with their build dependencies. An element is
 
 Every move is a Lua script, so it is atomic and checks the state it moves
 from: :meth:`Scheduler.finish` marks an element built (once), decrements its
-dependents' counters and returns those that became ready; the caller sends
-their chains (:meth:`Scheduler.mark_queued`, which gives each send a new
-``attempt`` number) and a stage task only starts if its attempt is the
+dependents' counters and returns those that became ready (or records their
+sends in the same move); the caller sends their chains
+(:meth:`Scheduler.record_sends`, which gives each send a new ``attempt``
+number) and a stage task only starts if its attempt is the
 current one (:meth:`Scheduler.start_stage`). If a sender dies in between, the
 reconciler finds the element ``ready`` and sends it. Work is O(V+E) and no
-task waits on another.
+task waits on another. (Redis does not undo the writes a script made before
+an error: an element a failed finish counted down but did not make ready
+would wait forever; the reconciler makes such ones ready,
+:meth:`Scheduler.wake_stuck`.)
 
 Liveness: a worker keeps a key ``remex:worker:<instance>`` alive while it
 runs (:meth:`Scheduler.worker_alive`); its value is the worker's *epoch*,
@@ -190,6 +194,8 @@ STAGE_ORDER = {"stage_to_cas": 1, "upload": 2, "execute": 3, "fetch_outputs": 4,
 SPEC_CACHE_SIZE = 4096
 # How many stage starts one script records at most (Lua's unpack limit).
 STARTS_PER_SCRIPT = 500
+# How many waiting elements one repair script looks at (see Scheduler.wake_stuck).
+WAKE_PER_SCRIPT = 1000
 
 
 def take_delay(heartbeat_timeout: float) -> float:
@@ -277,12 +283,8 @@ def load_script(name: str) -> str:
 
 SCRIPTS = (
     "finish",
-    "send",
     "send_many",
     "beat",
-    "claim",
-    "queue",
-    "wait_on",
     "take",
     "start",
     "starts",
@@ -291,6 +293,7 @@ SCRIPTS = (
     "note",
     "cancel",
     "status",
+    "wake",
 )
 """The scripts of the moves (``pipeline/lua/NAME.lua``)."""
 
@@ -570,12 +573,8 @@ class Scheduler:
         # Read once, when the scheduler starts; redis-py runs them by SHA.
         scripts = {name: client.register_script(load_script(name)) for name in SCRIPTS}
         self._finish = scripts["finish"]
-        self._send = scripts["send"]
         self._send_many = scripts["send_many"]
         self._beat = scripts["beat"]
-        self._claim = scripts["claim"]
-        self._queue = scripts["queue"]
-        self._wait_on = scripts["wait_on"]
         self._take = scripts["take"]
         self._start = scripts["start"]
         self._starts = scripts["starts"]
@@ -584,6 +583,7 @@ class Scheduler:
         self._note = scripts["note"]
         self._cancel = scripts["cancel"]
         self._status = scripts["status"]
+        self._wake = scripts["wake"]
 
     @classmethod
     def from_url(
@@ -903,51 +903,25 @@ class Scheduler:
 
     # --- moving ----------------------------------------------------------------
 
-    def claim(self, build_id: str, element: str, artifact_uri: str) -> str:
-        """Claim building ``artifact_uri`` for this element; return "" (claimed)
-        or the ``build\\telement`` it now waits on."""
-        owner = self._claim(
-            keys=[self.keys.prefix],
-            args=[f"{build_id}\t{element}", artifact_uri, BUILD_TTL_SECONDS],
-        )
-        return cast(str, owner)
-
-    def record_send(
-        self, build_id: str, element: str, artifact_uri: str, *, task_ids: list[str]
-    ) -> tuple[int, str]:
-        """:meth:`claim`, then :meth:`mark_waiting_on` or :meth:`mark_queued`, in
-        one move (what sending an element records).
-
-        Returns:
-            (attempt, owner): the new attempt and "" when the element's chain
-            is to be sent; 0 and the owner (``build\\telement``) when it waits
-            on another build building the same artifact; (0, "") when it must
-            not be sent (finished, cancelled, not ready).
-        """
-        attempt, owner = cast(
-            list[Any],
-            self._send(
-                keys=[self.keys.prefix],
-                args=[
-                    build_id,
-                    element,
-                    artifact_uri,
-                    BUILD_TTL_SECONDS,
-                    json.dumps(task_ids),
-                    time.time(),
-                ],
-            ),
-        )
-        return int(attempt), str(owner or "")
-
     def record_sends(
         self, sends: Sequence[tuple[str, str, list[str]]], *, chunk: int = 200
     ) -> list[RecordedSend]:
-        """:meth:`record_send` for many (build, element, task ids), in one
-        script per ``chunk`` of them (per build in it: one read of their
-        specs and infos, one write of their infos and states, one event
-        entry). Returns a RecordedSend for each (grouped by build), whose
-        spec saves the caller a read."""
+        """Record the sends of (build, element, task ids), in one script per
+        ``chunk`` of them (per build in it: one read of their specs and
+        infos, one write of their infos and states, one event entry). Each
+        element's artifact URI is claimed: when another build builds it,
+        the element waits on that one (queued, ``waiting_on``); else the
+        send gets the next attempt number and the task ids (queued). An
+        element finished, cancelled or still waiting for dependencies is
+        not sent.
+
+        Returns:
+            A RecordedSend for each (grouped by build), whose spec saves the
+            caller a read: the new attempt and no owner when its tasks are
+            to be published; attempt 0 and the owner (``build\\telement``)
+            when it waits on another build; attempt 0 and no owner when it
+            must not be sent.
+        """
         out: list[RecordedSend] = []
         for i in range(0, len(sends), chunk):
             part = [list(item) for item in sends[i : i + chunk]]
@@ -970,21 +944,6 @@ class Scheduler:
             str(owner or ""),
             spec,
             [str(t) for t in _as_list(task_ids)],
-        )
-
-    def mark_queued(self, build_id: str, element: str, *, task_ids: list[str]) -> int:
-        """Record that the element's chain is about to be sent; return its new
-        attempt number, or 0 when it must not be sent (finished, cancelled, or
-        not ready)."""
-        attempt = self._queue(
-            keys=[self.keys.prefix], args=[build_id, element, json.dumps(task_ids), time.time()]
-        )
-        return int(attempt)
-
-    def mark_waiting_on(self, build_id: str, element: str, owner: str) -> bool:
-        """The element waits on ``owner`` (``build\\telement``) building the same artifact."""
-        return bool(
-            self._wait_on(keys=[self.keys.prefix], args=[build_id, element, owner, time.time()])
         )
 
     def take(self, build_id: str, element: str, *, attempt: int, stage: str, holder: str) -> bool:
@@ -1283,8 +1242,36 @@ class Scheduler:
         * ``queued`` waiting on another build's element that stopped without
           finishing (that build was cancelled or expired).
         """
+        return self._stalled_in(build_id, self._live_states(build_id), now, queued_task_ids)
+
+    def reconcile_build(
+        self,
+        build_id: str,
+        now: float | None = None,
+        *,
+        queued_task_ids: Callable[[], set[str]] | None = None,
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """What a reconciler pass finds in one build: the elements to send
+        again (:meth:`stalled`) and those it made ready because they waited
+        with no dependency left (:meth:`wake_stuck`), which the caller
+        sends. One read of the live set for both: only a build whose live
+        set is empty (which no move leaves so while it runs) is checked for
+        stuck elements, so a pass over a build that runs well costs nothing
+        more."""
+        kept, states = self._live_view(build_id)
+        if kept and not states:
+            return [], self.wake_stuck(build_id)
+        return self._stalled_in(build_id, states, now, queued_task_ids), []
+
+    def _stalled_in(
+        self,
+        build_id: str,
+        states: Mapping[str, str],
+        now: float | None,
+        queued_task_ids: Callable[[], set[str]] | None,
+    ) -> list[tuple[str, str]]:
+        """:meth:`stalled`, from the live elements' states already read."""
         now = time.time() if now is None else now
-        states = self._live_states(build_id)
         # Someone is sending a long list of this build's ready elements (a
         # wide layer made ready at once): they are not lost, only not sent yet.
         senders_busy = bool(self.redis.exists(self.keys.build(build_id, "sending")))
@@ -1376,6 +1363,52 @@ class Scheduler:
                     suspects.append((element, NO_HOLDER))
         return out + self._confirm_lost(build_id, suspects, infos)
 
+    def wake_stuck(self, build_id: str, *, scan_count: int = 1000) -> list[str]:
+        """Make ready the elements of a build that wait with no dependency
+        left, and return them (the caller sends them); end the build when
+        nothing is left to do but its status says running.
+
+        No move leaves either so, but Redis keeps the writes a script made
+        before an error (a finish that failed half-way: its dependents
+        counted down to 0, none made ready or sent). The reconciler only
+        watches the live elements, so such a build would wait forever.
+        The check is O(1) per pass (the live set's size, the kept counts):
+        a running build with no live element but with waiting ones can only
+        be stuck (every move leaves the waiting elements whose dependencies
+        are all done live), and only then are its states scanned
+        (``scan_count`` to an HSCAN) and the waiting ones' counts read. A
+        build written without counts (an older remex) is left alone.
+        """
+        # (No transaction: with nothing live, nothing of the build moves
+        # but by the reconciler, which runs one pass at a time, or by a
+        # cancel, which ends it; while something is live, the rest is moot.)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.scard(self.keys.build(build_id, "live"))
+        pipe.hmget(self.keys.build(build_id, "counts"), sorted(TERMINAL))
+        pipe.hmget(self.keys.build(build_id, "meta"), ["status", "elements"])
+        live, counts, (status, elements) = pipe.execute()
+        if live or status != "running" or all(c is None for c in counts):
+            return []
+        finished = sum(int(c or 0) for c in counts)
+        if finished >= int(json.loads(elements or "0")):
+            # Everything finished, and the build did not end (its last
+            # finish failed before it could say so).
+            self._update_build_status(build_id)
+            return []
+        woken: list[str] = []
+        waiting: list[str] = []
+        key = self.keys.build(build_id, "state")
+        for name, state in self.redis.hscan_iter(key, count=scan_count):
+            if state == ElementState.WAITING:
+                waiting.append(str(name))
+        for i in range(0, len(waiting), WAKE_PER_SCRIPT):
+            raw = self._wake(
+                keys=[self.keys.prefix],
+                args=[build_id, time.time(), json.dumps(waiting[i : i + WAKE_PER_SCRIPT])],
+            )
+            woken += [str(e) for e in _as_list(json.loads(cast(str, raw)))]
+        return woken
+
     def _confirm_lost(
         self,
         build_id: str,
@@ -1438,18 +1471,25 @@ class Scheduler:
         from the set the scripts keep: a pass costs O(live elements), however
         many have finished. A build written without that set (an older remex)
         is scanned whole."""
+        return self._live_view(build_id)[1]
+
+    def _live_view(self, build_id: str) -> tuple[bool, dict[str, str]]:
+        """As :meth:`_live_states`, and whether the build keeps counts (and
+        the live set)."""
         pipe = self.redis.pipeline()
         pipe.exists(self.keys.build(build_id, "counts"))
         pipe.smembers(self.keys.build(build_id, "live"))
         kept, live = pipe.execute()
         if not kept:
-            return cast(dict[str, str], self.redis.hgetall(self.keys.build(build_id, "state")))
+            return False, cast(
+                dict[str, str], self.redis.hgetall(self.keys.build(build_id, "state"))
+            )
         names = sorted(live)
         if not names:
-            return {}
+            return True, {}
         key = self.keys.build(build_id, "state")
         states = cast(list["str | None"], self.redis.hmget(key, names))
-        return {name: state for name, state in zip(names, states, strict=True) if state}
+        return True, {name: state for name, state in zip(names, states, strict=True) if state}
 
     # --- private -----------------------------------------------------------------
 

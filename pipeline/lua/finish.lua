@@ -32,11 +32,10 @@ local ready, stopped, released = {}, {}, {}
 -- caller to publish), else make them ready (returned as "ready").
 local send_ready = ARGV[8] == '1'
 -- At most this many dependents of a build are sent in this move; the rest
--- of a wider layer are made ready, for the caller to send SEND_CHUNK to a
--- script (pipeline.broker.send_ready, which also marks the build as being
--- sent). One command's arguments are bounded (unpack: a 10,000-element
--- layer failed the script half-way, its writes made and its dependents
--- never sent), and a shorter move holds Redis up less.
+-- of a wider layer are made ready (a few commands per 1,000, make_ready),
+-- for the caller to send SEND_CHUNK to a script (pipeline.broker.send_ready,
+-- which also marks the build as being sent): a move that sends 10,000
+-- would hold Redis up for long, and return every spec at once.
 local SEND_IN_MOVE = 200
 local to_send, send_order = {}, {}
 -- The events of this move per build, written as one entry each at the end.
@@ -61,8 +60,8 @@ local function writes_of(b)
 end
 local function flush_writes()
   for b, w in pairs(writes) do
-    if #w.infos > 0 then redis.call('HSET', bkey(b, 'info'), unpack(w.infos)) end
-    if #w.states > 0 then redis.call('HSET', bkey(b, 'state'), unpack(w.states)) end
+    hset_all(bkey(b, 'info'), w.infos)
+    hset_all(bkey(b, 'state'), w.states)
   end
   writes = {}
 end
@@ -167,9 +166,9 @@ local function owner_state()
 end
 -- One dependency fewer for each of DEPS (element names) in build b: returns
 -- them (each once) and the counts left, in the same order. One HINCRBY for
--- one dependent; for more, one read and one write of the counts, not a
--- command each (issue 16; a dependent listed twice is counted twice), in
--- chunks of 1000 (unpack's limit).
+-- one dependent; for more, one read and one write of the counts per
+-- UNPACK_CHUNK, not a command each (issue 16; a dependent listed twice is
+-- counted twice).
 local function decrement_pending(b, deps)
   local key = bkey(b, 'pending')
   if #deps == 1 then return deps, {redis.call('HINCRBY', key, deps[1], -1)} end
@@ -178,20 +177,14 @@ local function decrement_pending(b, deps)
     if not times[d] then table.insert(unique, d) end
     times[d] = (times[d] or 0) + 1
   end
-  local lefts = {}
-  for i = 1, #unique, 1000 do
-    local chunk = {}
-    for j = i, math.min(i + 999, #unique) do table.insert(chunk, unique[j]) end
-    local raw = redis.call('HMGET', key, unpack(chunk))
-    local writes = {}
-    for j, d in ipairs(chunk) do
-      local left = (tonumber(raw[j]) or 0) - times[d]
-      lefts[i + j - 1] = left
-      table.insert(writes, d)
-      table.insert(writes, left)
-    end
-    redis.call('HSET', key, unpack(writes))
+  local raw = hmget_all(key, unique)
+  local lefts, counts = {}, {}
+  for i, d in ipairs(unique) do
+    lefts[i] = (tonumber(raw[i]) or 0) - times[d]
+    table.insert(counts, d)
+    table.insert(counts, lefts[i])
   end
+  hset_all(key, counts)
   return unique, lefts
 end
 for _, t in ipairs(targets) do
@@ -209,6 +202,7 @@ for _, t in ipairs(targets) do
     if built then
       do
         local deps, lefts = decrement_pending(b, dependents_of(b, element, finished_info))
+        local to_ready = {}
         for i, d in ipairs(deps) do
           -- The counter reaches 0 once (each dependency is finished once);
           -- then the dependent waited, unless it finished meanwhile (skipped,
@@ -222,16 +216,12 @@ for _, t in ipairs(targets) do
             end
             table.insert(to_send[b], {e = d})
           elseif left == 0 then
-            local dinfo = get_info(b, d)
-            if not present(dinfo['finished']) then
-              redis.call('HSET', bkey(b, 'state'), d, 'ready')
-              count_state(b, d, 'waiting', 'ready')
-              dinfo['ready_at'] = tonumber(now)
-              put_info(b, d, dinfo)
-              table.insert(ready, {b, d})
-            end
+            table.insert(to_ready, d)
           end
         end
+        -- The rest made ready a chunk at a time (make_ready), for the caller
+        -- to send.
+        make_ready(b, to_ready, now, ready)
       end
     else
       -- The dependency's error goes with it: a failed fetch says why at once.

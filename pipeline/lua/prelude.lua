@@ -16,6 +16,34 @@ end
 local function put_info(b, e, info)
   redis.call('HSET', bkey(b, 'info'), e, cjson.encode(info))
 end
+-- Commands over many fields or members, a chunk at a time: Lua's unpack
+-- (one command's arguments) fails past a few thousand values, and a script
+-- that fails keeps the writes it made before (a 10,000-element layer once
+-- stopped a finish half-way). UNPACK_CHUNK values to a command.
+local UNPACK_CHUNK = 1000
+-- HMGET of NAMES (any number): the values in the same order.
+local function hmget_all(key, names)
+  if #names == 0 then return {} end
+  if #names <= UNPACK_CHUNK then return redis.call('HMGET', key, unpack(names)) end
+  local out = {}
+  for i = 1, #names, UNPACK_CHUNK do
+    local raw = redis.call('HMGET', key, unpack(names, i, math.min(i + UNPACK_CHUNK - 1, #names)))
+    for j = 1, #raw do out[i + j - 1] = raw[j] end
+  end
+  return out
+end
+-- HSET of PAIRS (a flat list field, value ...; any length).
+local function hset_all(key, pairs)
+  for i = 1, #pairs, 2 * UNPACK_CHUNK do
+    redis.call('HSET', key, unpack(pairs, i, math.min(i + 2 * UNPACK_CHUNK - 1, #pairs)))
+  end
+end
+-- SADD of MEMBERS (any number).
+local function sadd_all(key, members)
+  for i = 1, #members, UNPACK_CHUNK do
+    redis.call('SADD', key, unpack(members, i, math.min(i + UNPACK_CHUNK - 1, #members)))
+  end
+end
 local function split(t)
   local tab = string.find(t, '\t', 1, true)
   return string.sub(t, 1, tab - 1), string.sub(t, tab + 1)
@@ -199,8 +227,8 @@ end
 -- As current_message, from the element's info alone (one read less, for the
 -- moves every stage makes): every move to a finished state records
 -- "finished" in the info, an element never sent has attempt 0, and one sent
--- is queued until its first stage of the attempt starts (queue.lua clears
--- "stage"), running after. Returns the info and the state, or nil.
+-- is queued until its first stage of the attempt starts (a send clears
+-- "stage", begin_attempt), running after. Returns the info and the state, or nil.
 local function info_current(info, attempt, stage)
   if present(info['finished']) or present(info['waiting_on']) then return nil end
   if (tonumber(info['attempt']) or 0) ~= attempt or attempt < 1 then return nil end
@@ -238,44 +266,37 @@ local function begin_attempt(b, e, info, attempt, task_ids, now)
   info['delivery'] = nil
   drop_heartbeat(b, e, info)
 end
--- Record a send of element e: the next attempt number, the task ids; state
--- -> queued. Returns the new attempt, or 0 when the element must not be sent
--- (finished, cancelled, still waiting for dependencies). (No read of the
--- build's status: a stopped build has no element ready, queued or running.)
-local function queue_element(b, e, task_ids, now)
-  -- Ready, queued or running? From the info alone (one read less): finished
-  -- ones have "finished"; one sent before, or made ready ("ready_at"), or
-  -- made to wait on another build is live. Else (an info without those, as
-  -- an older remex wrote) the state says.
-  local info = get_info(b, e)
-  if present(info['finished']) then return 0 end
-  local attempt = (tonumber(info['attempt']) or 0) + 1
-  if attempt == 1 and not present(info['ready_at']) and not present(info['waiting_on'])
-      and not LIVE[redis.call('HGET', bkey(b, 'state'), e)] then
-    return 0
+-- Make waiting elements of build b ready (their dependencies are done): per
+-- chunk of UNPACK_CHUNK one read of their infos and one write each of
+-- infos, states and the live set, not four commands per element (issue
+-- 16: a 10,000-element layer made ready by one finish). One that finished meanwhile (skipped,
+-- cancelled: its info says so) is left be; so is one that does not wait
+-- any more, when CHECK is set (a repair, which reads the states too).
+-- The names made ready are appended to READY as {b, element}.
+local function make_ready(b, names, now, ready, check)
+  if #names == 0 then return end
+  local raw = hmget_all(bkey(b, 'info'), names)
+  local states
+  if check then states = hmget_all(bkey(b, 'state'), names) end
+  local infos, moves, joined = {}, {}, {}
+  for j, d in ipairs(names) do
+    local dinfo = raw[j] and cjson.decode(raw[j]) or {}
+    if not present(dinfo['finished']) and (not check or states[j] == 'waiting') then
+      dinfo['ready_at'] = tonumber(now)
+      table.insert(infos, d)
+      table.insert(infos, cjson.encode(dinfo))
+      table.insert(moves, d)
+      table.insert(moves, 'ready')
+      table.insert(joined, d)
+      table.insert(ready, {b, d})
+    end
   end
-  begin_attempt(b, e, info, attempt, task_ids, now)
-  put_info(b, e, info)
-  -- (From ready, queued or running: all live, so no count changes.)
-  redis.call('HSET', bkey(b, 'state'), e, 'queued')
-  emit(b, {event = 'queued', element = e, attempt = attempt, time = now})
-  return attempt
+  hset_all(bkey(b, 'info'), infos)
+  hset_all(bkey(b, 'state'), moves)
+  -- (waiting -> ready joins the live set and changes no count.)
+  if #joined > 0 and keeps_counts(b) then sadd_all(bkey(b, 'live'), joined) end
 end
--- Element e waits on OWNER ("build\telement", another build building the same
--- artifact): state -> queued, info.waiting_on = owner. Returns 1, or 0 if
--- not active.
-local function wait_on_owner(b, e, owner, now)
-  local st = redis.call('HGET', bkey(b, 'state'), e)
-  if not LIVE[st] then return 0 end
-  local info = get_info(b, e)
-  info['waiting_on'] = owner
-  drop_heartbeat(b, e, info)
-  put_info(b, e, info)
-  redis.call('HSET', bkey(b, 'state'), e, 'queued')
-  count_state(b, e, st, 'queued')
-  emit(b, {event = 'waiting', element = e, waiting_on = owner, time = now})
-  return 1
-end
+
 -- Claim building artifact URI for ME ("build\telement"), or find its
 -- current builder (another build's element that is ready, queued or
 -- running). Returns "" when ME owns it now, else the owner.
@@ -310,10 +331,11 @@ local function derived_task_id(b, e, attempt, i)
   return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-' .. string.sub(h, 13, 16)
          .. '-' .. string.sub(h, 17, 20) .. '-' .. string.sub(h, 21, 32)
 end
--- Send elements of build b in one move: for each, what send.lua does (claim
--- its artifact URI; wait on the build that builds it, or record the send),
--- with one read of their specs and infos, one write of their infos and
--- states, and their events appended to EVENTS (the caller writes them as one
+-- Send elements of build b in one move: for each, claim its artifact URI;
+-- wait on the build that builds it (state -> queued, info.waiting_on = the
+-- owner), or record the send (the next attempt, the task ids; state ->
+-- queued). One read of their specs and infos (and of the states of those
+-- never sent nor made ready, rare), one write of their infos and states, and their events appended to EVENTS (the caller writes them as one
 -- entry). ITEMS: a list of {e = element, ids = task ids (nil: derived)};
 -- FROM_WAITING: they were waiting until now (made ready by a finish: they
 -- join the live set). Returns a list of {element, attempt, owner, spec JSON,
@@ -329,51 +351,64 @@ local function send_elements(b, items, now, ttl, events, from_waiting, infos, st
   if own_writes then infos, states = {}, {} end
   local names = {}
   for i, it in ipairs(items) do names[i] = it.e end
-  local specs = redis.call('HMGET', bkey(b, 'spec'), unpack(names))
-  local raw = redis.call('HMGET', bkey(b, 'info'), unpack(names))
+  local specs = hmget_all(bkey(b, 'spec'), names)
+  local raw = hmget_all(bkey(b, 'info'), names)
+  local decoded = {}
+  -- Never sent, never made ready nor made to wait: only its state says
+  -- whether it may be sent (live, or it waits for dependencies), read for
+  -- all such in one command (none, usually).
+  local unsure = {}
+  for i, _ in ipairs(items) do
+    local info = raw[i] and cjson.decode(raw[i]) or {}
+    decoded[i] = info
+    if not from_waiting and (tonumber(info['attempt']) or 0) == 0
+        and not present(info['ready_at']) and not present(info['waiting_on']) then
+      table.insert(unsure, i)
+    end
+  end
+  local live_now = {}
+  if #unsure > 0 then
+    local unsure_names = {}
+    for k, i in ipairs(unsure) do unsure_names[k] = names[i] end
+    local st = hmget_all(bkey(b, 'state'), unsure_names)
+    for k, i in ipairs(unsure) do live_now[i] = LIVE[st[k]] or false end
+  end
   local joined = {}
   for i, it in ipairs(items) do
     local e = it.e
-    local info = raw[i] and cjson.decode(raw[i]) or {}
+    local info = decoded[i]
     local spec = specs[i] and cjson.decode(specs[i]) or nil
     local attempt, owner, ids = 0, '', {}
-    if spec and not present(info['finished']) then
+    if spec and not present(info['finished']) and live_now[i] ~= false then
       local next_attempt = (tonumber(info['attempt']) or 0) + 1
-      -- (As queue_element: never sent, never made ready nor made to wait, and
-      -- not live: it waits for dependencies.)
-      local may = from_waiting or next_attempt > 1 or present(info['ready_at'])
-                  or present(info['waiting_on'])
-                  or LIVE[redis.call('HGET', bkey(b, 'state'), e)]
-      if may then
-        owner = claim_uri(b .. '\t' .. e, spec['artifact_uri'], ttl)
-        if owner ~= '' then
-          info['waiting_on'] = owner
-          drop_heartbeat(b, e, info)
-          table.insert(events, {event = 'waiting', element = e, waiting_on = owner, time = now})
-        else
-          attempt = next_attempt
-          local n = present(spec['fetch']) and 1 or 5
-          for k = 1, n do
-            ids[k] = (type(it.ids) == 'table' and it.ids[k]) or derived_task_id(b, e, attempt, k)
-          end
-          begin_attempt(b, e, info, attempt, ids, now)
-          table.insert(events, {event = 'queued', element = e, attempt = attempt, time = now})
+      owner = claim_uri(b .. '\t' .. e, spec['artifact_uri'], ttl)
+      if owner ~= '' then
+        info['waiting_on'] = owner
+        drop_heartbeat(b, e, info)
+        table.insert(events, {event = 'waiting', element = e, waiting_on = owner, time = now})
+      else
+        attempt = next_attempt
+        local n = present(spec['fetch']) and 1 or 5
+        for k = 1, n do
+          ids[k] = (type(it.ids) == 'table' and it.ids[k]) or derived_task_id(b, e, attempt, k)
         end
-        table.insert(infos, e)
-        table.insert(infos, cjson.encode(info))
-        table.insert(states, e)
-        table.insert(states, 'queued')
-        if from_waiting then table.insert(joined, e) end
+        begin_attempt(b, e, info, attempt, ids, now)
+        table.insert(events, {event = 'queued', element = e, attempt = attempt, time = now})
       end
+      table.insert(infos, e)
+      table.insert(infos, cjson.encode(info))
+      table.insert(states, e)
+      table.insert(states, 'queued')
+      if from_waiting then table.insert(joined, e) end
     end
     out[i] = {e, attempt, owner, specs[i] or '', ids}
   end
-  if own_writes and #infos > 0 then
-    redis.call('HSET', bkey(b, 'info'), unpack(infos))
-    redis.call('HSET', bkey(b, 'state'), unpack(states))
+  if own_writes then
+    hset_all(bkey(b, 'info'), infos)
+    hset_all(bkey(b, 'state'), states)
   end
   -- (waiting -> queued joins the live set; a move between live states
   -- changes no count.)
-  if #joined > 0 and keeps_counts(b) then redis.call('SADD', bkey(b, 'live'), unpack(joined)) end
+  if #joined > 0 and keeps_counts(b) then sadd_all(bkey(b, 'live'), joined) end
   return out
 end

@@ -30,7 +30,7 @@ for _, b in ipairs(order) do
   local rs = builds[b]
   local names = {}
   for i, r in ipairs(rs) do names[i] = r.e end
-  local raw = redis.call('HMGET', bkey(b, 'info'), unpack(names))
+  local raw = hmget_all(bkey(b, 'info'), names)
   local infos, states, events = {}, {}, {}
   for i, r in ipairs(rs) do
     local info = raw[i] and cjson.decode(raw[i]) or nil
@@ -91,8 +91,8 @@ for _, b in ipairs(order) do
       table.insert(infos, cjson.encode(info))
     end
   end
-  if #infos > 0 then redis.call('HSET', bkey(b, 'info'), unpack(infos)) end
-  if #states > 0 then redis.call('HSET', bkey(b, 'state'), unpack(states)) end
+  hset_all(bkey(b, 'info'), infos)
+  hset_all(bkey(b, 'state'), states)
   emit_many(b, events)
 end
 return cjson.encode({stale = stale, orphans = orphans})

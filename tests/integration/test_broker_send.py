@@ -7,7 +7,6 @@ import json
 from collections.abc import Iterator
 
 import pytest
-import redis
 from celery import Celery
 
 from pipeline.broker import (
@@ -21,20 +20,14 @@ from pipeline.broker import (
 from pipeline.config import RemexConfig
 from pipeline.scheduler import Scheduler
 from pipeline.servers import RedisServer
-from pipeline.spec import BuildSpec
+from tests.integration.test_scheduler import scheduler_on, spec
 
 DB = 9
 
 
 @pytest.fixture
 def scheduler(redis_server: RedisServer) -> Iterator[Scheduler]:
-    client = redis.Redis(
-        host=redis_server.host, port=redis_server.port, db=DB, decode_responses=True
-    )
-    client.flushdb()
-    yield Scheduler(client, heartbeat_timeout=5.0)
-    client.flushdb()
-    client.close()
+    yield from scheduler_on(redis_server, DB)
 
 
 @pytest.fixture
@@ -45,15 +38,6 @@ def celery_app(redis_server: RedisServer) -> Iterator[Celery]:
     app = make_celery(RemexConfig(broker_url=url, result_backend=url))
     yield app
     app.close()
-
-
-def spec(name: str) -> BuildSpec:
-    return {  # type: ignore[typeddict-item]
-        "element": name,
-        "cache_key": f"key-{name}",
-        "kind": "manual",
-        "artifact_uri": f"urn:test:{name}/key-{name}",
-    }
 
 
 def test_sending_chains_subscribes_to_no_result_channel(

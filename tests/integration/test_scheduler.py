@@ -93,13 +93,12 @@ def create(
     return scheduler.create_build(specs, deps, cached, {"targets": [list(deps)[-1]]})
 
 
-def send(scheduler: Scheduler, build: str, element: str) -> int:
-    """What broker.send_element does, minus Celery: claim, then queue."""
-    owner = scheduler.claim(build, element, scheduler.spec(build, element)["artifact_uri"])
-    if owner:
-        scheduler.mark_waiting_on(build, element, owner)
-        return 0
-    return scheduler.mark_queued(build, element, task_ids=[f"{element}-task"])
+def send(scheduler: Scheduler, build: str, element: str, task_id: str = "") -> int:
+    """What broker.send_element records, minus Celery (claim, then queue or
+    wait): the new attempt, or 0 (it waits on another build, or must not be
+    sent)."""
+    [recorded] = scheduler.record_sends([(build, element, [task_id or f"{element}-task"])])
+    return recorded.attempt
 
 
 def start(scheduler: Scheduler, build: str, element: str, worker: str = "w1/1/x") -> bool:
@@ -272,7 +271,9 @@ def test_each_send_is_a_new_attempt_and_older_attempts_are_stale(scheduler: Sche
     build, _ = create(scheduler, {"a": []})
     assert send(scheduler, build, "a") == 1
     assert scheduler.state(build, "a") == "queued"
-    assert scheduler.info(build, "a")["task_ids"] == ["a-task"]
+    # (The first task id the sender's; the other four stages' derived)
+    task_ids = scheduler.info(build, "a")["task_ids"]
+    assert task_ids[0] == "a-task" and len(set(task_ids)) == 5
     # A stage of attempt 1 starts: running, on w1, with a heartbeat
     assert scheduler.start_stage(build, "a", attempt=1, stage="upload", host="w1", worker="w1/1")
     info = scheduler.info(build, "a")
@@ -292,14 +293,15 @@ def test_each_send_is_a_new_attempt_and_older_attempts_are_stale(scheduler: Sche
     # And once built, nothing starts or sends it again
     scheduler.finish(build, "a", "built", {})
     assert not scheduler.start_stage(build, "a", attempt=2, stage="push_artifact", host="w2")
-    assert scheduler.mark_queued(build, "a", task_ids=["t"]) == 0
+    assert send(scheduler, build, "a") == 0
     assert scheduler.state(build, "a") == "built"
 
 
 def test_an_element_waiting_for_dependencies_is_not_sent(scheduler: Scheduler) -> None:
     build, _ = create(scheduler, DIAMOND)
-    assert scheduler.mark_queued(build, "d", task_ids=["t"]) == 0
+    assert send(scheduler, build, "d") == 0
     assert scheduler.state(build, "d") == "waiting"
+    assert scheduler.info(build, "d")["attempt"] == 0
 
 
 def test_heartbeat_of_a_finished_element_does_not_come_back(scheduler: Scheduler) -> None:
@@ -384,7 +386,7 @@ def test_cancel_releases_the_waiters_of_its_claims(scheduler: Scheduler) -> None
     send(scheduler, second, "lib")
     stopped, released = scheduler.cancel(first)
     assert [info["element"] for info in stopped] == ["lib"]
-    assert stopped[0]["task_ids"] == ["lib-task"]
+    assert stopped[0]["task_ids"][0] == "lib-task"
     assert released == [(second, "lib")]
     # The released waiter is sent again: it claims the artifact now
     assert send(scheduler, second, "lib") == 1
@@ -419,7 +421,7 @@ def test_build_status_moves_from_running_to_cancelled_and_stays(scheduler: Sched
     assert not start(scheduler, build, "a")
     assert scheduler.finish(build, "a", "built", {}) == []
     assert scheduler.status(build).status == "cancelled"
-    assert scheduler.mark_queued(build, "a", task_ids=[]) == 0
+    assert send(scheduler, build, "a") == 0
     # And its keys expire (a week)
     assert 0 < scheduler.redis.ttl(f"remex:build:{build}:state") <= 7 * 24 * 3600
 
@@ -733,6 +735,91 @@ def test_reconcile_drops_stale_unacknowledged_messages(
     assert scheduler.redis.hlen("unacked") == 0
 
 
+def strand(scheduler: Scheduler, build: str, names: Sequence[str]) -> None:
+    """Put ready elements back to waiting, their counts left at 0: what a
+    finish that failed half-way leaves (Redis keeps a script's writes made
+    before an error: its dependents counted down, none made ready)."""
+    info_key = scheduler.keys.build(build, "info")
+    for name in names:
+        info = json.loads(scheduler.redis.hget(info_key, name) or "{}")
+        info.pop("ready_at", None)
+        scheduler.redis.hset(info_key, name, json.dumps(info))
+        scheduler.redis.hset(scheduler.keys.build(build, "state"), name, "waiting")
+        scheduler.redis.srem(scheduler.keys.build(build, "live"), name)
+
+
+def test_reconcile_sends_elements_left_waiting_with_no_dependency_left(
+    scheduler: Scheduler, celery_app: Celery
+) -> None:
+    # Given a diamond whose root was built by a finish that failed half-way:
+    # b and c counted down to 0 but still waiting, nothing live
+    build, _ = create(scheduler, DIAMOND)
+    send(scheduler, build, "a")
+    assert sorted(e for _, e in scheduler.finish(build, "a", "built", {})) == ["b", "c"]
+    strand(scheduler, build, ["b", "c"])
+    assert scheduler.redis.hget(scheduler.keys.build(build, "pending"), "b") == "0"
+    # (The watch of the live elements finds nothing to send)
+    assert scheduler.stalled(build, time.time() + 3600, queued_task_ids=set) == []
+    # When the reconciler passes
+    assert reconcile(celery_app, scheduler, lock_seconds=0.001) == 2
+    # Then both are sent, and d still waits for them
+    assert states(scheduler, build) == {"a": "built", "b": "queued", "c": "queued", "d": "waiting"}
+    assert len(queued_messages(scheduler)) == 2
+    # And the next pass sends nothing more (they are live now)
+    scheduler.redis.delete(RECONCILE_LOCK)
+    assert reconcile(celery_app, scheduler, lock_seconds=0.001) == 0
+    # And the build goes on to its end
+    for element in ("b", "c", "d"):
+        if element == "d":
+            send(scheduler, build, "d")
+        scheduler.finish(build, element, "built", {})
+    assert scheduler.status(build).status == "succeeded"
+
+
+def test_a_build_with_nothing_left_to_do_but_still_running_is_ended(
+    scheduler: Scheduler,
+) -> None:
+    # Given a build whose last finish failed before it could end the build
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    scheduler.finish(build, "a", "built", {})
+    scheduler.redis.hset(scheduler.keys.build(build, "meta"), "status", "running")
+    scheduler.redis.sadd(scheduler.keys.active, build)
+    # When the reconciler looks at it, it ends it
+    assert scheduler.wake_stuck(build) == []
+    assert scheduler.status(build).status == "succeeded"
+    assert build not in scheduler.active_builds()
+
+
+def ran(scheduler: Scheduler) -> dict[str, int]:
+    """The commands Redis ran since its counts were reset, by name."""
+    stats = scheduler.redis.info("commandstats")
+    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+    calls.pop("config|resetstat", None)
+    return calls
+
+
+def test_the_check_for_stuck_elements_costs_the_same_however_many_finished(
+    scheduler: Scheduler,
+) -> None:
+    # Given a build of 3,000 elements, all but one built, the last one live
+    names = [f"e{i:04d}" for i in range(3000)]
+    build, _ = create(scheduler, {n: [] for n in names})
+    scheduler.record_sends([(build, n, [f"{n}-task"]) for n in names])
+    for name in names[:-1]:
+        scheduler.finish(build, name, "built", {})
+    scheduler.redis.config_resetstat()
+    # When the reconciler checks it for stuck elements
+    assert scheduler.wake_stuck(build) == []
+    # Then it read the live set's size, the counts and the meta: nothing per element
+    assert ran(scheduler) == {"scard": 1, "hmget": 2}
+    # And a reconciler pass, which reads the live set anyway, checks no more
+    # than it did before (only a build with nothing live is checked)
+    scheduler.redis.config_resetstat()
+    assert scheduler.reconcile_build(build) == ([], [])
+    assert "scard" not in ran(scheduler)
+
+
 def test_only_one_reconciler_passes_at_a_time(scheduler: Scheduler, celery_app: Celery) -> None:
     build, _ = create(scheduler, {"a": []})
     scheduler.redis.hset(f"remex:build:{build}:info", "a", json.dumps({"attempt": 0}))
@@ -764,7 +851,8 @@ def test_a_stage_start_counts_its_delivery_in_the_same_move(scheduler: Scheduler
     # And a stale copy (an earlier stage) counts nothing
     assert begin("stage_to_cas", "t1") == 0
     # And a new attempt starts afresh
-    attempt = scheduler.mark_queued(build, "a", task_ids=["t3"])
+    attempt = send(scheduler, build, "a", "t3")
+    assert attempt == 2
     assert begin("stage_to_cas", "t1") == 1
 
 
@@ -864,20 +952,25 @@ def test_a_send_claims_and_queues_or_waits_in_one_move(scheduler: Scheduler) -> 
     # Given two builds of the same element (the same artifact)
     first, _ = create(scheduler, {"lib": []})
     second, _ = create(scheduler, {"lib": []})
-    uri = scheduler.spec(first, "lib")["artifact_uri"]
+
+    def record(build: str, task_id: str) -> tuple[int, str]:
+        [recorded] = scheduler.record_sends([(build, "lib", [task_id])])
+        return recorded.attempt, recorded.owner
+
     # When the first sends it, it claims the artifact and is queued
-    assert scheduler.record_send(first, "lib", uri, task_ids=["t1"]) == (1, "")
+    assert record(first, "t1") == (1, "")
     assert scheduler.state(first, "lib") == "queued"
-    assert scheduler.info(first, "lib")["task_ids"] == ["t1"]
+    assert scheduler.info(first, "lib")["task_ids"][0] == "t1"
     # And the second waits on the first
-    assert scheduler.record_send(second, "lib", uri, task_ids=["t2"]) == (0, f"{first}\tlib")
+    assert record(second, "t2") == (0, f"{first}\tlib")
+    assert scheduler.state(second, "lib") == "queued"
     assert scheduler.info(second, "lib")["waiting_on"] == f"{first}\tlib"
     # And sending the first again is a new attempt of the same claim
-    assert scheduler.record_send(first, "lib", uri, task_ids=["t3"]) == (2, "")
+    assert record(first, "t3") == (2, "")
     # And once it is built (with its artifact index entry), both builds are
     scheduler.finish(first, "lib", "built", {}, index_entry="k1 p/lib")
     assert scheduler.state(second, "lib") == "built"
-    assert scheduler.record_send(first, "lib", uri, task_ids=["t4"]) == (0, "")
+    assert record(first, "t4") == (0, "")
     # And the index has the entry, expiring once the builds ended
     assert scheduler.redis.zscore("remex:artifacts:bykey", "k1 p/lib") == 0
     assert scheduler.redis.ttl("remex:artifacts:bytime") > 0
@@ -918,15 +1011,15 @@ def test_a_reconciler_pass_holds_its_lock_to_its_end_then_for_the_interval(
 ) -> None:
     app = Celery("t", broker="memory://")
     seen: list[int] = []
-    original = scheduler.stalled
+    original = scheduler.reconcile_build
 
-    def slow_stalled(*args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+    def slow_pass(*args: Any, **kwargs: Any) -> tuple[list[tuple[str, str]], list[str]]:
         # During the pass, another worker's pass is refused
         seen.append(reconcile(app, scheduler, lock_seconds=0.2))
         return original(*args, **kwargs)
 
     create(scheduler, {"a": []})
-    scheduler.stalled = slow_stalled  # type: ignore[method-assign]
+    scheduler.reconcile_build = slow_pass  # type: ignore[method-assign]
     reconcile(app, scheduler, lock_seconds=0.2)
     assert seen == [0]
     # After the pass, the lock lasts the interval, not the pass's bound

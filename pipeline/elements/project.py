@@ -858,7 +858,7 @@ class Project:
             environment=environment,
             environment_nocache=self._environment_nocache | {n.as_str() for n in nocache},
             public=public,
-            config=expand_data(config, variables),
+            config=_expanded_config(plugin, config, variables),
             build_os=sandbox.build_os,
             build_arch=sandbox.build_arch,
             sources=sources,
@@ -1298,6 +1298,13 @@ def gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _expanded_config(plugin: Kind, config: MappingNode, variables: Variables) -> Any:
+    """The element's config, expanded (:attr:`Element.config`): as its kind
+    made it while configuring, else expanded here (errors reported here)."""
+    expanded = plugin.expanded_config(config)
+    return expand_data(config, variables) if expanded is None else expanded
 
 
 def _compose_mappings(

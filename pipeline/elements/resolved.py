@@ -84,8 +84,8 @@ from pipeline.spec import BuildSpec
 
 __all__ = ["KeptElement", "KeptFetchSource", "PlannedElement", "ResolvedCache", "spec_text"]
 
-_HEADER = b"remex-resolved 3 "
-_PERSON = b"remex-resolved-3"
+_HEADER = b"remex-resolved 4 "
+_PERSON = b"remex-resolved-4"
 # A kept spec's source entries hold this until build_spec gives the real digest.
 _PLACEHOLDER = digest_to_json(EMPTY_DIGEST)
 # The modules (besides pipeline/elements) whose code decides keys and specs,
@@ -294,12 +294,24 @@ class ResolvedCache:
         first = raw.find(b"\n")
         if first < 0 or raw[:first] != _HEADER + self._inputs:
             return None
+        # The files read come first, on a line of their own: a plan whose
+        # files changed (the usual miss: an edit) is dropped after reading
+        # that line only, before the whole file is hashed and decoded. What
+        # is taken is checked whole (the checksum) before it is used.
+        second = raw.find(b"\n", first + 1)
+        third = raw.find(b"\n", second + 1) if second >= 0 else -1
+        if third < 0:
+            return None
+        try:
+            if not _files_unchanged(json.loads(raw[second + 1 : third])):
+                return None
+        except (ValueError, TypeError, RecursionError):
+            return None
         body = nodes._checked_body(raw[first + 1 :], _HEADER)
         if body is None:
             return None
         try:
-            data = json.loads(body)
-            return _kept_plan(data, cas)
+            return _kept_plan(json.loads(body[third - second :]), cas)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
             return None
 
@@ -346,10 +358,13 @@ def _plan_body(
         if stat is not None and max(stat[1], stat[2]) >= settled_before:
             return None
     index = {element.name: i for i, element in enumerate(elements)}
-    entries = [_dependency_entry(element.name, spec, element.overlap_whitelist)
-               for element, spec in zip(elements, specs, strict=True)]  # fmt: skip
+    whitelists = [element.overlap_whitelist for element in elements]
+    entries = [
+        _dependency_entry(element.name, spec, whitelist)
+        for element, spec, whitelist in zip(elements, specs, whitelists, strict=True)
+    ]
     parts = []
-    for element, spec in zip(elements, specs, strict=True):
+    for element, spec, whitelist in zip(elements, specs, whitelists, strict=True):
         sources = []
         for source in element.sources:
             kept = _source_entry(source)
@@ -357,10 +372,6 @@ def _plan_body(
                 return None
             sources.append(kept)
         staged = [index[d.name] for d in element.staged_dependencies()]
-        head = spec_text(
-            [element.project, element.name, element.file, element.cache_key, staged, sources,
-             element.overlap_whitelist]
-        )  # fmt: skip
         # A dependency's usual entry (most of a large plan's bytes) is written
         # as the dependency's index, and made once when read.
         dependencies = []
@@ -369,11 +380,13 @@ def _plan_body(
             dependencies.append(at if at is not None and entry == entries[at] else entry)
         # Source entries as loaded: submit points network ones at the source
         # cache (a digest found, or a URI) in place; build_spec fills them.
-        kept_sources = [_kept_source_entry(each) for each in spec["sources"]]
-        spec = {**spec, "dependencies": dependencies, "sources": kept_sources}  # type: ignore[typeddict-item]
-        parts.append(f"{head[:-1]},{spec_text(spec)}]")
-    head = spec_text({"files": reads})
-    return f'{head[:-1]},"elements":[{",".join(parts)}]}}'
+        kept_spec = {**spec, "dependencies": dependencies,
+                     "sources": [_kept_source_entry(each) for each in spec["sources"]]}  # fmt: skip
+        # (One encoder call per element: most of writing a plan is encoding it.)
+        parts.append(spec_text([element.project, element.name, element.file, element.cache_key,
+                                staged, sources, whitelist, kept_spec]))  # fmt: skip
+    # The files first, on a line of their own (see ResolvedCache.load).
+    return f"{spec_text(reads)}\n[{','.join(parts)}]"
 
 
 def _kept_source_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -413,22 +426,30 @@ def _source_entry(source: Source) -> list[Any] | None:
             source.directory, where.file, where.line, source.field]  # fmt: skip
 
 
-def _kept_plan(data: dict[str, Any], cas: LocalCas) -> list[KeptElement] | None:
-    """The plan ``data`` holds, if every file and local source is as it was."""
-    files = data["files"]
+def _files_unchanged(files: Any) -> bool:
+    """Whether every file a kept plan's load read (``files``: path -> its
+    :func:`~pipeline.elements.nodes.file_stat`) has the same stat now."""
     if type(files) is not dict:
-        return None
+        return False
     for path, kept in files.items():
         try:
             stat: os.stat_result | None = os.stat(path)
         except OSError:
             stat = None
         if file_stat(stat) != kept:
-            return None
+            return False
+    return True
+
+
+def _kept_plan(data: list[Any], cas: LocalCas) -> list[KeptElement] | None:
+    """The plan ``data`` (a kept plan's elements) holds, if every local
+    source is as it was (the files were checked by :func:`_files_unchanged`)."""
+    if type(data) is not list:
+        return None
     plan: list[KeptElement] = []
     # Each element's usual entry in its dependents' specs (shared: read-only).
     entries: list[dict[str, Any]] = []
-    for project, name, file, key, staged, sources, whitelist, spec in data["elements"]:
+    for project, name, file, key, staged, sources, whitelist, spec in data:
         if (
             type(project) is not str
             or type(name) is not str

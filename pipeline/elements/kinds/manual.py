@@ -26,7 +26,7 @@ from pipeline.elements.kinds.base import (
     Recipe,
     StagedDependency,
 )
-from pipeline.elements.nodes import MappingNode
+from pipeline.elements.nodes import MappingNode, ScalarNode
 from pipeline.elements.variables import Variables
 
 if TYPE_CHECKING:
@@ -64,6 +64,14 @@ class BuildElementKind(Kind):
         subdir = (ctx.variables.get("command-subdir") or "").strip("/")
         self.working_directory = f"{root}/{subdir}" if root and subdir else root or subdir
         self.notparallel = ctx.variables.get("notparallel") in ("true", "True")
+
+    def expanded_config(self, config: MappingNode) -> Any | None:
+        """As :meth:`Kind.expanded_config`: configure allowed only command
+        lists (each a list of strings, or null) and expanded every command."""
+        return {
+            key: None if isinstance(node, ScalarNode) else list(self.commands[key])
+            for key, node in config.entries.items()
+        }
 
     def key_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {

@@ -314,7 +314,7 @@ def _compose_value(key: str, value: Node, target: MappingNode, key_mark: Mark) -
             raise _compose_error(
                 value, path, f"cannot replace {_described(existing)} with {value.describe()}"
             )
-        _put(target, key, clone(value, path), key_mark)
+        _put(target, key, _clone_at(value, path), key_mark)
     elif isinstance(value, SequenceNode):
         if existing is not None and not (
             isinstance(existing, SequenceNode) or is_list_directives(existing)
@@ -326,7 +326,7 @@ def _compose_value(key: str, value: Node, target: MappingNode, key_mark: Mark) -
             existing.items.extend(clone(item) for item in value.items)
             _renumber(existing)
         else:
-            _put(target, key, clone(value, path), key_mark)
+            _put(target, key, _clone_at(value, path), key_mark)
     else:
         assert isinstance(value, MappingNode)
         if is_list_directives(value):
@@ -388,6 +388,15 @@ def _directive_list(node: MappingNode, key: str) -> SequenceNode | None:
     if not isinstance(value, SequenceNode):
         raise value.error(f"{key} takes a list, got {value.describe()}")
     return value
+
+
+def _clone_at(node: Node, path: str) -> Node:
+    """``clone(node, path)``. A node already at ``path`` (the usual case: an
+    element's values composed onto its kind's defaults at the same field) is
+    copied as it is: every node keeps its children's paths derived from its
+    own (loading, cloning and directives all do), so re-deriving them would
+    give the same strings."""
+    return _copy(node) if node.path == path else clone(node, path)
 
 
 def _put(target: MappingNode, key: str, value: Node, key_mark: Mark) -> None:

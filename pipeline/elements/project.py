@@ -856,7 +856,11 @@ class Project:
             dependencies=dependencies,
             variables=variables,
             environment=environment,
-            environment_nocache=self._environment_nocache | {n.as_str() for n in nocache},
+            environment_nocache=(
+                self._environment_nocache | {n.as_str() for n in nocache}
+                if nocache
+                else self._environment_nocache
+            ),
             public=public,
             config=_expanded_config(plugin, config, variables),
             build_os=sandbox.build_os,

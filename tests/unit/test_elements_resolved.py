@@ -338,18 +338,33 @@ def test_a_damaged_file_is_a_miss(
     assert again == first
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # a spec naming an element itself (its head names it)
+        (b'{"kind":"manual"', b'{"element":"z.bst","kind":"manual"'),
+        # a build environment the plan does not have
+        (b'"environment":0', b'"environment":7'),
+        (b'"environment":0', b'"environment":-1'),
+    ],
+)
 def test_a_file_of_the_right_checksum_but_a_wrong_shape_is_a_miss(
-    project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+    project: Path,
+    cas: LocalCas,
+    cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    old: bytes,
+    new: bytes,
 ) -> None:
     # Given a kept file rewritten with a valid checksum over a wrong plan
-    # (an element whose spec names another element)
     loads = Loads(monkeypatch)
     first = submit_plan(project, cas)
     file = cache_file(cache)
     raw = file.read_bytes()
     head, rest = raw.split(b"\n", 1)
     _, body = rest.split(b"\n", 1)
-    body = body.replace(b'"element":"a.bst"', b'"element":"z.bst"', 1)
+    assert old in body
+    body = body.replace(old, new, 1)
     file.unlink()
     nodes._write_file(str(file), head + b"\n" + resolved._HEADER, body)
     # When it is submitted again
@@ -921,9 +936,9 @@ def test_a_plan_whose_files_changed_is_dropped_before_it_is_decoded(
     calls: list[str] = []
     real_plan, real_checked = resolved._kept_plan, nodes._checked_body
 
-    def kept_plan(data: Any, cas: LocalCas) -> Any:
+    def kept_plan(*args: Any) -> Any:
         calls.append("decoded")
-        return real_plan(data, cas)
+        return real_plan(*args)
 
     def checked_body(raw: bytes, header: bytes) -> bytes | None:
         calls.append("hashed")
@@ -956,7 +971,7 @@ def test_damage_past_the_files_line_is_still_a_miss(
     first = submit_plan(project, cas)
     file = cache_file(cache)
     raw = file.read_bytes()
-    at = raw.index(b'"element":"b.bst"')
+    at = raw.index(b'"b.bst"', raw.index(b"\n{"))
     file.write_bytes(raw[:at] + raw[at:].replace(b"b.bst", b"c.bst", 1))
     # When it is submitted again
     again = submit_plan(project, cas)

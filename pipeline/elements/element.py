@@ -173,7 +173,15 @@ class Element:
         # Asked for by the key, the spec and submit: walked once (the
         # dependencies of a loaded element do not change).
         if self._staged is None:
-            self._staged = _post_order(self.build_dependencies, Element._runtime_dependencies)
+            build = self.build_dependencies
+            if len(set(build)) == len(build) and not any(
+                dep._runtime_dependencies() for dep in build
+            ):
+                # (Most elements: no build dependency needs anything at run
+                # time, and none is twice: the walk would give them as they are.)
+                self._staged = build
+            else:
+                self._staged = _post_order(build, Element._runtime_dependencies)
         return list(self._staged)
 
     # --- public data ---------------------------------------------------------

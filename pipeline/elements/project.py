@@ -1094,10 +1094,17 @@ def _read_dependencies(node: MappingNode) -> list[_DepRef]:
         if sequence is None:
             continue
         for item in sequence.items:
-            config = item.get_mapping("config") if isinstance(item, MappingNode) else None
-            for name_node, dep_build, dep_runtime in _dependency_entry(item, key, build, runtime):
+            mapping = item if isinstance(item, MappingNode) else None
+            config = mapping.get_mapping("config") if mapping is not None else None
+            # (The usual dependency is a name: no list to make for it.)
+            entries = (
+                ((item, build, runtime),)
+                if type(item) is ScalarNode
+                else _dependency_entry(item, key, build, runtime)
+            )
+            for name_node, dep_build, dep_runtime in entries:
                 raw = name_node.as_str()
-                junction = item.get_str("junction") if isinstance(item, MappingNode) else None
+                junction = mapping.get_str("junction") if mapping is not None else None
                 name = _qualified_name(f"{junction}:{raw}" if junction else raw)
                 if name is None:
                     raise name_node.error(

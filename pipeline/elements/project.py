@@ -811,13 +811,14 @@ class Project:
             *(node.get_str_list("environment-nocache") or []),
         ]
         dependencies = [
+            # (Positional: 40,000 of them on a large project.)
             Dependency(
-                element=elements[ref.name],
-                build=ref.build,
-                runtime=ref.runtime,
-                mark=ref.mark,
-                field=ref.field,
-                configs=tuple(ref.configs) or (None,),
+                elements[ref.name],
+                ref.build,
+                ref.runtime,
+                ref.mark,
+                ref.field,
+                tuple(ref.configs) or (None,),
             )
             for ref in file.deps
         ]

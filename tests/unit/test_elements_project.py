@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import posixpath
 import shutil
 import subprocess
 import textwrap
@@ -17,7 +18,8 @@ from pipeline.digest import digest_of, digest_to_json
 from pipeline.elements import Element, ElementError, LoadError, Project, load_project
 from pipeline.elements.defaults import host_arch
 from pipeline.elements.kinds.base import StagedDependency
-from pipeline.elements.kinds.manual import BuildElementKind
+from pipeline.elements.kinds.manual import BuildElementKind, sandbox_folder
+from pipeline.elements.variables import Definition, Variables
 from pipeline.errors import ConfigError
 
 CONF = "name: test\nelement-path: elements\n"
@@ -770,3 +772,29 @@ def test_dependencies_are_frozen_values(tmp_path: Path) -> None:
     assert staged == StagedDependency(element=dep.element, path="usr", select=None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         staged.path = ""  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/a", "/buildstream/p/e.bst", "/", "//", "///x", "//a", "/a//b", "/a/../b", "/a/./b",
+     "/a/.hidden", "/...", "/a/", "/.", "/a/..", "a/b", "", "./a", "/a b/c"],
+)  # fmt: skip
+@pytest.mark.parametrize("root_allowed", [False, True])
+def test_a_sandbox_folder_is_checked_as_normpath_checks_it(value: str, root_allowed: bool) -> None:
+    # Given a variable holding a folder
+    variables = Variables({"build-root": Definition(value, None, "variables.build-root")})
+    # When it is read as a sandbox folder
+    try:
+        got: object = sandbox_folder(variables, "build-root", root_allowed=root_allowed)
+    except LoadError as error:
+        got = str(error)
+    # Then the answer is what the rule gives with the path normalised
+    normal = posixpath.normpath(value) if value else ""
+    if (
+        not value.startswith("/")
+        or (normal == "/" and not root_allowed)
+        or ".." in value.split("/")
+    ):
+        assert isinstance(got, str) and "must be" in got
+    else:
+        assert got == value

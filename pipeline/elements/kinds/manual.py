@@ -167,6 +167,10 @@ def sandbox_folder(variables: Variables, name: str, *, root_allowed: bool = Fals
         LoadError: at the variable's definition.
     """
     value = variables[name]
+    if value.startswith("/") and "//" not in value and "/." not in value and value[-1] != "/":
+        # Already normal, below "/" and without ".." (the usual value, twice
+        # per element: normpath is most of this function's time otherwise).
+        return value
     normal = posixpath.normpath(value) if value else ""
     if (
         not value.startswith("/")

@@ -386,6 +386,7 @@ class Project:
         # root project's graph, which holds every project's files and elements.
         self.prefix = ""
         self.root: Project = self
+        self._display_prefixes: tuple[Project, tuple[str, ...]] | None = None
         self._subprojects: dict[str, Project] = {}
         # The root's: every junction's project by the junction's qualified name.
         self._junction_projects: dict[str, Project] = {}
@@ -660,10 +661,17 @@ class Project:
 
     def _display(self, path: Path | str) -> str:
         # On strings (both sides are normalised Paths): once per element file,
-        # and pathlib's relative_to is slow.
+        # and pathlib's relative_to is slow. The prefixes are made once for
+        # the root project they were made with (a subproject's is set later).
         text = str(path)
-        for directory in (self.root.directory, self.directory):
-            prefix = os.path.join(str(directory), "")
+        cached = self._display_prefixes
+        if cached is None or cached[0] is not self.root:
+            prefixes = tuple(
+                os.path.join(str(directory), "")
+                for directory in (self.root.directory, self.directory)
+            )
+            cached = self._display_prefixes = (self.root, prefixes)
+        for prefix in cached[1]:
             if text.startswith(prefix):
                 return text[len(prefix) :]
         return text

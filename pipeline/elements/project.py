@@ -834,9 +834,11 @@ class Project:
         base_config = defaults.get_mapping("config")
         # A copy when the element adds nothing: the kind's defaults are shared.
         # The kind's defaults are checked for leftover directives once (when
-        # composed); a file without directive keys adds none.
+        # composed); a file without directive keys adds none. The element's
+        # own values are not copied: its config is composed once, and only
+        # read (by its kind) afterwards.
         config = (
-            _compose_mappings(base_config, overlay, check=not node.plain)
+            _compose_mappings(base_config, overlay, check=not node.plain, share=True)
             if overlay is not None or base_config is None
             else clone_mapping(base_config)
         )
@@ -1328,16 +1330,20 @@ def _expanded_config(plugin: Kind, config: MappingNode, variables: Variables) ->
 
 
 def _compose_mappings(
-    base: MappingNode | None, overlay: MappingNode | None, *, check: bool = True
+    base: MappingNode | None,
+    overlay: MappingNode | None,
+    *,
+    check: bool = True,
+    share: bool = False,
 ) -> MappingNode | None:
     """``overlay`` composed onto ``base`` as BuildStream composes (list directives
     applied), then (``check``) checked for leftover directives; None when both
-    are absent."""
+    are absent. ``share``: as :func:`compose`'s."""
     if overlay is None:
         return base
     if base is None:
         base = MappingNode(mark=overlay.mark, path=overlay.path)
-    composed = compose(base, overlay)
+    composed = compose(base, overlay, share=share)
     if check:
         assert_fully_composited(composed)
     return composed

@@ -731,3 +731,43 @@ def test_every_node_loaded_or_composed_has_its_childrens_paths_derived_from_its_
     # Then re-rooting any of them at its own path changes nothing
     for each in seen:
         assert clone(each, each.path) == _copy(each), each.path
+
+
+def test_an_elements_config_composed_without_copies_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given elements whose config replaces, extends and leaves the kind's lists
+    files = {
+        "elements/plain.bst": """\
+            kind: manual
+            config:
+              build-commands: [echo a, echo b]
+              install-commands:
+              - echo %{install-root}
+            """,
+        "elements/directives.bst": """\
+            kind: manual
+            build-depends: [plain.bst]
+            config:
+              build-commands:
+                (>): [echo later]
+              strip-commands:
+                (=): [echo replaced]
+            """,
+        "elements/none.bst": "kind: manual\nbuild-depends: [directives.bst]\n",
+    }
+    shared = _project(tmp_path / "shared", files)
+    loaded = shared.load_targets(["none.bst"])
+    # When the same project is loaded with every overlay copied
+    real = compose
+
+    def copying(base: MappingNode, overlay: MappingNode, *, share: bool = False) -> MappingNode:
+        return real(base, overlay)
+
+    monkeypatch.setattr("pipeline.elements.project.compose", copying)
+    copied = _project(tmp_path / "copied", files)
+    expected = copied.load_targets(["none.bst"])
+    # Then the elements are the same, and so are the element files' nodes
+    assert [(e.config, e.cache_key) for e in loaded] == [(e.config, e.cache_key) for e in expected]
+    for name, file in shared._files.items():
+        assert _plain(file.node) == _plain(copied._files[name].node), name

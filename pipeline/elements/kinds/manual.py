@@ -91,13 +91,19 @@ class BuildElementKind(Kind):
         ``%{strip-binaries}`` is empty) are left out: they would do nothing.
         """
         lines = integration_lines(element, staged)
-        lines += [
-            f"sh -c -e {_quote_unsafe(command + chr(10))}"
-            for step in COMMAND_STEPS
-            for command in self.commands.get(step, [])
-            if command.strip()
-        ]
-        return "".join(line + "\n" for line in lines)
+        integration = "".join(line + "\n" for line in lines) if lines else ""
+        # Each command quoted as shlex.quote would quote it with its newline
+        # (it holds a character the shell treats specially: no need to look),
+        # then the script's own newline: written out, as this is done for
+        # every command of every element.
+        return integration + "".join(
+            [
+                "sh -c -e '" + command.replace("'", "'\"'\"'") + "\n'\n"
+                for step in COMMAND_STEPS
+                for command in self.commands.get(step, ())
+                if command.strip()
+            ]
+        )
 
     def recipe(self, element: Element) -> Recipe:
         staged = element.staged_dependencies()
@@ -150,13 +156,6 @@ def integration_lines(element: Element, staged: list[Element]) -> list[str]:
                 run = f"env -i {assignments} {run}"
             lines.append(f"(cd / && {run})")
     return lines
-
-
-def _quote_unsafe(text: str) -> str:
-    """``shlex.quote(text)`` for a text known to hold a character the shell
-    treats specially (a command with its newline): the same quoting without
-    the search for one (a fifth of making a spec)."""
-    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def sandbox_folder(variables: Variables, name: str, *, root_allowed: bool = False) -> str:

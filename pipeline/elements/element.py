@@ -230,7 +230,10 @@ class Element:
 
     def cache_environment(self) -> dict[str, str]:
         """The environment as it enters the cache key: without the nocache names."""
-        return {k: v for k, v in self.environment.items() if k not in self.environment_nocache}
+        nocache = self.environment_nocache
+        if not nocache:
+            return dict(self.environment)  # (the usual case: a copy, made in C)
+        return {k: v for k, v in self.environment.items() if k not in nocache}
 
     def key_config(self) -> dict[str, object]:
         """The kind's configuration as it enters the cache key."""

@@ -376,7 +376,7 @@ def _plan_body(
     # Each distinct build environment, written once (elements' are mostly equal).
     environments: dict[tuple[tuple[str, str], ...], int] = {}
     for element, spec, whitelist in zip(elements, specs, whitelists, strict=True):
-        if list(spec)[:4] != list(_HEAD_FIELDS) or (
+        if list(spec)[:4] != _HEAD_FIELDS or (
             spec["project"] != element.project
             or spec["element"] != element.name
             or spec["cache_key"] != element.cache_key
@@ -417,7 +417,7 @@ def _plan_body(
 
 
 # A spec's first fields, in build_spec's order; those the head holds too.
-_HEAD_FIELDS = ("project", "element", "kind", "cache_key")
+_HEAD_FIELDS = ["project", "element", "kind", "cache_key"]
 _HEAD_ONLY = frozenset(("project", "element", "cache_key"))
 
 

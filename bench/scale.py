@@ -16,9 +16,11 @@ a user runs them (wall time of the whole command)::
                                   parsed-file cache ("cold"), then warm
     bst show --deps all --format '%{name} %{key}' all.bst  (this venv's bst)
     remex build -C PROJECT all.bst --no-follow             (load, key, submit)
-                                  once with an empty parsed-file cache, once
-                                  with it warm (the project loaded, its plan
-                                  kept), then with the plan kept (nothing loaded)
+                                  once with an empty parsed-file cache, then
+                                  with it warm and no kept plan (the project
+                                  loaded, its plan kept; --repeat runs, the
+                                  kept plan removed before each), then with
+                                  the plan kept (nothing loaded)
 
 With ``--sources``, every ``eNNN.bst`` also gets a ``tar`` source by URL
 through a project alias with two mirrors (a made-up host: nothing is
@@ -82,7 +84,7 @@ class Case:
     build: list[float] = field(default_factory=list)
     build_cpu: list[float] = field(default_factory=list)
     build_cold: tuple[float, float] = (0.0, 0.0)
-    build_loaded: tuple[float, float] = (0.0, 0.0)
+    build_loaded: list[tuple[float, float]] = field(default_factory=list)
     status: list[tuple[float, float]] = field(default_factory=list)
     status_json: list[tuple[float, float]] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
@@ -162,10 +164,14 @@ def run_case(
     cold_env = {**env, "REMEX_PARSED_CACHE": str(work / f"parsed-{case.shape}-cold")}
     wall, cpu, _ = timed(build, cold_env)
     case.build_cold = (wall, cpu)
-    # Then with the parsed-file cache warm: the first run loads the project
-    # (and keeps its resolved plan), the others take the kept plan.
-    wall, cpu, _ = timed(build, env)
-    case.build_loaded = (wall, cpu)
+    # Then with the parsed-file cache warm but no kept plan (its folder
+    # removed before each run): the project is loaded, resolved and keyed,
+    # and its plan kept; the median of ``repeat`` runs. Then the runs that
+    # take the plan kept by the last of those.
+    for _ in range(repeat):
+        shutil.rmtree(work / f"parsed-{case.shape}" / "resolved", ignore_errors=True)
+        wall, cpu, _ = timed(build, env)
+        case.build_loaded.append((wall, cpu))
     build_id = ""
     for _ in range(repeat):
         wall, cpu, out = timed(build, env)
@@ -245,10 +251,13 @@ def report(cases: Sequence[Case]) -> None:
     print("build --no-follow with an empty parsed-file cache (one run): " + "; ".join(
         f"{c.shape} {c.build_cold[0]:.2f}s ({c.build_cold[1]:.2f})" for c in cases))  # fmt: skip
     loaded = "; ".join(
-        f"{c.shape} {c.build_loaded[0]:.2f}s ({c.build_loaded[1]:.2f})" for c in cases
+        f"{c.shape} {med([w for w, _ in c.build_loaded]):.2f}s "
+        f"({med([u for _, u in c.build_loaded]):.2f}) "
+        f"[{', '.join(f'{w:.2f}' for w, _ in c.build_loaded)}]"
+        for c in cases
     )
-    print(f"build --no-follow loading the project, parsed-file cache warm (one run): {loaded}")
-    print("(build --no-follow above: the plan kept by that run, nothing loaded)")
+    print(f"build --no-follow loading the project, parsed-file cache warm, no kept plan: {loaded}")
+    print("(build --no-follow above: the plan kept by the last of those runs, nothing loaded)")
     print()
     print("in-process submit, wall s per phase; CPU s; Redis commands (INFO commandstats)")
     for case in cases:
@@ -277,13 +286,22 @@ def report(cases: Sequence[Case]) -> None:
             print(f"  {case.shape}: {note}")
     big = [c for c in cases if c.elements >= 10_000]
     if big:
+        # The target proper: the project loaded, resolved and keyed (parsed
+        # files cached, no kept plan); then the same with the plan kept.
+        worst = max(med([w for w, _ in c.build_loaded]) for c in big)
+        worst_cpu = max(med([u for _, u in c.build_loaded]) for c in big)
+        verdict = "met" if worst <= LOAD_SUBMIT_TARGET else "NOT met"
+        print(
+            f"target load + submit of 10,000 <= {LOAD_SUBMIT_TARGET:.0f} s "
+            f"(remex build --no-follow loading the project, slowest shape {worst:.2f} s "
+            f"wall, {worst_cpu:.2f} s CPU): {verdict}"
+        )
         worst = max(c.submit for c in big)
         worst_cpu = max(med(c.build_cpu) for c in big)
         verdict = "met" if worst <= LOAD_SUBMIT_TARGET else "NOT met"
         print(
-            f"target load + submit of 10,000 <= {LOAD_SUBMIT_TARGET:.0f} s "
-            f"(remex build --no-follow, slowest shape {worst:.2f} s wall, "
-            f"{worst_cpu:.2f} s CPU): {verdict}"
+            f"  the same with the plan kept (nothing loaded): slowest shape {worst:.2f} s "
+            f"wall, {worst_cpu:.2f} s CPU: {verdict}"
         )
     if big:
         # (Each of the two against the target: the table and --json alike.)

@@ -90,8 +90,13 @@ def clone_mapping(node: MappingNode, path: str | None = None) -> MappingNode:
     return result
 
 
-def compose(base: MappingNode, overlay: MappingNode) -> MappingNode:
+def compose(base: MappingNode, overlay: MappingNode, *, share: bool = False) -> MappingNode:
     """A new mapping: ``overlay`` composed onto a copy of ``base`` (neither is changed).
+
+    ``share``: the overlay's own scalars and lists go into the result as
+    they are, not copied: for an overlay composed once whose nodes nobody
+    changes afterwards (an element's own ``config``, read by its kind). The
+    result is then not to be changed either.
 
     Raises:
         LoadError: the two cannot be composed (a list onto a mapping, a scalar
@@ -102,21 +107,21 @@ def compose(base: MappingNode, overlay: MappingNode) -> MappingNode:
     # compose_onto copies what it takes from the overlay: a copy first only
     # to give the overlay the base's field paths (a different place).
     rooted = overlay if overlay.path == base.path else clone_mapping(overlay, base.path)
-    compose_onto(result, rooted)
+    compose_onto(result, rooted, share=share)
     return result
 
 
-def compose_onto(target: MappingNode, overlay: MappingNode) -> None:
+def compose_onto(target: MappingNode, overlay: MappingNode, *, share: bool = False) -> None:
     """Compose ``overlay`` onto ``target`` in place (the overlay wins).
 
     Nodes of ``overlay`` are copied, never shared, so ``overlay`` can be
-    composed again elsewhere.
+    composed again elsewhere; unless ``share`` (see :func:`compose`).
 
     Raises:
         LoadError: as :func:`compose`.
     """
     for key, value in overlay.entries.items():
-        _compose_value(key, value, target, overlay.key_marks.get(key, value.mark))
+        _compose_value(key, value, target, overlay.key_marks.get(key, value.mark), share)
     # As BuildStream: the composed mapping now reports the overlay's place.
     target.mark = overlay.mark
 
@@ -306,7 +311,9 @@ class IncludeLoader:
 # --- composing one value -----------------------------------------------------------
 
 
-def _compose_value(key: str, value: Node, target: MappingNode, key_mark: Mark) -> None:
+def _compose_value(
+    key: str, value: Node, target: MappingNode, key_mark: Mark, share: bool = False
+) -> None:
     existing = target.entries.get(key)
     path = target.child_path(key)
     if isinstance(value, ScalarNode):
@@ -314,7 +321,9 @@ def _compose_value(key: str, value: Node, target: MappingNode, key_mark: Mark) -
             raise _compose_error(
                 value, path, f"cannot replace {_described(existing)} with {value.describe()}"
             )
-        _put(target, key, clone(value, path), key_mark)
+        _put(
+            target, key, value if share and value.path == path else _clone_at(value, path), key_mark
+        )
     elif isinstance(value, SequenceNode):
         if existing is not None and not (
             isinstance(existing, SequenceNode) or is_list_directives(existing)
@@ -325,8 +334,10 @@ def _compose_value(key: str, value: Node, target: MappingNode, key_mark: Mark) -
             # evaluated later (as BuildStream).
             existing.items.extend(clone(item) for item in value.items)
             _renumber(existing)
+        elif share and value.path == path:
+            _put(target, key, value, key_mark)
         else:
-            _put(target, key, clone(value, path), key_mark)
+            _put(target, key, _clone_at(value, path), key_mark)
     else:
         assert isinstance(value, MappingNode)
         if is_list_directives(value):
@@ -388,6 +399,15 @@ def _directive_list(node: MappingNode, key: str) -> SequenceNode | None:
     if not isinstance(value, SequenceNode):
         raise value.error(f"{key} takes a list, got {value.describe()}")
     return value
+
+
+def _clone_at(node: Node, path: str) -> Node:
+    """``clone(node, path)``. A node already at ``path`` (the usual case: an
+    element's values composed onto its kind's defaults at the same field) is
+    copied as it is: every node keeps its children's paths derived from its
+    own (loading, cloning and directives all do), so re-deriving them would
+    give the same strings."""
+    return _copy(node) if node.path == path else clone(node, path)
 
 
 def _put(target: MappingNode, key: str, value: Node, key_mark: Mark) -> None:

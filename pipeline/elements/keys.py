@@ -16,6 +16,7 @@ the JSON is written with sorted keys and no spaces.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from pipeline import jsonenc
@@ -89,14 +90,28 @@ def key_text(element: Element) -> str:
     parts = []
     # The top-level names are plain ASCII: '"name":' is what the encoder writes.
     for name in sorted(description):
+        value = description[name]
         if name == "dependencies":
             text = "[" + ",".join(_dependency_text(d) for d in element.staged_dependencies()) + "]"
         elif name == "public":
-            text = _SHARED_TEXTS.text(description[name])
+            text = _SHARED_TEXTS.text(value)
+        elif name in _FLAT_MAPPINGS:
+            # Equal from element to element, in new objects: known by value.
+            text = _FLAT_TEXTS.text((name, *value.items()), value)
+        elif name in _FLAT_SCALARS:
+            text = _FLAT_TEXTS.text((name, value), value)
+        elif name == "sources" and not value:
+            text = "[]"
         else:
-            text = canonical_json(description[name])
+            text = canonical_json(value)
         parts.append(f'"{name}":{text}')
     return "{" + ",".join(parts) + "}"
+
+
+# Parts of a key description that are flat (their values strings or
+# integers, never booleans: no two values with equal items encode apart).
+_FLAT_MAPPINGS = frozenset(("environment", "sandbox"))
+_FLAT_SCALARS = frozenset(("kind", "remex-key-format"))
 
 
 def _dependency_text(dependency: Element) -> str:
@@ -133,3 +148,25 @@ class _SharedTexts:
 
 # Values are read-only once an element holds them (Element.public says so).
 _SHARED_TEXTS = _SharedTexts(64)
+
+
+class _FlatTexts:
+    """Canonical JSON of flat values that many elements have equal (the
+    environment, the sandbox, the kind), by a hashable form of the value:
+    a few entries at most (one per distinct value), cleared when full."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._texts: dict[Hashable, str] = {}
+
+    def text(self, key: Hashable, value: Any) -> str:
+        text = self._texts.get(key)
+        if text is None:
+            text = canonical_json(value)
+            if len(self._texts) >= self._size:
+                self._texts.clear()
+            self._texts[key] = text
+        return text
+
+
+_FLAT_TEXTS = _FlatTexts(256)

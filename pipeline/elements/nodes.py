@@ -578,8 +578,9 @@ class FolderCache:
             except OSError:
                 return load_yaml(path, display)  # which says why it cannot be read
         key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
-        if _READS.get() is not None:
-            note_read(path, stat)
+        reads = _READS.get()
+        if reads is not None:
+            reads[path] = key  # (file_stat(stat): the same list, not changed by anyone)
         entry = self._entries.get(path)
         if entry is not None and entry[:4] == key:
             try:
@@ -627,12 +628,16 @@ def _read_folder(file: str) -> dict[str, list[Any]]:
     if not isinstance(entries, dict):
         return {}
     # Entries of the wrong shape are dropped here; a bad node is a miss in load.
+    # (Spelt out, not all() over a generator: once per file of the folder.)
     return {
         path: entry
         for path, entry in entries.items()
-        if isinstance(entry, list)
+        if type(entry) is list
         and len(entry) == 6
-        and all(type(n) is int for n in entry[:4])
+        and type(entry[0]) is int
+        and type(entry[1]) is int
+        and type(entry[2]) is int
+        and type(entry[3]) is int
         and type(entry[4]) is bool
     }
 

@@ -386,6 +386,7 @@ class Project:
         # root project's graph, which holds every project's files and elements.
         self.prefix = ""
         self.root: Project = self
+        self._display_prefixes: tuple[Project, tuple[str, ...]] | None = None
         self._subprojects: dict[str, Project] = {}
         # The root's: every junction's project by the junction's qualified name.
         self._junction_projects: dict[str, Project] = {}
@@ -660,10 +661,17 @@ class Project:
 
     def _display(self, path: Path | str) -> str:
         # On strings (both sides are normalised Paths): once per element file,
-        # and pathlib's relative_to is slow.
+        # and pathlib's relative_to is slow. The prefixes are made once for
+        # the root project they were made with (a subproject's is set later).
         text = str(path)
-        for directory in (self.root.directory, self.directory):
-            prefix = os.path.join(str(directory), "")
+        cached = self._display_prefixes
+        if cached is None or cached[0] is not self.root:
+            prefixes = tuple(
+                os.path.join(str(directory), "")
+                for directory in (self.root.directory, self.directory)
+            )
+            cached = self._display_prefixes = (self.root, prefixes)
+        for prefix in cached[1]:
             if text.startswith(prefix):
                 return text[len(prefix) :]
         return text
@@ -811,13 +819,14 @@ class Project:
             *(node.get_str_list("environment-nocache") or []),
         ]
         dependencies = [
+            # (Positional: 40,000 of them on a large project.)
             Dependency(
-                element=elements[ref.name],
-                build=ref.build,
-                runtime=ref.runtime,
-                mark=ref.mark,
-                field=ref.field,
-                configs=tuple(ref.configs) or (None,),
+                elements[ref.name],
+                ref.build,
+                ref.runtime,
+                ref.mark,
+                ref.field,
+                tuple(ref.configs) or (None,),
             )
             for ref in file.deps
         ]
@@ -825,9 +834,11 @@ class Project:
         base_config = defaults.get_mapping("config")
         # A copy when the element adds nothing: the kind's defaults are shared.
         # The kind's defaults are checked for leftover directives once (when
-        # composed); a file without directive keys adds none.
+        # composed); a file without directive keys adds none. The element's
+        # own values are not copied: its config is composed once, and only
+        # read (by its kind) afterwards.
         config = (
-            _compose_mappings(base_config, overlay, check=not node.plain)
+            _compose_mappings(base_config, overlay, check=not node.plain, share=True)
             if overlay is not None or base_config is None
             else clone_mapping(base_config)
         )
@@ -856,9 +867,13 @@ class Project:
             dependencies=dependencies,
             variables=variables,
             environment=environment,
-            environment_nocache=self._environment_nocache | {n.as_str() for n in nocache},
+            environment_nocache=(
+                self._environment_nocache | {n.as_str() for n in nocache}
+                if nocache
+                else self._environment_nocache
+            ),
             public=public,
-            config=expand_data(config, variables),
+            config=_expanded_config(plugin, config, variables),
             build_os=sandbox.build_os,
             build_arch=sandbox.build_arch,
             sources=sources,
@@ -1090,10 +1105,17 @@ def _read_dependencies(node: MappingNode) -> list[_DepRef]:
         if sequence is None:
             continue
         for item in sequence.items:
-            config = item.get_mapping("config") if isinstance(item, MappingNode) else None
-            for name_node, dep_build, dep_runtime in _dependency_entry(item, key, build, runtime):
+            mapping = item if isinstance(item, MappingNode) else None
+            config = mapping.get_mapping("config") if mapping is not None else None
+            # (The usual dependency is a name: no list to make for it.)
+            entries = (
+                ((item, build, runtime),)
+                if type(item) is ScalarNode
+                else _dependency_entry(item, key, build, runtime)
+            )
+            for name_node, dep_build, dep_runtime in entries:
                 raw = name_node.as_str()
-                junction = item.get_str("junction") if isinstance(item, MappingNode) else None
+                junction = mapping.get_str("junction") if mapping is not None else None
                 name = _qualified_name(f"{junction}:{raw}" if junction else raw)
                 if name is None:
                     raise name_node.error(
@@ -1300,17 +1322,28 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _expanded_config(plugin: Kind, config: MappingNode, variables: Variables) -> Any:
+    """The element's config, expanded (:attr:`Element.config`): as its kind
+    made it while configuring, else expanded here (errors reported here)."""
+    expanded = plugin.expanded_config(config)
+    return expand_data(config, variables) if expanded is None else expanded
+
+
 def _compose_mappings(
-    base: MappingNode | None, overlay: MappingNode | None, *, check: bool = True
+    base: MappingNode | None,
+    overlay: MappingNode | None,
+    *,
+    check: bool = True,
+    share: bool = False,
 ) -> MappingNode | None:
     """``overlay`` composed onto ``base`` as BuildStream composes (list directives
     applied), then (``check``) checked for leftover directives; None when both
-    are absent."""
+    are absent. ``share``: as :func:`compose`'s."""
     if overlay is None:
         return base
     if base is None:
         base = MappingNode(mark=overlay.mark, path=overlay.path)
-    composed = compose(base, overlay)
+    composed = compose(base, overlay, share=share)
     if check:
         assert_fully_composited(composed)
     return composed

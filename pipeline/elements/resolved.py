@@ -43,6 +43,14 @@ present); every file's stat settled (see
 file is a miss (header, checksum and shape are checked); writers write a
 temporary file and rename it, so concurrent submits never see half a file.
 
+The file: a line naming the format and the inputs, a checksum line, the
+files read and their stats on a line of their own (a changed file, the
+usual miss, is found without hashing or decoding the rest), then the
+elements, dependencies first, each as its project, name, file, key, staged
+dependencies (indices), sources and spec, the spec less what the head holds
+(its project, name and key), its usual dependency entries as indices, and
+its build environment as an index into a table of the distinct ones.
+
 JSON only (never pickle): the folder is as trusted as the user's home.
 """
 
@@ -84,8 +92,8 @@ from pipeline.spec import BuildSpec
 
 __all__ = ["KeptElement", "KeptFetchSource", "PlannedElement", "ResolvedCache", "spec_text"]
 
-_HEADER = b"remex-resolved 3 "
-_PERSON = b"remex-resolved-3"
+_HEADER = b"remex-resolved 4 "
+_PERSON = b"remex-resolved-4"
 # A kept spec's source entries hold this until build_spec gives the real digest.
 _PLACEHOLDER = digest_to_json(EMPTY_DIGEST)
 # The modules (besides pipeline/elements) whose code decides keys and specs,
@@ -294,12 +302,25 @@ class ResolvedCache:
         first = raw.find(b"\n")
         if first < 0 or raw[:first] != _HEADER + self._inputs:
             return None
+        # The files read come first, on a line of their own: a plan whose
+        # files changed (the usual miss: an edit) is dropped after reading
+        # that line only, before the whole file is hashed and decoded. What
+        # is taken is checked whole (the checksum) before it is used.
+        second = raw.find(b"\n", first + 1)
+        third = raw.find(b"\n", second + 1) if second >= 0 else -1
+        if third < 0:
+            return None
+        try:
+            if not _files_unchanged(json.loads(raw[second + 1 : third])):
+                return None
+        except (ValueError, TypeError, RecursionError):
+            return None
         body = nodes._checked_body(raw[first + 1 :], _HEADER)
         if body is None:
             return None
         try:
-            data = json.loads(body)
-            return _kept_plan(data, cas)
+            data = json.loads(body[third - second :])
+            return _kept_plan(data["elements"], data["environments"], cas)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
             return None
 
@@ -346,10 +367,21 @@ def _plan_body(
         if stat is not None and max(stat[1], stat[2]) >= settled_before:
             return None
     index = {element.name: i for i, element in enumerate(elements)}
-    entries = [_dependency_entry(element.name, spec, element.overlap_whitelist)
-               for element, spec in zip(elements, specs, strict=True)]  # fmt: skip
+    whitelists = [element.overlap_whitelist for element in elements]
+    entries = [
+        _dependency_entry(element.name, spec, whitelist)
+        for element, spec, whitelist in zip(elements, specs, whitelists, strict=True)
+    ]
     parts = []
-    for element, spec in zip(elements, specs, strict=True):
+    # Each distinct build environment, written once (elements' are mostly equal).
+    environments: dict[tuple[tuple[str, str], ...], int] = {}
+    for element, spec, whitelist in zip(elements, specs, whitelists, strict=True):
+        if list(spec)[:4] != _HEAD_FIELDS or (
+            spec["project"] != element.project
+            or spec["element"] != element.name
+            or spec["cache_key"] != element.cache_key
+        ):
+            return None  # (not a spec build_spec made: not kept)
         sources = []
         for source in element.sources:
             kept = _source_entry(source)
@@ -357,23 +389,36 @@ def _plan_body(
                 return None
             sources.append(kept)
         staged = [index[d.name] for d in element.staged_dependencies()]
-        head = spec_text(
-            [element.project, element.name, element.file, element.cache_key, staged, sources,
-             element.overlap_whitelist]
-        )  # fmt: skip
         # A dependency's usual entry (most of a large plan's bytes) is written
         # as the dependency's index, and made once when read.
         dependencies = []
         for entry in spec["dependencies"]:
             at = index.get(entry["element"])
             dependencies.append(at if at is not None and entry == entries[at] else entry)
+        # Without what the head says (project, name, key: put back when read).
+        # (Plain data from here: the kept form is no BuildSpec.)
+        kept_spec: dict[str, Any] = dict(spec)
+        del kept_spec["project"], kept_spec["element"], kept_spec["cache_key"]
+        kept_spec["dependencies"] = dependencies
         # Source entries as loaded: submit points network ones at the source
         # cache (a digest found, or a URI) in place; build_spec fills them.
-        kept_sources = [_kept_source_entry(each) for each in spec["sources"]]
-        spec = {**spec, "dependencies": dependencies, "sources": kept_sources}  # type: ignore[typeddict-item]
-        parts.append(f"{head[:-1]},{spec_text(spec)}]")
-    head = spec_text({"files": reads})
-    return f'{head[:-1]},"elements":[{",".join(parts)}]}}'
+        kept_spec["sources"] = [_kept_source_entry(each) for each in spec["sources"]]
+        command = spec["command"]
+        if type(command) is dict and type(command.get("environment")) is dict:
+            environment = command["environment"]
+            at = environments.setdefault(tuple(environment.items()), len(environments))
+            kept_spec["command"] = {**command, "environment": at}
+        # (One encoder call per element: most of writing a plan is encoding it.)
+        parts.append(spec_text([element.project, element.name, element.file, element.cache_key,
+                                staged, sources, whitelist, kept_spec]))  # fmt: skip
+    # The files first, on a line of their own (see ResolvedCache.load).
+    tables = spec_text([dict(items) for items in environments])
+    return f'{spec_text(reads)}\n{{"elements":[{",".join(parts)}],"environments":{tables}}}'
+
+
+# A spec's first fields, in build_spec's order; those the head holds too.
+_HEAD_FIELDS = ["project", "element", "kind", "cache_key"]
+_HEAD_ONLY = frozenset(("project", "element", "cache_key"))
 
 
 def _kept_source_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -413,34 +458,52 @@ def _source_entry(source: Source) -> list[Any] | None:
             source.directory, where.file, where.line, source.field]  # fmt: skip
 
 
-def _kept_plan(data: dict[str, Any], cas: LocalCas) -> list[KeptElement] | None:
-    """The plan ``data`` holds, if every file and local source is as it was."""
-    files = data["files"]
+def _files_unchanged(files: Any) -> bool:
+    """Whether every file a kept plan's load read (``files``: path -> its
+    :func:`~pipeline.elements.nodes.file_stat`) has the same stat now."""
     if type(files) is not dict:
-        return None
+        return False
     for path, kept in files.items():
         try:
             stat: os.stat_result | None = os.stat(path)
         except OSError:
             stat = None
         if file_stat(stat) != kept:
-            return None
+            return False
+    return True
+
+
+def _kept_plan(data: list[Any], environments: list[Any], cas: LocalCas) -> list[KeptElement] | None:
+    """The plan ``data`` (a kept plan's elements, their build environments
+    in ``environments``) holds, if every local source is as it was (the
+    files were checked by :func:`_files_unchanged`)."""
+    if type(data) is not list or type(environments) is not list:
+        return None
+    if not all(type(each) is dict for each in environments):
+        return None
     plan: list[KeptElement] = []
     # Each element's usual entry in its dependents' specs (shared: read-only).
     entries: list[dict[str, Any]] = []
-    for project, name, file, key, staged, sources, whitelist, spec in data["elements"]:
+    for project, name, file, key, staged, sources, whitelist, kept in data:
         if (
             type(project) is not str
             or type(name) is not str
             or type(file) is not str
             or type(key) is not str
-            or type(spec) is not dict
-            or spec["element"] != name
-            or spec["cache_key"] != key
-            or spec["project"] != project
-            or len(spec["sources"]) != len(sources)
+            or type(kept) is not dict
+            or not _HEAD_ONLY.isdisjoint(kept)
+            or len(kept["sources"]) != len(sources)
         ):
             return None
+        # The spec in build_spec's key order: the head's fields, then the rest.
+        spec = {"project": project, "element": name, "kind": kept["kind"], "cache_key": key}
+        spec.update(kept)
+        command = spec["command"]
+        if type(command) is dict and type(command.get("environment")) is int:
+            at = command["environment"]
+            if not 0 <= at < len(environments):
+                return None
+            command["environment"] = dict(environments[at])  # (a copy: the caller owns it)
         kept_sources = []
         for entry in sources:
             source = _kept_source(entry, cas)

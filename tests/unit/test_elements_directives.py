@@ -15,7 +15,9 @@ from pipeline.cas import LocalCas
 from pipeline.elements import LoadError, Project, load_project
 from pipeline.elements.composition import (
     IncludeLoader,
+    _copy,
     assert_fully_composited,
+    clone,
     compose,
     compose_onto,
 )
@@ -658,3 +660,114 @@ def test_option_pool_alone(tmp_path: Path) -> None:
     pool.process_node(node)
     assert _plain(node) == {"x": "no"}
     assert pool.names() == {"b": False}
+
+
+def _nodes(node: Node) -> list[Node]:
+    """``node`` and every node below it."""
+    found = [node]
+    if isinstance(node, SequenceNode):
+        for item in node.items:
+            found.extend(_nodes(item))
+    elif isinstance(node, MappingNode):
+        for value in node.entries.values():
+            found.extend(_nodes(value))
+    return found
+
+
+def test_every_node_loaded_or_composed_has_its_childrens_paths_derived_from_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given files with includes, conditionals and list directives, loaded
+    # (the parsed-file cache off, then on: decoded), composed and re-composed
+    # (what composition's copy at an unchanged path relies on)
+    files = {
+        "include/common.yml": """\
+            variables:
+              extra: common
+            config:
+              build-commands:
+                (>):
+                - echo included
+            """,
+        "elements/a.bst": """\
+            kind: manual
+            (@): include/common.yml
+            (?):
+            - debug:
+                config:
+                  install-commands:
+                    (<):
+                    - echo debug
+            config:
+              build-commands:
+                (<):
+                - echo first
+              install-commands:
+              - echo %{extra}
+            public:
+              mine:
+              - [nested, {deep: list}]
+              bst:
+                split-rules:
+                  devel:
+                    (>): [/usr/include/x.h]
+            """,
+    }
+    conf = CONF + "options:\n  debug:\n    type: bool\n    description: d\n    default: true\n"
+    seen: list[Node] = []
+    for cache in ("off", str(tmp_path / "cache"), str(tmp_path / "cache")):
+        monkeypatch.setenv("REMEX_PARSED_CACHE", cache)
+        project = _project(tmp_path / cache.replace("/", "_"), files, conf)
+        project.load_targets(["a.bst"])
+        node = project._files["a.bst"].node
+        config = node.get_mapping("config")
+        assert config is not None
+        base = _yaml(tmp_path, "config:\n  build-commands: [a]\n  strip-commands: [b]\n")
+        base_config = base.get_mapping("config")
+        assert base_config is not None
+        composed = compose(base_config, config)
+        again = compose(composed, composed)
+        seen.extend([*_nodes(node), *_nodes(composed), *_nodes(again)])
+    # Then re-rooting any of them at its own path changes nothing
+    for each in seen:
+        assert clone(each, each.path) == _copy(each), each.path
+
+
+def test_an_elements_config_composed_without_copies_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given elements whose config replaces, extends and leaves the kind's lists
+    files = {
+        "elements/plain.bst": """\
+            kind: manual
+            config:
+              build-commands: [echo a, echo b]
+              install-commands:
+              - echo %{install-root}
+            """,
+        "elements/directives.bst": """\
+            kind: manual
+            build-depends: [plain.bst]
+            config:
+              build-commands:
+                (>): [echo later]
+              strip-commands:
+                (=): [echo replaced]
+            """,
+        "elements/none.bst": "kind: manual\nbuild-depends: [directives.bst]\n",
+    }
+    shared = _project(tmp_path / "shared", files)
+    loaded = shared.load_targets(["none.bst"])
+    # When the same project is loaded with every overlay copied
+    real = compose
+
+    def copying(base: MappingNode, overlay: MappingNode, *, share: bool = False) -> MappingNode:
+        return real(base, overlay)
+
+    monkeypatch.setattr("pipeline.elements.project.compose", copying)
+    copied = _project(tmp_path / "copied", files)
+    expected = copied.load_targets(["none.bst"])
+    # Then the elements are the same, and so are the element files' nodes
+    assert [(e.config, e.cache_key) for e in loaded] == [(e.config, e.cache_key) for e in expected]
+    for name, file in shared._files.items():
+        assert _plain(file.node) == _plain(copied._files[name].node), name

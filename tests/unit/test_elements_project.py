@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import posixpath
+import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -13,9 +17,13 @@ from pipeline.cas import LocalCas
 from pipeline.digest import digest_of, digest_to_json
 from pipeline.elements import Element, ElementError, LoadError, Project, load_project
 from pipeline.elements.defaults import host_arch
+from pipeline.elements.kinds.base import StagedDependency
+from pipeline.elements.kinds.manual import BuildElementKind, sandbox_folder
+from pipeline.elements.variables import Definition, Variables
 from pipeline.errors import ConfigError
 
 CONF = "name: test\nelement-path: elements\n"
+PROJECTS = Path(__file__).resolve().parents[1] / "projects"
 
 
 def write(root: Path, files: dict[str, str]) -> Path:
@@ -692,3 +700,101 @@ def test_script_runs_each_command_as_buildstream_does(tmp_path: Path) -> None:
     # last line of a command stopped the build, as under BuildStream
     assert result.stdout == f"{workdir} unset it's\n"
     assert result.returncode != 0
+
+
+def test_a_build_elements_config_is_what_expanding_it_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given BuildElement kinds (plugin packages' and a local one whose
+    # defaults have no configure-commands) and elements whose config has
+    # commands with variables, a null step, an empty step, list directives
+    root = tmp_path / "plugins"
+    shutil.copytree(PROJECTS / "plugins", root)
+    defaults = root / "localplugins/mybuild.yaml"
+    defaults.write_text(defaults.read_text().replace("  configure-commands: []\n", ""))
+    write(
+        root,
+        {
+            "elements/nulls.bst": """\
+                kind: mybuild
+                variables:
+                  word: hi
+                config:
+                  configure-commands: ~
+                  build-commands:
+                  - echo %{word} > %{install-root}/a
+                  install-commands: []
+                """,
+        },
+    )
+    targets = ["all.bst", "nulls.bst"]
+    made = load_project(root, cas=LocalCas(tmp_path / "cas")).load_targets(targets)
+    # When the same project is loaded with every config expanded by the loader
+    monkeypatch.setattr(BuildElementKind, "expanded_config", lambda self, config: None)
+    expanded = load_project(root, cas=LocalCas(tmp_path / "cas")).load_targets(targets)
+    # Then each element's config (what show's %{config} prints) is the same,
+    # key order and nulls included, and so is each key
+    assert [json.dumps(e.config) for e in made] == [json.dumps(e.config) for e in expanded]
+    assert [e.cache_key for e in made] == [e.cache_key for e in expanded]
+    nulls = next(e for e in made if e.name == "nulls.bst")
+    assert nulls.config["configure-commands"] is None
+    assert nulls.config["build-commands"] == ["echo hi > /buildstream-install/a"]
+    assert any(e.kind == "cmake" for e in made)
+
+
+def test_an_undefined_variable_in_a_build_elements_config_is_reported(tmp_path: Path) -> None:
+    # Given a build element whose command uses an undefined variable
+    message = str(
+        load_error(
+            tmp_path,
+            {"a.bst": "kind: manual\nconfig:\n  install-commands:\n  - echo %{nope}\n"},
+            "a.bst",
+        )
+    )
+    # Then the load says so, at the command
+    assert "undefined variable 'nope'" in message
+    assert "a.bst:4" in message
+
+
+def test_dependencies_are_frozen_values(tmp_path: Path) -> None:
+    # Given a loaded element with a dependency
+    loaded = project(
+        tmp_path, {"a.bst": "kind: stack\n", "b.bst": "kind: stack\ndepends: [a.bst]\n"}
+    ).load_targets(["b.bst"])
+    (dep,) = loaded[1].dependencies
+    # Then it compares by value, cannot be changed, and is copied with a change
+    assert dep == dataclasses.replace(dep)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dep.build = False  # type: ignore[misc]
+    changed = dataclasses.replace(dep, runtime=False)
+    assert (changed.runtime, changed.element, dep.runtime) == (False, dep.element, True)
+    staged = StagedDependency(dep.element, path="usr")
+    assert staged == StagedDependency(element=dep.element, path="usr", select=None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        staged.path = ""  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/a", "/buildstream/p/e.bst", "/", "//", "///x", "//a", "/a//b", "/a/../b", "/a/./b",
+     "/a/.hidden", "/...", "/a/", "/.", "/a/..", "a/b", "", "./a", "/a b/c"],
+)  # fmt: skip
+@pytest.mark.parametrize("root_allowed", [False, True])
+def test_a_sandbox_folder_is_checked_as_normpath_checks_it(value: str, root_allowed: bool) -> None:
+    # Given a variable holding a folder
+    variables = Variables({"build-root": Definition(value, None, "variables.build-root")})
+    # When it is read as a sandbox folder
+    try:
+        got: object = sandbox_folder(variables, "build-root", root_allowed=root_allowed)
+    except LoadError as error:
+        got = str(error)
+    # Then the answer is what the rule gives with the path normalised
+    normal = posixpath.normpath(value) if value else ""
+    if (
+        not value.startswith("/")
+        or (normal == "/" and not root_allowed)
+        or ".." in value.split("/")
+    ):
+        assert isinstance(got, str) and "must be" in got
+    else:
+        assert got == value

@@ -338,18 +338,33 @@ def test_a_damaged_file_is_a_miss(
     assert again == first
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # a spec naming an element itself (its head names it)
+        (b'{"kind":"manual"', b'{"element":"z.bst","kind":"manual"'),
+        # a build environment the plan does not have
+        (b'"environment":0', b'"environment":7'),
+        (b'"environment":0', b'"environment":-1'),
+    ],
+)
 def test_a_file_of_the_right_checksum_but_a_wrong_shape_is_a_miss(
-    project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+    project: Path,
+    cas: LocalCas,
+    cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    old: bytes,
+    new: bytes,
 ) -> None:
     # Given a kept file rewritten with a valid checksum over a wrong plan
-    # (an element whose spec names another element)
     loads = Loads(monkeypatch)
     first = submit_plan(project, cas)
     file = cache_file(cache)
     raw = file.read_bytes()
     head, rest = raw.split(b"\n", 1)
     _, body = rest.split(b"\n", 1)
-    body = body.replace(b'"element":"a.bst"', b'"element":"z.bst"', 1)
+    assert old in body
+    body = body.replace(old, new, 1)
     file.unlink()
     nodes._write_file(str(file), head + b"\n" + resolved._HEADER, body)
     # When it is submitted again
@@ -906,3 +921,60 @@ def test_another_local_cas_is_another_input(
     # Then it is loaded (its subproject read from there), the same plan
     assert loads.count == 2
     assert after == first
+
+
+def test_a_plan_whose_files_changed_is_dropped_before_it_is_decoded(
+    project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a kept project whose file lists the files read on a line of its own
+    submit_plan(project, cas)
+    raw = cache_file(cache).read_bytes()
+    _, _, files, _ = raw.split(b"\n", 3)
+    assert set(json.loads(files)) >= {str(project / "elements/b.bst")}
+    # When an element file changes
+    edit_element(project)
+    calls: list[str] = []
+    real_plan, real_checked = resolved._kept_plan, nodes._checked_body
+
+    def kept_plan(*args: Any) -> Any:
+        calls.append("decoded")
+        return real_plan(*args)
+
+    def checked_body(raw: bytes, header: bytes) -> bytes | None:
+        calls.append("hashed")
+        return real_checked(raw, header)
+
+    monkeypatch.setattr(resolved, "_kept_plan", kept_plan)
+    monkeypatch.setattr(nodes, "_checked_body", checked_body)
+    cache_obj = resolved.ResolvedCache.open(
+        project, ["all.bst"], options=None, option_values=None, default_mirror=None, max_jobs=8,
+        fetch=api._fetch_inputs(load_config(project, environ={})),
+        junctions_dir=str(cas.root.parent / "junctions"),
+    )  # fmt: skip
+    assert cache_obj is not None and cache_obj.file == str(cache_file(cache))
+    # Then the plan is a miss, found without hashing nor decoding the rest
+    assert cache_obj.load(cas) is None
+    assert calls == []
+    # (while an unchanged one is hashed and decoded, then taken)
+    (project / "elements/b.bst").write_text(B)
+    submit_plan(project, cas)
+    assert cache_obj.load(cas) is not None
+    assert calls[-2:] == ["hashed", "decoded"]
+
+
+def test_damage_past_the_files_line_is_still_a_miss(
+    project: Path, cas: LocalCas, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a kept project whose elements (after the files line) are damaged,
+    # the files line intact
+    loads = Loads(monkeypatch)
+    first = submit_plan(project, cas)
+    file = cache_file(cache)
+    raw = file.read_bytes()
+    at = raw.index(b'"b.bst"', raw.index(b"\n{"))
+    file.write_bytes(raw[:at] + raw[at:].replace(b"b.bst", b"c.bst", 1))
+    # When it is submitted again
+    again = submit_plan(project, cas)
+    # Then the checksum refuses it: loaded again, the same as before
+    assert loads.count == 2
+    assert again == first

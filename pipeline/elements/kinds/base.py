@@ -41,13 +41,19 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class StagedDependency:
     """One dependency put into the input tree: its element, where, and which files."""
 
     element: Element
     path: str = ""
     select: spec.SelectSpec | None = None
+
+    def __init__(
+        self, element: Element, path: str = "", select: spec.SelectSpec | None = None
+    ) -> None:
+        # At once, as Dependency's (one per dependency of every element's spec).
+        self.__dict__.update(element=element, path=path, select=select)
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,13 @@ class Kind(ABC):
     @abstractmethod
     def key_config(self) -> dict[str, Any]:
         """The configuration as it enters the cache key (expanded)."""
+
+    def expanded_config(self, config: MappingNode) -> Any | None:
+        """``expand_data(config, variables)`` for the ``config`` just given to
+        :meth:`configure`, when configure expanded every string in it already
+        (made from what it kept, nothing is expanded twice); None when the
+        loader is to expand it (and report what is wrong in it)."""
+        return None
 
     def integration_commands(self, element: Element) -> list[str]:
         """The element's integration commands: its public ``bst.integration-commands``

@@ -26,7 +26,7 @@ from pipeline.elements.kinds.base import (
     Recipe,
     StagedDependency,
 )
-from pipeline.elements.nodes import MappingNode
+from pipeline.elements.nodes import MappingNode, ScalarNode
 from pipeline.elements.variables import Variables
 
 if TYPE_CHECKING:
@@ -65,6 +65,14 @@ class BuildElementKind(Kind):
         self.working_directory = f"{root}/{subdir}" if root and subdir else root or subdir
         self.notparallel = ctx.variables.get("notparallel") in ("true", "True")
 
+    def expanded_config(self, config: MappingNode) -> Any | None:
+        """As :meth:`Kind.expanded_config`: configure allowed only command
+        lists (each a list of strings, or null) and expanded every command."""
+        return {
+            key: None if isinstance(node, ScalarNode) else list(self.commands[key])
+            for key, node in config.entries.items()
+        }
+
     def key_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
             "commands": self.commands,
@@ -83,13 +91,19 @@ class BuildElementKind(Kind):
         ``%{strip-binaries}`` is empty) are left out: they would do nothing.
         """
         lines = integration_lines(element, staged)
-        lines += [
-            f"sh -c -e {_quote_unsafe(command + chr(10))}"
-            for step in COMMAND_STEPS
-            for command in self.commands.get(step, [])
-            if command.strip()
-        ]
-        return "".join(line + "\n" for line in lines)
+        integration = "".join(line + "\n" for line in lines) if lines else ""
+        # Each command quoted as shlex.quote would quote it with its newline
+        # (it holds a character the shell treats specially: no need to look),
+        # then the script's own newline: written out, as this is done for
+        # every command of every element.
+        return integration + "".join(
+            [
+                "sh -c -e '" + command.replace("'", "'\"'\"'") + "\n'\n"
+                for step in COMMAND_STEPS
+                for command in self.commands.get(step, ())
+                if command.strip()
+            ]
+        )
 
     def recipe(self, element: Element) -> Recipe:
         staged = element.staged_dependencies()
@@ -144,13 +158,6 @@ def integration_lines(element: Element, staged: list[Element]) -> list[str]:
     return lines
 
 
-def _quote_unsafe(text: str) -> str:
-    """``shlex.quote(text)`` for a text known to hold a character the shell
-    treats specially (a command with its newline): the same quoting without
-    the search for one (a fifth of making a spec)."""
-    return "'" + text.replace("'", "'\"'\"'") + "'"
-
-
 def sandbox_folder(variables: Variables, name: str, *, root_allowed: bool = False) -> str:
     """A variable holding an absolute folder below ``/`` (build-root, install-root);
     with ``root_allowed``, ``/`` itself (a script collecting the whole sandbox).
@@ -159,6 +166,10 @@ def sandbox_folder(variables: Variables, name: str, *, root_allowed: bool = Fals
         LoadError: at the variable's definition.
     """
     value = variables[name]
+    if value.startswith("/") and "//" not in value and "/." not in value and value[-1] != "/":
+        # Already normal, below "/" and without ".." (the usual value, twice
+        # per element: normpath is most of this function's time otherwise).
+        return value
     normal = posixpath.normpath(value) if value else ""
     if (
         not value.startswith("/")

@@ -34,10 +34,19 @@ the scheduler's moves), median and mean.
     .venv/bin/python -m bench.scale_builds --part b [--elements 2000]
         [--slots 2,100]
 
+The workers run with the production heartbeat timeout (30 s) and reconciler
+interval (5 s) unless ``--timings test`` gives them the test stack's short
+ones (5 s, 1 s). Some Redis commands come with time, not with elements (the
+workers' liveness keys, each worker's try of the reconciler lock, idle
+consumers' polls, the reconciler's passes): an idle stack runs ~15 a second
+with the test timings, so they add to a slow build's commands per element,
+and more with short timings than a deployment has.
+
 The machine these figures come from has 2 cores shared with other sessions:
 the executor, the workers, Redis and this process share them, so elements/s
 is bound by CPU long before the scheduler; compare the Redis-side figures
-(commands, time and memory per element), which do not depend on the load.
+(commands, time and memory per element), which depend on the load only
+through those commands that come with time.
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ from pipeline import api
 from pipeline.config import load_config
 from pipeline.scheduler import Scheduler
 from pipeline.servers import RedisServer, RemexStack
+from pipeline.servers.stack import TEST_HEARTBEAT_TIMEOUT, TEST_RECONCILE_INTERVAL
 from pipeline.testing.dag import make_dag_project
 from pipeline.testing.sysroot import make_busybox_sysroot
 
@@ -305,6 +315,17 @@ def print_runs(runs: Sequence[Run]) -> None:
         print(f"    run by Redis (with scripts' own), per element: {top}")
 
 
+def stack_timings(timings: str) -> dict[str, float | None]:
+    """The workers' heartbeat timeout and reconciler interval: the
+    production defaults (None: the configuration's), or the test stack's."""
+    if timings == "test":
+        return {
+            "heartbeat_timeout": TEST_HEARTBEAT_TIMEOUT,
+            "reconcile_interval": TEST_RECONCILE_INTERVAL,
+        }
+    return {"heartbeat_timeout": None, "reconcile_interval": None}
+
+
 def part_a(args: argparse.Namespace, work: Path, sysroot: Path) -> list[Run]:
     runs: list[Run] = []
     modes = {m for m in args.modes.split(",") if m}
@@ -316,7 +337,10 @@ def part_a(args: argparse.Namespace, work: Path, sysroot: Path) -> list[Run]:
             work / shape, n, shape=shape, layers=args.layers, sysroot=sysroot
         ).path
         with RemexStack(
-            work / f"stack-{shape}", workers=args.workers, concurrency=args.concurrency
+            work / f"stack-{shape}",
+            workers=args.workers,
+            concurrency=args.concurrency,
+            **stack_timings(args.timings),
         ) as stack:
             if "cold" in modes:
                 runs.append(
@@ -344,7 +368,12 @@ def part_b(args: argparse.Namespace, work: Path, sysroot: Path) -> list[Run]:
     # One stack: its execution server's ActionCache is filled once, by a
     # first build on --workers x --concurrency slots; then, for each slot
     # count, the workers are replaced and the artifacts wiped (warm).
-    with RemexStack(work / "stack-b", workers=args.workers, concurrency=args.concurrency) as stack:
+    with RemexStack(
+        work / "stack-b",
+        workers=args.workers,
+        concurrency=args.concurrency,
+        **stack_timings(args.timings),
+    ) as stack:
         runs.append(build(stack, project, f"dag {args.elements} prime", args.timeout))
         print("  prime: done", file=sys.stderr, flush=True)
         for slots in [int(s) for s in args.slots.split(",") if s]:
@@ -440,13 +469,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="count the commands clients send (Redis MONITOR; slows Redis down)",
     )
+    parser.add_argument(
+        "--timings",
+        choices=("production", "test"),
+        default="production",
+        help="the workers' heartbeat timeout and reconciler interval: production "
+        "(30 s, 5 s) or the test stack's (5 s, 1 s)",
+    )
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     if args.elements is None:
         args.elements = {"a": 1000, "b": 2000, "r": 10_000}[args.part]
     work = Path(tempfile.mkdtemp(prefix="remex-scale-builds-"))
     print(
-        f"scale builds, part {args.part}; load {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs",
+        f"scale builds, part {args.part}; load {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs; "
+        f"{args.timings} timings",
         flush=True,
     )
     try:

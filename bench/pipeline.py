@@ -198,8 +198,12 @@ def casd_timeline(
         peak = max(peak, running)
         last = when
     first, final = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
+    starts = sorted(s for s, _, _ in spans)
+    # The first wave: when the jobs-th action started (every slot had had work).
+    wave = starts[min(jobs, len(starts)) - 1]
     return (
-        f"{label}: first action started +{first - t0:.2f} s, last done +{final - t0:.2f} s; "
+        f"{label}: first action started +{first - t0:.2f} s, the {min(jobs, len(starts))}th "
+        f"+{wave - t0:.2f} s, last done +{final - t0:.2f} s; "
         f"runner (worker_start..completed) median "
         f"{statistics.median(e - s for s, e, _ in spans):.2f} s, command median "
         f"{statistics.median(x for *_, x in spans):.2f} s; {jobs} running at once for "

@@ -199,6 +199,17 @@ def casd_timeline(
         last = when
     first, final = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
     starts = sorted(s for s, _, _ in spans)
+    ends = sorted(e for _, e, _ in spans)
+    # Idle slot-seconds (jobs - running, integrated), split where the first
+    # wave filled every slot and where the last action that ever starts began.
+    marks = (starts[min(jobs, len(starts)) - 1], starts[-1])
+    idle = [0.0, 0.0, 0.0]
+    points = sorted({*starts, *ends, *marks})
+    for a, b in itertools.pairwise(points):
+        mid = (a + b) / 2
+        running = sum(1 for s, e, _ in spans if s <= mid < e)
+        part = 0 if mid < marks[0] else (1 if mid < marks[1] else 2)
+        idle[part] += max(jobs - running, 0) * (b - a)
     # The first wave: when the jobs-th action started (every slot had had work).
     wave = starts[min(jobs, len(starts)) - 1]
     return (
@@ -207,7 +218,8 @@ def casd_timeline(
         f"runner (worker_start..completed) median "
         f"{statistics.median(e - s for s, e, _ in spans):.2f} s, command median "
         f"{statistics.median(x for *_, x in spans):.2f} s; {jobs} running at once for "
-        f"{full:.2f} s of {final - first:.2f} s (peak {peak})"
+        f"{full:.2f} s of {final - first:.2f} s (peak {peak}); idle slot-seconds: "
+        f"{idle[0]:.2f} filling, {idle[1]:.2f} between, {idle[2]:.2f} draining"
     )
 
 

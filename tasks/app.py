@@ -9,6 +9,7 @@ configuration of the current folder and environment.
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import sys
@@ -62,6 +63,11 @@ def create_app(config: RemexConfig, *, worker_name: str | None = None) -> Celery
     # Signals are process-wide: act only for this app's worker.
     def on_ready(sender: Any = None, **_: object) -> None:
         if getattr(sender, "app", None) is app:
+            # What the worker made to start (modules, the app, protobuf
+            # descriptors) lives as long as it does: out of the collector's
+            # generations, an old-generation collection walks only what the
+            # stages made since (issue 17: 1.4 % of a worker's CPU was gc).
+            gc.freeze()
             loops.start()
 
     def on_shutdown(sender: Any = None, **_: object) -> None:

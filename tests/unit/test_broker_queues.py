@@ -16,7 +16,11 @@ def test_only_the_lists_of_the_builds_priorities_are_read() -> None:
     lists = queue_lists("remex.host.w1", [2, 5])
     # Then only the lists their stage messages go to are read (3 per build priority)
     steps = sorted(
-        {message_priority(p, s) for p in (2, 5) for s in ("upload", "execute", "fetch_outputs")}
+        {
+            message_priority(p, s)
+            for p in (2, 5)
+            for s in ("stage_to_cas", "execute", "fetch_outputs")
+        }
     )
     assert lists == [f"remex.host.w1{PRIORITY_SEP}{step}" for step in steps]
     assert len(lists) == 6

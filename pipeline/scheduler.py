@@ -21,9 +21,9 @@ number) and a stage task only starts if its attempt is the
 current one (:meth:`Scheduler.start_stage`). If a sender dies in between, the
 reconciler finds the element ``ready`` and sends it. Work is O(V+E) and no
 task waits on another. (Redis does not undo the writes a script made before
-an error: an element a failed finish counted down but did not make ready
-would wait forever; the reconciler makes such ones ready,
-:meth:`Scheduler.wake_stuck`.)
+an error: an element a failed finish counted down but did not make ready,
+or did not count down, or did not skip, would wait forever; the reconciler
+repairs such a build, :meth:`Scheduler.wake_stuck`.)
 
 Liveness: a worker keeps a key ``remex:worker:<instance>`` alive while it
 runs (:meth:`Scheduler.worker_alive`); its value is the worker's *epoch*,
@@ -108,6 +108,7 @@ The moves' Lua scripts are files in ``pipeline/lua/``, read when a
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -124,6 +125,8 @@ from redis.retry import Retry
 
 from pipeline import jsonenc
 from pipeline.spec import BuildSpec
+
+log = logging.getLogger(__name__)
 
 # Specs, infos and dependents written at submit: compact, made once (a build
 # encodes three values per element).
@@ -1365,8 +1368,9 @@ class Scheduler:
 
     def wake_stuck(self, build_id: str, *, scan_count: int = 1000) -> list[str]:
         """Make ready the elements of a build that wait with no dependency
-        left, and return them (the caller sends them); end the build when
-        nothing is left to do but its status says running.
+        left, and return them (the caller sends them); skip those a failed
+        dependency leaves waiting; end the build when nothing is left to do
+        but its status says running.
 
         No move leaves either so, but Redis keeps the writes a script made
         before an error (a finish that failed half-way: its dependents
@@ -1376,8 +1380,10 @@ class Scheduler:
         a running build with no live element but with waiting ones can only
         be stuck (every move leaves the waiting elements whose dependencies
         are all done live), and only then are its states scanned
-        (``scan_count`` to an HSCAN) and the waiting ones' counts read. A
-        build written without counts (an older remex) is left alone.
+        (``scan_count`` to an HSCAN) and the waiting ones' counts read.
+        When no count is 0 (a decrement or a skip was lost), the
+        dependencies' states decide (:meth:`_recount_stuck`). A build
+        written without counts (an older remex) is left alone.
         """
         # (No transaction: with nothing live, nothing of the build moves
         # but by the reconciler, which runs one pass at a time, or by a
@@ -1407,6 +1413,78 @@ class Scheduler:
                 args=[build_id, time.time(), json.dumps(waiting[i : i + WAKE_PER_SCRIPT])],
             )
             woken += [str(e) for e in _as_list(json.loads(cast(str, raw)))]
+        if woken or not waiting:
+            return woken
+        return self._recount_stuck(build_id, scan_count)
+
+    def _recount_stuck(self, build_id: str, scan_count: int) -> list[str]:
+        """A stuck build whose waiting elements all count dependencies left:
+        a decrement (or a failure's skip) was lost. Each waiting element's
+        dependencies (from every element's ``dependents``: the whole build's
+        infos and states are read, once, and only for a stuck build) say
+        what it waits for: all built or cached, it is made ready (its count
+        set to 0) and returned; one failed, skipped or cancelled (or to be
+        skipped), it is skipped, as the finish would have."""
+        states: dict[str, str] = {
+            str(k): str(v)
+            for k, v in self.redis.hscan_iter(self.keys.build(build_id, "state"), count=scan_count)
+        }
+        dependencies: dict[str, list[str]] = {}
+        for name, raw in self.redis.hscan_iter(self.keys.build(build_id, "info"), count=scan_count):
+            info = json.loads(raw) if raw else {}
+            for dependent in info.get("dependents") or [] if isinstance(info, dict) else []:
+                dependencies.setdefault(str(dependent), []).append(str(name))
+        waiting = sorted(e for e, state in states.items() if state == ElementState.WAITING)
+        done = {ElementState.BUILT, ElementState.CACHED}
+        # Skipped: a dependency failed, skipped or cancelled, or skipped here
+        # (to a fixed point: a chain of waiting elements behind a failure).
+        skip: dict[str, str] = {}
+        changed = True
+        while changed:
+            changed = False
+            for element in waiting:
+                if element in skip:
+                    continue
+                for dep in dependencies.get(element, []):
+                    state = ElementState.SKIPPED if dep in skip else states.get(dep)
+                    if state in TERMINAL and state not in done:
+                        verb = "failed" if state == ElementState.FAILED else f"was {state}"
+                        skip[element] = f"dependency {dep} {verb}"
+                        changed = True
+                        break
+        ready = [
+            e
+            for e in waiting
+            if e not in skip and all(states.get(d) in done for d in dependencies.get(e, []))
+        ]
+        if not ready and not skip:
+            log.warning(
+                "build %s: %d element(s) wait with nothing live and nothing to repair",
+                build_id,
+                len(waiting),
+            )
+            return []
+        woken: list[str] = []
+        skipped = sorted(skip.items())
+        for i in range(0, max(len(ready), len(skipped)), WAKE_PER_SCRIPT):
+            raw = self._wake(
+                keys=[self.keys.prefix],
+                args=[
+                    build_id,
+                    time.time(),
+                    "[]",
+                    json.dumps(ready[i : i + WAKE_PER_SCRIPT]),
+                    json.dumps([list(pair) for pair in skipped[i : i + WAKE_PER_SCRIPT]]),
+                    BUILD_TTL_SECONDS,
+                ],
+            )
+            woken += [str(e) for e in _as_list(json.loads(cast(str, raw)))]
+        log.warning(
+            "build %s was stuck (a lost count): %d element(s) made ready, %d skipped",
+            build_id,
+            len(woken),
+            len(skipped),
+        )
         return woken
 
     def _confirm_lost(

@@ -776,6 +776,56 @@ def test_reconcile_sends_elements_left_waiting_with_no_dependency_left(
     assert scheduler.status(build).status == "succeeded"
 
 
+def test_reconcile_sends_elements_whose_count_down_was_lost(
+    scheduler: Scheduler, celery_app: Celery
+) -> None:
+    # Given a diamond whose root was built by a finish that failed before it
+    # counted its dependents down: b and c wait with a count of 1, nothing live
+    build, _ = create(scheduler, DIAMOND)
+    send(scheduler, build, "a")
+    scheduler.finish(build, "a", "built", {})
+    strand(scheduler, build, ["b", "c"])
+    pending = scheduler.keys.build(build, "pending")
+    scheduler.redis.hset(pending, mapping={"b": 1, "c": 1})
+    # When the reconciler passes
+    assert reconcile(celery_app, scheduler, lock_seconds=0.001) == 2
+    # Then both are sent (their counts put right), and d still waits for them
+    assert states(scheduler, build) == {"a": "built", "b": "queued", "c": "queued", "d": "waiting"}
+    assert scheduler.redis.hmget(pending, ["b", "c", "d"]) == ["0", "0", "2"]
+    # And the build goes on to its end
+    for element in ("b", "c", "d"):
+        if element == "d":
+            send(scheduler, build, "d")
+        scheduler.finish(build, element, "built", {})
+    assert scheduler.status(build).status == "succeeded"
+
+
+def test_elements_left_waiting_behind_a_failure_are_skipped(scheduler: Scheduler) -> None:
+    # Given a diamond whose root failed in a finish that broke before it
+    # skipped the dependents: a failed, b, c and d still waiting, nothing live
+    build, _ = create(scheduler, DIAMOND)
+    send(scheduler, build, "a")
+    scheduler.redis.hset(scheduler.keys.build(build, "state"), "a", "failed")
+    scheduler.redis.hincrby(scheduler.keys.build(build, "counts"), "failed", 1)
+    scheduler.redis.sadd(scheduler.keys.build(build, "failed"), "a")
+    scheduler.redis.srem(scheduler.keys.build(build, "live"), "a")
+    # When the reconciler looks at it
+    assert scheduler.wake_stuck(build) == []
+    # Then every element behind the failure is skipped, saying why, and the build ends
+    status = scheduler.status(build)
+    assert {e.element: e.state for e in status.elements} == {
+        "a": "failed",
+        "b": "skipped",
+        "c": "skipped",
+        "d": "skipped",
+    }
+    errors = {e.element: e.info.get("error") for e in status.elements}
+    assert errors["b"] == "dependency a failed"
+    assert errors["d"] in ("dependency b was skipped", "dependency c was skipped")
+    assert status.status == "failed"
+    assert build not in scheduler.active_builds()
+
+
 def test_a_build_with_nothing_left_to_do_but_still_running_is_ended(
     scheduler: Scheduler,
 ) -> None:

@@ -601,6 +601,15 @@ def repeated(fn: Callable[[], list[Row]], times: int, key: int) -> list[Row]:
     for index, row in enumerate(chosen):
         walls = ", ".join(f"{run[index].wall:.2f}" for run in runs)
         row.notes.insert(0, f"{times} runs: {walls} s (median run shown)")
+    # The case against its floor measured in the same run: each run's ratio
+    # (the machine's load moves both alike) and their median.
+    floors = [i for i, row in enumerate(chosen) if i != key and " floor" in row.case]
+    if floors:
+        ratios = sorted(run[key].wall / run[floors[0]].wall for run in runs)
+        listed = ", ".join(f"{run[key].wall / run[floors[0]].wall:.3f}" for run in runs)
+        chosen[key].notes.insert(
+            1, f"remex / floor per run: {listed}; median {ratios[(times - 1) // 2]:.3f}"
+        )
     return chosen
 
 

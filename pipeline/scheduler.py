@@ -1430,28 +1430,28 @@ class Scheduler:
             for k, v in self.redis.hscan_iter(self.keys.build(build_id, "state"), count=scan_count)
         }
         dependencies: dict[str, list[str]] = {}
+        dependents: dict[str, list[str]] = {}
         for name, raw in self.redis.hscan_iter(self.keys.build(build_id, "info"), count=scan_count):
             info = json.loads(raw) if raw else {}
-            for dependent in info.get("dependents") or [] if isinstance(info, dict) else []:
+            listed = info.get("dependents") if isinstance(info, dict) else None
+            for dependent in listed or []:
                 dependencies.setdefault(str(dependent), []).append(str(name))
+                dependents.setdefault(str(name), []).append(str(dependent))
         waiting = sorted(e for e, state in states.items() if state == ElementState.WAITING)
         done = {ElementState.BUILT, ElementState.CACHED}
-        # Skipped: a dependency failed, skipped or cancelled, or skipped here
-        # (to a fixed point: a chain of waiting elements behind a failure).
+        # Skipped: what waits behind a failed, skipped or cancelled element,
+        # through any number of waiting ones (one walk of the dependents).
         skip: dict[str, str] = {}
-        changed = True
-        while changed:
-            changed = False
-            for element in waiting:
-                if element in skip:
-                    continue
-                for dep in dependencies.get(element, []):
-                    state = ElementState.SKIPPED if dep in skip else states.get(dep)
-                    if state in TERMINAL and state not in done:
-                        verb = "failed" if state == ElementState.FAILED else f"was {state}"
-                        skip[element] = f"dependency {dep} {verb}"
-                        changed = True
-                        break
+        stack = [e for e, state in states.items() if state in TERMINAL and state not in done]
+        while stack:
+            element = stack.pop()
+            state = states.get(element)
+            verb = "failed" if state == ElementState.FAILED else f"was {state or 'skipped'}"
+            for dependent in dependents.get(element, []):
+                if states.get(dependent) == ElementState.WAITING and dependent not in skip:
+                    skip[dependent] = f"dependency {element} {verb}"
+                    states[dependent] = ElementState.SKIPPED
+                    stack.append(dependent)
         ready = [
             e
             for e in waiting

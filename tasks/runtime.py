@@ -40,6 +40,9 @@ __all__ = ["BackgroundLoops", "RuntimeHolder", "StartBatch", "WorkerRuntime", "s
 # A worker's Redis commands wait this long for a restarting Redis: a stage
 # that finished its work waits to record it rather than be run again.
 WORKER_RECONNECT_SECONDS = 60.0
+# A worker that stops waits this long for the cancels of orphaned operations
+# its last flushes started (see StartBatch.flush).
+ORPHAN_CANCEL_WAIT = 10.0
 
 
 @dataclass
@@ -173,6 +176,8 @@ class BackgroundLoops:
                 # (What the last stages noted, before the worker goes.)
                 with contextlib.suppress(Exception):
                     starts.flush()
+                # (And the cancels of operations that run on for nothing.)
+                starts.join_cancels(ORPHAN_CANCEL_WAIT)
             with contextlib.suppress(Exception):
                 rt.scheduler.worker_gone(rt.instance)
 
@@ -348,6 +353,8 @@ class StartBatch:
         # (build, element) -> (attempt, stage rank, when): what this process started.
         self._memo: OrderedDict[tuple[str, str], tuple[int, int, float]] = OrderedDict()
         self._lock = threading.Lock()
+        # Threads cancelling orphaned operations (see flush).
+        self._cancels: list[threading.Thread] = []
         self._thread: threading.Thread | None = None
 
     def begin(self, start: StageStart) -> bool:
@@ -489,8 +496,25 @@ class StartBatch:
         # An element cancelled (remex cancel, on-error terminate) between its
         # operation's start and this flush: the canceller cancelled the
         # operations it could see in Redis, not this one, which would run on
-        # for nothing. Cancel it here.
-        for name in recorded.orphans:
+        # for nothing. Cancelled here, off this thread: a cancel is an RPC the
+        # client retries (seconds when the server is slow or down), and a
+        # flush runs in the flush thread or in a stage's hand-on, whose
+        # starts must not wait for it.
+        if recorded.orphans:
+            thread = threading.Thread(
+                target=self._cancel_orphans,
+                args=(list(recorded.orphans),),
+                name="remex-orphan-cancel",
+                daemon=True,
+            )
+            with self._lock:
+                self._cancels = [t for t in self._cancels if t.is_alive()]
+                self._cancels.append(thread)
+            thread.start()
+        return len(batch)
+
+    def _cancel_orphans(self, names: list[str]) -> None:
+        for name in names:
             if self._cancel_operation is None:
                 log.warning("operation %s of a cancelled element runs on", name)
                 continue
@@ -499,7 +523,16 @@ class StartBatch:
                 log.info("cancelled operation %s: its element was cancelled", name)
             except Exception as exc:  # the server may have finished it already
                 log.warning("could not cancel operation %s: %s", name, exc)
-        return len(batch)
+
+    def join_cancels(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the cancels flushes started
+        (a worker that stops gives them this long); True if all ended."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._cancels)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)
 
     def _run(self) -> None:
         while True:

@@ -6,6 +6,7 @@ no queue; against a real Redis, no workers (issue 16)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -288,6 +289,7 @@ def test_an_operation_named_after_its_element_was_cancelled_is_cancelled_by_the_
     # When the batch flushes
     batch.flush()
     # Then it cancels the operation nobody else knew of, and only that one
+    assert batch.join_cancels(5.0)
     assert cancelled == ["op-b"]
     assert scheduler.state(build, "b") == "cancelled"
     assert "operation" not in scheduler.info(build, "b")
@@ -299,7 +301,37 @@ def test_an_operation_named_after_its_element_was_cancelled_is_cancelled_by_the_
     scheduler.finish(build2, "c", "built", {})
     batch.note(build2, "c", attempt=1, stage="execute", changes={"operation": "op-c"})
     batch.flush()
+    assert batch.join_cancels(5.0)
     assert cancelled == ["op-b"]
+
+
+def test_a_slow_cancel_does_not_hold_up_the_flush(scheduler: Scheduler) -> None:
+    # Given an element cancelled before its operation's name was flushed,
+    # and a server whose CancelOperation hangs (its client retrying)
+    build, _ = create(scheduler, {"a": []})
+    send(scheduler, build, "a")
+    release = threading.Event()
+    cancelled: list[str] = []
+
+    def slow_cancel(name: str) -> None:
+        release.wait(30)
+        cancelled.append(name)
+
+    batch = StartBatch(scheduler, interval=3600.0, cancel_operation=slow_cancel)
+    assert batch.begin(start(build, "a", "execute"))
+    batch.flush()
+    scheduler.cancel(build)
+    batch.note(build, "a", attempt=1, stage="execute", changes={"operation": "op-a"})
+    # When the batch flushes, it returns without waiting for the cancel
+    began = time.monotonic()
+    batch.flush()
+    assert time.monotonic() - began < 5
+    assert cancelled == []
+    assert not batch.join_cancels(0.1)
+    # And the cancel still goes out once the server answers
+    release.set()
+    assert batch.join_cancels(5.0)
+    assert cancelled == ["op-a"]
 
 
 def test_a_build_of_an_older_remex_keeps_its_dependents_apart_and_still_finishes(

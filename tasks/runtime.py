@@ -508,9 +508,10 @@ class StartBatch:
                 daemon=True,
             )
             with self._lock:
+                # (Started before it is listed: join_cancels joins only started threads.)
+                thread.start()
                 self._cancels = [t for t in self._cancels if t.is_alive()]
                 self._cancels.append(thread)
-            thread.start()
         return len(batch)
 
     def _cancel_orphans(self, names: list[str]) -> None:

@@ -1402,11 +1402,11 @@ class Scheduler:
             self._update_build_status(build_id)
             return []
         woken: list[str] = []
-        waiting: list[str] = []
         key = self.keys.build(build_id, "state")
-        for name, state in self.redis.hscan_iter(key, count=scan_count):
-            if state == ElementState.WAITING:
-                waiting.append(str(name))
+        states = {
+            str(name): str(state) for name, state in self.redis.hscan_iter(key, count=scan_count)
+        }
+        waiting = [name for name, state in states.items() if state == ElementState.WAITING]
         for i in range(0, len(waiting), WAKE_PER_SCRIPT):
             raw = self._wake(
                 keys=[self.keys.prefix],
@@ -1415,20 +1415,17 @@ class Scheduler:
             woken += [str(e) for e in _as_list(json.loads(cast(str, raw)))]
         if woken or not waiting:
             return woken
-        return self._recount_stuck(build_id, scan_count)
+        return self._recount_stuck(build_id, states, scan_count)
 
-    def _recount_stuck(self, build_id: str, scan_count: int) -> list[str]:
+    def _recount_stuck(self, build_id: str, states: dict[str, str], scan_count: int) -> list[str]:
         """A stuck build whose waiting elements all count dependencies left:
         a decrement (or a failure's skip) was lost. Each waiting element's
         dependencies (from every element's ``dependents``: the whole build's
         infos and states are read, once, and only for a stuck build) say
         what it waits for: all built or cached, it is made ready (its count
         set to 0) and returned; one failed, skipped or cancelled (or to be
-        skipped), it is skipped, as the finish would have."""
-        states: dict[str, str] = {
-            str(k): str(v)
-            for k, v in self.redis.hscan_iter(self.keys.build(build_id, "state"), count=scan_count)
-        }
+        skipped), it is skipped, as the finish would have. ``states``: every
+        element's, as :meth:`wake_stuck` scanned them (updated here)."""
         dependencies: dict[str, list[str]] = {}
         dependents: dict[str, list[str]] = {}
         for name, raw in self.redis.hscan_iter(self.keys.build(build_id, "info"), count=scan_count):

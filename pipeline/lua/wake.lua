@@ -28,22 +28,23 @@ if #names > 0 then
     if counts[i] and tonumber(counts[i]) <= 0 then table.insert(stuck, e) end
   end
 end
-if #recounted > 0 then
-  local states = hmget_all(bkey(b, 'state'), recounted)
-  local zeros = {}
-  for i, e in ipairs(recounted) do
-    if states[i] == 'waiting' then
-      table.insert(zeros, e)
-      table.insert(zeros, 0)
-      table.insert(stuck, e)
-    end
-  end
-  hset_all(bkey(b, 'pending'), zeros)
+local recount = {}
+for _, e in ipairs(recounted) do
+  recount[e] = true
+  table.insert(stuck, e)
 end
 local ready = {}
 -- (CHECK: only those still waiting, read in this move.)
 make_ready(b, stuck, now, ready, true)
-for _, r in ipairs(ready) do table.insert(out, r[2]) end
+local zeros = {}
+for _, r in ipairs(ready) do
+  table.insert(out, r[2])
+  if recount[r[2]] then
+    table.insert(zeros, r[2])
+    table.insert(zeros, 0)
+  end
+end
+hset_all(bkey(b, 'pending'), zeros)
 if #skips > 0 then
   local skip_names = {}
   for i, s in ipairs(skips) do skip_names[i] = s[1] end

@@ -212,6 +212,18 @@ def casd_timeline(
         idle[part] += max(jobs - running, 0) * (b - a)
     # The first wave: when the jobs-th action started (every slot had had work).
     wave = starts[min(jobs, len(starts)) - 1]
+    # A freed slot's refill: the k-th action to end against the (jobs+k)-th
+    # to start, the one that took its slot (the executor runs at most
+    # ``jobs``). With every later action already waiting in the executor's
+    # queue, this is the executor's own turnaround plus whatever else
+    # competes for the machine at that moment.
+    refills = [b - a for a, b in zip(ends, starts[jobs:], strict=False)]
+    refill = (
+        f"; a freed slot refilled after median {fmt_ms(statistics.median(refills))} "
+        f"(max {fmt_ms(max(refills))})"
+        if refills
+        else ""
+    )
     return (
         f"{label}: first action started +{first - t0:.2f} s, the {min(jobs, len(starts))}th "
         f"+{wave - t0:.2f} s, last done +{final - t0:.2f} s; "
@@ -219,7 +231,7 @@ def casd_timeline(
         f"{statistics.median(e - s for s, e, _ in spans):.2f} s, command median "
         f"{statistics.median(x for *_, x in spans):.2f} s; {jobs} running at once for "
         f"{full:.2f} s of {final - first:.2f} s (peak {peak}); idle slot-seconds: "
-        f"{idle[0]:.2f} filling, {idle[1]:.2f} between, {idle[2]:.2f} draining"
+        f"{idle[0]:.2f} filling, {idle[1]:.2f} between, {idle[2]:.2f} draining{refill}"
     )
 
 

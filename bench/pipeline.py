@@ -57,6 +57,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import datetime
+import functools
 import itertools
 import os
 import shutil
@@ -83,9 +84,8 @@ from pipeline.stages import (
     StageContext,
     build_plan,
     execute,
-    fetch_outputs,
-    push_artifact,
     read_artifact_meta,
+    run_stages,
     snapshot_sources,
     stage_to_cas,
     upload,
@@ -413,14 +413,8 @@ def direct_pipeline(project: DagProject, config: RemexConfig) -> float:
         build_plan(ctx, prepared_specs(ctx, project.path, ["base.bst"]))
         t0 = time.perf_counter()
         specs = prepared_specs(ctx, project.path, project.elements)[1:]
-
-        def one(spec: BuildSpec) -> None:
-            state = stage_to_cas(ctx, spec, {})
-            for stage in (upload, execute, fetch_outputs, push_artifact):
-                state = stage(ctx, spec, state)
-
         with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
-            list(pool.map(one, specs))
+            list(pool.map(functools.partial(run_stages, ctx), specs))
         return time.perf_counter() - t0
 
 

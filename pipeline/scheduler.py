@@ -1415,9 +1415,11 @@ class Scheduler:
             woken += [str(e) for e in _as_list(json.loads(cast(str, raw)))]
         if woken or not waiting:
             return woken
-        return self._recount_stuck(build_id, states, scan_count)
+        return self._recount_stuck(build_id, states, waiting, scan_count)
 
-    def _recount_stuck(self, build_id: str, states: dict[str, str], scan_count: int) -> list[str]:
+    def _recount_stuck(
+        self, build_id: str, states: dict[str, str], waiting: list[str], scan_count: int
+    ) -> list[str]:
         """A stuck build whose waiting elements all count dependencies left:
         a decrement (or a failure's skip) was lost. Each waiting element's
         dependencies (from every element's ``dependents``: the whole build's
@@ -1425,7 +1427,8 @@ class Scheduler:
         what it waits for: all built or cached, it is made ready (its count
         set to 0) and returned; one failed, skipped or cancelled (or to be
         skipped), it is skipped, as the finish would have. ``states``: every
-        element's, as :meth:`wake_stuck` scanned them (updated here)."""
+        element's, as :meth:`wake_stuck` scanned them (updated here);
+        ``waiting``: those of them waiting."""
         dependencies: dict[str, list[str]] = {}
         dependents: dict[str, list[str]] = {}
         for name, raw in self.redis.hscan_iter(self.keys.build(build_id, "info"), count=scan_count):
@@ -1434,7 +1437,6 @@ class Scheduler:
             for dependent in listed or []:
                 dependencies.setdefault(str(dependent), []).append(str(name))
                 dependents.setdefault(str(name), []).append(str(dependent))
-        waiting = sorted(e for e, state in states.items() if state == ElementState.WAITING)
         done = {ElementState.BUILT, ElementState.CACHED}
         # Skipped: what waits behind a failed, skipped or cancelled element,
         # through any number of waiting ones (one walk of the dependents).
@@ -1451,7 +1453,7 @@ class Scheduler:
                     stack.append(dependent)
         ready = [
             e
-            for e in waiting
+            for e in sorted(waiting)
             if e not in skip and all(states.get(d) in done for d in dependencies.get(e, []))
         ]
         if not ready and not skip:

@@ -231,7 +231,11 @@ def test_artifact_layout(ctx: StageContext, tmp_path: Path) -> None:
         "timings": {"stage_to_cas": 0.5},
     }
     meta = artifact_meta(build, state)
-    root = build_artifact_tree(ctx.local_cas, files, stdout, EMPTY_DIGEST, meta)
+    root, own = build_artifact_tree(files, stdout, EMPTY_DIGEST, meta)
+    # Its own blobs are made in memory (to be sent), not written locally.
+    assert not ctx.local_cas.contains(root)
+    for data in own.values():
+        ctx.local_cas.put(data)
     assert paths(ctx, root) == [
         "./",
         "files/",

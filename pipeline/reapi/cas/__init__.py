@@ -18,6 +18,14 @@ from __future__ import annotations
 from pipeline.reapi.cas.client import CasClient
 from pipeline.reapi.cas.connection import ENTRY_FRAMING
 from pipeline.reapi.cas.download import DownloadStats
-from pipeline.reapi.cas.upload import BlobSource, UploadStats
+from pipeline.reapi.cas.upload import BlobSource, LocalBlobs, MemoryBlobs, UploadStats
 
-__all__ = ["ENTRY_FRAMING", "BlobSource", "CasClient", "DownloadStats", "UploadStats"]
+__all__ = [
+    "ENTRY_FRAMING",
+    "BlobSource",
+    "CasClient",
+    "DownloadStats",
+    "LocalBlobs",
+    "MemoryBlobs",
+    "UploadStats",
+]

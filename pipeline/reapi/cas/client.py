@@ -21,7 +21,7 @@ from pipeline.reapi.cas.connection import (
 from pipeline.reapi.cas.copy import BlobCopier
 from pipeline.reapi.cas.download import Downloader, DownloadStats
 from pipeline.reapi.cas.tree import RemoteTree, TreeReader
-from pipeline.reapi.cas.upload import BlobSource, Uploader, UploadStats
+from pipeline.reapi.cas.upload import BlobSource, LocalBlobs, Uploader, UploadStats
 from pipeline.reapi.remote import Remote
 from protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
@@ -128,13 +128,14 @@ class CasClient:
 
     def upload_missing_from(
         self,
-        local_cas: LocalCas,
+        local_cas: LocalBlobs,
         digests: Iterable[Digest],
         *,
         fallback: CasClient | None = None,
     ) -> UploadStats:
         """Send what the server lacks of ``digests``, after one FindMissingBlobs:
-        from the local CAS when it holds a blob, otherwise copied server to
+        from ``local_cas`` when it holds a blob (the local CAS, or blobs in
+        memory in front of it: :class:`MemoryBlobs`), otherwise copied server to
         server from ``fallback`` (build without the bytes: the local CAS may
         hold a tree's Directory messages and not its files).
 

@@ -23,7 +23,7 @@ from pipeline.errors import DigestMismatchError, ProtocolError
 from pipeline.reapi.cas.connection import CasConnection, digest_key, stream_timeout
 from pipeline.reapi.cas.download import Downloader
 from pipeline.reapi.cas.traffic import TRAFFIC
-from pipeline.reapi.cas.upload import Uploader, UploadStats, _MemorySource
+from pipeline.reapi.cas.upload import MemoryBlobs, Uploader, UploadStats
 from protos.google.bytestream import bytestream_pb2 as bs_pb2
 
 __all__ = ["BlobCopier"]
@@ -70,7 +70,7 @@ class BlobCopier:
 
     def _copy_batch(self, batch: list[Digest]) -> None:
         blobs = self.reader.read_blobs(batch)  # verified
-        source = _MemorySource({d.hash: blobs[digest_key(d)] for d in batch})
+        source = MemoryBlobs({d.hash: blobs[digest_key(d)] for d in batch})
         self.writer._batch_update(source, batch, lambda _digest: None)
 
     def _copy_stream(self, digest: Digest) -> None:

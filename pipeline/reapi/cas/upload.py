@@ -65,6 +65,13 @@ class BlobSource(Protocol):
     def open(self, digest: Digest) -> BinaryIO: ...
 
 
+class LocalBlobs(BlobSource, Protocol):
+    """A :class:`BlobSource` that can say whether it holds a blob (a
+    :class:`LocalCas` is one)."""
+
+    def contains(self, digest: Digest) -> bool: ...
+
+
 class Uploader:
     """The upload half of :class:`pipeline.reapi.cas.CasClient` (see there)."""
 
@@ -122,7 +129,7 @@ class Uploader:
         """See :meth:`CasClient.upload_blob`."""
         digest = digest_of(data)
         if digest.size_bytes != 0:
-            self._upload_once(_MemorySource({digest.hash: data}), [digest], time.monotonic())
+            self._upload_once(MemoryBlobs({digest.hash: data}), [digest], time.monotonic())
         return digest
 
     # --- private -----------------------------------------------------------
@@ -334,17 +341,35 @@ class Uploader:
         return None
 
 
-class _MemorySource:
-    """A :class:`BlobSource` over blobs held in memory."""
+class MemoryBlobs:
+    """A :class:`BlobSource` over blobs held in memory (keyed by hash), in
+    front of another source (``below``, e.g. the local CAS) for the rest:
+    what is made only to be sent need not be written to disk first."""
 
-    def __init__(self, blobs: dict[str, bytes]) -> None:
+    def __init__(self, blobs: dict[str, bytes], below: LocalBlobs | None = None) -> None:
         self._blobs = blobs
+        self._below = below
+
+    def contains(self, digest: Digest) -> bool:
+        if digest.hash in self._blobs:
+            return True
+        return self._below is not None and self._below.contains(digest)
 
     def get(self, digest: Digest) -> bytes:
-        return self._blobs[digest.hash]
+        data = self._blobs.get(digest.hash)
+        if data is not None:
+            return data
+        if self._below is None:
+            raise KeyError(digest.hash)
+        return self._below.get(digest)
 
     def open(self, digest: Digest) -> BinaryIO:
-        return io.BytesIO(self._blobs[digest.hash])
+        data = self._blobs.get(digest.hash)
+        if data is not None:
+            return io.BytesIO(data)
+        if self._below is None:
+            raise KeyError(digest.hash)
+        return self._below.open(digest)
 
 
 class _WriteRequests:

@@ -32,7 +32,7 @@ from pipeline.broker import (
     no_declare,
     publish_sends,
     send_ready,
-    task_label,
+    task_reprs,
 )
 from pipeline.errors import RemexError
 from pipeline.scheduler import StageStart
@@ -324,7 +324,7 @@ class StageTask(Task):  # type: ignore[misc]
                 queue=queue,
                 exc=exc,
                 max_retries=None,
-                argsrepr=task_label(payload["build"], payload["element"], payload["attempt"]),
+                **task_reprs(payload["build"], payload["element"], payload["attempt"]),
                 **no_declare(self.app),
             )
         except Reject:

@@ -8,6 +8,7 @@ consumes.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -632,6 +633,20 @@ def test_send_element_sends_a_five_stage_chain_with_known_task_ids(
     assert headers["task"] == "remex.stage_to_cas"
     assert headers["id"] == info["task_ids"][0]
     assert "a [build " in headers["argsrepr"]
+    assert headers["kwargsrepr"] == "{}"
+    # The later stages carry the same reprs, so that no worker makes them
+    # (walking the payload) when it publishes the chain's next message.
+    _, _, embed = json.loads(base64.b64decode(message["body"]))
+    chain = embed["chain"]
+    assert [sig["task"] for sig in reversed(chain)] == [
+        "remex.upload",
+        "remex.execute",
+        "remex.fetch_outputs",
+        "remex.push_artifact",
+    ]
+    for sig in chain:
+        assert sig["options"]["argsrepr"] == headers["argsrepr"]
+        assert sig["options"]["kwargsrepr"] == "{}"
     assert len(info["task_ids"]) == 5 and all(info["task_ids"])
     assert info["attempt"] == 1
     # A waiting element is not sent; a finished one neither

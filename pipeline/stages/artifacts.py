@@ -286,8 +286,8 @@ def build_artifact_tree(
 
     They are made in memory to be sent to the artifact server (through
     :class:`pipeline.reapi.cas.MemoryBlobs`), not written to the local CAS:
-    nothing on this host reads them again, and each new file in a CAS costs
-    a file creation (about half a millisecond of kernel time here).
+    nothing on this host reads them again, and each new file in a CAS is a
+    new inode (0.5-0.7 ms of kernel time on a busy ext4 without a journal).
     """
     blobs: dict[str, bytes] = {}
 
@@ -297,7 +297,9 @@ def build_artifact_tree(
         return digest
 
     def keep_message(directory: Directory) -> Digest:
-        return keep(directory.SerializeToString(deterministic=True))
+        digest, data = digest_of_message(directory)
+        blobs[digest.hash] = data
+        return digest
 
     meta_blob = keep(_json_bytes(meta))
     logs = keep_message(

@@ -120,18 +120,14 @@ MAX_ATTEMPTS = DEFAULT_POLICY.max_sends
 fails instead of being sent again."""
 
 
-def task_label(build_id: str, element: str, attempt: int) -> str:
-    """How a stage task's arguments read in Flower and in worker logs."""
-    return f"{element} [build {build_id}, attempt {attempt}]"
-
-
 def task_reprs(build_id: str, element: str, attempt: int) -> dict[str, str]:
-    """A stage message's ``argsrepr`` (:func:`task_label`) and ``kwargsrepr``
-    (the tasks take no keyword arguments), given so that Celery does not make
-    them itself: it walks the whole payload for the one, and reads its
-    configuration for the other, at every publish (4 % of a worker's GIL
-    time for the empty kwargs alone, issue 17)."""
-    return {"argsrepr": task_label(build_id, element, attempt), "kwargsrepr": "{}"}
+    """A stage message's ``argsrepr`` (how its arguments read in Flower and
+    in worker logs) and ``kwargsrepr`` (the tasks take no keyword
+    arguments), given so that Celery does not make them itself: it walks the
+    whole payload for the one, and reads its configuration for the other,
+    at every publish (4 % of a worker's GIL time for the empty kwargs alone,
+    issue 17)."""
+    return {"argsrepr": f"{element} [build {build_id}, attempt {attempt}]", "kwargsrepr": "{}"}
 
 
 def host_queue(worker_name: str) -> str:

@@ -70,19 +70,15 @@ def push_artifact(
     _ensure_local_outputs(ctx, spec, state, files, [stdout, stderr])
     # The meta records this stage's time so far (a copy: the state's is added at the end).
     meta = artifact_meta(spec, with_timing(dict(new), "push_artifact", time.monotonic() - started))
-    root, own = build_artifact_tree(files, stdout, stderr, meta)
+    own = MemoryBlobs(below=ctx.local_cas)
+    root = build_artifact_tree(own, files, stdout, stderr, meta)
     # One FindMissingBlobs for the whole artifact. Its own small blobs are
     # sent from memory; output files the local CAS does not hold (built
     # without the bytes) are on the execution CAS: when that is the artifact
     # server nothing moves, otherwise they are copied server to server.
     ctx.artifact_cas.upload_missing_from(
-        MemoryBlobs(own, below=ctx.local_cas),
-        [
-            *(Digest(hash=h, size_bytes=len(data)) for h, data in own.items()),
-            stdout,
-            stderr,
-            *tree_digests(ctx.local_cas, files),
-        ],
+        own,
+        [*own.digests(), stdout, stderr, *tree_digests(ctx.local_cas, files)],
         fallback=None if ctx.artifacts_on_storage else ctx.execution_cas,
     )
     # Named only once every blob is there: a fetched artifact is complete.

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.cas import LocalCas, import_directory, iter_tree
 from pipeline.digest import EMPTY_DIGEST, Digest, digest_from_json, digest_of, digest_to_json
+from pipeline.reapi.cas import MemoryBlobs
 from pipeline.reapi.channel import Endpoint
 from pipeline.reapi.remote import Remote
 from pipeline.spec import BuildSpec, CommandSpec, SourceSpec, artifact_uri
@@ -231,11 +232,12 @@ def test_artifact_layout(ctx: StageContext, tmp_path: Path) -> None:
         "timings": {"stage_to_cas": 0.5},
     }
     meta = artifact_meta(build, state)
-    root, own = build_artifact_tree(files, stdout, EMPTY_DIGEST, meta)
+    own = MemoryBlobs(below=ctx.local_cas)
+    root = build_artifact_tree(own, files, stdout, EMPTY_DIGEST, meta)
     # Its own blobs are made in memory (to be sent), not written locally.
     assert not ctx.local_cas.contains(root)
-    for data in own.values():
-        ctx.local_cas.put(data)
+    for digest in own.digests():
+        ctx.local_cas.put(own.get(digest))
     assert paths(ctx, root) == [
         "./",
         "files/",

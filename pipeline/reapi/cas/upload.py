@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 import grpc
+from google.protobuf.message import Message
 
 from pipeline.digest import Digest, digest_of, digest_to_str
 from pipeline.errors import ProtocolError, RemoteError
@@ -343,12 +344,30 @@ class Uploader:
 
 class MemoryBlobs:
     """A :class:`BlobSource` over blobs held in memory (keyed by hash), in
-    front of another source (``below``, e.g. the local CAS) for the rest:
-    what is made only to be sent need not be written to disk first."""
+    front of another source (``below``, e.g. the local CAS) for the rest.
+    What is made only to be sent is put here (:meth:`put`,
+    :meth:`put_message`, as into a :class:`LocalCas`) rather than written
+    to disk first."""
 
-    def __init__(self, blobs: dict[str, bytes], below: LocalBlobs | None = None) -> None:
-        self._blobs = blobs
+    def __init__(
+        self, blobs: dict[str, bytes] | None = None, below: LocalBlobs | None = None
+    ) -> None:
+        self._blobs = {} if blobs is None else blobs
         self._below = below
+
+    def put(self, data: bytes) -> Digest:
+        """Hold ``data``; return its digest."""
+        digest = digest_of(data)
+        self._blobs[digest.hash] = data
+        return digest
+
+    def put_message(self, message: Message) -> Digest:
+        """Hold a protobuf message, serialized deterministically; return its digest."""
+        return self.put(message.SerializeToString(deterministic=True))
+
+    def digests(self) -> list[Digest]:
+        """The blobs held in memory (not those below)."""
+        return [Digest(hash=h, size_bytes=len(data)) for h, data in self._blobs.items()]
 
     def contains(self, digest: Digest) -> bool:
         if digest.hash in self._blobs:

@@ -518,6 +518,13 @@ def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]
     help="Source downloads at once, in a second worker process on the remex.fetch "
     "queue (default: worker.fetch-concurrency; 0: no fetch pool on this host).",
 )
+@click.option(
+    "--nice",
+    type=click.IntRange(0, 19),
+    default=None,
+    help="CPU priority, as nice(1) (default: worker.nice, else 0). A worker that leads "
+    "its own session sets the session's autogroup too.",
+)
 @click.option("--fetch-only", is_flag=True, hidden=True, help="Be the fetch pool.")
 @click.option(
     "--parent-pid", type=int, default=None, hidden=True, help="Exit when this process dies."
@@ -547,6 +554,7 @@ def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]
 def worker(
     concurrency: int | None,
     fetch_concurrency: int | None,
+    nice: int | None,
     fetch_only: bool,
     parent_pid: int | None,
     queues: str | None,
@@ -564,9 +572,13 @@ def worker(
 
     from pipeline.broker import DEFAULT_QUEUE, FETCH_QUEUE, host_queue
     from pipeline.config import load_config
+    from pipeline.servers.process import lower_cpu_priority
     from tasks.app import create_app
 
     config = load_config(project_dir)
+    if not fetch_only:
+        # Before any thread: they, and the fetch pool, inherit it.
+        lower_cpu_priority((config.worker_nice or 0) if nice is None else nice)
     wait_for_broker(config.require_broker())
     name = name or socket.gethostname()
     fetches = config.fetch_concurrency if fetch_concurrency is None else fetch_concurrency
@@ -740,6 +752,7 @@ def up(
 
     from pipeline import stack as embedded
     from pipeline.config import load_config
+    from pipeline.servers.stack import STACK_WORKER_NICE
 
     config = load_config(project_dir)
     folder = embedded.stack_dir()
@@ -752,6 +765,10 @@ def up(
         worker_env={
             **cas_env(config),
             "REMEX_WORKER_FETCH_CONCURRENCY": str(fetch_concurrency or config.fetch_concurrency),
+            # (Unset: the stack's default, below its own casd's sandboxes.)
+            **(
+                {} if config.worker_nice is None else {"REMEX_WORKER_NICE": str(config.worker_nice)}
+            ),
         },
     )
     click.echo(f"remex stack up ({folder}):")
@@ -760,7 +777,11 @@ def up(
         click.echo(f"             (password in {running.redis_password_file})")
     click.echo(f"  execution  {running.execution_url} (buildbox-casd, also the artifact server)")
     fetches = fetch_concurrency or config.fetch_concurrency
-    click.echo(f"  workers    {workers} x {concurrency} tasks, {fetches} downloads (fetch pool)")
+    nice = STACK_WORKER_NICE if config.worker_nice is None else config.worker_nice
+    click.echo(
+        f"  workers    {workers} x {concurrency} tasks, {fetches} downloads (fetch pool), "
+        f"nice {nice}"
+    )
     if running.flower is not None:
         password = Path(running.flower["password_file"]).read_text().strip()
         click.echo(f"  flower     {running.flower['url']}/tasks")

@@ -45,6 +45,7 @@ Where settings come from, later ones winning:
     [worker]
     concurrency = 4
     fetch-concurrency = 4       # source downloads at once (a pool of their own)
+    nice = 0                    # CPU priority, 0-19 (remex up's workers: 10, below casd's)
     heartbeat-timeout = 30      # seconds; a silent running element is then checked
     reconcile-interval = 5      # seconds between reconciler passes
 
@@ -210,6 +211,12 @@ class RemexConfig:
     fetch_concurrency: int = 4
     """Source downloads at once per worker host (``[worker] fetch-concurrency``):
     a pool of its own on the ``remex.fetch`` queue, so downloads never hold build slots."""
+    worker_nice: int | None = None
+    """``[worker] nice``: the workers' CPU priority, 0-19 (see
+    :func:`pipeline.servers.process.lower_cpu_priority`). None: 0 for
+    ``remex worker``; an embedded stack gives its workers
+    :data:`pipeline.servers.stack.STACK_WORKER_NICE`, as the actions run on
+    the same host."""
     heartbeat_timeout: float = 30.0
     reconcile_interval: float = 5.0
     bot_local_cas: bool = True
@@ -433,7 +440,7 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     worker = _table(data, "worker", where)
     _known(
         worker,
-        {"concurrency", "fetch-concurrency", "heartbeat-timeout", "reconcile-interval"},
+        {"concurrency", "fetch-concurrency", "nice", "heartbeat-timeout", "reconcile-interval"},
         where,
         "worker.",
     )
@@ -445,6 +452,8 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
         changes["fetch_concurrency"] = _positive(
             worker["fetch-concurrency"], f"{where}: worker.fetch-concurrency"
         )
+    if "nice" in worker:
+        changes["worker_nice"] = _nice(worker["nice"], f"{where}: worker.nice")
     for key, attr in (
         ("heartbeat-timeout", "heartbeat_timeout"),
         ("reconcile-interval", "reconcile_interval"),
@@ -569,6 +578,9 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
             env["REMEX_WORKER_FETCH_CONCURRENCY"], "REMEX_WORKER_FETCH_CONCURRENCY"
         )
         used.append("REMEX_WORKER_FETCH_CONCURRENCY")
+    if env.get("REMEX_WORKER_NICE"):
+        changes["worker_nice"] = _nice(env["REMEX_WORKER_NICE"], "REMEX_WORKER_NICE")
+        used.append("REMEX_WORKER_NICE")
     for name, attr in (
         ("REMEX_HEARTBEAT_TIMEOUT", "heartbeat_timeout"),
         ("REMEX_RECONCILE_INTERVAL", "reconcile_interval"),
@@ -778,6 +790,17 @@ def _count(value: Any, where: str) -> int:
     ):
         raise ConfigError(f"{where}: must be a whole number (0 or more), not {value!r}")
     return int(value)
+
+
+def _nice(value: Any, where: str) -> int:
+    """A nice value, 0-19 (raising a priority takes privileges)."""
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else -1
+    except (TypeError, ValueError):
+        number = -1
+    if not 0 <= number <= 19:
+        raise ConfigError(f"{where}: must be a whole number from 0 to 19, not {value!r}")
+    return number
 
 
 def _positive(value: Any, where: str) -> int:

@@ -26,6 +26,7 @@ __all__ = [
     "ProcStat",
     "kill_process_tree",
     "listening_inodes",
+    "lower_cpu_priority",
     "mounts_under",
     "pid_alive",
     "proc_stat",
@@ -276,6 +277,60 @@ def unmount_under(root: str | os.PathLike[str], attempts: int = 5) -> None:
     left = mounts_under(root)
     if left:
         raise ServerError(f"could not unmount {left} (left by a stopped server)")
+
+
+# --------------------------------------------------------------------------- priority
+
+#: How long :func:`lower_cpu_priority` retries a refused autogroup write:
+#: Linux takes one such write a tenth of a second from a process without
+#: CAP_SYS_ADMIN (EAGAIN meanwhile), and a stack starts its workers at once.
+AUTOGROUP_RETRY_SECONDS = 3.0
+
+
+def lower_cpu_priority(nice: int, *, autogroup: Path = Path("/proc/self/autogroup")) -> bool:
+    """Run this process at ``nice`` (0-19, as nice(1)): its threads made from
+    now on and its children inherit it. Call it before making any thread.
+
+    Under Linux's autogroup scheduling (``kernel.sched_autogroup_enabled``)
+    the CPU is shared between sessions first, and a nice value only counts
+    within its session. So a process that leads its own session (as a stack
+    starts its workers) also sets its session's autogroup nice; else the
+    executor's sandboxes, all in buildbox-casd's one session, would weigh as
+    much as each single worker. A process in someone else's session (a
+    worker started from a shell) leaves that session's autogroup alone.
+
+    Returns whether this session's autogroup now runs at ``nice`` (or a
+    lower priority).
+
+    Raises:
+        ValueError: ``nice`` is not within 0-19.
+    """
+    if not 0 <= nice <= 19:
+        raise ValueError(f"nice must be within 0-19, not {nice}")
+    if nice == 0:
+        return False
+    # (Only ever lower: raising a priority back takes privileges.)
+    if os.getpriority(os.PRIO_PROCESS, 0) < nice:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    if os.getsid(0) != os.getpid():
+        return False
+    try:
+        current = int(autogroup.read_text().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return False  # no autogroup scheduling in this kernel
+    if current >= nice:
+        return True
+    deadline = time.monotonic() + AUTOGROUP_RETRY_SECONDS
+    while True:
+        try:
+            autogroup.write_text(f"{nice}\n")
+            return True
+        except BlockingIOError:  # EAGAIN: another session's write was just now
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        except OSError:  # no autogroup here, or not allowed
+            return False
 
 
 # --------------------------------------------------------------------------- logs

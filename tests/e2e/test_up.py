@@ -41,6 +41,24 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def nice_values(pid: int) -> set[int]:
+    """The nice value of every thread of ``pid`` and of its children's threads."""
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        values.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+        for child in (task / "children").read_text().split():
+            values |= nice_values(int(child))
+    return values
+
+
+def autogroup_nice(pid: int) -> int | None:
+    """The nice value of ``pid``'s session's autogroup (None: no autogroups here)."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split("nice")[1])
+    except OSError:
+        return None
+
+
 def test_up_build_checkout_down(user_env: dict[str, str], tmp_path: Path) -> None:
     # Given the embedded stack started in the background
     up = run(user_env, "up", "--detach", "--workers", "2")
@@ -49,6 +67,14 @@ def test_up_build_checkout_down(user_env: dict[str, str], tmp_path: Path) -> Non
         state = json.loads((tmp_path / "stack" / "stack.json").read_text())
         pids = [state["redis"]["pid"], state["casd"]["pid"]] + [w["pid"] for w in state["workers"]]
         assert all(alive(pid) for pid in pids)
+        # The workers (every thread, and their fetch pools) run below casd's
+        # sandboxes, their sessions' autogroups too where the kernel has them
+        assert "nice 10" in up.stdout
+        for worker in state["workers"]:
+            assert nice_values(worker["pid"]) == {10}
+            assert autogroup_nice(worker["pid"]) in (None, 10)
+        assert nice_values(state["casd"]["pid"]) == {0}
+        assert autogroup_nice(state["casd"]["pid"]) in (None, 0)
         # Redis asks for a password (kept out of stack.json), casd is on a unix socket
         assert state["redis"]["url"].startswith("redis://127.0.0.1:")
         assert Path(state["redis"]["password_file"]).read_text().strip()
@@ -116,11 +142,13 @@ def test_without_a_stack_every_command_needing_one_refuses_in_one_sentence(
 def test_up_gives_its_workers_the_configured_local_cas(
     user_env: dict[str, str], tmp_path: Path
 ) -> None:
-    # Given a project whose remex.toml sets the local CAS quota and folder,
-    # and REMEX_CAS_QUOTA in the environment (which wins over the file)
+    # Given a project whose remex.toml sets the local CAS quota and folder
+    # and the workers' nice value, and REMEX_CAS_QUOTA in the environment (which wins over the file)
     project = tmp_path / "project"
     project.mkdir()
-    (project / "remex.toml").write_text('[cas]\nquota = "3M"\ndir = "shared-cas"\n')
+    (project / "remex.toml").write_text(
+        '[cas]\nquota = "3M"\ndir = "shared-cas"\n[worker]\nnice = 3\n'
+    )
     env = dict(user_env, REMEX_CAS_QUOTA="2M")
     # When the stack is started for that project
     up = run(env, "up", "--detach", "--workers", "2", "-C", str(project))
@@ -133,6 +161,9 @@ def test_up_gives_its_workers_the_configured_local_cas(
             settings = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
             assert settings["REMEX_CAS_QUOTA"] == str(2 * 1024 * 1024)
             assert settings["REMEX_CAS_DIR"] == str(project / "shared-cas")
+            # and at the configured CPU priority
+            assert nice_values(worker["pid"]) == {3}
+            assert autogroup_nice(worker["pid"]) in (None, 3)
     finally:
         down = run(user_env, "down")
     assert down.returncode == 0, down.stderr

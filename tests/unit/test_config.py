@@ -318,3 +318,27 @@ def test_a_wrong_bot_setting_names_the_file_and_the_key(
     with pytest.raises(ConfigError, match=re.escape(words)) as caught:
         load_config(project, env_for(tmp_path))
     assert str(project / "remex.toml") in str(caught.value)
+
+
+def test_the_workers_nice_is_unset_by_default_and_set_by_file_or_environment(
+    tmp_path: Path,
+) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    assert load_config(project, env_for(tmp_path)).worker_nice is None
+    (project / "remex.toml").write_text("[worker]\nnice = 5\n")
+    assert load_config(project, env_for(tmp_path)).worker_nice == 5
+    assert load_config(project, env_for(tmp_path, REMEX_WORKER_NICE="0")).worker_nice == 0
+
+
+@pytest.mark.parametrize("value", ["20", "-1", "true", '"high"', "2.5"])
+def test_a_wrong_nice_names_the_file_and_the_range(tmp_path: Path, value: str) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "remex.toml").write_text(f"[worker]\nnice = {value}\n")
+    words = r"worker\.nice: must be a whole number from 0 to 19"
+    with pytest.raises(ConfigError, match=words) as caught:
+        load_config(project, env_for(tmp_path))
+    assert str(project / "remex.toml") in str(caught.value)
+    with pytest.raises(ConfigError, match="REMEX_WORKER_NICE"):
+        load_config(None, env_for(tmp_path, REMEX_WORKER_NICE="25"))

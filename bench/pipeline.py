@@ -78,6 +78,7 @@ from pipeline import api
 from pipeline.config import RemexConfig, load_config
 from pipeline.scheduler import BuildStatus
 from pipeline.servers import BotProcess, RemexStack, remex_program
+from pipeline.servers.stack import STACK_WORKER_NICE
 from pipeline.servers.testing import BuildGridServer, PostgresServer
 from pipeline.spec import BuildSpec
 from pipeline.stages import (
@@ -672,7 +673,7 @@ def repeated(fn: Callable[[], list[Row]], times: int, key: int) -> list[Row]:
 
 @contextlib.contextmanager
 def remex_stack(
-    work: Path, workers: int, concurrency: int, jobs: int
+    work: Path, workers: int, concurrency: int, jobs: int, worker_nice: int = STACK_WORKER_NICE
 ) -> Iterator[tuple[RemexConfig, dict[str, str]]]:
     """redis, one casd (execution + artifacts), workers with production settings."""
     with RemexStack(
@@ -683,13 +684,20 @@ def remex_stack(
         separate_artifacts=False,
         heartbeat_timeout=HEARTBEAT_TIMEOUT,
         reconcile_interval=RECONCILE_INTERVAL,
+        worker_nice=worker_nice,
     ) as stack:
         yield load_config(environ=stack.env), dict(stack.env)
 
 
 @contextlib.contextmanager
 def grid_stack(
-    work: Path, workers: int, concurrency: int, bots: int, capacity: int, bot_local_cas: str = "on"
+    work: Path,
+    workers: int,
+    concurrency: int,
+    bots: int,
+    capacity: int,
+    bot_local_cas: str = "on",
+    worker_nice: int = STACK_WORKER_NICE,
 ) -> Iterator[tuple[RemexConfig, dict[str, str], list[BotProcess]]]:
     """PostgreSQL + BuildGrid 0.4.4 (execution, CAS, ActionCache), a casd as
     the artifact server, redis, ``bots`` x ``remex bot --capacity CAPACITY``
@@ -710,6 +718,7 @@ def grid_stack(
             concurrency=concurrency,
             heartbeat_timeout=HEARTBEAT_TIMEOUT,
             reconcile_interval=RECONCILE_INTERVAL,
+            worker_nice=worker_nice,
         ) as stack,
     ):
         yield load_config(environ=stack.env), dict(stack.env), stack.bots
@@ -733,6 +742,14 @@ def main() -> int:
     parser.add_argument("--noop", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASD_CASES + GRID_CASES))
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        choices=range(20),
+        default=STACK_WORKER_NICE,
+        metavar="N",
+        help=f"the workers' nice value (default {STACK_WORKER_NICE}, as remex up's)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args()
     cases = [c for c in args.cases.split(",") if c]
@@ -750,9 +767,12 @@ def main() -> int:
         if set(cases) & set(CASD_CASES):
             stacks.append(
                 f"casd stack: redis, buildbox-casd --jobs={args.jobs} (execution + artifacts), "
-                f"{args.workers} workers x {args.concurrency} threads"
+                f"{args.workers} workers x {args.concurrency} threads, nice {args.worker_nice}"
             )
-            with remex_stack(work, args.workers, args.concurrency, args.jobs) as (config, env):
+            with remex_stack(work, args.workers, args.concurrency, args.jobs, args.worker_nice) as (
+                config,
+                env,
+            ):
                 bench = Bench(
                     work, sysroot, config, env, args.jobs, executor=f"casd --jobs={args.jobs}"
                 )
@@ -767,10 +787,16 @@ def main() -> int:
                 f"BuildGrid stack: BuildGrid 0.4.4 on PostgreSQL, casd (artifacts), redis, "
                 f"{args.bots} remex bots x capacity {args.capacity} (buildbox-run, local CAS "
                 f"{args.bot_local_cas}), "
-                f"{args.workers} workers x {args.concurrency} threads"
+                f"{args.workers} workers x {args.concurrency} threads, nice {args.worker_nice}"
             )
             with grid_stack(
-                work, args.workers, args.concurrency, args.bots, args.capacity, args.bot_local_cas
+                work,
+                args.workers,
+                args.concurrency,
+                args.bots,
+                args.capacity,
+                args.bot_local_cas,
+                args.worker_nice,
             ) as (
                 config,
                 env,

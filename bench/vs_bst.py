@@ -157,6 +157,7 @@ class RemexStackCli:
         jobs: int,
         concurrency: int | None,
         download: str | None = None,
+        worker_nice: int | None = None,
     ) -> None:
         self.folder = folder
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("REMEX_")}
@@ -168,6 +169,8 @@ class RemexStackCli:
         if download:
             # The workers inherit it from `remex up` ([cas] download).
             self.env["REMEX_CAS_DOWNLOAD"] = download
+        if worker_nice is not None:
+            self.env["REMEX_WORKER_NICE"] = str(worker_nice)  # ([worker] nice)
         self.jobs = jobs
         self.args = ["--workers", str(workers), "--jobs", str(jobs)]
         if concurrency:
@@ -436,6 +439,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="the remex workers' [cas] download (default: the configuration's default)",
     )
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        choices=range(20),
+        default=None,
+        metavar="N",
+        help="the remex workers' [worker] nice (default: remex up's, 10)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument(
         "--latency",
@@ -473,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         jobs=args.jobs,
         concurrency=args.concurrency,
         download=args.download,
+        worker_nice=args.worker_nice,
     )
     results: list[Result] = []
     try:

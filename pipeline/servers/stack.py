@@ -47,7 +47,7 @@ TEST_RECONCILE_INTERVAL = 1.0
 #: The actions run on this host too, in buildbox-casd's (or the bots')
 #: sandboxes; at each wave's end the workers' fetch, push and staging of the
 #: next elements would otherwise slow the sandboxes' start and end (the wide
-#: case of bench.pipeline: a slot refilled after 44-67 ms at nice 0, 27-48
+#: case of bench.pipeline: a slot refilled after 37-70 ms at nice 0, 27-50
 #: ms at 10, the floor 28 ms). See lower_cpu_priority for why a session.
 STACK_WORKER_NICE = 10
 

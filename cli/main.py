@@ -755,6 +755,7 @@ def up(
     from pipeline.servers.stack import STACK_WORKER_NICE
 
     config = load_config(project_dir)
+    nice = STACK_WORKER_NICE if config.worker_nice is None else config.worker_nice
     folder = embedded.stack_dir()
     running = embedded.up(
         folder,
@@ -765,10 +766,7 @@ def up(
         worker_env={
             **cas_env(config),
             "REMEX_WORKER_FETCH_CONCURRENCY": str(fetch_concurrency or config.fetch_concurrency),
-            # (Unset: the stack's default, below its own casd's sandboxes.)
-            **(
-                {} if config.worker_nice is None else {"REMEX_WORKER_NICE": str(config.worker_nice)}
-            ),
+            "REMEX_WORKER_NICE": str(nice),
         },
     )
     click.echo(f"remex stack up ({folder}):")
@@ -777,7 +775,6 @@ def up(
         click.echo(f"             (password in {running.redis_password_file})")
     click.echo(f"  execution  {running.execution_url} (buildbox-casd, also the artifact server)")
     fetches = fetch_concurrency or config.fetch_concurrency
-    nice = STACK_WORKER_NICE if config.worker_nice is None else config.worker_nice
     click.echo(
         f"  workers    {workers} x {concurrency} tasks, {fetches} downloads (fetch pool), "
         f"nice {nice}"

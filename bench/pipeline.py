@@ -78,7 +78,7 @@ from pipeline import api
 from pipeline.config import RemexConfig, load_config
 from pipeline.scheduler import BuildStatus
 from pipeline.servers import BotProcess, RemexStack, remex_program
-from pipeline.servers.stack import STACK_WORKER_NICE
+from pipeline.servers.stack import STACK_WORKER_NICE, STACK_WORKER_STAGING
 from pipeline.servers.testing import BuildGridServer, PostgresServer
 from pipeline.spec import BuildSpec
 from pipeline.stages import (
@@ -673,7 +673,12 @@ def repeated(fn: Callable[[], list[Row]], times: int, key: int) -> list[Row]:
 
 @contextlib.contextmanager
 def remex_stack(
-    work: Path, workers: int, concurrency: int, jobs: int, worker_nice: int = STACK_WORKER_NICE
+    work: Path,
+    workers: int,
+    concurrency: int,
+    jobs: int,
+    worker_nice: int = STACK_WORKER_NICE,
+    worker_staging: int = STACK_WORKER_STAGING,
 ) -> Iterator[tuple[RemexConfig, dict[str, str]]]:
     """redis, one casd (execution + artifacts), workers with production settings."""
     with RemexStack(
@@ -685,6 +690,7 @@ def remex_stack(
         heartbeat_timeout=HEARTBEAT_TIMEOUT,
         reconcile_interval=RECONCILE_INTERVAL,
         worker_nice=worker_nice,
+        worker_staging=worker_staging,
     ) as stack:
         yield load_config(environ=stack.env), dict(stack.env)
 
@@ -698,6 +704,7 @@ def grid_stack(
     capacity: int,
     bot_local_cas: str = "on",
     worker_nice: int = STACK_WORKER_NICE,
+    worker_staging: int = STACK_WORKER_STAGING,
 ) -> Iterator[tuple[RemexConfig, dict[str, str], list[BotProcess]]]:
     """PostgreSQL + BuildGrid 0.4.4 (execution, CAS, ActionCache), a casd as
     the artifact server, redis, ``bots`` x ``remex bot --capacity CAPACITY``
@@ -719,6 +726,7 @@ def grid_stack(
             heartbeat_timeout=HEARTBEAT_TIMEOUT,
             reconcile_interval=RECONCILE_INTERVAL,
             worker_nice=worker_nice,
+            worker_staging=worker_staging,
         ) as stack,
     ):
         yield load_config(environ=stack.env), dict(stack.env), stack.bots
@@ -750,6 +758,14 @@ def main() -> int:
         metavar="N",
         help=f"the workers' nice value (default {STACK_WORKER_NICE}, as remex up's)",
     )
+    parser.add_argument(
+        "--worker-staging",
+        type=int,
+        default=STACK_WORKER_STAGING,
+        metavar="N",
+        help=f"elements each worker stages at once, 0: no limit (default "
+        f"{STACK_WORKER_STAGING}, as remex up's)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args()
     cases = [c for c in args.cases.split(",") if c]
@@ -767,12 +783,17 @@ def main() -> int:
         if set(cases) & set(CASD_CASES):
             stacks.append(
                 f"casd stack: redis, buildbox-casd --jobs={args.jobs} (execution + artifacts), "
-                f"{args.workers} workers x {args.concurrency} threads, nice {args.worker_nice}"
+                f"{args.workers} workers x {args.concurrency} threads, nice {args.worker_nice}, "
+                f"staging {args.worker_staging}"
             )
-            with remex_stack(work, args.workers, args.concurrency, args.jobs, args.worker_nice) as (
-                config,
-                env,
-            ):
+            with remex_stack(
+                work,
+                args.workers,
+                args.concurrency,
+                args.jobs,
+                args.worker_nice,
+                args.worker_staging,
+            ) as (config, env):
                 bench = Bench(
                     work, sysroot, config, env, args.jobs, executor=f"casd --jobs={args.jobs}"
                 )
@@ -787,7 +808,8 @@ def main() -> int:
                 f"BuildGrid stack: BuildGrid 0.4.4 on PostgreSQL, casd (artifacts), redis, "
                 f"{args.bots} remex bots x capacity {args.capacity} (buildbox-run, local CAS "
                 f"{args.bot_local_cas}), "
-                f"{args.workers} workers x {args.concurrency} threads, nice {args.worker_nice}"
+                f"{args.workers} workers x {args.concurrency} threads, nice {args.worker_nice}, "
+                f"staging {args.worker_staging}"
             )
             with grid_stack(
                 work,
@@ -797,6 +819,7 @@ def main() -> int:
                 args.capacity,
                 args.bot_local_cas,
                 args.worker_nice,
+                args.worker_staging,
             ) as (
                 config,
                 env,

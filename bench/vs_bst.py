@@ -158,6 +158,7 @@ class RemexStackCli:
         concurrency: int | None,
         download: str | None = None,
         worker_nice: int | None = None,
+        worker_staging: int | None = None,
     ) -> None:
         self.folder = folder
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("REMEX_")}
@@ -171,6 +172,8 @@ class RemexStackCli:
             self.env["REMEX_CAS_DOWNLOAD"] = download
         if worker_nice is not None:
             self.env["REMEX_WORKER_NICE"] = str(worker_nice)  # ([worker] nice)
+        if worker_staging is not None:
+            self.env["REMEX_WORKER_STAGING"] = str(worker_staging)  # ([worker] staging)
         self.jobs = jobs
         self.args = ["--workers", str(workers), "--jobs", str(jobs)]
         if concurrency:
@@ -447,6 +450,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="N",
         help="the remex workers' [worker] nice (default: remex up's, 10)",
     )
+    parser.add_argument(
+        "--worker-staging",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the remex workers' [worker] staging, 0: no limit (default: remex up's, 1)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument(
         "--latency",
@@ -485,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         concurrency=args.concurrency,
         download=args.download,
         worker_nice=args.worker_nice,
+        worker_staging=args.worker_staging,
     )
     results: list[Result] = []
     try:

@@ -4,6 +4,7 @@ messages and exit codes in one place (:func:`cli.errors.handles_errors`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -525,6 +526,13 @@ def log(project_dir: Path, element: str, option_pairs: Sequence[tuple[str, str]]
     help="CPU priority, as nice(1) (default: worker.nice, else 0). A worker that leads "
     "its own session sets the session's autogroup too.",
 )
+@click.option(
+    "--staging",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Elements staged at once, each until its Execute call goes out (default: "
+    "worker.staging, else 0: no limit). 1 where the actions run on this host.",
+)
 @click.option("--fetch-only", is_flag=True, hidden=True, help="Be the fetch pool.")
 @click.option(
     "--parent-pid", type=int, default=None, hidden=True, help="Exit when this process dies."
@@ -555,6 +563,7 @@ def worker(
     concurrency: int | None,
     fetch_concurrency: int | None,
     nice: int | None,
+    staging: int | None,
     fetch_only: bool,
     parent_pid: int | None,
     queues: str | None,
@@ -576,6 +585,8 @@ def worker(
     from tasks.app import create_app
 
     config = load_config(project_dir)
+    if staging is not None:
+        config = dataclasses.replace(config, worker_staging=staging)
     if not fetch_only:
         # Before any thread: they, and the fetch pool, inherit it.
         lower_cpu_priority((config.worker_nice or 0) if nice is None else nice)
@@ -752,10 +763,11 @@ def up(
 
     from pipeline import stack as embedded
     from pipeline.config import load_config
-    from pipeline.servers.stack import STACK_WORKER_NICE
+    from pipeline.servers.stack import STACK_WORKER_NICE, STACK_WORKER_STAGING
 
     config = load_config(project_dir)
     nice = STACK_WORKER_NICE if config.worker_nice is None else config.worker_nice
+    staging = STACK_WORKER_STAGING if config.worker_staging is None else config.worker_staging
     folder = embedded.stack_dir()
     running = embedded.up(
         folder,
@@ -767,6 +779,7 @@ def up(
             **cas_env(config),
             "REMEX_WORKER_FETCH_CONCURRENCY": str(fetch_concurrency or config.fetch_concurrency),
             "REMEX_WORKER_NICE": str(nice),
+            "REMEX_WORKER_STAGING": str(staging),
         },
     )
     click.echo(f"remex stack up ({folder}):")
@@ -777,7 +790,7 @@ def up(
     fetches = fetch_concurrency or config.fetch_concurrency
     click.echo(
         f"  workers    {workers} x {concurrency} tasks, {fetches} downloads (fetch pool), "
-        f"nice {nice}"
+        f"nice {nice}, staging {staging or 'unlimited'}"
     )
     if running.flower is not None:
         password = Path(running.flower["password_file"]).read_text().strip()
@@ -879,7 +892,6 @@ def bot(
     loglevel: str,
 ) -> None:
     """Run a Bots-API execution worker for BuildGrid: lease actions and run them."""
-    import dataclasses
     import logging
 
     from bot.main import BotOptions, default_bot_id, merge_properties, run_bot

@@ -46,6 +46,8 @@ Where settings come from, later ones winning:
     concurrency = 4
     fetch-concurrency = 4       # source downloads at once (a pool of their own)
     nice = 0                    # CPU priority, 0-19 (remex up's workers: 10, below casd's)
+    staging = 0                 # elements staged at once, up to their Execute; 0: no limit
+                                # (remex up's workers: 2, as their actions run on this host)
     heartbeat-timeout = 30      # seconds; a silent running element is then checked
     reconcile-interval = 5      # seconds between reconciler passes
 
@@ -217,6 +219,12 @@ class RemexConfig:
     ``remex worker``; an embedded stack gives its workers
     :data:`pipeline.servers.stack.STACK_WORKER_NICE`, as the actions run on
     the same host."""
+    worker_staging: int | None = None
+    """``[worker] staging``: how many elements each worker process stages at
+    once, from ``stage_to_cas`` until its Execute call (see
+    :class:`tasks.runtime.StagingWindow`); 0: no limit. None: 0 for
+    ``remex worker``; an embedded stack gives its workers
+    :data:`pipeline.servers.stack.STACK_WORKER_STAGING`."""
     heartbeat_timeout: float = 30.0
     reconcile_interval: float = 5.0
     bot_local_cas: bool = True
@@ -440,7 +448,14 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
     worker = _table(data, "worker", where)
     _known(
         worker,
-        {"concurrency", "fetch-concurrency", "nice", "heartbeat-timeout", "reconcile-interval"},
+        {
+            "concurrency",
+            "fetch-concurrency",
+            "nice",
+            "staging",
+            "heartbeat-timeout",
+            "reconcile-interval",
+        },
         where,
         "worker.",
     )
@@ -454,6 +469,8 @@ def _apply_file(config: RemexConfig, path: Path) -> RemexConfig:
         )
     if "nice" in worker:
         changes["worker_nice"] = _nice(worker["nice"], f"{where}: worker.nice")
+    if "staging" in worker:
+        changes["worker_staging"] = _count(worker["staging"], f"{where}: worker.staging")
     for key, attr in (
         ("heartbeat-timeout", "heartbeat_timeout"),
         ("reconcile-interval", "reconcile_interval"),
@@ -581,6 +598,9 @@ def _apply_env(config: RemexConfig, env: Mapping[str, str]) -> RemexConfig:
     if env.get("REMEX_WORKER_NICE"):
         changes["worker_nice"] = _nice(env["REMEX_WORKER_NICE"], "REMEX_WORKER_NICE")
         used.append("REMEX_WORKER_NICE")
+    if env.get("REMEX_WORKER_STAGING"):
+        changes["worker_staging"] = _count(env["REMEX_WORKER_STAGING"], "REMEX_WORKER_STAGING")
+        used.append("REMEX_WORKER_STAGING")
     for name, attr in (
         ("REMEX_HEARTBEAT_TIMEOUT", "heartbeat_timeout"),
         ("REMEX_RECONCILE_INTERVAL", "reconcile_interval"),

@@ -35,7 +35,19 @@ from pipeline.stages import StageContext
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BackgroundLoops", "RuntimeHolder", "StartBatch", "WorkerRuntime", "start_batch"]
+__all__ = [
+    "BackgroundLoops",
+    "RuntimeHolder",
+    "StagingWindow",
+    "StartBatch",
+    "WorkerRuntime",
+    "start_batch",
+]
+
+# An element holds its place in a StagingWindow at most this long: a holder
+# whose next stage never comes (its chain failed, went to another worker, or
+# waits for a thread) stops holding up the others then.
+STAGING_LEASE = 1.0
 
 # A worker's Redis commands wait this long for a restarting Redis: a stage
 # that finished its work waits to record it rather than be run again.
@@ -43,6 +55,93 @@ WORKER_RECONNECT_SECONDS = 60.0
 # A worker that stops waits this long for the cancels of orphaned operations
 # its last flushes started (see StartBatch.flush).
 ORPHAN_CANCEL_WAIT = 10.0
+
+
+class StagingWindow:
+    """How many elements this worker process stages at once: from the start
+    of an element's ``stage_to_cas`` until its ``execute`` starts (its
+    Execute call about to go out). Another element's ``stage_to_cas`` waits
+    for a place, first come first served.
+
+    Staging is CPU work under one GIL: eight elements staged at once all
+    reach their Execute call late, together, where two at a time send the
+    first ones early and the rest while the first actions run. The cost is
+    felt where the staging waits on round trips to a far server more than
+    on the CPU: there, a wider window (or none) stages faster.
+
+    A place is held at most ``lease`` seconds (its element's next stage may
+    never come here: it failed, went to another worker, or waits for a
+    thread all of which wait here), so a wait is bounded.
+    """
+
+    def __init__(self, size: int, lease: float = STAGING_LEASE) -> None:
+        """``size`` 0: no limit (:meth:`enter` never waits)."""
+        self.size = size
+        self.lease = lease
+        self._cond = threading.Condition()
+        self._held: dict[tuple[str, str], float] = {}  # key -> when its lease ends
+        self._queue: list[object] = []  # the waiters' tickets, in arrival order
+        self.peak = 0  # the most places held at once
+        self.waits = 0  # how many elements found the window full
+        self.waited = 0.0  # and the seconds they waited in all
+
+    def enter(self, key: tuple[str, str]) -> float:
+        """Take a place for ``key`` (``(build, element)``), waiting for one if
+        the window is full; return the seconds waited. A key that holds a
+        place already keeps it, with a new lease."""
+        if self.size <= 0:
+            return 0.0
+        started = time.monotonic()
+        ticket = object()
+        waited = False
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                while True:
+                    now = time.monotonic()
+                    for held, until in list(self._held.items()):
+                        if until <= now:
+                            del self._held[held]
+                    if key in self._held or (
+                        len(self._held) < self.size and self._queue[0] is ticket
+                    ):
+                        self._held[key] = now + self.lease
+                        self.peak = max(self.peak, len(self._held))
+                        if waited:
+                            self.waits += 1
+                            self.waited += now - started
+                        return now - started
+                    waited = True
+                    wake = min(self._held.values(), default=now + self.lease)
+                    self._cond.wait(max(wake - now, 0.001))
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+
+    def leave(self, key: tuple[str, str]) -> None:
+        """Give ``key``'s place up (nothing if it holds none)."""
+        if self.size <= 0:
+            return
+        with self._cond:
+            if self._held.pop(key, None) is not None:
+                self._cond.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        """Its size, the most places held at once, how many elements waited
+        and for how long in all (ms): for ``remex_stats``."""
+        with self._cond:
+            return {
+                "staging_size": self.size,
+                "staging_peak": self.peak,
+                "staging_waits": self.waits,
+                "staging_waited_ms": int(self.waited * 1000),
+            }
+
+    def holding(self) -> int:
+        """How many places are held now (leases not yet ended)."""
+        now = time.monotonic()
+        with self._cond:
+            return sum(1 for until in self._held.values() if until > now)
 
 
 @dataclass
@@ -61,8 +160,13 @@ class WorkerRuntime:
     not start, Celery has dropped."""
     starts: StartBatch | None = None
     """The stage starts this process records in batches (built with the runtime)."""
+    staging: StagingWindow | None = None
+    """How many elements this process stages at once (``[worker] staging``;
+    built with the runtime)."""
 
     def __post_init__(self) -> None:
+        if self.staging is None:
+            self.staging = StagingWindow(self.config.worker_staging or 0)
         if self.starts is None:
             self.starts = StartBatch(
                 self.scheduler,

@@ -111,6 +111,11 @@ class _SpecCache:
 
 _SPECS = _SpecCache()
 
+# The stages an element goes through holding its place in the worker's
+# StagingWindow: taken when stage_to_cas starts, given up when any later
+# stage starts (execute, as a rule) or a stage fails.
+_STAGING = ("stage_to_cas", "upload")
+
 
 class StageTask(Task):  # type: ignore[misc]
     """Common behaviour of the stage tasks: one path from payload to result,
@@ -216,6 +221,12 @@ class StageTask(Task):  # type: ignore[misc]
         rt, spec = self.begin(payload)
         holder = rt.holder
         state = cast(State, dict(payload["state"]))
+        window, place = rt.staging, (payload["build"], payload["element"])
+        if window is not None:
+            if self.stage == _STAGING[0]:
+                window.enter(place)
+            elif self.stage not in _STAGING:
+                window.leave(place)  # (its Execute call goes out now, if any)
         with heartbeat(rt, payload), pinned_stage(rt.context.local_cas, state):
             try:
                 if state.get("reupload"):
@@ -224,6 +235,8 @@ class StageTask(Task):  # type: ignore[misc]
                     state.pop("reupload", None)
                 state = fn(rt.context, spec, state)
             except Exception as exc:
+                if window is not None:
+                    window.leave(place)  # retried later, or failed
                 raise self.handle_failure(rt, payload, state, exc, holder=holder) from exc
         state.pop("transient_failures", None)
         if still_running is not None and is_pending(state):

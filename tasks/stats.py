@@ -1,9 +1,10 @@
 """``remex_stats``: a Celery inspect command reporting this worker's resource use.
 
 ``app.control.inspect().remex_stats()`` (or ``broadcast("remex_stats",
-reply=True)``) answers, per worker: its PID, its peak resident set size, its CPU time and
+reply=True)``) answers, per worker: its PID, its peak resident set size, its CPU time,
 the bytes it moved to and from remote CAS servers
-(:data:`pipeline.reapi.cas.traffic.TRAFFIC`). ``bench/vs_bst.py`` reads it
+(:data:`pipeline.reapi.cas.traffic.TRAFFIC`) and how its staging window
+was used. ``bench/vs_bst.py`` reads it
 before and after each build.
 """
 
@@ -40,5 +41,12 @@ def worker_stats() -> dict[str, int]:
 
 @inspect_command()  # type: ignore[misc]
 def remex_stats(state: Any, **_: Any) -> dict[str, int]:
-    """Celery inspect command: :func:`worker_stats` of the answering worker."""
-    return worker_stats()
+    """Celery inspect command: :func:`worker_stats` of the answering worker,
+    and its staging window's counters (see
+    :meth:`tasks.runtime.StagingWindow.stats`) once it has run a task."""
+    stats = worker_stats()
+    holder = getattr(state.consumer.app, "remex_runtime", None)
+    runtime = holder.built if holder is not None else None
+    if runtime is not None and runtime.staging is not None:
+        stats.update(runtime.staging.stats())
+    return stats

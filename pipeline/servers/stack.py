@@ -36,7 +36,13 @@ from pipeline.servers.flower import FLOWER_USER, FlowerServer
 from pipeline.servers.redis import RedisServer
 from pipeline.servers.worker import RemexWorker
 
-__all__ = ["STACK_WORKER_NICE", "TEST_HEARTBEAT_TIMEOUT", "TEST_RECONCILE_INTERVAL", "RemexStack"]
+__all__ = [
+    "STACK_WORKER_NICE",
+    "STACK_WORKER_STAGING",
+    "TEST_HEARTBEAT_TIMEOUT",
+    "TEST_RECONCILE_INTERVAL",
+    "RemexStack",
+]
 
 # Heartbeat timeout the stack gives its workers by default (production
 # default: 30 s): a SIGKILLed worker's elements are re-sent within ~2x this.
@@ -50,6 +56,13 @@ TEST_RECONCILE_INTERVAL = 1.0
 #: case of bench.pipeline: a slot refilled after 37-70 ms at nice 0, 27-50
 #: ms at 10, the floor 28 ms). See lower_cpu_priority for why a session.
 STACK_WORKER_NICE = 10
+#: How many elements each of a stack's workers stages at once unless told
+#: otherwise (``[worker] staging``; see tasks.runtime.StagingWindow). On one
+#: host staging is CPU work that competes with the sandboxes. In
+#: bench.pipeline's wide case remex took 1.047-1.060 x the Execute floor
+#: with no limit (six sets of 5 runs, medians), 1.022-1.061 with 2 places a
+#: worker (five sets) and 1.020-1.031 with 1 (four sets).
+STACK_WORKER_STAGING = 1
 
 
 class RemexStack:
@@ -81,6 +94,8 @@ class RemexStack:
         extra_env: added to every process's environment.
         worker_nice: the workers' CPU priority (``REMEX_WORKER_NICE``) unless
             ``extra_env`` sets it; 0 leaves them at the default priority.
+        worker_staging: how many elements each worker stages at once
+            (``REMEX_WORKER_STAGING``) unless ``extra_env`` sets it; 0: no limit.
 
     Attributes:
         env: the environment for ``remex`` commands (the CLI's own local CAS
@@ -115,6 +130,7 @@ class RemexStack:
         reconcile_interval: float | None = TEST_RECONCILE_INTERVAL,
         extra_env: Mapping[str, str] | None = None,
         worker_nice: int = STACK_WORKER_NICE,
+        worker_staging: int = STACK_WORKER_STAGING,
     ) -> None:
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +161,7 @@ class RemexStack:
         self.reconcile_interval = reconcile_interval
         self.extra_env = dict(extra_env or {})
         self.worker_nice = worker_nice
+        self.worker_staging = worker_staging
         self.env: dict[str, str] = {}
 
     # ----------------------------------------------------------------- lifecycle
@@ -327,6 +344,8 @@ class RemexStack:
         env = self.base_env()
         if self.worker_nice and "REMEX_WORKER_NICE" not in env:
             env["REMEX_WORKER_NICE"] = str(self.worker_nice)
+        if self.worker_staging and "REMEX_WORKER_STAGING" not in env:
+            env["REMEX_WORKER_STAGING"] = str(self.worker_staging)
         worker = RemexWorker(
             self.worker_dir(name),
             name=name,

@@ -51,6 +51,12 @@ def nice_values(pid: int) -> set[int]:
     return values
 
 
+def worker_settings(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+
+
 def autogroup_nice(pid: int) -> int | None:
     """The nice value of ``pid``'s session's autogroup (None: no autogroups here)."""
     try:
@@ -69,10 +75,12 @@ def test_up_build_checkout_down(user_env: dict[str, str], tmp_path: Path) -> Non
         assert all(alive(pid) for pid in pids)
         # The workers (every thread, and their fetch pools) run below casd's
         # sandboxes, their sessions' autogroups too where the kernel has them
-        assert "nice 10" in up.stdout
+        assert "nice 10, staging 1" in up.stdout
         for worker in state["workers"]:
             assert nice_values(worker["pid"]) == {10}
             assert autogroup_nice(worker["pid"]) in (None, 10)
+            # and each stages one element at a time
+            assert worker_settings(worker["pid"])["REMEX_WORKER_STAGING"] == "1"
         assert nice_values(state["casd"]["pid"]) == {0}
         assert autogroup_nice(state["casd"]["pid"]) in (None, 0)
         # Redis asks for a password (kept out of stack.json), casd is on a unix socket
@@ -143,11 +151,12 @@ def test_up_gives_its_workers_the_configured_local_cas(
     user_env: dict[str, str], tmp_path: Path
 ) -> None:
     # Given a project whose remex.toml sets the local CAS quota and folder
-    # and the workers' nice value, and REMEX_CAS_QUOTA in the environment (which wins over the file)
+    # and the workers' nice value and staging, and REMEX_CAS_QUOTA in the environment (which
+    # wins over the file)
     project = tmp_path / "project"
     project.mkdir()
     (project / "remex.toml").write_text(
-        '[cas]\nquota = "3M"\ndir = "shared-cas"\n[worker]\nnice = 3\n'
+        '[cas]\nquota = "3M"\ndir = "shared-cas"\n[worker]\nnice = 3\nstaging = 0\n'
     )
     env = dict(user_env, REMEX_CAS_QUOTA="2M")
     # When the stack is started for that project
@@ -156,14 +165,16 @@ def test_up_gives_its_workers_the_configured_local_cas(
         assert up.returncode == 0, up.stderr
         state = json.loads((tmp_path / "stack" / "stack.json").read_text())
         # Then every worker runs with that quota and shares that folder
+        assert "nice 3, staging unlimited" in up.stdout
         for worker in state["workers"]:
-            environ = Path(f"/proc/{worker['pid']}/environ").read_bytes().split(b"\0")
-            settings = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+            settings = worker_settings(worker["pid"])
             assert settings["REMEX_CAS_QUOTA"] == str(2 * 1024 * 1024)
             assert settings["REMEX_CAS_DIR"] == str(project / "shared-cas")
             # and at the configured CPU priority
             assert nice_values(worker["pid"]) == {3}
             assert autogroup_nice(worker["pid"]) in (None, 3)
+            # and stages without a limit
+            assert settings["REMEX_WORKER_STAGING"] == "0"
     finally:
         down = run(user_env, "down")
     assert down.returncode == 0, down.stderr

@@ -331,6 +331,31 @@ def test_the_workers_nice_is_unset_by_default_and_set_by_file_or_environment(
     assert load_config(project, env_for(tmp_path, REMEX_WORKER_NICE="0")).worker_nice == 0
 
 
+def test_the_workers_staging_is_unset_by_default_and_set_by_file_or_environment(
+    tmp_path: Path,
+) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    assert load_config(project, env_for(tmp_path)).worker_staging is None
+    (project / "remex.toml").write_text("[worker]\nstaging = 3\n")
+    assert load_config(project, env_for(tmp_path)).worker_staging == 3
+    env = env_for(tmp_path, REMEX_WORKER_STAGING="0")
+    assert load_config(project, env).worker_staging == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "true", '"two"', "2.5"])
+def test_a_wrong_staging_names_the_file_and_the_field(tmp_path: Path, value: str) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "remex.toml").write_text(f"[worker]\nstaging = {value}\n")
+    words = r"worker\.staging: must be a whole number \(0 or more\)"
+    with pytest.raises(ConfigError, match=words) as caught:
+        load_config(project, env_for(tmp_path))
+    assert str(project / "remex.toml") in str(caught.value)
+    with pytest.raises(ConfigError, match="REMEX_WORKER_STAGING"):
+        load_config(None, env_for(tmp_path, REMEX_WORKER_STAGING="-2"))
+
+
 @pytest.mark.parametrize("value", ["20", "-1", "true", '"high"', "2.5"])
 def test_a_wrong_nice_names_the_file_and_the_range(tmp_path: Path, value: str) -> None:
     project = tmp_path / "p"

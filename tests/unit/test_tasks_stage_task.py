@@ -29,7 +29,7 @@ from pipeline.errors import MissingBlobsError, RemexError, RemoteError
 from pipeline.scheduler import Finished
 from pipeline.stages import BuildFailedError, State
 from tasks.app import create_app
-from tasks.runtime import RuntimeHolder
+from tasks.runtime import RuntimeHolder, StagingWindow
 from tasks.stages import ElementFailed, StageTask
 
 PAYLOAD = {"build": "b1", "element": "a.bst", "attempt": 1, "state": {}}
@@ -87,6 +87,7 @@ class FakeRuntime:
     holder: str = "w1/1/x#e1"
     context: Any = None
     heartbeat_interval: float = 60.0
+    staging: StagingWindow | None = None
 
 
 @pytest.fixture
@@ -375,3 +376,40 @@ def test_a_stage_result_repr_is_short_but_names_the_element(
     text = saferepr(result, task.resultrepr_maxsize)
     assert len(text) <= task.resultrepr_maxsize + 16
     assert "'element': 'a.bst'" in text and "'build': 'b1'" in text
+
+
+def test_an_element_holds_its_staging_place_from_stage_to_cas_until_execute(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
+) -> None:
+    # Given a worker that stages one element at a time
+    runtime.staging = window = StagingWindow(1, lease=30.0)
+    # When an element's stage_to_cas and upload run, then it holds the place
+    run(stage_tasks["stage_to_cas"], returning(action="a"))
+    assert window.holding() == 1
+    run(stage_tasks["upload"], returning(uploaded={"blobs": 1}))
+    assert window.holding() == 1
+    # And gives it up when its execute starts
+    seen: list[int] = []
+
+    def execute(ctx: Any, spec: Any, state: State) -> State:
+        seen.append(window.holding())
+        return state
+
+    run(stage_tasks["execute"], execute)
+    assert seen == [0] and window.holding() == 0
+
+
+def test_a_failed_staging_stage_gives_its_place_up(
+    stage_tasks: dict[str, StageTask], runtime: FakeRuntime
+) -> None:
+    runtime.staging = window = StagingWindow(1, lease=30.0)
+    # When stage_to_cas fails transiently (re-queued), then the place is free again
+    with pytest.raises(Retry):
+        run(stage_tasks["stage_to_cas"], raising(RemoteError("away", transient=True)))
+    assert window.holding() == 0
+    # And so when upload fails for good
+    run(stage_tasks["stage_to_cas"], returning(action="a"))
+    assert window.holding() == 1
+    with pytest.raises(ElementFailed):
+        run(stage_tasks["upload"], raising(RemexError("bad input")))
+    assert window.holding() == 0

@@ -59,9 +59,9 @@ STACK_WORKER_NICE = 10
 #: How many elements each of a stack's workers stages at once unless told
 #: otherwise (``[worker] staging``; see tasks.runtime.StagingWindow). On one
 #: host staging is CPU work that competes with the sandboxes. In
-#: bench.pipeline's wide case remex took 1.047-1.060 x the Execute floor
-#: with no limit (six sets of 5 runs, medians), 1.022-1.061 with 2 places a
-#: worker (five sets) and 1.020-1.031 with 1 (four sets).
+#: bench.pipeline's wide case remex took 1.037-1.060 x the Execute floor
+#: with no limit (eight sets of 5 runs, medians), 1.022-1.061 with 2 places
+#: a worker (five sets) and 1.020-1.031 with 1 (four sets).
 STACK_WORKER_STAGING = 1
 
 

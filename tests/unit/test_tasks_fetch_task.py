@@ -54,6 +54,7 @@ class Runtime:
     instance: str = "w1/1/x"
     holder: str = "w1/1/x#e1"
     heartbeat_interval: float = 60.0
+    staging: Any = None  # (a fetch holds no staging place)
 
 
 @pytest.fixture

@@ -64,14 +64,15 @@ class StagingWindow:
     for a place, first come first served.
 
     Staging is CPU work under one GIL: eight elements staged at once all
-    reach their Execute call late, together, where two at a time send the
-    first ones early and the rest while the first actions run. The cost is
-    felt where the staging waits on round trips to a far server more than
-    on the CPU: there, a wider window (or none) stages faster.
+    reach their Execute call late, together, where one or two at a time
+    send the first early and the rest while the first actions run. Where
+    the staging waits on round trips to a far server more than on the CPU,
+    a wider window (or none) stages faster.
 
-    A place is held at most ``lease`` seconds (its element's next stage may
-    never come here: it failed, went to another worker, or waits for a
-    thread all of which wait here), so a wait is bounded.
+    A place is held at most ``lease`` seconds, so no wait is unbounded: the
+    holder's next stage may never come to this worker (its chain failed or
+    went elsewhere), or may wait for a thread while every other thread
+    waits here.
     """
 
     def __init__(self, size: int, lease: float = STAGING_LEASE) -> None:

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -161,13 +161,11 @@ class WorkerRuntime:
     not start, Celery has dropped."""
     starts: StartBatch | None = None
     """The stage starts this process records in batches (built with the runtime)."""
-    staging: StagingWindow | None = None
-    """How many elements this process stages at once (``[worker] staging``;
-    built with the runtime)."""
+    staging: StagingWindow = field(init=False)
+    """How many elements this process stages at once (``[worker] staging``)."""
 
     def __post_init__(self) -> None:
-        if self.staging is None:
-            self.staging = StagingWindow(self.config.worker_staging or 0)
+        self.staging = StagingWindow(self.config.worker_staging or 0)
         if self.starts is None:
             self.starts = StartBatch(
                 self.scheduler,

@@ -221,12 +221,11 @@ class StageTask(Task):  # type: ignore[misc]
         rt, spec = self.begin(payload)
         holder = rt.holder
         state = cast(State, dict(payload["state"]))
-        window, place = rt.staging, (payload["build"], payload["element"])
-        if window is not None:
-            if self.stage == _STAGING[0]:
-                window.enter(place)
-            elif self.stage not in _STAGING:
-                window.leave(place)  # (its Execute call goes out now, if any)
+        place = (payload["build"], payload["element"])
+        if self.stage == "stage_to_cas":
+            rt.staging.enter(place)
+        elif self.stage not in _STAGING:
+            rt.staging.leave(place)  # (its Execute call goes out now, if any)
         with heartbeat(rt, payload), pinned_stage(rt.context.local_cas, state):
             try:
                 if state.get("reupload"):
@@ -235,8 +234,7 @@ class StageTask(Task):  # type: ignore[misc]
                     state.pop("reupload", None)
                 state = fn(rt.context, spec, state)
             except Exception as exc:
-                if window is not None:
-                    window.leave(place)  # retried later, or failed
+                rt.staging.leave(place)  # retried later, or failed
                 raise self.handle_failure(rt, payload, state, exc, holder=holder) from exc
         state.pop("transient_failures", None)
         if still_running is not None and is_pending(state):

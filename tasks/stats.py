@@ -47,6 +47,6 @@ def remex_stats(state: Any, **_: Any) -> dict[str, int]:
     stats = worker_stats()
     holder = getattr(state.consumer.app, "remex_runtime", None)
     runtime = holder.built if holder is not None else None
-    if runtime is not None and runtime.staging is not None:
+    if runtime is not None:
         stats.update(runtime.staging.stats())
     return stats

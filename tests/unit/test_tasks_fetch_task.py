@@ -5,7 +5,7 @@ fetch itself is a fake)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,7 +21,7 @@ from pipeline.elements.errors import SourceError
 from pipeline.stages.fetch import scratch_root
 from tasks.app import create_app
 from tasks.fetch import FetchTask
-from tasks.runtime import RuntimeHolder
+from tasks.runtime import RuntimeHolder, StagingWindow
 from tasks.stages import ElementFailed
 from tests.unit.test_tasks_stage_task import FakeScheduler
 
@@ -54,7 +54,7 @@ class Runtime:
     instance: str = "w1/1/x"
     holder: str = "w1/1/x#e1"
     heartbeat_interval: float = 60.0
-    staging: Any = None  # (a fetch holds no staging place)
+    staging: StagingWindow = field(default_factory=lambda: StagingWindow(0))
 
 
 @pytest.fixture

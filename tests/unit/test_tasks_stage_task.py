@@ -87,7 +87,7 @@ class FakeRuntime:
     holder: str = "w1/1/x#e1"
     context: Any = None
     heartbeat_interval: float = 60.0
-    staging: StagingWindow | None = None
+    staging: StagingWindow = field(default_factory=lambda: StagingWindow(0))
 
 
 @pytest.fixture
